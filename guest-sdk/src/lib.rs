@@ -1,0 +1,387 @@
+//! Write [wagg](https://github.com/wagg) aggregation plugins in a few lines of
+//! safe Rust.
+//!
+//! A plugin is a type implementing [`Aggregation`] plus one
+//! [`export_aggregation!`] line. The SDK hides the plugin ABI completely: it
+//! decodes the host's batches, decodes and encodes your state (with
+//! [postcard]), parses your parameters (JSON, through serde), renders state to
+//! JSON for queries and reports which record failed when your code returns an
+//! error.
+//!
+//! ```
+//! use serde::{Deserialize, Serialize};
+//! use wagg_guest_sdk::{Aggregation, NoParams, Record, Result};
+//!
+//! /// Counts records per key.
+//! pub struct Count;
+//!
+//! #[derive(Default, Serialize, Deserialize)]
+//! pub struct Total {
+//!     count: u64,
+//! }
+//!
+//! impl Aggregation for Count {
+//!     const NAME: &'static str = "count";
+//!     type State = Total;
+//!     type Params = NoParams;
+//!
+//!     fn aggregate(state: &mut Total, _record: &Record<'_>, _params: &NoParams) -> Result<()> {
+//!         state.count += 1;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! // In the plugin crate (built for wasm32-wasip2):
+//! // wagg_guest_sdk::export_aggregation!(Count);
+//! ```
+//!
+//! Build with `cargo build --target wasm32-wasip2 --release` (or
+//! `wagg plugin build`); the `.wasm` file is the plugin.
+//!
+//! # Rules a plugin lives by
+//! - State lives in `State` and nowhere else. The host may drop and recreate
+//!   an instance at any time; statics are not carried over.
+//! - Returning `Err` from [`Aggregation::aggregate`] rejects that one record:
+//!   the state keeps the effect of the records before it, and the host decides
+//!   (by the aggregation's `on_error` policy) what happens to the record.
+//! - A plugin has no filesystem, network or environment access.
+//! - Bump [`Aggregation::STATE_FORMAT`] whenever a new version can no longer
+//!   read the `State` bytes an older version wrote; the host then refuses to
+//!   run the new plugin over the old state instead of misreading it.
+
+use std::fmt;
+use std::sync::Mutex;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use wagg_abi::{BatchDecoder, GroupResult, RecordFailure, ResultEncoder, StateChange};
+
+pub use wagg_abi::Headers;
+
+pub mod json;
+
+/// The WIT bindings; used by [`export_aggregation!`], not meant for plugin code.
+#[doc(hidden)]
+pub mod __bindings {
+    wit_bindgen::generate!({
+        world: "aggregator",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "__export_aggregator",
+        default_bindings_module: "wagg_guest_sdk::__bindings",
+    });
+}
+
+/// A plugin's error: a message for the operator. Any `std::error::Error`
+/// converts into it, so `?` works on serde, parsing and I/O errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error(String);
+
+impl Error {
+    pub fn msg(message: impl fmt::Display) -> Self {
+        Self(message.to_string())
+    }
+
+    pub fn message(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<E: std::error::Error> From<E> for Error {
+    fn from(error: E) -> Self {
+        Self(error.to_string())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Returns early with an [`Error`] built like `format!`.
+#[macro_export]
+macro_rules! bail {
+    ($($arg:tt)*) => {
+        return ::core::result::Result::Err($crate::Error::msg(::std::format!($($arg)*)))
+    };
+}
+
+/// Parameters for plugins that take none: accepts only an empty table.
+#[derive(Debug, Default, Clone, Copy, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
+
+/// One Kafka record, borrowed from the batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a>(wagg_abi::Record<'a>);
+
+impl<'a> Record<'a> {
+    /// The record's Kafka key (`None` for a null key).
+    pub fn key(&self) -> Option<&'a [u8]> {
+        self.0.key
+    }
+
+    /// The record's value (`None` for a tombstone).
+    pub fn value(&self) -> Option<&'a [u8]> {
+        self.0.value
+    }
+
+    /// Milliseconds since the Unix epoch, when the record has a timestamp.
+    pub fn timestamp(&self) -> Option<i64> {
+        self.0.timestamp
+    }
+
+    pub fn partition(&self) -> i32 {
+        self.0.partition
+    }
+
+    pub fn offset(&self) -> i64 {
+        self.0.offset
+    }
+
+    pub fn headers(&self) -> Headers<'a> {
+        self.0.headers
+    }
+
+    /// The value as UTF-8 text; an error for tombstones and invalid UTF-8.
+    pub fn value_str(&self) -> Result<&'a str> {
+        Ok(std::str::from_utf8(self.value_bytes()?)?)
+    }
+
+    /// The value parsed as JSON into `T`; an error for tombstones and
+    /// values that are not valid JSON of that shape.
+    pub fn value_json<T: serde::Deserialize<'a>>(&self) -> Result<T> {
+        serde_json::from_slice(self.value_bytes()?).map_err(|e| Error::msg(format!("value is not valid JSON: {e}")))
+    }
+
+    fn value_bytes(&self) -> Result<&'a [u8]> {
+        self.0.value.ok_or_else(|| Error::msg("record has no value (tombstone)"))
+    }
+
+    /// Builds a record for tests of plugin logic.
+    pub fn for_test(key: Option<&'a [u8]>, value: Option<&'a [u8]>, offset: i64) -> Self {
+        Self(wagg_abi::Record {
+            key,
+            value,
+            timestamp: None,
+            partition: 0,
+            offset,
+            headers: Headers::EMPTY,
+        })
+    }
+}
+
+/// An aggregation: what a plugin author implements.
+pub trait Aggregation: 'static {
+    /// Reported to the host and shown by `wagg plugin inspect`.
+    const NAME: &'static str;
+    /// Bump when `State`'s encoding changes incompatibly.
+    const STATE_FORMAT: u32 = 1;
+
+    /// Per-key state. A key seen for the first time starts from `Default`.
+    type State: Default + Serialize + DeserializeOwned;
+    /// The aggregation's `params` table from the config file.
+    type Params: DeserializeOwned + Send + Sync;
+
+    /// Checks parameters beyond what deserialization checks. The message
+    /// should name the parameter.
+    fn validate(_params: &Self::Params) -> Result<()> {
+        Ok(())
+    }
+
+    /// Folds one record into the key's state.
+    fn aggregate(state: &mut Self::State, record: &Record<'_>, params: &Self::Params) -> Result<()>;
+
+    /// Whether to keep the key after its records were applied; `false`
+    /// deletes the key (for example after a tombstone).
+    fn keep(_state: &Self::State, _params: &Self::Params) -> bool {
+        true
+    }
+
+    /// The JSON document a query for this key returns. Defaults to the state
+    /// serialized as JSON.
+    fn render(state: &Self::State, _params: &Self::Params) -> Result<serde_json::Value> {
+        Ok(serde_json::to_value(state)?)
+    }
+}
+
+/// Drives an [`Aggregation`] through the plugin ABI. The
+/// [`export_aggregation!`] macro keeps one in a static; tests can create
+/// their own and call it natively.
+pub struct Runner<A: Aggregation> {
+    params: Mutex<Option<A::Params>>,
+}
+
+impl<A: Aggregation> Default for Runner<A> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<A: Aggregation> Runner<A> {
+    pub const fn new() -> Self {
+        Self {
+            params: Mutex::new(None),
+        }
+    }
+
+    /// Parses and validates `params_json`; on success later calls use it.
+    pub fn configure(&self, params_json: &str) -> Result<(), String> {
+        let params: A::Params =
+            serde_json::from_str(params_json).map_err(|e| format!("invalid params for `{}`: {e}", A::NAME))?;
+        A::validate(&params).map_err(|e| format!("invalid params for `{}`: {e}", A::NAME))?;
+        *self.lock() = Some(params);
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<A::Params>> {
+        // A poisoned lock only means an earlier call panicked, which traps the
+        // whole instance anyway; the params inside are still intact.
+        self.params.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Applies an encoded batch and returns the encoded result.
+    pub fn apply(&self, batch: &[u8]) -> Result<Vec<u8>, String> {
+        let guard = self.lock();
+        let params = guard.as_ref().ok_or("apply called before configure")?;
+        let mut decoder = BatchDecoder::new(batch).map_err(|e| format!("batch could not be decoded: {e}"))?;
+        let mut out = ResultEncoder::with_capacity(16 * decoder.group_count() as usize);
+        // Reused for every group's encoded state: no allocation per group.
+        let mut scratch = Vec::new();
+        while let Some(group) = decoder.next_group() {
+            let group = group.map_err(|e| format!("batch could not be decoded: {e}"))?;
+            let mut state = match group.state.map(postcard::from_bytes::<A::State>) {
+                None => A::State::default(),
+                Some(Ok(state)) => state,
+                Some(Err(e)) => {
+                    let message = format!(
+                        "stored state could not be decoded as state format {} of `{}`: {e}",
+                        A::STATE_FORMAT,
+                        A::NAME
+                    );
+                    out.push(&GroupResult {
+                        change: StateChange::Unchanged,
+                        failure: Some(RecordFailure {
+                            index: 0,
+                            message: message.as_bytes(),
+                        }),
+                    });
+                    continue;
+                }
+            };
+            let mut applied = 0u32;
+            let mut failure = None;
+            for record in group.records() {
+                match A::aggregate(&mut state, &Record(record), params) {
+                    Ok(()) => applied += 1,
+                    Err(e) => {
+                        failure = Some(e.0);
+                        break;
+                    }
+                }
+            }
+            let failure = failure.as_ref().map(|message| RecordFailure {
+                index: applied,
+                message: message.as_bytes(),
+            });
+            if applied == 0 {
+                out.push(&GroupResult {
+                    change: StateChange::Unchanged,
+                    failure,
+                });
+            } else if !A::keep(&state, params) {
+                out.push(&GroupResult {
+                    change: StateChange::Delete,
+                    failure,
+                });
+            } else {
+                // postcard only fails for types it cannot represent (e.g.
+                // sequences of unknown length); report that instead of writing
+                // a half-encoded state.
+                scratch.clear();
+                match postcard::to_extend(&state, std::mem::take(&mut scratch)) {
+                    Ok(bytes) => {
+                        scratch = bytes;
+                        out.push(&GroupResult {
+                            change: StateChange::Set(&scratch),
+                            failure,
+                        });
+                    }
+                    Err(e) => {
+                        let message = format!("state could not be encoded: {e}");
+                        out.push(&GroupResult {
+                            change: StateChange::Unchanged,
+                            failure: Some(RecordFailure {
+                                index: 0,
+                                message: message.as_bytes(),
+                            }),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(out.finish())
+    }
+
+    /// Renders one encoded state as JSON text.
+    pub fn render(&self, state: &[u8]) -> Result<String, String> {
+        let guard = self.lock();
+        let params = guard.as_ref().ok_or("render called before configure")?;
+        let state: A::State = postcard::from_bytes(state).map_err(|e| {
+            format!(
+                "stored state could not be decoded as state format {} of `{}`: {e}",
+                A::STATE_FORMAT,
+                A::NAME
+            )
+        })?;
+        let value = A::render(&state, params).map_err(|e| e.0)?;
+        serde_json::to_string(&value).map_err(|e| e.to_string())
+    }
+}
+
+/// Exports an [`Aggregation`] as the plugin's component interface. Use it
+/// exactly once, in the plugin crate's `lib.rs`.
+#[macro_export]
+macro_rules! export_aggregation {
+    ($aggregation:ty) => {
+        const _: () = {
+            static RUNNER: $crate::Runner<$aggregation> = $crate::Runner::new();
+
+            struct Export;
+
+            impl $crate::__bindings::Guest for Export {
+                fn metadata() -> $crate::__bindings::Metadata {
+                    $crate::__bindings::Metadata {
+                        name: <$aggregation as $crate::Aggregation>::NAME.into(),
+                        version: ::core::env!("CARGO_PKG_VERSION").into(),
+                        state_format: <$aggregation as $crate::Aggregation>::STATE_FORMAT,
+                    }
+                }
+
+                fn configure(params_json: ::std::string::String) -> ::core::result::Result<(), ::std::string::String> {
+                    RUNNER.configure(&params_json)
+                }
+
+                fn apply(
+                    batch: ::std::vec::Vec<u8>,
+                ) -> ::core::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
+                    RUNNER.apply(&batch)
+                }
+
+                fn render(
+                    state: ::std::vec::Vec<u8>,
+                ) -> ::core::result::Result<::std::string::String, ::std::string::String> {
+                    RUNNER.render(&state)
+                }
+            }
+
+            $crate::__export_aggregator!(Export with_types_in $crate::__bindings);
+        };
+    };
+}
+
+#[cfg(test)]
+mod tests;
