@@ -331,31 +331,33 @@ impl BatchEncoder {
         }
         self.buf.extend_from_slice(&record.partition.to_le_bytes());
         self.buf.extend_from_slice(&record.offset.to_le_bytes());
-        self.buf.extend_from_slice(&record.headers.count.to_le_bytes());
+        self.buf
+            .extend_from_slice(&record.headers.count.to_le_bytes());
         self.buf.extend_from_slice(record.headers.bytes);
     }
 
-    /// Appends a record whose headers are given as pairs (the host's view of
-    /// a Kafka message), rather than as an already-encoded [`Headers`].
+    /// Appends a record whose headers are given as `(name, value)` pairs
+    /// (the host's view of a Kafka message) rather than as [`Headers`].
     pub fn push_record_with_headers<'h>(
         &mut self,
         record: &Record<'_>,
         headers: impl ExactSizeIterator<Item = Header<'h>>,
     ) {
-        let mut encoded = Vec::new();
-        let count = headers.len();
-        for (name, value) in headers {
-            put_bytes(&mut encoded, name.as_bytes());
-            put_optional_bytes(&mut encoded, value);
-        }
-        let record = Record {
-            headers: Headers {
-                count: u32::try_from(count).unwrap_or(u32::MAX),
-                bytes: &encoded,
-            },
+        self.push_record(&Record {
+            headers: Headers::EMPTY,
             ..*record
-        };
-        self.push_record(&record);
+        });
+        // `push_record` wrote a zero header count last; replace it.
+        let count_at = self.buf.len() - 4;
+        patch_u32(
+            &mut self.buf,
+            count_at,
+            u32::try_from(headers.len()).unwrap_or(u32::MAX),
+        );
+        for (name, value) in headers {
+            put_bytes(&mut self.buf, name.as_bytes());
+            put_optional_bytes(&mut self.buf, value);
+        }
     }
 
     fn close_group(&mut self) {
@@ -449,7 +451,10 @@ impl<'a> Group<'a> {
     }
 }
 
-fn read_record<'a>(reader: &mut Reader<'a>, group_key: &'a [u8]) -> Result<Record<'a>, DecodeError> {
+fn read_record<'a>(
+    reader: &mut Reader<'a>,
+    group_key: &'a [u8],
+) -> Result<Record<'a>, DecodeError> {
     let offset = reader.pos;
     let flags = reader.u8()?;
     if flags & !KNOWN_FLAGS != 0 || (flags & FLAG_KEY_IS_GROUP_KEY != 0 && flags & FLAG_KEY == 0) {

@@ -27,18 +27,23 @@ fn record() -> impl Strategy<Value = OwnedRecord> {
         any::<i32>(),
         any::<i64>(),
         proptest::collection::vec(
-            ("[a-z]{0,6}", proptest::option::of(proptest::collection::vec(any::<u8>(), 0..6))),
+            (
+                "[a-z]{0,6}",
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..6)),
+            ),
             0..3,
         ),
     )
-        .prop_map(|(key, value, timestamp, partition, offset, headers)| OwnedRecord {
-            key,
-            value,
-            timestamp,
-            partition,
-            offset,
-            headers,
-        })
+        .prop_map(
+            |(key, value, timestamp, partition, offset, headers)| OwnedRecord {
+                key,
+                value,
+                timestamp,
+                partition,
+                offset,
+                headers,
+            },
+        )
 }
 
 fn groups() -> impl Strategy<Value = Vec<OwnedGroup>> {
@@ -169,22 +174,34 @@ fn huge_declared_counts_fail_fast() {
     let mut bytes = vec![ABI_VERSION];
     bytes.extend_from_slice(&u32::MAX.to_le_bytes());
     let mut decoder = BatchDecoder::new(&bytes).unwrap();
-    assert!(matches!(decoder.next_group(), Some(Err(DecodeError::Truncated { .. }))));
+    assert!(matches!(
+        decoder.next_group(),
+        Some(Err(DecodeError::Truncated { .. }))
+    ));
     assert!(decoder.next_group().is_none());
 }
 
 #[test]
 fn wrong_version_is_rejected() {
-    assert_eq!(BatchDecoder::new(&[9, 0, 0, 0, 0]).err(), Some(DecodeError::Version(9)));
+    assert_eq!(
+        BatchDecoder::new(&[9, 0, 0, 0, 0]).err(),
+        Some(DecodeError::Version(9))
+    );
 }
 
 #[test]
 fn trailing_bytes_are_rejected() {
     let mut encoder = ResultEncoder::new();
-    encoder.push(&GroupResult { change: StateChange::Delete, failure: None });
+    encoder.push(&GroupResult {
+        change: StateChange::Delete,
+        failure: None,
+    });
     let mut bytes = encoder.finish();
     bytes.push(0);
     let mut decoder = ResultDecoder::new(&bytes).unwrap();
     assert!(decoder.next_group().unwrap().is_ok());
-    assert_eq!(decoder.next_group(), Some(Err(DecodeError::TrailingBytes(1))));
+    assert_eq!(
+        decoder.next_group(),
+        Some(Err(DecodeError::TrailingBytes(1)))
+    );
 }

@@ -11,10 +11,15 @@ use crate::{Error, Result};
 pub fn number_at(doc: &Value, pointer: &str) -> Result<f64> {
     match doc.pointer(pointer) {
         None => Err(Error::msg(format!("field `{pointer}` is missing"))),
-        Some(Value::Number(n)) => n
-            .as_f64()
-            .ok_or_else(|| Error::msg(format!("field `{pointer}` is not representable as a number"))),
-        Some(other) => Err(Error::msg(format!("field `{pointer}` is not a number: {}", kind(other)))),
+        Some(Value::Number(n)) => n.as_f64().ok_or_else(|| {
+            Error::msg(format!(
+                "field `{pointer}` is not representable as a number"
+            ))
+        }),
+        Some(other) => Err(Error::msg(format!(
+            "field `{pointer}` is not a number: {}",
+            kind(other)
+        ))),
     }
 }
 
@@ -55,15 +60,29 @@ mod tests {
     fn numbers_are_found_and_non_numbers_named() {
         let doc = json!({"a": {"b": 2.5}, "s": "7", "n": null});
         assert_eq!(number_at(&doc, "/a/b"), Ok(2.5));
-        assert_eq!(number_at(&doc, "/x").unwrap_err().message(), "field `/x` is missing");
-        assert_eq!(number_at(&doc, "/s").unwrap_err().message(), "field `/s` is not a number: a string");
-        assert_eq!(number_at(&doc, "/n").unwrap_err().message(), "field `/n` is not a number: null");
+        assert_eq!(
+            number_at(&doc, "/x").unwrap_err().message(),
+            "field `/x` is missing"
+        );
+        assert_eq!(
+            number_at(&doc, "/s").unwrap_err().message(),
+            "field `/s` is not a number: a string"
+        );
+        assert_eq!(
+            number_at(&doc, "/n").unwrap_err().message(),
+            "field `/n` is not a number: null"
+        );
     }
 
     #[test]
     fn pointers_are_validated() {
         assert!(validate_pointer("field", "/amount").is_ok());
         assert!(validate_pointer("field", "").is_ok());
-        assert!(validate_pointer("field", "amount").unwrap_err().message().contains("`field`"));
+        assert!(
+            validate_pointer("field", "amount")
+                .unwrap_err()
+                .message()
+                .contains("`field`")
+        );
     }
 }

@@ -154,11 +154,14 @@ impl<'a> Record<'a> {
     /// The value parsed as JSON into `T`; an error for tombstones and
     /// values that are not valid JSON of that shape.
     pub fn value_json<T: serde::Deserialize<'a>>(&self) -> Result<T> {
-        serde_json::from_slice(self.value_bytes()?).map_err(|e| Error::msg(format!("value is not valid JSON: {e}")))
+        serde_json::from_slice(self.value_bytes()?)
+            .map_err(|e| Error::msg(format!("value is not valid JSON: {e}")))
     }
 
     fn value_bytes(&self) -> Result<&'a [u8]> {
-        self.0.value.ok_or_else(|| Error::msg("record has no value (tombstone)"))
+        self.0
+            .value
+            .ok_or_else(|| Error::msg("record has no value (tombstone)"))
     }
 
     /// Builds a record for tests of plugin logic.
@@ -193,7 +196,8 @@ pub trait Aggregation: 'static {
     }
 
     /// Folds one record into the key's state.
-    fn aggregate(state: &mut Self::State, record: &Record<'_>, params: &Self::Params) -> Result<()>;
+    fn aggregate(state: &mut Self::State, record: &Record<'_>, params: &Self::Params)
+    -> Result<()>;
 
     /// Whether to keep the key after its records were applied; `false`
     /// deletes the key (for example after a tombstone).
@@ -230,8 +234,8 @@ impl<A: Aggregation> Runner<A> {
 
     /// Parses and validates `params_json`; on success later calls use it.
     pub fn configure(&self, params_json: &str) -> Result<(), String> {
-        let params: A::Params =
-            serde_json::from_str(params_json).map_err(|e| format!("invalid params for `{}`: {e}", A::NAME))?;
+        let params: A::Params = serde_json::from_str(params_json)
+            .map_err(|e| format!("invalid params for `{}`: {e}", A::NAME))?;
         A::validate(&params).map_err(|e| format!("invalid params for `{}`: {e}", A::NAME))?;
         *self.lock() = Some(params);
         Ok(())
@@ -240,14 +244,17 @@ impl<A: Aggregation> Runner<A> {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<A::Params>> {
         // A poisoned lock only means an earlier call panicked, which traps the
         // whole instance anyway; the params inside are still intact.
-        self.params.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.params
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Applies an encoded batch and returns the encoded result.
     pub fn apply(&self, batch: &[u8]) -> Result<Vec<u8>, String> {
         let guard = self.lock();
         let params = guard.as_ref().ok_or("apply called before configure")?;
-        let mut decoder = BatchDecoder::new(batch).map_err(|e| format!("batch could not be decoded: {e}"))?;
+        let mut decoder =
+            BatchDecoder::new(batch).map_err(|e| format!("batch could not be decoded: {e}"))?;
         let mut out = ResultEncoder::with_capacity(16 * decoder.group_count() as usize);
         // Reused for every group's encoded state: no allocation per group.
         let mut scratch = Vec::new();
@@ -361,7 +368,9 @@ macro_rules! export_aggregation {
                     }
                 }
 
-                fn configure(params_json: ::std::string::String) -> ::core::result::Result<(), ::std::string::String> {
+                fn configure(
+                    params_json: ::std::string::String,
+                ) -> ::core::result::Result<(), ::std::string::String> {
                     RUNNER.configure(&params_json)
                 }
 
@@ -378,10 +387,16 @@ macro_rules! export_aggregation {
                 }
             }
 
-            $crate::__export_aggregator!(Export with_types_in $crate::__bindings);
+    $crate::__bindings::__export_aggregator!(Export with_types_in $crate::__bindings);
         };
     };
 }
 
 #[cfg(test)]
 mod tests;
+
+/// A stable 64-bit hash (XXH3) for plugins that sketch or sample: the same
+/// bytes hash the same on every host and in every plugin version.
+pub fn hash64(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}

@@ -122,7 +122,10 @@ fn a_failing_record_is_reported_with_its_index_and_earlier_records_kept() {
     assert_eq!(
         outcomes(&result),
         vec![
-            (Some(Some(Total { sum: 1 })), Some((1, "negative n -4 at offset 1".to_owned()))),
+            (
+                Some(Some(Total { sum: 1 })),
+                Some((1, "negative n -4 at offset 1".to_owned()))
+            ),
             (
                 None,
                 Some((
@@ -138,28 +141,43 @@ fn a_failing_record_is_reported_with_its_index_and_earlier_records_kept() {
 #[test]
 fn keep_false_deletes_the_key() {
     let runner = configured();
-    let result = runner.apply(&batch(&[("a", None, &[r#"{"n":60}"#, r#"{"n":40}"#])])).unwrap();
+    let result = runner
+        .apply(&batch(&[("a", None, &[r#"{"n":60}"#, r#"{"n":40}"#])]))
+        .unwrap();
     assert_eq!(outcomes(&result), vec![(Some(None), None)]);
 }
 
 #[test]
 fn corrupt_state_fails_the_group_without_touching_it() {
     let runner = configured();
-    let result = runner.apply(&batch(&[("a", Some(&[0xff, 0xff, 0xff]), &[r#"{"n":1}"#])])).unwrap();
+    let result = runner
+        .apply(&batch(&[("a", Some(&[0xff, 0xff, 0xff]), &[r#"{"n":1}"#])]))
+        .unwrap();
     let outcome = outcomes(&result);
     assert_eq!(outcome[0].0, None);
     let (index, message) = outcome[0].1.clone().unwrap();
     assert_eq!(index, 0);
-    assert!(message.starts_with("stored state could not be decoded as state format 1 of `sum-test`"), "{message}");
+    assert!(
+        message.starts_with("stored state could not be decoded as state format 1 of `sum-test`"),
+        "{message}"
+    );
 }
 
 #[test]
 fn params_are_parsed_and_validated() {
     let runner = Runner::<Sum>::new();
-    assert_eq!(runner.apply(&batch(&[])), Err("apply called before configure".to_owned()));
+    assert_eq!(
+        runner.apply(&batch(&[])),
+        Err("apply called before configure".to_owned())
+    );
     let err = runner.configure(r#"{"delete_at": 0}"#).unwrap_err();
-    assert_eq!(err, "invalid params for `sum-test`: `delete_at` must be positive, got 0");
-    let err = runner.configure(r#"{"delete_at": 1, "typo": 2}"#).unwrap_err();
+    assert_eq!(
+        err,
+        "invalid params for `sum-test`: `delete_at` must be positive, got 0"
+    );
+    let err = runner
+        .configure(r#"{"delete_at": 1, "typo": 2}"#)
+        .unwrap_err();
     assert!(err.contains("unknown field `typo`"), "{err}");
     let err = runner.configure(r#"{}"#).unwrap_err();
     assert!(err.contains("missing field `delete_at`"), "{err}");

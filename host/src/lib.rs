@@ -1,0 +1,15 @@
+//! wagg: consume Kafka topics, aggregate records per key with WebAssembly
+//! plugins, keep the state in RocksDB and serve it over HTTP while
+//! consuming. See `ARCHITECTURE.md` for the map.
+
+pub mod api;
+pub mod app;
+pub mod batcher;
+pub mod config;
+pub mod demo;
+pub mod pipeline;
+pub mod plugin;
+pub mod record;
+pub mod source;
+pub mod status;
+pub mod store;

@@ -1,1 +1,244 @@
-fn main() {}
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use wagg::config::Config;
+use wagg::plugin::offline::{self, OnError};
+use wagg::plugin::{PluginRuntime, RuntimeConfig, build};
+
+/// wagg: live, queryable per-key aggregates of Kafka topics, computed by
+/// WebAssembly plugins.
+#[derive(Parser)]
+#[command(version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume the configured topics and serve the aggregations over HTTP.
+    #[command(after_help = "Example:\n  wagg run --config wagg.toml")]
+    Run {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the whole pipeline on an in-process Kafka cluster with generated
+    /// purchase events; no broker needed.
+    Demo {
+        /// HTTP listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Generated purchase events per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Directory with the example plugins' .wasm files (built from the
+        /// workspace when absent).
+        #[arg(long)]
+        plugins_dir: Option<PathBuf>,
+    },
+    /// Validate a config file, including loading every plugin and checking
+    /// its params, without starting.
+    CheckConfig {
+        /// The TOML config file.
+        config: PathBuf,
+    },
+    /// Build, inspect and test aggregation plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Feed JSON-lines records through a plugin and print every key's state.
+    ///
+    /// Each input line is `{"key": "k", "value": ...}` with optional
+    /// `timestamp` (ms), `partition` and `headers` ({"name": "value"}). A JSON
+    /// string value is passed as raw text, any other JSON value as its JSON
+    /// text, null as a tombstone.
+    #[command(
+        after_help = "Example:\n  wagg plugin test count.wasm --input records.jsonl\n  wagg plugin test stats.wasm --input records.jsonl --params '{\"field\": \"/amount\"}'"
+    )]
+    Test {
+        /// The plugin component (.wasm).
+        plugin: PathBuf,
+        /// JSON-lines input file; `-` reads stdin.
+        #[arg(long, short)]
+        input: PathBuf,
+        /// The plugin's params as a JSON object.
+        #[arg(long, default_value = "{}")]
+        params: String,
+        /// Records per plugin call.
+        #[arg(long, default_value_t = 1000)]
+        batch_size: usize,
+        /// What to do with records the plugin rejects.
+        #[arg(long, value_enum, default_value_t = OnErrorArg::Fail)]
+        on_error: OnErrorArg,
+    },
+    /// Build a plugin crate into a .wasm component and print its path.
+    Build {
+        /// The plugin crate's directory.
+        #[arg(default_value = ".")]
+        path: PathBuf,
+        /// Cargo target directory (default: the crate's `target/`).
+        #[arg(long)]
+        target_dir: Option<PathBuf>,
+    },
+    /// Show a plugin's metadata.
+    Inspect {
+        /// The plugin component (.wasm).
+        plugin: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnErrorArg {
+    Fail,
+    Skip,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            wagg::app::run(config, shutdown_on_signal()?, |_| {})
+        }
+        Command::Demo {
+            listen,
+            rate,
+            plugins_dir,
+        } => wagg::demo::run(
+            wagg::demo::DemoOptions {
+                listen,
+                rate,
+                plugins_dir,
+            },
+            shutdown_on_signal()?,
+        ),
+        Command::CheckConfig { config: path } => {
+            let config = Config::load(&path)?;
+            let runtime = PluginRuntime::new(config.runtime_config())?;
+            let plugins = wagg::app::load_plugins(&config, &runtime)?;
+            for (aggregation, plugin) in config.aggregations.iter().zip(&plugins) {
+                println!(
+                    "aggregation {:?}: {} (params ok)",
+                    aggregation.name,
+                    plugin.label()
+                );
+            }
+            println!("{}: ok", path.display());
+            Ok(())
+        }
+        Command::Plugin(command) => plugin_command(command),
+    }
+}
+
+/// A flag set on SIGINT or SIGTERM; a second signal exits at once.
+fn shutdown_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let flag = shutdown.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("second signal: exiting immediately");
+            std::process::exit(130);
+        }
+        eprintln!("shutting down: finishing the batch in flight");
+    })
+    .context("installing the signal handler")?;
+    Ok(shutdown)
+}
+
+fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
+    match command {
+        PluginCommand::Test {
+            plugin,
+            input,
+            params,
+            batch_size,
+            on_error,
+        } => {
+            let params = normalize_params(&params)?;
+            let runtime = PluginRuntime::new(RuntimeConfig::default())?;
+            let loaded = runtime.load(&plugin)?;
+            let mut instance = loaded.instantiate(&params)?;
+            let records = if input == Path::new("-") {
+                offline::read_jsonl(std::io::stdin().lock())?
+            } else {
+                let file = std::fs::File::open(&input)
+                    .with_context(|| format!("cannot open {}", input.display()))?;
+                offline::read_jsonl(std::io::BufReader::new(file))
+                    .with_context(|| input.display().to_string())?
+            };
+            let on_error = match on_error {
+                OnErrorArg::Fail => OnError::Fail,
+                OnErrorArg::Skip => OnError::Skip,
+            };
+            let states = offline::run(
+                &mut instance,
+                &records,
+                batch_size,
+                on_error,
+                |record, message| {
+                    eprintln!("line {}: skipped: {message}", record.offset);
+                },
+            )?;
+            let mut stdout = std::io::stdout().lock();
+            serde_json::to_writer_pretty(&mut stdout, &offline::to_json_object(states))?;
+            writeln!(stdout)?;
+            Ok(())
+        }
+        PluginCommand::Build { path, target_dir } => {
+            let wasm = build::build_plugin_crate(&path, target_dir.as_deref())?;
+            println!("{}", wasm.display());
+            Ok(())
+        }
+        PluginCommand::Inspect { plugin } => {
+            let runtime = PluginRuntime::new(RuntimeConfig::default())?;
+            let loaded = runtime.load(&plugin)?;
+            let report = serde_json::json!({
+                "path": plugin,
+                "name": loaded.metadata().name,
+                "version": loaded.metadata().version,
+                "state_format": loaded.metadata().state_format,
+                "sha256": loaded.content_hash(),
+                "size_bytes": std::fs::metadata(&plugin).map(|m| m.len()).ok(),
+            });
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+    }
+}
+
+/// Checks that `params` is a JSON object, so mistakes show up as a clear
+/// message here rather than as a plugin's parse error.
+fn normalize_params(params: &str) -> anyhow::Result<String> {
+    let value: serde_json::Value =
+        serde_json::from_str(params).context("--params is not valid JSON")?;
+    anyhow::ensure!(
+        value.is_object(),
+        "--params must be a JSON object, got {value}"
+    );
+    Ok(value.to_string())
+}

@@ -1,0 +1,67 @@
+//! `stats`: count, min, max, mean and population variance of a numeric field
+//! per key, updated with Welford's algorithm (numerically stable, O(1) state).
+//!
+//! Params: `field`, a JSON pointer into the record value (e.g. `"/amount"`).
+//! A record whose field is missing or not a number is rejected.
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use wagg_guest_sdk::json::{number_at, validate_pointer};
+use wagg_guest_sdk::{Aggregation, Record, Result};
+
+pub struct Stats;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    pub field: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Moments {
+    pub count: u64,
+    pub min: f64,
+    pub max: f64,
+    pub mean: f64,
+    /// Sum of squared deviations from the mean.
+    pub m2: f64,
+}
+
+impl Aggregation for Stats {
+    const NAME: &'static str = "stats";
+    type State = Moments;
+    type Params = Params;
+
+    fn validate(params: &Params) -> Result<()> {
+        validate_pointer("field", &params.field)
+    }
+
+    fn aggregate(state: &mut Moments, record: &Record<'_>, params: &Params) -> Result<()> {
+        let value: serde_json::Value = record.value_json()?;
+        let x = number_at(&value, &params.field)?;
+        if state.count == 0 {
+            state.min = x;
+            state.max = x;
+        } else {
+            state.min = state.min.min(x);
+            state.max = state.max.max(x);
+        }
+        state.count += 1;
+        let delta = x - state.mean;
+        state.mean += delta / state.count as f64;
+        state.m2 += delta * (x - state.mean);
+        Ok(())
+    }
+
+    fn render(state: &Moments, _params: &Params) -> Result<serde_json::Value> {
+        Ok(json!({
+            "count": state.count,
+            "min": state.min,
+            "max": state.max,
+            "mean": state.mean,
+            "variance": if state.count == 0 { 0.0 } else { state.m2 / state.count as f64 },
+        }))
+    }
+}
+
+wagg_guest_sdk::export_aggregation!(Stats);

@@ -1,0 +1,86 @@
+//! A misbehaving plugin for the host's isolation tests; never use it for
+//! real. `params.mode` picks the misbehaviour, triggered by every record
+//! whose value is `"bad"` (other records are counted normally):
+//! `loop`, `alloc`, `recurse`, `panic`, `error`, `open-file`, `env`,
+//! `connect`, `huge-state`.
+
+use std::hint::black_box;
+
+use serde::{Deserialize, Serialize};
+use wagg_guest_sdk::{Aggregation, Record, Result, bail};
+
+pub struct Hostile;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    pub mode: String,
+    /// For `connect`: where to try to connect.
+    pub address: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    pub count: u64,
+    pub blob: Vec<u8>,
+}
+
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64) -> u64 {
+    let padding = black_box([depth; 64]);
+    black_box(recurse(depth + 1)) + padding[3]
+}
+
+impl Aggregation for Hostile {
+    const NAME: &'static str = "hostile";
+    type State = State;
+    type Params = Params;
+
+    fn aggregate(state: &mut State, record: &Record<'_>, params: &Params) -> Result<()> {
+        state.count += 1;
+        if record.value() != Some(b"bad".as_slice()) {
+            return Ok(());
+        }
+        match params.mode.as_str() {
+            "loop" => {
+                let mut i = 0u64;
+                loop {
+                    i = black_box(i.wrapping_add(1));
+                }
+            }
+            "alloc" => {
+                let mut hoard = Vec::new();
+                loop {
+                    hoard.push(black_box(vec![1u8; 1 << 20]));
+                }
+            }
+            "recurse" => {
+                black_box(recurse(0));
+            }
+            "panic" => panic!("hostile plugin panicked on offset {}", record.offset()),
+            "error" => bail!("hostile plugin rejected offset {}", record.offset()),
+            "open-file" => match std::fs::read("/etc/hostname") {
+                Ok(bytes) => state.blob = bytes,
+                Err(e) => bail!("could not read /etc/hostname: {e}"),
+            },
+            "env" => {
+                let vars: Vec<_> = std::env::vars().collect();
+                if !vars.is_empty() {
+                    state.blob = format!("{vars:?}").into_bytes();
+                }
+            }
+            "connect" => {
+                let address = params.address.as_deref().unwrap_or("127.0.0.1:9");
+                match std::net::TcpStream::connect(address) {
+                    Ok(_) => state.blob = b"connected".to_vec(),
+                    Err(e) => bail!("could not connect to {address}: {e}"),
+                }
+            }
+            "huge-state" => state.blob = vec![7; 4 << 20],
+            other => bail!("unknown mode {other}"),
+        }
+        Ok(())
+    }
+}
+
+wagg_guest_sdk::export_aggregation!(Hostile);

@@ -1,0 +1,365 @@
+//! The HTTP query API (axum). Handlers read from RocksDB and the shared
+//! [`Status`]; they never touch the consumer loop, so queries are answered
+//! while consumption runs at full speed.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::config::AggregationConfig;
+use crate::plugin::{LoadedPlugin, PluginInstance};
+use crate::status::Status;
+use crate::store::StateStore;
+
+/// Everything the handlers need.
+pub struct ApiState {
+    pub store: Arc<StateStore>,
+    pub status: Arc<Status>,
+    pub aggregations: Vec<QueryableAggregation>,
+    pub max_page: usize,
+}
+
+/// An aggregation as the API sees it: its config, plugin, and a pool of
+/// plugin instances used only for rendering states.
+pub struct QueryableAggregation {
+    pub config: AggregationConfig,
+    pub plugin: LoadedPlugin,
+    renderers: Mutex<Vec<PluginInstance>>,
+}
+
+impl QueryableAggregation {
+    pub fn new(config: AggregationConfig, plugin: LoadedPlugin) -> Self {
+        Self {
+            config,
+            plugin,
+            renderers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Renders states with a pooled instance (created on demand).
+    fn render_all(&self, states: &[Vec<u8>]) -> Result<Vec<Value>, ApiError> {
+        let pooled = self
+            .renderers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let mut instance = match pooled {
+            Some(instance) => instance,
+            None => self
+                .plugin
+                .instantiate(&self.config.params_json())
+                .map_err(|e| ApiError::internal(format!("cannot instantiate the plugin: {e}")))?,
+        };
+        let mut rendered = Vec::with_capacity(states.len());
+        for state in states {
+            let json = instance
+                .render(state)
+                .map_err(|e| ApiError::internal(format!("rendering failed: {e}")))?;
+            rendered.push(
+                serde_json::from_str(&json).map_err(|e| {
+                    ApiError::internal(format!("plugin rendered invalid JSON: {e}"))
+                })?,
+            );
+        }
+        self.renderers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(instance);
+        Ok(rendered)
+    }
+}
+
+/// A JSON error: `{"error": {"code": ..., "message": ...}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::bad_request(format!("invalid path: {}", rejection.body_text()))
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::bad_request(format!("invalid query string: {}", rejection.body_text()))
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(error: crate::store::StoreError) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            error.to_string(),
+        )
+    }
+}
+
+/// Longest key (after decoding) a request may name.
+pub const MAX_KEY_BYTES: usize = 4096;
+/// Requests taking longer than this are answered 408.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/aggregations", get(list_aggregations))
+        .route("/v1/aggregations/{name}/keys", get(list_keys))
+        .route("/v1/aggregations/{name}/keys/{key}", get(get_key))
+        .fallback(|| async { ApiError::not_found("no_route", "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "only GET is supported",
+            )
+        })
+        .with_state(state)
+        .layer(RequestBodyLimitLayer::new(16 * 1024))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(TraceLayer::new_for_http())
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
+    let readiness = state.status.readiness();
+    let code = if readiness.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(readiness)).into_response()
+}
+
+async fn list_aggregations(State(state): State<Arc<ApiState>>) -> Result<Json<Value>, ApiError> {
+    let partitions = state.status.partitions();
+    let mut out = Vec::new();
+    for aggregation in &state.aggregations {
+        let config = &aggregation.config;
+        let counters = state.status.counters(&config.name);
+        let metadata = aggregation.plugin.metadata();
+        let lag: Vec<&crate::status::PartitionProgress> = partitions
+            .iter()
+            .filter(|p| config.applies_to(&p.topic))
+            .collect();
+        out.push(json!({
+            "name": config.name,
+            "plugin": {
+                "name": metadata.name,
+                "version": metadata.version,
+                "state_format": metadata.state_format,
+                "sha256": aggregation.plugin.content_hash(),
+            },
+            "topic": config.topic,
+            "key": config.key,
+            "on_error": config.on_error,
+            "keys_estimate": state.store.estimate_keys(&config.name)?,
+            "records_applied": counters.records_applied,
+            "records_failed": counters.records_failed,
+            "partitions": lag,
+        }));
+    }
+    Ok(Json(json!({ "aggregations": out })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyQuery {
+    encoding: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyEncoding {
+    Utf8,
+    Base64,
+}
+
+impl KeyEncoding {
+    fn parse(value: Option<&str>) -> Result<Self, ApiError> {
+        match value {
+            None | Some("utf8") | Some("utf-8") => Ok(Self::Utf8),
+            Some("base64") => Ok(Self::Base64),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "unknown encoding {other:?}; use `utf8` (default) or `base64`"
+            ))),
+        }
+    }
+
+    fn decode(self, what: &str, text: &str) -> Result<Vec<u8>, ApiError> {
+        let bytes = match self {
+            Self::Utf8 => text.as_bytes().to_vec(),
+            Self::Base64 => decode_base64(text)
+                .ok_or_else(|| ApiError::bad_request(format!("{what} is not valid base64")))?,
+        };
+        if bytes.len() > MAX_KEY_BYTES {
+            return Err(ApiError::bad_request(format!(
+                "{what} is {} bytes, over the limit of {MAX_KEY_BYTES}",
+                bytes.len()
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Keys that are not UTF-8 show lossily in `utf8` mode; binary keys
+    /// need `encoding=base64` to round-trip (e.g. as paging cursors).
+    fn encode(self, key: &[u8]) -> Value {
+        match self {
+            Self::Utf8 => Value::String(String::from_utf8_lossy(key).into_owned()),
+            Self::Base64 => Value::String(base64::engine::general_purpose::STANDARD.encode(key)),
+        }
+    }
+}
+
+/// Accepts standard and URL-safe alphabets, with or without padding.
+fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
+        .iter()
+        .find_map(|engine| engine.decode(text).ok())
+}
+
+fn find_aggregation<'a>(
+    state: &'a ApiState,
+    name: &str,
+) -> Result<&'a QueryableAggregation, ApiError> {
+    state
+        .aggregations
+        .iter()
+        .find(|a| a.config.name == name)
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "unknown_aggregation",
+                format!("no aggregation named {name:?}"),
+            )
+        })
+}
+
+async fn get_key(
+    State(state): State<Arc<ApiState>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<KeyQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path((name, key_text)) = path?;
+    let Query(query) = query?;
+    let encoding = KeyEncoding::parse(query.encoding.as_deref())?;
+    let key = encoding.decode("key", &key_text)?;
+    tokio::task::spawn_blocking(move || {
+        let aggregation = find_aggregation(&state, &name)?;
+        let stored = state.store.find(&name, &key)?.ok_or_else(|| {
+            ApiError::not_found(
+                "unknown_key",
+                format!("aggregation {name:?} has no key {key_text:?}"),
+            )
+        })?;
+        let rendered = aggregation
+            .render_all(&[stored])?
+            .pop()
+            .unwrap_or(Value::Null);
+        Ok(Json(
+            json!({ "key": encoding.encode(&key), "state": rendered }),
+        ))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("query task failed: {e}")))?
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    prefix: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
+    encoding: Option<String>,
+}
+
+const DEFAULT_PAGE: usize = 100;
+
+async fn list_keys(
+    State(state): State<Arc<ApiState>>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(name) = path?;
+    let Query(query) = query?;
+    let encoding = KeyEncoding::parse(query.encoding.as_deref())?;
+    let prefix = encoding.decode("prefix", query.prefix.as_deref().unwrap_or_default())?;
+    let after = query
+        .after
+        .as_deref()
+        .map(|a| encoding.decode("after", a))
+        .transpose()?;
+    let limit = match query.limit {
+        Some(0) => return Err(ApiError::bad_request("limit must be at least 1")),
+        Some(limit) => limit.min(state.max_page),
+        None => DEFAULT_PAGE.min(state.max_page),
+    };
+    tokio::task::spawn_blocking(move || {
+        let aggregation = find_aggregation(&state, &name)?;
+        let entries = state.store.list(&name, &prefix, after.as_deref(), limit)?;
+        let states: Vec<Vec<u8>> = entries.iter().map(|(_, s)| s.clone()).collect();
+        let rendered = aggregation.render_all(&states)?;
+        let next = (entries.len() == limit)
+            .then(|| entries.last().map(|(k, _)| encoding.encode(k)))
+            .flatten();
+        let items: Vec<Value> = entries
+            .iter()
+            .zip(rendered)
+            .map(|((key, _), state)| json!({ "key": encoding.encode(key), "state": state }))
+            .collect();
+        Ok(Json(json!({ "items": items, "next": next })))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("query task failed: {e}")))?
+}

@@ -1,0 +1,153 @@
+//! Wiring: config → plugins → state store → consumer thread + HTTP server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::api::{ApiState, QueryableAggregation};
+use crate::config::Config;
+use crate::pipeline::{Aggregation, Pipeline};
+use crate::plugin::{LoadedPlugin, PluginRuntime};
+use crate::source::KafkaSource;
+use crate::status::{AggregationCounters, Status};
+use crate::store::{AggregationMeta, StateStore, StoreOptions};
+
+/// Loads every configured plugin and checks its params: all that
+/// `check-config` verifies beyond parsing.
+pub fn load_plugins(config: &Config, runtime: &PluginRuntime) -> anyhow::Result<Vec<LoadedPlugin>> {
+    config
+        .aggregations
+        .iter()
+        .map(|aggregation| {
+            let path = config.plugin_path(aggregation);
+            let context = || format!("aggregation {:?}", aggregation.name);
+            let plugin = runtime.load(&path).with_context(context)?;
+            plugin
+                .instantiate(&aggregation.params_json())
+                .with_context(context)?;
+            Ok(plugin)
+        })
+        .collect()
+}
+
+/// Runs wagg until `shutdown` is set. `on_listening` is called with the HTTP
+/// address once queries can be served.
+pub fn run(
+    config: Config,
+    shutdown: Arc<AtomicBool>,
+    on_listening: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
+    let runtime = PluginRuntime::new(config.runtime_config())?;
+    let plugins = load_plugins(&config, &runtime)?;
+
+    let names: Vec<&str> = config
+        .aggregations
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect();
+    let store = Arc::new(StateStore::open(
+        &config.state_dir(),
+        &names,
+        &StoreOptions {
+            block_cache_bytes: config.state.block_cache_mib << 20,
+            sync_writes: config.state.sync_writes,
+        },
+    )?);
+    let status = Arc::new(Status::default());
+    let cache_entries = config.state.cache_entries / config.aggregations.len().max(1);
+    let mut aggregations = Vec::new();
+    let mut queryable = Vec::new();
+    for (aggregation, plugin) in config.aggregations.iter().zip(plugins) {
+        let metadata = plugin.metadata();
+        store.check_aggregation_meta(
+            &aggregation.name,
+            &AggregationMeta {
+                plugin_name: metadata.name.clone(),
+                plugin_version: metadata.version.clone(),
+                state_format: metadata.state_format,
+                content_hash: plugin.content_hash().to_owned(),
+            },
+        )?;
+        let (records_applied, records_failed) = store.counters(&aggregation.name)?;
+        let instance = plugin.instantiate(&aggregation.params_json())?;
+        aggregations.push(Aggregation::new(
+            aggregation.clone(),
+            plugin.clone(),
+            instance,
+            cache_entries,
+            AggregationCounters {
+                records_applied,
+                records_failed,
+            },
+        ));
+        queryable.push(QueryableAggregation::new(aggregation.clone(), plugin));
+    }
+    for ((topic, partition), next) in store.offsets()? {
+        status.set_next_offset(&topic, partition, next);
+    }
+
+    let source = KafkaSource::new(&config, store.clone(), status.clone())?;
+    let pipeline = Pipeline::new(
+        source,
+        store.clone(),
+        status.clone(),
+        aggregations,
+        config.batch.clone(),
+    );
+
+    let http = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("wagg-http")
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+    let listener = http
+        .block_on(tokio::net::TcpListener::bind(config.http.listen))
+        .with_context(|| format!("cannot listen on {} (`http.listen`)", config.http.listen))?;
+    let address = listener
+        .local_addr()
+        .context("reading the listen address")?;
+    let router = crate::api::router(Arc::new(ApiState {
+        store: store.clone(),
+        status: status.clone(),
+        aggregations: queryable,
+        max_page: config.http.max_page,
+    }));
+    let server_shutdown = shutdown.clone();
+    let server = http.spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                while !server_shutdown.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await
+    });
+    tracing::info!(%address, "serving queries");
+    on_listening(address);
+
+    let consumer_shutdown = shutdown.clone();
+    let consumer = std::thread::Builder::new()
+        .name("wagg-consumer".into())
+        .spawn(move || pipeline.run(&consumer_shutdown))
+        .context("starting the consumer thread")?;
+    let consumed = consumer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the consumer thread panicked"))?;
+    if let Err(e) = &consumed {
+        // Keep answering queries (and reporting the failure on /readyz)
+        // until told to stop: the state up to the failure stays readable.
+        tracing::error!(error = %e, "consumption stopped; still serving queries until shutdown");
+        while !shutdown.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    shutdown.store(true, Ordering::Relaxed);
+    http.block_on(server)
+        .context("HTTP server task")?
+        .context("HTTP server")?;
+    consumed.context("consumer")
+}

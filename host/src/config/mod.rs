@@ -1,0 +1,421 @@
+//! The TOML configuration file: parsing, defaults and validation.
+//!
+//! Every error names the file and the field. Values under `[source.kafka]`
+//! are passed to librdkafka untouched and never printed: they may hold
+//! credentials.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::plugin::RuntimeConfig;
+
+/// A configuration problem, with the file and field it is about.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub state: StateConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    #[serde(default)]
+    pub plugins: PluginLimits,
+    #[serde(rename = "aggregation", default)]
+    pub aggregations: Vec<AggregationConfig>,
+    /// Directory of the config file; plugin paths are relative to it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// `host:port[,host:port...]`.
+    pub brokers: String,
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    pub topics: Vec<String>,
+    /// Where to start in a partition wagg has no stored offset for.
+    #[serde(default)]
+    pub start_from: StartFrom,
+    /// librdkafka client properties, passed through as they are.
+    #[serde(default)]
+    pub kafka: BTreeMap<String, toml::Value>,
+}
+
+impl fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `kafka` may hold SASL passwords and the like: show only its keys.
+        f.debug_struct("SourceConfig")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("start_from", &self.start_from)
+            .field("kafka", &self.kafka.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+fn default_group_id() -> String {
+    "wagg".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartFrom {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// The RocksDB directory (relative to the config file).
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+    /// States kept in memory in front of RocksDB.
+    #[serde(default = "default_cache_entries")]
+    pub cache_entries: usize,
+    /// RocksDB block cache, MiB.
+    #[serde(default = "default_block_cache_mib")]
+    pub block_cache_mib: usize,
+    /// fsync the write-ahead log on every batch: survives power loss, not
+    /// only process crashes, at a cost in throughput.
+    #[serde(default)]
+    pub sync_writes: bool,
+}
+
+fn default_state_dir() -> PathBuf {
+    "wagg-state".into()
+}
+fn default_cache_entries() -> usize {
+    200_000
+}
+fn default_block_cache_mib() -> usize {
+    64
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_state_dir(),
+            cache_entries: default_cache_entries(),
+            block_cache_mib: default_block_cache_mib(),
+            sync_writes: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Largest `limit` a key listing accepts.
+    #[serde(default = "default_max_page")]
+    pub max_page: usize,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_max_page() -> usize {
+    1000
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            max_page: default_max_page(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Records per batch at most.
+    #[serde(default = "default_max_records")]
+    pub max_records: usize,
+    /// How long a batch may wait to fill up, milliseconds.
+    #[serde(default = "default_max_delay_ms")]
+    pub max_delay_ms: u64,
+}
+
+fn default_max_records() -> usize {
+    1000
+}
+fn default_max_delay_ms() -> u64 {
+    100
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_records: default_max_records(),
+            max_delay_ms: default_max_delay_ms(),
+        }
+    }
+}
+
+impl BatchConfig {
+    pub fn max_delay(&self) -> Duration {
+        Duration::from_millis(self.max_delay_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginLimits {
+    #[serde(default = "default_memory_mib")]
+    pub memory_limit_mib: usize,
+    #[serde(default = "default_call_timeout_ms")]
+    pub call_timeout_ms: u64,
+    #[serde(default = "default_max_state_bytes")]
+    pub max_state_bytes: usize,
+}
+
+fn default_memory_mib() -> usize {
+    64
+}
+fn default_call_timeout_ms() -> u64 {
+    1000
+}
+fn default_max_state_bytes() -> usize {
+    1 << 20
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        Self {
+            memory_limit_mib: default_memory_mib(),
+            call_timeout_ms: default_call_timeout_ms(),
+            max_state_bytes: default_max_state_bytes(),
+        }
+    }
+}
+
+/// What to do when a plugin rejects (or traps on) a record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    /// Stop consuming; nothing of the failing batch is written.
+    #[default]
+    Fail,
+    /// Log and count the record, and apply the rest.
+    Skip,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregationConfig {
+    /// Used in URLs and as the state store's column family.
+    pub name: String,
+    /// The plugin component, relative to the config file.
+    pub plugin: PathBuf,
+    /// The topic to aggregate; all configured topics when absent.
+    pub topic: Option<String>,
+    /// Re-key records by this JSON pointer into the value; default: the
+    /// record's Kafka key.
+    pub key: Option<String>,
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Passed to the plugin's `configure` as JSON.
+    #[serde(default)]
+    pub params: toml::Table,
+}
+
+impl AggregationConfig {
+    pub fn params_json(&self) -> String {
+        serde_json::to_string(&self.params).unwrap_or_else(|_| "{}".into())
+    }
+
+    pub fn applies_to(&self, topic: &str) -> bool {
+        self.topic.as_deref().is_none_or(|t| t == topic)
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
+        Self::parse(&text, &file, &base_dir)
+    }
+
+    /// Parses and validates `text`; `file` names it in errors.
+    pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        let error = |message: String| ConfigError {
+            file: file.to_owned(),
+            message,
+        };
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| error(describe_toml_error(&e, text)))?;
+        config.base_dir = base_dir.to_owned();
+        config.validate().map_err(error)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let source = &self.source;
+        if source.brokers.trim().is_empty() {
+            return Err("`source.brokers` is empty".into());
+        }
+        if source.topics.is_empty() {
+            return Err("`source.topics` must name at least one topic".into());
+        }
+        if let Some(topic) = source.topics.iter().find(|t| t.is_empty()) {
+            return Err(format!(
+                "`source.topics` has an empty topic name: {topic:?}"
+            ));
+        }
+        for reserved in [
+            "bootstrap.servers",
+            "group.id",
+            "enable.auto.commit",
+            "enable.auto.offset.store",
+        ] {
+            if source.kafka.contains_key(reserved) {
+                return Err(format!(
+                    "`source.kafka.\"{reserved}\"` is managed by wagg (use `source.brokers` / `source.group_id`; offsets live in the state store)"
+                ));
+            }
+        }
+        for (name, value) in &source.kafka {
+            if kafka_value(value).is_none() {
+                return Err(format!(
+                    "`source.kafka.\"{name}\"` must be a string, number or boolean"
+                ));
+            }
+        }
+        if self.batch.max_records == 0 {
+            return Err("`batch.max_records` must be at least 1".into());
+        }
+        if self.plugins.memory_limit_mib == 0
+            || self.plugins.call_timeout_ms == 0
+            || self.plugins.max_state_bytes == 0
+        {
+            return Err("`plugins` limits must be positive".into());
+        }
+        if self.http.max_page == 0 {
+            return Err("`http.max_page` must be at least 1".into());
+        }
+        if self.aggregations.is_empty() {
+            return Err("no `[[aggregation]]` configured".into());
+        }
+        let mut names = BTreeSet::new();
+        for (i, aggregation) in self.aggregations.iter().enumerate() {
+            let at = format!("`aggregation[{i}]`");
+            let name = &aggregation.name;
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(format!(
+                    "{at}.name {name:?} must be 1-64 characters of letters, digits, `_` or `-`"
+                ));
+            }
+            if !names.insert(name.as_str()) {
+                return Err(format!("{at}.name {name:?} is used twice"));
+            }
+            if let Some(topic) = &aggregation.topic
+                && !source.topics.contains(topic)
+            {
+                return Err(format!(
+                    "{at}.topic {topic:?} (aggregation {name:?}) is not in `source.topics`"
+                ));
+            }
+            if let Some(key) = &aggregation.key
+                && !key.starts_with('/')
+            {
+                return Err(format!(
+                    "{at}.key {key:?} (aggregation {name:?}) must be a JSON pointer such as \"/user_id\""
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn plugin_path(&self, aggregation: &AggregationConfig) -> PathBuf {
+        self.base_dir.join(&aggregation.plugin)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.base_dir.join(&self.state.dir)
+    }
+
+    pub fn runtime_config(&self) -> RuntimeConfig {
+        RuntimeConfig {
+            memory_limit_bytes: self.plugins.memory_limit_mib << 20,
+            call_timeout: Duration::from_millis(self.plugins.call_timeout_ms),
+            max_state_bytes: self.plugins.max_state_bytes,
+            cache_dir: Some(self.state_dir().join("compiled-plugins")),
+        }
+    }
+
+    /// `[source.kafka]` as librdkafka properties.
+    pub fn kafka_properties(&self) -> impl Iterator<Item = (&str, String)> {
+        self.source
+            .kafka
+            .iter()
+            .filter_map(|(k, v)| kafka_value(v).map(|v| (k.as_str(), v)))
+    }
+}
+
+fn kafka_value(value: &toml::Value) -> Option<String> {
+    match value {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// toml's own rendering quotes the offending source line, which could echo
+/// a secret from `[source.kafka]`; say where the error is and which key the
+/// line sets instead.
+fn describe_toml_error(error: &toml::de::Error, text: &str) -> String {
+    let message = error.message().trim_end();
+    let Some(span) = error.span() else {
+        return message.to_owned();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_number = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or_default();
+    match line.split_once('=') {
+        Some((key, _)) if !key.trim().is_empty() && !key.trim_start().starts_with('[') => {
+            format!(
+                "line {line_number}, column {column} (`{}`): {message}",
+                key.trim()
+            )
+        }
+        _ => format!("line {line_number}, column {column}: {message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,194 @@
+use super::*;
+use proptest::prelude::*;
+
+const MINIMAL: &str = r#"
+[source]
+brokers = "127.0.0.1:9092"
+topics = ["purchases"]
+
+[[aggregation]]
+name = "per_user"
+plugin = "count.wasm"
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, "wagg.toml", Path::new("/etc/wagg"))
+}
+
+fn error(text: &str) -> String {
+    parse(text)
+        .expect_err("config must be rejected")
+        .to_string()
+}
+
+#[test]
+fn minimal_config_gets_sane_defaults() {
+    let config = parse(MINIMAL).expect("valid");
+    assert_eq!(config.source.group_id, "wagg");
+    assert_eq!(config.http.listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(config.batch.max_records, 1000);
+    assert_eq!(config.batch.max_delay_ms, 100);
+    assert_eq!(config.state_dir(), Path::new("/etc/wagg/wagg-state"));
+    let aggregation = &config.aggregations[0];
+    assert_eq!(
+        config.plugin_path(aggregation),
+        Path::new("/etc/wagg/count.wasm")
+    );
+    assert_eq!(aggregation.on_error, OnError::Fail);
+    assert_eq!(aggregation.params_json(), "{}");
+    assert!(aggregation.applies_to("anything"));
+    assert_eq!(config.runtime_config().memory_limit_bytes, 64 << 20);
+}
+
+#[test]
+fn full_config_parses() {
+    let config = parse(
+        r#"
+[source]
+brokers = "a:1,b:2"
+group_id = "g"
+topics = ["t1", "t2"]
+start_from = "latest"
+[source.kafka]
+"fetch.min.bytes" = 1
+"client.id" = "me"
+"check.crcs" = true
+
+[state]
+dir = "/var/lib/wagg"
+sync_writes = true
+
+[http]
+listen = "0.0.0.0:9000"
+
+[batch]
+max_records = 500
+max_delay_ms = 20
+
+[plugins]
+memory_limit_mib = 32
+call_timeout_ms = 250
+
+[[aggregation]]
+name = "spend"
+plugin = "stats.wasm"
+topic = "t2"
+key = "/user"
+on_error = "skip"
+params = { field = "/amount" }
+"#,
+    )
+    .expect("valid");
+    assert_eq!(config.source.start_from, StartFrom::Latest);
+    let props: Vec<_> = config.kafka_properties().collect();
+    assert_eq!(
+        props,
+        vec![
+            ("check.crcs", "true".into()),
+            ("client.id", "me".into()),
+            ("fetch.min.bytes", "1".into())
+        ]
+    );
+    assert_eq!(config.state_dir(), Path::new("/var/lib/wagg"));
+    let aggregation = &config.aggregations[0];
+    assert_eq!(aggregation.params_json(), r#"{"field":"/amount"}"#);
+    assert!(aggregation.applies_to("t2") && !aggregation.applies_to("t1"));
+    assert_eq!(
+        config.runtime_config().call_timeout,
+        Duration::from_millis(250)
+    );
+}
+
+#[test]
+fn errors_name_the_file_and_the_field() {
+    let unknown = error(&MINIMAL.replace("topics =", "topix = [\"x\"]\ntopics ="));
+    assert!(unknown.starts_with("wagg.toml: "), "{unknown}");
+    assert!(unknown.contains("unknown field `topix`"), "{unknown}");
+
+    let wrong_type = error(&format!("{MINIMAL}\n[batch]\nmax_records = \"many\"\n"));
+    assert!(wrong_type.contains("(`max_records`)"), "{wrong_type}");
+
+    let missing = error("[source]\ntopics = [\"t\"]\n");
+    assert!(missing.contains("missing field `brokers`"), "{missing}");
+
+    let bad_topic = error(&format!("{MINIMAL}topic = \"nope\"\n"));
+    assert!(
+        bad_topic.contains("`aggregation[0]`.topic \"nope\""),
+        "{bad_topic}"
+    );
+
+    let bad_key = error(&format!("{MINIMAL}key = \"user\"\n"));
+    assert!(
+        bad_key.contains("`aggregation[0]`.key \"user\""),
+        "{bad_key}"
+    );
+
+    let duplicate = error(&format!(
+        "{MINIMAL}{}",
+        &MINIMAL[MINIMAL.find("[[aggregation]]").unwrap()..]
+    ));
+    assert!(
+        duplicate.contains("`aggregation[1]`.name \"per_user\" is used twice"),
+        "{duplicate}"
+    );
+
+    let bad_name = error(&MINIMAL.replace("per_user", "per user/x"));
+    assert!(bad_name.contains("`aggregation[0]`.name"), "{bad_name}");
+
+    let reserved = error(&format!(
+        "{MINIMAL}\n[source.kafka]\n\"group.id\" = \"x\"\n"
+    ));
+    assert!(
+        reserved.contains("`source.kafka.\"group.id\"` is managed by wagg"),
+        "{reserved}"
+    );
+
+    let no_aggregations = error("[source]\nbrokers = \"b:1\"\ntopics = [\"t\"]\n");
+    assert!(
+        no_aggregations.contains("no `[[aggregation]]`"),
+        "{no_aggregations}"
+    );
+}
+
+#[test]
+fn secrets_never_appear_in_errors_or_debug_output() {
+    let secret = "hunter2-very-secret";
+    let with_secret = format!("{MINIMAL}\n[source.kafka]\n\"sasl.password\" = \"{secret}\"\n");
+    let config = parse(&with_secret).expect("valid");
+    assert!(!format!("{config:?}").contains(secret));
+
+    // A malformed value on the secret's line.
+    let broken = format!("{MINIMAL}\n[source.kafka]\n\"sasl.password\" = \"{secret}\n");
+    let message = error(&broken);
+    assert!(!message.contains(secret), "{message}");
+    let nested = format!("{MINIMAL}\n[source.kafka]\n\"sasl.password\" = {{ x = \"{secret}\" }}\n");
+    let message = error(&nested);
+    assert!(!message.contains(secret), "{message}");
+    assert!(message.contains("sasl.password"), "{message}");
+}
+
+proptest! {
+    /// Arbitrary text never panics the parser, and a rejection always says
+    /// which file it is about.
+    #[test]
+    fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+        if let Err(e) = parse(&text) {
+            prop_assert!(e.to_string().starts_with("wagg.toml: "));
+        }
+    }
+
+    /// Mutating a valid config (deleting or duplicating a span) never panics.
+    #[test]
+    fn mutated_configs_never_panic(start in 0usize..200, len in 0usize..40, dup in any::<bool>()) {
+        let start = start.min(MINIMAL.len());
+        let end = (start + len).min(MINIMAL.len());
+        if MINIMAL.is_char_boundary(start) && MINIMAL.is_char_boundary(end) {
+            let mutated = if dup {
+                format!("{}{}", &MINIMAL[..end], &MINIMAL[start..])
+            } else {
+                format!("{}{}", &MINIMAL[..start], &MINIMAL[end..])
+            };
+            let _ = parse(&mutated);
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! Host bindings generated from `wit/aggregator.wit`.
+
+wasmtime::component::bindgen!({
+    world: "aggregator",
+    path: "../wit",
+});

@@ -1,0 +1,140 @@
+//! A live, configured plugin instance and the raw calls into it.
+
+use wasmtime::Store;
+
+use super::bindings::Aggregator;
+use super::error::CallError;
+use super::runtime::{LoadedPlugin, PluginCtx, deadline_ticks};
+
+/// Plugin messages and stderr quoted in errors are cut to this length: they
+/// come from untrusted code and end up in logs and dead-letter headers.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// A configured instance of a plugin. Not shared between threads: each
+/// worker owns its instances.
+///
+/// After a trap the wasm instance is unusable; it is dropped and a fresh one
+/// (configured with the same params) is created on the next call. This is
+/// safe because plugins keep no state between calls.
+pub struct PluginInstance {
+    plugin: LoadedPlugin,
+    params_json: String,
+    live: Option<(Store<PluginCtx>, Aggregator)>,
+    pub(super) encoder: wagg_abi::BatchEncoder,
+}
+
+impl PluginInstance {
+    pub(super) fn new(plugin: LoadedPlugin, params_json: String) -> Result<Self, CallError> {
+        let mut instance = Self {
+            plugin,
+            params_json,
+            live: None,
+            encoder: wagg_abi::BatchEncoder::new(),
+        };
+        instance.ensure_live()?;
+        Ok(instance)
+    }
+
+    pub fn plugin(&self) -> &LoadedPlugin {
+        &self.plugin
+    }
+
+    fn ensure_live(&mut self) -> Result<(), CallError> {
+        if self.live.is_some() {
+            return Ok(());
+        }
+        let (mut store, bindings) = self.plugin.instantiate_raw()?;
+        let params = self.params_json.clone();
+        let configured = guarded_call(&self.plugin, &mut store, |store| {
+            bindings.call_configure(store, &params)
+        })?;
+        configured.map_err(|message| CallError::Rejected {
+            plugin: self.plugin.label(),
+            message: truncate(message),
+        })?;
+        self.live = Some((store, bindings));
+        Ok(())
+    }
+
+    fn call<T>(
+        &mut self,
+        f: impl FnOnce(&Aggregator, &mut Store<PluginCtx>) -> wasmtime::Result<Result<T, String>>,
+    ) -> Result<T, CallError> {
+        self.ensure_live()?;
+        let Some((store, bindings)) = self.live.as_mut() else {
+            unreachable!("ensure_live succeeded");
+        };
+        match guarded_call(&self.plugin, store, |store| f(bindings, store)) {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(message)) => Err(CallError::Rejected {
+                plugin: self.plugin.label(),
+                message: truncate(message),
+            }),
+            Err(e) => {
+                self.live = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Calls `apply` with an encoded batch; returns the encoded result,
+    /// unchecked.
+    pub fn apply_raw(&mut self, batch: &[u8]) -> Result<Vec<u8>, CallError> {
+        self.call(|bindings, store| bindings.call_apply(store, batch))
+    }
+
+    /// Renders one key's state as JSON text.
+    pub fn render(&mut self, state: &[u8]) -> Result<String, CallError> {
+        self.call(|bindings, store| bindings.call_render(store, state))
+    }
+}
+
+/// Runs one call with a fresh time budget and turns traps into errors that
+/// say what happened.
+fn guarded_call<T>(
+    plugin: &LoadedPlugin,
+    store: &mut Store<PluginCtx>,
+    f: impl FnOnce(&mut Store<PluginCtx>) -> wasmtime::Result<T>,
+) -> Result<T, CallError> {
+    let budget = plugin.limits().call_timeout;
+    store.set_epoch_deadline(deadline_ticks(budget));
+    store.data_mut().limiter.hit = false;
+    let stderr_before = store.data().stderr.contents().len();
+    f(store).map_err(|error| {
+        let label = plugin.label();
+        let ctx = store.data();
+        match error.downcast_ref::<wasmtime::Trap>() {
+            Some(wasmtime::Trap::Interrupt) => CallError::Timeout {
+                plugin: label,
+                budget,
+            },
+            Some(wasmtime::Trap::StackOverflow) => CallError::StackOverflow { plugin: label },
+            _ if ctx.limiter.hit => CallError::MemoryLimit {
+                plugin: label,
+                limit_bytes: plugin.limits().memory_limit_bytes,
+            },
+            _ => {
+                let stderr = ctx.stderr.contents();
+                let stderr =
+                    String::from_utf8_lossy(stderr.get(stderr_before..).unwrap_or_default());
+                CallError::Trap {
+                    plugin: label,
+                    message: truncate(format!("{error:#}")),
+                    stderr: truncate(stderr.trim().to_owned()),
+                }
+            }
+        }
+    })
+}
+
+pub(super) fn truncate(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
+    message
+}

@@ -1,0 +1,396 @@
+//! Loading plugins: one wasmtime [`Engine`] per process, components compiled
+//! once and cached on disk by content hash, instances sandboxed and limited.
+
+use std::fs;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{Aggregator, AggregatorPre};
+use super::error::{CallError, PluginError};
+use super::instance::PluginInstance;
+
+/// How often the engine's epoch advances; the granularity of call timeouts.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Bytes of a plugin's stderr kept for error messages (panic messages land
+/// there).
+const STDERR_CAPTURE_BYTES: usize = 16 * 1024;
+
+/// Limits and caching for every plugin this runtime loads.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Linear memory one plugin instance may grow to.
+    pub memory_limit_bytes: usize,
+    /// Wall-clock budget of one plugin call (a whole batch).
+    pub call_timeout: Duration,
+    /// Largest state a plugin may return for one key.
+    pub max_state_bytes: usize,
+    /// Where compiled plugins are cached; `None` compiles on every load.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            memory_limit_bytes: 64 << 20,
+            call_timeout: Duration::from_secs(1),
+            max_state_bytes: 1 << 20,
+            cache_dir: None,
+        }
+    }
+}
+
+/// What a plugin says about itself.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PluginMetadata {
+    pub name: String,
+    pub version: String,
+    pub state_format: u32,
+}
+
+/// Compiles and instantiates plugins. Cheap to clone; share one per process.
+#[derive(Clone)]
+pub struct PluginRuntime {
+    inner: Arc<RuntimeInner>,
+}
+
+struct RuntimeInner {
+    engine: Engine,
+    linker: Linker<PluginCtx>,
+    config: RuntimeConfig,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for RuntimeInner {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl PluginRuntime {
+    pub fn new(config: RuntimeConfig) -> Result<Self, PluginError> {
+        let mut wasm_config = Config::new();
+        wasm_config.epoch_interruption(true);
+        let engine =
+            Engine::new(&wasm_config).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        // Plugins built for wasm32-wasip2 import WASI; every capability in
+        // it is denied by the context built in `new_store`.
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        spawn_epoch_ticker(&engine, ticker_stop.clone());
+        Ok(Self {
+            inner: Arc::new(RuntimeInner {
+                engine,
+                linker,
+                config,
+                ticker_stop,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.config
+    }
+
+    /// Loads the component at `path`: compiles it (or reuses the cached
+    /// compilation) and reads its metadata.
+    pub fn load(&self, path: &Path) -> Result<LoadedPlugin, PluginError> {
+        let wasm = fs::read(path).map_err(|source| PluginError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        self.load_bytes(path, &wasm)
+    }
+
+    /// Like [`load`](Self::load) for bytes already in memory; `path` only
+    /// names the plugin in messages.
+    pub fn load_bytes(&self, path: &Path, wasm: &[u8]) -> Result<LoadedPlugin, PluginError> {
+        let content_hash = hex::encode(Sha256::digest(wasm));
+        let component = self.compile(path, wasm, &content_hash)?;
+        let pre = self
+            .inner
+            .linker
+            .instantiate_pre(&component)
+            .and_then(|pre| AggregatorPre::new(pre))
+            .map_err(|e| PluginError::NotAPlugin {
+                path: path.to_owned(),
+                message: format!("{e:#}"),
+            })?;
+        let not_a_plugin = |message: String| PluginError::NotAPlugin {
+            path: path.to_owned(),
+            message,
+        };
+        let (mut store, bindings) = instantiate(&self.inner.engine, &self.inner.config, &pre)
+            .map_err(|e| not_a_plugin(format!("{e:#}")))?;
+        let metadata = bindings
+            .call_metadata(&mut store)
+            .map_err(|e| not_a_plugin(format!("metadata() failed: {e:#}")))?;
+        Ok(LoadedPlugin {
+            inner: Arc::new(LoadedInner {
+                runtime: self.clone(),
+                pre,
+                path: path.to_owned(),
+                content_hash,
+                metadata: PluginMetadata {
+                    name: metadata.name,
+                    version: metadata.version,
+                    state_format: metadata.state_format,
+                },
+            }),
+        })
+    }
+
+    fn compile(
+        &self,
+        path: &Path,
+        wasm: &[u8],
+        content_hash: &str,
+    ) -> Result<Component, PluginError> {
+        let compile = || {
+            Component::new(&self.inner.engine, wasm).map_err(|e| PluginError::NotAPlugin {
+                path: path.to_owned(),
+                message: format!("{e:#}"),
+            })
+        };
+        let Some(cache_dir) = &self.inner.config.cache_dir else {
+            return compile();
+        };
+        // The engine's compatibility hash covers wasmtime's version and
+        // settings, so an upgraded host never loads stale machine code.
+        let mut engine_hash = DefaultHasher::new();
+        self.inner
+            .engine
+            .precompile_compatibility_hash()
+            .hash(&mut engine_hash);
+        let cached = cache_dir.join(format!(
+            "{content_hash}-{:016x}.cwasm",
+            engine_hash.finish()
+        ));
+        if cached.exists() {
+            // SAFETY: the file was written by `Component::serialize` of this
+            // same engine configuration (its name carries the content and
+            // engine hashes) into a directory only wagg writes to; wasmtime
+            // still validates its header and version before using it.
+            match unsafe { Component::deserialize_file(&self.inner.engine, &cached) } {
+                Ok(component) => return Ok(component),
+                Err(e) => {
+                    tracing::warn!(path = %cached.display(), error = %format!("{e:#}"), "ignoring unusable compiled plugin cache entry")
+                }
+            }
+        }
+        let component = compile()?;
+        if let Err(e) = write_cache_entry(cache_dir, &cached, &component) {
+            tracing::warn!(path = %cached.display(), error = %e, "could not cache compiled plugin");
+        }
+        Ok(component)
+    }
+}
+
+fn write_cache_entry(dir: &Path, target: &Path, component: &Component) -> anyhow::Result<()> {
+    fs::create_dir_all(dir)?;
+    let bytes = component
+        .serialize()
+        .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    // Write then rename, so a concurrent loader never sees half a file.
+    let tmp = target.with_extension(format!("tmp{}", std::process::id()));
+    fs::write(&tmp, bytes)?;
+    fs::rename(&tmp, target)?;
+    Ok(())
+}
+
+fn spawn_epoch_ticker(engine: &Engine, stop: Arc<AtomicBool>) {
+    let engine = engine.weak();
+    thread::Builder::new()
+        .name("wagg-epoch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                thread::sleep(EPOCH_TICK);
+                match engine.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
+                }
+            }
+        })
+        // Without the ticker timeouts would never fire; failing to start a
+        // thread at startup means the process is out of resources anyway.
+        .expect("failed to start the plugin epoch thread");
+}
+
+/// A compiled plugin, ready to instantiate. Cheap to clone.
+#[derive(Clone)]
+pub struct LoadedPlugin {
+    inner: Arc<LoadedInner>,
+}
+
+struct LoadedInner {
+    runtime: PluginRuntime,
+    pre: AggregatorPre<PluginCtx>,
+    path: PathBuf,
+    content_hash: String,
+    metadata: PluginMetadata,
+}
+
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPlugin")
+            .field("path", &self.inner.path)
+            .field("metadata", &self.inner.metadata)
+            .finish()
+    }
+}
+
+impl LoadedPlugin {
+    pub fn metadata(&self) -> &PluginMetadata {
+        &self.inner.metadata
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// SHA-256 of the component's bytes, hex.
+    pub fn content_hash(&self) -> &str {
+        &self.inner.content_hash
+    }
+
+    /// Name for messages: the plugin's own name and version.
+    pub fn label(&self) -> String {
+        let m = &self.inner.metadata;
+        format!("{} {} ({})", m.name, m.version, self.inner.path.display())
+    }
+
+    pub fn limits(&self) -> &RuntimeConfig {
+        self.inner.runtime.config()
+    }
+
+    /// A configured instance: `params_json` goes to the plugin's `configure`.
+    pub fn instantiate(&self, params_json: &str) -> Result<PluginInstance, PluginError> {
+        let instance = PluginInstance::new(self.clone(), params_json.to_owned());
+        instance.map_err(|e| match e {
+            CallError::Rejected { message, .. } => PluginError::Params {
+                plugin: self.label(),
+                message,
+            },
+            other => PluginError::Instantiate {
+                plugin: self.label(),
+                message: other.to_string(),
+            },
+        })
+    }
+
+    pub(super) fn instantiate_raw(&self) -> Result<(Store<PluginCtx>, Aggregator), CallError> {
+        let runtime = &self.inner.runtime.inner;
+        instantiate(&runtime.engine, &runtime.config, &self.inner.pre).map_err(|e| {
+            CallError::Instantiate {
+                plugin: self.label(),
+                message: format!("{e:#}"),
+            }
+        })
+    }
+}
+
+fn instantiate(
+    engine: &Engine,
+    limits: &RuntimeConfig,
+    pre: &AggregatorPre<PluginCtx>,
+) -> wasmtime::Result<(Store<PluginCtx>, Aggregator)> {
+    let mut store = new_store(engine, limits);
+    // Instantiation runs guest start-up code: give it the same budget as a call.
+    store.set_epoch_deadline(deadline_ticks(limits.call_timeout));
+    let bindings = pre.instantiate(&mut store)?;
+    Ok((store, bindings))
+}
+
+/// Per-instance host state: the (empty) WASI context and the limits.
+pub struct PluginCtx {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(super) limiter: MemoryLimiter,
+    pub(super) stderr: MemoryOutputPipe,
+}
+
+impl WasiView for PluginCtx {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+fn new_store(engine: &Engine, limits: &RuntimeConfig) -> Store<PluginCtx> {
+    let stderr = MemoryOutputPipe::new(STDERR_CAPTURE_BYTES);
+    // Deny everything: no preopened directories, no environment variables or
+    // arguments, no sockets, no name lookups, stdin closed, stdout dropped.
+    // stderr is captured only to quote panic messages in errors.
+    let wasi = WasiCtx::builder()
+        .stderr(stderr.clone())
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .build();
+    let mut store = Store::new(
+        engine,
+        PluginCtx {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter {
+                limit: limits.memory_limit_bytes,
+                hit: false,
+            },
+            stderr,
+        },
+    );
+    store.limiter(|ctx| &mut ctx.limiter);
+    store.epoch_deadline_trap();
+    store
+}
+
+/// Number of epoch ticks that make up `timeout` (at least one full tick).
+pub(super) fn deadline_ticks(timeout: Duration) -> u64 {
+    (timeout.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1
+}
+
+/// Caps linear memory and remembers whether the cap was hit, so a trap that
+/// follows (Rust's allocator aborts when growth fails) is reported as what
+/// it is.
+pub struct MemoryLimiter {
+    limit: usize,
+    pub(super) hit: bool,
+}
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}

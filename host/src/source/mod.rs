@@ -1,0 +1,7 @@
+//! Where records come from. The pipeline reads [`SourceRecord`]s from a
+//! [`KafkaSource`] (a real cluster, or librdkafka's in-process mock cluster
+//! for the demo): the code path is the same either way.
+
+pub mod kafka;
+
+pub use kafka::{KafkaSource, PartitionEvent};

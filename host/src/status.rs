@@ -1,0 +1,172 @@
+//! Live status shared by the consumer loop (writer) and the HTTP API
+//! (reader). Cheap to read; never blocks the consumer for long.
+
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+
+#[derive(Debug, Default)]
+pub struct Status {
+    inner: RwLock<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    consumer_running: bool,
+    fatal: Option<String>,
+    broker_error: Option<(String, Instant)>,
+    aggregations: BTreeMap<String, AggregationCounters>,
+    partitions: BTreeMap<(String, i32), PartitionProgress>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct AggregationCounters {
+    pub records_applied: u64,
+    pub records_failed: u64,
+}
+
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct PartitionProgress {
+    pub topic: String,
+    pub partition: i32,
+    /// Next offset wagg will apply (everything before is in the state).
+    pub next_offset: Option<i64>,
+    /// The broker's high watermark, as last reported.
+    pub high_watermark: Option<i64>,
+    /// `high_watermark - next_offset`, when both are known.
+    pub lag: Option<i64>,
+    pub assigned: bool,
+}
+
+/// Why the instance is not ready, if it is not.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    pub reasons: Vec<String>,
+}
+
+/// A broker error older than this no longer counts as an outage.
+const BROKER_ERROR_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Status {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_consumer_running(&self, running: bool) {
+        self.write().consumer_running = running;
+    }
+
+    pub fn set_fatal(&self, message: String) {
+        let mut inner = self.write();
+        inner.fatal = Some(message);
+        inner.consumer_running = false;
+    }
+
+    pub fn fatal(&self) -> Option<String> {
+        self.read().fatal.clone()
+    }
+
+    pub fn broker_error(&self, message: String) {
+        self.write().broker_error = Some((message, Instant::now()));
+    }
+
+    pub fn broker_ok(&self) {
+        let mut inner = self.write();
+        if inner.broker_error.is_some() {
+            inner.broker_error = None;
+        }
+    }
+
+    pub fn set_counters(&self, aggregation: &str, counters: AggregationCounters) {
+        self.write()
+            .aggregations
+            .insert(aggregation.to_owned(), counters);
+    }
+
+    pub fn counters(&self, aggregation: &str) -> AggregationCounters {
+        self.read()
+            .aggregations
+            .get(aggregation)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn partition<'a>(
+        inner: &'a mut Inner,
+        topic: &str,
+        partition: i32,
+    ) -> &'a mut PartitionProgress {
+        inner
+            .partitions
+            .entry((topic.to_owned(), partition))
+            .or_insert_with(|| PartitionProgress {
+                topic: topic.to_owned(),
+                partition,
+                ..PartitionProgress::default()
+            })
+    }
+
+    pub fn set_next_offset(&self, topic: &str, partition: i32, next_offset: i64) {
+        let mut inner = self.write();
+        let progress = Self::partition(&mut inner, topic, partition);
+        progress.next_offset = Some(next_offset);
+        progress.update_lag();
+    }
+
+    pub fn set_high_watermark(&self, topic: &str, partition: i32, high_watermark: i64) {
+        let mut inner = self.write();
+        let progress = Self::partition(&mut inner, topic, partition);
+        progress.high_watermark = Some(high_watermark);
+        progress.update_lag();
+    }
+
+    pub fn set_assigned(&self, topic: &str, partition: i32, assigned: bool) {
+        Self::partition(&mut self.write(), topic, partition).assigned = assigned;
+    }
+
+    pub fn partitions(&self) -> Vec<PartitionProgress> {
+        self.read().partitions.values().cloned().collect()
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        let inner = self.read();
+        let mut reasons = Vec::new();
+        if let Some(fatal) = &inner.fatal {
+            reasons.push(format!("consumer stopped: {fatal}"));
+        } else if !inner.consumer_running {
+            reasons.push("consumer not running".to_owned());
+        }
+        if let Some((message, at)) = &inner.broker_error
+            && at.elapsed() < BROKER_ERROR_WINDOW
+        {
+            reasons.push(format!("broker unreachable: {message}"));
+        }
+        Readiness {
+            ready: reasons.is_empty(),
+            reasons,
+        }
+    }
+}
+
+impl PartitionProgress {
+    fn update_lag(&mut self) {
+        self.lag = match (self.high_watermark, self.next_offset) {
+            (Some(high), Some(next)) => Some((high - next).max(0)),
+            _ => None,
+        };
+    }
+}
+
+/// Milliseconds since the Unix epoch, for reports.
+pub fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,581 @@
+//! The state store: per-key aggregation state and consumed offsets in
+//! RocksDB.
+//!
+//! Layout:
+//! - one column family per aggregation, `agg.<name>`; each key is
+//!   `slot (6 bytes) ++ aggregation key`, where the slot is the source
+//!   `(topic id u16, partition u32)`, big-endian, so a partition's state is
+//!   one contiguous range that can be moved, restored or dropped as a unit.
+//!   Aggregations that re-key records by a value field use the single
+//!   [`Slot::REKEYED`] slot, because one key's records then come from many
+//!   partitions;
+//! - the `meta` column family: the topic-id table, per-partition next
+//!   offsets, per-aggregation metadata and counters.
+//!
+//! Invariant: states and offsets change only together, in one
+//! [`StateBatch`] written atomically, so the store always equals "every
+//! record before the stored offsets, each applied once".
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options,
+    WriteBatch, WriteOptions,
+};
+use serde::{Deserialize, Serialize};
+
+const META_CF: &str = "meta";
+const AGG_CF_PREFIX: &str = "agg.";
+const TOPIC_PREFIX: &[u8] = b"topic\0";
+const OFFSET_PREFIX: &[u8] = b"offset\0";
+const AGG_META_PREFIX: &[u8] = b"aggregation\0";
+const APPLIED_PREFIX: &[u8] = b"applied\0";
+const FAILED_PREFIX: &[u8] = b"failed\0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "state directory {dir} is in use by another wagg process (RocksDB lock held); stop it or use another `state.dir`"
+    )]
+    Locked { dir: PathBuf },
+    #[error("state store {dir}: {source}")]
+    Rocks {
+        dir: PathBuf,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error(
+        "aggregation {aggregation:?}: the stored state was written by plugin {stored_name} {stored_version} in state format {stored_format}, but the configured plugin {name} {version} uses format {format}; use a compatible plugin or a new aggregation name"
+    )]
+    IncompatibleState {
+        aggregation: String,
+        stored_name: String,
+        stored_version: String,
+        stored_format: u32,
+        name: String,
+        version: String,
+        format: u32,
+    },
+    #[error("state store {dir}: corrupt metadata: {message}")]
+    Corrupt { dir: PathBuf, message: String },
+    #[error("unknown aggregation {0:?}")]
+    UnknownAggregation(String),
+}
+
+/// Which source partition a state belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Slot {
+    pub topic_id: u16,
+    pub partition: u32,
+}
+
+impl Slot {
+    /// The slot of aggregations that re-key records.
+    pub const REKEYED: Slot = Slot {
+        topic_id: u16::MAX,
+        partition: u32::MAX,
+    };
+    const LEN: usize = 6;
+
+    /// The RocksDB key of `key` in this slot.
+    pub fn store_key(self, key: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::LEN + key.len());
+        out.extend_from_slice(&self.topic_id.to_be_bytes());
+        out.extend_from_slice(&self.partition.to_be_bytes());
+        out.extend_from_slice(key);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<(Slot, &[u8])> {
+        let (head, key) = bytes.split_at_checked(Self::LEN)?;
+        let topic_id = u16::from_be_bytes([head[0], head[1]]);
+        let partition = u32::from_be_bytes([head[2], head[3], head[4], head[5]]);
+        Some((
+            Slot {
+                topic_id,
+                partition,
+            },
+            key,
+        ))
+    }
+}
+
+/// What is recorded about the plugin that writes an aggregation's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AggregationMeta {
+    pub plugin_name: String,
+    pub plugin_version: String,
+    pub state_format: u32,
+    pub content_hash: String,
+}
+
+/// Options the store is opened with.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub block_cache_bytes: usize,
+    pub sync_writes: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            block_cache_bytes: 64 << 20,
+            sync_writes: false,
+        }
+    }
+}
+
+pub struct StateStore {
+    db: DB,
+    dir: PathBuf,
+    write_options: WriteOptions,
+    topic_ids: Mutex<HashMap<String, u16>>,
+}
+
+impl StateStore {
+    /// Opens (or creates) the store with a column family per aggregation.
+    pub fn open(
+        dir: &Path,
+        aggregations: &[&str],
+        options: &StoreOptions,
+    ) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Corrupt {
+            dir: dir.to_owned(),
+            message: format!("cannot create the directory: {e}"),
+        })?;
+        let mut db_options = Options::default();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        db_options.increase_parallelism(2);
+        // Keep every existing column family open (aggregations removed from
+        // the config keep their state until deleted on purpose).
+        let existing = DB::list_cf(&db_options, dir).unwrap_or_default();
+        let cache = Cache::new_lru_cache(options.block_cache_bytes);
+        let mut names: Vec<String> = existing;
+        names.push(META_CF.into());
+        names.extend(aggregations.iter().map(|a| format!("{AGG_CF_PREFIX}{a}")));
+        names.sort();
+        names.dedup();
+        let descriptors = names.iter().map(|name| {
+            let mut cf_options = Options::default();
+            let mut table = BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            // Point lookups of keys never seen before are the common case
+            // for new keys: a bloom filter answers most without a read.
+            table.set_bloom_filter(10.0, false);
+            table.set_cache_index_and_filter_blocks(true);
+            cf_options.set_block_based_table_factory(&table);
+            cf_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(name, cf_options)
+        });
+        let db = DB::open_cf_descriptors(&db_options, dir, descriptors).map_err(|source| {
+            if source.to_string().contains("lock") {
+                StoreError::Locked {
+                    dir: dir.to_owned(),
+                }
+            } else {
+                StoreError::Rocks {
+                    dir: dir.to_owned(),
+                    source,
+                }
+            }
+        })?;
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(options.sync_writes);
+        let store = Self {
+            db,
+            dir: dir.to_owned(),
+            write_options,
+            topic_ids: Mutex::new(HashMap::new()),
+        };
+        store.load_topic_ids()?;
+        Ok(store)
+    }
+
+    fn rocks(&self, source: rocksdb::Error) -> StoreError {
+        StoreError::Rocks {
+            dir: self.dir.clone(),
+            source,
+        }
+    }
+
+    fn corrupt(&self, message: String) -> StoreError {
+        StoreError::Corrupt {
+            dir: self.dir.clone(),
+            message,
+        }
+    }
+
+    fn meta(&self) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(META_CF)
+            .expect("meta column family is created at open")
+    }
+
+    fn aggregation_cf(&self, aggregation: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {
+        self.db
+            .cf_handle(&format!("{AGG_CF_PREFIX}{aggregation}"))
+            .ok_or_else(|| StoreError::UnknownAggregation(aggregation.to_owned()))
+    }
+
+    fn meta_scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.meta(), IteratorMode::From(prefix, Direction::Forward))
+        {
+            let (key, value) = item.map_err(|e| self.rocks(e))?;
+            let Some(rest) = key.strip_prefix(prefix) else {
+                break;
+            };
+            out.push((rest.to_vec(), value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn load_topic_ids(&self) -> Result<(), StoreError> {
+        let mut ids = self.topic_ids.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, id) in self.meta_scan(TOPIC_PREFIX)? {
+            let name = String::from_utf8(name)
+                .map_err(|_| self.corrupt("topic name is not UTF-8".into()))?;
+            let id: [u8; 2] = id
+                .try_into()
+                .map_err(|_| self.corrupt(format!("topic id of {name:?} is malformed")))?;
+            ids.insert(name, u16::from_be_bytes(id));
+        }
+        Ok(())
+    }
+
+    /// The id of `topic`, assigned and persisted on first use.
+    pub fn topic_id(&self, topic: &str) -> Result<u16, StoreError> {
+        let mut ids = self.topic_ids.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&id) = ids.get(topic) {
+            return Ok(id);
+        }
+        let id = u16::try_from(ids.len())
+            .ok()
+            .filter(|&id| id < u16::MAX)
+            .ok_or_else(|| self.corrupt("too many topics".into()))?;
+        self.db
+            .put_cf_opt(
+                self.meta(),
+                meta_key(TOPIC_PREFIX, topic.as_bytes()),
+                id.to_be_bytes(),
+                &self.write_options,
+            )
+            .map_err(|e| self.rocks(e))?;
+        ids.insert(topic.to_owned(), id);
+        Ok(id)
+    }
+
+    /// The topic name of an id, for reporting.
+    pub fn topic_name(&self, id: u16) -> Option<String> {
+        let ids = self.topic_ids.lock().unwrap_or_else(|p| p.into_inner());
+        ids.iter().find(|(_, v)| **v == id).map(|(k, _)| k.clone())
+    }
+
+    /// Records the plugin of `aggregation` on first start; later starts must
+    /// bring a plugin with the same name and state format.
+    pub fn check_aggregation_meta(
+        &self,
+        aggregation: &str,
+        meta: &AggregationMeta,
+    ) -> Result<(), StoreError> {
+        let key = meta_key(AGG_META_PREFIX, aggregation.as_bytes());
+        let stored = self
+            .db
+            .get_cf(self.meta(), &key)
+            .map_err(|e| self.rocks(e))?;
+        if let Some(stored) = stored {
+            let stored: AggregationMeta = serde_json::from_slice(&stored).map_err(|e| {
+                self.corrupt(format!("metadata of aggregation {aggregation:?}: {e}"))
+            })?;
+            if stored.state_format != meta.state_format || stored.plugin_name != meta.plugin_name {
+                return Err(StoreError::IncompatibleState {
+                    aggregation: aggregation.to_owned(),
+                    stored_name: stored.plugin_name,
+                    stored_version: stored.plugin_version,
+                    stored_format: stored.state_format,
+                    name: meta.plugin_name.clone(),
+                    version: meta.plugin_version.clone(),
+                    format: meta.state_format,
+                });
+            }
+            if stored == *meta {
+                return Ok(());
+            }
+        }
+        let value = serde_json::to_vec(meta).map_err(|e| self.corrupt(e.to_string()))?;
+        self.db
+            .put_cf_opt(self.meta(), key, value, &self.write_options)
+            .map_err(|e| self.rocks(e))
+    }
+
+    pub fn aggregation_meta(
+        &self,
+        aggregation: &str,
+    ) -> Result<Option<AggregationMeta>, StoreError> {
+        let key = meta_key(AGG_META_PREFIX, aggregation.as_bytes());
+        match self
+            .db
+            .get_cf(self.meta(), key)
+            .map_err(|e| self.rocks(e))?
+        {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| self.corrupt(format!("metadata of aggregation {aggregation:?}: {e}"))),
+        }
+    }
+
+    /// Next offset to consume for every partition with stored progress.
+    pub fn offsets(&self) -> Result<BTreeMap<(String, i32), i64>, StoreError> {
+        let mut out = BTreeMap::new();
+        for (key, value) in self.meta_scan(OFFSET_PREFIX)? {
+            let (topic_id, partition) = match key.as_slice() {
+                [t0, t1, p0, p1, p2, p3] => (
+                    u16::from_be_bytes([*t0, *t1]),
+                    i32::from_be_bytes([*p0, *p1, *p2, *p3]),
+                ),
+                _ => return Err(self.corrupt("offset key is malformed".into())),
+            };
+            let offset = value
+                .try_into()
+                .map(i64::from_be_bytes)
+                .map_err(|_| self.corrupt("offset value is malformed".into()))?;
+            let topic = self
+                .topic_name(topic_id)
+                .ok_or_else(|| self.corrupt(format!("offset for unknown topic id {topic_id}")))?;
+            out.insert((topic, partition), offset);
+        }
+        Ok(out)
+    }
+
+    /// Counters of an aggregation: records applied and records failed.
+    pub fn counters(&self, aggregation: &str) -> Result<(u64, u64), StoreError> {
+        let read = |prefix: &[u8]| -> Result<u64, StoreError> {
+            let value = self
+                .db
+                .get_cf(self.meta(), meta_key(prefix, aggregation.as_bytes()))
+                .map_err(|e| self.rocks(e))?;
+            Ok(value
+                .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+                .map_or(0, u64::from_be_bytes))
+        };
+        Ok((read(APPLIED_PREFIX)?, read(FAILED_PREFIX)?))
+    }
+
+    /// One state.
+    pub fn get(
+        &self,
+        aggregation: &str,
+        slot: Slot,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let cf = self.aggregation_cf(aggregation)?;
+        self.db
+            .get_cf(cf, slot.store_key(key))
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// Several states of one aggregation at once.
+    pub fn multi_get(
+        &self,
+        aggregation: &str,
+        keys: &[(Slot, &[u8])],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let cf = self.aggregation_cf(aggregation)?;
+        let encoded: Vec<Vec<u8>> = keys.iter().map(|(slot, key)| slot.store_key(key)).collect();
+        self.db
+            .batched_multi_get_cf(cf, &encoded, false)
+            .into_iter()
+            .map(|r| r.map(|v| v.map(|v| v.to_vec())).map_err(|e| self.rocks(e)))
+            .collect()
+    }
+
+    /// The slots that hold state of `aggregation`, found by seeking from one
+    /// slot prefix to the next (cheap: one seek per slot).
+    pub fn slots(&self, aggregation: &str) -> Result<Vec<Slot>, StoreError> {
+        let cf = self.aggregation_cf(aggregation)?;
+        let mut slots = Vec::new();
+        let mut iter = self.db.raw_iterator_cf(cf);
+        iter.seek_to_first();
+        while let Some(key) = iter.key() {
+            let Some((slot, _)) = Slot::decode(key) else {
+                break;
+            };
+            slots.push(slot);
+            if slot == Slot::REKEYED {
+                break;
+            }
+            // Seek past every key of this slot.
+            match next_prefix(&slot.store_key(&[])) {
+                Some(next) => iter.seek(next),
+                None => break,
+            }
+        }
+        iter.status().map_err(|e| self.rocks(e))?;
+        Ok(slots)
+    }
+
+    /// A key's state, wherever (in whichever slot) it lives.
+    pub fn find(&self, aggregation: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let slots = self.slots(aggregation)?;
+        let lookups: Vec<(Slot, &[u8])> = slots.iter().map(|&slot| (slot, key)).collect();
+        Ok(self
+            .multi_get(aggregation, &lookups)?
+            .into_iter()
+            .flatten()
+            .next())
+    }
+
+    /// Up to `limit` keys starting with `prefix` and greater than `after`, in
+    /// byte order across all slots, with their states.
+    pub fn list(
+        &self,
+        aggregation: &str,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let cf = self.aggregation_cf(aggregation)?;
+        let mut found: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        for slot in self.slots(aggregation)? {
+            let slot_prefix = slot.store_key(prefix);
+            let start = match after {
+                Some(after) if after >= prefix => {
+                    let mut start = slot.store_key(after);
+                    start.push(0);
+                    start
+                }
+                _ => slot_prefix.clone(),
+            };
+            let mut taken = 0;
+            for item in self
+                .db
+                .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward))
+            {
+                let (key, value) = item.map_err(|e| self.rocks(e))?;
+                if !key.starts_with(&slot_prefix) || taken == limit {
+                    break;
+                }
+                found.push((key[Slot::LEN..].to_vec(), value.to_vec()));
+                taken += 1;
+            }
+        }
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found.truncate(limit);
+        Ok(found)
+    }
+
+    /// RocksDB's estimate of the number of keys of an aggregation.
+    pub fn estimate_keys(&self, aggregation: &str) -> Result<u64, StoreError> {
+        let cf = self.aggregation_cf(aggregation)?;
+        Ok(self
+            .db
+            .property_int_value_cf(cf, "rocksdb.estimate-num-keys")
+            .map_err(|e| self.rocks(e))?
+            .unwrap_or(0))
+    }
+
+    /// Writes a batch atomically.
+    pub fn write(&self, batch: StateBatch<'_>) -> Result<(), StoreError> {
+        self.db
+            .write_opt(batch.batch, &self.write_options)
+            .map_err(|e| self.rocks(e))
+    }
+
+    pub fn batch(&self) -> StateBatch<'_> {
+        StateBatch {
+            store: self,
+            batch: WriteBatch::default(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Changes that become visible together or not at all.
+pub struct StateBatch<'s> {
+    store: &'s StateStore,
+    batch: WriteBatch,
+}
+
+impl StateBatch<'_> {
+    pub fn put_state(
+        &mut self,
+        aggregation: &str,
+        slot: Slot,
+        key: &[u8],
+        state: &[u8],
+    ) -> Result<(), StoreError> {
+        let cf = self.store.aggregation_cf(aggregation)?;
+        self.batch.put_cf(cf, slot.store_key(key), state);
+        Ok(())
+    }
+
+    pub fn delete_state(
+        &mut self,
+        aggregation: &str,
+        slot: Slot,
+        key: &[u8],
+    ) -> Result<(), StoreError> {
+        let cf = self.store.aggregation_cf(aggregation)?;
+        self.batch.delete_cf(cf, slot.store_key(key));
+        Ok(())
+    }
+
+    /// Records that everything before `next_offset` of the partition is
+    /// applied.
+    pub fn set_offset(&mut self, topic_id: u16, partition: i32, next_offset: i64) {
+        let mut key = OFFSET_PREFIX.to_vec();
+        key.extend_from_slice(&topic_id.to_be_bytes());
+        key.extend_from_slice(&partition.to_be_bytes());
+        self.batch
+            .put_cf(self.store.meta(), key, next_offset.to_be_bytes());
+    }
+
+    /// Sets the aggregation's counters to these totals.
+    pub fn set_counters(&mut self, aggregation: &str, applied: u64, failed: u64) {
+        let meta = self.store.meta();
+        self.batch.put_cf(
+            meta,
+            meta_key(APPLIED_PREFIX, aggregation.as_bytes()),
+            applied.to_be_bytes(),
+        );
+        self.batch.put_cf(
+            meta,
+            meta_key(FAILED_PREFIX, aggregation.as_bytes()),
+            failed.to_be_bytes(),
+        );
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+}
+
+fn meta_key(prefix: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(name);
+    key
+}
+
+/// The smallest byte string greater than every string starting with `prefix`.
+fn next_prefix(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut next = prefix.to_vec();
+    while let Some(last) = next.pop() {
+        if last < u8::MAX {
+            next.push(last + 1);
+            return Some(next);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,153 @@
+use super::*;
+use proptest::prelude::*;
+
+fn open(dir: &Path) -> StateStore {
+    StateStore::open(dir, &["a", "b"], &StoreOptions::default()).expect("open")
+}
+
+fn meta(format: u32) -> AggregationMeta {
+    AggregationMeta {
+        plugin_name: "count".into(),
+        plugin_version: "0.1.0".into(),
+        state_format: format,
+        content_hash: "abc".into(),
+    }
+}
+
+#[test]
+fn states_offsets_and_counters_commit_together_and_survive_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = open(dir.path());
+        let t = store.topic_id("orders").expect("id");
+        let slot = Slot {
+            topic_id: t,
+            partition: 3,
+        };
+        let mut batch = store.batch();
+        batch.put_state("a", slot, b"k1", b"s1").unwrap();
+        batch.put_state("b", Slot::REKEYED, b"k2", b"s2").unwrap();
+        batch.set_offset(t, 3, 42);
+        batch.set_counters("a", 10, 1);
+        // Nothing is visible before the write.
+        assert_eq!(store.get("a", slot, b"k1").unwrap(), None);
+        store.write(batch).expect("write");
+        assert_eq!(store.get("a", slot, b"k1").unwrap(), Some(b"s1".to_vec()));
+    }
+    let store = open(dir.path());
+    let slot = Slot {
+        topic_id: store.topic_id("orders").unwrap(),
+        partition: 3,
+    };
+    assert_eq!(slot.topic_id, 0, "topic ids are persisted");
+    assert_eq!(store.get("a", slot, b"k1").unwrap(), Some(b"s1".to_vec()));
+    assert_eq!(store.find("b", b"k2").unwrap(), Some(b"s2".to_vec()));
+    assert_eq!(
+        store.offsets().unwrap(),
+        BTreeMap::from([(("orders".to_owned(), 3), 42)])
+    );
+    assert_eq!(store.counters("a").unwrap(), (10, 1));
+    assert_eq!(store.counters("b").unwrap(), (0, 0));
+}
+
+#[test]
+fn a_second_process_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _first = open(dir.path());
+    let error = StateStore::open(dir.path(), &["a"], &StoreOptions::default())
+        .err()
+        .expect("must be refused");
+    assert!(matches!(error, StoreError::Locked { .. }), "{error}");
+    assert!(
+        error.to_string().contains("in use by another wagg process"),
+        "{error}"
+    );
+}
+
+#[test]
+fn incompatible_state_formats_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    store
+        .check_aggregation_meta("a", &meta(1))
+        .expect("first start records the plugin");
+    store
+        .check_aggregation_meta("a", &meta(1))
+        .expect("same plugin is fine");
+    let newer = AggregationMeta {
+        plugin_version: "0.2.0".into(),
+        content_hash: "def".into(),
+        ..meta(1)
+    };
+    store
+        .check_aggregation_meta("a", &newer)
+        .expect("a new version with the same format is fine");
+    assert_eq!(store.aggregation_meta("a").unwrap(), Some(newer));
+    let error = store
+        .check_aggregation_meta("a", &meta(2))
+        .expect_err("format change");
+    let message = error.to_string();
+    assert!(
+        message.contains("state format 1") && message.contains("uses format 2"),
+        "{message}"
+    );
+    let other = AggregationMeta {
+        plugin_name: "sum".into(),
+        ..meta(1)
+    };
+    assert!(store.check_aggregation_meta("a", &other).is_err());
+}
+
+#[test]
+fn unknown_aggregations_are_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    assert!(matches!(
+        store.find("nope", b"k"),
+        Err(StoreError::UnknownAggregation(_))
+    ));
+}
+
+proptest! {
+    /// Listing pages through every key exactly once, in order, whatever the
+    /// slots, prefix and page size.
+    #[test]
+    fn paging_visits_every_matching_key_once_in_order(
+        entries in proptest::collection::btree_map(
+            ("[ab]{0,3}", 0u32..3),
+            proptest::collection::vec(any::<u8>(), 0..4),
+            0..40,
+        ),
+        prefix in "[ab]{0,2}",
+        page in 1usize..7,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let mut batch = store.batch();
+        // One key lives in one slot (as with Kafka keys): last writer wins.
+        let mut expected = BTreeMap::new();
+        for ((key, partition), state) in &entries {
+            expected.insert(key.clone().into_bytes(), (*partition, state.clone()));
+        }
+        for (key, (partition, state)) in &expected {
+            batch.put_state("a", Slot { topic_id: 0, partition: *partition }, key, state).unwrap();
+        }
+        store.write(batch).unwrap();
+        let want: Vec<(Vec<u8>, Vec<u8>)> = expected
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix.as_bytes()))
+            .map(|(k, (_, s))| (k.clone(), s.clone()))
+            .collect();
+        let mut got = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page_items = store.list("a", prefix.as_bytes(), after.as_deref(), page).unwrap();
+            prop_assert!(page_items.len() <= page);
+            let done = page_items.len() < page;
+            after = page_items.last().map(|(k, _)| k.clone());
+            got.extend(page_items);
+            if done { break; }
+        }
+        prop_assert_eq!(got, want);
+    }
+}

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what building and testing wagg needs, skipping what is present:
+#   - libclang (RocksDB's bindings) and a C/C++ toolchain, from apt;
+#   - the wasm32-wasip2 Rust target (plugins);
+#   - with --broker: tansu 0.6.0, the Kafka-API broker the integration tests
+#     start (cached under $WAGG_CACHE, default ~/.cache/wagg).
+set -euo pipefail
+
+want_broker=false
+for arg in "$@"; do
+  case "$arg" in
+    --broker) want_broker=true ;;
+    *) echo "usage: $0 [--broker]" >&2; exit 2 ;;
+  esac
+done
+
+cache="${WAGG_CACHE:-$HOME/.cache/wagg}"
+mkdir -p "$cache"
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+missing=()
+dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
+command -v clang >/dev/null 2>&1 || missing+=(clang)
+command -v c++ >/dev/null 2>&1 || missing+=(g++)
+command -v make >/dev/null 2>&1 || missing+=(make)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+  echo "setup: adding the wasm32-wasip2 target" >&2
+  rustup target add wasm32-wasip2
+fi
+
+if $want_broker; then
+  tansu="$cache/tansu/bin/tansu"
+  if [ ! -x "$tansu" ]; then
+    echo "setup: installing tansu 0.6.0 into $cache/tansu (about 11 minutes cold)" >&2
+    cargo install tansu --version 0.6.0 --features dynostore,libsql --locked --root "$cache/tansu"
+  fi
+fi

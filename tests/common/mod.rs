@@ -1,0 +1,76 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ has a parent")
+        .to_owned()
+}
+
+/// The cargo target directory this test binary was built into.
+pub fn target_dir() -> PathBuf {
+    // <target>/<profile>/deps/<test binary>
+    let exe = std::env::current_exe().expect("test binary path");
+    exe.ancestors()
+        .nth(3)
+        .expect("test binary lives in <target>/<profile>/deps")
+        .to_owned()
+}
+
+/// Every example and testing plugin, built once per test binary (cargo keeps
+/// later builds incremental), by short name: `count`, `top-n`, `hostile`...
+pub fn plugins() -> &'static BTreeMap<String, PathBuf> {
+    static PLUGINS: OnceLock<BTreeMap<String, PathBuf>> = OnceLock::new();
+    PLUGINS.get_or_init(|| {
+        let built = wagg::plugin::build::build_example_plugins(
+            &workspace_root(),
+            &target_dir().join("wasm-plugins"),
+            true,
+        )
+        .expect("building the plugins for wasm32-wasip2");
+        built
+            .into_iter()
+            .map(|(package, path)| (package.trim_start_matches("wagg-plugin-").to_owned(), path))
+            .collect()
+    })
+}
+
+pub fn plugin(name: &str) -> PathBuf {
+    plugins()
+        .get(name)
+        .unwrap_or_else(|| panic!("no plugin called {name}"))
+        .clone()
+}
+
+/// JSON equality where numbers compare with a tolerance of 1e-9 (relative,
+/// absolute below 1)
+/// (floating-point sums depend on order of evaluation).
+pub fn json_approx_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            let (x, y) = (
+                x.as_f64().unwrap_or(f64::NAN),
+                y.as_f64().unwrap_or(f64::NAN),
+            );
+            x == y || (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0)
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| json_approx_eq(x, y))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| json_approx_eq(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+pub mod broker;
+pub mod wagg_process;

@@ -1,0 +1,174 @@
+//! The real `wagg` binary, run with a config in a temporary directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Wagg {
+    child: Option<Child>,
+    pub http: String,
+    pub dir: PathBuf,
+}
+
+impl Wagg {
+    /// Writes `config` to `dir/wagg.toml` and starts `wagg run` on it; waits
+    /// until `/healthz` answers.
+    pub fn start(dir: &Path, config: &str, http_port: u16) -> Wagg {
+        std::fs::write(dir.join("wagg.toml"), config).expect("write config");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("wagg.log"))
+            .expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_wagg"))
+            .args(["run", "--config"])
+            .arg(dir.join("wagg.toml"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start wagg");
+        let wagg = Wagg {
+            child: Some(child),
+            http: format!("http://127.0.0.1:{http_port}"),
+            dir: dir.to_owned(),
+        };
+        let started = Instant::now();
+        while wagg.try_get("/healthz").is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "wagg did not start; log:\n{}",
+                wagg.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        wagg
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("wagg.log")).unwrap_or_default()
+    }
+
+    fn try_get(&self, path: &str) -> Option<(u16, Value)> {
+        let response = reqwest::blocking::Client::new()
+            .get(format!("{}{path}", self.http))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.json().unwrap_or(Value::Null)))
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        self.try_get(path)
+            .unwrap_or_else(|| panic!("GET {path} failed; log:\n{}", self.log()))
+    }
+
+    /// Records applied by each aggregation, by name.
+    pub fn applied(&self) -> std::collections::BTreeMap<String, u64> {
+        let (_, body) = self.get("/v1/aggregations");
+        body["aggregations"]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .map(|a| {
+                        (
+                            a["name"].as_str().unwrap_or_default().to_owned(),
+                            a["records_applied"].as_u64().unwrap_or(0),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until every aggregation has applied the expected number of
+    /// records (and not more).
+    pub fn wait_for(&self, expected: &std::collections::BTreeMap<String, u64>, timeout: Duration) {
+        let started = Instant::now();
+        loop {
+            let applied = self.applied();
+            for (name, want) in expected {
+                let got = applied.get(name).copied().unwrap_or(0);
+                assert!(
+                    got <= *want,
+                    "{name} applied {got} records, more than the {want} produced"
+                );
+            }
+            if &applied == expected {
+                return;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "not caught up after {timeout:?}: {applied:?} != {expected:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Every key of an aggregation with its rendered state, paging through
+    /// the listing endpoint.
+    pub fn all_states(&self, aggregation: &str) -> std::collections::BTreeMap<String, Value> {
+        let mut out = std::collections::BTreeMap::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut path = format!("/v1/aggregations/{aggregation}/keys?limit=1000");
+            if let Some(after) = &after {
+                path.push_str(&format!("&after={}", urlencode(after)));
+            }
+            let (status, body) = self.get(&path);
+            assert_eq!(status, 200, "{path}: {body}");
+            for item in body["items"].as_array().expect("items") {
+                out.insert(
+                    item["key"].as_str().expect("key").to_owned(),
+                    item["state"].clone(),
+                );
+            }
+            match body["next"].as_str() {
+                Some(next) => after = Some(next.to_owned()),
+                None => return out,
+            }
+        }
+    }
+
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("wagg did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+pub fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Drop for Wagg {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! End to end: a real broker (tansu), the real `wagg` binary, real RocksDB.
+//! Every key's state is compared with an expectation computed here,
+//! independently of wagg's code.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::broker::{Broker, free_port};
+use common::wagg_process::Wagg;
+use common::{json_approx_eq, plugin};
+use serde_json::{Value, json};
+
+const PARTITIONS: u32 = 4;
+const CATCH_UP: Duration = Duration::from_secs(180);
+
+/// FNV-1a: a fixed key → partition mapping, so each key lives in one
+/// partition as with Kafka's default partitioner.
+fn partition_of(key: &str) -> i32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in key.bytes() {
+        hash ^= byte as u32;
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    (hash % PARTITIONS) as i32
+}
+
+#[derive(Debug, Clone)]
+struct Purchase {
+    user: String,
+    item: String,
+    amount: f64,
+}
+
+/// `count` purchases over `keys` users (every user appears), starting at
+/// sequence number `from`.
+fn purchases(from: usize, count: usize, keys: usize) -> Vec<Purchase> {
+    (from..from + count)
+        .map(|i| Purchase {
+            user: format!("user-{:05}", (i * 7919) % keys),
+            item: format!("item-{}", (i * 31 + i / 7) % 50),
+            amount: ((i * 37) % 10_000) as f64 / 100.0,
+        })
+        .collect()
+}
+
+fn records(purchases: &[Purchase]) -> Vec<(i32, String, String)> {
+    purchases
+        .iter()
+        .map(|p| {
+            let value = json!({"user": p.user, "item": p.item, "amount": p.amount}).to_string();
+            (partition_of(&p.user), p.user.clone(), value)
+        })
+        .collect()
+}
+
+fn expected_counts(purchases: &[Purchase]) -> BTreeMap<String, Value> {
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    for p in purchases {
+        *counts.entry(p.user.clone()).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .map(|(k, c)| (k, json!({"count": c})))
+        .collect()
+}
+
+fn expected_stats(purchases: &[Purchase]) -> BTreeMap<String, Value> {
+    let mut amounts: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for p in purchases {
+        amounts.entry(p.user.clone()).or_default().push(p.amount);
+    }
+    amounts
+        .into_iter()
+        .map(|(k, xs)| {
+            let n = xs.len() as f64;
+            let mean = xs.iter().sum::<f64>() / n;
+            let variance = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
+            let min = xs.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            (k, json!({"count": xs.len(), "min": min, "max": max, "mean": mean, "variance": variance}))
+        })
+        .collect()
+}
+
+/// Best 3 items per user by their highest amount; ties by item name.
+fn expected_top3(purchases: &[Purchase]) -> BTreeMap<String, Value> {
+    let mut best: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+    for p in purchases {
+        let score = best
+            .entry(p.user.clone())
+            .or_default()
+            .entry(p.item.clone())
+            .or_insert(f64::MIN);
+        *score = score.max(p.amount);
+    }
+    best.into_iter()
+        .map(|(user, items)| {
+            let mut items: Vec<(String, f64)> = items.into_iter().collect();
+            items.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            items.truncate(3);
+            let top: Vec<Value> = items
+                .iter()
+                .map(|(item, score)| json!({"item": item, "score": score}))
+                .collect();
+            (user, json!({"top": top}))
+        })
+        .collect()
+}
+
+fn assert_states(wagg: &Wagg, aggregation: &str, expected: &BTreeMap<String, Value>) {
+    let got = wagg.all_states(aggregation);
+    assert_eq!(got.len(), expected.len(), "{aggregation}: key count");
+    let mut mismatches = 0;
+    for (key, want) in expected {
+        match got.get(key) {
+            Some(state) if json_approx_eq(state, want) => {}
+            other => {
+                mismatches += 1;
+                if mismatches <= 5 {
+                    eprintln!("{aggregation} {key}: got {other:?}, want {want}");
+                }
+            }
+        }
+    }
+    assert_eq!(mismatches, 0, "{aggregation}: {mismatches} keys differ");
+}
+
+struct Setup {
+    broker: Broker,
+    dir: tempfile::TempDir,
+    http_port: u16,
+}
+
+impl Setup {
+    fn new(topics: &[&str]) -> Setup {
+        let broker = Broker::start();
+        for topic in topics {
+            broker.create_topic(topic, PARTITIONS);
+        }
+        Setup {
+            broker,
+            dir: tempfile::tempdir().expect("tempdir"),
+            http_port: free_port(),
+        }
+    }
+
+    fn config(&self, topics: &[&str], aggregations: &str) -> String {
+        format!(
+            r#"
+[source]
+brokers = "{}"
+group_id = "wagg-test"
+topics = {topics:?}
+
+[state]
+dir = "state"
+
+[http]
+listen = "127.0.0.1:{}"
+
+[batch]
+max_records = 1000
+max_delay_ms = 50
+{aggregations}"#,
+            self.broker.address, self.http_port
+        )
+    }
+
+    fn start(&self, config: &str) -> Wagg {
+        Wagg::start(self.dir.path(), config, self.http_port)
+    }
+}
+
+fn purchase_aggregations() -> String {
+    format!(
+        r#"
+[[aggregation]]
+name = "count"
+plugin = {:?}
+
+[[aggregation]]
+name = "stats"
+plugin = {:?}
+params = {{ field = "/amount" }}
+
+[[aggregation]]
+name = "top"
+plugin = {:?}
+params = {{ n = 3, field = "/amount", item = "/item" }}
+"#,
+        plugin("count"),
+        plugin("stats"),
+        plugin("top-n")
+    )
+}
+
+fn all_applied(total: u64) -> BTreeMap<String, u64> {
+    ["count", "stats", "top"]
+        .into_iter()
+        .map(|n| (n.to_owned(), total))
+        .collect()
+}
+
+fn assert_purchase_states(wagg: &Wagg, purchases: &[Purchase]) {
+    assert_states(wagg, "count", &expected_counts(purchases));
+    assert_states(wagg, "stats", &expected_stats(purchases));
+    assert_states(wagg, "top", &expected_top3(purchases));
+}
+
+#[test]
+fn every_key_is_exact_for_three_aggregations_at_once() {
+    let setup = Setup::new(&["purchases"]);
+    let data = purchases(0, 200_000, 10_000);
+    setup.broker.produce("purchases", &records(&data));
+    let wagg = setup.start(&setup.config(&["purchases"], &purchase_aggregations()));
+    wagg.wait_for(&all_applied(200_000), CATCH_UP);
+    assert_purchase_states(&wagg, &data);
+
+    let (status, body) = wagg.get("/v1/aggregations");
+    assert_eq!(status, 200);
+    let count = &body["aggregations"][0];
+    assert_eq!(count["plugin"]["name"], "count");
+    let partitions = count["partitions"].as_array().expect("partitions");
+    assert_eq!(partitions.len(), PARTITIONS as usize);
+    let next_offsets: i64 = partitions
+        .iter()
+        .map(|p| p["next_offset"].as_i64().expect("offset"))
+        .sum();
+    assert_eq!(next_offsets, 200_000, "stored offsets cover every record");
+    assert_eq!(wagg.get("/readyz").0, 200);
+}
+
+#[test]
+fn queries_are_answered_while_ingesting_and_counts_never_go_backwards() {
+    let setup = Setup::new(&["purchases"]);
+    let wagg = setup.start(&setup.config(&["purchases"], &purchase_aggregations()));
+    let data = purchases(0, 150_000, 10_000);
+    let producing = Arc::new(AtomicBool::new(true));
+    let producer = {
+        let records = records(&data);
+        let producing = producing.clone();
+        let address = setup.broker.address.clone();
+        std::thread::spawn(move || {
+            let broker = common::broker::ProducerOnly::new(&address);
+            for chunk in records.chunks(5_000) {
+                broker.produce("purchases", chunk);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            producing.store(false, Ordering::SeqCst);
+        })
+    };
+    let watched: Vec<String> = (0..20).map(|i| format!("user-{i:05}")).collect();
+    let mut last_seen: BTreeMap<String, u64> = BTreeMap::new();
+    let mut answered_while_ingesting = 0;
+    let mut queries = 0;
+    while producing.load(Ordering::SeqCst) {
+        for key in &watched {
+            let started = std::time::Instant::now();
+            let (status, body) = wagg.get(&format!("/v1/aggregations/count/keys/{key}"));
+            queries += 1;
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "a query took {:?}",
+                started.elapsed()
+            );
+            match status {
+                200 => {
+                    let count = body["state"]["count"].as_u64().expect("count");
+                    let previous = last_seen.insert(key.clone(), count).unwrap_or(0);
+                    assert!(
+                        count >= previous,
+                        "{key}: count went back from {previous} to {count}"
+                    );
+                    answered_while_ingesting += 1;
+                }
+                404 => assert!(
+                    !last_seen.contains_key(key),
+                    "{key} disappeared after being seen"
+                ),
+                other => panic!("unexpected status {other}: {body}"),
+            }
+        }
+    }
+    producer.join().expect("producer thread");
+    assert!(
+        answered_while_ingesting > 20,
+        "only {answered_while_ingesting} of {queries} queries found state during ingestion"
+    );
+    wagg.wait_for(&all_applied(150_000), CATCH_UP);
+    assert_purchase_states(&wagg, &data);
+}
+
+#[test]
+fn a_clean_stop_mid_stream_and_restart_is_exact() {
+    let setup = Setup::new(&["purchases"]);
+    let config = setup.config(&["purchases"], &purchase_aggregations());
+    let first = purchases(0, 100_000, 10_000);
+    let second = purchases(100_000, 100_000, 10_000);
+    setup.broker.produce("purchases", &records(&first));
+    let mut wagg = setup.start(&config);
+    // Keep producing while wagg consumes, and stop it in the middle.
+    let producer = {
+        let records = records(&second);
+        let address = setup.broker.address.clone();
+        std::thread::spawn(move || {
+            let broker = common::broker::ProducerOnly::new(&address);
+            for chunk in records.chunks(10_000) {
+                broker.produce("purchases", chunk);
+            }
+        })
+    };
+    let started = std::time::Instant::now();
+    while wagg.applied().get("count").copied().unwrap_or(0) < 50_000 {
+        assert!(
+            started.elapsed() < CATCH_UP,
+            "no progress; log:\n{}",
+            wagg.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = wagg.terminate();
+    assert!(status.success(), "wagg exited with {status} on SIGTERM");
+    producer.join().expect("producer");
+    drop(wagg);
+
+    let wagg = setup.start(&config);
+    let before_restart = wagg.applied();
+    assert!(
+        before_restart.values().all(|&n| n >= 50_000 && n < 200_000),
+        "the stop was not mid-stream: {before_restart:?}"
+    );
+    wagg.wait_for(&all_applied(200_000), CATCH_UP);
+    let all: Vec<Purchase> = first.into_iter().chain(second).collect();
+    assert_purchase_states(&wagg, &all);
+}
+
+#[test]
+fn two_aggregations_over_two_topics_run_in_one_process() {
+    let setup = Setup::new(&["clicks", "orders"]);
+    let clicks = purchases(0, 20_000, 1_000);
+    let orders = purchases(500_000, 30_000, 2_000);
+    setup.broker.produce("clicks", &records(&clicks));
+    setup.broker.produce("orders", &records(&orders));
+    let aggregations = format!(
+        r#"
+[[aggregation]]
+name = "clicks_per_user"
+plugin = {:?}
+topic = "clicks"
+
+[[aggregation]]
+name = "order_value_per_item"
+plugin = {:?}
+topic = "orders"
+key = "/item"
+params = {{ field = "/amount" }}
+"#,
+        plugin("count"),
+        plugin("sum"),
+    );
+    let wagg = setup.start(&setup.config(&["clicks", "orders"], &aggregations));
+    wagg.wait_for(
+        &BTreeMap::from([
+            ("clicks_per_user".to_owned(), 20_000),
+            ("order_value_per_item".to_owned(), 30_000),
+        ]),
+        CATCH_UP,
+    );
+    assert_states(&wagg, "clicks_per_user", &expected_counts(&clicks));
+    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+    for order in &orders {
+        *sums.entry(order.item.clone()).or_default() += order.amount;
+    }
+    let sums = sums
+        .into_iter()
+        .map(|(k, s)| (k, json!({"sum": s})))
+        .collect();
+    assert_states(&wagg, "order_value_per_item", &sums);
+}
+
+#[test]
+fn http_errors_are_json_with_the_right_status() {
+    let setup = Setup::new(&["purchases"]);
+    setup
+        .broker
+        .produce("purchases", &records(&purchases(0, 100, 10)));
+    let wagg = setup.start(&setup.config(&["purchases"], &purchase_aggregations()));
+    wagg.wait_for(&all_applied(100), CATCH_UP);
+    let cases: &[(&str, u16, &str)] = &[
+        ("/v1/aggregations/nope/keys/x", 404, "unknown_aggregation"),
+        (
+            "/v1/aggregations/count/keys/no-such-user",
+            404,
+            "unknown_key",
+        ),
+        ("/v1/aggregations/count/keys/%FF%FE", 400, "bad_request"),
+        (
+            "/v1/aggregations/count/keys/x?encoding=rot13",
+            400,
+            "bad_request",
+        ),
+        (
+            "/v1/aggregations/count/keys/!!!?encoding=base64",
+            400,
+            "bad_request",
+        ),
+        ("/v1/aggregations/count/keys?limit=0", 400, "bad_request"),
+        ("/v1/aggregations/count/keys?limit=abc", 400, "bad_request"),
+        ("/v1/aggregations/count/keys?bogus=1", 400, "bad_request"),
+        ("/nowhere", 404, "no_route"),
+    ];
+    for (path, status, code) in cases {
+        let (got, body) = wagg.get(path);
+        assert_eq!(got, *status, "{path}: {body}");
+        assert_eq!(body["error"]["code"], *code, "{path}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{path}: {body}"
+        );
+    }
+    // The same key, by UTF-8 and by base64.
+    let (status, by_text) = wagg.get("/v1/aggregations/count/keys/user-00001");
+    assert_eq!(status, 200, "{by_text}");
+    let (status, by_base64) =
+        wagg.get("/v1/aggregations/count/keys/dXNlci0wMDAwMQ==?encoding=base64");
+    assert_eq!(status, 200);
+    assert_eq!(by_text["state"], by_base64["state"]);
+    // Limits are capped, not refused.
+    let (status, page) = wagg.get("/v1/aggregations/count/keys?limit=1000000");
+    assert_eq!(status, 200);
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(10));
+}

@@ -1,0 +1,536 @@
+//! The example plugins' golden tests and the runtime's isolation guarantees,
+//! all through the real host runtime and real wasm components.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{json_approx_eq, plugin, workspace_root};
+use wagg::plugin::offline::{self, OnError, StateMap};
+use wagg::plugin::{AfterFailure, CallError, PluginError, PluginRuntime, RuntimeConfig};
+use wagg::record::SourceRecord;
+
+fn runtime() -> PluginRuntime {
+    PluginRuntime::new(RuntimeConfig::default()).expect("runtime")
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every `plugins/<name>/golden/<case>/` holds `input.jsonl`, `params.json`
+/// and `expected.json`. Each case runs at batch sizes 1, 3 and 1000: batching
+/// must never change a result.
+#[test]
+fn golden_outputs_match_through_the_runtime() {
+    let runtime = runtime();
+    let mut cases = 0;
+    for name in ["count", "sum", "stats", "latest", "top-n", "distinct"] {
+        let loaded = runtime.load(&plugin(name)).expect("load");
+        assert_eq!(loaded.metadata().name, name);
+        assert_eq!(loaded.metadata().version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(loaded.metadata().state_format, 1);
+        let golden = workspace_root().join("plugins").join(name).join("golden");
+        let mut dirs: Vec<_> = std::fs::read_dir(&golden)
+            .unwrap_or_else(|e| panic!("{}: {e}", golden.display()))
+            .map(|entry| entry.expect("dir entry").path())
+            .collect();
+        dirs.sort();
+        assert!(!dirs.is_empty(), "{name} has no golden cases");
+        for case in dirs {
+            let params = read_json(&case.join("params.json")).to_string();
+            let expected = read_json(&case.join("expected.json"));
+            let input = std::fs::File::open(case.join("input.jsonl")).expect("input.jsonl");
+            let records = offline::read_jsonl(std::io::BufReader::new(input)).expect("valid input");
+            for batch_size in [1, 3, 1000] {
+                let mut instance = loaded.instantiate(&params).expect("instantiate");
+                let states = offline::run(
+                    &mut instance,
+                    &records,
+                    batch_size,
+                    OnError::Fail,
+                    |_, _| {},
+                )
+                .unwrap_or_else(|e| panic!("{}: {e:#}", case.display()));
+                let got = offline::to_json_object(states);
+                assert!(
+                    json_approx_eq(&got, &expected),
+                    "{} at batch size {batch_size}:\n got {got}\nwant {expected}",
+                    case.display()
+                );
+            }
+            cases += 1;
+        }
+    }
+    assert!(cases >= 8, "only {cases} golden cases ran");
+}
+
+#[test]
+fn cli_plugin_test_prints_the_golden_states() {
+    for (name, case) in [("count", "basic"), ("stats", "basic"), ("top-n", "by-item")] {
+        let dir = workspace_root()
+            .join("plugins")
+            .join(name)
+            .join("golden")
+            .join(case);
+        let params = std::fs::read_to_string(dir.join("params.json")).expect("params");
+        let output = Command::new(env!("CARGO_BIN_EXE_wagg"))
+            .args(["plugin", "test"])
+            .arg(plugin(name))
+            .arg("--input")
+            .arg(dir.join("input.jsonl"))
+            .args(["--params", params.trim()])
+            .output()
+            .expect("run wagg");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let got: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("stdout is JSON");
+        assert!(
+            json_approx_eq(&got, &read_json(&dir.join("expected.json"))),
+            "{name}: {got}"
+        );
+    }
+}
+
+#[test]
+fn cli_plugin_test_names_the_bad_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "{\"key\": \"a\", \"value\": {\"amount\": 1}}\n{\"key\": \"a\", \"value\": {\"price\": 2}}\n").expect("write");
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_wagg"))
+            .args(["plugin", "test"])
+            .arg(plugin("sum"))
+            .arg("--input")
+            .arg(&input)
+            .args(["--params", r#"{"field": "/amount"}"#])
+            .args(extra)
+            .output()
+            .expect("run wagg")
+    };
+    let failed = run(&[]);
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        stderr.contains("line 2: plugin rejected the record: field `/amount` is missing"),
+        "{stderr}"
+    );
+
+    let skipped = run(&["--on-error", "skip"]);
+    assert!(skipped.status.success());
+    assert!(
+        String::from_utf8_lossy(&skipped.stderr)
+            .contains("line 2: skipped: field `/amount` is missing")
+    );
+    let got: serde_json::Value = serde_json::from_slice(&skipped.stdout).expect("JSON");
+    assert_eq!(got, serde_json::json!({"a": {"sum": 1.0}}));
+
+    std::fs::write(
+        &input,
+        "{\"key\": \"a\", \"value\": 1}\n{\"key\": \"a\", \"value\": oops}\n",
+    )
+    .expect("write");
+    let malformed = run(&[]);
+    assert!(!malformed.status.success());
+    assert!(String::from_utf8_lossy(&malformed.stderr).contains("line 2: not a valid record"));
+}
+
+#[test]
+fn bad_params_are_rejected_with_the_parameter_named() {
+    let runtime = runtime();
+    let cases = [
+        (
+            "top-n",
+            r#"{"n": 0, "field": "/s"}"#,
+            "`n` must be between 1 and 1000, got 0",
+        ),
+        (
+            "stats",
+            r#"{"field": "amount"}"#,
+            "`field` must be a JSON pointer",
+        ),
+        ("stats", r#"{}"#, "missing field `field`"),
+        (
+            "distinct",
+            r#"{"precision": 30}"#,
+            "`precision` must be between 4 and 16, got 30",
+        ),
+        (
+            "count",
+            r#"{"unexpected": 1}"#,
+            "unknown field `unexpected`",
+        ),
+    ];
+    for (name, params, expected) in cases {
+        let loaded = runtime.load(&plugin(name)).expect("load");
+        match loaded.instantiate(params) {
+            Err(PluginError::Params { message, .. }) => {
+                assert!(message.contains(expected), "{name} {params}: {message}")
+            }
+            Err(other) => panic!("{name} {params}: wrong error {other}"),
+            Ok(_) => panic!("{name} accepted {params}"),
+        }
+    }
+}
+
+#[test]
+fn stats_and_sum_reject_missing_and_non_numeric_fields() {
+    let runtime = runtime();
+    for name in ["sum", "stats"] {
+        let mut instance = runtime
+            .load(&plugin(name))
+            .and_then(|p| p.instantiate(r#"{"field": "/amount"}"#))
+            .expect("instance");
+        let records = records(&[
+            ("k", r#"{"amount": 1}"#),
+            ("k", r#"{"amount": "7"}"#),
+            ("k", r#"{}"#),
+            ("k", "null"),
+        ]);
+        let mut states = StateMap::new();
+        let failures =
+            offline::apply_chunk(&mut instance, &mut states, &records, AfterFailure::Continue)
+                .expect("call");
+        let failures: Vec<(i64, String)> =
+            failures.into_iter().map(|(r, m)| (r.offset, m)).collect();
+        assert_eq!(
+            failures,
+            vec![
+                (1, "field `/amount` is not a number: a string".to_owned()),
+                (2, "field `/amount` is missing".to_owned()),
+                (3, "field `/amount` is missing".to_owned()),
+            ],
+            "{name}"
+        );
+        let rendered = instance.render(&states[b"k".as_slice()]).expect("render");
+        let rendered: serde_json::Value = serde_json::from_str(&rendered).expect("json");
+        assert_eq!(
+            rendered[if name == "sum" { "sum" } else { "mean" }],
+            1.0,
+            "{name}: {rendered}"
+        );
+    }
+}
+
+/// HyperLogLog at precision 14 has a relative standard error of 0.81 %;
+/// allow three standard errors on 1,000,000 distinct values.
+#[test]
+fn distinct_estimates_a_million_values_within_its_error_bound() {
+    let runtime = runtime();
+    let mut instance = runtime
+        .load(&plugin("distinct"))
+        .and_then(|p| p.instantiate(r#"{"field": "/user", "precision": 14}"#))
+        .expect("instance");
+    let mut states = StateMap::new();
+    let topic: std::sync::Arc<str> = "t".into();
+    let total = 1_000_000;
+    for chunk_start in (0..total).step_by(10_000) {
+        let chunk: Vec<SourceRecord> = (chunk_start..chunk_start + 10_000)
+            .map(|i| SourceRecord {
+                topic: topic.clone(),
+                offset: i as i64,
+                key: Some(b"all".to_vec()),
+                value: Some(format!(r#"{{"user":"user-{i}"}}"#).into_bytes()),
+                ..SourceRecord::default()
+            })
+            .collect();
+        let failures = offline::apply_chunk(&mut instance, &mut states, &chunk, AfterFailure::Stop)
+            .expect("call");
+        assert!(failures.is_empty());
+    }
+    let rendered: serde_json::Value =
+        serde_json::from_str(&instance.render(&states[b"all".as_slice()]).expect("render"))
+            .expect("json");
+    let estimate = rendered["estimate"].as_f64().expect("estimate");
+    let error = (estimate - total as f64).abs() / total as f64;
+    let bound = 3.0 * 1.04 / ((1u64 << 14) as f64).sqrt();
+    assert!(
+        error < bound,
+        "estimate {estimate} is off by {:.3} % (bound {:.3} %)",
+        error * 100.0,
+        bound * 100.0
+    );
+    assert_eq!(rendered["precision"], 14);
+}
+
+fn records(pairs: &[(&str, &str)]) -> Vec<SourceRecord> {
+    let topic: std::sync::Arc<str> = "t".into();
+    pairs
+        .iter()
+        .enumerate()
+        .map(|(offset, (key, value))| SourceRecord {
+            topic: topic.clone(),
+            offset: offset as i64,
+            key: Some(key.as_bytes().to_vec()),
+            value: (*value != "null").then(|| value.as_bytes().to_vec()),
+            ..SourceRecord::default()
+        })
+        .collect()
+}
+
+fn hostile(mode: &str, config: RuntimeConfig) -> wagg::plugin::PluginInstance {
+    PluginRuntime::new(config)
+        .expect("runtime")
+        .load(&plugin("hostile"))
+        .expect("load")
+        .instantiate(&serde_json::json!({ "mode": mode }).to_string())
+        .expect("instantiate")
+}
+
+/// Ten records over three keys with one `"bad"` record (offset 5, key b,
+/// the second record of its group).
+fn batch_with_one_bad_record() -> Vec<SourceRecord> {
+    records(&[
+        ("a", "1"),
+        ("b", "2"),
+        ("c", "3"),
+        ("a", "4"),
+        ("c", "5"),
+        ("b", "bad"),
+        ("b", "7"),
+        ("a", "8"),
+        ("c", "9"),
+        ("a", "10"),
+    ])
+}
+
+fn counts(instance: &mut wagg::plugin::PluginInstance, states: &StateMap) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = states
+        .iter()
+        .map(|(key, state)| {
+            let json: serde_json::Value =
+                serde_json::from_str(&instance.render(state).expect("render")).expect("json");
+            (
+                String::from_utf8_lossy(key).into_owned(),
+                json["count"].as_u64().expect("count"),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Whatever the misbehaviour, the bad record is isolated and named, every
+/// other record is applied exactly once, and the instance keeps working.
+fn assert_isolated(mode: &str, config: RuntimeConfig, expect_message: impl Fn(&str) -> bool) {
+    let mut instance = hostile(mode, config);
+    let records = batch_with_one_bad_record();
+    let mut states = StateMap::new();
+    let failures =
+        offline::apply_chunk(&mut instance, &mut states, &records, AfterFailure::Continue)
+            .expect("call");
+    assert_eq!(failures.len(), 1, "{mode}: {failures:?}");
+    let (record, message) = &failures[0];
+    assert_eq!(record.offset, 5, "{mode}: wrong record blamed");
+    assert!(
+        expect_message(message),
+        "{mode}: unexpected message: {message}"
+    );
+    assert_eq!(
+        counts(&mut instance, &states),
+        vec![("a".into(), 4), ("b".into(), 1), ("c".into(), 3)],
+        "{mode}: other records must be applied exactly once"
+    );
+    // The instance still works after the failure.
+    let more = records_after(&[("a", "11")]);
+    assert!(
+        offline::apply_chunk(&mut instance, &mut states, &more, AfterFailure::Stop)
+            .expect("call")
+            .is_empty()
+    );
+    assert_eq!(counts(&mut instance, &states)[0], ("a".into(), 5));
+}
+
+fn records_after(pairs: &[(&str, &str)]) -> Vec<SourceRecord> {
+    let mut out = records(pairs);
+    for r in &mut out {
+        r.offset += 100;
+    }
+    out
+}
+
+#[test]
+fn an_infinite_loop_is_stopped_within_the_budget() {
+    let budget = Duration::from_millis(200);
+    let config = RuntimeConfig {
+        call_timeout: budget,
+        ..RuntimeConfig::default()
+    };
+    let mut instance = hostile("loop", config.clone());
+    let started = Instant::now();
+    let error = instance.apply_groups(&[]).map(|_| ()).and_then(|()| {
+        let records = records(&[("k", "bad")]);
+        let refs: Vec<&SourceRecord> = records.iter().collect();
+        instance
+            .apply_groups(&[wagg::plugin::GroupInput {
+                key: b"k",
+                state: None,
+                records: &refs,
+            }])
+            .map(|_| ())
+    });
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(error, Err(CallError::Timeout { budget: b, .. }) if b == budget),
+        "{error:?}"
+    );
+    // Generous: the point is that it returns, not how precisely.
+    assert!(
+        elapsed < budget * 10,
+        "took {elapsed:?} for a {budget:?} budget"
+    );
+    assert_isolated("loop", config, |m| {
+        m.contains("exceeded its time budget of 200ms")
+    });
+}
+
+#[test]
+fn unbounded_allocation_hits_the_memory_cap() {
+    let config = RuntimeConfig {
+        memory_limit_bytes: 16 << 20,
+        ..RuntimeConfig::default()
+    };
+    assert_isolated("alloc", config, |m| {
+        m.contains("exceeded its memory limit of 16 MiB")
+    });
+}
+
+#[test]
+fn stack_overflow_is_contained() {
+    assert_isolated("recurse", RuntimeConfig::default(), |m| {
+        m.contains("overflowed its call stack")
+    });
+}
+
+#[test]
+fn a_panic_reports_the_record_and_the_panic_message() {
+    assert_isolated("panic", RuntimeConfig::default(), |m| {
+        m.contains("trapped") && m.contains("hostile plugin panicked on offset 5")
+    });
+}
+
+#[test]
+fn a_rejected_record_is_reported_without_a_trap() {
+    assert_isolated("error", RuntimeConfig::default(), |m| {
+        m == "hostile plugin rejected offset 5"
+    });
+}
+
+#[test]
+fn oversized_state_is_refused() {
+    assert_isolated("huge-state", RuntimeConfig::default(), |m| {
+        m.contains("returned a state of") && m.contains("over the cap of 1048576 bytes")
+    });
+}
+
+#[test]
+fn files_are_not_readable() {
+    assert_isolated("open-file", RuntimeConfig::default(), |m| {
+        m.starts_with("could not read /etc/hostname")
+    });
+}
+
+#[test]
+fn the_network_is_not_reachable() {
+    // A real listener on loopback: the plugin must still not reach it.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("addr").to_string();
+    let mut instance = PluginRuntime::new(RuntimeConfig::default())
+        .expect("runtime")
+        .load(&plugin("hostile"))
+        .expect("load")
+        .instantiate(&serde_json::json!({ "mode": "connect", "address": address }).to_string())
+        .expect("instantiate");
+    let mut states = StateMap::new();
+    let bad = records(&[("k", "bad")]);
+    let failures =
+        offline::apply_chunk(&mut instance, &mut states, &bad, AfterFailure::Stop).expect("call");
+    assert_eq!(failures.len(), 1);
+    assert!(
+        failures[0]
+            .1
+            .starts_with(&format!("could not connect to {address}")),
+        "{}",
+        failures[0].1
+    );
+}
+
+#[test]
+fn the_environment_is_empty() {
+    // The host has variables; the plugin must see none.
+    assert!(std::env::vars().next().is_some());
+    let mut instance = hostile("env", RuntimeConfig::default());
+    let mut states = StateMap::new();
+    let bad = records(&[("k", "bad")]);
+    let failures =
+        offline::apply_chunk(&mut instance, &mut states, &bad, AfterFailure::Stop).expect("call");
+    assert!(failures.is_empty());
+    let rendered: serde_json::Value =
+        serde_json::from_str(&instance.render(&states[b"k".as_slice()]).expect("render"))
+            .expect("json");
+    assert_eq!(
+        rendered["blob"],
+        serde_json::json!([]),
+        "plugin saw environment variables: {rendered}"
+    );
+}
+
+#[test]
+fn compiled_plugins_are_cached_by_content_hash() {
+    let cache = tempfile::tempdir().expect("tempdir");
+    let config = RuntimeConfig {
+        cache_dir: Some(cache.path().to_owned()),
+        ..RuntimeConfig::default()
+    };
+    let first = PluginRuntime::new(config.clone())
+        .expect("runtime")
+        .load(&plugin("count"))
+        .expect("load");
+    let entries: Vec<_> = std::fs::read_dir(cache.path())
+        .expect("cache dir")
+        .collect();
+    assert_eq!(entries.len(), 1);
+    let name = entries[0]
+        .as_ref()
+        .expect("entry")
+        .file_name()
+        .into_string()
+        .expect("utf-8");
+    assert!(name.starts_with(first.content_hash()), "{name}");
+    // A second runtime loads from the cache and behaves the same.
+    let second = PluginRuntime::new(config)
+        .expect("runtime")
+        .load(&plugin("count"))
+        .expect("load");
+    assert_eq!(second.metadata(), first.metadata());
+    let mut instance = second.instantiate("{}").expect("instantiate");
+    let mut states = StateMap::new();
+    offline::apply_chunk(
+        &mut instance,
+        &mut states,
+        &records(&[("k", "1"), ("k", "2")]),
+        AfterFailure::Stop,
+    )
+    .expect("call");
+    assert_eq!(counts(&mut instance, &states), vec![("k".into(), 2)]);
+}
+
+#[test]
+fn a_file_that_is_not_a_plugin_is_refused_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("junk.wasm");
+    std::fs::write(&path, b"definitely not wasm").expect("write");
+    let error = runtime().load(&path).expect_err("junk must not load");
+    assert!(matches!(error, PluginError::NotAPlugin { .. }), "{error}");
+    let missing = runtime()
+        .load(&dir.path().join("missing.wasm"))
+        .expect_err("missing file");
+    assert!(missing.to_string().contains("missing.wasm"), "{missing}");
+}
