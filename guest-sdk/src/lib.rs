@@ -260,15 +260,9 @@ impl<A: Aggregation> Runner<A> {
         let mut scratch = Vec::new();
         while let Some(group) = decoder.next_group() {
             let group = group.map_err(|e| format!("batch could not be decoded: {e}"))?;
-            let mut state = match group.state.map(postcard::from_bytes::<A::State>) {
-                None => A::State::default(),
-                Some(Ok(state)) => state,
-                Some(Err(e)) => {
-                    let message = format!(
-                        "stored state could not be decoded as state format {} of `{}`: {e}",
-                        A::STATE_FORMAT,
-                        A::NAME
-                    );
+            let mut state = match decode_state::<A>(group.state) {
+                Ok(state) => state,
+                Err(message) => {
                     out.push(&GroupResult {
                         change: StateChange::Unchanged,
                         failure: Some(RecordFailure {
@@ -286,6 +280,18 @@ impl<A: Aggregation> Runner<A> {
                     Ok(()) => applied += 1,
                     Err(e) => {
                         failure = Some(e.0);
+                        break;
+                    }
+                }
+            }
+            if failure.is_some() {
+                // `aggregate` may have changed the state before it failed:
+                // rebuild the state from exactly the records before the
+                // failing one (rare, so cheaper than a copy per record).
+                state = decode_state::<A>(group.state).unwrap_or_default();
+                for record in group.records().take(applied as usize) {
+                    if let Err(e) = A::aggregate(&mut state, &Record(record), params) {
+                        failure = Some(format!("aggregate is not deterministic: {e}"));
                         break;
                     }
                 }
@@ -337,15 +343,22 @@ impl<A: Aggregation> Runner<A> {
     pub fn render(&self, state: &[u8]) -> Result<String, String> {
         let guard = self.lock();
         let params = guard.as_ref().ok_or("render called before configure")?;
-        let state: A::State = postcard::from_bytes(state).map_err(|e| {
+        let state = decode_state::<A>(Some(state))?;
+        let value = A::render(&state, params).map_err(|e| e.0)?;
+        serde_json::to_string(&value).map_err(|e| e.to_string())
+    }
+}
+
+fn decode_state<A: Aggregation>(stored: Option<&[u8]>) -> Result<A::State, String> {
+    match stored {
+        None => Ok(A::State::default()),
+        Some(bytes) => postcard::from_bytes(bytes).map_err(|e| {
             format!(
                 "stored state could not be decoded as state format {} of `{}`: {e}",
                 A::STATE_FORMAT,
                 A::NAME
             )
-        })?;
-        let value = A::render(&state, params).map_err(|e| e.0)?;
-        serde_json::to_string(&value).map_err(|e| e.to_string())
+        }),
     }
 }
 

@@ -30,6 +30,14 @@ impl Aggregation for Sum {
     }
 
     fn aggregate(state: &mut Total, record: &Record<'_>, _params: &SumParams) -> Result<()> {
+        // Mutate before validating, as careless plugins do: the runner must
+        // not keep this partial effect of a rejected record.
+        state.sum += 1000;
+        state.sum -= 1000;
+        if record.value() == Some(b"poison".as_slice()) {
+            state.sum += 999;
+            bail!("poison");
+        }
         let n: i64 = record.value_json::<serde_json::Value>()?["n"]
             .as_i64()
             .ok_or_else(|| Error::msg("no n"))?;
@@ -135,6 +143,22 @@ fn a_failing_record_is_reported_with_its_index_and_earlier_records_kept() {
             ),
             (Some(Some(Total { sum: 7 })), None),
         ]
+    );
+}
+
+#[test]
+fn a_rejected_record_leaves_no_partial_effect() {
+    let runner = configured();
+    let result = runner
+        .apply(&batch(&[(
+            "a",
+            None,
+            &[r#"{"n":1}"#, "poison", r#"{"n":2}"#],
+        )]))
+        .unwrap();
+    assert_eq!(
+        outcomes(&result),
+        vec![(Some(Some(Total { sum: 1 })), Some((1, "poison".to_owned())))]
     );
 }
 

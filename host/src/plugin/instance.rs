@@ -113,13 +113,26 @@ fn guarded_call<T>(
                 plugin: label,
                 limit_bytes: plugin.limits().memory_limit_bytes,
             },
-            _ => {
+            trap => {
                 let stderr = ctx.stderr.contents();
                 let stderr =
                     String::from_utf8_lossy(stderr.get(stderr_before..).unwrap_or_default());
+                // The trap itself, without wasmtime's backtrace context.
+                let message = match trap {
+                    // Deep recursion in Rust (and C) plugins exhausts the
+                    // shadow stack in linear memory before wasm's own stack.
+                    Some(wasmtime::Trap::MemoryOutOfBounds) => {
+                        format!(
+                            "{} (a stack overflow in the plugin shows up this way)",
+                            wasmtime::Trap::MemoryOutOfBounds
+                        )
+                    }
+                    Some(trap) => trap.to_string(),
+                    None => error.root_cause().to_string(),
+                };
                 CallError::Trap {
                     plugin: label,
-                    message: truncate(format!("{error:#}")),
+                    message: truncate(message),
                     stderr: truncate(stderr.trim().to_owned()),
                 }
             }
