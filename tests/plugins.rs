@@ -405,8 +405,11 @@ fn unbounded_allocation_hits_the_memory_cap() {
 
 #[test]
 fn stack_overflow_is_contained() {
+    // Rust's shadow stack (in linear memory) runs out before wasm's call
+    // stack does; either way the trap is contained and named.
     assert_isolated("recurse", RuntimeConfig::default(), |m| {
         m.contains("overflowed its call stack")
+            || m.contains("a stack overflow in the plugin shows up this way")
     });
 }
 
