@@ -330,7 +330,9 @@ fn a_clean_stop_mid_stream_and_restart_is_exact() {
     let wagg = setup.start(&config);
     let before_restart = wagg.applied();
     assert!(
-        before_restart.values().all(|&n| n >= 50_000 && n < 200_000),
+        before_restart
+            .values()
+            .all(|n| (50_000..200_000).contains(n)),
         "the stop was not mid-stream: {before_restart:?}"
     );
     wagg.wait_for(&all_applied(200_000), CATCH_UP);

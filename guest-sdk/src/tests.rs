@@ -53,7 +53,14 @@ impl Aggregation for Sum {
     }
 }
 
-fn batch(groups: &[(&str, Option<&[u8]>, &[&str])]) -> Vec<u8> {
+/// `(key, stored state, record values)` per group.
+type Groups<'a> = [(&'a str, Option<&'a [u8]>, &'a [&'a str])];
+
+/// Per group: the state change (`None` unchanged, `Some(None)` deleted) and
+/// the failure.
+type Outcomes = Vec<(Option<Option<Total>>, Option<(u32, String)>)>;
+
+fn batch(groups: &Groups<'_>) -> Vec<u8> {
     let mut encoder = BatchEncoder::new();
     let mut offset = 0;
     for (key, state, values) in groups {
@@ -74,7 +81,7 @@ fn batch(groups: &[(&str, Option<&[u8]>, &[&str])]) -> Vec<u8> {
 }
 
 /// Decodes a result into (state, failure) per group, states decoded.
-fn outcomes(bytes: &[u8]) -> Vec<(Option<Option<Total>>, Option<(u32, String)>)> {
+fn outcomes(bytes: &[u8]) -> Outcomes {
     let mut decoder = ResultDecoder::new(bytes).unwrap();
     let mut out = Vec::new();
     while let Some(group) = decoder.next_group() {

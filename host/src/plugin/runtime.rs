@@ -123,7 +123,7 @@ impl PluginRuntime {
             .inner
             .linker
             .instantiate_pre(&component)
-            .and_then(|pre| AggregatorPre::new(pre))
+            .and_then(AggregatorPre::new)
             .map_err(|e| PluginError::NotAPlugin {
                 path: path.to_owned(),
                 message: format!("{e:#}"),

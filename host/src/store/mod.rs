@@ -47,22 +47,28 @@ pub enum StoreError {
         source: rocksdb::Error,
     },
     #[error(
-        "aggregation {aggregation:?}: the stored state was written by plugin {stored_name} {stored_version} in state format {stored_format}, but the configured plugin {name} {version} uses format {format}; use a compatible plugin or a new aggregation name"
+        "aggregation {:?}: the stored state was written by plugin {} {} in state format {}, but the configured plugin {} {} uses format {}; use a compatible plugin or a new aggregation name",
+        .0.aggregation, .0.stored.plugin_name, .0.stored.plugin_version, .0.stored.state_format,
+        .0.configured.plugin_name, .0.configured.plugin_version, .0.configured.state_format
     )]
-    IncompatibleState {
-        aggregation: String,
-        stored_name: String,
-        stored_version: String,
-        stored_format: u32,
-        name: String,
-        version: String,
-        format: u32,
-    },
+    IncompatibleState(Box<Incompatibility>),
     #[error("state store {dir}: corrupt metadata: {message}")]
     Corrupt { dir: PathBuf, message: String },
     #[error("unknown aggregation {0:?}")]
     UnknownAggregation(String),
 }
+
+/// The stored and configured plugins of an aggregation whose state formats
+/// differ.
+#[derive(Debug)]
+pub struct Incompatibility {
+    pub aggregation: String,
+    pub stored: AggregationMeta,
+    pub configured: AggregationMeta,
+}
+
+/// Keys with their states.
+pub type KeyStates = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Which source partition a state belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -220,7 +226,7 @@ impl StateStore {
             .ok_or_else(|| StoreError::UnknownAggregation(aggregation.to_owned()))
     }
 
-    fn meta_scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn meta_scan(&self, prefix: &[u8]) -> Result<KeyStates, StoreError> {
         let mut out = Vec::new();
         for item in self
             .db
@@ -293,15 +299,11 @@ impl StateStore {
                 self.corrupt(format!("metadata of aggregation {aggregation:?}: {e}"))
             })?;
             if stored.state_format != meta.state_format || stored.plugin_name != meta.plugin_name {
-                return Err(StoreError::IncompatibleState {
+                return Err(StoreError::IncompatibleState(Box::new(Incompatibility {
                     aggregation: aggregation.to_owned(),
-                    stored_name: stored.plugin_name,
-                    stored_version: stored.plugin_version,
-                    stored_format: stored.state_format,
-                    name: meta.plugin_name.clone(),
-                    version: meta.plugin_version.clone(),
-                    format: meta.state_format,
-                });
+                    stored,
+                    configured: meta.clone(),
+                })));
             }
             if stored == *meta {
                 return Ok(());
@@ -439,9 +441,9 @@ impl StateStore {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<KeyStates, StoreError> {
         let cf = self.aggregation_cf(aggregation)?;
-        let mut found: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut found: KeyStates = Vec::new();
         for slot in self.slots(aggregation)? {
             let slot_prefix = slot.store_key(prefix);
             let start = match after {
@@ -452,17 +454,16 @@ impl StateStore {
                 }
                 _ => slot_prefix.clone(),
             };
-            let mut taken = 0;
             for item in self
                 .db
                 .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward))
+                .take(limit)
             {
                 let (key, value) = item.map_err(|e| self.rocks(e))?;
-                if !key.starts_with(&slot_prefix) || taken == limit {
+                if !key.starts_with(&slot_prefix) {
                     break;
                 }
                 found.push((key[Slot::LEN..].to_vec(), value.to_vec()));
-                taken += 1;
             }
         }
         found.sort_by(|a, b| a.0.cmp(&b.0));
