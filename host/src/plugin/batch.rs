@@ -235,19 +235,30 @@ impl PluginInstance {
         groups: &[GroupInput<'_>],
         after_failure: AfterFailure,
     ) -> Result<BatchOutcome, CallError> {
-        let mut changes = vec![Change::Unchanged; groups.len()];
+        // The first round is the whole batch as given: no copies.
+        let outcomes = self.apply_isolating(groups)?;
+        let mut changes = Vec::with_capacity(groups.len());
         let mut failures = Vec::new();
-        // (original group index, index of its first record in this round)
-        let mut pending: Vec<(usize, usize)> = (0..groups.len()).map(|i| (i, 0)).collect();
-        let mut round_states: Vec<Option<Vec<u8>>> = Vec::new();
+        // (group index, index of its first record in the next round)
+        let mut pending: Vec<(usize, usize)> = Vec::new();
+        for (g, outcome) in outcomes.into_iter().enumerate() {
+            changes.push(outcome.change);
+            if let Some(failure) = outcome.failure {
+                if after_failure == AfterFailure::Continue
+                    && failure.index + 1 < groups[g].records.len()
+                {
+                    pending.push((g, failure.index + 1));
+                }
+                failures.push((g, failure));
+            }
+        }
+        // Later rounds resume each group after its rejected record, from its
+        // state just before that record.
         while !pending.is_empty() {
-            // States for this round: the input state updated by earlier rounds.
-            round_states.clear();
-            round_states.extend(
-                pending
-                    .iter()
-                    .map(|&(g, _)| changes[g].resolve(groups[g].state).map(<[u8]>::to_vec)),
-            );
+            let round_states: Vec<Option<Vec<u8>>> = pending
+                .iter()
+                .map(|&(g, _)| changes[g].resolve(groups[g].state).map(<[u8]>::to_vec))
+                .collect();
             let inputs: Vec<GroupInput<'_>> = pending
                 .iter()
                 .zip(&round_states)

@@ -115,9 +115,12 @@ pub fn apply_chunk<'r>(
     for ((key, _), change) in groups.iter().zip(outcome.changes) {
         match change {
             Change::Unchanged => {}
-            Change::Set(state) => {
-                states.insert(key.to_vec(), state);
-            }
+            Change::Set(state) => match states.get_mut(*key) {
+                Some(slot) => *slot = state,
+                None => {
+                    states.insert(key.to_vec(), state);
+                }
+            },
             Change::Delete => {
                 states.remove(*key);
             }
