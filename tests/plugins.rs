@@ -194,7 +194,7 @@ fn stats_and_sum_reject_missing_and_non_numeric_fields() {
             ("k", r#"{}"#),
             ("k", "null"),
         ]);
-        let mut states = StateMap::new();
+        let mut states = StateMap::default();
         let failures =
             offline::apply_chunk(&mut instance, &mut states, &records, AfterFailure::Continue)
                 .expect("call");
@@ -228,7 +228,7 @@ fn distinct_estimates_a_million_values_within_its_error_bound() {
         .load(&plugin("distinct"))
         .and_then(|p| p.instantiate(r#"{"field": "/user", "precision": 14}"#))
         .expect("instance");
-    let mut states = StateMap::new();
+    let mut states = StateMap::default();
     let topic: std::sync::Arc<str> = "t".into();
     let total = 1_000_000;
     for chunk_start in (0..total).step_by(10_000) {
@@ -323,7 +323,7 @@ fn counts(instance: &mut wagg::plugin::PluginInstance, states: &StateMap) -> Vec
 fn assert_isolated(mode: &str, config: RuntimeConfig, expect_message: impl Fn(&str) -> bool) {
     let mut instance = hostile(mode, config);
     let records = batch_with_one_bad_record();
-    let mut states = StateMap::new();
+    let mut states = StateMap::default();
     let failures =
         offline::apply_chunk(&mut instance, &mut states, &records, AfterFailure::Continue)
             .expect("call");
@@ -452,7 +452,7 @@ fn the_network_is_not_reachable() {
         .expect("load")
         .instantiate(&serde_json::json!({ "mode": "connect", "address": address }).to_string())
         .expect("instantiate");
-    let mut states = StateMap::new();
+    let mut states = StateMap::default();
     let bad = records(&[("k", "bad")]);
     let failures =
         offline::apply_chunk(&mut instance, &mut states, &bad, AfterFailure::Stop).expect("call");
@@ -471,7 +471,7 @@ fn the_environment_is_empty() {
     // The host has variables; the plugin must see none.
     assert!(std::env::vars().next().is_some());
     let mut instance = hostile("env", RuntimeConfig::default());
-    let mut states = StateMap::new();
+    let mut states = StateMap::default();
     let bad = records(&[("k", "bad")]);
     let failures =
         offline::apply_chunk(&mut instance, &mut states, &bad, AfterFailure::Stop).expect("call");
@@ -515,7 +515,7 @@ fn compiled_plugins_are_cached_by_content_hash() {
         .expect("load");
     assert_eq!(second.metadata(), first.metadata());
     let mut instance = second.instantiate("{}").expect("instantiate");
-    let mut states = StateMap::new();
+    let mut states = StateMap::default();
     offline::apply_chunk(
         &mut instance,
         &mut states,

@@ -118,7 +118,7 @@ fn bench(c: &mut Criterion) {
             .expect("load");
         for batch in [1usize, 100, 1000] {
             let mut instance = loaded.instantiate(params).expect("instantiate");
-            let mut states = StateMap::new();
+            let mut states = StateMap::default();
             group.bench_function(BenchmarkId::new(format!("{name}/wasm"), batch), |b| {
                 b.iter(|| {
                     for chunk in records.chunks(batch) {

@@ -78,7 +78,7 @@ pub enum OnError {
 }
 
 /// States by key, in memory.
-pub type StateMap = HashMap<Vec<u8>, Vec<u8>>;
+pub type StateMap = HashMap<Vec<u8>, Vec<u8>, foldhash::fast::RandomState>;
 
 /// Applies one batch of `records`, grouped by Kafka key (null keys under the
 /// empty key), to `states`; returns the rejected records with the plugin's
@@ -138,7 +138,7 @@ pub fn run(
     on_error: OnError,
     mut report: impl FnMut(&SourceRecord, &str),
 ) -> anyhow::Result<BTreeMap<Vec<u8>, serde_json::Value>> {
-    let mut states = StateMap::new();
+    let mut states = StateMap::default();
     let after_failure = match on_error {
         OnError::Fail => AfterFailure::Stop,
         OnError::Skip => AfterFailure::Continue,
