@@ -538,3 +538,54 @@ fn a_file_that_is_not_a_plugin_is_refused_clearly() {
         .expect_err("missing file");
     assert!(missing.to_string().contains("missing.wasm"), "{missing}");
 }
+
+#[test]
+fn check_config_loads_every_plugin_and_checks_its_params() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = |params: &str| {
+        format!(
+            "[source]\nbrokers = \"127.0.0.1:9\"\ntopics = [\"t\"]\n\n[[aggregation]]\nname = \"spend\"\nplugin = {:?}\nparams = {params}\n",
+            plugin("stats")
+        )
+    };
+    let path = dir.path().join("wagg.toml");
+    let check = || {
+        Command::new(env!("CARGO_BIN_EXE_wagg"))
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .expect("run wagg")
+    };
+
+    std::fs::write(&path, config(r#"{ field = "/amount" }"#)).expect("write");
+    let ok = check();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("aggregation \"spend\": stats"));
+
+    std::fs::write(&path, config(r#"{ field = "amount" }"#)).expect("write");
+    let bad = check();
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("aggregation \"spend\"")
+            && stderr.contains("`field` must be a JSON pointer"),
+        "{stderr}"
+    );
+
+    std::fs::write(
+        &path,
+        config(r#"{ field = "/amount" }"#).replace("topics", "topicz"),
+    )
+    .expect("write");
+    let unknown = check();
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(!unknown.status.success());
+    assert!(
+        stderr.contains("wagg.toml") && stderr.contains("unknown field `topicz`"),
+        "{stderr}"
+    );
+}
