@@ -200,6 +200,43 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The framing both buffers share: a version byte, a group count, then the
+/// groups. After an error nothing more is read.
+struct Framing<'a> {
+    reader: Reader<'a>,
+    groups_left: u32,
+}
+
+impl<'a> Framing<'a> {
+    fn new(buf: &'a [u8]) -> Result<Self, DecodeError> {
+        let mut reader = Reader::new(buf);
+        reader.version()?;
+        let groups_left = reader.u32()?;
+        Ok(Self {
+            reader,
+            groups_left,
+        })
+    }
+
+    /// Reads the next group with `read`; `None` after the last one, when
+    /// trailing bytes are an error.
+    fn next<T>(
+        &mut self,
+        read: impl FnOnce(&mut Reader<'a>) -> Result<T, DecodeError>,
+    ) -> Option<Result<T, DecodeError>> {
+        if self.groups_left == 0 {
+            return self.reader.finish().err().map(Err);
+        }
+        self.groups_left -= 1;
+        let result = read(&mut self.reader);
+        if result.is_err() {
+            self.groups_left = 0;
+            self.reader.pos = self.reader.buf.len();
+        }
+        Some(result)
+    }
+}
+
 fn read_header<'a>(reader: &mut Reader<'a>) -> Result<Header<'a>, DecodeError> {
     let name = std::str::from_utf8(reader.bytes()?).map_err(|_| DecodeError::HeaderName)?;
     let value = reader.optional_bytes("header has-value")?;
@@ -376,8 +413,7 @@ impl BatchEncoder {
 
 /// Reads a batch buffer group by group.
 pub struct BatchDecoder<'a> {
-    reader: Reader<'a>,
-    groups_left: u32,
+    framing: Framing<'a>,
 }
 
 /// One key's records and current state.
@@ -391,50 +427,36 @@ pub struct Group<'a> {
 
 impl<'a> BatchDecoder<'a> {
     pub fn new(buf: &'a [u8]) -> Result<Self, DecodeError> {
-        let mut reader = Reader::new(buf);
-        reader.version()?;
-        let groups_left = reader.u32()?;
         Ok(Self {
-            reader,
-            groups_left,
+            framing: Framing::new(buf)?,
         })
     }
 
     pub fn group_count(&self) -> u32 {
-        self.groups_left
+        self.framing.groups_left
     }
 
     /// The next group, with its records validated; `None` after the last one
     /// (when trailing bytes are an error).
     pub fn next_group(&mut self) -> Option<Result<Group<'a>, DecodeError>> {
-        if self.groups_left == 0 {
-            return self.reader.finish().err().map(Err);
-        }
-        self.groups_left -= 1;
-        let result = self.read_group();
-        if result.is_err() {
-            self.groups_left = 0;
-            // Make sure a later call reports nothing more.
-            self.reader.pos = self.reader.buf.len();
-        }
-        Some(result)
+        self.framing.next(read_batch_group)
     }
+}
 
-    fn read_group(&mut self) -> Result<Group<'a>, DecodeError> {
-        let key = self.reader.bytes()?;
-        let state = self.reader.optional_bytes("has-state")?;
-        let record_count = self.reader.u32()?;
-        let start = self.reader.pos;
-        for _ in 0..record_count {
-            read_record(&mut self.reader, key)?;
-        }
-        Ok(Group {
-            key,
-            state,
-            record_count,
-            records: &self.reader.buf[start..self.reader.pos],
-        })
+fn read_batch_group<'a>(reader: &mut Reader<'a>) -> Result<Group<'a>, DecodeError> {
+    let key = reader.bytes()?;
+    let state = reader.optional_bytes("has-state")?;
+    let record_count = reader.u32()?;
+    let start = reader.pos;
+    for _ in 0..record_count {
+        read_record(reader, key)?;
     }
+    Ok(Group {
+        key,
+        state,
+        record_count,
+        records: &reader.buf[start..reader.pos],
+    })
 }
 
 impl<'a> Group<'a> {
@@ -582,61 +604,47 @@ impl ResultEncoder {
 
 /// Reads a result buffer. The host checks the group count against its batch.
 pub struct ResultDecoder<'a> {
-    reader: Reader<'a>,
-    groups_left: u32,
+    framing: Framing<'a>,
 }
 
 impl<'a> ResultDecoder<'a> {
     pub fn new(buf: &'a [u8]) -> Result<Self, DecodeError> {
-        let mut reader = Reader::new(buf);
-        reader.version()?;
-        let groups_left = reader.u32()?;
         Ok(Self {
-            reader,
-            groups_left,
+            framing: Framing::new(buf)?,
         })
     }
 
     pub fn group_count(&self) -> u32 {
-        self.groups_left
+        self.framing.groups_left
     }
 
     pub fn next_group(&mut self) -> Option<Result<GroupResult<'a>, DecodeError>> {
-        if self.groups_left == 0 {
-            return self.reader.finish().err().map(Err);
-        }
-        self.groups_left -= 1;
-        let result = self.read_group();
-        if result.is_err() {
-            self.groups_left = 0;
-            self.reader.pos = self.reader.buf.len();
-        }
-        Some(result)
+        self.framing.next(read_group_result)
     }
+}
 
-    fn read_group(&mut self) -> Result<GroupResult<'a>, DecodeError> {
-        let offset = self.reader.pos;
-        let change = match self.reader.u8()? {
-            CHANGE_UNCHANGED => StateChange::Unchanged,
-            CHANGE_SET => StateChange::Set(self.reader.bytes()?),
-            CHANGE_DELETE => StateChange::Delete,
-            value => {
-                return Err(DecodeError::InvalidTag {
-                    what: "state change",
-                    value,
-                    offset,
-                });
-            }
-        };
-        let failure = if self.reader.flag("failed")? {
-            let index = self.reader.u32()?;
-            let message = self.reader.bytes()?;
-            Some(RecordFailure { index, message })
-        } else {
-            None
-        };
-        Ok(GroupResult { change, failure })
-    }
+fn read_group_result<'a>(reader: &mut Reader<'a>) -> Result<GroupResult<'a>, DecodeError> {
+    let offset = reader.pos;
+    let change = match reader.u8()? {
+        CHANGE_UNCHANGED => StateChange::Unchanged,
+        CHANGE_SET => StateChange::Set(reader.bytes()?),
+        CHANGE_DELETE => StateChange::Delete,
+        value => {
+            return Err(DecodeError::InvalidTag {
+                what: "state change",
+                value,
+                offset,
+            });
+        }
+    };
+    let failure = if reader.flag("failed")? {
+        let index = reader.u32()?;
+        let message = reader.bytes()?;
+        Some(RecordFailure { index, message })
+    } else {
+        None
+    };
+    Ok(GroupResult { change, failure })
 }
 
 #[cfg(test)]
