@@ -1,0 +1,187 @@
+//! kill -9 at random moments, restart, and at the end every key's state must
+//! equal the truth computed here: nothing lost, nothing counted twice.
+//!
+//! Run it with `cargo test --release --test crash -- --ignored --nocapture`;
+//! the long version:
+//! `WAGG_CRASH_RECORDS=500000 WAGG_CRASH_KILLS=20 cargo test --release --test crash -- --ignored --nocapture`
+//! (`WAGG_CRASH_SEED=N` replays a run; the seed is printed).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::broker::{Broker, free_port};
+use common::wagg_process::Wagg;
+use common::{json_approx_eq, plugin};
+use serde_json::{Value, json};
+
+const PARTITIONS: u32 = 4;
+const KEYS: usize = 10_000;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// xorshift64*: a seeded, replayable source of kill times.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
+    }
+}
+
+#[test]
+#[ignore = "not yet in the default suite: one run (of four) hung after the last restart (no partitions assigned for 300 s); see issue 4 notes"]
+fn repeated_kill_9_loses_nothing_and_counts_nothing_twice() {
+    let records = env_or("WAGG_CRASH_RECORDS", 100_000) as usize;
+    let kills = env_or("WAGG_CRASH_KILLS", 5);
+    let seed = env_or(
+        "WAGG_CRASH_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1,
+    );
+    eprintln!(
+        "crash test: {records} records, {kills} kills, seed {seed} (WAGG_CRASH_SEED={seed} replays)"
+    );
+    let mut rng = Rng(seed);
+
+    let broker = Broker::start();
+    broker.create_topic("events", PARTITIONS);
+    let mut truth_count: BTreeMap<String, u64> = BTreeMap::new();
+    let mut truth_values: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let data: Vec<(i32, String, String)> = (0..records)
+        .map(|i| {
+            let key = format!("k{:05}", (i * 7919) % KEYS);
+            let amount = ((i * 37) % 1000) as f64 / 4.0;
+            *truth_count.entry(key.clone()).or_default() += 1;
+            truth_values.entry(key.clone()).or_default().push(amount);
+            // A key always goes to the same partition, as with Kafka's
+            // default partitioner.
+            let partition = ((i * 7919) % KEYS % PARTITIONS as usize) as i32;
+            (partition, key, json!({"amount": amount}).to_string())
+        })
+        .collect();
+    broker.produce("events", &data);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = format!(
+        r#"
+[source]
+brokers = "{}"
+group_id = "wagg-crash"
+topics = ["events"]
+[source.kafka]
+"session.timeout.ms" = 6000
+"heartbeat.interval.ms" = 500
+
+[state]
+dir = "state"
+
+[http]
+listen = "127.0.0.1:{port}"
+
+[batch]
+max_records = 500
+max_delay_ms = 20
+
+[[aggregation]]
+name = "count"
+plugin = {:?}
+
+[[aggregation]]
+name = "stats"
+plugin = {:?}
+params = {{ field = "/amount" }}
+"#,
+        broker.address,
+        plugin("count"),
+        plugin("stats")
+    );
+
+    let expected_applied: BTreeMap<String, u64> = [
+        ("count".to_owned(), records as u64),
+        ("stats".to_owned(), records as u64),
+    ]
+    .into();
+    let mut progress = Vec::new();
+    for kill in 0..kills {
+        let mut wagg = Wagg::start(dir.path(), &config, port);
+        // Even kills land in the group join / partition assignment; odd ones
+        // wait until records are being applied and land among batches and
+        // their writes.
+        let delay = if kill % 2 == 0 {
+            rng.below(800)
+        } else {
+            let before = wagg.applied().get("count").copied().unwrap_or(0);
+            let waiting = Instant::now();
+            while wagg.applied().get("count").copied().unwrap_or(0) == before
+                && before < records as u64
+                && waiting.elapsed() < Duration::from_secs(60)
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            rng.below(400)
+        };
+        std::thread::sleep(Duration::from_millis(delay));
+        let applied = wagg.applied();
+        wagg.kill();
+        for (name, n) in &applied {
+            assert!(
+                *n <= records as u64,
+                "{name} applied {n} of {records} records before the kill"
+            );
+        }
+        progress.push((delay, applied.get("count").copied().unwrap_or(0)));
+    }
+    eprintln!("crash test: (kill delay ms, records applied just before the kill): {progress:?}");
+
+    let wagg = Wagg::start(dir.path(), &config, port);
+    let started = Instant::now();
+    wagg.wait_for(
+        &expected_applied,
+        Duration::from_secs(env_or("WAGG_CRASH_CATCHUP_SECS", 300)),
+    );
+    eprintln!(
+        "crash test: caught up {:?} after the last restart",
+        started.elapsed()
+    );
+
+    let counts = wagg.all_states("count");
+    assert_eq!(counts.len(), truth_count.len());
+    for (key, n) in &truth_count {
+        assert_eq!(
+            counts.get(key),
+            Some(&json!({"count": n})),
+            "count of {key} (seed {seed})"
+        );
+    }
+    let stats = wagg.all_states("stats");
+    for (key, xs) in &truth_values {
+        let n = xs.len() as f64;
+        let mean = xs.iter().sum::<f64>() / n;
+        let variance = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
+        let want: Value = json!({
+            "count": xs.len(),
+            "min": xs.iter().copied().fold(f64::INFINITY, f64::min),
+            "max": xs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            "mean": mean,
+            "variance": variance,
+        });
+        let got = stats.get(key).unwrap_or(&Value::Null);
+        assert!(
+            json_approx_eq(got, &want),
+            "stats of {key}: got {got}, want {want} (seed {seed})"
+        );
+    }
+}
