@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::broker::{Broker, free_port};
 use common::wagg_process::Wagg;
-use common::{json_approx_eq, plugin};
+use common::{json_approx_eq, plugin, stats_json};
 use serde_json::{Value, json};
 
 const PARTITIONS: u32 = 4;
@@ -169,16 +169,7 @@ params = {{ field = "/amount" }}
     }
     let stats = wagg.all_states("stats");
     for (key, xs) in &truth_values {
-        let n = xs.len() as f64;
-        let mean = xs.iter().sum::<f64>() / n;
-        let variance = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
-        let want: Value = json!({
-            "count": xs.len(),
-            "min": xs.iter().copied().fold(f64::INFINITY, f64::min),
-            "max": xs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-            "mean": mean,
-            "variance": variance,
-        });
+        let want = stats_json(xs);
         let got = stats.get(key).unwrap_or(&Value::Null);
         assert!(
             json_approx_eq(got, &want),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::broker::{Broker, free_port};
 use common::wagg_process::Wagg;
-use common::{json_approx_eq, plugin};
+use common::{json_approx_eq, plugin, stats_json};
 use serde_json::{Value, json};
 
 const PARTITIONS: u32 = 4;
@@ -75,14 +75,7 @@ fn expected_stats(purchases: &[Purchase]) -> BTreeMap<String, Value> {
     }
     amounts
         .into_iter()
-        .map(|(k, xs)| {
-            let n = xs.len() as f64;
-            let mean = xs.iter().sum::<f64>() / n;
-            let variance = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
-            let min = xs.iter().copied().fold(f64::INFINITY, f64::min);
-            let max = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            (k, json!({"count": xs.len(), "min": min, "max": max, "mean": mean, "variance": variance}))
-        })
+        .map(|(k, xs)| (k, stats_json(&xs)))
         .collect()
 }
 

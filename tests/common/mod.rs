@@ -47,6 +47,21 @@ pub fn plugin(name: &str) -> PathBuf {
         .clone()
 }
 
+/// What the `stats` plugin should render for these values, computed the
+/// textbook way (two passes), independently of the plugin's Welford update.
+pub fn stats_json(xs: &[f64]) -> serde_json::Value {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let variance = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
+    serde_json::json!({
+        "count": xs.len(),
+        "min": xs.iter().copied().fold(f64::INFINITY, f64::min),
+        "max": xs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        "mean": mean,
+        "variance": variance,
+    })
+}
+
 /// JSON equality where numbers compare with a tolerance of 1e-9 (relative,
 /// absolute below 1)
 /// (floating-point sums depend on order of evaluation).
