@@ -1,9 +1,9 @@
 //! kill -9 at random moments, restart, and at the end every key's state must
 //! equal the truth computed here: nothing lost, nothing counted twice.
 //!
-//! Run it with `cargo test --release --test crash -- --ignored --nocapture`;
-//! the long version:
-//! `WAGG_CRASH_RECORDS=500000 WAGG_CRASH_KILLS=20 cargo test --release --test crash -- --ignored --nocapture`
+//! The default (100,000 records, 5 kills) runs with the suite; the long
+//! version:
+//! `WAGG_CRASH_RECORDS=500000 WAGG_CRASH_KILLS=20 cargo test --release --test crash -- --nocapture`
 //! (`WAGG_CRASH_SEED=N` replays a run; the seed is printed).
 
 mod common;
@@ -39,7 +39,6 @@ impl Rng {
 }
 
 #[test]
-#[ignore = "a restarted member can be left with an empty assignment after kill -9 (dead member not expired by tansu); see issue 4 notes"]
 fn repeated_kill_9_loses_nothing_and_counts_nothing_twice() {
     let records = env_or("WAGG_CRASH_RECORDS", 100_000) as usize;
     let kills = env_or("WAGG_CRASH_KILLS", 5);
@@ -75,16 +74,21 @@ fn repeated_kill_9_loses_nothing_and_counts_nothing_twice() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
-    let config = format!(
-        r#"
+    // Each run joins a fresh consumer group. tansu 0.6's group coordinator
+    // never hands a SIGKILLed member's partitions to anyone else when the dead
+    // member expires while the group is stable (its heartbeat path prunes the
+    // member without starting a new generation, and a pruned leader can stay
+    // "leader" forever), so a restarted member may wait for ever; Apache Kafka
+    // expires the member after `session.timeout.ms` and rebalances. The group
+    // id has no bearing on what wagg applies: start offsets come from the
+    // state store, and commits to the group are for monitoring only.
+    let config = |run: u64| {
+        format!(
+            r#"
 [source]
 brokers = "{}"
-group_id = "wagg-crash"
+group_id = "wagg-crash-{run}"
 topics = ["events"]
-[source.kafka]
-"session.timeout.ms" = 6000
-"heartbeat.interval.ms" = 500
-"max.poll.interval.ms" = 10000
 
 [state]
 dir = "state"
@@ -105,10 +109,11 @@ name = "stats"
 plugin = {:?}
 params = {{ field = "/amount" }}
 "#,
-        broker.address,
-        plugin("count"),
-        plugin("stats")
-    );
+            broker.address,
+            plugin("count"),
+            plugin("stats")
+        )
+    };
 
     let expected_applied: BTreeMap<String, u64> = [
         ("count".to_owned(), records as u64),
@@ -117,7 +122,7 @@ params = {{ field = "/amount" }}
     .into();
     let mut progress = Vec::new();
     for kill in 0..kills {
-        let mut wagg = Wagg::start(dir.path(), &config, port);
+        let mut wagg = Wagg::start(dir.path(), &config(kill), port);
         // Even kills land in the group join / partition assignment; odd ones
         // wait until records are being applied and land among batches and
         // their writes.
@@ -147,7 +152,7 @@ params = {{ field = "/amount" }}
     }
     eprintln!("crash test: (kill delay ms, records applied just before the kill): {progress:?}");
 
-    let wagg = Wagg::start(dir.path(), &config, port);
+    let wagg = Wagg::start(dir.path(), &config(kills), port);
     let started = Instant::now();
     wagg.wait_for(
         &expected_applied,
