@@ -208,6 +208,7 @@ async fn list_aggregations(State(state): State<Arc<ApiState>>) -> Result<Json<Va
             "keys_estimate": state.store.estimate_keys(&config.name)?,
             "records_applied": counters.records_applied,
             "records_failed": counters.records_failed,
+            "records_dead_lettered": counters.records_dead_lettered,
             "partitions": lag,
         }));
     }

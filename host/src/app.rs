@@ -9,10 +9,11 @@ use anyhow::Context;
 
 use crate::api::{ApiState, QueryableAggregation};
 use crate::config::Config;
+use crate::dead_letter::DeadLetterSink;
 use crate::pipeline::{Aggregation, Pipeline};
 use crate::plugin::{LoadedPlugin, PluginRuntime};
 use crate::source::KafkaSource;
-use crate::status::{AggregationCounters, Status};
+use crate::status::Status;
 use crate::store::{AggregationMeta, StateStore, StoreOptions};
 
 /// Loads every configured plugin and checks its params: all that
@@ -71,17 +72,14 @@ pub fn run(
                 content_hash: plugin.content_hash().to_owned(),
             },
         )?;
-        let (records_applied, records_failed) = store.counters(&aggregation.name)?;
+        let counters = store.counters(&aggregation.name)?;
         let instance = plugin.instantiate(&aggregation.params_json())?;
         aggregations.push(Aggregation::new(
             aggregation.clone(),
             plugin.clone(),
             instance,
             cache_entries,
-            AggregationCounters {
-                records_applied,
-                records_failed,
-            },
+            counters,
         ));
         queryable.push(QueryableAggregation::new(aggregation.clone(), plugin));
     }
@@ -89,12 +87,21 @@ pub fn run(
         status.set_next_offset(&topic, partition, next);
     }
 
+    let dead_letters = DeadLetterSink::from_config(&config, status.clone())?;
+    if let Some(sink) = &dead_letters {
+        sink.check_topic(Duration::from_secs(10))?;
+        tracing::info!(
+            topic = sink.topic(),
+            "rejected records go to the dead-letter topic"
+        );
+    }
     let source = KafkaSource::new(&config, store.clone(), status.clone())?;
     let pipeline = Pipeline::new(
         source,
         store.clone(),
         status.clone(),
         aggregations,
+        dead_letters,
         config.batch.clone(),
     );
 

@@ -6,6 +6,7 @@ pub mod api;
 pub mod app;
 pub mod batcher;
 pub mod config;
+pub mod dead_letter;
 pub mod demo;
 pub mod pipeline;
 pub mod plugin;

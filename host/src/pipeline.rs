@@ -20,6 +20,7 @@ use lru::LruCache;
 
 use crate::batcher::group_by_key;
 use crate::config::{AggregationConfig, BatchConfig, OnError};
+use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterSink};
 use crate::plugin::{AfterFailure, CallError, Change, GroupInput, LoadedPlugin, PluginInstance};
 use crate::record::SourceRecord;
 use crate::source::{KafkaSource, PartitionEvent};
@@ -45,6 +46,8 @@ pub enum PipelineError {
     },
     #[error("writing state: {0}")]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    DeadLetter(#[from] DeadLetterError),
 }
 
 /// One configured aggregation as the consumer loop runs it.
@@ -79,7 +82,7 @@ impl Aggregation {
     fn after_failure(&self) -> AfterFailure {
         match self.config.on_error {
             OnError::Fail => AfterFailure::Stop,
-            OnError::Skip => AfterFailure::Continue,
+            OnError::Skip | OnError::DeadLetter => AfterFailure::Continue,
         }
     }
 }
@@ -89,6 +92,7 @@ pub struct Pipeline {
     store: Arc<StateStore>,
     status: Arc<Status>,
     aggregations: Vec<Aggregation>,
+    dead_letters: Option<DeadLetterSink>,
     batch: BatchConfig,
     /// Next offset to apply per partition, for partitions this member owns.
     next_offsets: HashMap<(Arc<str>, i32), i64>,
@@ -109,6 +113,7 @@ impl Pipeline {
         store: Arc<StateStore>,
         status: Arc<Status>,
         aggregations: Vec<Aggregation>,
+        dead_letters: Option<DeadLetterSink>,
         batch: BatchConfig,
     ) -> Self {
         for aggregation in &aggregations {
@@ -119,6 +124,7 @@ impl Pipeline {
             store,
             status,
             aggregations,
+            dead_letters,
             batch,
             next_offsets: HashMap::new(),
             topic_ids: HashMap::new(),
@@ -136,7 +142,7 @@ impl Pipeline {
                 continue;
             }
             let batch = std::mem::take(&mut self.pending);
-            if let Err(e) = self.process(&batch) {
+            if let Err(e) = self.process(&batch, shutdown) {
                 tracing::error!(error = %e, "consumer stopped");
                 self.status.set_fatal(e.to_string());
                 return Err(e);
@@ -231,8 +237,13 @@ impl Pipeline {
         Ok(id)
     }
 
-    /// Applies one batch to every aggregation and writes the result.
-    fn process(&mut self, batch: &[SourceRecord]) -> Result<(), PipelineError> {
+    /// Applies one batch to every aggregation, delivers its dead letters,
+    /// and writes the result.
+    fn process(
+        &mut self,
+        batch: &[SourceRecord],
+        shutdown: &AtomicBool,
+    ) -> Result<(), PipelineError> {
         let mut partitions: BTreeMap<(Arc<str>, i32), i64> = BTreeMap::new();
         for record in batch {
             let next = partitions
@@ -256,6 +267,7 @@ impl Pipeline {
         let mut write = store.batch();
         let mut cache_updates = Vec::new();
         let mut counters = Vec::with_capacity(self.aggregations.len());
+        let mut letters = Vec::new();
         for (index, aggregation) in self.aggregations.iter_mut().enumerate() {
             let updated = apply_aggregation(
                 index,
@@ -265,8 +277,17 @@ impl Pipeline {
                 &store,
                 &mut write,
                 &mut cache_updates,
+                &mut letters,
             )?;
             counters.push(updated);
+        }
+        if !letters.is_empty() {
+            // Acknowledged before the offsets move past them: at least once.
+            let sink = self
+                .dead_letters
+                .as_ref()
+                .ok_or(DeadLetterError::NotConfigured)?;
+            sink.deliver(&letters, shutdown)?;
         }
         for ((topic, partition), next) in &partitions {
             let slot = slots[&(topic.clone(), *partition)];
@@ -327,21 +348,24 @@ fn group_key<'r>(
 }
 
 /// Runs the records of `batch` that `aggregation` consumes through its
-/// plugin and stages the resulting state changes in `write`. Returns the
+/// plugin and stages the resulting state changes in `write` (and rejected
+/// records in `letters`, under `on_error = "dead-letter"`). Returns the
 /// aggregation's counters as they will be once `write` is written.
-fn apply_aggregation(
+#[allow(clippy::too_many_arguments)]
+fn apply_aggregation<'b>(
     index: usize,
     aggregation: &mut Aggregation,
-    batch: &[SourceRecord],
+    batch: &'b [SourceRecord],
     slots: &HashMap<(Arc<str>, i32), Slot>,
     store: &StateStore,
     write: &mut crate::store::StateBatch<'_>,
     cache_updates: &mut Vec<CacheUpdate>,
+    letters: &mut Vec<DeadLetter<'b>>,
 ) -> Result<AggregationCounters, PipelineError> {
     let name = aggregation.config.name.clone();
     let after_failure = aggregation.after_failure();
     let mut counters = aggregation.counters;
-    let mut rejected: Vec<(&SourceRecord, String)> = Vec::new();
+    let mut rejected: Vec<(&'b SourceRecord, String)> = Vec::new();
     let mut keyed = Vec::new();
     for record in batch
         .iter()
@@ -414,7 +438,18 @@ fn apply_aggregation(
         });
     }
     for (record, message) in &rejected {
-        tracing::warn!(aggregation = %name, position = %record.position(), %message, "record skipped");
+        tracing::warn!(aggregation = %name, position = %record.position(), %message, policy = ?aggregation.config.on_error, "record rejected");
+    }
+    if aggregation.config.on_error == OnError::DeadLetter {
+        let metadata = aggregation.plugin.metadata();
+        counters.records_dead_lettered += rejected.len() as u64;
+        letters.extend(rejected.iter().map(|(record, message)| DeadLetter {
+            aggregation: name.clone(),
+            plugin: metadata.name.clone(),
+            plugin_version: metadata.version.clone(),
+            error: message.clone(),
+            record,
+        }));
     }
 
     for ((((slot, key), _), store_key), change) in
@@ -439,6 +474,6 @@ fn apply_aggregation(
     }
     counters.records_failed += rejected.len() as u64;
     counters.records_applied += (considered - rejected.len()) as u64;
-    write.set_counters(&name, counters.records_applied, counters.records_failed);
+    write.set_counters(&name, &counters);
     Ok(counters)
 }

@@ -21,11 +21,7 @@ struct Inner {
     partitions: BTreeMap<(String, i32), PartitionProgress>,
 }
 
-#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
-pub struct AggregationCounters {
-    pub records_applied: u64,
-    pub records_failed: u64,
-}
+pub use crate::store::AggregationCounters;
 
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
 pub struct PartitionProgress {

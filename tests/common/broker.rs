@@ -2,7 +2,7 @@
 //! stopped when dropped.
 
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -42,43 +42,61 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+fn spawn_tansu(binary: &Path, address: &str, dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("tansu.log"))
+        .expect("log file");
+    let child = Command::new(binary)
+        .arg("broker")
+        .args(["--listener-url", &format!("tcp://{address}")])
+        .args(["--advertised-listener-url", &format!("tcp://{address}")])
+        .args(["--storage-engine", "sqlite://tansu.db"])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start the test broker {}: {e}. Install it with `scripts/setup.sh --broker` or set WAGG_TANSU",
+                binary.display()
+            )
+        });
+    let started = Instant::now();
+    while TcpStream::connect(address).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "tansu did not start listening"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
 impl Broker {
     pub fn start() -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let address = format!("127.0.0.1:{port}");
+        let address = format!("127.0.0.1:{}", free_port());
         let binary = tansu_binary();
-        let log = std::fs::File::create(dir.path().join("tansu.log")).expect("log file");
-        let child = Command::new(&binary)
-            .arg("broker")
-            .args(["--listener-url", &format!("tcp://{address}")])
-            .args(["--advertised-listener-url", &format!("tcp://{address}")])
-            .args(["--storage-engine", "sqlite://tansu.db"])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start the test broker {}: {e}. Install it with `scripts/setup.sh --broker` or set WAGG_TANSU",
-                    binary.display()
-                )
-            });
-        let broker = Broker {
+        let child = spawn_tansu(&binary, &address, dir.path());
+        Broker {
             child,
             address,
             binary,
             _dir: dir,
-        };
-        let started = Instant::now();
-        while TcpStream::connect(&broker.address).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "tansu did not start listening"
-            );
-            std::thread::sleep(Duration::from_millis(50));
         }
-        broker
+    }
+
+    /// Kills the broker (its data stays on disk).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the broker again on the same address and data.
+    pub fn restart(&mut self) {
+        self.child = spawn_tansu(&self.binary, &self.address, self._dir.path());
     }
 
     pub fn create_topic(&self, name: &str, partitions: u32) {

@@ -34,6 +34,9 @@ pub struct Config {
     pub batch: BatchConfig,
     #[serde(default)]
     pub plugins: PluginLimits,
+    /// Where records that a plugin rejects go, for aggregations whose
+    /// `on_error` is `dead-letter` (the default when this is set).
+    pub dead_letter: Option<DeadLetterConfig>,
     #[serde(rename = "aggregation", default)]
     pub aggregations: Vec<AggregationConfig>,
     /// Directory of the config file; plugin paths are relative to it.
@@ -211,6 +214,26 @@ impl Default for PluginLimits {
     }
 }
 
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// The topic rejected records are produced to. It must exist.
+    pub topic: String,
+    /// librdkafka producer properties for the dead-letter producer, on top
+    /// of the `security.*`, `sasl.*` and `ssl.*` ones of `[source.kafka]`.
+    #[serde(default)]
+    pub kafka: BTreeMap<String, toml::Value>,
+}
+
+impl fmt::Debug for DeadLetterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadLetterConfig")
+            .field("topic", &self.topic)
+            .field("kafka", &self.kafka.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
 /// What to do when a plugin rejects (or traps on) a record.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -220,6 +243,8 @@ pub enum OnError {
     Fail,
     /// Log and count the record, and apply the rest.
     Skip,
+    /// Send the record to the dead-letter topic, and apply the rest.
+    DeadLetter,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -234,7 +259,12 @@ pub struct AggregationConfig {
     /// Re-key records by this JSON pointer into the value; default: the
     /// record's Kafka key.
     pub key: Option<String>,
-    #[serde(default)]
+    /// As written in the file; `on_error` is what applies.
+    #[serde(rename = "on_error", default)]
+    on_error_setting: Option<OnError>,
+    /// `on_error` if set, else `dead-letter` when `[dead_letter]` is
+    /// configured, else `fail`. Resolved when the file is parsed.
+    #[serde(skip)]
     pub on_error: OnError,
     /// Passed to the plugin's `configure` as JSON.
     #[serde(default)]
@@ -272,6 +302,13 @@ impl Config {
             toml::from_str(text).map_err(|e| error(describe_toml_error(&e, text)))?;
         config.base_dir = base_dir.to_owned();
         config.validate().map_err(error)?;
+        let default_on_error = match config.dead_letter {
+            Some(_) => OnError::DeadLetter,
+            None => OnError::Fail,
+        };
+        for aggregation in &mut config.aggregations {
+            aggregation.on_error = aggregation.on_error_setting.unwrap_or(default_on_error);
+        }
         Ok(config)
     }
 
@@ -300,12 +337,24 @@ impl Config {
                 ));
             }
         }
-        for (name, value) in &source.kafka {
-            if kafka_value(value).is_none() {
+        check_kafka_values("source.kafka", &source.kafka)?;
+        if let Some(dead_letter) = &self.dead_letter {
+            if dead_letter.topic.is_empty() {
+                return Err("`dead_letter.topic` is empty".into());
+            }
+            if source.topics.contains(&dead_letter.topic) {
                 return Err(format!(
-                    "`source.kafka.\"{name}\"` must be a string, number or boolean"
+                    "`dead_letter.topic` {:?} is also in `source.topics`: rejected records would be consumed again",
+                    dead_letter.topic
                 ));
             }
+            if dead_letter.kafka.contains_key("bootstrap.servers") {
+                return Err(
+                    "`dead_letter.kafka.\"bootstrap.servers\"` is managed by wagg (the dead-letter topic lives on `source.brokers`)"
+                        .into(),
+                );
+            }
+            check_kafka_values("dead_letter.kafka", &dead_letter.kafka)?;
         }
         if self.batch.max_records == 0 {
             return Err("`batch.max_records` must be at least 1".into());
@@ -346,6 +395,13 @@ impl Config {
                     "{at}.topic {topic:?} (aggregation {name:?}) is not in `source.topics`"
                 ));
             }
+            if aggregation.on_error_setting == Some(OnError::DeadLetter)
+                && self.dead_letter.is_none()
+            {
+                return Err(format!(
+                    "{at}.on_error = \"dead-letter\" (aggregation {name:?}) needs a `[dead_letter]` section with the topic to send rejected records to"
+                ));
+            }
             if let Some(key) = &aggregation.key
                 && !key.starts_with('/')
             {
@@ -374,12 +430,41 @@ impl Config {
         }
     }
 
+    /// Properties of the dead-letter producer: the security settings of
+    /// `[source.kafka]` (the same cluster, the same credentials), then
+    /// `[dead_letter.kafka]`.
+    pub fn dead_letter_properties(&self) -> Vec<(&str, String)> {
+        let inherited = self.kafka_properties().filter(|(name, _)| {
+            ["security.", "sasl.", "ssl.", "client.id"]
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+        });
+        let own = self.dead_letter.iter().flat_map(|d| {
+            d.kafka
+                .iter()
+                .filter_map(|(k, v)| kafka_value(v).map(|v| (k.as_str(), v)))
+        });
+        inherited.chain(own).collect()
+    }
+
     /// `[source.kafka]` as librdkafka properties.
     pub fn kafka_properties(&self) -> impl Iterator<Item = (&str, String)> {
         self.source
             .kafka
             .iter()
             .filter_map(|(k, v)| kafka_value(v).map(|v| (k.as_str(), v)))
+    }
+}
+
+fn check_kafka_values(
+    section: &str,
+    properties: &BTreeMap<String, toml::Value>,
+) -> Result<(), String> {
+    match properties.iter().find(|(_, v)| kafka_value(v).is_none()) {
+        Some((name, _)) => Err(format!(
+            "`{section}.\"{name}\"` must be a string, number or boolean"
+        )),
+        None => Ok(()),
     }
 }
 

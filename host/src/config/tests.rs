@@ -167,7 +167,77 @@ fn secrets_never_appear_in_errors_or_debug_output() {
     assert!(message.contains("sasl.password"), "{message}");
 }
 
+#[test]
+fn on_error_defaults_to_dead_letter_only_when_a_topic_is_configured() {
+    let with_dlq = format!(
+        "{MINIMAL}\n[[aggregation]]\nname = \"b\"\nplugin = \"x.wasm\"\non_error = \"skip\"\n\n[dead_letter]\ntopic = \"wagg-dlq\"\n[dead_letter.kafka]\n\"acks\" = \"all\"\n\"sasl.password\" = \"dlq-secret\"\n\n[source.kafka]\n\"sasl.username\" = \"me\"\n\"fetch.min.bytes\" = 1\n"
+    );
+    let config = parse(&with_dlq).expect("valid");
+    assert_eq!(config.aggregations[0].on_error, OnError::DeadLetter);
+    assert_eq!(config.aggregations[1].on_error, OnError::Skip);
+    assert_eq!(
+        config.dead_letter_properties(),
+        vec![
+            ("sasl.username", "me".to_owned()),
+            ("acks", "all".to_owned()),
+            ("sasl.password", "dlq-secret".to_owned()),
+        ]
+    );
+    assert!(!format!("{config:?}").contains("dlq-secret"));
+
+    let without = error(&format!("{MINIMAL}on_error = \"dead-letter\"\n"));
+    assert!(
+        without.contains("`aggregation[0]`.on_error = \"dead-letter\"")
+            && without.contains("`[dead_letter]`"),
+        "{without}"
+    );
+    let looping = error(&format!(
+        "{MINIMAL}\n[dead_letter]\ntopic = \"purchases\"\n"
+    ));
+    assert!(
+        looping.contains("`dead_letter.topic` \"purchases\" is also in `source.topics`"),
+        "{looping}"
+    );
+    let unknown_policy = error(&format!("{MINIMAL}on_error = \"retry\"\n"));
+    assert!(unknown_policy.contains("(`on_error`)"), "{unknown_policy}");
+}
+
+/// Fields of MINIMAL-plus-sections and a value of the wrong type for each.
+const TYPED_FIELDS: &[(&str, &str, &str)] = &[
+    ("source", "brokers", "1"),
+    ("source", "group_id", "[]"),
+    ("source", "topics", "\"t\""),
+    ("source", "start_from", "\"middle\""),
+    ("state", "dir", "3"),
+    ("state", "cache_entries", "-1"),
+    ("state", "block_cache_mib", "\"big\""),
+    ("state", "sync_writes", "\"yes\""),
+    ("http", "listen", "\"localhost\""),
+    ("http", "max_page", "0.5"),
+    ("batch", "max_records", "\"many\""),
+    ("batch", "max_delay_ms", "-5"),
+    ("plugins", "memory_limit_mib", "true"),
+    ("plugins", "call_timeout_ms", "{}"),
+    ("plugins", "max_state_bytes", "[1]"),
+    ("dead_letter", "topic", "7"),
+];
+
 proptest! {
+    /// A wrong value for any field is refused with an error that names it.
+    #[test]
+    fn every_rejected_field_is_named(index in 0..TYPED_FIELDS.len()) {
+        let (section, field, bad) = TYPED_FIELDS[index];
+        let text = if section == "source" {
+            MINIMAL.replacen("[source]\n", &format!("[source]\n{field} = {bad}\n"), 1)
+                .replacen(&format!("\n{field} = \"127.0.0.1:9092\""), "\n", 1)
+                .replacen(&format!("\n{field} = [\"purchases\"]"), "\n", 1)
+        } else {
+            format!("{MINIMAL}\n[{section}]\n{field} = {bad}\n")
+        };
+        let message = error(&text);
+        prop_assert!(message.contains(field), "{text}\n=> {message}");
+    }
+
     /// Arbitrary text never panics the parser, and a rejection always says
     /// which file it is about.
     #[test]

@@ -4,4 +4,4 @@
 
 pub mod kafka;
 
-pub use kafka::{KafkaSource, PartitionEvent};
+pub use kafka::{KafkaSource, PartitionEvent, log_librdkafka};

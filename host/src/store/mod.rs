@@ -33,6 +33,18 @@ const OFFSET_PREFIX: &[u8] = b"offset\0";
 const AGG_META_PREFIX: &[u8] = b"aggregation\0";
 const APPLIED_PREFIX: &[u8] = b"applied\0";
 const FAILED_PREFIX: &[u8] = b"failed\0";
+const DEAD_LETTERED_PREFIX: &[u8] = b"dead-lettered\0";
+
+/// Per-aggregation record counters, stored with the state they describe.
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct AggregationCounters {
+    /// Records whose effect is in the state.
+    pub records_applied: u64,
+    /// Records the plugin rejected (skipped or dead-lettered).
+    pub records_failed: u64,
+    /// Of `records_failed`, those sent to the dead-letter topic.
+    pub records_dead_lettered: u64,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -355,8 +367,7 @@ impl StateStore {
         Ok(out)
     }
 
-    /// Counters of an aggregation: records applied and records failed.
-    pub fn counters(&self, aggregation: &str) -> Result<(u64, u64), StoreError> {
+    pub fn counters(&self, aggregation: &str) -> Result<AggregationCounters, StoreError> {
         let read = |prefix: &[u8]| -> Result<u64, StoreError> {
             let value = self
                 .db
@@ -366,7 +377,11 @@ impl StateStore {
                 .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
                 .map_or(0, u64::from_be_bytes))
         };
-        Ok((read(APPLIED_PREFIX)?, read(FAILED_PREFIX)?))
+        Ok(AggregationCounters {
+            records_applied: read(APPLIED_PREFIX)?,
+            records_failed: read(FAILED_PREFIX)?,
+            records_dead_lettered: read(DEAD_LETTERED_PREFIX)?,
+        })
     }
 
     /// One state.
@@ -541,18 +556,19 @@ impl StateBatch<'_> {
     }
 
     /// Sets the aggregation's counters to these totals.
-    pub fn set_counters(&mut self, aggregation: &str, applied: u64, failed: u64) {
+    pub fn set_counters(&mut self, aggregation: &str, counters: &AggregationCounters) {
         let meta = self.store.meta();
-        self.batch.put_cf(
-            meta,
-            meta_key(APPLIED_PREFIX, aggregation.as_bytes()),
-            applied.to_be_bytes(),
-        );
-        self.batch.put_cf(
-            meta,
-            meta_key(FAILED_PREFIX, aggregation.as_bytes()),
-            failed.to_be_bytes(),
-        );
+        for (prefix, value) in [
+            (APPLIED_PREFIX, counters.records_applied),
+            (FAILED_PREFIX, counters.records_failed),
+            (DEAD_LETTERED_PREFIX, counters.records_dead_lettered),
+        ] {
+            self.batch.put_cf(
+                meta,
+                meta_key(prefix, aggregation.as_bytes()),
+                value.to_be_bytes(),
+            );
+        }
     }
 
     pub fn is_empty(&self) -> bool {

@@ -28,7 +28,14 @@ fn states_offsets_and_counters_commit_together_and_survive_reopen() {
         batch.put_state("a", slot, b"k1", b"s1").unwrap();
         batch.put_state("b", Slot::REKEYED, b"k2", b"s2").unwrap();
         batch.set_offset(t, 3, 42);
-        batch.set_counters("a", 10, 1);
+        batch.set_counters(
+            "a",
+            &AggregationCounters {
+                records_applied: 10,
+                records_failed: 1,
+                records_dead_lettered: 1,
+            },
+        );
         // Nothing is visible before the write.
         assert_eq!(store.get("a", slot, b"k1").unwrap(), None);
         store.write(batch).expect("write");
@@ -46,8 +53,15 @@ fn states_offsets_and_counters_commit_together_and_survive_reopen() {
         store.offsets().unwrap(),
         BTreeMap::from([(("orders".to_owned(), 3), 42)])
     );
-    assert_eq!(store.counters("a").unwrap(), (10, 1));
-    assert_eq!(store.counters("b").unwrap(), (0, 0));
+    assert_eq!(
+        store.counters("a").unwrap(),
+        AggregationCounters {
+            records_applied: 10,
+            records_failed: 1,
+            records_dead_lettered: 1,
+        }
+    );
+    assert_eq!(store.counters("b").unwrap(), AggregationCounters::default());
 }
 
 #[test]

@@ -1,0 +1,337 @@
+//! Faults, end to end against the real broker and binary: poison records
+//! (dead-letter and fail policies), a broker outage, storage faults and
+//! shutdown deadlines. Each test asserts exact final states.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::broker::{Broker, free_port};
+use common::wagg_process::Wagg;
+use common::{json_approx_eq, plugin, stats_json};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::{Value, json};
+
+const CATCH_UP: Duration = Duration::from_secs(120);
+
+fn config(broker: &Broker, http_port: u16, extra: &str, aggregations: &str) -> String {
+    format!(
+        r#"
+[source]
+brokers = "{}"
+group_id = "wagg-faults"
+topics = ["events"]
+
+[state]
+dir = "state"
+
+[http]
+listen = "127.0.0.1:{http_port}"
+
+[batch]
+max_records = 200
+max_delay_ms = 20
+{extra}
+{aggregations}"#,
+        broker.address
+    )
+}
+
+fn count_and_stats() -> String {
+    format!(
+        r#"
+[[aggregation]]
+name = "count"
+plugin = {:?}
+
+[[aggregation]]
+name = "stats"
+plugin = {:?}
+params = {{ field = "/amount" }}
+"#,
+        plugin("count"),
+        plugin("stats")
+    )
+}
+
+/// `(partition, key, value)`: `n` records over `keys` keys and 2
+/// partitions; the values of records whose index `poison` picks are not
+/// JSON, so `stats` rejects them.
+fn events(n: usize, keys: usize, poison: impl Fn(usize) -> bool) -> Vec<(i32, String, String)> {
+    (0..n)
+        .map(|i| {
+            let k = (i * 7) % keys;
+            let value = if poison(i) {
+                "bad".to_owned()
+            } else {
+                json!({ "amount": (i % 100) as f64 / 2.0 }).to_string()
+            };
+            ((k % 2) as i32, format!("k{k:03}"), value)
+        })
+        .collect()
+}
+
+fn amount(value: &str) -> Option<f64> {
+    serde_json::from_str::<Value>(value)
+        .ok()
+        .and_then(|v| v["amount"].as_f64())
+}
+
+fn assert_exact(wagg: &Wagg, data: &[(i32, String, String)]) {
+    let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut amounts: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for (_, key, value) in data {
+        *counts.entry(key).or_default() += 1;
+        if let Some(x) = amount(value) {
+            amounts.entry(key).or_default().push(x);
+        }
+    }
+    let got = wagg.all_states("count");
+    assert_eq!(got.len(), counts.len(), "count: number of keys");
+    for (key, n) in counts {
+        assert_eq!(got.get(key), Some(&json!({ "count": n })), "count of {key}");
+    }
+    let got = wagg.all_states("stats");
+    for (key, xs) in amounts {
+        let want = stats_json(&xs);
+        let have = got.get(key).unwrap_or(&Value::Null);
+        assert!(
+            json_approx_eq(have, &want),
+            "stats of {key}: {have} != {want}"
+        );
+    }
+}
+
+/// One dead letter as the test reads it back.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Letter {
+    aggregation: String,
+    source_partition: i32,
+    source_offset: i64,
+    key: String,
+    value: String,
+    error: String,
+    plugin: String,
+}
+
+/// Reads `want` dead letters (or fails after 30 s).
+fn read_dead_letters(broker: &Broker, topic: &str, want: usize) -> Vec<Letter> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.address)
+        .set("group.id", "dead-letter-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, 0, Offset::Beginning)
+        .expect("partition");
+    consumer.assign(&assignment).expect("assign");
+    let mut letters = Vec::new();
+    let started = Instant::now();
+    while letters.len() < want {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "only {} of {want} dead letters arrived: {letters:?}",
+            letters.len()
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = message.expect("dead-letter topic readable");
+        let mut headers = BTreeMap::new();
+        if let Some(list) = message.headers() {
+            for header in list.iter() {
+                let value = header
+                    .value
+                    .map(|v| String::from_utf8_lossy(v).into_owned());
+                headers.insert(header.key.to_owned(), value.unwrap_or_default());
+            }
+        }
+        let header = |name: &str| headers.get(name).cloned().unwrap_or_default();
+        letters.push(Letter {
+            aggregation: header("wagg.aggregation"),
+            source_partition: header("wagg.source.partition").parse().unwrap_or(-1),
+            source_offset: header("wagg.source.offset").parse().unwrap_or(-1),
+            key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+            value: String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
+            error: header("wagg.error"),
+            plugin: format!(
+                "{} {}",
+                header("wagg.plugin"),
+                header("wagg.plugin.version")
+            ),
+        });
+        assert_eq!(header("wagg.source.topic"), "events");
+    }
+    letters
+}
+
+/// Where each produced record landed: `(partition, offset)` by index,
+/// counting per partition as the broker assigns offsets.
+fn positions(data: &[(i32, String, String)]) -> Vec<(i32, i64)> {
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    data.iter()
+        .map(|(p, _, _)| {
+            let offset = next.entry(*p).or_default();
+            *offset += 1;
+            (*p, *offset - 1)
+        })
+        .collect()
+}
+
+#[test]
+fn poison_records_go_to_the_dead_letter_topic_and_the_rest_is_applied_once() {
+    let broker = Broker::start();
+    broker.create_topic("events", 2);
+    broker.create_topic("dead-letters", 1);
+    let poison = |i: usize| i % 97 == 13;
+    let data = events(3000, 40, poison);
+    broker.produce("events", &data);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let aggregations = format!(
+        "{}\n[[aggregation]]\nname = \"trap\"\nplugin = {:?}\nparams = {{ mode = \"panic\" }}\n",
+        count_and_stats(),
+        plugin("hostile")
+    );
+    let wagg = Wagg::start(
+        dir.path(),
+        &config(
+            &broker,
+            port,
+            "[dead_letter]\ntopic = \"dead-letters\"\n",
+            &aggregations,
+        ),
+        port,
+    );
+    let bad: Vec<usize> = (0..data.len()).filter(|&i| poison(i)).collect();
+    let total = data.len() as u64;
+    let good = total - bad.len() as u64;
+    wagg.wait_for(
+        &[
+            ("count".to_owned(), total),
+            ("stats".to_owned(), good),
+            ("trap".to_owned(), good),
+        ]
+        .into(),
+        CATCH_UP,
+    );
+    assert_exact(&wagg, &data);
+    // The trapping plugin's state counts exactly the records it did not
+    // trap on: each trap was isolated to its record.
+    let mut trap_counts: BTreeMap<&str, u64> = BTreeMap::new();
+    for (_, key, value) in &data {
+        if value != "bad" {
+            *trap_counts.entry(key).or_default() += 1;
+        }
+    }
+    for (key, state) in wagg.all_states("trap") {
+        assert_eq!(
+            state["count"],
+            json!(trap_counts[key.as_str()]),
+            "trap {key}"
+        );
+    }
+
+    let (_, listing) = wagg.get("/v1/aggregations");
+    let by_name: BTreeMap<String, Value> = listing["aggregations"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|a| (a["name"].as_str().unwrap_or_default().to_owned(), a.clone()))
+        .collect();
+    for name in ["stats", "trap"] {
+        assert_eq!(by_name[name]["on_error"], "dead-letter");
+        assert_eq!(by_name[name]["records_failed"], json!(bad.len()));
+        assert_eq!(by_name[name]["records_dead_lettered"], json!(bad.len()));
+    }
+    assert_eq!(by_name["count"]["records_failed"], json!(0));
+
+    let letters = read_dead_letters(&broker, "dead-letters", 2 * bad.len());
+    let at = positions(&data);
+    let mut want: BTreeSet<(String, i32, i64, String)> = BTreeSet::new();
+    for &i in &bad {
+        for aggregation in ["stats", "trap"] {
+            want.insert((aggregation.to_owned(), at[i].0, at[i].1, data[i].1.clone()));
+        }
+    }
+    let got: BTreeSet<(String, i32, i64, String)> = letters
+        .iter()
+        .map(|l| {
+            (
+                l.aggregation.clone(),
+                l.source_partition,
+                l.source_offset,
+                l.key.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(got, want, "dead letters name each rejected record once");
+    assert_eq!(letters.len(), want.len(), "no duplicates without a crash");
+    for letter in &letters {
+        assert_eq!(letter.value, "bad", "{letter:?}");
+        match letter.aggregation.as_str() {
+            "stats" => {
+                assert!(letter.plugin.starts_with("stats "), "{letter:?}");
+                assert!(!letter.error.is_empty(), "{letter:?}");
+            }
+            _ => {
+                assert!(letter.plugin.starts_with("hostile "), "{letter:?}");
+                assert!(letter.error.contains("panicked"), "{letter:?}");
+            }
+        }
+    }
+    let (code, ready) = wagg.get("/readyz");
+    assert_eq!(code, 200, "{ready}");
+}
+
+#[test]
+fn on_error_fail_stops_before_the_bad_record_and_says_where() {
+    let broker = Broker::start();
+    broker.create_topic("events", 1);
+    // One partition: records 0..500 are good, 500 is bad, then 500 more.
+    let data: Vec<(i32, String, String)> = events(1001, 10, |i| i == 500)
+        .into_iter()
+        .map(|(_, k, v)| (0, k, v))
+        .collect();
+    broker.produce("events", &data);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let aggregations = format!(
+        "[[aggregation]]\nname = \"stats\"\nplugin = {:?}\nparams = {{ field = \"/amount\" }}\non_error = \"fail\"\n",
+        plugin("stats")
+    );
+    let wagg = Wagg::start(dir.path(), &config(&broker, port, "", &aggregations), port);
+    let started = Instant::now();
+    let reasons = loop {
+        let (code, body) = wagg.get("/readyz");
+        if code == 503 && body["reasons"].to_string().contains("rejected") {
+            break body["reasons"].to_string();
+        }
+        assert!(started.elapsed() < CATCH_UP, "never stopped: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(reasons.contains("events/0@500"), "{reasons}");
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, listing) = wagg.get("/v1/aggregations");
+    let stats = &listing["aggregations"][0];
+    let applied = stats["records_applied"].as_u64().expect("applied");
+    assert!(
+        applied <= 500,
+        "applied {applied} records, past the bad one"
+    );
+    let next = stats["partitions"][0]["next_offset"].as_i64().unwrap_or(0);
+    assert!(next <= 500, "offset {next} moved past the bad record");
+    assert!(
+        wagg.log().contains("events/0@500"),
+        "the log names the record"
+    );
+    // Still serving what it has.
+    let (code, _) = wagg.get("/v1/aggregations/stats/keys?limit=1");
+    assert_eq!(code, 200);
+}
