@@ -335,3 +335,212 @@ fn on_error_fail_stops_before_the_bad_record_and_says_where() {
     let (code, _) = wagg.get("/v1/aggregations/stats/keys?limit=1");
     assert_eq!(code, 200);
 }
+
+fn wait_for_readiness(wagg: &Wagg, ready: bool, reason: &str, within: Duration) -> Value {
+    let started = Instant::now();
+    loop {
+        let (code, body) = wagg.get("/readyz");
+        let matches = if ready {
+            code == 200
+        } else {
+            code == 503 && body["reasons"].to_string().contains(reason)
+        };
+        if matches {
+            return body;
+        }
+        assert!(
+            started.elapsed() < within,
+            "/readyz never became {} ({reason}): {body}",
+            if ready { "ready" } else { "unready" }
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_broker_outage_is_reported_and_survived_exactly() {
+    let mut broker = Broker::start();
+    broker.create_topic("events", 2);
+    let mut data = events(20_000, 200, |_| false);
+    broker.produce("events", &data);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let wagg = Wagg::start(
+        dir.path(),
+        &config(&broker, port, "", &count_and_stats()),
+        port,
+    );
+    let applied = |n: usize| -> BTreeMap<String, u64> {
+        [
+            ("count".to_owned(), n as u64),
+            ("stats".to_owned(), n as u64),
+        ]
+        .into()
+    };
+    wagg.wait_for(&applied(data.len()), CATCH_UP);
+    wait_for_readiness(&wagg, true, "", Duration::from_secs(30));
+
+    broker.stop();
+    let down = Instant::now();
+    let report = wait_for_readiness(&wagg, false, "broker", Duration::from_secs(15));
+    eprintln!("during the outage /readyz says {report}");
+    // Queries keep being answered from the state store.
+    let (code, _) = wagg.get("/v1/aggregations/count/keys/k007");
+    assert_eq!(code, 200);
+    std::thread::sleep(Duration::from_secs(12).saturating_sub(down.elapsed()));
+    wait_for_readiness(&wagg, false, "broker", Duration::from_secs(1));
+    broker.restart();
+    eprintln!("broker down for {:?}", down.elapsed());
+
+    let more: Vec<(i32, String, String)> = events(40_000, 200, |_| false).split_off(20_000);
+    broker.produce("events", &more);
+    data.extend(more);
+    wagg.wait_for(&applied(data.len()), CATCH_UP);
+    assert_exact(&wagg, &data);
+    wait_for_readiness(&wagg, true, "", Duration::from_secs(30));
+}
+
+#[test]
+fn a_full_disk_stops_consumption_without_partial_state_and_a_restart_is_exact() {
+    let broker = Broker::start();
+    broker.create_topic("events", 2);
+    let mut data = events(5_000, 500, |_| false);
+    broker.produce("events", &data);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = config(&broker, port, "", &count_and_stats());
+    let applied = |n: usize| -> BTreeMap<String, u64> {
+        [
+            ("count".to_owned(), n as u64),
+            ("stats".to_owned(), n as u64),
+        ]
+        .into()
+    };
+    let mut wagg = Wagg::start(dir.path(), &config, port);
+    wagg.wait_for(&applied(data.len()), CATCH_UP);
+
+    // A second process on the same state directory is refused.
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_wagg"))
+        .args(["run", "--config"])
+        .arg(dir.path().join("wagg.toml"))
+        .output()
+        .expect("run a second wagg");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success());
+    assert!(
+        stderr.contains("in use by another wagg process"),
+        "{stderr}"
+    );
+    assert!(wagg.terminate().success());
+
+    // Restart where no file may grow past 1 MiB: RocksDB's write-ahead log
+    // hits the limit after a few batches, as on a full disk.
+    let more: Vec<(i32, String, String)> = events(60_000, 500, |_| false).split_off(5_000);
+    broker.produce("events", &more);
+    let mut wagg = Wagg::start_with_file_size_limit(dir.path(), &config, port, 1 << 20);
+    let report = wait_for_readiness(&wagg, false, "writing state", CATCH_UP);
+    eprintln!("with a full disk /readyz says {report}");
+    let (code, health) = wagg.get("/healthz");
+    assert_eq!(
+        (code, health["status"].as_str()),
+        (503, Some("failed")),
+        "{health}"
+    );
+    // Stopped: nothing moves any more, and what is there is still served.
+    let before = wagg.applied();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(wagg.applied(), before);
+    assert!(before["count"] < (data.len() + more.len()) as u64);
+    let (code, _) = wagg.get("/v1/aggregations/count/keys/k007");
+    assert_eq!(code, 200);
+    let stopped = Instant::now();
+    let status = wagg.terminate();
+    assert!(!status.success(), "a stopped consumer exits non-zero");
+    assert!(stopped.elapsed() < Duration::from_secs(10));
+
+    // Space is back: the restart resumes from the last complete batch.
+    data.extend(more);
+    let wagg = Wagg::start(dir.path(), &config, port);
+    wagg.wait_for(&applied(data.len()), CATCH_UP);
+    assert_exact(&wagg, &data);
+}
+
+#[test]
+fn shutdown_finishes_within_the_deadline_even_with_the_broker_gone() {
+    let mut broker = Broker::start();
+    broker.create_topic("events", 2);
+    let data = events(10_000, 100, |_| false);
+    broker.produce("events", &data);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = config(
+        &broker,
+        port,
+        "[shutdown]\ndeadline_ms = 3000\n",
+        &count_and_stats(),
+    );
+    let applied: BTreeMap<String, u64> = [
+        ("count".to_owned(), data.len() as u64),
+        ("stats".to_owned(), data.len() as u64),
+    ]
+    .into();
+
+    // With the broker up: SIGTERM mid-ingest exits 0 well within it.
+    let mut wagg = Wagg::start(dir.path(), &config, port);
+    let asked = Instant::now();
+    let status = wagg.terminate();
+    eprintln!("SIGTERM → exit {status} in {:?}", asked.elapsed());
+    assert!(status.success());
+    assert!(asked.elapsed() < Duration::from_secs(3));
+
+    let mut wagg = Wagg::start(dir.path(), &config, port);
+    wagg.wait_for(&applied, CATCH_UP);
+    broker.stop();
+    wait_for_readiness(&wagg, false, "broker", Duration::from_secs(15));
+    let asked = Instant::now();
+    let status = wagg.terminate();
+    eprintln!(
+        "broker down: SIGTERM → exit {status} in {:?}",
+        asked.elapsed()
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(6),
+        "deadline not enforced"
+    );
+    broker.restart();
+    let wagg = Wagg::start(dir.path(), &config, port);
+    wagg.wait_for(&applied, CATCH_UP);
+    assert_exact(&wagg, &data);
+    drop(wagg);
+
+    // A plugin call that will not end before the deadline (a loop with a
+    // one-minute budget): the deadline ends the process, with status 1.
+    broker.produce("events", &[(0, "k000".into(), "bad".into())]);
+    let stuck_dir = tempfile::tempdir().expect("tempdir");
+    let stuck = format!(
+        "[plugins]\ncall_timeout_ms = 60000\n[shutdown]\ndeadline_ms = 3000\n[[aggregation]]\nname = \"stuck\"\nplugin = {:?}\nparams = {{ mode = \"loop\" }}\n",
+        plugin("hostile")
+    );
+    // Its own group: tansu would keep the killed member above in the old one.
+    let stuck = self::config(&broker, port, "", &stuck).replace("wagg-faults", "wagg-stuck");
+    let mut wagg = Wagg::start(stuck_dir.path(), &stuck, port);
+    let started = Instant::now();
+    while wagg.applied()["stuck"] < data.len() as u64 {
+        assert!(
+            started.elapsed() < CATCH_UP,
+            "never reached the looping record"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let asked = Instant::now();
+    let status = wagg.terminate();
+    let took = asked.elapsed();
+    eprintln!("stuck plugin: SIGTERM → exit {status} in {took:?}");
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+    assert!(wagg.log().contains("shutdown deadline passed"));
+}

@@ -169,8 +169,18 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .layer(TraceLayer::new_for_http())
 }
 
-async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+/// Liveness: 503 once consumption has stopped for good (a storage fault,
+/// a record rejected under `on_error = "fail"`), so a supervisor restarts
+/// the process; until then queries are still served from the state.
+async fn healthz(State(state): State<Arc<ApiState>>) -> Response {
+    match state.status.fatal() {
+        None => Json(json!({ "status": "ok" })).into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "failed", "reason": reason })),
+        )
+            .into_response(),
+    }
 }
 
 async fn readyz(State(state): State<Arc<ApiState>>) -> Response {

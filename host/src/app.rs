@@ -34,6 +34,28 @@ pub fn load_plugins(config: &Config, runtime: &PluginRuntime) -> anyhow::Result<
         .collect()
 }
 
+/// Once `shutdown` is set, gives the process `deadline` to finish, then
+/// exits with status 1. Nothing is lost by that: every batch is written
+/// atomically with its offsets, so an unfinished one is simply applied again
+/// after the restart.
+fn enforce_shutdown_deadline(shutdown: Arc<AtomicBool>, deadline: Duration) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("wagg-shutdown-deadline".into())
+        .spawn(move || {
+            while !shutdown.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            std::thread::sleep(deadline);
+            tracing::error!(
+                ?deadline,
+                "shutdown deadline passed (`shutdown.deadline_ms`); exiting without waiting further. The state is consistent up to the last written batch"
+            );
+            std::process::exit(1);
+        })
+        .context("starting the shutdown watchdog")?;
+    Ok(())
+}
+
 /// Runs wagg until `shutdown` is set. `on_listening` is called with the HTTP
 /// address once queries can be served.
 pub fn run(
@@ -41,6 +63,10 @@ pub fn run(
     shutdown: Arc<AtomicBool>,
     on_listening: impl FnOnce(SocketAddr),
 ) -> anyhow::Result<()> {
+    enforce_shutdown_deadline(
+        shutdown.clone(),
+        Duration::from_millis(config.shutdown.deadline_ms),
+    )?;
     let runtime = PluginRuntime::new(config.runtime_config())?;
     let plugins = load_plugins(&config, &runtime)?;
 

@@ -16,20 +16,60 @@ impl Wagg {
     /// Writes `config` to `dir/wagg.toml` and starts `wagg run` on it; waits
     /// until `/healthz` answers.
     pub fn start(dir: &Path, config: &str, http_port: u16) -> Wagg {
+        Self::start_with(dir, config, http_port, |_| {})
+    }
+
+    /// Like [`Wagg::start`], with every file the process writes limited to
+    /// `bytes` (RLIMIT_FSIZE): writes past it fail with EFBIG, as on a full
+    /// disk, even for root (which ignores permissions).
+    #[allow(dead_code)]
+    pub fn start_with_file_size_limit(
+        dir: &Path,
+        config: &str,
+        http_port: u16,
+        bytes: u64,
+    ) -> Wagg {
+        use std::os::unix::process::CommandExt;
+        Self::start_with(dir, config, http_port, move |command| {
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    // Fail the write with EFBIG instead of killing the process.
+                    libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                    let limit = libc::rlimit {
+                        rlim_cur: bytes,
+                        rlim_max: bytes,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        })
+    }
+
+    fn start_with(
+        dir: &Path,
+        config: &str,
+        http_port: u16,
+        customize: impl FnOnce(&mut Command),
+    ) -> Wagg {
         std::fs::write(dir.join("wagg.toml"), config).expect("write config");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("wagg.log"))
             .expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_wagg"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wagg"));
+        command
             .args(["run", "--config"])
             .arg(dir.join("wagg.toml"))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start wagg");
+            .stderr(log);
+        customize(&mut command);
+        let child = command.spawn().expect("start wagg");
         let wagg = Wagg {
             child: Some(child),
             http: format!("http://127.0.0.1:{http_port}"),

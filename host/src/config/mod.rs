@@ -37,6 +37,8 @@ pub struct Config {
     /// Where records that a plugin rejects go, for aggregations whose
     /// `on_error` is `dead-letter` (the default when this is set).
     pub dead_letter: Option<DeadLetterConfig>,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
     #[serde(rename = "aggregation", default)]
     pub aggregations: Vec<AggregationConfig>,
     /// Directory of the config file; plugin paths are relative to it.
@@ -210,6 +212,28 @@ impl Default for PluginLimits {
             memory_limit_mib: default_memory_mib(),
             call_timeout_ms: default_call_timeout_ms(),
             max_state_bytes: default_max_state_bytes(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// After SIGTERM/SIGINT, how long the batch in flight may take to be
+    /// written before the process exits anyway (with status 1; the state is
+    /// consistent up to the last written batch either way).
+    #[serde(default = "default_shutdown_deadline_ms")]
+    pub deadline_ms: u64,
+}
+
+fn default_shutdown_deadline_ms() -> u64 {
+    10_000
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            deadline_ms: default_shutdown_deadline_ms(),
         }
     }
 }
