@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::api::{ApiState, QueryableAggregation};
+use crate::api::{ApiState, HttpPolicy, QueryableAggregation};
 use crate::config::Config;
 use crate::dead_letter::DeadLetterSink;
 use crate::pipeline::{Aggregation, Pipeline};
@@ -67,6 +67,7 @@ pub fn run(
         shutdown.clone(),
         Duration::from_millis(config.shutdown.deadline_ms),
     )?;
+    let http_policy = HttpPolicy::from_config(&config)?;
     let runtime = PluginRuntime::new(config.runtime_config())?;
     let plugins = load_plugins(&config, &runtime)?;
 
@@ -143,12 +144,15 @@ pub fn run(
     let address = listener
         .local_addr()
         .context("reading the listen address")?;
-    let router = crate::api::router(Arc::new(ApiState {
-        store: store.clone(),
-        status: status.clone(),
-        aggregations: queryable,
-        max_page: config.http.max_page,
-    }));
+    let router = crate::api::router(
+        Arc::new(ApiState {
+            store: store.clone(),
+            status: status.clone(),
+            aggregations: queryable,
+            max_page: config.http.max_page,
+        }),
+        &http_policy,
+    );
     let server_shutdown = shutdown.clone();
     let server = http.spawn(async move {
         axum::serve(listener, router)

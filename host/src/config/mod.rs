@@ -134,6 +134,54 @@ pub struct HttpConfig {
     /// Largest `limit` a key listing accepts.
     #[serde(default = "default_max_page")]
     pub max_page: usize,
+    /// Requests served at once; more are answered 503 at once.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+    /// Requests taking longer are answered 408.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Longest request target (path and query) accepted; longer is 414.
+    #[serde(default = "default_max_uri_bytes")]
+    pub max_uri_bytes: usize,
+    /// Bearer-token authentication; none when absent.
+    pub auth: Option<AuthConfig>,
+}
+
+/// Where the bearer token comes from (exactly one of the two), and what it
+/// protects. The token itself never appears in the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Name of an environment variable holding the token.
+    pub token_env: Option<String>,
+    /// A file holding the token (surrounding whitespace ignored); relative
+    /// to the config file.
+    pub token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub scope: AuthScope,
+}
+
+/// Which endpoints need the token. `/healthz` and `/readyz` never do, so
+/// probes keep working.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthScope {
+    /// Every endpoint but the probes.
+    #[default]
+    All,
+    /// Only admin endpoints: `/v1/aggregations` (status and configuration)
+    /// and `/metrics`; key lookups and listings stay open.
+    Admin,
+}
+
+fn default_max_concurrent_requests() -> usize {
+    256
+}
+fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_uri_bytes() -> usize {
+    8192
 }
 
 fn default_listen() -> SocketAddr {
@@ -148,6 +196,10 @@ impl Default for HttpConfig {
         Self {
             listen: default_listen(),
             max_page: default_max_page(),
+            max_concurrent_requests: default_max_concurrent_requests(),
+            request_timeout_ms: default_request_timeout_ms(),
+            max_uri_bytes: default_max_uri_bytes(),
+            auth: None,
         }
     }
 }
@@ -389,8 +441,23 @@ impl Config {
         {
             return Err("`plugins` limits must be positive".into());
         }
-        if self.http.max_page == 0 {
-            return Err("`http.max_page` must be at least 1".into());
+        for (field, value) in [
+            ("max_page", self.http.max_page),
+            ("max_concurrent_requests", self.http.max_concurrent_requests),
+            ("request_timeout_ms", self.http.request_timeout_ms as usize),
+            ("max_uri_bytes", self.http.max_uri_bytes),
+        ] {
+            if value == 0 {
+                return Err(format!("`http.{field}` must be at least 1"));
+            }
+        }
+        if let Some(auth) = &self.http.auth
+            && auth.token_env.is_some() == auth.token_file.is_some()
+        {
+            return Err(
+                "`http.auth` needs exactly one of `token_env` (an environment variable) or `token_file`"
+                    .into(),
+            );
         }
         if self.aggregations.is_empty() {
             return Err("no `[[aggregation]]` configured".into());
@@ -439,6 +506,37 @@ impl Config {
 
     pub fn plugin_path(&self, aggregation: &AggregationConfig) -> PathBuf {
         self.base_dir.join(&aggregation.plugin)
+    }
+
+    /// The bearer token `[http.auth]` points to, if auth is configured.
+    pub fn http_token(&self) -> Result<Option<String>, String> {
+        let Some(auth) = &self.http.auth else {
+            return Ok(None);
+        };
+        let token = match (&auth.token_env, &auth.token_file) {
+            (Some(name), _) => std::env::var(name).map_err(|_| {
+                format!(
+                    "`http.auth.token_env`: environment variable {name} is not set (or not UTF-8)"
+                )
+            })?,
+            (None, Some(file)) => {
+                let path = self.base_dir.join(file);
+                std::fs::read_to_string(&path).map_err(|e| {
+                    format!(
+                        "`http.auth.token_file`: cannot read {}: {e}",
+                        path.display()
+                    )
+                })?
+            }
+            (None, None) => return Ok(None),
+        };
+        let token = token.trim();
+        if token.len() < 16 {
+            return Err(
+                "`http.auth`: the token must be at least 16 characters (use a random one)".into(),
+            );
+        }
+        Ok(Some(token.to_owned()))
     }
 
     pub fn state_dir(&self) -> PathBuf {

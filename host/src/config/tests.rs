@@ -262,3 +262,44 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn http_auth_takes_the_token_from_exactly_one_place() {
+    let both = error(&format!(
+        "{MINIMAL}\n[http.auth]\ntoken_env = \"X\"\ntoken_file = \"t\"\n"
+    ));
+    assert!(both.contains("exactly one of `token_env`"), "{both}");
+    let neither = error(&format!("{MINIMAL}\n[http.auth]\nscope = \"admin\"\n"));
+    assert!(neither.contains("exactly one of `token_env`"), "{neither}");
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "  0123456789abcdef-secret\n").unwrap();
+    let config = Config::parse(
+        &format!("{MINIMAL}\n[http.auth]\ntoken_file = \"token\"\nscope = \"admin\"\n"),
+        "wagg.toml",
+        dir.path(),
+    )
+    .expect("valid");
+    assert_eq!(config.http.auth.as_ref().unwrap().scope, AuthScope::Admin);
+    assert_eq!(
+        config.http_token().unwrap().as_deref(),
+        Some("0123456789abcdef-secret")
+    );
+    assert!(!format!("{config:?}").contains("secret"));
+
+    std::fs::write(dir.path().join("token"), "short").unwrap();
+    let message = config.http_token().unwrap_err();
+    assert!(message.contains("at least 16 characters"), "{message}");
+    assert!(!message.contains("short"), "{message}");
+
+    let missing = parse(&format!(
+        "{MINIMAL}\n[http.auth]\ntoken_env = \"WAGG_TEST_SURELY_UNSET_VARIABLE\"\n"
+    ))
+    .unwrap()
+    .http_token()
+    .unwrap_err();
+    assert!(
+        missing.contains("WAGG_TEST_SURELY_UNSET_VARIABLE is not set"),
+        "{missing}"
+    );
+}

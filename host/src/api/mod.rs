@@ -5,8 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -14,6 +15,8 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
@@ -22,6 +25,8 @@ use crate::config::AggregationConfig;
 use crate::plugin::{LoadedPlugin, PluginInstance};
 use crate::status::Status;
 use crate::store::StateStore;
+
+mod guard;
 
 /// Everything the handlers need.
 pub struct ApiState {
@@ -142,10 +147,65 @@ impl From<crate::store::StoreError> for ApiError {
 
 /// Longest key (after decoding) a request may name.
 pub const MAX_KEY_BYTES: usize = 4096;
-/// Requests taking longer than this are answered 408.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request body accepted (the API only has GETs).
+const MAX_BODY_BYTES: usize = 16 * 1024;
 
-pub fn router(state: Arc<ApiState>) -> Router {
+/// Limits and authentication for the HTTP API, from `[http]`.
+#[derive(Debug, Clone)]
+pub struct HttpPolicy {
+    pub token: Option<String>,
+    pub auth_scope: crate::config::AuthScope,
+    pub max_concurrent_requests: usize,
+    pub request_timeout: Duration,
+    pub max_uri_bytes: usize,
+}
+
+impl HttpPolicy {
+    pub fn from_config(config: &crate::config::Config) -> anyhow::Result<Self> {
+        let http = &config.http;
+        Ok(Self {
+            token: config.http_token().map_err(anyhow::Error::msg)?,
+            auth_scope: http.auth.as_ref().map(|a| a.scope).unwrap_or_default(),
+            max_concurrent_requests: http.max_concurrent_requests,
+            request_timeout: Duration::from_millis(http.request_timeout_ms),
+            max_uri_bytes: http.max_uri_bytes,
+        })
+    }
+}
+
+impl Default for HttpPolicy {
+    fn default() -> Self {
+        Self {
+            token: None,
+            auth_scope: crate::config::AuthScope::All,
+            max_concurrent_requests: 256,
+            request_timeout: Duration::from_secs(10),
+            max_uri_bytes: 8192,
+        }
+    }
+}
+
+pub fn router(state: Arc<ApiState>, policy: &HttpPolicy) -> Router {
+    let guard = Arc::new(guard::Guard::new(
+        policy.token.as_deref(),
+        policy.auth_scope,
+        policy.max_uri_bytes,
+    ));
+    // Past the limit, requests are refused at once rather than queued:
+    // a client retrying against a 503 beats a growing backlog.
+    let shed_load = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many requests in flight (`http.max_concurrent_requests`); retry shortly",
+            )
+        }))
+        .load_shed()
+        // Global: one semaphore for all routes, not one per route.
+        .layer(GlobalConcurrencyLimitLayer::new(
+            policy.max_concurrent_requests,
+        ));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -161,11 +221,13 @@ pub fn router(state: Arc<ApiState>) -> Router {
             )
         })
         .with_state(state)
-        .layer(RequestBodyLimitLayer::new(16 * 1024))
+        .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(guard, guard::guard))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
-            REQUEST_TIMEOUT,
+            policy.request_timeout,
         ))
+        .layer(shed_load)
         .layer(TraceLayer::new_for_http())
 }
 
@@ -297,12 +359,30 @@ fn find_aggregation<'a>(
         })
 }
 
+/// Query values decode lossily (`%ff` becomes U+FFFD), which would make a
+/// binary cursor silently point somewhere else: refuse them instead.
+fn check_query_utf8(raw: Option<&str>) -> Result<(), ApiError> {
+    for part in raw.unwrap_or_default().split('&') {
+        if percent_encoding::percent_decode_str(part)
+            .decode_utf8()
+            .is_err()
+        {
+            return Err(ApiError::bad_request(
+                "the query string is not UTF-8 once percent-decoded; pass binary keys with `encoding=base64`",
+            ));
+        }
+    }
+    Ok(())
+}
+
 async fn get_key(
     State(state): State<Arc<ApiState>>,
     path: Result<Path<(String, String)>, PathRejection>,
+    RawQuery(raw_query): RawQuery,
     query: Result<Query<KeyQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path((name, key_text)) = path?;
+    check_query_utf8(raw_query.as_deref())?;
     let Query(query) = query?;
     let encoding = KeyEncoding::parse(query.encoding.as_deref())?;
     let key = encoding.decode("key", &key_text)?;
@@ -340,9 +420,11 @@ const DEFAULT_PAGE: usize = 100;
 async fn list_keys(
     State(state): State<Arc<ApiState>>,
     path: Result<Path<String>, PathRejection>,
+    RawQuery(raw_query): RawQuery,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path(name) = path?;
+    check_query_utf8(raw_query.as_deref())?;
     let Query(query) = query?;
     let encoding = KeyEncoding::parse(query.encoding.as_deref())?;
     let prefix = encoding.decode("prefix", query.prefix.as_deref().unwrap_or_default())?;

@@ -1,0 +1,101 @@
+//! What stands in front of the handlers: bearer-token authentication and
+//! the request-target length limit. (Concurrency, timeouts and body size are
+//! tower layers, set up in [`super::router`].)
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::ApiError;
+use crate::config::AuthScope;
+
+/// Paths that never need a token, so liveness and readiness probes work.
+const PROBES: [&str; 2] = ["/healthz", "/readyz"];
+/// Paths `scope = "admin"` protects.
+const ADMIN: [&str; 2] = ["/v1/aggregations", "/metrics"];
+
+pub struct Guard {
+    /// SHA-256 of the token: comparing digests in constant time hides
+    /// both the token's bytes and its length.
+    token_digest: Option<[u8; 32]>,
+    scope: AuthScope,
+    max_uri_bytes: usize,
+}
+
+impl Guard {
+    pub fn new(token: Option<&str>, scope: AuthScope, max_uri_bytes: usize) -> Self {
+        Self {
+            token_digest: token.map(|t| Sha256::digest(t.as_bytes()).into()),
+            scope,
+            max_uri_bytes,
+        }
+    }
+
+    fn needs_token(&self, path: &str) -> bool {
+        if self.token_digest.is_none() || PROBES.contains(&path) {
+            return false;
+        }
+        match self.scope {
+            AuthScope::All => true,
+            AuthScope::Admin => ADMIN.contains(&path),
+        }
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(expected) = &self.token_digest else {
+            return true;
+        };
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim);
+        match presented {
+            Some(token) => {
+                let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+                digest.ct_eq(expected).into()
+            }
+            None => false,
+        }
+    }
+}
+
+pub async fn guard(State(guard): State<Arc<Guard>>, request: Request, next: Next) -> Response {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if target > guard.max_uri_bytes {
+        return ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!(
+                "the request target is {target} bytes, over the limit of {} (`http.max_uri_bytes`)",
+                guard.max_uri_bytes
+            ),
+        )
+        .into_response();
+    }
+    if guard.needs_token(request.uri().path()) && !guard.authorized(request.headers()) {
+        let mut response = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this endpoint needs `Authorization: Bearer <token>`",
+        )
+        .into_response();
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"wagg\""),
+        );
+        return response;
+    }
+    next.run(request).await
+}
