@@ -194,10 +194,14 @@ fn poison_records_go_to_the_dead_letter_topic_and_the_rest_is_applied_once() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
+    // Beside the well-behaved plugins: one that panics and one that
+    // allocates without bound on the poison records.
     let aggregations = format!(
-        "{}\n[[aggregation]]\nname = \"trap\"\nplugin = {:?}\nparams = {{ mode = \"panic\" }}\n",
+        "{}\n[[aggregation]]\nname = \"trap\"\nplugin = {:?}\nparams = {{ mode = \"panic\" }}\n\n[[aggregation]]\nname = \"hog\"\nplugin = {:?}\nparams = {{ mode = \"alloc\" }}\n\n[[aggregation]]\nname = \"skipper\"\nplugin = {:?}\nparams = {{ field = \"/amount\" }}\non_error = \"skip\"\n",
         count_and_stats(),
-        plugin("hostile")
+        plugin("hostile"),
+        plugin("hostile"),
+        plugin("stats")
     );
     let wagg = Wagg::start(
         dir.path(),
@@ -217,6 +221,8 @@ fn poison_records_go_to_the_dead_letter_topic_and_the_rest_is_applied_once() {
             ("count".to_owned(), total),
             ("stats".to_owned(), good),
             ("trap".to_owned(), good),
+            ("hog".to_owned(), good),
+            ("skipper".to_owned(), good),
         ]
         .into(),
         CATCH_UP,
@@ -230,12 +236,14 @@ fn poison_records_go_to_the_dead_letter_topic_and_the_rest_is_applied_once() {
             *trap_counts.entry(key).or_default() += 1;
         }
     }
-    for (key, state) in wagg.all_states("trap") {
-        assert_eq!(
-            state["count"],
-            json!(trap_counts[key.as_str()]),
-            "trap {key}"
-        );
+    for name in ["trap", "hog"] {
+        for (key, state) in wagg.all_states(name) {
+            assert_eq!(
+                state["count"],
+                json!(trap_counts[key.as_str()]),
+                "{name} {key}"
+            );
+        }
     }
 
     let (_, listing) = wagg.get("/v1/aggregations");
@@ -245,18 +253,22 @@ fn poison_records_go_to_the_dead_letter_topic_and_the_rest_is_applied_once() {
         .iter()
         .map(|a| (a["name"].as_str().unwrap_or_default().to_owned(), a.clone()))
         .collect();
-    for name in ["stats", "trap"] {
+    for name in ["stats", "trap", "hog"] {
         assert_eq!(by_name[name]["on_error"], "dead-letter");
         assert_eq!(by_name[name]["records_failed"], json!(bad.len()));
         assert_eq!(by_name[name]["records_dead_lettered"], json!(bad.len()));
     }
     assert_eq!(by_name["count"]["records_failed"], json!(0));
+    assert_eq!(by_name["skipper"]["on_error"], "skip");
+    assert_eq!(by_name["skipper"]["records_failed"], json!(bad.len()));
+    assert_eq!(by_name["skipper"]["records_dead_lettered"], json!(0));
+    assert_eq!(wagg.all_states("skipper"), wagg.all_states("stats"));
 
-    let letters = read_dead_letters(&broker, "dead-letters", 2 * bad.len());
+    let letters = read_dead_letters(&broker, "dead-letters", 3 * bad.len());
     let at = positions(&data);
     let mut want: BTreeSet<(String, i32, i64, String)> = BTreeSet::new();
     for &i in &bad {
-        for aggregation in ["stats", "trap"] {
+        for aggregation in ["stats", "trap", "hog"] {
             want.insert((aggregation.to_owned(), at[i].0, at[i].1, data[i].1.clone()));
         }
     }
@@ -280,9 +292,13 @@ fn poison_records_go_to_the_dead_letter_topic_and_the_rest_is_applied_once() {
                 assert!(letter.plugin.starts_with("stats "), "{letter:?}");
                 assert!(!letter.error.is_empty(), "{letter:?}");
             }
-            _ => {
+            "trap" => {
                 assert!(letter.plugin.starts_with("hostile "), "{letter:?}");
                 assert!(letter.error.contains("panicked"), "{letter:?}");
+            }
+            _ => {
+                assert!(letter.plugin.starts_with("hostile "), "{letter:?}");
+                assert!(letter.error.contains("memory"), "{letter:?}");
             }
         }
     }
@@ -365,9 +381,17 @@ fn a_broker_outage_is_reported_and_survived_exactly() {
     broker.produce("events", &data);
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
+    // A credential in the passthrough section must never be logged, not
+    // even while the client reports errors during the outage.
+    let secret = "s3cret-that-must-never-be-logged";
     let wagg = Wagg::start(
         dir.path(),
-        &config(&broker, port, "", &count_and_stats()),
+        &config(
+            &broker,
+            port,
+            &format!("[source.kafka]\n\"sasl.password\" = \"{secret}\"\n"),
+            &count_and_stats(),
+        ),
         port,
     );
     let applied = |n: usize| -> BTreeMap<String, u64> {
@@ -398,6 +422,9 @@ fn a_broker_outage_is_reported_and_survived_exactly() {
     wagg.wait_for(&applied(data.len()), CATCH_UP);
     assert_exact(&wagg, &data);
     wait_for_readiness(&wagg, true, "", Duration::from_secs(30));
+    let log = wagg.log();
+    assert!(log.contains("broker"), "the outage is in the log");
+    assert!(!log.contains(secret), "the log leaked a credential");
 }
 
 #[test]

@@ -303,3 +303,20 @@ fn http_auth_takes_the_token_from_exactly_one_place() {
         "{missing}"
     );
 }
+
+/// The README's config reference is a valid config, so it cannot drift from
+/// the parser.
+#[test]
+fn the_readme_config_reference_parses() {
+    let readme = include_str!("../../../README.md");
+    let section = &readme[readme.find("## Config reference").expect("section")..];
+    let start = section.find("```toml\n").expect("toml block") + "```toml\n".len();
+    let block = &section[start..start + section[start..].find("```").expect("block end")];
+    let config = parse(block).unwrap_or_else(|e| panic!("README config: {e}"));
+    assert_eq!(config.aggregations[0].on_error, OnError::DeadLetter);
+    assert_eq!(config.shutdown.deadline_ms, 10_000);
+    assert_eq!(
+        config.http.auth.as_ref().map(|a| a.scope),
+        Some(AuthScope::All)
+    );
+}
