@@ -10,7 +10,7 @@ use anyhow::Context;
 use crate::api::{ApiState, HttpPolicy, QueryableAggregation};
 use crate::config::Config;
 use crate::dead_letter::DeadLetterSink;
-use crate::pipeline::{Aggregation, Pipeline};
+use crate::pipeline::{Aggregation, BatchApplier, Pipeline};
 use crate::plugin::{LoadedPlugin, PluginRuntime};
 use crate::source::KafkaSource;
 use crate::status::Status;
@@ -32,6 +32,54 @@ pub fn load_plugins(config: &Config, runtime: &PluginRuntime) -> anyhow::Result<
             Ok(plugin)
         })
         .collect()
+}
+
+/// Opens the state store for the configured aggregations, checks each
+/// plugin against the state it wrote before, and makes one consumer-side
+/// [`Aggregation`] and one query-side [`QueryableAggregation`] per plugin.
+pub fn open_aggregations(
+    config: &Config,
+    plugins: Vec<LoadedPlugin>,
+) -> anyhow::Result<(Arc<StateStore>, Vec<Aggregation>, Vec<QueryableAggregation>)> {
+    let names: Vec<&str> = config
+        .aggregations
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect();
+    let store = Arc::new(StateStore::open(
+        &config.state_dir(),
+        &names,
+        &StoreOptions {
+            block_cache_bytes: config.state.block_cache_mib << 20,
+            sync_writes: config.state.sync_writes,
+        },
+    )?);
+    let cache_entries = config.state.cache_entries / config.aggregations.len().max(1);
+    let mut aggregations = Vec::new();
+    let mut queryable = Vec::new();
+    for (aggregation, plugin) in config.aggregations.iter().zip(plugins) {
+        let metadata = plugin.metadata();
+        store.check_aggregation_meta(
+            &aggregation.name,
+            &AggregationMeta {
+                plugin_name: metadata.name.clone(),
+                plugin_version: metadata.version.clone(),
+                state_format: metadata.state_format,
+                content_hash: plugin.content_hash().to_owned(),
+            },
+        )?;
+        let counters = store.counters(&aggregation.name)?;
+        let instance = plugin.instantiate(&aggregation.params_json())?;
+        aggregations.push(Aggregation::new(
+            aggregation.clone(),
+            plugin.clone(),
+            instance,
+            cache_entries,
+            counters,
+        ));
+        queryable.push(QueryableAggregation::new(aggregation.clone(), plugin));
+    }
+    Ok((store, aggregations, queryable))
 }
 
 /// Once `shutdown` is set, gives the process `deadline` to finish, then
@@ -71,45 +119,8 @@ pub fn run(
     let runtime = PluginRuntime::new(config.runtime_config())?;
     let plugins = load_plugins(&config, &runtime)?;
 
-    let names: Vec<&str> = config
-        .aggregations
-        .iter()
-        .map(|a| a.name.as_str())
-        .collect();
-    let store = Arc::new(StateStore::open(
-        &config.state_dir(),
-        &names,
-        &StoreOptions {
-            block_cache_bytes: config.state.block_cache_mib << 20,
-            sync_writes: config.state.sync_writes,
-        },
-    )?);
     let status = Arc::new(Status::default());
-    let cache_entries = config.state.cache_entries / config.aggregations.len().max(1);
-    let mut aggregations = Vec::new();
-    let mut queryable = Vec::new();
-    for (aggregation, plugin) in config.aggregations.iter().zip(plugins) {
-        let metadata = plugin.metadata();
-        store.check_aggregation_meta(
-            &aggregation.name,
-            &AggregationMeta {
-                plugin_name: metadata.name.clone(),
-                plugin_version: metadata.version.clone(),
-                state_format: metadata.state_format,
-                content_hash: plugin.content_hash().to_owned(),
-            },
-        )?;
-        let counters = store.counters(&aggregation.name)?;
-        let instance = plugin.instantiate(&aggregation.params_json())?;
-        aggregations.push(Aggregation::new(
-            aggregation.clone(),
-            plugin.clone(),
-            instance,
-            cache_entries,
-            counters,
-        ));
-        queryable.push(QueryableAggregation::new(aggregation.clone(), plugin));
-    }
+    let (store, aggregations, queryable) = open_aggregations(&config, plugins)?;
     for ((topic, partition), next) in store.offsets()? {
         status.set_next_offset(&topic, partition, next);
     }
@@ -123,14 +134,14 @@ pub fn run(
         );
     }
     let source = KafkaSource::new(&config, store.clone(), status.clone())?;
-    let pipeline = Pipeline::new(
-        source,
+    let applier = BatchApplier::new(
         store.clone(),
         status.clone(),
         aggregations,
         dead_letters,
-        config.batch.clone(),
+        &config.batch,
     );
+    let pipeline = Pipeline::new(source, applier, status.clone(), config.batch.clone());
 
     let http = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

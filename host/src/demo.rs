@@ -14,6 +14,7 @@ use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
 use crate::config::Config;
+use crate::rng::Rng;
 
 pub const TOPIC: &str = "purchases";
 const PARTITIONS: i32 = 4;
@@ -49,24 +50,12 @@ pub struct DemoOptions {
     pub plugins_dir: Option<PathBuf>,
 }
 
-/// A small deterministic generator (xorshift64*), so demo runs look alike.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
 /// One purchase event as `(key, JSON value)`.
 pub fn purchase(rng_state: &mut u64, sequence: u64) -> (String, String) {
     let mut rng = Rng(*rng_state);
-    let user = format!("user-{:04}", rng.next() % USERS + 1);
-    let item = ITEMS[(rng.next() % ITEMS.len() as u64) as usize];
-    let cents = 100 + rng.next() % 19_900;
+    let user = format!("user-{:04}", rng.next_u64() % USERS + 1);
+    let item = ITEMS[(rng.next_u64() % ITEMS.len() as u64) as usize];
+    let cents = 100 + rng.next_u64() % 19_900;
     *rng_state = rng.0;
     let value = format!(
         r#"{{"user":"{user}","item":"{item}","amount":{}.{:02},"seq":{sequence}}}"#,
@@ -76,37 +65,13 @@ pub fn purchase(rng_state: &mut u64, sequence: u64) -> (String, String) {
     (user, value)
 }
 
-fn example_plugins(options: &DemoOptions) -> anyhow::Result<PathBuf> {
-    if let Some(dir) = &options.plugins_dir {
-        return Ok(dir.clone());
-    }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("locating the wagg workspace")?;
-    let exe = std::env::current_exe().context("locating the wagg binary")?;
-    let target = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("the wagg binary is not in a cargo target directory; pass --plugins-dir")?;
-    eprintln!("demo: building the example plugins (first run takes a minute)...");
-    let built =
-        crate::plugin::build::build_example_plugins(workspace, &target.join("wasm-plugins"), false)
-            .context("building the example plugins; or pass --plugins-dir with prebuilt ones")?;
-    built
-        .values()
-        .next()
-        .and_then(|p| p.parent())
-        .map(Path::to_owned)
-        .context("no plugins were built")
-}
-
 fn demo_config(
     brokers: &str,
     plugins: &Path,
     state_dir: &Path,
     listen: SocketAddr,
 ) -> anyhow::Result<Config> {
-    let plugin = |name: &str| plugins.join(format!("wagg_plugin_{}.wasm", name.replace('-', "_")));
+    let plugin = |name: &str| crate::plugin::build::example_plugin(plugins, name);
     let text = format!(
         r#"
 [source]
@@ -158,7 +123,7 @@ plugin = {latest:?}
 }
 
 pub fn run(options: DemoOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let plugins = example_plugins(&options)?;
+    let plugins = crate::plugin::build::example_plugins_dir(options.plugins_dir.as_deref())?;
 
     // The producer owns the in-process cluster; it lives as long as the demo.
     let producer: ThreadedProducer<_> = ClientConfig::new()

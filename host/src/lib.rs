@@ -5,12 +5,14 @@
 pub mod api;
 pub mod app;
 pub mod batcher;
+pub mod bench;
 pub mod config;
 pub mod dead_letter;
 pub mod demo;
 pub mod pipeline;
 pub mod plugin;
 pub mod record;
+pub mod rng;
 pub mod source;
 pub mod status;
 pub mod store;

@@ -11,6 +11,11 @@ use wagg::config::Config;
 use wagg::plugin::offline::{self, OnError};
 use wagg::plugin::{PluginRuntime, RuntimeConfig, build};
 
+/// glibc's allocator spent a quarter of the engine benchmark's time in
+/// malloc/free (BENCHMARKS.md); mimalloc does not.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// wagg: live, queryable per-key aggregates of Kafka topics, computed by
 /// WebAssembly plugins.
 #[derive(Parser)]
@@ -52,6 +57,108 @@ enum Command {
     /// Build, inspect and test aggregation plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Measure throughput and query latency (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Generated records through batcher → plugin → RocksDB, no broker.
+    #[command(
+        after_help = "Example:\n  wagg bench engine --plugins count,stats,top-n --keys 1000,100000,10000000"
+    )]
+    Engine {
+        /// Example plugins to run, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "count,stats,top-n")]
+        plugins: Vec<String>,
+        /// Distinct keys, comma-separated; one run per plugin and count.
+        #[arg(long, value_delimiter = ',', default_value = "1000,100000")]
+        keys: Vec<u64>,
+        /// Records per run (raised to the key count when smaller).
+        #[arg(long, default_value_t = 2_000_000)]
+        records: u64,
+        #[arg(long, default_value_t = 1000)]
+        batch_size: usize,
+        /// `state.cache_entries` for the runs.
+        #[arg(long, default_value_t = 200_000)]
+        cache_entries: usize,
+        /// `state.block_cache_mib` for the runs.
+        #[arg(long, default_value_t = 64)]
+        block_cache_mib: usize,
+        #[arg(long)]
+        plugins_dir: Option<PathBuf>,
+        /// Where the runs' RocksDB directories go (default: the temp dir).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// A raw consumer (the ceiling) against wagg on one pre-produced topic.
+    #[command(after_help = "Example:\n  wagg bench e2e --records 5000000 --keys 100000")]
+    E2e {
+        #[command(flatten)]
+        common: E2eArgs,
+    },
+    /// `e2e`, plus key lookups at a fixed rate while wagg ingests, and the
+    /// lookup rate once it has stopped.
+    #[command(after_help = "Example:\n  wagg bench query --rate 2000")]
+    Query {
+        #[command(flatten)]
+        common: E2eArgs,
+        /// Lookups per second during ingestion.
+        #[arg(long, default_value_t = 2000)]
+        rate: u32,
+        /// Seconds of closed-loop lookups after ingestion.
+        #[arg(long, default_value_t = 5)]
+        max_rate_seconds: u64,
+    },
+}
+
+#[derive(clap::Args)]
+struct E2eArgs {
+    /// A running broker; default: start tansu (in-memory storage) on a
+    /// free loopback port.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// The tansu binary to start.
+    #[arg(long)]
+    tansu: Option<PathBuf>,
+    #[arg(long, default_value_t = 5_000_000)]
+    records: u64,
+    #[arg(long, default_value_t = 8)]
+    partitions: i32,
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    #[arg(long, default_value = "count")]
+    plugin: String,
+    #[arg(long)]
+    plugins_dir: Option<PathBuf>,
+    /// Write the results as JSON here (`.query.json` beside it for lookups).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+impl E2eArgs {
+    fn options(
+        self,
+        query_rate: Option<u32>,
+        max_rate_seconds: u64,
+    ) -> wagg::bench::e2e::E2eOptions {
+        wagg::bench::e2e::E2eOptions {
+            brokers: self.brokers,
+            tansu: self.tansu,
+            records: self.records,
+            partitions: self.partitions,
+            keys: self.keys,
+            plugin: self.plugin,
+            plugins_dir: self.plugins_dir,
+            query_rate,
+            max_rate_seconds,
+            out: self.out,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -152,7 +259,47 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Plugin(command) => plugin_command(command),
+        Command::Bench(command) => bench_command(command),
     }
+}
+
+fn bench_command(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Engine {
+            plugins,
+            keys,
+            records,
+            batch_size,
+            cache_entries,
+            block_cache_mib,
+            plugins_dir,
+            work_dir,
+            out,
+        } => {
+            wagg::bench::engine::run(&wagg::bench::engine::EngineOptions {
+                plugins,
+                keys,
+                records,
+                batch_size,
+                cache_entries,
+                block_cache_mib,
+                plugins_dir,
+                work_dir,
+                out,
+            })?;
+        }
+        BenchCommand::E2e { common } => {
+            wagg::bench::e2e::run(&common.options(None, 0))?;
+        }
+        BenchCommand::Query {
+            common,
+            rate,
+            max_rate_seconds,
+        } => {
+            wagg::bench::e2e::run(&common.options(Some(rate), max_rate_seconds))?;
+        }
+    }
+    Ok(())
 }
 
 /// A flag set on SIGINT or SIGTERM; a second signal exits at once.

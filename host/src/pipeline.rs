@@ -1,13 +1,14 @@
 //! The consumer loop: source → batcher → plugin runtime → state store.
 //!
 //! One thread owns the consumer, the plugin instances and the state cache.
-//! Each batch is applied to every aggregation, and then all new states, the
-//! counters and the next offset of every partition in the batch are written
-//! in one RocksDB write batch. Records at offsets below a partition's stored
-//! next offset are dropped on arrival, so a record is applied at most once
-//! even when the consumer re-delivers it (after a rebalance or a seek); and
-//! every record is applied at least once because offsets only advance with
-//! the state that includes them.
+//! Each batch is applied to every aggregation in memory; every
+//! `batch.commit_interval_ms` (and when idle, on revocation, on shutdown)
+//! all new states, the counters and the next offset of every partition they
+//! cover are written in one RocksDB write batch. Records at offsets below a
+//! partition's next offset are dropped on arrival, so a record is applied at
+//! most once even when the consumer re-delivers it (after a rebalance or a
+//! seek); and every record is applied at least once because offsets only
+//! advance with the state that includes them.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -50,14 +51,22 @@ pub enum PipelineError {
     DeadLetter(#[from] DeadLetterError),
 }
 
+type StateMap = HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState>;
+
 /// One configured aggregation as the consumer loop runs it.
 pub struct Aggregation {
     pub config: AggregationConfig,
     pub plugin: LoadedPlugin,
     instance: PluginInstance,
-    /// Encoded store key → state (`None`: known to be absent).
+    /// Written states: encoded store key → state (`None`: known absent).
     cache: LruCache<Vec<u8>, Option<Vec<u8>>>,
+    /// Applied but not yet written: the newest state of each key changed
+    /// since the last flush. Read before `cache`.
+    dirty: StateMap,
+    /// As written to the store.
     counters: AggregationCounters,
+    /// Including what is applied but not yet written.
+    applied: AggregationCounters,
 }
 
 impl Aggregation {
@@ -75,7 +84,9 @@ impl Aggregation {
             cache: LruCache::new(
                 NonZeroUsize::new(cache_entries.max(1)).unwrap_or(NonZeroUsize::MIN),
             ),
+            dirty: StateMap::default(),
             counters,
+            applied: counters,
         }
     }
 
@@ -87,16 +98,42 @@ impl Aggregation {
     }
 }
 
-pub struct Pipeline {
-    source: KafkaSource,
+/// Applies batches of records to every aggregation and writes the results:
+/// the part of the consumer loop that does not know where records come
+/// from (Kafka here; generated records in `wagg bench engine`).
+///
+/// Applied effects are kept in memory and written by [`BatchApplier::flush`]
+/// (every `batch.commit_interval_ms`, when too many states are waiting, on
+/// revocation and on shutdown): all waiting states, the counters and the
+/// next offset of every partition they cover, in one RocksDB write batch. A
+/// key updated by many batches between two flushes is written once; a crash
+/// loses the unwritten effects together with their offsets, so the records
+/// are applied again after the restart — exactly once either way.
+pub struct BatchApplier {
     store: Arc<StateStore>,
     status: Arc<Status>,
     aggregations: Vec<Aggregation>,
     dead_letters: Option<DeadLetterSink>,
+    topic_ids: HashMap<Arc<str>, u16>,
+    /// Next offset per partition of the applied but unwritten effects.
+    unwritten: BatchOffsets,
+    /// When the oldest unwritten effect was applied.
+    unwritten_since: Option<Instant>,
+    commit_interval: Duration,
+    /// Flush once this many states (over all aggregations) are waiting.
+    max_dirty: usize,
+}
+
+/// The next offset of each partition a written batch covered.
+pub type BatchOffsets = BTreeMap<(Arc<str>, i32), i64>;
+
+pub struct Pipeline {
+    source: KafkaSource,
+    applier: BatchApplier,
+    status: Arc<Status>,
     batch: BatchConfig,
     /// Next offset to apply per partition, for partitions this member owns.
     next_offsets: HashMap<(Arc<str>, i32), i64>,
-    topic_ids: HashMap<Arc<str>, u16>,
     pending: Vec<SourceRecord>,
 }
 
@@ -110,24 +147,16 @@ struct CacheUpdate {
 impl Pipeline {
     pub fn new(
         source: KafkaSource,
-        store: Arc<StateStore>,
+        applier: BatchApplier,
         status: Arc<Status>,
-        aggregations: Vec<Aggregation>,
-        dead_letters: Option<DeadLetterSink>,
         batch: BatchConfig,
     ) -> Self {
-        for aggregation in &aggregations {
-            status.set_counters(&aggregation.config.name, aggregation.counters);
-        }
         Self {
             source,
-            store,
+            applier,
             status,
-            aggregations,
-            dead_letters,
             batch,
             next_offsets: HashMap::new(),
-            topic_ids: HashMap::new(),
             pending: Vec::new(),
         }
     }
@@ -136,26 +165,65 @@ impl Pipeline {
     /// in flight) or a fatal error.
     pub fn run(mut self, shutdown: &AtomicBool) -> Result<(), PipelineError> {
         self.status.set_consumer_running(true);
+        let result = self.consume(shutdown);
+        // Whatever stopped the loop, effects of whole batches are written
+        // (a failing batch left none behind).
+        let flushed = self.flush();
+        let result = match (result, flushed) {
+            (Err(e), Err(flush)) => {
+                tracing::error!(error = %flush, "writing the applied batches failed too");
+                Err(e)
+            }
+            (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+            (Ok(()), Ok(())) => Ok(()),
+        };
+        match &result {
+            Ok(()) => {
+                self.status.set_consumer_running(false);
+                tracing::info!("consumer stopped cleanly");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "consumer stopped");
+                self.status.set_fatal(e.to_string());
+            }
+        }
+        result
+    }
+
+    fn consume(&mut self, shutdown: &AtomicBool) -> Result<(), PipelineError> {
         while !shutdown.load(Ordering::Relaxed) {
-            self.fill_batch(shutdown);
+            self.fill_batch(shutdown)?;
             if self.pending.is_empty() {
+                // Idle (caught up, or no partitions): write what waits.
+                self.flush()?;
                 continue;
             }
             let batch = std::mem::take(&mut self.pending);
-            if let Err(e) = self.process(&batch, shutdown) {
-                tracing::error!(error = %e, "consumer stopped");
-                self.status.set_fatal(e.to_string());
-                return Err(e);
+            self.process(&batch, shutdown)?;
+            if self.applier.flush_due() {
+                self.flush()?;
             }
         }
-        self.status.set_consumer_running(false);
-        tracing::info!("consumer stopped cleanly");
+        Ok(())
+    }
+
+    /// Writes the applied effects, then lets the group know how far this
+    /// member got (monitoring only).
+    fn flush(&mut self) -> Result<(), PipelineError> {
+        let written = self.applier.flush()?;
+        if !written.is_empty() {
+            let commits: Vec<(&str, i32, i64)> = written
+                .iter()
+                .map(|((topic, partition), next)| (&**topic, *partition, *next))
+                .collect();
+            self.source.commit(&commits);
+        }
         Ok(())
     }
 
     /// Polls until the batch is full, its delay is up, or (with nothing
     /// pending) a poll comes back empty, so shutdown is noticed promptly.
-    fn fill_batch(&mut self, shutdown: &AtomicBool) {
+    fn fill_batch(&mut self, shutdown: &AtomicBool) -> Result<(), PipelineError> {
         let mut deadline: Option<Instant> = None;
         let mut received = false;
         while self.pending.len() < self.batch.max_records && !shutdown.load(Ordering::Relaxed) {
@@ -167,7 +235,7 @@ impl Pipeline {
                 break;
             }
             let record = self.source.poll(timeout);
-            self.handle_partition_events();
+            self.handle_partition_events()?;
             match record {
                 Some(record) => {
                     received = true;
@@ -183,6 +251,7 @@ impl Pipeline {
         if received {
             self.status.broker_ok();
         }
+        Ok(())
     }
 
     fn is_new(&self, record: &SourceRecord) -> bool {
@@ -195,10 +264,13 @@ impl Pipeline {
         }
     }
 
-    fn handle_partition_events(&mut self) {
+    fn handle_partition_events(&mut self) -> Result<(), PipelineError> {
         for event in self.source.take_events() {
             match event {
                 PartitionEvent::Revoked(partitions) => {
+                    // What was applied from these partitions is written
+                    // before their next owner reads the stored offsets.
+                    self.flush()?;
                     // Records of a revoked partition are left to its next
                     // owner, which starts from the stored offset.
                     self.pending.retain(|r| {
@@ -211,7 +283,7 @@ impl Pipeline {
                             .remove(&(Arc::from(topic.as_str()), partition));
                     }
                 }
-                PartitionEvent::Assigned(partitions) => match self.store.offsets() {
+                PartitionEvent::Assigned(partitions) => match self.applier.store.offsets() {
                     Ok(stored) => {
                         for (topic, partition) in partitions {
                             if let Some(&next) = stored.get(&(topic.clone(), partition)) {
@@ -220,12 +292,109 @@ impl Pipeline {
                             }
                         }
                     }
-                    Err(e) => self
-                        .status
-                        .set_fatal(format!("reading stored offsets: {e}")),
+                    Err(e) => return Err(e.into()),
                 },
             }
         }
+        Ok(())
+    }
+
+    /// Applies one batch; its records are from now on dropped if delivered
+    /// again.
+    fn process(
+        &mut self,
+        batch: &[SourceRecord],
+        shutdown: &AtomicBool,
+    ) -> Result<(), PipelineError> {
+        let partitions = self.applier.apply(batch, shutdown)?;
+        for (partition, next) in partitions {
+            self.next_offsets.insert(partition, next);
+        }
+        Ok(())
+    }
+}
+
+impl BatchApplier {
+    pub fn new(
+        store: Arc<StateStore>,
+        status: Arc<Status>,
+        aggregations: Vec<Aggregation>,
+        dead_letters: Option<DeadLetterSink>,
+        batch: &BatchConfig,
+    ) -> Self {
+        for aggregation in &aggregations {
+            status.set_counters(&aggregation.config.name, aggregation.counters);
+        }
+        Self {
+            store,
+            status,
+            aggregations,
+            dead_letters,
+            topic_ids: HashMap::new(),
+            unwritten: BatchOffsets::new(),
+            unwritten_since: None,
+            commit_interval: batch.commit_interval(),
+            max_dirty: batch.max_unwritten_states.max(1),
+        }
+    }
+
+    /// Whether a flush is due: the oldest unwritten effect is older than
+    /// the commit interval, or too many states are waiting.
+    pub fn flush_due(&self) -> bool {
+        self.unwritten_since
+            .is_some_and(|since| since.elapsed() >= self.commit_interval)
+            || self
+                .aggregations
+                .iter()
+                .map(|a| a.dirty.len())
+                .sum::<usize>()
+                >= self.max_dirty
+    }
+
+    /// Writes every applied effect not yet written — states, counters and
+    /// offsets in one write batch — and returns the offsets written (empty
+    /// when there was nothing to write).
+    pub fn flush(&mut self) -> Result<BatchOffsets, PipelineError> {
+        if self.unwritten.is_empty() {
+            return Ok(BatchOffsets::new());
+        }
+        let store = self.store.clone();
+        let mut write = store.batch();
+        for aggregation in &self.aggregations {
+            let name = &aggregation.config.name;
+            for (store_key, state) in &aggregation.dirty {
+                match state {
+                    Some(state) => write.put_raw(name, store_key, state)?,
+                    None => write.delete_raw(name, store_key)?,
+                }
+            }
+            write.set_counters(name, &aggregation.applied);
+        }
+        let unwritten: Vec<_> = self
+            .unwritten
+            .iter()
+            .map(|(p, n)| (p.clone(), *n))
+            .collect();
+        for ((topic, partition), next) in unwritten {
+            let topic_id = self.topic_id(&topic)?;
+            write.set_offset(topic_id, partition, next);
+        }
+        store.write(write)?;
+
+        // Durable: now the views may move forward.
+        for aggregation in &mut self.aggregations {
+            for (store_key, state) in aggregation.dirty.drain() {
+                aggregation.cache.put(store_key, state);
+            }
+            aggregation.counters = aggregation.applied;
+            self.status
+                .set_counters(&aggregation.config.name, aggregation.counters);
+        }
+        for ((topic, partition), next) in &self.unwritten {
+            self.status.set_next_offset(topic, *partition, *next);
+        }
+        self.unwritten_since = None;
+        Ok(std::mem::take(&mut self.unwritten))
     }
 
     fn topic_id(&mut self, topic: &Arc<str>) -> Result<u16, StoreError> {
@@ -237,14 +406,16 @@ impl Pipeline {
         Ok(id)
     }
 
-    /// Applies one batch to every aggregation, delivers its dead letters,
-    /// and writes the result.
-    fn process(
+    /// Applies one batch to every aggregation (in memory, until the next
+    /// [`BatchApplier::flush`]) and delivers its dead letters; returns the
+    /// next offset of every partition in the batch. Nothing of a batch that
+    /// fails is kept.
+    pub fn apply(
         &mut self,
         batch: &[SourceRecord],
         shutdown: &AtomicBool,
-    ) -> Result<(), PipelineError> {
-        let mut partitions: BTreeMap<(Arc<str>, i32), i64> = BTreeMap::new();
+    ) -> Result<BatchOffsets, PipelineError> {
+        let mut partitions = BatchOffsets::new();
         for record in batch {
             let next = partitions
                 .entry((record.topic.clone(), record.partition))
@@ -264,7 +435,6 @@ impl Pipeline {
         }
 
         let store = self.store.clone();
-        let mut write = store.batch();
         let mut cache_updates = Vec::new();
         let mut counters = Vec::with_capacity(self.aggregations.len());
         let mut letters = Vec::new();
@@ -275,7 +445,6 @@ impl Pipeline {
                 batch,
                 &slots,
                 &store,
-                &mut write,
                 &mut cache_updates,
                 &mut letters,
             )?;
@@ -289,30 +458,20 @@ impl Pipeline {
                 .ok_or(DeadLetterError::NotConfigured)?;
             sink.deliver(&letters, shutdown)?;
         }
-        for ((topic, partition), next) in &partitions {
-            let slot = slots[&(topic.clone(), *partition)];
-            write.set_offset(slot.topic_id, *partition, *next);
-        }
-        store.write(write)?;
-
-        // Durable: now the in-memory views may move forward.
+        // The whole batch succeeded: its effects join the unwritten ones.
         for update in cache_updates {
             self.aggregations[update.aggregation]
-                .cache
-                .put(update.store_key, update.state);
+                .dirty
+                .insert(update.store_key, update.state);
         }
         for (aggregation, counters) in self.aggregations.iter_mut().zip(counters) {
-            aggregation.counters = counters;
-            self.status.set_counters(&aggregation.config.name, counters);
+            aggregation.applied = counters;
         }
-        let mut commits = Vec::with_capacity(partitions.len());
-        for ((topic, partition), next) in &partitions {
-            self.next_offsets.insert((topic.clone(), *partition), *next);
-            self.status.set_next_offset(topic, *partition, *next);
-            commits.push((&**topic, *partition, *next));
+        for (partition, next) in &partitions {
+            self.unwritten.insert(partition.clone(), *next);
         }
-        self.source.commit(&commits);
-        Ok(())
+        self.unwritten_since.get_or_insert_with(Instant::now);
+        Ok(partitions)
     }
 }
 
@@ -351,20 +510,18 @@ fn group_key<'r>(
 /// plugin and stages the resulting state changes in `write` (and rejected
 /// records in `letters`, under `on_error = "dead-letter"`). Returns the
 /// aggregation's counters as they will be once `write` is written.
-#[allow(clippy::too_many_arguments)]
 fn apply_aggregation<'b>(
     index: usize,
     aggregation: &mut Aggregation,
     batch: &'b [SourceRecord],
     slots: &HashMap<(Arc<str>, i32), Slot>,
     store: &StateStore,
-    write: &mut crate::store::StateBatch<'_>,
     cache_updates: &mut Vec<CacheUpdate>,
     letters: &mut Vec<DeadLetter<'b>>,
 ) -> Result<AggregationCounters, PipelineError> {
     let name = aggregation.config.name.clone();
     let after_failure = aggregation.after_failure();
-    let mut counters = aggregation.counters;
+    let mut counters = aggregation.applied;
     let mut rejected: Vec<(&'b SourceRecord, String)> = Vec::new();
     let mut keyed = Vec::new();
     for record in batch
@@ -391,6 +548,10 @@ fn apply_aggregation<'b>(
     let mut states: Vec<Option<Vec<u8>>> = Vec::with_capacity(groups.len());
     let mut misses = Vec::new();
     for (i, store_key) in store_keys.iter().enumerate() {
+        if let Some(state) = aggregation.dirty.get(store_key) {
+            states.push(state.clone());
+            continue;
+        }
         match aggregation.cache.get(store_key) {
             Some(state) => states.push(state.clone()),
             None => {
@@ -452,19 +613,11 @@ fn apply_aggregation<'b>(
         }));
     }
 
-    for ((((slot, key), _), store_key), change) in
-        groups.iter().zip(store_keys).zip(outcome.changes)
-    {
+    for (store_key, change) in store_keys.into_iter().zip(outcome.changes) {
         let state = match change {
             Change::Unchanged => continue,
-            Change::Set(state) => {
-                write.put_state(&name, *slot, key, &state)?;
-                Some(state)
-            }
-            Change::Delete => {
-                write.delete_state(&name, *slot, key)?;
-                None
-            }
+            Change::Set(state) => Some(state),
+            Change::Delete => None,
         };
         cache_updates.push(CacheUpdate {
             aggregation: index,
@@ -474,6 +627,5 @@ fn apply_aggregation<'b>(
     }
     counters.records_failed += rejected.len() as u64;
     counters.records_applied += (considered - rejected.len()) as u64;
-    write.set_counters(&name, &counters);
     Ok(counters)
 }

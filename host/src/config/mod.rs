@@ -213,6 +213,22 @@ pub struct BatchConfig {
     /// How long a batch may wait to fill up, milliseconds.
     #[serde(default = "default_max_delay_ms")]
     pub max_delay_ms: u64,
+    /// How often applied batches are written to the state store (states,
+    /// counters and offsets together), milliseconds. Queries see the state
+    /// as of the last write; a crash re-applies at most this much.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+    /// Write earlier when this many changed states are waiting (bounds the
+    /// memory they take).
+    #[serde(default = "default_max_unwritten_states")]
+    pub max_unwritten_states: usize,
+}
+
+fn default_commit_interval_ms() -> u64 {
+    1000
+}
+fn default_max_unwritten_states() -> usize {
+    200_000
 }
 
 fn default_max_records() -> usize {
@@ -227,6 +243,8 @@ impl Default for BatchConfig {
         Self {
             max_records: default_max_records(),
             max_delay_ms: default_max_delay_ms(),
+            commit_interval_ms: default_commit_interval_ms(),
+            max_unwritten_states: default_max_unwritten_states(),
         }
     }
 }
@@ -234,6 +252,10 @@ impl Default for BatchConfig {
 impl BatchConfig {
     pub fn max_delay(&self) -> Duration {
         Duration::from_millis(self.max_delay_ms)
+    }
+
+    pub fn commit_interval(&self) -> Duration {
+        Duration::from_millis(self.commit_interval_ms)
     }
 }
 

@@ -143,3 +143,34 @@ pub fn build_example_plugins(
     }
     Ok(built)
 }
+
+/// The directory of the example plugins' `.wasm` files: `explicit` when
+/// given, else built from the workspace this binary was compiled from into
+/// `<its target dir>/wasm-plugins` (for `wagg demo` and `wagg bench`).
+pub fn example_plugins_dir(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = explicit {
+        return Ok(dir.to_owned());
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("locating the wagg workspace")?;
+    let exe = std::env::current_exe().context("locating the wagg binary")?;
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("the wagg binary is not in a cargo target directory; pass --plugins-dir")?;
+    eprintln!("building the example plugins (the first time takes a minute)...");
+    let built = build_example_plugins(workspace, &target.join("wasm-plugins"), false)
+        .context("building the example plugins; or pass --plugins-dir with prebuilt ones")?;
+    built
+        .values()
+        .next()
+        .and_then(|p| p.parent())
+        .map(Path::to_owned)
+        .context("no plugins were built")
+}
+
+/// The path of example plugin `name` (`count`, `top-n`, ...) in `dir`.
+pub fn example_plugin(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("wagg_plugin_{}.wasm", name.replace('-', "_")))
+}

@@ -534,6 +534,24 @@ impl StateBatch<'_> {
         Ok(())
     }
 
+    /// A state by its encoded store key ([`Slot::store_key`]).
+    pub fn put_raw(
+        &mut self,
+        aggregation: &str,
+        store_key: &[u8],
+        state: &[u8],
+    ) -> Result<(), StoreError> {
+        let cf = self.store.aggregation_cf(aggregation)?;
+        self.batch.put_cf(cf, store_key, state);
+        Ok(())
+    }
+
+    pub fn delete_raw(&mut self, aggregation: &str, store_key: &[u8]) -> Result<(), StoreError> {
+        let cf = self.store.aggregation_cf(aggregation)?;
+        self.batch.delete_cf(cf, store_key);
+        Ok(())
+    }
+
     pub fn delete_state(
         &mut self,
         aggregation: &str,

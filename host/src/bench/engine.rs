@@ -1,0 +1,159 @@
+//! `wagg bench engine`: generated records through the real batch applier
+//! (batcher → plugin runtime → state cache → RocksDB on disk), no broker.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use super::{Rng, aggregation_toml, dir_size, key, report, rss_bytes, value};
+use crate::config::Config;
+use crate::pipeline::BatchApplier;
+use crate::plugin::PluginRuntime;
+use crate::plugin::build::{example_plugin, example_plugins_dir};
+use crate::record::SourceRecord;
+use crate::status::Status;
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Example plugins to run, one at a time.
+    pub plugins: Vec<String>,
+    /// Distinct key counts to run each plugin at.
+    pub keys: Vec<u64>,
+    /// Records per run (at least the key count, so every key can appear).
+    pub records: u64,
+    pub batch_size: usize,
+    /// `state.cache_entries` and `state.block_cache_mib` for the runs.
+    pub cache_entries: usize,
+    pub block_cache_mib: usize,
+    pub plugins_dir: Option<PathBuf>,
+    /// Where the runs' RocksDB directories go (default: the temp dir).
+    pub work_dir: Option<PathBuf>,
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineRow {
+    pub plugin: String,
+    pub keys: u64,
+    pub records: u64,
+    pub seconds: f64,
+    pub records_per_sec: f64,
+    /// Key and value bytes per second.
+    pub mib_per_sec: f64,
+    /// Of `seconds`, spent generating the records.
+    pub generate_seconds: f64,
+    pub peak_rss_mib: f64,
+    pub rocksdb_mib: f64,
+}
+
+const PARTITIONS: u64 = 8;
+
+pub fn run(options: &EngineOptions) -> anyhow::Result<Vec<EngineRow>> {
+    let plugins_dir = example_plugins_dir(options.plugins_dir.as_deref())?;
+    let mut rows = Vec::new();
+    for plugin in &options.plugins {
+        for &keys in &options.keys {
+            let row = run_one(options, &example_plugin(&plugins_dir, plugin), plugin, keys)
+                .with_context(|| format!("engine run: {plugin} at {keys} keys"))?;
+            eprintln!(
+                "engine: {plugin} at {keys} keys: {:.0} records/s",
+                row.records_per_sec
+            );
+            rows.push(row);
+        }
+    }
+    report(
+        "wagg bench engine (batcher → plugin → RocksDB, no broker)",
+        &rows,
+        options.out.as_deref(),
+    )?;
+    Ok(rows)
+}
+
+fn run_one(
+    options: &EngineOptions,
+    plugin: &Path,
+    name: &str,
+    keys: u64,
+) -> anyhow::Result<EngineRow> {
+    let work = match &options.work_dir {
+        Some(dir) => tempfile::tempdir_in(dir),
+        None => tempfile::tempdir(),
+    }
+    .context("creating the benchmark's state directory")?;
+    let text = format!(
+        "[source]\nbrokers = \"unused:9092\"\ntopics = [\"bench\"]\n\n[state]\ndir = {:?}\ncache_entries = {}\nblock_cache_mib = {}\n\n{}",
+        work.path().join("state"),
+        options.cache_entries,
+        options.block_cache_mib,
+        aggregation_toml(name, plugin)
+    );
+    let config = Config::parse(&text, "<bench config>", Path::new("/"))?;
+    let runtime = PluginRuntime::new(config.runtime_config())?;
+    let plugins = crate::app::load_plugins(&config, &runtime)?;
+    let (store, aggregations, _) = crate::app::open_aggregations(&config, plugins)?;
+    let status = Arc::new(Status::default());
+    let mut applier = BatchApplier::new(store, status, aggregations, None, &config.batch);
+
+    // Reset the peak-RSS counter so each run reports its own peak.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let topic: Arc<str> = Arc::from("bench");
+    let records = options.records.max(keys);
+    let batch_size = options.batch_size.max(1) as u64;
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ keys);
+    let mut offsets = [0i64; PARTITIONS as usize];
+    let mut bytes = 0u64;
+    let mut generating = Duration::ZERO;
+    let never = AtomicBool::new(false);
+    let started = Instant::now();
+    let mut done = 0;
+    while done < records {
+        let generated = Instant::now();
+        let n = batch_size.min(records - done);
+        let batch: Vec<SourceRecord> = (0..n)
+            .map(|_| {
+                let k = rng.next_u64() % keys;
+                let partition = (k % PARTITIONS) as usize;
+                let offset = offsets[partition];
+                offsets[partition] += 1;
+                let key = key(k).into_bytes();
+                let value = value(&mut rng).into_bytes();
+                bytes += (key.len() + value.len()) as u64;
+                SourceRecord {
+                    topic: topic.clone(),
+                    partition: partition as i32,
+                    offset,
+                    key: Some(key),
+                    value: Some(value),
+                    timestamp: Some(offset),
+                    headers: Vec::new(),
+                }
+            })
+            .collect();
+        generating += generated.elapsed();
+        applier.apply(&batch, &never)?;
+        if applier.flush_due() {
+            applier.flush()?;
+        }
+        done += n;
+    }
+    applier.flush()?;
+    let seconds = started.elapsed().as_secs_f64();
+    let (_, peak_rss) = rss_bytes();
+    drop(applier);
+    Ok(EngineRow {
+        plugin: name.to_owned(),
+        keys,
+        records,
+        seconds,
+        records_per_sec: records as f64 / seconds,
+        mib_per_sec: bytes as f64 / seconds / (1 << 20) as f64,
+        generate_seconds: generating.as_secs_f64(),
+        peak_rss_mib: peak_rss as f64 / (1 << 20) as f64,
+        rocksdb_mib: dir_size(&work.path().join("state")) as f64 / (1 << 20) as f64,
+    })
+}
