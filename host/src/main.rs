@@ -75,7 +75,7 @@ enum BenchCommand {
         /// Distinct keys, comma-separated; one run per plugin and count.
         #[arg(long, value_delimiter = ',', default_value = "1000,100000")]
         keys: Vec<u64>,
-        /// Records per run (raised to the key count when smaller).
+        /// Records per run; keys are drawn uniformly from the key space.
         #[arg(long, default_value_t = 2_000_000)]
         records: u64,
         #[arg(long, default_value_t = 1000)]
