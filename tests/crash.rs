@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::broker::{Broker, free_port};
 use common::wagg_process::Wagg;
-use common::{json_approx_eq, plugin, stats_json};
+use common::{json_approx_eq, stats_json};
 use serde_json::{Value, json};
 
 const PARTITIONS: u32 = 4;
@@ -99,19 +99,9 @@ listen = "127.0.0.1:{port}"
 [batch]
 max_records = 500
 max_delay_ms = 20
-
-[[aggregation]]
-name = "count"
-plugin = {:?}
-
-[[aggregation]]
-name = "stats"
-plugin = {:?}
-params = {{ field = "/amount" }}
-"#,
+{}"#,
             broker.address,
-            plugin("count"),
-            plugin("stats")
+            common::count_and_stats_toml()
         )
     };
 

@@ -40,23 +40,6 @@ max_delay_ms = 20
     )
 }
 
-fn count_and_stats() -> String {
-    format!(
-        r#"
-[[aggregation]]
-name = "count"
-plugin = {:?}
-
-[[aggregation]]
-name = "stats"
-plugin = {:?}
-params = {{ field = "/amount" }}
-"#,
-        plugin("count"),
-        plugin("stats")
-    )
-}
-
 /// `(partition, key, value)`: `n` records over `keys` keys and 2
 /// partitions; the values of records whose index `poison` picks are not
 /// JSON, so `stats` rejects them.
@@ -198,7 +181,7 @@ fn poison_records_go_to_the_dead_letter_topic_and_the_rest_is_applied_once() {
     // allocates without bound on the poison records.
     let aggregations = format!(
         "{}\n[[aggregation]]\nname = \"trap\"\nplugin = {:?}\nparams = {{ mode = \"panic\" }}\n\n[[aggregation]]\nname = \"hog\"\nplugin = {:?}\nparams = {{ mode = \"alloc\" }}\n\n[[aggregation]]\nname = \"skipper\"\nplugin = {:?}\nparams = {{ field = \"/amount\" }}\non_error = \"skip\"\n",
-        count_and_stats(),
+        common::count_and_stats_toml(),
         plugin("hostile"),
         plugin("hostile"),
         plugin("stats")
@@ -390,7 +373,7 @@ fn a_broker_outage_is_reported_and_survived_exactly() {
             &broker,
             port,
             &format!("[source.kafka]\n\"sasl.password\" = \"{secret}\"\n"),
-            &count_and_stats(),
+            &common::count_and_stats_toml(),
         ),
         port,
     );
@@ -440,7 +423,7 @@ fn a_full_disk_stops_consumption_without_partial_state_and_a_restart_is_exact() 
         &broker,
         port,
         "commit_interval_ms = 0\n",
-        &count_and_stats(),
+        &common::count_and_stats_toml(),
     );
     let applied = |n: usize| -> BTreeMap<String, u64> {
         [
@@ -510,7 +493,7 @@ fn shutdown_finishes_within_the_deadline_even_with_the_broker_gone() {
         &broker,
         port,
         "[shutdown]\ndeadline_ms = 3000\n",
-        &count_and_stats(),
+        &common::count_and_stats_toml(),
     );
     let applied: BTreeMap<String, u64> = [
         ("count".to_owned(), data.len() as u64),

@@ -170,23 +170,13 @@ max_delay_ms = 50
 
 fn purchase_aggregations() -> String {
     format!(
-        r#"
-[[aggregation]]
-name = "count"
-plugin = {:?}
-
-[[aggregation]]
-name = "stats"
-plugin = {:?}
-params = {{ field = "/amount" }}
-
+        r#"{}
 [[aggregation]]
 name = "top"
 plugin = {:?}
 params = {{ n = 3, field = "/amount", item = "/item" }}
 "#,
-        plugin("count"),
-        plugin("stats"),
+        common::count_and_stats_toml(),
         plugin("top-n")
     )
 }

@@ -68,33 +68,7 @@ enum BenchCommand {
     #[command(
         after_help = "Example:\n  wagg bench engine --plugins count,stats,top-n --keys 1000,100000,10000000"
     )]
-    Engine {
-        /// Example plugins to run, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "count,stats,top-n")]
-        plugins: Vec<String>,
-        /// Distinct keys, comma-separated; one run per plugin and count.
-        #[arg(long, value_delimiter = ',', default_value = "1000,100000")]
-        keys: Vec<u64>,
-        /// Records per run; keys are drawn uniformly from the key space.
-        #[arg(long, default_value_t = 2_000_000)]
-        records: u64,
-        #[arg(long, default_value_t = 1000)]
-        batch_size: usize,
-        /// `state.cache_entries` for the runs.
-        #[arg(long, default_value_t = 200_000)]
-        cache_entries: usize,
-        /// `state.block_cache_mib` for the runs.
-        #[arg(long, default_value_t = 64)]
-        block_cache_mib: usize,
-        #[arg(long)]
-        plugins_dir: Option<PathBuf>,
-        /// Where the runs' RocksDB directories go (default: the temp dir).
-        #[arg(long)]
-        work_dir: Option<PathBuf>,
-        /// Write the results as JSON here.
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
+    Engine(wagg::bench::engine::EngineOptions),
     /// A raw consumer (the ceiling) against wagg on one pre-produced topic.
     #[command(after_help = "Example:\n  wagg bench e2e --records 5000000 --keys 100000")]
     E2e {
@@ -265,28 +239,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn bench_command(command: BenchCommand) -> anyhow::Result<()> {
     match command {
-        BenchCommand::Engine {
-            plugins,
-            keys,
-            records,
-            batch_size,
-            cache_entries,
-            block_cache_mib,
-            plugins_dir,
-            work_dir,
-            out,
-        } => {
-            wagg::bench::engine::run(&wagg::bench::engine::EngineOptions {
-                plugins,
-                keys,
-                records,
-                batch_size,
-                cache_entries,
-                block_cache_mib,
-                plugins_dir,
-                work_dir,
-                out,
-            })?;
+        BenchCommand::Engine(options) => {
+            wagg::bench::engine::run(&options)?;
         }
         BenchCommand::E2e { common } => {
             wagg::bench::e2e::run(&common.options(None, 0))?;

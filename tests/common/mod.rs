@@ -89,3 +89,23 @@ pub fn json_approx_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
 
 pub mod broker;
 pub mod wagg_process;
+
+/// `[[aggregation]]` tables for `count` and `stats` (of `/amount`), as
+/// most end-to-end tests configure them.
+#[allow(dead_code)]
+pub fn count_and_stats_toml() -> String {
+    format!(
+        r#"
+[[aggregation]]
+name = "count"
+plugin = {:?}
+
+[[aggregation]]
+name = "stats"
+plugin = {:?}
+params = {{ field = "/amount" }}
+"#,
+        plugin("count"),
+        plugin("stats")
+    )
+}

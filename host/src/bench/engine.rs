@@ -17,21 +17,34 @@ use crate::plugin::build::{example_plugin, example_plugins_dir};
 use crate::record::SourceRecord;
 use crate::status::Status;
 
-#[derive(Debug, Clone)]
+/// `wagg bench engine`'s options (also its command-line arguments).
+#[derive(Debug, Clone, clap::Args)]
 pub struct EngineOptions {
-    /// Example plugins to run, one at a time.
+    /// Example plugins to run, one at a time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "count,stats,top-n")]
     pub plugins: Vec<String>,
-    /// Distinct key counts to run each plugin at.
+    /// Key-space sizes, comma-separated; one run per plugin and size.
+    #[arg(long, value_delimiter = ',', default_value = "1000,100000")]
     pub keys: Vec<u64>,
     /// Records per run; keys are drawn uniformly from the key space.
+    #[arg(long, default_value_t = 2_000_000)]
     pub records: u64,
+    #[arg(long, default_value_t = 1000)]
     pub batch_size: usize,
-    /// `state.cache_entries` and `state.block_cache_mib` for the runs.
+    /// `state.cache_entries` for the runs.
+    #[arg(long, default_value_t = 200_000)]
     pub cache_entries: usize,
+    /// `state.block_cache_mib` for the runs.
+    #[arg(long, default_value_t = 64)]
     pub block_cache_mib: usize,
+    /// Directory of the example plugins' .wasm files (built when absent).
+    #[arg(long)]
     pub plugins_dir: Option<PathBuf>,
     /// Where the runs' RocksDB directories go (default: the temp dir).
+    #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    /// Write the results as JSON here.
+    #[arg(long)]
     pub out: Option<PathBuf>,
 }
 

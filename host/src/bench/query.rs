@@ -100,6 +100,18 @@ fn combine(
     })
 }
 
+fn join_workers(
+    handles: Vec<std::thread::ScopedJoinHandle<'_, anyhow::Result<Worker>>>,
+) -> anyhow::Result<Vec<Worker>> {
+    handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("load thread panicked"))?
+        })
+        .collect()
+}
+
 /// Lookups of random keys among `keys` at `rate` per second from `threads`
 /// threads, until `stop` is set or `max` has passed.
 pub fn fixed_rate(
@@ -138,13 +150,7 @@ pub fn fixed_rate(
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("load thread panicked"))?
-            })
-            .collect::<anyhow::Result<Vec<Worker>>>()
+        join_workers(handles)
     })?;
     combine("during ingestion", Some(rate), workers, started.elapsed())
 }
@@ -175,13 +181,7 @@ pub fn max_rate(
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("load thread panicked"))?
-            })
-            .collect::<anyhow::Result<Vec<Worker>>>()
+        join_workers(handles)
     })?;
     combine(
         "ingestion stopped, max rate",
