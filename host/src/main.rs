@@ -109,6 +109,9 @@ struct E2eArgs {
     plugin: String,
     #[arg(long)]
     plugins_dir: Option<PathBuf>,
+    /// wagg's `batch.commit_interval_ms`.
+    #[arg(long, default_value_t = 1000)]
+    commit_interval_ms: u64,
     /// Write the results as JSON here (`.query.json` beside it for lookups).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -130,6 +133,7 @@ impl E2eArgs {
             plugins_dir: self.plugins_dir,
             query_rate,
             max_rate_seconds,
+            commit_interval_ms: self.commit_interval_ms,
             out: self.out,
         }
     }

@@ -37,6 +37,8 @@ pub struct E2eOptions {
     pub query_rate: Option<u32>,
     /// How long to measure lookups with ingestion stopped.
     pub max_rate_seconds: u64,
+    /// wagg's `batch.commit_interval_ms`.
+    pub commit_interval_ms: u64,
     pub out: Option<PathBuf>,
 }
 
@@ -250,7 +252,8 @@ pub fn run(options: &E2eOptions) -> anyhow::Result<(E2eRow, Vec<LoadResult>)> {
     let plugins = example_plugins_dir(options.plugins_dir.as_deref())?;
     let port = free_port()?;
     let config = format!(
-        "[source]\nbrokers = \"{brokers}\"\ngroup_id = \"{topic}-wagg\"\ntopics = [\"{topic}\"]\n\n[state]\ndir = \"state\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n{}",
+        "[source]\nbrokers = \"{brokers}\"\ngroup_id = \"{topic}-wagg\"\ntopics = [\"{topic}\"]\n\n[state]\ndir = \"state\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[batch]\ncommit_interval_ms = {}\n\n{}",
+        options.commit_interval_ms,
         aggregation_toml(&options.plugin, &example_plugin(&plugins, &options.plugin))
     );
     let config_path = work.path().join("wagg.toml");

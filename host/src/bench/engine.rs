@@ -37,6 +37,9 @@ pub struct EngineOptions {
     /// `state.block_cache_mib` for the runs.
     #[arg(long, default_value_t = 64)]
     pub block_cache_mib: usize,
+    /// `batch.commit_interval_ms` for the runs.
+    #[arg(long, default_value_t = 1000)]
+    pub commit_interval_ms: u64,
     /// Directory of the example plugins' .wasm files (built when absent).
     #[arg(long)]
     pub plugins_dir: Option<PathBuf>,
@@ -99,10 +102,11 @@ fn run_one(
     }
     .context("creating the benchmark's state directory")?;
     let text = format!(
-        "[source]\nbrokers = \"unused:9092\"\ntopics = [\"bench\"]\n\n[state]\ndir = {:?}\ncache_entries = {}\nblock_cache_mib = {}\n\n{}",
+        "[source]\nbrokers = \"unused:9092\"\ntopics = [\"bench\"]\n\n[state]\ndir = {:?}\ncache_entries = {}\nblock_cache_mib = {}\n\n[batch]\ncommit_interval_ms = {}\n\n{}",
         work.path().join("state"),
         options.cache_entries,
         options.block_cache_mib,
+        options.commit_interval_ms,
         aggregation_toml(name, plugin)
     );
     let config = Config::parse(&text, "<bench config>", Path::new("/"))?;
