@@ -15,6 +15,7 @@ use common::broker::{Broker, free_port};
 use common::wagg_process::Wagg;
 use common::{json_approx_eq, stats_json};
 use serde_json::{Value, json};
+use wagg::rng::Rng;
 
 const PARTITIONS: u32 = 4;
 const KEYS: usize = 10_000;
@@ -24,18 +25,6 @@ fn env_or(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// xorshift64*: a seeded, replayable source of kill times.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
-    }
 }
 
 #[test]
@@ -52,6 +41,7 @@ fn repeated_kill_9_loses_nothing_and_counts_nothing_twice() {
     eprintln!(
         "crash test: {records} records, {kills} kills, seed {seed} (WAGG_CRASH_SEED={seed} replays)"
     );
+    // A seeded, replayable source of kill times.
     let mut rng = Rng(seed);
 
     let broker = Broker::start();
@@ -105,11 +95,7 @@ max_delay_ms = 20
         )
     };
 
-    let expected_applied: BTreeMap<String, u64> = [
-        ("count".to_owned(), records as u64),
-        ("stats".to_owned(), records as u64),
-    ]
-    .into();
+    let expected_applied = common::count_and_stats_applied(records as u64);
     let mut progress = Vec::new();
     for kill in 0..kills {
         let mut wagg = Wagg::start(dir.path(), &config(kill), port);
@@ -117,7 +103,7 @@ max_delay_ms = 20
         // wait until records are being applied and land among batches and
         // their writes.
         let delay = if kill % 2 == 0 {
-            rng.below(800)
+            rng.next_u64() % 800
         } else {
             let before = wagg.applied().get("count").copied().unwrap_or(0);
             let waiting = Instant::now();
@@ -127,7 +113,7 @@ max_delay_ms = 20
             {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            rng.below(400)
+            rng.next_u64() % 400
         };
         std::thread::sleep(Duration::from_millis(delay));
         let applied = wagg.applied();

@@ -377,14 +377,10 @@ fn a_broker_outage_is_reported_and_survived_exactly() {
         ),
         port,
     );
-    let applied = |n: usize| -> BTreeMap<String, u64> {
-        [
-            ("count".to_owned(), n as u64),
-            ("stats".to_owned(), n as u64),
-        ]
-        .into()
-    };
-    wagg.wait_for(&applied(data.len()), CATCH_UP);
+    wagg.wait_for(
+        &common::count_and_stats_applied(data.len() as u64),
+        CATCH_UP,
+    );
     wait_for_readiness(&wagg, true, "", Duration::from_secs(30));
 
     broker.stop();
@@ -402,7 +398,10 @@ fn a_broker_outage_is_reported_and_survived_exactly() {
     let more: Vec<(i32, String, String)> = events(40_000, 200, |_| false).split_off(20_000);
     broker.produce("events", &more);
     data.extend(more);
-    wagg.wait_for(&applied(data.len()), CATCH_UP);
+    wagg.wait_for(
+        &common::count_and_stats_applied(data.len() as u64),
+        CATCH_UP,
+    );
     assert_exact(&wagg, &data);
     wait_for_readiness(&wagg, true, "", Duration::from_secs(30));
     let log = wagg.log();
@@ -425,15 +424,11 @@ fn a_full_disk_stops_consumption_without_partial_state_and_a_restart_is_exact() 
         "commit_interval_ms = 0\n",
         &common::count_and_stats_toml(),
     );
-    let applied = |n: usize| -> BTreeMap<String, u64> {
-        [
-            ("count".to_owned(), n as u64),
-            ("stats".to_owned(), n as u64),
-        ]
-        .into()
-    };
     let mut wagg = Wagg::start(dir.path(), &config, port);
-    wagg.wait_for(&applied(data.len()), CATCH_UP);
+    wagg.wait_for(
+        &common::count_and_stats_applied(data.len() as u64),
+        CATCH_UP,
+    );
 
     // A second process on the same state directory is refused.
     let second = std::process::Command::new(env!("CARGO_BIN_EXE_wagg"))
@@ -477,7 +472,10 @@ fn a_full_disk_stops_consumption_without_partial_state_and_a_restart_is_exact() 
     // Space is back: the restart resumes from the last complete batch.
     data.extend(more);
     let wagg = Wagg::start(dir.path(), &config, port);
-    wagg.wait_for(&applied(data.len()), CATCH_UP);
+    wagg.wait_for(
+        &common::count_and_stats_applied(data.len() as u64),
+        CATCH_UP,
+    );
     assert_exact(&wagg, &data);
 }
 
@@ -495,11 +493,7 @@ fn shutdown_finishes_within_the_deadline_even_with_the_broker_gone() {
         "[shutdown]\ndeadline_ms = 3000\n",
         &common::count_and_stats_toml(),
     );
-    let applied: BTreeMap<String, u64> = [
-        ("count".to_owned(), data.len() as u64),
-        ("stats".to_owned(), data.len() as u64),
-    ]
-    .into();
+    let applied = common::count_and_stats_applied(data.len() as u64);
 
     // With the broker up: SIGTERM mid-ingest exits 0 well within it.
     let mut wagg = Wagg::start(dir.path(), &config, port);

@@ -63,9 +63,8 @@ pub struct Aggregation {
     /// Applied but not yet written: the newest state of each key changed
     /// since the last flush. Read before `cache`.
     dirty: StateMap,
-    /// As written to the store.
-    counters: AggregationCounters,
-    /// Including what is applied but not yet written.
+    /// Including what is applied but not yet written (the written ones are
+    /// what the last flush reported to `Status`).
     applied: AggregationCounters,
 }
 
@@ -85,7 +84,6 @@ impl Aggregation {
                 NonZeroUsize::new(cache_entries.max(1)).unwrap_or(NonZeroUsize::MIN),
             ),
             dirty: StateMap::default(),
-            counters,
             applied: counters,
         }
     }
@@ -323,7 +321,7 @@ impl BatchApplier {
         batch: &BatchConfig,
     ) -> Self {
         for aggregation in &aggregations {
-            status.set_counters(&aggregation.config.name, aggregation.counters);
+            status.set_counters(&aggregation.config.name, aggregation.applied);
         }
         Self {
             store,
@@ -370,14 +368,9 @@ impl BatchApplier {
             }
             write.set_counters(name, &aggregation.applied);
         }
-        let unwritten: Vec<_> = self
-            .unwritten
-            .iter()
-            .map(|(p, n)| (p.clone(), *n))
-            .collect();
-        for ((topic, partition), next) in unwritten {
-            let topic_id = self.topic_id(&topic)?;
-            write.set_offset(topic_id, partition, next);
+        for ((topic, partition), next) in &self.unwritten {
+            let topic_id = cached_topic_id(&self.store, &mut self.topic_ids, topic)?;
+            write.set_offset(topic_id, *partition, *next);
         }
         store.write(write)?;
 
@@ -386,24 +379,14 @@ impl BatchApplier {
             for (store_key, state) in aggregation.dirty.drain() {
                 aggregation.cache.put(store_key, state);
             }
-            aggregation.counters = aggregation.applied;
             self.status
-                .set_counters(&aggregation.config.name, aggregation.counters);
+                .set_counters(&aggregation.config.name, aggregation.applied);
         }
         for ((topic, partition), next) in &self.unwritten {
             self.status.set_next_offset(topic, *partition, *next);
         }
         self.unwritten_since = None;
         Ok(std::mem::take(&mut self.unwritten))
-    }
-
-    fn topic_id(&mut self, topic: &Arc<str>) -> Result<u16, StoreError> {
-        if let Some(&id) = self.topic_ids.get(topic) {
-            return Ok(id);
-        }
-        let id = self.store.topic_id(topic)?;
-        self.topic_ids.insert(topic.clone(), id);
-        Ok(id)
     }
 
     /// Applies one batch to every aggregation (in memory, until the next
@@ -424,7 +407,7 @@ impl BatchApplier {
         }
         let mut slots: HashMap<(Arc<str>, i32), Slot> = HashMap::new();
         for (topic, partition) in partitions.keys() {
-            let topic_id = self.topic_id(topic)?;
+            let topic_id = cached_topic_id(&self.store, &mut self.topic_ids, topic)?;
             slots.insert(
                 (topic.clone(), *partition),
                 Slot {
@@ -473,6 +456,20 @@ impl BatchApplier {
         self.unwritten_since.get_or_insert_with(Instant::now);
         Ok(partitions)
     }
+}
+
+/// A topic's id in the store, asked of RocksDB once per topic.
+fn cached_topic_id(
+    store: &StateStore,
+    ids: &mut HashMap<Arc<str>, u16>,
+    topic: &Arc<str>,
+) -> Result<u16, StoreError> {
+    if let Some(&id) = ids.get(topic) {
+        return Ok(id);
+    }
+    let id = store.topic_id(topic)?;
+    ids.insert(topic.clone(), id);
+    Ok(id)
 }
 
 /// The group key of a record for an aggregation: the Kafka key in its

@@ -16,23 +16,8 @@ pub struct Broker {
     _dir: tempfile::TempDir,
 }
 
-/// The tansu binary: `$WAGG_TANSU`, the cache `scripts/setup.sh --broker`
-/// installs into, or `tansu` on the PATH.
 fn tansu_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("WAGG_TANSU") {
-        return path.into();
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    let cache = std::env::var_os("WAGG_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or(home.join(".cache/wagg"));
-    let cached = cache.join("tansu/bin/tansu");
-    if cached.exists() {
-        return cached;
-    }
-    PathBuf::from("tansu")
+    wagg::bench::e2e::tansu_binary(None)
 }
 
 pub fn free_port() -> u16 {

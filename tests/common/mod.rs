@@ -109,3 +109,9 @@ params = {{ field = "/amount" }}
         plugin("stats")
     )
 }
+
+/// What `count_and_stats_toml` aggregations report once `n` records are in.
+#[allow(dead_code)]
+pub fn count_and_stats_applied(n: u64) -> std::collections::BTreeMap<String, u64> {
+    [("count".to_owned(), n), ("stats".to_owned(), n)].into()
+}

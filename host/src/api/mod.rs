@@ -162,26 +162,25 @@ pub struct HttpPolicy {
 
 impl HttpPolicy {
     pub fn from_config(config: &crate::config::Config) -> anyhow::Result<Self> {
-        let http = &config.http;
-        Ok(Self {
-            token: config.http_token().map_err(anyhow::Error::msg)?,
+        let token = config.http_token().map_err(anyhow::Error::msg)?;
+        Ok(Self::from_http(&config.http, token))
+    }
+
+    fn from_http(http: &crate::config::HttpConfig, token: Option<String>) -> Self {
+        Self {
+            token,
             auth_scope: http.auth.as_ref().map(|a| a.scope).unwrap_or_default(),
             max_concurrent_requests: http.max_concurrent_requests,
             request_timeout: Duration::from_millis(http.request_timeout_ms),
             max_uri_bytes: http.max_uri_bytes,
-        })
+        }
     }
 }
 
 impl Default for HttpPolicy {
+    /// `[http]`'s defaults, without auth.
     fn default() -> Self {
-        Self {
-            token: None,
-            auth_scope: crate::config::AuthScope::All,
-            max_concurrent_requests: 256,
-            request_timeout: Duration::from_secs(10),
-            max_uri_bytes: 8192,
-        }
+        Self::from_http(&crate::config::HttpConfig::default(), None)
     }
 }
 

@@ -73,7 +73,9 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-fn tansu_binary(explicit: Option<&Path>) -> PathBuf {
+/// The tansu binary: `explicit`, `$WAGG_TANSU`, the cache
+/// `scripts/setup.sh --broker` installs into, or `tansu` on the PATH.
+pub fn tansu_binary(explicit: Option<&Path>) -> PathBuf {
     if let Some(path) = explicit {
         return path.to_owned();
     }
