@@ -140,7 +140,8 @@ pub fn run(
         aggregations,
         dead_letters,
         &config.batch,
-    );
+    )
+    .context("starting the state writer thread")?;
     let pipeline = Pipeline::new(source, applier, status.clone(), config.batch.clone());
 
     let http = tokio::runtime::Builder::new_multi_thread()

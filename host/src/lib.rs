@@ -16,3 +16,4 @@ pub mod rng;
 pub mod source;
 pub mod status;
 pub mod store;
+pub mod writer;

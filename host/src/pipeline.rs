@@ -4,7 +4,9 @@
 //! Each batch is applied to every aggregation in memory; every
 //! `batch.commit_interval_ms` (and when idle, on revocation, on shutdown)
 //! all new states, the counters and the next offset of every partition they
-//! cover are written in one RocksDB write batch. Records at offsets below a
+//! cover are written in one RocksDB write batch — by the `writer` thread,
+//! while this one goes on applying (it waits only to revoke, to stop, and
+//! before handing over the next write). Records at offsets below a
 //! partition's next offset are dropped on arrival, so a record is applied at
 //! most once even when the consumer re-delivers it (after a rebalance or a
 //! seek); and every record is applied at least once because offsets only
@@ -27,6 +29,7 @@ use crate::record::SourceRecord;
 use crate::source::{KafkaSource, PartitionEvent};
 use crate::status::{AggregationCounters, Status};
 use crate::store::{Slot, StateStore, StoreError};
+use crate::writer::{FlushJob, FlushedAggregation, StateMap, StateWriter, WriteError};
 
 /// Why the consumer loop stopped.
 #[derive(Debug, thiserror::Error)]
@@ -47,11 +50,11 @@ pub enum PipelineError {
     },
     #[error("writing state: {0}")]
     Store(#[from] StoreError),
+    #[error("writing state: {0}")]
+    Write(#[from] WriteError),
     #[error("{0}")]
     DeadLetter(#[from] DeadLetterError),
 }
-
-type StateMap = HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState>;
 
 /// One configured aggregation as the consumer loop runs it.
 pub struct Aggregation {
@@ -60,8 +63,9 @@ pub struct Aggregation {
     instance: PluginInstance,
     /// Written states: encoded store key → state (`None`: known absent).
     cache: LruCache<Vec<u8>, Option<Vec<u8>>>,
-    /// Applied but not yet written: the newest state of each key changed
-    /// since the last flush. Read before `cache`.
+    /// Applied but not yet handed to the writer: the newest state of each
+    /// key changed since the last flush. Read before the write in flight
+    /// and `cache`.
     dirty: StateMap,
     /// Including what is applied but not yet written (the written ones are
     /// what the last flush reported to `Status`).
@@ -109,6 +113,9 @@ impl Aggregation {
 /// are applied again after the restart — exactly once either way.
 pub struct BatchApplier {
     store: Arc<StateStore>,
+    writer: StateWriter,
+    /// The flush being written, if any; its states are newer than RocksDB.
+    in_flight: Option<Arc<FlushJob>>,
     status: Arc<Status>,
     aggregations: Vec<Aggregation>,
     dead_letters: Option<DeadLetterSink>,
@@ -191,6 +198,8 @@ impl Pipeline {
     fn consume(&mut self, shutdown: &AtomicBool) -> Result<(), PipelineError> {
         while !shutdown.load(Ordering::Relaxed) {
             self.fill_batch(shutdown)?;
+            let written = self.applier.poll_flush()?;
+            self.commit(&written);
             if self.pending.is_empty() {
                 // Idle (caught up, or no partitions): write what waits.
                 self.flush()?;
@@ -199,16 +208,23 @@ impl Pipeline {
             let batch = std::mem::take(&mut self.pending);
             self.process(&batch, shutdown)?;
             if self.applier.flush_due() {
-                self.flush()?;
+                let written = self.applier.start_flush()?;
+                self.commit(&written);
             }
         }
         Ok(())
     }
 
-    /// Writes the applied effects, then lets the group know how far this
-    /// member got (monitoring only).
+    /// Writes the applied effects and waits for them to be durable.
     fn flush(&mut self) -> Result<(), PipelineError> {
         let written = self.applier.flush()?;
+        self.commit(&written);
+        Ok(())
+    }
+
+    /// Lets the group know how far this member got (monitoring only: start
+    /// offsets come from the state store).
+    fn commit(&self, written: &BatchOffsets) {
         if !written.is_empty() {
             let commits: Vec<(&str, i32, i64)> = written
                 .iter()
@@ -216,7 +232,6 @@ impl Pipeline {
                 .collect();
             self.source.commit(&commits);
         }
-        Ok(())
     }
 
     /// Polls until the batch is full, its delay is up, or (with nothing
@@ -319,11 +334,13 @@ impl BatchApplier {
         aggregations: Vec<Aggregation>,
         dead_letters: Option<DeadLetterSink>,
         batch: &BatchConfig,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         for aggregation in &aggregations {
             status.set_counters(&aggregation.config.name, aggregation.applied);
         }
-        Self {
+        Ok(Self {
+            writer: StateWriter::spawn(store.clone())?,
+            in_flight: None,
             store,
             status,
             aggregations,
@@ -333,7 +350,7 @@ impl BatchApplier {
             unwritten_since: None,
             commit_interval: batch.commit_interval(),
             max_dirty: batch.max_unwritten_states.max(1),
-        }
+        })
     }
 
     /// Whether a flush is due: the oldest unwritten effect is older than
@@ -350,43 +367,114 @@ impl BatchApplier {
     }
 
     /// Writes every applied effect not yet written — states, counters and
-    /// offsets in one write batch — and returns the offsets written (empty
-    /// when there was nothing to write).
+    /// offsets in one write batch — and waits for it; returns the offsets
+    /// made durable (empty when there was nothing to write).
     pub fn flush(&mut self) -> Result<BatchOffsets, PipelineError> {
+        let mut written = self.start_flush()?;
+        written.append(&mut self.wait_for_write()?);
+        Ok(written)
+    }
+
+    /// Hands every applied effect not yet written to the writer thread,
+    /// after waiting for the write before it (if still running). Returns
+    /// the offsets made durable meanwhile.
+    pub fn start_flush(&mut self) -> Result<BatchOffsets, PipelineError> {
+        let written = self.wait_for_write()?;
         if self.unwritten.is_empty() {
-            return Ok(BatchOffsets::new());
+            return Ok(written);
         }
-        let store = self.store.clone();
-        let mut write = store.batch();
-        for aggregation in &self.aggregations {
-            let name = &aggregation.config.name;
-            for (store_key, state) in &aggregation.dirty {
-                match state {
-                    Some(state) => write.put_raw(name, store_key, state)?,
-                    None => write.delete_raw(name, store_key)?,
-                }
-            }
-            write.set_counters(name, &aggregation.applied);
-        }
+        let mut offset_ids = Vec::with_capacity(self.unwritten.len());
         for ((topic, partition), next) in &self.unwritten {
             let topic_id = cached_topic_id(&self.store, &mut self.topic_ids, topic)?;
-            write.set_offset(topic_id, *partition, *next);
+            offset_ids.push((topic_id, *partition, *next));
         }
-        store.write(write)?;
+        let job = Arc::new(FlushJob {
+            aggregations: self
+                .aggregations
+                .iter_mut()
+                .map(|aggregation| FlushedAggregation {
+                    name: aggregation.config.name.clone(),
+                    states: std::mem::take(&mut aggregation.dirty),
+                    counters: aggregation.applied,
+                })
+                .collect(),
+            offsets: std::mem::take(&mut self.unwritten),
+            offset_ids,
+        });
+        self.unwritten_since = None;
+        self.in_flight = Some(job.clone());
+        if let Err(e) = self.writer.submit(job) {
+            self.take_back_in_flight();
+            return Err(e.into());
+        }
+        Ok(written)
+    }
 
+    /// The offsets of the write in flight if it has completed (without
+    /// waiting for it).
+    pub fn poll_flush(&mut self) -> Result<BatchOffsets, PipelineError> {
+        if self.in_flight.is_none() {
+            return Ok(BatchOffsets::new());
+        }
+        match self.writer.try_result() {
+            None => Ok(BatchOffsets::new()),
+            Some(result) => self.complete_write(result),
+        }
+    }
+
+    fn wait_for_write(&mut self) -> Result<BatchOffsets, PipelineError> {
+        if self.in_flight.is_none() {
+            return Ok(BatchOffsets::new());
+        }
+        let result = self.writer.wait();
+        self.complete_write(result)
+    }
+
+    fn complete_write(
+        &mut self,
+        result: Result<(), WriteError>,
+    ) -> Result<BatchOffsets, PipelineError> {
+        if let Err(e) = result {
+            // Kept for another attempt (at shutdown): nothing later may be
+            // written without these states.
+            self.take_back_in_flight();
+            return Err(e.into());
+        }
+        let Some(job) = self.in_flight.take() else {
+            return Ok(BatchOffsets::new());
+        };
+        let job = Arc::try_unwrap(job).unwrap_or_else(|shared| (*shared).clone());
         // Durable: now the views may move forward.
-        for aggregation in &mut self.aggregations {
-            for (store_key, state) in aggregation.dirty.drain() {
+        for (aggregation, flushed) in self.aggregations.iter_mut().zip(job.aggregations) {
+            for (store_key, state) in flushed.states {
                 aggregation.cache.put(store_key, state);
             }
             self.status
-                .set_counters(&aggregation.config.name, aggregation.applied);
+                .set_counters(&aggregation.config.name, flushed.counters);
         }
-        for ((topic, partition), next) in &self.unwritten {
+        for ((topic, partition), next) in &job.offsets {
             self.status.set_next_offset(topic, *partition, *next);
         }
-        self.unwritten_since = None;
-        Ok(std::mem::take(&mut self.unwritten))
+        Ok(job.offsets)
+    }
+
+    /// Returns a failed (or never started) write's effects to the unwritten
+    /// ones; what was applied since is newer and wins.
+    fn take_back_in_flight(&mut self) {
+        let Some(job) = self.in_flight.take() else {
+            return;
+        };
+        let job = Arc::try_unwrap(job).unwrap_or_else(|shared| (*shared).clone());
+        for (aggregation, flushed) in self.aggregations.iter_mut().zip(job.aggregations) {
+            for (store_key, state) in flushed.states {
+                aggregation.dirty.entry(store_key).or_insert(state);
+            }
+        }
+        for (partition, next) in job.offsets {
+            let entry = self.unwritten.entry(partition).or_insert(next);
+            *entry = (*entry).max(next);
+        }
+        self.unwritten_since.get_or_insert_with(Instant::now);
     }
 
     /// Applies one batch to every aggregation (in memory, until the next
@@ -422,9 +510,15 @@ impl BatchApplier {
         let mut counters = Vec::with_capacity(self.aggregations.len());
         let mut letters = Vec::new();
         for (index, aggregation) in self.aggregations.iter_mut().enumerate() {
+            let in_flight = self
+                .in_flight
+                .as_deref()
+                .and_then(|job| job.aggregations.get(index))
+                .map(|flushed| &flushed.states);
             let updated = apply_aggregation(
                 index,
                 aggregation,
+                in_flight,
                 batch,
                 &slots,
                 &store,
@@ -507,9 +601,11 @@ fn group_key<'r>(
 /// plugin and stages the resulting state changes in `write` (and rejected
 /// records in `letters`, under `on_error = "dead-letter"`). Returns the
 /// aggregation's counters as they will be once `write` is written.
+#[allow(clippy::too_many_arguments)]
 fn apply_aggregation<'b>(
     index: usize,
     aggregation: &mut Aggregation,
+    in_flight: Option<&StateMap>,
     batch: &'b [SourceRecord],
     slots: &HashMap<(Arc<str>, i32), Slot>,
     store: &StateStore,
@@ -545,7 +641,11 @@ fn apply_aggregation<'b>(
     let mut states: Vec<Option<Vec<u8>>> = Vec::with_capacity(groups.len());
     let mut misses = Vec::new();
     for (i, store_key) in store_keys.iter().enumerate() {
-        if let Some(state) = aggregation.dirty.get(store_key) {
+        if let Some(state) = aggregation
+            .dirty
+            .get(store_key)
+            .or_else(|| in_flight.and_then(|states| states.get(store_key)))
+        {
             states.push(state.clone());
             continue;
         }

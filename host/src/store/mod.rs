@@ -16,9 +16,9 @@
 //! [`StateBatch`] written atomically, so the store always equals "every
 //! record before the stored offsets, each applied once".
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options,
@@ -150,6 +150,11 @@ pub struct StateStore {
     dir: PathBuf,
     write_options: WriteOptions,
     topic_ids: Mutex<HashMap<String, u16>>,
+    /// Per aggregation, the slots known to hold state: found by one scan on
+    /// first use, then extended by every write, so a key lookup costs one
+    /// point read per slot and no iterator (iterators over a memtable under
+    /// heavy writes were most of a lookup's time while ingesting).
+    known_slots: RwLock<HashMap<String, BTreeSet<Slot>>>,
 }
 
 impl StateStore {
@@ -222,6 +227,7 @@ impl StateStore {
             dir: dir.to_owned(),
             write_options,
             topic_ids: Mutex::new(HashMap::new()),
+            known_slots: RwLock::new(HashMap::new()),
         };
         store.load_topic_ids()?;
         Ok(store)
@@ -427,9 +433,22 @@ impl StateStore {
             .collect()
     }
 
-    /// The slots that hold state of `aggregation`, found by seeking from one
-    /// slot prefix to the next (cheap: one seek per slot).
+    /// The slots that hold state of `aggregation` (possibly also some that
+    /// held state once).
     pub fn slots(&self, aggregation: &str) -> Result<Vec<Slot>, StoreError> {
+        if let Some(known) = read_lock(&self.known_slots).get(aggregation) {
+            return Ok(known.iter().copied().collect());
+        }
+        let scanned = self.scan_slots(aggregation)?;
+        let mut known = write_lock(&self.known_slots);
+        let entry = known.entry(aggregation.to_owned()).or_default();
+        entry.extend(scanned);
+        Ok(entry.iter().copied().collect())
+    }
+
+    /// The slots that hold state, found by seeking from one slot prefix to
+    /// the next (one seek per slot).
+    fn scan_slots(&self, aggregation: &str) -> Result<Vec<Slot>, StoreError> {
         let cf = self.aggregation_cf(aggregation)?;
         let mut slots = Vec::new();
         let mut iter = self.db.raw_iterator_cf(cf);
@@ -515,13 +534,25 @@ impl StateStore {
     pub fn write(&self, batch: StateBatch<'_>) -> Result<(), StoreError> {
         self.db
             .write_opt(batch.batch, &self.write_options)
-            .map_err(|e| self.rocks(e))
+            .map_err(|e| self.rocks(e))?;
+        if !batch.slots.is_empty() {
+            let mut known = write_lock(&self.known_slots);
+            for (aggregation, slot) in batch.slots {
+                // Aggregations never looked up yet are scanned on first use.
+                if let Some(slots) = known.get_mut(&aggregation) {
+                    slots.insert(slot);
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn batch(&self) -> StateBatch<'_> {
         StateBatch {
             store: self,
             batch: WriteBatch::default(),
+            slots: BTreeSet::new(),
+            last_slot: None,
         }
     }
 
@@ -534,6 +565,11 @@ impl StateStore {
 pub struct StateBatch<'s> {
     store: &'s StateStore,
     batch: WriteBatch,
+    /// Slots this batch writes states into, for `known_slots`.
+    slots: BTreeSet<(String, Slot)>,
+    /// The last slot added to `slots` (writes come in key order, so this
+    /// saves a set insert per state).
+    last_slot: Option<(String, Slot)>,
 }
 
 impl StateBatch<'_> {
@@ -546,7 +582,19 @@ impl StateBatch<'_> {
     ) -> Result<(), StoreError> {
         let cf = self.store.aggregation_cf(aggregation)?;
         self.batch.put_cf(cf, slot.store_key(key), state);
+        self.note_slot(aggregation, slot);
         Ok(())
+    }
+
+    fn note_slot(&mut self, aggregation: &str, slot: Slot) {
+        let seen = self
+            .last_slot
+            .as_ref()
+            .is_some_and(|(name, last)| *last == slot && name == aggregation);
+        if !seen {
+            self.last_slot = Some((aggregation.to_owned(), slot));
+            self.slots.insert((aggregation.to_owned(), slot));
+        }
     }
 
     /// A state by its encoded store key ([`Slot::store_key`]).
@@ -558,6 +606,9 @@ impl StateBatch<'_> {
     ) -> Result<(), StoreError> {
         let cf = self.store.aggregation_cf(aggregation)?;
         self.batch.put_cf(cf, store_key, state);
+        if let Some((slot, _)) = Slot::decode(store_key) {
+            self.note_slot(aggregation, slot);
+        }
         Ok(())
     }
 
@@ -607,6 +658,16 @@ impl StateBatch<'_> {
     pub fn is_empty(&self) -> bool {
         self.batch.is_empty()
     }
+}
+
+// The guarded maps are caches that stay consistent under a panic (every
+// update is one insert), so a poisoned lock is used as is.
+fn read_lock<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write_lock<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn meta_key(prefix: &[u8], name: &[u8]) -> Vec<u8> {

@@ -165,3 +165,34 @@ proptest! {
         prop_assert_eq!(got, want);
     }
 }
+
+#[test]
+fn lookups_find_keys_in_slots_written_after_the_first_scan() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let slot = |partition| Slot {
+        topic_id: 0,
+        partition,
+    };
+    let mut batch = store.batch();
+    batch
+        .put_raw("a", &slot(1).store_key(b"k1"), b"s1")
+        .unwrap();
+    store.write(batch).unwrap();
+    // The first lookup scans (and remembers) the slots.
+    assert_eq!(store.find("a", b"k1").unwrap(), Some(b"s1".to_vec()));
+    assert_eq!(store.find("a", b"k2").unwrap(), None);
+    let mut batch = store.batch();
+    batch
+        .put_raw("a", &slot(5).store_key(b"k2"), b"s2")
+        .unwrap();
+    batch.put_state("a", slot(7), b"k3", b"s3").unwrap();
+    batch
+        .put_raw("b", &slot(2).store_key(b"k4"), b"s4")
+        .unwrap();
+    store.write(batch).unwrap();
+    assert_eq!(store.find("a", b"k2").unwrap(), Some(b"s2".to_vec()));
+    assert_eq!(store.find("a", b"k3").unwrap(), Some(b"s3".to_vec()));
+    assert_eq!(store.find("b", b"k4").unwrap(), Some(b"s4".to_vec()));
+    assert_eq!(store.slots("a").unwrap(), vec![slot(1), slot(5), slot(7)]);
+}
