@@ -158,6 +158,17 @@ impl<'a> Record<'a> {
             .map_err(|e| Error::msg(format!("value is not valid JSON: {e}")))
     }
 
+    /// The number at a JSON pointer (e.g. `"/amount"`) in the value, parsed
+    /// without building the rest of the document ([`json::number_in`]).
+    pub fn value_number(&self, pointer: &str) -> Result<f64> {
+        json::number_in(self.value_bytes()?, pointer)
+    }
+
+    /// The JSON value at a pointer in the record's value ([`json::field_in`]).
+    pub fn value_field(&self, pointer: &str) -> Result<serde_json::Value> {
+        json::field_in(self.value_bytes()?, pointer)
+    }
+
     fn value_bytes(&self) -> Result<&'a [u8]> {
         self.0
             .value

@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use wagg_guest_sdk::json::{field_at, validate_pointer};
+use wagg_guest_sdk::json::validate_pointer;
 use wagg_guest_sdk::{Aggregation, Record, Result, bail, hash64};
 
 pub struct Distinct;
@@ -102,8 +102,7 @@ impl Aggregation for Distinct {
         }
         let hash = match &params.field {
             Some(pointer) => {
-                let value: serde_json::Value = record.value_json()?;
-                hash64(serde_json::to_string(field_at(&value, pointer)?)?.as_bytes())
+                hash64(serde_json::to_string(&record.value_field(pointer)?)?.as_bytes())
             }
             None => match record.value() {
                 Some(value) => hash64(value),

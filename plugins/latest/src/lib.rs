@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use wagg_guest_sdk::json::{number_at, validate_pointer};
+use wagg_guest_sdk::json::validate_pointer;
 use wagg_guest_sdk::{Aggregation, Record, Result};
 
 pub struct Latest;
@@ -46,7 +46,7 @@ impl Aggregation for Latest {
         };
         let timestamp = match &params.timestamp {
             Some(pointer) => {
-                let ts = number_at(&record.value_json()?, pointer)?;
+                let ts = record.value_number(pointer)?;
                 if state.value.is_some() && state.timestamp.is_some_and(|current| ts < current) {
                     return Ok(());
                 }

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use wagg_guest_sdk::json::{number_at, validate_pointer};
+use wagg_guest_sdk::json::validate_pointer;
 use wagg_guest_sdk::{Aggregation, Record, Result};
 
 pub struct Stats;
@@ -37,8 +37,7 @@ impl Aggregation for Stats {
     }
 
     fn aggregate(state: &mut Moments, record: &Record<'_>, params: &Params) -> Result<()> {
-        let value: serde_json::Value = record.value_json()?;
-        let x = number_at(&value, &params.field)?;
+        let x = record.value_number(&params.field)?;
         if state.count == 0 {
             state.min = x;
             state.max = x;

@@ -5,7 +5,7 @@
 //! counted as zero.
 
 use serde::{Deserialize, Serialize};
-use wagg_guest_sdk::json::{number_at, validate_pointer};
+use wagg_guest_sdk::json::validate_pointer;
 use wagg_guest_sdk::{Aggregation, Record, Result};
 
 pub struct Sum;
@@ -31,8 +31,7 @@ impl Aggregation for Sum {
     }
 
     fn aggregate(state: &mut Total, record: &Record<'_>, params: &Params) -> Result<()> {
-        let value: serde_json::Value = record.value_json()?;
-        state.sum += number_at(&value, &params.field)?;
+        state.sum += record.value_number(&params.field)?;
         Ok(())
     }
 }

@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use wagg_guest_sdk::json::{field_at, number_at, validate_pointer};
+use wagg_guest_sdk::json::validate_pointer;
 use wagg_guest_sdk::{Aggregation, Record, Result, bail};
 
 pub struct TopN;
@@ -60,11 +60,11 @@ impl Aggregation for TopN {
     }
 
     fn aggregate(state: &mut Top, record: &Record<'_>, params: &Params) -> Result<()> {
-        let value: serde_json::Value = record.value_json()?;
-        let score = number_at(&value, &params.field)?;
+        let score = record.value_number(&params.field)?;
         let item = match &params.item {
-            Some(pointer) => serde_json::to_string(field_at(&value, pointer)?)?,
-            None => serde_json::to_string(&value)?,
+            Some(pointer) => serde_json::to_string(&record.value_field(pointer)?)?,
+            // The whole value, re-serialized so equal documents compare equal.
+            None => serde_json::to_string(&record.value_json::<serde_json::Value>()?)?,
         };
         let entries = &mut state.entries;
         if params.item.is_some()
