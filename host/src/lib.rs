@@ -9,6 +9,7 @@ pub mod bench;
 pub mod config;
 pub mod dead_letter;
 pub mod demo;
+pub mod partition_map;
 pub mod pipeline;
 pub mod plugin;
 pub mod record;

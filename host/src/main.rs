@@ -112,9 +112,22 @@ struct E2eArgs {
     /// wagg's `batch.commit_interval_ms`.
     #[arg(long, default_value_t = 1000)]
     commit_interval_ms: u64,
+    /// A librdkafka consumer property for both the raw consumer and wagg
+    /// (`[source.kafka]`), e.g. `fetch.max.bytes=104857600`; repeatable.
+    #[arg(long = "consumer-property", value_name = "KEY=VALUE", value_parser = parse_property)]
+    consumer_properties: Vec<(String, String)>,
     /// Write the results as JSON here (`.query.json` beside it for lookups).
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
 }
 
 impl E2eArgs {
@@ -134,6 +147,7 @@ impl E2eArgs {
             query_rate,
             max_rate_seconds,
             commit_interval_ms: self.commit_interval_ms,
+            consumer_properties: self.consumer_properties,
             out: self.out,
         }
     }

@@ -39,6 +39,8 @@ pub struct E2eOptions {
     pub max_rate_seconds: u64,
     /// wagg's `batch.commit_interval_ms`.
     pub commit_interval_ms: u64,
+    /// librdkafka properties for both consumers (wagg's `[source.kafka]`).
+    pub consumer_properties: Vec<(String, String)>,
     pub out: Option<PathBuf>,
 }
 
@@ -180,12 +182,15 @@ fn produce(brokers: &str, topic: &str, options: &E2eOptions) -> anyhow::Result<f
 
 /// Reads and discards the whole topic; returns the seconds it took.
 fn raw_consume(brokers: &str, topic: &str, options: &E2eOptions) -> anyhow::Result<f64> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("{topic}-raw"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .context("creating the raw consumer")?;
+        .set("enable.auto.commit", "false");
+    for (key, value) in &options.consumer_properties {
+        config.set(key, value);
+    }
+    let consumer: BaseConsumer = config.create().context("creating the raw consumer")?;
     let mut assignment = TopicPartitionList::new();
     for partition in 0..options.partitions {
         assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
@@ -253,8 +258,13 @@ pub fn run(options: &E2eOptions) -> anyhow::Result<(E2eRow, Vec<LoadResult>)> {
 
     let plugins = example_plugins_dir(options.plugins_dir.as_deref())?;
     let port = free_port()?;
+    let kafka: String = options
+        .consumer_properties
+        .iter()
+        .map(|(key, value)| format!("{key:?} = {value:?}\n"))
+        .collect();
     let config = format!(
-        "[source]\nbrokers = \"{brokers}\"\ngroup_id = \"{topic}-wagg\"\ntopics = [\"{topic}\"]\n\n[state]\ndir = \"state\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[batch]\ncommit_interval_ms = {}\n\n{}",
+        "[source]\nbrokers = \"{brokers}\"\ngroup_id = \"{topic}-wagg\"\ntopics = [\"{topic}\"]\n\n[source.kafka]\n{kafka}\n[state]\ndir = \"state\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[batch]\ncommit_interval_ms = {}\n\n{}",
         options.commit_interval_ms,
         aggregation_toml(&options.plugin, &example_plugin(&plugins, &options.plugin))
     );

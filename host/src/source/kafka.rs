@@ -172,6 +172,12 @@ impl KafkaSource {
             )
             .set("statistics.interval.ms", "1000")
             .set("enable.partition.eof", "false")
+            // When wagg is slower than the fetcher (catching up on a
+            // backlog), librdkafka pauses a partition whose queue is full
+            // for this long; its 1 s default starved the consumer once the
+            // queue drained (114 k → 338 k records/s end to end, see
+            // BENCHMARKS.md). Overridable in `[source.kafka]`.
+            .set("fetch.queue.backoff.ms", "10")
             .set_log_level(RDKafkaLogLevel::Warning);
         for (name, value) in config.kafka_properties() {
             client.set(name, value);
