@@ -203,6 +203,68 @@ fn every_key_is_exact_for_three_aggregations_at_once() {
     wagg.wait_for(&all_applied(200_000), CATCH_UP);
     assert_purchase_states(&wagg, &data);
 
+    // The metrics agree with what was just checked key by key.
+    let metrics = wagg.metrics();
+    for aggregation in ["count", "stats", "top"] {
+        let series = |name: &str| format!("wagg_{name}{{aggregation=\"{aggregation}\"}}");
+        assert_eq!(metrics[&series("records_applied_total")], 200_000.0);
+        assert_eq!(metrics[&series("records_failed_total")], 0.0);
+        assert!(metrics[&series("state_keys_estimate")] > 0.0);
+        assert!(metrics[&series("plugin_call_seconds_count")] > 0.0);
+    }
+    assert!(metrics["wagg_records_consumed_total"] >= 200_000.0);
+    assert_eq!(metrics["wagg_batch_records_sum"], 200_000.0);
+    let next_offsets: f64 = (0..PARTITIONS)
+        .map(|p| {
+            metrics[&format!("wagg_partition_next_offset{{topic=\"purchases\",partition=\"{p}\"}}")]
+        })
+        .sum();
+    assert_eq!(next_offsets, 200_000.0);
+    assert!(metrics["wagg_state_store_bytes"] > 0.0);
+    assert_eq!(metrics["wagg_ready"], 1.0);
+    assert!(
+        metrics[r#"wagg_http_requests_total{route="/v1/aggregations/{name}/keys",status="200"}"#]
+            >= 30.0,
+        "the listing pages above are counted by route pattern, not by path"
+    );
+
+    // The CLI client answers the same, and reports the lag.
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_wagg"))
+            .args(args)
+            .args(["--url", &wagg.http])
+            .output()
+            .expect("run wagg");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    for (key, want) in expected_counts(&data).iter().take(20) {
+        let (ok, stdout, stderr) = cli(&["query", "count", key]);
+        assert!(ok, "{stderr}");
+        let got: Value = serde_json::from_str(&stdout).expect("query prints JSON");
+        assert_eq!(&got, want, "wagg query count {key}");
+    }
+    let (ok, _, stderr) = cli(&["query", "count", "no-such-key"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("has no key") && stderr.contains("404"),
+        "{stderr}"
+    );
+    let (ok, stdout, stderr) = cli(&["lag"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("purchases "))
+            .count(),
+        PARTITIONS as usize,
+        "{stdout}"
+    );
+    assert!(stdout.contains("total lag: 0"), "{stdout}");
+
     let (status, body) = wagg.get("/v1/aggregations");
     assert_eq!(status, 200);
     let count = &body["aggregations"][0];

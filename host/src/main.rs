@@ -20,9 +20,51 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// WebAssembly plugins.
 #[derive(Parser)]
 #[command(version, about, propagate_version = true)]
+#[command(after_help = "Examples:
+  wagg demo                                  # everything on an embedded broker, no setup
+  wagg check-config wagg.toml
+  wagg run --config wagg.toml
+  wagg query spend_per_user alice            # a key's state, from a running instance
+  wagg lag                                   # per-partition progress of a running instance
+  wagg completions bash > /etc/bash_completion.d/wagg")]
 struct Cli {
+    /// Log format on stderr: `human` (default) or `json` (one object per line).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "human",
+        env = "WAGG_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+/// How `query` and `lag` reach a running instance.
+#[derive(Debug, clap::Args)]
+struct EndpointArgs {
+    /// The instance's HTTP address (`http.listen`).
+    #[arg(long, default_value = "http://127.0.0.1:8080", env = "WAGG_URL")]
+    url: String,
+    /// Bearer token, when `[http.auth]` is configured.
+    #[arg(long, env = "WAGG_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl EndpointArgs {
+    fn endpoint(self) -> anyhow::Result<wagg::client::Endpoint> {
+        Ok(wagg::client::Endpoint {
+            url: wagg::client::parse_url(&self.url)?,
+            token: self.token,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -57,6 +99,30 @@ enum Command {
     /// Build, inspect and test aggregation plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Print a key's state from a running instance (`GET
+    /// /v1/aggregations/AGG/keys/KEY`).
+    #[command(
+        after_help = "Example:\n  wagg query spend_per_user alice --url http://127.0.0.1:8080"
+    )]
+    Query {
+        /// The aggregation's name.
+        aggregation: String,
+        /// The key (UTF-8 text).
+        key: String,
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+    },
+    /// Show a running instance's progress: next offset, high watermark and
+    /// lag per partition, records applied per aggregation.
+    Lag {
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+    },
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Example:\n  wagg completions bash > ~/.local/share/bash-completion/completions/wagg"
+    )]
+    Completions { shell: clap_complete::Shell },
     /// Measure throughput and query latency (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -203,13 +269,17 @@ enum OnErrorArg {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()) {
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Human => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -248,6 +318,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             println!("{}: ok", path.display());
+            Ok(())
+        }
+        Command::Query {
+            aggregation,
+            key,
+            endpoint,
+        } => {
+            let state = wagg::client::query(&endpoint.endpoint()?, &aggregation, &key)?;
+            println!("{}", serde_json::to_string_pretty(&state)?);
+            Ok(())
+        }
+        Command::Lag { endpoint } => {
+            print!("{}", wagg::client::lag(&endpoint.endpoint()?)?);
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "wagg", &mut std::io::stdout());
             Ok(())
         }
         Command::Plugin(command) => plugin_command(command),

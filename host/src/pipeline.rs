@@ -24,6 +24,7 @@ use lru::LruCache;
 use crate::batcher::group_by_key;
 use crate::config::{AggregationConfig, BatchConfig, OnError};
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterSink};
+use crate::metrics::{AggregationLabel, CacheLabel, Metrics};
 use crate::partition_map::PartitionMap;
 use crate::plugin::{AfterFailure, CallError, Change, GroupInput, LoadedPlugin, PluginInstance};
 use crate::record::SourceRecord;
@@ -31,6 +32,7 @@ use crate::source::{KafkaSource, PartitionEvent};
 use crate::status::{AggregationCounters, Status};
 use crate::store::{Slot, StateStore, StoreError};
 use crate::writer::{FlushJob, FlushedAggregation, StateMap, StateWriter, WriteError};
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 
 /// Why the consumer loop stopped.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +73,50 @@ pub struct Aggregation {
     /// Including what is applied but not yet written (the written ones are
     /// what the last flush reported to `Status`).
     applied: AggregationCounters,
+    instruments: Instruments,
+}
+
+/// An aggregation's metrics, looked up once (not per batch).
+#[derive(Debug, Clone)]
+struct Instruments {
+    plugin_call_seconds: Histogram,
+    hits: Counter,
+    misses: Counter,
+}
+
+impl Default for Instruments {
+    /// Detached: counts into instruments no registry reads.
+    fn default() -> Self {
+        Self {
+            plugin_call_seconds: Histogram::new(std::iter::empty()),
+            hits: Counter::default(),
+            misses: Counter::default(),
+        }
+    }
+}
+
+impl Instruments {
+    fn new(metrics: &Metrics, aggregation: &str) -> Self {
+        let lookups = |result| {
+            metrics
+                .state_lookups
+                .get_or_create(&CacheLabel {
+                    aggregation: aggregation.to_owned(),
+                    result,
+                })
+                .clone()
+        };
+        Self {
+            plugin_call_seconds: metrics
+                .plugin_call_seconds
+                .get_or_create(&AggregationLabel {
+                    aggregation: aggregation.to_owned(),
+                })
+                .clone(),
+            hits: lookups("hit"),
+            misses: lookups("miss"),
+        }
+    }
 }
 
 impl Aggregation {
@@ -90,6 +136,8 @@ impl Aggregation {
             ),
             dirty: StateMap::default(),
             applied: counters,
+            // Attached to the registry by `BatchApplier::new`.
+            instruments: Instruments::default(),
         }
     }
 
@@ -239,7 +287,7 @@ impl Pipeline {
     /// pending) a poll comes back empty, so shutdown is noticed promptly.
     fn fill_batch(&mut self, shutdown: &AtomicBool) -> Result<(), PipelineError> {
         let mut deadline: Option<Instant> = None;
-        let mut received = false;
+        let (mut received, mut redelivered) = (0u64, 0u64);
         let mut polls = 0u32;
         while self.pending.len() < self.batch.max_records && !shutdown.load(Ordering::Relaxed) {
             // Records already fetched are taken without reading the clock
@@ -264,17 +312,22 @@ impl Pipeline {
             self.handle_partition_events()?;
             match record {
                 Some(record) => {
-                    received = true;
+                    received += 1;
                     if self.is_new(&record) {
                         deadline.get_or_insert_with(|| Instant::now() + self.batch.max_delay());
                         self.pending.push(record);
+                    } else {
+                        redelivered += 1;
                     }
                 }
                 None if deadline.is_none() => break,
                 None => {}
             }
         }
-        if received {
+        let metrics = self.status.metrics();
+        metrics.records_consumed.inc_by(received);
+        metrics.records_redelivered.inc_by(redelivered);
+        if received > 0 {
             self.status.broker_ok();
         }
         Ok(())
@@ -343,15 +396,16 @@ impl BatchApplier {
     pub fn new(
         store: Arc<StateStore>,
         status: Arc<Status>,
-        aggregations: Vec<Aggregation>,
+        mut aggregations: Vec<Aggregation>,
         dead_letters: Option<DeadLetterSink>,
         batch: &BatchConfig,
     ) -> std::io::Result<Self> {
-        for aggregation in &aggregations {
+        for aggregation in &mut aggregations {
             status.set_counters(&aggregation.config.name, aggregation.applied);
+            aggregation.instruments = Instruments::new(status.metrics(), &aggregation.config.name);
         }
         Ok(Self {
-            writer: StateWriter::spawn(store.clone())?,
+            writer: StateWriter::spawn(store.clone(), status.metrics().clone())?,
             in_flight: None,
             store,
             status,
@@ -498,6 +552,7 @@ impl BatchApplier {
         batch: &[SourceRecord],
         shutdown: &AtomicBool,
     ) -> Result<BatchOffsets, PipelineError> {
+        let started = Instant::now();
         let mut partitions = BatchOffsets::new();
         // Records come in runs per partition: one map update per run.
         for run in batch.chunk_by(|a, b| a.partition == b.partition && a.topic == b.topic) {
@@ -563,6 +618,11 @@ impl BatchApplier {
             self.unwritten.insert(partition.clone(), *next);
         }
         self.unwritten_since.get_or_insert_with(Instant::now);
+        let metrics = self.status.metrics();
+        metrics.batch_records.observe(batch.len() as f64);
+        metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(partitions)
     }
 }
@@ -694,6 +754,10 @@ fn apply_aggregation<'b>(
             records,
         })
         .collect();
+    let hits = groups.len() - misses.len();
+    aggregation.instruments.hits.inc_by(hits as u64);
+    aggregation.instruments.misses.inc_by(misses.len() as u64);
+    let call_started = Instant::now();
     let outcome = aggregation
         .instance
         .apply_batch(&inputs, after_failure)
@@ -701,6 +765,10 @@ fn apply_aggregation<'b>(
             aggregation: name.clone(),
             error,
         })?;
+    aggregation
+        .instruments
+        .plugin_call_seconds
+        .observe(call_started.elapsed().as_secs_f64());
     for (group, failure) in &outcome.failures {
         rejected.push((groups[*group].1[failure.index], failure.message.clone()));
     }

@@ -7,9 +7,12 @@ use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
 
+use crate::metrics::Metrics;
+
 #[derive(Debug, Default)]
 pub struct Status {
     inner: RwLock<Inner>,
+    metrics: Metrics,
 }
 
 #[derive(Debug, Default)]
@@ -23,7 +26,7 @@ struct Inner {
 
 pub use crate::store::AggregationCounters;
 
-#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct PartitionProgress {
     pub topic: String,
     pub partition: i32,
@@ -53,6 +56,11 @@ impl Status {
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
         self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The Prometheus instruments (lock-free; see `metrics`).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn set_consumer_running(&self, running: bool) {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
+use crate::metrics::Metrics;
 use crate::pipeline::BatchOffsets;
 use crate::status::AggregationCounters;
 use crate::store::{StateStore, StoreError};
@@ -56,14 +57,20 @@ pub struct StateWriter {
 }
 
 impl StateWriter {
-    pub fn spawn(store: Arc<StateStore>) -> std::io::Result<Self> {
+    pub fn spawn(store: Arc<StateStore>, metrics: Metrics) -> std::io::Result<Self> {
         let (jobs, incoming) = mpsc::sync_channel::<Arc<FlushJob>>(1);
         let (outcomes, results) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("wagg-writer".into())
             .spawn(move || {
                 for job in incoming {
+                    let started = std::time::Instant::now();
                     let result = write(&store, &job);
+                    metrics
+                        .write_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    let states: usize = job.aggregations.iter().map(|a| a.states.len()).sum();
+                    metrics.write_states.observe(states as f64);
                     // Dropped before the result is sent, so the consumer
                     // gets the job back without copying it.
                     drop(job);

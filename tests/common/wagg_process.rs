@@ -91,6 +91,25 @@ impl Wagg {
         std::fs::read_to_string(self.dir.join("wagg.log")).unwrap_or_default()
     }
 
+    /// `GET /metrics` as `series → value` (`name{labels}` as exposed).
+    pub fn metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        let response = reqwest::blocking::Client::new()
+            .get(format!("{}/metrics", self.http))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .unwrap_or_else(|e| panic!("GET /metrics failed: {e}; log:\n{}", self.log()));
+        assert_eq!(response.status().as_u16(), 200);
+        let text = response.text().expect("metrics text");
+        assert!(text.ends_with("# EOF\n"), "not OpenMetrics: {text}");
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .map(|line| {
+                let (series, value) = line.rsplit_once(' ').expect("series value");
+                (series.to_owned(), value.parse().expect("number"))
+            })
+            .collect()
+    }
+
     fn try_get(&self, path: &str) -> Option<(u16, Value)> {
         let response = reqwest::blocking::Client::new()
             .get(format!("{}{path}", self.http))

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, RawQuery, State};
+use axum::extract::{MatchedPath, Path, Query, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -22,6 +22,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::config::AggregationConfig;
+use crate::metrics::{HttpLabel, Snapshot};
 use crate::plugin::{LoadedPlugin, PluginInstance};
 use crate::status::Status;
 use crate::store::StateStore;
@@ -211,6 +212,7 @@ pub fn router(state: Arc<ApiState>, policy: &HttpPolicy) -> Router {
         .route("/v1/aggregations", get(list_aggregations))
         .route("/v1/aggregations/{name}/keys", get(list_keys))
         .route("/v1/aggregations/{name}/keys/{key}", get(get_key))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no_route", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -219,7 +221,7 @@ pub fn router(state: Arc<ApiState>, policy: &HttpPolicy) -> Router {
                 "only GET is supported",
             )
         })
-        .with_state(state)
+        .with_state(state.clone())
         .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(guard, guard::guard))
         .layer(TimeoutLayer::with_status_code(
@@ -227,7 +229,68 @@ pub fn router(state: Arc<ApiState>, policy: &HttpPolicy) -> Router {
             policy.request_timeout,
         ))
         .layer(shed_load)
+        .layer(axum::middleware::from_fn_with_state(state, count_request))
         .layer(TraceLayer::new_for_http())
+}
+
+/// Counts every request, shed and refused ones included, by route pattern
+/// and status.
+async fn count_request(
+    State(state): State<Arc<ApiState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let label = HttpLabel {
+        route,
+        status: response.status().as_u16(),
+    };
+    let metrics = state.status.metrics();
+    metrics
+        .http_seconds
+        .get_or_create(&label)
+        .observe(started.elapsed().as_secs_f64());
+    metrics.http_requests.get_or_create(&label).inc();
+    response
+}
+
+/// Prometheus scrape (OpenMetrics text).
+async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let mut snapshot = Snapshot {
+            partitions: state.status.partitions(),
+            ready: state.status.readiness().ready,
+            ..Snapshot::default()
+        };
+        for aggregation in &state.aggregations {
+            let name = &aggregation.config.name;
+            let keys = state.store.estimate_keys(name)?;
+            snapshot
+                .aggregations
+                .push((name.clone(), state.status.counters(name), keys));
+        }
+        snapshot.store_bytes = state.store.size_bytes()?;
+        let text = state
+            .status
+            .metrics()
+            .render(snapshot)
+            .map_err(|e| ApiError::internal(format!("encoding metrics: {e}")))?;
+        Ok((
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response())
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("metrics task failed: {e}")))?
 }
 
 /// Liveness: 503 once consumption has stopped for good (a storage fault,

@@ -155,6 +155,7 @@ pub struct StateStore {
     /// point read per slot and no iterator (iterators over a memtable under
     /// heavy writes were most of a lookup's time while ingesting).
     known_slots: RwLock<HashMap<String, BTreeSet<Slot>>>,
+    column_families: Vec<String>,
 }
 
 impl StateStore {
@@ -228,6 +229,7 @@ impl StateStore {
             write_options,
             topic_ids: Mutex::new(HashMap::new()),
             known_slots: RwLock::new(HashMap::new()),
+            column_families: names,
         };
         store.load_topic_ids()?;
         Ok(store)
@@ -528,6 +530,27 @@ impl StateStore {
             .property_int_value_cf(cf, "rocksdb.estimate-num-keys")
             .map_err(|e| self.rocks(e))?
             .unwrap_or(0))
+    }
+
+    /// Bytes in live SST files plus memtables, over all column families.
+    pub fn size_bytes(&self) -> Result<u64, StoreError> {
+        let mut total = 0;
+        for name in &self.column_families {
+            let Some(cf) = self.db.cf_handle(name) else {
+                continue;
+            };
+            for property in [
+                "rocksdb.live-sst-files-size",
+                "rocksdb.cur-size-all-mem-tables",
+            ] {
+                total += self
+                    .db
+                    .property_int_value_cf(cf, property)
+                    .map_err(|e| self.rocks(e))?
+                    .unwrap_or(0);
+            }
+        }
+        Ok(total)
     }
 
     /// Writes a batch atomically.

@@ -1,0 +1,169 @@
+//! `wagg query` and `wagg lag`: a small blocking client of a running
+//! instance's HTTP API.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::status::PartitionProgress;
+
+/// Where a running instance answers, and how to authenticate.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub url: String,
+    pub token: Option<String>,
+}
+
+impl Endpoint {
+    fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        let url = format!("{}{path}", self.url.trim_end_matches('/'));
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let mut request = client.get(&url);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request
+            .send()
+            .with_context(|| format!("GET {url} (is wagg running there? see --url)"))?;
+        let status = response.status().as_u16();
+        let body = response
+            .json()
+            .with_context(|| format!("GET {url}: the answer is not JSON"))?;
+        Ok((status, body))
+    }
+}
+
+fn api_error(status: u16, body: &Value) -> anyhow::Error {
+    match body["error"]["message"].as_str() {
+        Some(message) => anyhow::anyhow!("{message} (HTTP {status})"),
+        None => anyhow::anyhow!("HTTP {status}: {body}"),
+    }
+}
+
+/// A key's state as the aggregation's plugin renders it.
+pub fn query(endpoint: &Endpoint, aggregation: &str, key: &str) -> anyhow::Result<Value> {
+    let path = format!(
+        "/v1/aggregations/{}/keys/{}",
+        utf8_percent_encode(aggregation, NON_ALPHANUMERIC),
+        utf8_percent_encode(key, NON_ALPHANUMERIC)
+    );
+    match endpoint.get(&path)? {
+        (200, body) => Ok(body["state"].clone()),
+        (status, body) => Err(api_error(status, &body)),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Aggregations {
+    aggregations: Vec<AggregationSummary>,
+}
+
+#[derive(Debug, Deserialize)]
+struct AggregationSummary {
+    name: String,
+    records_applied: u64,
+    partitions: Vec<PartitionProgress>,
+}
+
+/// Per-partition progress and per-aggregation totals, as a table.
+pub fn lag(endpoint: &Endpoint) -> anyhow::Result<String> {
+    let (status, body) = endpoint.get("/v1/aggregations")?;
+    if status != 200 {
+        return Err(api_error(status, &body));
+    }
+    let summary: Aggregations =
+        serde_json::from_value(body).context("unexpected /v1/aggregations answer")?;
+    Ok(lag_table(&summary.aggregations))
+}
+
+fn lag_table(aggregations: &[AggregationSummary]) -> String {
+    // Partitions are shared by the aggregations reading the same topic.
+    let mut partitions: BTreeMap<(String, i32), &PartitionProgress> = BTreeMap::new();
+    for aggregation in aggregations {
+        for progress in &aggregation.partitions {
+            partitions.insert((progress.topic.clone(), progress.partition), progress);
+        }
+    }
+    let show = |value: Option<i64>| value.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<24} {:>9} {:>12} {:>14} {:>10} {:>8}",
+        "TOPIC", "PARTITION", "NEXT OFFSET", "HIGH WATERMARK", "LAG", "ASSIGNED"
+    );
+    for progress in partitions.values() {
+        let _ = writeln!(
+            out,
+            "{:<24} {:>9} {:>12} {:>14} {:>10} {:>8}",
+            progress.topic,
+            progress.partition,
+            show(progress.next_offset),
+            show(progress.high_watermark),
+            show(progress.lag),
+            if progress.assigned { "yes" } else { "no" }
+        );
+    }
+    let total: i64 = partitions.values().filter_map(|p| p.lag).sum();
+    let _ = writeln!(out, "total lag: {total}");
+    let _ = writeln!(out);
+    let _ = writeln!(out, "{:<24} {:>16}", "AGGREGATION", "RECORDS APPLIED");
+    for aggregation in aggregations {
+        let _ = writeln!(
+            out,
+            "{:<24} {:>16}",
+            aggregation.name, aggregation.records_applied
+        );
+    }
+    out
+}
+
+/// Checks the URL is http(s) before any request.
+pub fn parse_url(url: &str) -> anyhow::Result<String> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        bail!("--url must start with http:// or https://, got {url:?}");
+    }
+    Ok(url.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_table_lists_each_partition_once_and_totals_the_lag() {
+        let progress = |partition, next, high| PartitionProgress {
+            topic: "orders".into(),
+            partition,
+            next_offset: Some(next),
+            high_watermark: Some(high),
+            lag: Some(high - next),
+            assigned: true,
+        };
+        let summaries = vec![
+            AggregationSummary {
+                name: "count".into(),
+                records_applied: 30,
+                partitions: vec![progress(0, 10, 15), progress(1, 20, 20)],
+            },
+            AggregationSummary {
+                name: "stats".into(),
+                records_applied: 30,
+                partitions: vec![progress(0, 10, 15), progress(1, 20, 20)],
+            },
+        ];
+        let table = lag_table(&summaries);
+        assert_eq!(table.matches("orders").count(), 2, "{table}");
+        assert!(table.contains("total lag: 5"), "{table}");
+        assert!(
+            table.contains("count") && table.contains("stats"),
+            "{table}"
+        );
+    }
+}
