@@ -228,6 +228,26 @@ fn every_key_is_exact_for_three_aggregations_at_once() {
         "the listing pages above are counted by route pattern, not by path"
     );
 
+    // Progress was logged while catching up, then that it caught up.
+    let log = wagg.log();
+    let progress = log
+        .lines()
+        .find(|line| line.contains("progress:"))
+        .unwrap_or_else(|| panic!("no progress line in the log:\n{log}"));
+    assert!(
+        progress.contains("records") && progress.contains("lag"),
+        "{progress}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !wagg.log().contains("caught up") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no `caught up` line:\n{}",
+            wagg.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
     // The CLI client answers the same, and reports the lag.
     let cli = |args: &[&str]| {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_wagg"))

@@ -16,6 +16,9 @@ use crate::source::KafkaSource;
 use crate::status::Status;
 use crate::store::{AggregationMeta, StateStore, StoreOptions};
 
+/// How often progress is logged while catching up (without a terminal).
+const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Loads every configured plugin and checks its params: all that
 /// `check-config` verifies beyond parsing.
 pub fn load_plugins(config: &Config, runtime: &PluginRuntime) -> anyhow::Result<Vec<LoadedPlugin>> {
@@ -183,9 +186,20 @@ pub fn run(
         .name("wagg-consumer".into())
         .spawn(move || pipeline.run(&consumer_shutdown))
         .context("starting the consumer thread")?;
+    let progress_stop = Arc::new(AtomicBool::new(false));
+    let progress = {
+        let (status, stop) = (status.clone(), progress_stop.clone());
+        let interval = config.progress_interval.unwrap_or(PROGRESS_LOG_INTERVAL);
+        std::thread::Builder::new()
+            .name("wagg-progress".into())
+            .spawn(move || crate::progress::report(status, &stop, interval))
+            .context("starting the progress reporter")?
+    };
     let consumed = consumer
         .join()
         .map_err(|_| anyhow::anyhow!("the consumer thread panicked"))?;
+    progress_stop.store(true, Ordering::Relaxed);
+    let _ = progress.join();
     if let Err(e) = &consumed {
         // Keep answering queries (and reporting the failure on /readyz)
         // until told to stop: the state up to the failure stays readable.

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod partition_map;
 pub mod pipeline;
 pub mod plugin;
+pub mod progress;
 pub mod record;
 pub mod rng;
 pub mod source;

@@ -75,6 +75,10 @@ enum Command {
         /// The TOML config file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Seconds between progress log lines while catching up (when
+        /// stderr is not a terminal; a terminal gets a live line).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        progress_interval_secs: u64,
     },
     /// Run the whole pipeline on an in-process Kafka cluster with generated
     /// purchase events; no broker needed.
@@ -290,8 +294,12 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { config } => {
-            let config = Config::load(&config)?;
+        Command::Run {
+            config,
+            progress_interval_secs,
+        } => {
+            let mut config = Config::load(&config)?;
+            config.progress_interval = Some(std::time::Duration::from_secs(progress_interval_secs));
             wagg::app::run(config, shutdown_on_signal()?, |_| {})
         }
         Command::Demo {

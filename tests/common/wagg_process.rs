@@ -65,6 +65,7 @@ impl Wagg {
         command
             .args(["run", "--config"])
             .arg(dir.join("wagg.toml"))
+            .args(["--progress-interval-secs", "1"])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);

@@ -44,6 +44,10 @@ pub struct Config {
     /// Directory of the config file; plugin paths are relative to it.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// How often progress is logged without a terminal (`wagg run
+    /// --progress-interval-secs`; not a file setting).
+    #[serde(skip)]
+    pub progress_interval: Option<std::time::Duration>,
 }
 
 #[derive(Clone, Deserialize)]
