@@ -589,3 +589,90 @@ fn check_config_loads_every_plugin_and_checks_its_params() {
         "{stderr}"
     );
 }
+
+/// `wagg plugin new` → `build` → `test --golden` → `inspect` → a config that
+/// uses it passes `check-config`: the documented path for a plugin author.
+#[test]
+fn a_new_plugin_builds_and_passes_its_golden_test() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let wagg = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_wagg"))
+            .args(args)
+            .output()
+            .expect("run wagg");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(
+            output.status.success(),
+            "wagg {args:?}:\n{stdout}\n{stderr}"
+        );
+        stdout
+    };
+    let dir = work.path().to_str().expect("utf-8 temp path");
+    let created = wagg(&["plugin", "new", "spend-total", "--dir", dir]);
+    assert!(created.contains("created"), "{created}");
+    let crate_dir = work.path().join("spend-total");
+    // The shared wasm target dir keeps the dependencies' builds warm.
+    let target = common::target_dir().join("wasm-plugins");
+    let built = wagg(&[
+        "plugin",
+        "build",
+        crate_dir.to_str().expect("utf-8"),
+        "--target-dir",
+        target.to_str().expect("utf-8"),
+    ]);
+    let wasm = built.trim().lines().last().expect("a path").to_owned();
+    assert!(wasm.ends_with("spend_total.wasm"), "{built}");
+
+    let golden = crate_dir.join("golden");
+    let report = wagg(&[
+        "plugin",
+        "test",
+        &wasm,
+        "--golden",
+        golden.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(report.matches("ok ").count(), 3, "{report}");
+
+    let inspected: serde_json::Value =
+        serde_json::from_str(&wagg(&["plugin", "inspect", &wasm])).expect("inspect prints JSON");
+    assert_eq!(inspected["name"], "spend-total");
+    assert_eq!(inspected["state_format"], 1);
+
+    // A wrong expectation fails, naming the case.
+    std::fs::write(
+        golden.join("basic/expected.json"),
+        r#"{"alice": {"count": 2, "total": 15.5}, "bob": {"count": 1, "total": 3.0}}"#,
+    )
+    .expect("write");
+    let failing = Command::new(env!("CARGO_BIN_EXE_wagg"))
+        .args([
+            "plugin",
+            "test",
+            &wasm,
+            "--golden",
+            golden.to_str().expect("utf-8"),
+        ])
+        .output()
+        .expect("run wagg");
+    assert!(!failing.status.success());
+    let stdout = String::from_utf8_lossy(&failing.stdout);
+    assert!(
+        stdout.contains("FAIL") && stdout.contains("basic"),
+        "{stdout}"
+    );
+
+    let config = work.path().join("wagg.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nbrokers = \"127.0.0.1:9092\"\ntopics = [\"orders\"]\n\n[[aggregation]]\nname = \"spend\"\nplugin = {wasm:?}\nparams = {{ field = \"/amount\" }}\n"
+        ),
+    )
+    .expect("write config");
+    let checked = wagg(&["check-config", config.to_str().expect("utf-8")]);
+    assert!(
+        checked.contains("spend-total") && checked.contains("ok"),
+        "{checked}"
+    );
+}

@@ -231,15 +231,27 @@ enum PluginCommand {
     /// `timestamp` (ms), `partition` and `headers` ({"name": "value"}). A JSON
     /// string value is passed as raw text, any other JSON value as its JSON
     /// text, null as a tombstone.
+    ///
+    /// With `--golden DIR`, runs every case `DIR/<case>/` (`input.jsonl`,
+    /// `params.json`, `expected.json`) at batch sizes 1, 3 and 1000 and fails
+    /// on any difference.
     #[command(
-        after_help = "Example:\n  wagg plugin test count.wasm --input records.jsonl\n  wagg plugin test stats.wasm --input records.jsonl --params '{\"field\": \"/amount\"}'"
+        after_help = "Example:\n  wagg plugin test count.wasm --input records.jsonl\n  wagg plugin test stats.wasm --input records.jsonl --params '{\"field\": \"/amount\"}'\n  wagg plugin test my_plugin.wasm --golden golden"
     )]
     Test {
         /// The plugin component (.wasm).
         plugin: PathBuf,
         /// JSON-lines input file; `-` reads stdin.
-        #[arg(long, short)]
-        input: PathBuf,
+        #[arg(
+            long,
+            short,
+            required_unless_present = "golden",
+            conflicts_with = "golden"
+        )]
+        input: Option<PathBuf>,
+        /// A directory of golden cases to check instead.
+        #[arg(long)]
+        golden: Option<PathBuf>,
         /// The plugin's params as a JSON object.
         #[arg(long, default_value = "{}")]
         params: String,
@@ -249,6 +261,22 @@ enum PluginCommand {
         /// What to do with records the plugin rejects.
         #[arg(long, value_enum, default_value_t = OnErrorArg::Fail)]
         on_error: OnErrorArg,
+    },
+    /// Create a plugin crate from a template (uses the guest SDK, builds to
+    /// wasm32-wasip2 as is, has a golden test).
+    #[command(
+        after_help = "Example:\n  wagg plugin new spend-total\n  cd spend-total && wagg plugin build . && wagg plugin test target/wasm32-wasip2/release/spend_total.wasm --golden golden"
+    )]
+    New {
+        /// The plugin's name (also the crate's and directory's).
+        name: String,
+        /// Where to create it.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The wagg guest SDK crate (default: the one in the workspace this
+        /// binary was built from).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
     },
     /// Build a plugin crate into a .wasm component and print its path.
     Build {
@@ -389,11 +417,44 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
     match command {
         PluginCommand::Test {
             plugin,
+            golden: Some(golden),
+            ..
+        } => {
+            let runtime = PluginRuntime::new(RuntimeConfig::default())?;
+            let loaded = runtime.load(&plugin)?;
+            let results = offline::run_golden(&loaded, &golden)?;
+            let mut failed = 0;
+            for result in &results {
+                match &result.mismatch {
+                    None => println!(
+                        "ok    {} (batch size {})",
+                        result.case.display(),
+                        result.batch_size
+                    ),
+                    Some((got, want)) => {
+                        failed += 1;
+                        println!(
+                            "FAIL  {} (batch size {})\n  got  {got}\n  want {want}",
+                            result.case.display(),
+                            result.batch_size
+                        );
+                    }
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} golden runs differ", results.len());
+            }
+            Ok(())
+        }
+        PluginCommand::Test {
+            plugin,
             input,
             params,
             batch_size,
             on_error,
+            ..
         } => {
+            let input = input.context("--input or --golden is required")?;
             let params = normalize_params(&params)?;
             let runtime = PluginRuntime::new(RuntimeConfig::default())?;
             let loaded = runtime.load(&plugin)?;
@@ -422,6 +483,22 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             let mut stdout = std::io::stdout().lock();
             serde_json::to_writer_pretty(&mut stdout, &offline::to_json_object(states))?;
             writeln!(stdout)?;
+            Ok(())
+        }
+        PluginCommand::New { name, dir, sdk } => {
+            let sdk = match sdk {
+                Some(sdk) => sdk,
+                None => wagg::plugin::scaffold::default_sdk_path().context(
+                    "the guest SDK of the workspace this binary was built from is gone; pass --sdk PATH/guest-sdk",
+                )?,
+            };
+            let created = wagg::plugin::scaffold::new_plugin(&dir, &name, &sdk)?;
+            println!("created {}", created.display());
+            println!(
+                "next: cd {} && wagg plugin build . && wagg plugin test target/wasm32-wasip2/release/{}.wasm --golden golden",
+                created.display(),
+                name.replace('-', "_")
+            );
             Ok(())
         }
         PluginCommand::Build { path, target_dir } => {

@@ -65,27 +65,7 @@ pub fn stats_json(xs: &[f64]) -> serde_json::Value {
 /// JSON equality where numbers compare with a tolerance of 1e-9 (relative,
 /// absolute below 1)
 /// (floating-point sums depend on order of evaluation).
-pub fn json_approx_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
-    use serde_json::Value;
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) => {
-            let (x, y) = (
-                x.as_f64().unwrap_or(f64::NAN),
-                y.as_f64().unwrap_or(f64::NAN),
-            );
-            x == y || (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0)
-        }
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| json_approx_eq(x, y))
-        }
-        (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len()
-                && x.iter()
-                    .all(|(k, v)| y.get(k).is_some_and(|w| json_approx_eq(v, w)))
-        }
-        _ => a == b,
-    }
-}
+pub use wagg::plugin::offline::json_approx_eq;
 
 pub mod broker;
 pub mod wagg_process;

@@ -13,6 +13,7 @@ mod error;
 mod instance;
 pub mod offline;
 mod runtime;
+pub mod scaffold;
 
 pub use batch::{AfterFailure, BatchOutcome, Change, Failure, GroupInput, GroupOutcome};
 pub use error::{CallError, PluginError};

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::BufRead;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -12,6 +13,7 @@ use serde::Deserialize;
 use super::batch::{AfterFailure, Change, GroupInput};
 use super::error::CallError;
 use super::instance::PluginInstance;
+use super::runtime::LoadedPlugin;
 use crate::batcher::group_by_key;
 use crate::record::SourceRecord;
 
@@ -175,4 +177,90 @@ pub fn to_json_object(states: BTreeMap<Vec<u8>, serde_json::Value>) -> serde_jso
             .map(|(key, value)| (String::from_utf8_lossy(&key).into_owned(), value))
             .collect(),
     )
+}
+
+/// The batch sizes every golden case runs at: batching must never change a
+/// result.
+pub const GOLDEN_BATCH_SIZES: [usize; 3] = [1, 3, 1000];
+
+/// One golden case at one batch size.
+#[derive(Debug)]
+pub struct GoldenResult {
+    pub case: PathBuf,
+    pub batch_size: usize,
+    /// `None` when the output matched `expected.json`.
+    pub mismatch: Option<(serde_json::Value, serde_json::Value)>,
+}
+
+/// Runs every `dir/<case>/` (`input.jsonl`, `params.json`, `expected.json`)
+/// through `plugin` at each of [`GOLDEN_BATCH_SIZES`].
+pub fn run_golden(plugin: &LoadedPlugin, dir: &Path) -> anyhow::Result<Vec<GoldenResult>> {
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading golden cases in {}", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.join("input.jsonl").is_file())
+        .collect();
+    cases.sort();
+    if cases.is_empty() {
+        bail!(
+            "{} has no golden cases (directories with input.jsonl, params.json, expected.json)",
+            dir.display()
+        );
+    }
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let mut results = Vec::new();
+    for case in cases {
+        let params: serde_json::Value = serde_json::from_str(&read(&case.join("params.json"))?)
+            .with_context(|| format!("{}/params.json", case.display()))?;
+        let expected: serde_json::Value = serde_json::from_str(&read(&case.join("expected.json"))?)
+            .with_context(|| format!("{}/expected.json", case.display()))?;
+        let input = read(&case.join("input.jsonl"))?;
+        let records = read_jsonl(input.as_bytes())
+            .with_context(|| format!("{}/input.jsonl", case.display()))?;
+        for batch_size in GOLDEN_BATCH_SIZES {
+            let mut instance = plugin.instantiate(&params.to_string())?;
+            let states = run(
+                &mut instance,
+                &records,
+                batch_size,
+                OnError::Fail,
+                |_, _| {},
+            )
+            .with_context(|| format!("{} at batch size {batch_size}", case.display()))?;
+            let got = to_json_object(states);
+            let mismatch = (!json_approx_eq(&got, &expected)).then(|| (got, expected.clone()));
+            results.push(GoldenResult {
+                case: case.clone(),
+                batch_size,
+                mismatch,
+            });
+        }
+    }
+    Ok(results)
+}
+
+/// JSON equality with numbers compared to a relative 1e-9 (floating-point
+/// aggregates may differ in the last bits with the batch size).
+pub fn json_approx_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            let (x, y) = (
+                x.as_f64().unwrap_or(f64::NAN),
+                y.as_f64().unwrap_or(f64::NAN),
+            );
+            x == y || (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0)
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| json_approx_eq(x, y))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| json_approx_eq(v, w)))
+        }
+        _ => a == b,
+    }
 }

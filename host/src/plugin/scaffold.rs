@@ -1,0 +1,129 @@
+//! `wagg plugin new`: a plugin crate from a template that builds to
+//! `wasm32-wasip2` as is and carries a golden test.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+
+const TEMPLATE: &[(&str, &str)] = &[
+    (
+        "Cargo.toml",
+        include_str!("../../templates/plugin/Cargo.toml.tmpl"),
+    ),
+    (
+        "src/lib.rs",
+        include_str!("../../templates/plugin/lib.rs.tmpl"),
+    ),
+    (
+        "README.md",
+        include_str!("../../templates/plugin/README.md.tmpl"),
+    ),
+    (
+        "golden/basic/input.jsonl",
+        include_str!("../../templates/plugin/golden/basic/input.jsonl"),
+    ),
+    (
+        "golden/basic/params.json",
+        include_str!("../../templates/plugin/golden/basic/params.json"),
+    ),
+    (
+        "golden/basic/expected.json",
+        include_str!("../../templates/plugin/golden/basic/expected.json"),
+    ),
+    (
+        "rust-toolchain.toml",
+        "[toolchain]\ntargets = [\"wasm32-wasip2\"]\n",
+    ),
+    (".gitignore", "/target\n"),
+];
+
+/// The guest SDK of the workspace this binary was built from, if it is
+/// still there.
+pub fn default_sdk_path() -> Option<PathBuf> {
+    let sdk = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()?
+        .join("guest-sdk");
+    sdk.join("Cargo.toml").is_file().then_some(sdk)
+}
+
+/// Creates `parent/name/` from the template; returns its path.
+pub fn new_plugin(parent: &Path, name: &str, sdk: &Path) -> anyhow::Result<PathBuf> {
+    validate_name(name)?;
+    let dir = parent.join(name);
+    if dir.exists() {
+        bail!(
+            "{} already exists; choose another name or --dir",
+            dir.display()
+        );
+    }
+    let sdk = sdk
+        .canonicalize()
+        .with_context(|| format!("the guest SDK at {} (see --sdk)", sdk.display()))?;
+    if !sdk.join("Cargo.toml").is_file() {
+        bail!(
+            "{} is not the wagg guest SDK crate (no Cargo.toml; see --sdk)",
+            sdk.display()
+        );
+    }
+    let sdk = sdk
+        .to_str()
+        .context("the guest SDK path is not UTF-8")?
+        // TOML basic strings: escape what would end or break them.
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"");
+    let lib = name.replace('-', "_");
+    for (path, text) in TEMPLATE {
+        let text = text
+            .replace("{{name}}", name)
+            .replace("{{crate}}", name)
+            .replace("{{lib}}", &lib)
+            .replace("{{sdk}}", &sdk);
+        let target = dir.join(path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(&target, text).with_context(|| format!("writing {}", target.display()))?;
+    }
+    Ok(dir)
+}
+
+/// Crate names cargo accepts, which also work as aggregation plugin names.
+fn validate_name(name: &str) -> anyhow::Result<()> {
+    let mut chars = name.chars();
+    let starts_well = chars.next().is_some_and(|c| c.is_ascii_lowercase());
+    let rest_ok =
+        chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if !starts_well || !rest_ok || name.len() > 64 {
+        bail!(
+            "plugin name {name:?}: use lowercase letters, digits, `-` and `_`, starting with a letter (at most 64)"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_and_files_filled_in() {
+        for bad in ["", "Upper", "1st", "has space", "dot.ted", "../escape"] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+        let parent = tempfile::tempdir().expect("tempdir");
+        let sdk = default_sdk_path().expect("built from the workspace");
+        let dir = new_plugin(parent.path(), "spend-total", &sdk).expect("new");
+        let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).expect("manifest");
+        assert!(manifest.contains("name = \"spend-total\""));
+        assert!(!manifest.contains("{{"), "{manifest}");
+        let lib = std::fs::read_to_string(dir.join("src/lib.rs")).expect("lib");
+        assert!(lib.contains("const NAME: &'static str = \"spend-total\""));
+        let readme = std::fs::read_to_string(dir.join("README.md")).expect("readme");
+        assert!(readme.contains("release/spend_total.wasm"), "{readme}");
+        assert!(
+            new_plugin(parent.path(), "spend-total", &sdk).is_err(),
+            "exists"
+        );
+    }
+}
