@@ -3,14 +3,18 @@
 #   - libclang (RocksDB's bindings) and a C/C++ toolchain, from apt;
 #   - the wasm32-wasip2 Rust target (plugins);
 #   - with --broker: tansu 0.6.0, the Kafka-API broker the integration tests
-#     start (cached under $WAGG_CACHE, default ~/.cache/wagg).
+#     start (cached under $WAGG_CACHE, default ~/.cache/wagg);
+#   - with --tests: the broker and schemathesis 4.32.5 (the OpenAPI test,
+#     in a virtualenv under $WAGG_CACHE).
 set -euo pipefail
 
 want_broker=false
+want_fuzzer=false
 for arg in "$@"; do
   case "$arg" in
     --broker) want_broker=true ;;
-    *) echo "usage: $0 [--broker]" >&2; exit 2 ;;
+    --tests) want_broker=true; want_fuzzer=true ;;
+    *) echo "usage: $0 [--broker | --tests]" >&2; exit 2 ;;
   esac
 done
 
@@ -26,6 +30,10 @@ dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
 command -v clang >/dev/null 2>&1 || missing+=(clang)
 command -v c++ >/dev/null 2>&1 || missing+=(g++)
 command -v make >/dev/null 2>&1 || missing+=(make)
+if $want_fuzzer && [ ! -x "$cache/schemathesis/bin/schemathesis" ]; then
+  command -v python3 >/dev/null 2>&1 || missing+=(python3)
+  python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
   as_root apt-get update -qq
@@ -42,5 +50,14 @@ if $want_broker; then
   if [ ! -x "$tansu" ]; then
     echo "setup: installing tansu 0.6.0 into $cache/tansu (about 11 minutes cold)" >&2
     cargo install tansu --version 0.6.0 --features dynostore,libsql --locked --root "$cache/tansu"
+  fi
+fi
+
+if $want_fuzzer; then
+  schemathesis="$cache/schemathesis/bin/schemathesis"
+  if [ ! -x "$schemathesis" ]; then
+    echo "setup: installing schemathesis 4.32.5 into $cache/schemathesis" >&2
+    python3 -m venv "$cache/schemathesis"
+    "$cache/schemathesis/bin/pip" install --quiet schemathesis==4.32.5
   fi
 fi

@@ -5,6 +5,7 @@
 # `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh --broker
+./scripts/setup.sh --tests
 export WAGG_TANSU="${WAGG_TANSU:-${WAGG_CACHE:-$HOME/.cache/wagg}/tansu/bin/tansu}"
+export WAGG_SCHEMATHESIS="${WAGG_SCHEMATHESIS:-${WAGG_CACHE:-$HOME/.cache/wagg}/schemathesis/bin/schemathesis}"
 cargo test --release "$@"

@@ -26,7 +26,7 @@ struct Inner {
 
 pub use crate::store::AggregationCounters;
 
-#[derive(Debug, Default, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct PartitionProgress {
     pub topic: String,
     pub partition: i32,
@@ -40,7 +40,7 @@ pub struct PartitionProgress {
 }
 
 /// Why the instance is not ready, if it is not.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Readiness {
     pub ready: bool,
     pub reasons: Vec<String>,

@@ -17,7 +17,7 @@ use crate::config::AuthScope;
 /// Paths that never need a token, so liveness and readiness probes work.
 const PROBES: [&str; 2] = ["/healthz", "/readyz"];
 /// Paths `scope = "admin"` protects.
-const ADMIN: [&str; 2] = ["/v1/aggregations", "/metrics"];
+const ADMIN: [&str; 3] = ["/v1/aggregations", "/metrics", "/openapi.json"];
 
 pub struct Guard {
     /// SHA-256 of the token: comparing digests in constant time hides

@@ -21,6 +21,8 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+pub mod openapi;
+
 use crate::config::AggregationConfig;
 use crate::metrics::{HttpLabel, Snapshot};
 use crate::plugin::{LoadedPlugin, PluginInstance};
@@ -213,6 +215,7 @@ pub fn router(state: Arc<ApiState>, policy: &HttpPolicy) -> Router {
         .route("/v1/aggregations/{name}/keys", get(list_keys))
         .route("/v1/aggregations/{name}/keys/{key}", get(get_key))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
         .fallback(|| async { ApiError::not_found("no_route", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -260,6 +263,9 @@ async fn count_request(
 }
 
 /// Prometheus scrape (OpenMetrics text).
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses(
+    (status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text"),
+))]
 async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
     tokio::task::spawn_blocking(move || {
         let mut snapshot = Snapshot {
@@ -296,6 +302,10 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiErro
 /// Liveness: 503 once consumption has stopped for good (a storage fault,
 /// a record rejected under `on_error = "fail"`), so a supervisor restarts
 /// the process; until then queries are still served from the state.
+#[utoipa::path(get, path = "/healthz", tag = "probes", responses(
+    (status = 200, description = "Consuming (or able to)", body = openapi::Health),
+    (status = 503, description = "Consumption stopped for good", body = openapi::Health),
+))]
 async fn healthz(State(state): State<Arc<ApiState>>) -> Response {
     match state.status.fatal() {
         None => Json(json!({ "status": "ok" })).into_response(),
@@ -307,6 +317,12 @@ async fn healthz(State(state): State<Arc<ApiState>>) -> Response {
     }
 }
 
+/// Readiness: 503 with the reasons while the consumer is not running or
+/// the broker was unreachable in the last 10 s.
+#[utoipa::path(get, path = "/readyz", tag = "probes", responses(
+    (status = 200, description = "Ready", body = crate::status::Readiness),
+    (status = 503, description = "Not ready, with reasons", body = crate::status::Readiness),
+))]
 async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
     let readiness = state.status.readiness();
     let code = if readiness.ready {
@@ -317,6 +333,11 @@ async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
     (code, Json(readiness)).into_response()
 }
 
+/// Every aggregation: plugin, counters, key estimate and partition progress.
+#[utoipa::path(get, path = "/v1/aggregations", tag = "aggregations", responses(
+    (status = 200, description = "The aggregations", body = openapi::AggregationList),
+    (status = 500, description = "State store error", body = openapi::ErrorBody),
+))]
 async fn list_aggregations(State(state): State<Arc<ApiState>>) -> Result<Json<Value>, ApiError> {
     let partitions = state.status.partitions();
     let mut out = Vec::new();
@@ -437,6 +458,18 @@ fn check_query_utf8(raw: Option<&str>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// One key's state.
+#[utoipa::path(get, path = "/v1/aggregations/{name}/keys/{key}", tag = "aggregations",
+    params(
+        ("name" = String, Path, description = "Aggregation name"),
+        ("key" = String, Path, description = "The key (percent-encoded UTF-8, or base64 with `encoding=base64`)"),
+        ("encoding" = Option<openapi::Encoding>, Query, description = "`utf8` (default) or `base64`"),
+    ),
+    responses(
+        (status = 200, description = "The key's state", body = openapi::KeyState),
+        (status = 400, description = "Bad key or query", body = openapi::ErrorBody),
+        (status = 404, description = "No such aggregation or key", body = openapi::ErrorBody),
+    ))]
 async fn get_key(
     State(state): State<Arc<ApiState>>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -479,6 +512,20 @@ struct ListQuery {
 
 const DEFAULT_PAGE: usize = 100;
 
+/// Keys and states of an aggregation in byte order, a page at a time.
+#[utoipa::path(get, path = "/v1/aggregations/{name}/keys", tag = "aggregations",
+    params(
+        ("name" = String, Path, description = "Aggregation name"),
+        ("prefix" = Option<String>, Query, description = "Only keys starting with this"),
+        ("after" = Option<String>, Query, description = "Keys after this one (the previous page's `next`)"),
+        ("limit" = Option<usize>, Query, minimum = 1, description = "Page size (capped by `http.max_page`; default 100)"),
+        ("encoding" = Option<openapi::Encoding>, Query, description = "`utf8` (default) or `base64`, for keys in and out"),
+    ),
+    responses(
+        (status = 200, description = "A page of keys", body = openapi::KeyPage),
+        (status = 400, description = "Bad query", body = openapi::ErrorBody),
+        (status = 404, description = "No such aggregation", body = openapi::ErrorBody),
+    ))]
 async fn list_keys(
     State(state): State<Arc<ApiState>>,
     path: Result<Path<String>, PathRejection>,

@@ -1,0 +1,149 @@
+//! The OpenAPI 3 description of the HTTP API, generated from the handlers'
+//! `#[utoipa::path]` attributes and the response types below; served at
+//! `/openapi.json` and checked against the live server by schemathesis
+//! (`tests/openapi.rs`).
+
+use serde::Serialize;
+use utoipa::{OpenApi, ToSchema};
+
+/// `{"error": {"code": ..., "message": ...}}`, with every non-2xx answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `bad_request`, `unknown_aggregation`,
+    /// `unknown_key`, `no_route`, `unauthorized`, `overloaded`, ...
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`, or `failed` once consumption stopped for good.
+    pub status: String,
+    /// Why it failed.
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AggregationList {
+    pub aggregations: Vec<AggregationInfo>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AggregationInfo {
+    pub name: String,
+    pub plugin: PluginInfo,
+    /// The topic it reads (all configured topics when absent).
+    pub topic: Option<String>,
+    /// The JSON pointer it re-keys by (the Kafka key when absent).
+    pub key: Option<String>,
+    /// `fail`, `skip` or `dead-letter`.
+    pub on_error: String,
+    pub keys_estimate: u64,
+    pub records_applied: u64,
+    pub records_failed: u64,
+    pub records_dead_lettered: u64,
+    pub partitions: Vec<crate::status::PartitionProgress>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PluginInfo {
+    pub name: String,
+    pub version: String,
+    pub state_format: u32,
+    pub sha256: String,
+}
+
+/// One key's state, as its aggregation's plugin renders it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyState {
+    /// The key: UTF-8 text, or base64 with `encoding=base64`.
+    pub key: String,
+    /// Any JSON value (its shape is the plugin's).
+    #[schema(value_type = Object)]
+    pub state: serde_json::Value,
+}
+
+/// How keys are written in paths, query parameters and answers.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    Utf8,
+    Base64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyPage {
+    pub items: Vec<KeyState>,
+    /// Pass as `after` for the next page; absent on the last one.
+    pub next: Option<String>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "wagg",
+        description = "Live per-key aggregates of Kafka topics, computed by WebAssembly plugins. Every error is JSON (`ErrorBody`). With `[http.auth]`, send `Authorization: Bearer <token>` (probes are always open)."
+    ),
+    paths(
+        super::healthz,
+        super::readyz,
+        super::list_aggregations,
+        super::list_keys,
+        super::get_key,
+        super::metrics,
+        openapi_json
+    ),
+    components(schemas(
+        ErrorBody,
+        ErrorDetail,
+        Health,
+        AggregationList,
+        AggregationInfo,
+        PluginInfo,
+        KeyState,
+        KeyPage,
+        Encoding,
+        crate::status::PartitionProgress,
+        crate::status::Readiness
+    ))
+)]
+pub struct ApiDoc;
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "The OpenAPI 3 document", content_type = "application/json")))]
+pub async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(ApiDoc::openapi())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_is_described() {
+        let doc = ApiDoc::openapi();
+        let paths: Vec<&str> = doc.paths.paths.keys().map(String::as_str).collect();
+        for route in [
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/openapi.json",
+            "/v1/aggregations",
+            "/v1/aggregations/{name}/keys",
+            "/v1/aggregations/{name}/keys/{key}",
+        ] {
+            assert!(paths.contains(&route), "{route} missing from {paths:?}");
+        }
+        let json = serde_json::to_value(&doc).expect("serializes");
+        assert!(
+            json["openapi"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("3."))
+        );
+    }
+}
