@@ -65,6 +65,7 @@ pub fn stats_json(xs: &[f64]) -> serde_json::Value {
 /// JSON equality where numbers compare with a tolerance of 1e-9 (relative,
 /// absolute below 1)
 /// (floating-point sums depend on order of evaluation).
+#[allow(unused_imports)]
 pub use wagg::plugin::offline::json_approx_eq;
 
 pub mod broker;
