@@ -4,8 +4,8 @@
 #   - the wasm32-wasip2 Rust target (plugins);
 #   - with --broker: tansu 0.6.0, the Kafka-API broker the integration tests
 #     start (cached under $WAGG_CACHE, default ~/.cache/wagg);
-#   - with --tests: the broker and schemathesis 4.32.5 (the OpenAPI test,
-#     in a virtualenv under $WAGG_CACHE).
+#   - with --tests: the broker, schemathesis 4.32.5 (the OpenAPI test, in a
+#     virtualenv under $WAGG_CACHE) and Chromium (the dashboard test).
 set -euo pipefail
 
 want_broker=false
@@ -30,6 +30,10 @@ dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
 command -v clang >/dev/null 2>&1 || missing+=(clang)
 command -v c++ >/dev/null 2>&1 || missing+=(g++)
 command -v make >/dev/null 2>&1 || missing+=(make)
+if $want_fuzzer; then
+  # The dashboard test drives headless Chromium.
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+fi
 if $want_fuzzer && [ ! -x "$cache/schemathesis/bin/schemathesis" ]; then
   command -v python3 >/dev/null 2>&1 || missing+=(python3)
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)

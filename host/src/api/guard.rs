@@ -14,8 +14,10 @@ use subtle::ConstantTimeEq;
 use super::ApiError;
 use crate::config::AuthScope;
 
-/// Paths that never need a token, so liveness and readiness probes work.
-const PROBES: [&str; 2] = ["/healthz", "/readyz"];
+/// Paths that never need a token: the probes, so liveness and readiness
+/// checks work, and the dashboard page, which holds no data (its own
+/// requests carry the token).
+const PROBES: [&str; 3] = ["/healthz", "/readyz", "/"];
 /// Paths `scope = "admin"` protects.
 const ADMIN: [&str; 3] = ["/v1/aggregations", "/metrics", "/openapi.json"];
 

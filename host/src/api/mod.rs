@@ -209,6 +209,7 @@ pub fn router(state: Arc<ApiState>, policy: &HttpPolicy) -> Router {
             policy.max_concurrent_requests,
         ));
     Router::new()
+        .route("/", get(dashboard))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/aggregations", get(list_aggregations))
@@ -260,6 +261,12 @@ async fn count_request(
         .observe(started.elapsed().as_secs_f64());
     metrics.http_requests.get_or_create(&label).inc();
     response
+}
+
+/// The dashboard: one self-contained page (no external assets) that reads
+/// the API like any client.
+async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("../../assets/dashboard.html"))
 }
 
 /// Prometheus scrape (OpenMetrics text).
