@@ -6,8 +6,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 fn chromium() -> String {
     std::env::var("WAGG_CHROMIUM").unwrap_or_else(|_| "chromium".to_owned())
@@ -36,39 +35,10 @@ fn headless(args: &[&str], url: &str) -> std::process::Output {
 
 #[test]
 fn the_dashboard_looks_a_key_up_and_shows_its_state() {
-    common::plugins();
-    let port = common::broker::free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut demo = Command::new(env!("CARGO_BIN_EXE_wagg"))
-        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start wagg demo");
-    let client = reqwest::blocking::Client::new();
-    let get = |path: &str| -> Option<serde_json::Value> {
-        client
-            .get(format!("{base}{path}"))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .ok()?
-            .json()
-            .ok()
-    };
-    let started = Instant::now();
-    let key = loop {
-        let first = get("/v1/aggregations/purchases_per_user/keys?limit=1")
-            .and_then(|body| body["items"][0]["key"].as_str().map(str::to_owned));
-        if let Some(key) = first {
-            break key;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the demo did not start"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let before = get(&format!("/v1/aggregations/purchases_per_user/keys/{key}"))
+    let demo = common::demo::Demo::start();
+    let (base, key) = (&demo.base, &demo.first_key);
+    let before = demo
+        .get(&format!("/v1/aggregations/purchases_per_user/keys/{key}"))
         .expect("the API answers")["state"]["count"]
         .as_u64()
         .expect("a count");
@@ -106,8 +76,7 @@ fn the_dashboard_looks_a_key_up_and_shows_its_state() {
         ],
         &page,
     );
-    let _ = demo.kill();
-    let _ = demo.wait();
+    drop(demo);
     let png = std::fs::read(&screenshot).expect("a screenshot was written");
     assert!(
         png.starts_with(b"\x89PNG") && png.len() > 10_000,

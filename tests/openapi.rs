@@ -10,8 +10,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 fn schemathesis() -> String {
     std::env::var("WAGG_SCHEMATHESIS").unwrap_or_else(|_| "schemathesis".to_owned())
@@ -19,37 +18,8 @@ fn schemathesis() -> String {
 
 #[test]
 fn responses_conform_to_the_served_openapi_document() {
-    common::plugins();
-    let port = common::broker::free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut demo = Command::new(env!("CARGO_BIN_EXE_wagg"))
-        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start wagg demo");
-    let client = reqwest::blocking::Client::new();
-    let started = Instant::now();
-    // Wait until the demo has data, so lookups of real keys are exercised.
-    loop {
-        let listed = client
-            .get(format!(
-                "{base}/v1/aggregations/purchases_per_user/keys?limit=1"
-            ))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .ok()
-            .and_then(|r| r.json::<serde_json::Value>().ok());
-        if listed.is_some_and(|body| body["items"].as_array().is_some_and(|i| !i.is_empty())) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the demo did not start"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-
+    let demo = common::demo::Demo::start();
+    let base = &demo.base;
     let output = Command::new(schemathesis())
         .args(["run", &format!("{base}/openapi.json")])
         .args(["--max-examples", "50", "--checks", "all"])
@@ -63,8 +33,7 @@ fn responses_conform_to_the_served_openapi_document() {
                 schemathesis()
             )
         });
-    let _ = demo.kill();
-    let _ = demo.wait();
+    drop(demo);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),

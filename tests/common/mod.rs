@@ -69,6 +69,8 @@ pub fn stats_json(xs: &[f64]) -> serde_json::Value {
 pub use wagg::plugin::offline::json_approx_eq;
 
 pub mod broker;
+#[allow(dead_code)]
+pub mod demo;
 pub mod wagg_process;
 
 /// `[[aggregation]]` tables for `count` and `stats` (of `/amount`), as
