@@ -638,6 +638,11 @@ fn a_new_plugin_builds_and_passes_its_golden_test() {
         serde_json::from_str(&wagg(&["plugin", "inspect", &wasm])).expect("inspect prints JSON");
     assert_eq!(inspected["name"], "spend-total");
     assert_eq!(inspected["state_format"], 1);
+    assert_eq!(
+        inspected["exports"],
+        serde_json::json!(["metadata", "configure", "apply", "render"]),
+        "the wagg:aggregator world's exports"
+    );
 
     // A wrong expectation fails, naming the case.
     std::fs::write(

@@ -516,6 +516,8 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
                 "state_format": loaded.metadata().state_format,
                 "sha256": loaded.content_hash(),
                 "size_bytes": std::fs::metadata(&plugin).map(|m| m.len()).ok(),
+                "exports": loaded.exports(),
+                "imports": loaded.imports(),
             });
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())

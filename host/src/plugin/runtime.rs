@@ -119,6 +119,18 @@ impl PluginRuntime {
     pub fn load_bytes(&self, path: &Path, wasm: &[u8]) -> Result<LoadedPlugin, PluginError> {
         let content_hash = hex::encode(Sha256::digest(wasm));
         let component = self.compile(path, wasm, &content_hash)?;
+        let component_type = component.component_type();
+        let names = |items: &mut dyn Iterator<Item = &str>| items.map(str::to_owned).collect();
+        let imports = names(
+            &mut component_type
+                .imports(&self.inner.engine)
+                .map(|(name, _)| name),
+        );
+        let exports = names(
+            &mut component_type
+                .exports(&self.inner.engine)
+                .map(|(name, _)| name),
+        );
         let pre = self
             .inner
             .linker
@@ -148,6 +160,8 @@ impl PluginRuntime {
                     version: metadata.version,
                     state_format: metadata.state_format,
                 },
+                imports,
+                exports,
             }),
         })
     }
@@ -240,6 +254,10 @@ struct LoadedInner {
     path: PathBuf,
     content_hash: String,
     metadata: PluginMetadata,
+    /// The component's imported and exported names (interfaces and
+    /// functions), for `wagg plugin inspect`.
+    imports: Vec<String>,
+    exports: Vec<String>,
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -261,6 +279,16 @@ impl LoadedPlugin {
     }
 
     /// SHA-256 of the component's bytes, hex.
+    /// The component's imports (WASI interfaces it was linked against).
+    pub fn imports(&self) -> &[String] {
+        &self.inner.imports
+    }
+
+    /// The component's exports (the `wagg:aggregator` interface).
+    pub fn exports(&self) -> &[String] {
+        &self.inner.exports
+    }
+
     pub fn content_hash(&self) -> &str {
         &self.inner.content_hash
     }
