@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{json_approx_eq, plugin, workspace_root};
-use wagg::plugin::offline::{self, OnError, StateMap};
+use wagg::plugin::offline::{self, StateMap};
 use wagg::plugin::{AfterFailure, CallError, PluginError, PluginRuntime, RuntimeConfig};
 use wagg::record::SourceRecord;
 
@@ -34,36 +34,19 @@ fn golden_outputs_match_through_the_runtime() {
         assert_eq!(loaded.metadata().version, env!("CARGO_PKG_VERSION"));
         assert_eq!(loaded.metadata().state_format, 1);
         let golden = workspace_root().join("plugins").join(name).join("golden");
-        let mut dirs: Vec<_> = std::fs::read_dir(&golden)
-            .unwrap_or_else(|e| panic!("{}: {e}", golden.display()))
-            .map(|entry| entry.expect("dir entry").path())
-            .collect();
-        dirs.sort();
-        assert!(!dirs.is_empty(), "{name} has no golden cases");
-        for case in dirs {
-            let params = read_json(&case.join("params.json")).to_string();
-            let expected = read_json(&case.join("expected.json"));
-            let input = std::fs::File::open(case.join("input.jsonl")).expect("input.jsonl");
-            let records = offline::read_jsonl(std::io::BufReader::new(input)).expect("valid input");
-            for batch_size in [1, 3, 1000] {
-                let mut instance = loaded.instantiate(&params).expect("instantiate");
-                let states = offline::run(
-                    &mut instance,
-                    &records,
-                    batch_size,
-                    OnError::Fail,
-                    |_, _| {},
-                )
-                .unwrap_or_else(|e| panic!("{}: {e:#}", case.display()));
-                let got = offline::to_json_object(states);
-                assert!(
-                    json_approx_eq(&got, &expected),
-                    "{} at batch size {batch_size}:\n got {got}\nwant {expected}",
-                    case.display()
+        let results = offline::run_golden(&loaded, &golden)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", golden.display()));
+        assert!(!results.is_empty(), "{name} has no golden cases");
+        for result in &results {
+            if let Some((got, want)) = &result.mismatch {
+                panic!(
+                    "{} at batch size {}:\n got {got}\nwant {want}",
+                    result.case.display(),
+                    result.batch_size
                 );
             }
-            cases += 1;
         }
+        cases += results.len() / offline::GOLDEN_BATCH_SIZES.len();
     }
     assert!(cases >= 8, "only {cases} golden cases ran");
 }

@@ -449,11 +449,6 @@ impl BatchApplier {
         if self.unwritten.is_empty() {
             return Ok(written);
         }
-        let mut offset_ids = Vec::with_capacity(self.unwritten.len());
-        for ((topic, partition), next) in &self.unwritten {
-            let topic_id = cached_topic_id(&self.store, &mut self.topic_ids, topic)?;
-            offset_ids.push((topic_id, *partition, *next));
-        }
         let job = Arc::new(FlushJob {
             aggregations: self
                 .aggregations
@@ -465,7 +460,6 @@ impl BatchApplier {
                 })
                 .collect(),
             offsets: std::mem::take(&mut self.unwritten),
-            offset_ids,
         });
         self.unwritten_since = None;
         self.in_flight = Some(job.clone());

@@ -28,9 +28,6 @@ pub struct FlushJob {
     pub aggregations: Vec<FlushedAggregation>,
     /// The next offset of every partition the states cover.
     pub offsets: BatchOffsets,
-    /// `offsets` with topic ids resolved (the writer cannot look them up
-    /// without racing the consumer's id cache).
-    pub offset_ids: Vec<(u16, i32, i64)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -140,8 +137,9 @@ fn write(store: &StateStore, job: &FlushJob) -> Result<(), StoreError> {
         }
         batch.set_counters(&aggregation.name, &aggregation.counters);
     }
-    for &(topic_id, partition, next) in &job.offset_ids {
-        batch.set_offset(topic_id, partition, next);
+    for ((topic, partition), next) in &job.offsets {
+        // Known since the batch was applied: a lookup in the store's map.
+        batch.set_offset(store.topic_id(topic)?, *partition, *next);
     }
     store.write(batch)
 }

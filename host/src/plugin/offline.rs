@@ -198,7 +198,8 @@ pub fn run_golden(plugin: &LoadedPlugin, dir: &Path) -> anyhow::Result<Vec<Golde
     let mut cases: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading golden cases in {}", dir.display()))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|path| path.join("input.jsonl").is_file())
+        // Every directory is a case: one missing a file is an error, not skipped.
+        .filter(|path| path.is_dir())
         .collect();
     cases.sort();
     if cases.is_empty() {
