@@ -18,6 +18,7 @@ pub mod progress;
 pub mod record;
 pub mod rng;
 pub mod source;
+pub mod state_cache;
 pub mod status;
 pub mod store;
 pub mod writer;

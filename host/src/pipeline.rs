@@ -14,12 +14,9 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-
-use lru::LruCache;
 
 use crate::batcher::group_by_key;
 use crate::config::{AggregationConfig, BatchConfig, OnError};
@@ -29,9 +26,10 @@ use crate::partition_map::PartitionMap;
 use crate::plugin::{AfterFailure, CallError, Change, GroupInput, LoadedPlugin, PluginInstance};
 use crate::record::SourceRecord;
 use crate::source::{KafkaSource, PartitionEvent};
+use crate::state_cache::{State, StateCache};
 use crate::status::{AggregationCounters, Status};
 use crate::store::{Slot, StateStore, StoreError};
-use crate::writer::{FlushJob, FlushedAggregation, StateMap, StateWriter, WriteError};
+use crate::writer::{FlushJob, FlushedAggregation, StateWriter, WriteError};
 use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 
 /// Why the consumer loop stopped.
@@ -64,12 +62,9 @@ pub struct Aggregation {
     pub config: AggregationConfig,
     pub plugin: LoadedPlugin,
     instance: PluginInstance,
-    /// Written states: encoded store key → state (`None`: known absent).
-    cache: LruCache<Vec<u8>, Option<Vec<u8>>>,
-    /// Applied but not yet handed to the writer: the newest state of each
-    /// key changed since the last flush. Read before the write in flight
-    /// and `cache`.
-    dirty: StateMap,
+    /// Encoded store key → newest state: the applied but unwritten ones and
+    /// a bounded number of written ones.
+    states: StateCache,
     /// Including what is applied but not yet written (the written ones are
     /// what the last flush reported to `Status`).
     applied: AggregationCounters,
@@ -131,10 +126,7 @@ impl Aggregation {
             config,
             plugin,
             instance,
-            cache: LruCache::new(
-                NonZeroUsize::new(cache_entries.max(1)).unwrap_or(NonZeroUsize::MIN),
-            ),
-            dirty: StateMap::default(),
+            states: StateCache::new(cache_entries),
             applied: counters,
             // Attached to the registry by `BatchApplier::new`.
             instruments: Instruments::default(),
@@ -163,8 +155,8 @@ impl Aggregation {
 pub struct BatchApplier {
     store: Arc<StateStore>,
     writer: StateWriter,
-    /// The flush being written, if any; its states are newer than RocksDB.
-    in_flight: Option<Arc<FlushJob>>,
+    /// What the write in flight (if any) makes durable besides states.
+    in_flight: Option<InFlight>,
     status: Arc<Status>,
     aggregations: Vec<Aggregation>,
     dead_letters: Option<DeadLetterSink>,
@@ -181,6 +173,13 @@ pub struct BatchApplier {
 /// The next offset of each partition a written batch covered.
 pub type BatchOffsets = BTreeMap<(Arc<str>, i32), i64>;
 
+/// The offsets and counters of the write in flight (its states are in
+/// flight in each aggregation's [`StateCache`]).
+struct InFlight {
+    offsets: BatchOffsets,
+    counters: Vec<AggregationCounters>,
+}
+
 pub struct Pipeline {
     source: KafkaSource,
     applier: BatchApplier,
@@ -195,7 +194,7 @@ pub struct Pipeline {
 struct CacheUpdate {
     aggregation: usize,
     store_key: Vec<u8>,
-    state: Option<Vec<u8>>,
+    state: State,
 }
 
 impl Pipeline {
@@ -427,7 +426,7 @@ impl BatchApplier {
             || self
                 .aggregations
                 .iter()
-                .map(|a| a.dirty.len())
+                .map(|a| a.states.dirty_len())
                 .sum::<usize>()
                 >= self.max_dirty
     }
@@ -449,20 +448,23 @@ impl BatchApplier {
         if self.unwritten.is_empty() {
             return Ok(written);
         }
-        let job = Arc::new(FlushJob {
+        let job = FlushJob {
             aggregations: self
                 .aggregations
                 .iter_mut()
                 .map(|aggregation| FlushedAggregation {
                     name: aggregation.config.name.clone(),
-                    states: std::mem::take(&mut aggregation.dirty),
+                    states: aggregation.states.take_dirty(),
                     counters: aggregation.applied,
                 })
                 .collect(),
+            offsets: self.unwritten.clone(),
+        };
+        self.in_flight = Some(InFlight {
             offsets: std::mem::take(&mut self.unwritten),
+            counters: job.aggregations.iter().map(|a| a.counters).collect(),
         });
         self.unwritten_since = None;
-        self.in_flight = Some(job.clone());
         if let Err(e) = self.writer.submit(job) {
             self.take_back_in_flight();
             return Err(e.into());
@@ -500,37 +502,30 @@ impl BatchApplier {
             self.take_back_in_flight();
             return Err(e.into());
         }
-        let Some(job) = self.in_flight.take() else {
+        let Some(written) = self.in_flight.take() else {
             return Ok(BatchOffsets::new());
         };
-        let job = Arc::try_unwrap(job).unwrap_or_else(|shared| (*shared).clone());
         // Durable: now the views may move forward.
-        for (aggregation, flushed) in self.aggregations.iter_mut().zip(job.aggregations) {
-            for (store_key, state) in flushed.states {
-                aggregation.cache.put(store_key, state);
-            }
-            self.status
-                .set_counters(&aggregation.config.name, flushed.counters);
+        for (aggregation, counters) in self.aggregations.iter_mut().zip(written.counters) {
+            aggregation.states.write_completed();
+            self.status.set_counters(&aggregation.config.name, counters);
         }
-        for ((topic, partition), next) in &job.offsets {
+        for ((topic, partition), next) in &written.offsets {
             self.status.set_next_offset(topic, *partition, *next);
         }
-        Ok(job.offsets)
+        Ok(written.offsets)
     }
 
     /// Returns a failed (or never started) write's effects to the unwritten
     /// ones; what was applied since is newer and wins.
     fn take_back_in_flight(&mut self) {
-        let Some(job) = self.in_flight.take() else {
+        let Some(failed) = self.in_flight.take() else {
             return;
         };
-        let job = Arc::try_unwrap(job).unwrap_or_else(|shared| (*shared).clone());
-        for (aggregation, flushed) in self.aggregations.iter_mut().zip(job.aggregations) {
-            for (store_key, state) in flushed.states {
-                aggregation.dirty.entry(store_key).or_insert(state);
-            }
+        for aggregation in &mut self.aggregations {
+            aggregation.states.write_failed();
         }
-        for (partition, next) in job.offsets {
+        for (partition, next) in failed.offsets {
             let entry = self.unwritten.entry(partition).or_insert(next);
             *entry = (*entry).max(next);
         }
@@ -574,15 +569,9 @@ impl BatchApplier {
         let mut counters = Vec::with_capacity(self.aggregations.len());
         let mut letters = Vec::new();
         for (index, aggregation) in self.aggregations.iter_mut().enumerate() {
-            let in_flight = self
-                .in_flight
-                .as_deref()
-                .and_then(|job| job.aggregations.get(index))
-                .map(|flushed| &flushed.states);
             let updated = apply_aggregation(
                 index,
                 aggregation,
-                in_flight,
                 batch,
                 &mut slots,
                 &store,
@@ -602,11 +591,12 @@ impl BatchApplier {
         // The whole batch succeeded: its effects join the unwritten ones.
         for update in cache_updates {
             self.aggregations[update.aggregation]
-                .dirty
-                .insert(update.store_key, update.state);
+                .states
+                .set(update.store_key, update.state);
         }
         for (aggregation, counters) in self.aggregations.iter_mut().zip(counters) {
             aggregation.applied = counters;
+            aggregation.states.evict_if_over();
         }
         for (partition, next) in &partitions {
             self.unwritten.insert(partition.clone(), *next);
@@ -674,7 +664,6 @@ fn group_key<'r>(
 fn apply_aggregation<'b>(
     index: usize,
     aggregation: &mut Aggregation,
-    in_flight: Option<&StateMap>,
     batch: &'b [SourceRecord],
     slots: &mut PartitionMap<Slot>,
     store: &StateStore,
@@ -705,46 +694,34 @@ fn apply_aggregation<'b>(
     }
     let groups = group_by_key(keyed);
 
-    // Current states: from the cache, the rest from RocksDB in one lookup.
+    // Current states: from the cache, the rest from RocksDB in one lookup
+    // (and into the cache, so the inputs can borrow them all from there).
     let store_keys: Vec<Vec<u8>> = groups
         .iter()
         .map(|((slot, key), _)| slot.store_key(key))
         .collect();
-    let mut states: Vec<Option<Vec<u8>>> = Vec::with_capacity(groups.len());
-    let mut misses = Vec::new();
-    for (i, store_key) in store_keys.iter().enumerate() {
-        if let Some(state) = aggregation
-            .dirty
-            .get(store_key)
-            .or_else(|| in_flight.and_then(|states| states.get(store_key)))
-        {
-            states.push(state.clone());
-            continue;
-        }
-        match aggregation.cache.get(store_key) {
-            Some(state) => states.push(state.clone()),
-            None => {
-                states.push(None);
-                misses.push(i);
-            }
-        }
-    }
+    let misses: Vec<usize> = (0..groups.len())
+        .filter(|&i| aggregation.states.get(&store_keys[i]).is_none())
+        .collect();
     if !misses.is_empty() {
         let lookups: Vec<(Slot, &[u8])> = misses
             .iter()
             .map(|&i| (groups[i].0.0, groups[i].0.1.as_ref()))
             .collect();
         for (&i, state) in misses.iter().zip(store.multi_get(&name, &lookups)?) {
-            states[i] = state;
+            aggregation
+                .states
+                .insert_loaded(store_keys[i].clone(), state);
         }
     }
 
+    let cached = &aggregation.states;
     let inputs: Vec<GroupInput<'_>> = groups
         .iter()
-        .zip(&states)
-        .map(|(((_, key), records), state)| GroupInput {
+        .zip(&store_keys)
+        .map(|(((_, key), records), store_key)| GroupInput {
             key,
-            state: state.as_deref(),
+            state: cached.peek(store_key).and_then(|state| state.as_deref()),
             records,
         })
         .collect();

@@ -6,21 +6,19 @@
 //! and does not submit the next before this one has completed, so writes
 //! reach RocksDB in order and each is one atomic write batch of states,
 //! counters and offsets — the exactly-once argument of `pipeline` is
-//! unchanged. While a job is in flight the consumer reads its states
-//! through the shared [`Arc`] (they are newer than anything in RocksDB).
+//! unchanged. While a job is in flight the consumer keeps reading its
+//! states from its [`StateCache`](crate::state_cache::StateCache), which
+//! does not evict them until the write has completed.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use crate::metrics::Metrics;
 use crate::pipeline::BatchOffsets;
+use crate::state_cache::State;
 use crate::status::AggregationCounters;
 use crate::store::{StateStore, StoreError};
-
-/// Encoded store key → newest state (`None`: deleted).
-pub type StateMap = HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState>;
 
 /// Everything one flush makes durable together.
 #[derive(Debug, Clone, Default)]
@@ -33,7 +31,8 @@ pub struct FlushJob {
 #[derive(Debug, Clone, Default)]
 pub struct FlushedAggregation {
     pub name: String,
-    pub states: StateMap,
+    /// Encoded store key → newest state (`None`: deleted), each key once.
+    pub states: Vec<(Vec<u8>, State)>,
     /// The aggregation's totals including these states.
     pub counters: AggregationCounters,
 }
@@ -48,29 +47,26 @@ pub enum WriteError {
 
 /// The writer thread and its two channels.
 pub struct StateWriter {
-    jobs: Option<mpsc::SyncSender<Arc<FlushJob>>>,
+    jobs: Option<mpsc::SyncSender<FlushJob>>,
     results: mpsc::Receiver<Result<(), StoreError>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl StateWriter {
     pub fn spawn(store: Arc<StateStore>, metrics: Metrics) -> std::io::Result<Self> {
-        let (jobs, incoming) = mpsc::sync_channel::<Arc<FlushJob>>(1);
+        let (jobs, incoming) = mpsc::sync_channel::<FlushJob>(1);
         let (outcomes, results) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("wagg-writer".into())
             .spawn(move || {
                 for job in incoming {
                     let started = std::time::Instant::now();
-                    let result = write(&store, &job);
+                    let states: usize = job.aggregations.iter().map(|a| a.states.len()).sum();
+                    let result = write(&store, job);
                     metrics
                         .write_seconds
                         .observe(started.elapsed().as_secs_f64());
-                    let states: usize = job.aggregations.iter().map(|a| a.states.len()).sum();
                     metrics.write_states.observe(states as f64);
-                    // Dropped before the result is sent, so the consumer
-                    // gets the job back without copying it.
-                    drop(job);
                     if outcomes.send(result).is_err() {
                         break;
                     }
@@ -85,7 +81,7 @@ impl StateWriter {
 
     /// Hands a job to the writer thread. The caller must have received the
     /// result of the previous job first.
-    pub fn submit(&self, job: Arc<FlushJob>) -> Result<(), WriteError> {
+    pub fn submit(&self, job: FlushJob) -> Result<(), WriteError> {
         self.jobs
             .as_ref()
             .ok_or(WriteError::WriterGone)?
@@ -121,15 +117,14 @@ impl Drop for StateWriter {
     }
 }
 
-fn write(store: &StateStore, job: &FlushJob) -> Result<(), StoreError> {
+fn write(store: &StateStore, job: FlushJob) -> Result<(), StoreError> {
     let mut batch = store.batch();
-    for aggregation in &job.aggregations {
+    for mut aggregation in job.aggregations {
         // In key order: the memtable's skip list reuses its last insert
         // position for ascending keys instead of searching from the top
         // (random-order inserts were a third of the engine's time).
-        let mut sorted: Vec<_> = aggregation.states.iter().collect();
-        sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        for (store_key, state) in sorted {
+        aggregation.states.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (store_key, state) in &aggregation.states {
             match state {
                 Some(state) => batch.put_raw(&aggregation.name, store_key, state)?,
                 None => batch.delete_raw(&aggregation.name, store_key)?,

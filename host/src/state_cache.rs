@@ -1,0 +1,318 @@
+//! The states of one aggregation kept in memory in front of RocksDB: one
+//! map holds both the written states (a bounded cache) and the applied but
+//! not yet durable ones, so finding a key's newest state is one probe.
+//!
+//! Each entry is in one of three conditions:
+//! - *clean*: equal to what RocksDB holds; may be evicted;
+//! - *dirty*: applied since the last hand-over to the writer;
+//! - *in flight*: handed to the writer, not yet known to be durable.
+//!
+//! Dirty and in-flight entries are never evicted — RocksDB does not have
+//! them yet — so a key missing from the map has its newest state in
+//! RocksDB. Eviction is CLOCK-like: a sweep drops the clean entries not
+//! used since the previous sweep (a full LRU list cost a pointer chase per
+//! lookup and showed up in profiles), and only if that is not enough, any
+//! clean ones.
+
+use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
+
+/// A state as the store holds it (`None`: the key has none / was deleted).
+pub type State = Option<Vec<u8>>;
+
+const DIRTY: u8 = 1;
+const IN_FLIGHT: u8 = 2;
+const USED: u8 = 4;
+
+#[derive(Debug, Clone)]
+struct Entry {
+    state: State,
+    flags: u8,
+}
+
+#[derive(Debug)]
+pub struct StateCache {
+    entries: HashMap<Vec<u8>, Entry, RandomState>,
+    /// Clean entries to keep; the map may exceed it by the dirty and
+    /// in-flight ones, and by up to a quarter between sweeps.
+    capacity: usize,
+    dirty: usize,
+    in_flight: usize,
+}
+
+impl StateCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: HashMap::default(),
+            capacity: capacity.max(1),
+            dirty: 0,
+            in_flight: 0,
+        }
+    }
+
+    /// The newest state of `key` if the map has it (marking it used);
+    /// `None` means: read it from RocksDB.
+    pub fn get(&mut self, key: &[u8]) -> Option<&State> {
+        let entry = self.entries.get_mut(key)?;
+        entry.flags |= USED;
+        Some(&entry.state)
+    }
+
+    /// Like [`StateCache::get`], without marking (for reads that follow
+    /// a `get` or `insert_loaded` of the same key).
+    pub fn peek(&self, key: &[u8]) -> Option<&State> {
+        self.entries.get(key).map(|e| &e.state)
+    }
+
+    /// A state read from RocksDB for a key the map did not have.
+    pub fn insert_loaded(&mut self, key: Vec<u8>, state: State) {
+        self.entries
+            .entry(key)
+            .or_insert(Entry { state, flags: USED });
+    }
+
+    /// An applied change: newer than anything written.
+    pub fn set(&mut self, key: Vec<u8>, state: State) {
+        match self.entries.get_mut(&key) {
+            Some(entry) => {
+                if entry.flags & DIRTY == 0 {
+                    self.dirty += 1;
+                }
+                entry.state = state;
+                entry.flags |= DIRTY | USED;
+            }
+            None => {
+                self.dirty += 1;
+                self.entries.insert(
+                    key,
+                    Entry {
+                        state,
+                        flags: DIRTY | USED,
+                    },
+                );
+            }
+        }
+    }
+
+    /// States changed since the last hand-over.
+    pub fn dirty_len(&self) -> usize {
+        self.dirty
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Copies of the dirty states for the writer; they are in flight until
+    /// [`StateCache::write_completed`] or [`StateCache::write_failed`].
+    /// A write must complete or fail before the next hand-over.
+    pub fn take_dirty(&mut self) -> Vec<(Vec<u8>, State)> {
+        debug_assert_eq!(self.in_flight, 0, "one write in flight at a time");
+        let mut taken = Vec::with_capacity(self.dirty);
+        if self.dirty > 0 {
+            for (key, entry) in &mut self.entries {
+                if entry.flags & DIRTY != 0 {
+                    entry.flags = (entry.flags & !DIRTY) | IN_FLIGHT;
+                    taken.push((key.clone(), entry.state.clone()));
+                }
+            }
+        }
+        self.in_flight += taken.len();
+        self.dirty = 0;
+        taken
+    }
+
+    /// The states in flight are durable: they may be evicted from now on.
+    pub fn write_completed(&mut self) {
+        if self.in_flight > 0 {
+            for entry in self.entries.values_mut() {
+                entry.flags &= !IN_FLIGHT;
+            }
+            self.in_flight = 0;
+        }
+        self.evict_if_over();
+    }
+
+    /// The write in flight failed: its states are dirty again (unless
+    /// changed since, they still hold what it carried; if changed, the
+    /// newer state is what must be written).
+    pub fn write_failed(&mut self) {
+        if self.in_flight > 0 {
+            for entry in self.entries.values_mut() {
+                if entry.flags & IN_FLIGHT != 0 {
+                    if entry.flags & DIRTY == 0 {
+                        self.dirty += 1;
+                    }
+                    entry.flags = (entry.flags & !IN_FLIGHT) | DIRTY;
+                }
+            }
+            self.in_flight = 0;
+        }
+        self.evict_if_over();
+    }
+
+    /// Keeps the clean entries within a quarter over capacity (a sweep
+    /// visits the whole map, so it runs rarely and evicts down to
+    /// capacity).
+    pub fn evict_if_over(&mut self) {
+        // An entry changed while in flight counts in both: `clean` may be
+        // underestimated, which only delays a sweep.
+        let pinned = self.dirty + self.in_flight;
+        let clean = self.entries.len().saturating_sub(pinned);
+        if clean <= self.capacity + self.capacity / 4 {
+            return;
+        }
+        let mut excess = clean - self.capacity;
+        // Pass 1: clean entries not used since the last sweep.
+        self.entries.retain(|_, entry| {
+            if entry.flags & (DIRTY | IN_FLIGHT) != 0 {
+                return true;
+            }
+            if excess > 0 && entry.flags & USED == 0 {
+                excess -= 1;
+                return false;
+            }
+            entry.flags &= !USED;
+            true
+        });
+        // Pass 2: everything was used recently; drop any clean ones.
+        if excess > 0 {
+            self.entries.retain(|_, entry| {
+                if excess > 0 && entry.flags & (DIRTY | IN_FLIGHT) == 0 {
+                    excess -= 1;
+                    return false;
+                }
+                true
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Read a key (from the cache, or "RocksDB" on a miss).
+        Read(u8),
+        /// Apply a change.
+        Set(u8, Option<u8>),
+        Flush,
+        Complete,
+        Fail,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => any::<u8>().prop_map(|k| Op::Read(k % 32)),
+            4 => (any::<u8>(), any::<Option<u8>>()).prop_map(|(k, v)| Op::Set(k % 32, v)),
+            1 => Just(Op::Flush),
+            1 => Just(Op::Complete),
+            1 => Just(Op::Fail),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the interleaving of reads, changes, hand-overs, writes
+        /// and failures, and however small the cache: a read (cache first,
+        /// RocksDB on a miss) always sees the newest applied state, and
+        /// after a final successful write RocksDB holds every newest state.
+        #[test]
+        fn reads_see_the_newest_state_and_writes_lose_nothing(
+            capacity in 1usize..8,
+            ops in proptest::collection::vec(op(), 0..300),
+        ) {
+            let mut cache = StateCache::new(capacity);
+            let mut rocksdb: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+            let mut newest: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+            let mut in_flight: Option<Vec<(Vec<u8>, State)>> = None;
+            let write = |rocksdb: &mut BTreeMap<Vec<u8>, Vec<u8>>, states: Vec<(Vec<u8>, State)>| {
+                for (key, state) in states {
+                    match state {
+                        Some(state) => { rocksdb.insert(key, state); }
+                        None => { rocksdb.remove(&key); }
+                    }
+                }
+            };
+            for op in ops {
+                match op {
+                    Op::Read(k) => {
+                        let key = vec![k];
+                        let seen = match cache.get(&key) {
+                            Some(state) => state.clone(),
+                            None => {
+                                let loaded = rocksdb.get(&key).cloned();
+                                cache.insert_loaded(key.clone(), loaded.clone());
+                                loaded
+                            }
+                        };
+                        let expected = newest.get(&key).cloned().flatten();
+                        prop_assert_eq!(seen, expected, "key {}", k);
+                        // As the pipeline does after each batch.
+                        cache.evict_if_over();
+                    }
+                    Op::Set(k, v) => {
+                        let state = v.map(|v| vec![v]);
+                        cache.set(vec![k], state.clone());
+                        newest.insert(vec![k], state);
+                        cache.evict_if_over();
+                    }
+                    Op::Flush => {
+                        if in_flight.is_none() {
+                            in_flight = Some(cache.take_dirty());
+                        }
+                    }
+                    Op::Complete => {
+                        if let Some(states) = in_flight.take() {
+                            write(&mut rocksdb, states);
+                            cache.write_completed();
+                        }
+                    }
+                    Op::Fail => {
+                        if in_flight.take().is_some() {
+                            cache.write_failed();
+                        }
+                    }
+                }
+                prop_assert!(cache.len() <= capacity + capacity / 4 + cache.dirty + cache.in_flight);
+            }
+            if let Some(states) = in_flight.take() {
+                write(&mut rocksdb, states);
+                cache.write_completed();
+            }
+            let last = cache.take_dirty();
+            write(&mut rocksdb, last);
+            cache.write_completed();
+            for (key, state) in newest {
+                prop_assert_eq!(rocksdb.get(&key).cloned(), state);
+            }
+        }
+    }
+
+    #[test]
+    fn eviction_prefers_entries_not_used_since_the_last_sweep() {
+        let mut cache = StateCache::new(4);
+        for k in 0..5u8 {
+            cache.insert_loaded(vec![k], Some(vec![k]));
+        }
+        // A sweep clears the used marks (nothing over a quarter yet).
+        cache.entries.values_mut().for_each(|e| e.flags &= !USED);
+        cache.get(&[0]);
+        cache.get(&[1]);
+        cache.insert_loaded(vec![5], Some(vec![5]));
+        cache.insert_loaded(vec![6], Some(vec![6]));
+        cache.evict_if_over();
+        assert_eq!(cache.len(), 4);
+        for k in [0u8, 1, 5, 6] {
+            assert!(cache.peek(&[k]).is_some(), "key {k} was evicted");
+        }
+    }
+}
