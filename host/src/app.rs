@@ -136,7 +136,9 @@ pub fn run(
             "rejected records go to the dead-letter topic"
         );
     }
-    let source = KafkaSource::new(&config, store.clone(), status.clone())?;
+    let source = KafkaSource::new(&config, store.clone(), status.clone())?
+        .start(&config.batch)
+        .context("starting the source thread")?;
     let applier = BatchApplier::new(
         store.clone(),
         status.clone(),
@@ -145,7 +147,7 @@ pub fn run(
         &config.batch,
     )
     .context("starting the state writer thread")?;
-    let pipeline = Pipeline::new(source, applier, status.clone(), config.batch.clone());
+    let pipeline = Pipeline::new(source, applier, status.clone());
 
     let http = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,7 +1,7 @@
 //! The consumer loop: source → batcher → plugin runtime → state store.
 //!
-//! One thread owns the consumer, the plugin instances and the state cache.
-//! Each batch is applied to every aggregation in memory; every
+//! The consumer thread owns the plugin instances and the state cache; it
+//! takes batches from the source thread (see `source::kafka`). Each batch is applied to every aggregation in memory; every
 //! `batch.commit_interval_ms` (and when idle, on revocation, on shutdown)
 //! all new states, the counters and the next offset of every partition they
 //! cover are written in one RocksDB write batch — by the `writer` thread,
@@ -16,6 +16,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use crate::batcher::group_by_key;
@@ -25,7 +26,7 @@ use crate::metrics::{AggregationLabel, CacheLabel, Metrics};
 use crate::partition_map::PartitionMap;
 use crate::plugin::{AfterFailure, CallError, Change, GroupInput, LoadedPlugin, PluginInstance};
 use crate::record::SourceRecord;
-use crate::source::{KafkaSource, PartitionEvent};
+use crate::source::{SourceEvent, SourceFeed};
 use crate::state_cache::{State, StateCache};
 use crate::status::{AggregationCounters, Status};
 use crate::store::{Slot, StateStore, StoreError};
@@ -55,6 +56,8 @@ pub enum PipelineError {
     Write(#[from] WriteError),
     #[error("{0}")]
     DeadLetter(#[from] DeadLetterError),
+    #[error("the Kafka source thread stopped unexpectedly")]
+    SourceGone,
 }
 
 /// One configured aggregation as the consumer loop runs it.
@@ -181,14 +184,16 @@ struct InFlight {
 }
 
 pub struct Pipeline {
-    source: KafkaSource,
+    source: SourceFeed,
     applier: BatchApplier,
     status: Arc<Status>,
-    batch: BatchConfig,
     /// Next offset to apply per partition, for partitions this member owns.
     next_offsets: PartitionMap<i64>,
-    pending: Vec<SourceRecord>,
 }
+
+/// How long the consumer waits for a batch before treating the source as
+/// idle (and writing what it applied).
+const IDLE_AFTER: Duration = Duration::from_millis(100);
 
 /// A state change waiting for its batch to be written.
 struct CacheUpdate {
@@ -198,19 +203,12 @@ struct CacheUpdate {
 }
 
 impl Pipeline {
-    pub fn new(
-        source: KafkaSource,
-        applier: BatchApplier,
-        status: Arc<Status>,
-        batch: BatchConfig,
-    ) -> Self {
+    pub fn new(source: SourceFeed, applier: BatchApplier, status: Arc<Status>) -> Self {
         Self {
             source,
             applier,
             status,
-            batch,
             next_offsets: PartitionMap::default(),
-            pending: Vec::new(),
         }
     }
 
@@ -220,8 +218,10 @@ impl Pipeline {
         self.status.set_consumer_running(true);
         let result = self.consume(shutdown);
         // Whatever stopped the loop, effects of whole batches are written
-        // (a failing batch left none behind).
+        // (a failing batch left none behind)...
         let flushed = self.flush();
+        // ...before the source lets go of its partitions.
+        self.source.close();
         let result = match (result, flushed) {
             (Err(e), Err(flush)) => {
                 tracing::error!(error = %flush, "writing the applied batches failed too");
@@ -245,19 +245,32 @@ impl Pipeline {
 
     fn consume(&mut self, shutdown: &AtomicBool) -> Result<(), PipelineError> {
         while !shutdown.load(Ordering::Relaxed) {
-            self.fill_batch(shutdown)?;
             let written = self.applier.poll_flush()?;
             self.commit(&written);
-            if self.pending.is_empty() {
+            match self.source.recv_timeout(IDLE_AFTER) {
+                Ok(SourceEvent::Records(mut batch)) => {
+                    self.drop_redelivered(&mut batch);
+                    if !batch.is_empty() {
+                        self.process(&batch, shutdown)?;
+                    }
+                    if self.applier.flush_due() {
+                        let written = self.applier.start_flush()?;
+                        self.commit(&written);
+                    }
+                }
+                Ok(SourceEvent::Assigned(partitions)) => self.assigned(partitions)?,
+                Ok(SourceEvent::Revoked { partitions, done }) => {
+                    // What was applied from these partitions is written
+                    // before their next owner reads the stored offsets.
+                    self.flush()?;
+                    for (topic, partition) in partitions {
+                        self.next_offsets.remove(&topic, partition);
+                    }
+                    drop(done);
+                }
                 // Idle (caught up, or no partitions): write what waits.
-                self.flush()?;
-                continue;
-            }
-            let batch = std::mem::take(&mut self.pending);
-            self.process(&batch, shutdown)?;
-            if self.applier.flush_due() {
-                let written = self.applier.start_flush()?;
-                self.commit(&written);
+                Err(RecvTimeoutError::Timeout) => self.flush()?,
+                Err(RecvTimeoutError::Disconnected) => return Err(PipelineError::SourceGone),
             }
         }
         Ok(())
@@ -282,95 +295,33 @@ impl Pipeline {
         }
     }
 
-    /// Polls until the batch is full, its delay is up, or (with nothing
-    /// pending) a poll comes back empty, so shutdown is noticed promptly.
-    fn fill_batch(&mut self, shutdown: &AtomicBool) -> Result<(), PipelineError> {
-        let mut deadline: Option<Instant> = None;
-        let (mut received, mut redelivered) = (0u64, 0u64);
-        let mut polls = 0u32;
-        while self.pending.len() < self.batch.max_records && !shutdown.load(Ordering::Relaxed) {
-            // Records already fetched are taken without reading the clock
-            // (a clock read per record was 5 % of the consumer thread);
-            // the deadline is checked every 64 polls and before waiting.
-            polls = polls.wrapping_add(1);
-            let mut record = if deadline.is_some() && !polls.is_multiple_of(64) {
-                self.source.poll(Duration::ZERO)
-            } else {
-                None
-            };
-            if record.is_none() {
-                let timeout = match deadline {
-                    Some(deadline) => deadline.saturating_duration_since(Instant::now()),
-                    None => Duration::from_millis(100),
-                };
-                if deadline.is_some() && timeout.is_zero() {
-                    break;
-                }
-                record = self.source.poll(timeout);
-            }
-            self.handle_partition_events()?;
-            match record {
-                Some(record) => {
-                    received += 1;
-                    if self.is_new(&record) {
-                        deadline.get_or_insert_with(|| Instant::now() + self.batch.max_delay());
-                        self.pending.push(record);
-                    } else {
-                        redelivered += 1;
-                    }
-                }
-                None if deadline.is_none() => break,
-                None => {}
-            }
-        }
-        let metrics = self.status.metrics();
-        metrics.records_consumed.inc_by(received);
-        metrics.records_redelivered.inc_by(redelivered);
-        if received > 0 {
-            self.status.broker_ok();
-        }
-        Ok(())
-    }
-
-    fn is_new(&mut self, record: &SourceRecord) -> bool {
-        match self.next_offsets.get(&record.topic, record.partition) {
-            Some(next) => record.offset >= next,
-            None => true,
+    /// Drops records below their partition's next offset: applied
+    /// already, delivered again after a rebalance or a seek.
+    fn drop_redelivered(&mut self, batch: &mut Vec<SourceRecord>) {
+        let before = batch.len();
+        let next_offsets = &mut self.next_offsets;
+        batch.retain(
+            |record| match next_offsets.get(&record.topic, record.partition) {
+                Some(next) => record.offset >= next,
+                None => true,
+            },
+        );
+        let redelivered = (before - batch.len()) as u64;
+        if redelivered > 0 {
+            self.status
+                .metrics()
+                .records_redelivered
+                .inc_by(redelivered);
         }
     }
 
-    fn handle_partition_events(&mut self) -> Result<(), PipelineError> {
-        for event in self.source.take_events() {
-            match event {
-                PartitionEvent::Revoked(partitions) => {
-                    // What was applied from these partitions is written
-                    // before their next owner reads the stored offsets.
-                    self.flush()?;
-                    // Records of a revoked partition are left to its next
-                    // owner, which starts from the stored offset.
-                    self.pending.retain(|r| {
-                        !partitions
-                            .iter()
-                            .any(|(t, p)| **t == *r.topic && *p == r.partition)
-                    });
-                    for (topic, partition) in partitions {
-                        self.next_offsets.remove(&topic, partition);
-                    }
-                }
-                PartitionEvent::Assigned(partitions) => match self.applier.store.offsets() {
-                    Ok(stored) => {
-                        for (topic, partition) in partitions {
-                            if let Some(&next) = stored.get(&(topic.clone(), partition)) {
-                                self.next_offsets.insert(
-                                    Arc::from(topic.as_str()),
-                                    partition,
-                                    next,
-                                );
-                            }
-                        }
-                    }
-                    Err(e) => return Err(e.into()),
-                },
+    /// Starts newly assigned partitions from their stored offsets.
+    fn assigned(&mut self, partitions: Vec<(String, i32)>) -> Result<(), PipelineError> {
+        let stored = self.applier.store.offsets()?;
+        for (topic, partition) in partitions {
+            if let Some(&next) = stored.get(&(topic.clone(), partition)) {
+                self.next_offsets
+                    .insert(Arc::from(topic.as_str()), partition, next);
             }
         }
         Ok(())
