@@ -33,6 +33,8 @@ command -v make >/dev/null 2>&1 || missing+=(make)
 if $want_fuzzer; then
   # The dashboard test drives headless Chromium.
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  # The docs test runs the documentation's curl examples.
+  command -v curl >/dev/null 2>&1 || missing+=(curl)
 fi
 if $want_fuzzer && [ ! -x "$cache/schemathesis/bin/schemathesis" ]; then
   command -v python3 >/dev/null 2>&1 || missing+=(python3)

@@ -234,3 +234,42 @@ fn no_params_accepts_only_an_empty_table() {
     assert!(serde_json::from_str::<NoParams>("{}").is_ok());
     assert!(serde_json::from_str::<NoParams>(r#"{"x":1}"#).is_err());
 }
+
+/// What `docs/plugin-guide.md` says about changing a state: postcard is
+/// positional, so a new field breaks old states even with
+/// `#[serde(default)]`, while a state enum can gain variants at the end.
+#[test]
+fn state_evolution_follows_the_plugin_guide() {
+    #[derive(Serialize, serde::Deserialize)]
+    struct V1 {
+        total: f64,
+    }
+    #[derive(serde::Deserialize, Debug)]
+    struct V1WithNewField {
+        #[allow(dead_code)]
+        total: f64,
+        #[serde(default)]
+        #[allow(dead_code)]
+        largest: f64,
+    }
+    let old = postcard::to_allocvec(&V1 { total: 1.5 }).unwrap();
+    assert!(
+        postcard::from_bytes::<V1WithNewField>(&old).is_err(),
+        "postcard now reads missing trailing fields: update the plugin guide"
+    );
+
+    #[derive(Serialize, serde::Deserialize, Debug, PartialEq)]
+    enum Versioned1 {
+        V1 { total: f64 },
+    }
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    enum Versioned2 {
+        V1 { total: f64 },
+        V2 { total: f64, largest: f64 },
+    }
+    let old = postcard::to_allocvec(&Versioned1::V1 { total: 1.5 }).unwrap();
+    assert_eq!(
+        postcard::from_bytes::<Versioned2>(&old).unwrap(),
+        Versioned2::V1 { total: 1.5 }
+    );
+}

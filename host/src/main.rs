@@ -283,8 +283,9 @@ enum PluginCommand {
         /// The plugin crate's directory.
         #[arg(default_value = ".")]
         path: PathBuf,
-        /// Cargo target directory (default: the crate's `target/`).
-        #[arg(long)]
+        /// Cargo target directory (default: `$CARGO_TARGET_DIR`, else the
+        /// crate's `target/`).
+        #[arg(long, env = "CARGO_TARGET_DIR")]
         target_dir: Option<PathBuf>,
     },
     /// Show a plugin's metadata.

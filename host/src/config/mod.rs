@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::plugin::RuntimeConfig;
 
@@ -22,7 +22,7 @@ pub struct ConfigError {
     pub message: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub source: SourceConfig,
@@ -50,7 +50,7 @@ pub struct Config {
     pub progress_interval: Option<std::time::Duration>,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// `host:port[,host:port...]`.
@@ -83,7 +83,7 @@ fn default_group_id() -> String {
     "wagg".into()
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StartFrom {
     #[default]
@@ -91,7 +91,7 @@ pub enum StartFrom {
     Latest,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateConfig {
     /// The RocksDB directory (relative to the config file).
@@ -130,7 +130,7 @@ impl Default for StateConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     #[serde(default = "default_listen")]
@@ -153,7 +153,7 @@ pub struct HttpConfig {
 
 /// Where the bearer token comes from (exactly one of the two), and what it
 /// protects. The token itself never appears in the config file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// Name of an environment variable holding the token.
@@ -167,7 +167,7 @@ pub struct AuthConfig {
 
 /// Which endpoints need the token. `/healthz` and `/readyz` never do, so
 /// probes keep working.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthScope {
     /// Every endpoint but the probes.
@@ -208,7 +208,7 @@ impl Default for HttpConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
     /// Records per batch at most.
@@ -263,7 +263,7 @@ impl BatchConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginLimits {
     #[serde(default = "default_memory_mib")]
@@ -294,7 +294,7 @@ impl Default for PluginLimits {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
     /// After SIGTERM/SIGINT, how long the batch in flight may take to be
@@ -316,7 +316,7 @@ impl Default for ShutdownConfig {
     }
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterConfig {
     /// The topic rejected records are produced to. It must exist.
@@ -337,7 +337,7 @@ impl fmt::Debug for DeadLetterConfig {
 }
 
 /// What to do when a plugin rejects (or traps on) a record.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnError {
     /// Stop consuming; nothing of the failing batch is written.
@@ -349,7 +349,7 @@ pub enum OnError {
     DeadLetter,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AggregationConfig {
     /// Used in URLs and as the state store's column family.

@@ -320,3 +320,114 @@ fn the_readme_config_reference_parses() {
         Some(AuthScope::All)
     );
 }
+
+/// `docs/config.md` lists every field with its default. The fields are
+/// those its complete examples set (each must parse); the defaults are
+/// what the parser fills in for a minimal file.
+#[test]
+fn the_config_reference_lists_every_field_with_its_real_default() {
+    let doc = include_str!("../../../docs/config.md");
+    // Rows: | `path` | default | meaning |
+    let mut rows = BTreeMap::new();
+    for line in doc.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if cells.len() >= 4
+            && let Some(path) = cells[1].strip_prefix('`').and_then(|c| c.strip_suffix('`'))
+            && path.contains('.')
+            && !path.contains(' ')
+        {
+            rows.insert(path.to_owned(), cells[2].to_owned());
+        }
+    }
+
+    // Every field the complete examples set (union over the doc's configs).
+    let mut documented = BTreeSet::new();
+    let mut rest = doc;
+    while let Some(start) = rest.find("```toml\n") {
+        let body = &rest[start + "```toml\n".len()..];
+        let end = body.find("```").expect("block end");
+        let config = parse(&body[..end]).unwrap_or_else(|e| panic!("docs/config.md: {e}"));
+        documented.extend(field_paths(&config).into_keys());
+        rest = &body[end..];
+    }
+    let listed: BTreeSet<String> = rows.keys().cloned().collect();
+    assert_eq!(
+        listed.difference(&documented).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "listed in docs/config.md but set by none of its examples"
+    );
+    assert_eq!(
+        documented.difference(&listed).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "set by an example but missing from the tables"
+    );
+
+    // Defaults: what a minimal config gets; the required fields are the
+    // ones the minimal config has to give.
+    let given = field_paths(&parse(MINIMAL).expect("valid"));
+    let required = [
+        "source.brokers",
+        "source.topics",
+        "aggregation.name",
+        "aggregation.plugin",
+    ];
+    for (path, value) in &given {
+        let cell = &rows[path];
+        if required.contains(&path.as_str()) {
+            assert_eq!(cell, "required", "{path}");
+        } else {
+            assert_eq!(cell, &format!("`{value}`"), "default of {path}");
+        }
+    }
+    for (path, cell) in &rows {
+        if !given.contains_key(path) {
+            let lone_value =
+                cell.starts_with('`') && cell.ends_with('`') && cell.matches('`').count() == 2;
+            assert!(
+                !lone_value,
+                "{path}: documented default {cell}, but a minimal config has none"
+            );
+        }
+    }
+}
+
+/// `section.field` → value as TOML, for every field set in `config`
+/// (`kafka` and `params` tables count as one field; for `[[aggregation]]`,
+/// the fields of any of them).
+fn field_paths(config: &Config) -> BTreeMap<String, String> {
+    fn walk(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
+        match value {
+            toml::Value::Table(table)
+                if !(prefix.ends_with(".kafka") || prefix.ends_with(".params")) =>
+            {
+                for (key, value) in table {
+                    let path = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    walk(&path, value, out);
+                }
+                if !prefix.is_empty() && prefix.contains('.') {
+                    out.entry(prefix.to_owned()).or_insert_with(|| "{…}".into());
+                }
+            }
+            toml::Value::Array(items) if prefix == "aggregation" => {
+                for item in items {
+                    walk(prefix, item, out);
+                }
+            }
+            toml::Value::Table(table) if table.is_empty() => {
+                out.insert(prefix.to_owned(), "{}".into());
+            }
+            other => {
+                out.entry(prefix.to_owned())
+                    .or_insert_with(|| other.to_string());
+            }
+        }
+    }
+    let value = toml::Value::try_from(config).expect("a config serializes");
+    let mut out = BTreeMap::new();
+    walk("", &value, &mut out);
+    out
+}
