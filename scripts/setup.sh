@@ -5,7 +5,9 @@
 #   - with --broker: tansu 0.6.0, the Kafka-API broker the integration tests
 #     start (cached under $WAGG_CACHE, default ~/.cache/wagg);
 #   - with --tests: the broker, schemathesis 4.32.5 (the OpenAPI test, in a
-#     virtualenv under $WAGG_CACHE) and Chromium (the dashboard test).
+#     virtualenv under $WAGG_CACHE), Chromium, Node and playwright-core (the
+#     dashboard test, playwright-core under $WAGG_CACHE) and curl (the docs
+#     test).
 set -euo pipefail
 
 want_broker=false
@@ -35,6 +37,9 @@ if $want_fuzzer; then
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   # The docs test runs the documentation's curl examples.
   command -v curl >/dev/null 2>&1 || missing+=(curl)
+  # The dashboard test drives the page with playwright-core (Node).
+  command -v node >/dev/null 2>&1 || missing+=(nodejs)
+  command -v npm >/dev/null 2>&1 || missing+=(npm)
 fi
 if $want_fuzzer && [ ! -x "$cache/schemathesis/bin/schemathesis" ]; then
   command -v python3 >/dev/null 2>&1 || missing+=(python3)
@@ -65,5 +70,10 @@ if $want_fuzzer; then
     echo "setup: installing schemathesis 4.32.5 into $cache/schemathesis" >&2
     python3 -m venv "$cache/schemathesis"
     "$cache/schemathesis/bin/pip" install --quiet schemathesis==4.32.5
+  fi
+  if [ ! -f "$cache/playwright/node_modules/playwright-core/package.json" ]; then
+    echo "setup: installing playwright-core 1.65.1 into $cache/playwright (no browser download)" >&2
+    mkdir -p "$cache/playwright"
+    (cd "$cache/playwright" && npm install --no-audit --no-fund --silent playwright-core@1.65.1)
   fi
 fi

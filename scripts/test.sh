@@ -8,4 +8,5 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh --tests
 export WAGG_TANSU="${WAGG_TANSU:-${WAGG_CACHE:-$HOME/.cache/wagg}/tansu/bin/tansu}"
 export WAGG_SCHEMATHESIS="${WAGG_SCHEMATHESIS:-${WAGG_CACHE:-$HOME/.cache/wagg}/schemathesis/bin/schemathesis}"
+export WAGG_PLAYWRIGHT="${WAGG_PLAYWRIGHT:-${WAGG_CACHE:-$HOME/.cache/wagg}/playwright/node_modules}"
 cargo test --release "$@"
