@@ -161,8 +161,16 @@ impl Status {
 
 impl PartitionProgress {
     fn update_lag(&mut self) {
+        // librdkafka reports high watermarks once a second: one older than
+        // what was already applied is stale, and the applied offset is a
+        // truer lower bound (the dashboard showed high < next otherwise).
+        if let (Some(high), Some(next)) = (self.high_watermark, self.next_offset)
+            && high < next
+        {
+            self.high_watermark = Some(next);
+        }
         self.lag = match (self.high_watermark, self.next_offset) {
-            (Some(high), Some(next)) => Some((high - next).max(0)),
+            (Some(high), Some(next)) => Some(high - next),
             _ => None,
         };
     }
@@ -173,4 +181,26 @@ pub fn now_millis() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_high_watermark_never_shows_below_the_applied_offset() {
+        let status = Status::default();
+        status.set_high_watermark("t", 0, 100);
+        status.set_next_offset("t", 0, 40);
+        assert_eq!(status.partitions()[0].lag, Some(60));
+        // Applied past the last reported watermark (reported once a second).
+        status.set_next_offset("t", 0, 130);
+        let progress = &status.partitions()[0];
+        assert_eq!(
+            (progress.high_watermark, progress.lag),
+            (Some(130), Some(0))
+        );
+        status.set_high_watermark("t", 0, 150);
+        assert_eq!(status.partitions()[0].lag, Some(20));
+    }
 }
