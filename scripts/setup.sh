@@ -37,6 +37,8 @@ if $want_fuzzer; then
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   # The docs test runs the documentation's curl examples.
   command -v curl >/dev/null 2>&1 || missing+=(curl)
+  # The terminal-output test runs wagg under a pseudo-terminal.
+  command -v script >/dev/null 2>&1 || missing+=(bsdutils)
   # The dashboard test drives the page with playwright-core (Node).
   command -v node >/dev/null 2>&1 || missing+=(nodejs)
   command -v npm >/dev/null 2>&1 || missing+=(npm)

@@ -39,11 +39,7 @@ fn headless(args: &[&str], url: &str) -> std::process::Output {
 fn a_lookup_link_opens_with_the_state_shown() {
     let demo = common::demo::Demo::start();
     let (base, key) = (&demo.base, &demo.first_key);
-    let before = demo
-        .get(&format!("/v1/aggregations/purchases_per_user/keys/{key}"))
-        .expect("the API answers")["state"]["count"]
-        .as_u64()
-        .expect("a count");
+    let before = demo.count("purchases_per_user", key);
 
     let page = format!("{base}/?aggregation=purchases_per_user&key={key}");
     let dom = headless(&["--virtual-time-budget=5000", "--dump-dom"], &page);
@@ -71,11 +67,7 @@ fn a_lookup_link_opens_with_the_state_shown() {
 fn a_person_can_look_a_key_up_and_see_its_state() {
     let demo = common::demo::Demo::start();
     let (base, key) = (&demo.base, &demo.first_key);
-    let before = demo
-        .get(&format!("/v1/aggregations/spend_per_user/keys/{key}"))
-        .expect("the API answers")["state"]["count"]
-        .as_u64()
-        .expect("a count");
+    let before = demo.count("spend_per_user", key);
 
     let artifacts = common::target_dir().join("test-artifacts");
     std::fs::create_dir_all(&artifacts).expect("artifact dir");

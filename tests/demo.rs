@@ -69,3 +69,49 @@ fn demo_answers_its_printed_curl_commands_within_30_seconds() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// On a terminal, `wagg demo` (like `wagg run`) shows a live progress line;
+/// log lines, including the one the shutdown signal prints, are written
+/// above it — each starts on a cleared line, never after the progress text.
+#[test]
+fn on_a_terminal_log_lines_never_land_on_the_progress_line() {
+    common::plugins();
+    let port = common::broker::free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transcript = dir.path().join("typescript");
+    // `script` (util-linux) gives wagg a pseudo-terminal; `timeout` inside
+    // it sends the SIGINT a person's Ctrl-C would.
+    let command = format!(
+        "timeout -s INT 6 {} demo --listen 127.0.0.1:{port}",
+        env!("CARGO_BIN_EXE_wagg")
+    );
+    let status = Command::new("script")
+        .args(["-qfc", &command])
+        .arg(&transcript)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .expect("run script (bsdutils)");
+    assert!(status.code().is_some(), "{status}");
+    let text =
+        String::from_utf8_lossy(&std::fs::read(&transcript).expect("transcript")).into_owned();
+    assert!(
+        text.contains("records (") && text.contains("caught up"),
+        "no live progress line:\n{text:?}"
+    );
+    assert!(
+        text.contains("shutting down: finishing the batch in flight"),
+        "{text:?}"
+    );
+    // Log lines start with their timestamp (dimmed on a terminal).
+    let starts: Vec<usize> = text.match_indices("\x1b[2m20").map(|(i, _)| i).collect();
+    assert!(starts.len() >= 3, "log lines expected:\n{text:?}");
+    for start in starts {
+        let before = &text[..start];
+        assert!(
+            before.is_empty() || before.ends_with('\n') || before.ends_with("\r\x1b[2K"),
+            "a log line lands on the progress line: {:?}",
+            &text[start.saturating_sub(120)..(start + 80).min(text.len())]
+        );
+    }
+}

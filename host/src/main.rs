@@ -307,7 +307,10 @@ fn main() -> ExitCode {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr);
+        // Colour only for a person at a terminal, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // Steps around `wagg run`'s live progress line on a terminal.
+        .with_writer(wagg::progress::LogWriter);
     match cli.log_format {
         LogFormat::Human => logs.init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),
@@ -405,10 +408,12 @@ fn shutdown_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
     let flag = shutdown.clone();
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("second signal: exiting immediately");
+            tracing::warn!("second signal: exiting immediately");
             std::process::exit(130);
         }
-        eprintln!("shutting down: finishing the batch in flight");
+        // Through the log (not straight to stderr): in JSON logs too, and
+        // never on top of the live progress line.
+        tracing::info!("shutting down: finishing the batch in flight");
     })
     .context("installing the signal handler")?;
     Ok(shutdown)

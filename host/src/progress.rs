@@ -1,9 +1,9 @@
 //! Progress while `wagg run` works through a backlog: a live line on an
 //! interactive terminal, periodic structured log lines otherwise.
 
-use std::io::IsTerminal;
-use std::sync::Arc;
+use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::status::Status;
@@ -102,6 +102,57 @@ fn human_duration(seconds: f64) -> String {
     }
 }
 
+/// The live progress line while one is shown, so log output can step
+/// around it.
+static LIVE_LINE: Mutex<Option<indicatif::ProgressBar>> = Mutex::new(None);
+
+/// Log output to stderr that never lands on the live progress line: each
+/// event is buffered and written in one piece with the line cleared, then
+/// the line is drawn again below it. Use as `tracing_subscriber`'s writer.
+pub struct LogWriter;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = EventWriter;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        EventWriter(Vec::new())
+    }
+}
+
+/// One log event's bytes, written out when the event is complete.
+pub struct EventWriter(Vec<u8>);
+
+impl Write for EventWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for EventWriter {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let write = || {
+            let _ = std::io::stderr().lock().write_all(&self.0);
+        };
+        let live = LIVE_LINE.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match live {
+            Some(bar) => bar.suspend(write),
+            None => write(),
+        }
+    }
+}
+
+fn show_live_line(bar: Option<indicatif::ProgressBar>) {
+    *LIVE_LINE.lock().unwrap_or_else(|p| p.into_inner()) = bar;
+}
+
 /// Reports progress until `shutdown`: a spinner line on a terminal
 /// (refreshed twice a second), otherwise a log line every `interval` while
 /// there is a backlog or records are flowing, and one when caught up.
@@ -113,11 +164,13 @@ pub fn report(status: Arc<Status>, shutdown: &AtomicBool, interval: Duration) {
             indicatif::ProgressStyle::with_template("{spinner} {msg}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
         );
+        show_live_line(Some(bar.clone()));
         while !shutdown.load(Ordering::Relaxed) {
             bar.set_message(tracker.read().summary());
             bar.tick();
             std::thread::sleep(Duration::from_millis(500));
         }
+        show_live_line(None);
         bar.finish_and_clear();
         return;
     }

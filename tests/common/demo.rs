@@ -45,6 +45,14 @@ impl Demo {
         demo
     }
 
+    /// The `count` field of `key`'s state in `aggregation`, as served now.
+    pub fn count(&self, aggregation: &str, key: &str) -> u64 {
+        self.get(&format!("/v1/aggregations/{aggregation}/keys/{key}"))
+            .expect("the API answers")["state"]["count"]
+            .as_u64()
+            .expect("a count")
+    }
+
     pub fn get(&self, path: &str) -> Option<serde_json::Value> {
         reqwest::blocking::Client::new()
             .get(format!("{}{path}", self.base))
