@@ -12,6 +12,7 @@ pub mod dead_letter;
 pub mod demo;
 pub mod metrics;
 pub mod partition_map;
+pub mod partitioner;
 pub mod pipeline;
 pub mod plugin;
 pub mod progress;
