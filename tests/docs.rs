@@ -205,7 +205,15 @@ impl Walkthrough<'_> {
             String::from_utf8_lossy(&syntax.stderr)
         );
         for line in script.lines().map(str::trim) {
-            let Some(args) = line.strip_prefix("wagg ") else {
+            // `NAME=value wagg ...`: the environment prefix is not wagg's.
+            let mut command = line;
+            while let Some((word, rest)) = command.split_once(' ')
+                && word.contains('=')
+                && !word.starts_with('-')
+            {
+                command = rest.trim_start();
+            }
+            let Some(args) = command.strip_prefix("wagg ") else {
                 continue;
             };
             let args = args.split(" #").next().expect("split yields one item");
