@@ -1,7 +1,8 @@
 //! The consumer loop: source → batcher → plugin runtime → state store.
 //!
 //! The consumer thread owns the plugin instances and the state cache; it
-//! takes batches from the source thread (see `source::kafka`). Each batch is applied to every aggregation in memory; every
+//! takes batches from the source thread (see `source::kafka`). Each batch
+//! is applied to every aggregation in memory; every
 //! `batch.commit_interval_ms` (and when idle, on revocation, on shutdown)
 //! all new states, the counters and the next offset of every partition they
 //! cover are written in one RocksDB write batch — by the `writer` thread,

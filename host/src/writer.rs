@@ -21,14 +21,14 @@ use crate::status::AggregationCounters;
 use crate::store::{StateStore, StoreError};
 
 /// Everything one flush makes durable together.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug)]
 pub struct FlushJob {
     pub aggregations: Vec<FlushedAggregation>,
     /// The next offset of every partition the states cover.
     pub offsets: BatchOffsets,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug)]
 pub struct FlushedAggregation {
     pub name: String,
     /// Encoded store key → newest state (`None`: deleted), each key once.

@@ -60,9 +60,13 @@ pub struct SourceContext {
     /// Partitions revoked during the last poll: records of theirs still in
     /// the batch being filled are dropped (their next owner re-reads them).
     revoked: Mutex<Vec<(String, i32)>>,
+    /// Whether `revoked` has entries: read after every poll, so the mutex
+    /// is only taken when a revocation happened.
+    revocation_pending: AtomicBool,
     /// Set once the pipeline has stopped applying (and written what it
-    /// applied): revocations from then on need no hand-shake.
-    stopped: Arc<AtomicBool>,
+    /// applied): revocations from then on need no hand-shake, and the
+    /// source thread ends.
+    stopped: AtomicBool,
 }
 
 impl ClientContext for SourceContext {
@@ -159,6 +163,7 @@ impl ConsumerContext for SourceContext {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .extend(partitions.iter().cloned());
+                self.revocation_pending.store(true, Ordering::Release);
                 if !self.stopped.load(Ordering::Acquire) {
                     let (done, written) = mpsc::channel();
                     if self
@@ -183,6 +188,10 @@ impl ConsumerContext for SourceContext {
 
 impl SourceContext {
     fn take_revoked(&self) -> Vec<(String, i32)> {
+        if !self.revocation_pending.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        self.revocation_pending.store(false, Ordering::Release);
         std::mem::take(&mut *self.revoked.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
@@ -192,7 +201,6 @@ pub struct KafkaSource {
     consumer: Arc<BaseConsumer<SourceContext>>,
     topic_names: HashMap<String, Arc<str>>,
     events: Receiver<SourceEvent>,
-    stopped: Arc<AtomicBool>,
 }
 
 impl KafkaSource {
@@ -229,14 +237,14 @@ impl KafkaSource {
             client.set(name, value);
         }
         let (events, received) = mpsc::sync_channel(QUEUED_BATCHES);
-        let stopped = Arc::new(AtomicBool::new(false));
         let context = SourceContext {
             store,
             status,
             start_from: source.start_from,
             events,
             revoked: Mutex::new(Vec::new()),
-            stopped: stopped.clone(),
+            revocation_pending: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
         };
         // Errors from librdkafka name the property but never echo its value.
         let consumer: BaseConsumer<SourceContext> = client
@@ -254,7 +262,6 @@ impl KafkaSource {
                 .map(|t| (t.clone(), Arc::<str>::from(t.as_str())))
                 .collect(),
             events: received,
-            stopped,
         })
     }
 
@@ -264,7 +271,6 @@ impl KafkaSource {
             consumer,
             topic_names,
             events,
-            stopped,
         } = self;
         let poller = Poller {
             consumer: consumer.clone(),
@@ -272,14 +278,12 @@ impl KafkaSource {
             max_records: batch.max_records.max(1),
             max_delay: batch.max_delay(),
         };
-        let stop = stopped.clone();
         let thread = std::thread::Builder::new()
             .name("wagg-source".into())
-            .spawn(move || poller.run(&stop))?;
+            .spawn(move || poller.run())?;
         Ok(SourceFeed {
             consumer,
             events,
-            stopped,
             thread: Some(thread),
         })
     }
@@ -294,10 +298,10 @@ struct Poller {
 }
 
 impl Poller {
-    fn run(self, stop: &AtomicBool) {
+    fn run(self) {
         let context = self.consumer.context();
-        while !stop.load(Ordering::Acquire) {
-            let batch = self.fill_batch(stop);
+        while !context.stopped.load(Ordering::Acquire) {
+            let batch = self.fill_batch(&context.stopped);
             if !batch.is_empty() && context.events.send(SourceEvent::Records(batch)).is_err() {
                 break;
             }
@@ -400,7 +404,6 @@ impl Poller {
 pub struct SourceFeed {
     consumer: Arc<BaseConsumer<SourceContext>>,
     events: Receiver<SourceEvent>,
-    stopped: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -418,7 +421,10 @@ impl SourceFeed {
     }
 
     fn stop(&mut self) {
-        self.stopped.store(true, Ordering::Release);
+        self.consumer
+            .context()
+            .stopped
+            .store(true, Ordering::Release);
         // Drain, so the thread is never stuck handing over a batch or
         // waiting for a revocation to be acknowledged.
         while let Some(thread) = &self.thread {
@@ -447,10 +453,6 @@ impl SourceFeed {
         if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!(error = %e, "offset commit to the broker failed (monitoring only)");
         }
-    }
-
-    pub fn status(&self) -> &Arc<Status> {
-        &self.consumer.context().status
     }
 }
 
