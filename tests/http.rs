@@ -90,6 +90,7 @@ fn fixture() -> Fixture {
             loaded,
         )],
         max_page: 100,
+        routing: None,
     });
     Fixture { _dir: dir, state }
 }

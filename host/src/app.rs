@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::api::routing::Routing;
 use crate::api::{ApiState, HttpPolicy, QueryableAggregation};
+use crate::cluster::Cluster;
+use crate::cluster::membership::Membership;
 use crate::config::Config;
 use crate::dead_letter::DeadLetterSink;
 use crate::pipeline::{Aggregation, BatchApplier, Pipeline};
@@ -136,7 +139,32 @@ pub fn run(
             "rejected records go to the dead-letter topic"
         );
     }
-    let source = KafkaSource::new(&config, store.clone(), status.clone())?
+    let cluster = Cluster::from_config(&config, status.clone(), shutdown.clone())?;
+    let mut members_thread = None;
+    let routing = match &cluster {
+        None => None,
+        Some(cluster) => {
+            let partition_counts = crate::cluster::topics::ensure_topics(cluster, &config)?;
+            let membership = Arc::new(Membership::new(cluster, partition_counts, status.clone()));
+            members_thread = Some(crate::cluster::membership::start(
+                cluster.clone(),
+                membership.clone(),
+                config.session_timeout(),
+                shutdown.clone(),
+            )?);
+            tracing::info!(
+                instance = membership.me(),
+                changelogs = %cluster.topics.changelog("<aggregation>"),
+                "cluster mode: partitions are restored from and written to changelog topics"
+            );
+            Some(Routing::new(
+                membership,
+                cluster.config.forward,
+                Duration::from_millis(config.http.request_timeout_ms),
+            ))
+        }
+    };
+    let source = KafkaSource::new(&config, store.clone(), status.clone(), cluster.clone())?
         .start(&config.batch)
         .context("starting the source thread")?;
     let applier = BatchApplier::new(
@@ -145,6 +173,7 @@ pub fn run(
         aggregations,
         dead_letters,
         &config.batch,
+        cluster,
     )
     .context("starting the state writer thread")?;
     let pipeline = Pipeline::new(source, applier, status.clone());
@@ -167,6 +196,7 @@ pub fn run(
             status: status.clone(),
             aggregations: queryable,
             max_page: config.http.max_page,
+            routing,
         }),
         &http_policy,
     );
@@ -211,6 +241,9 @@ pub fn run(
         }
     }
     shutdown.store(true, Ordering::Relaxed);
+    if let Some(members) = members_thread {
+        let _ = members.join();
+    }
     http.block_on(server)
         .context("HTTP server task")?
         .context("HTTP server")?;

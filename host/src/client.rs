@@ -92,14 +92,17 @@ fn lag_table(aggregations: &[AggregationSummary]) -> String {
         }
     }
     let show = |value: Option<i64>| value.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    // A cluster member also says who owns each partition.
+    let clustered = partitions.values().any(|p| p.owner.is_some());
     let mut out = String::new();
-    let _ = writeln!(
+    let _ = write!(
         out,
         "{:<24} {:>9} {:>12} {:>14} {:>10} {:>8}",
         "TOPIC", "PARTITION", "NEXT OFFSET", "HIGH WATERMARK", "LAG", "ASSIGNED"
     );
+    let _ = writeln!(out, "{}", if clustered { "  OWNER" } else { "" });
     for progress in partitions.values() {
-        let _ = writeln!(
+        let _ = write!(
             out,
             "{:<24} {:>9} {:>12} {:>14} {:>10} {:>8}",
             progress.topic,
@@ -109,6 +112,10 @@ fn lag_table(aggregations: &[AggregationSummary]) -> String {
             show(progress.lag),
             if progress.assigned { "yes" } else { "no" }
         );
+        if clustered {
+            let _ = write!(out, "  {}", progress.owner.as_deref().unwrap_or("-"));
+        }
+        let _ = writeln!(out);
     }
     let total: i64 = partitions.values().filter_map(|p| p.lag).sum();
     let _ = writeln!(out, "total lag: {total}");

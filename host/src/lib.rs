@@ -7,6 +7,7 @@ pub mod app;
 pub mod batcher;
 pub mod bench;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod dead_letter;
 pub mod demo;

@@ -47,6 +47,9 @@ pub struct Metrics {
     pub write_states: Histogram,
     pub http_requests: Family<HttpLabel, Counter>,
     pub http_seconds: HistogramFamily<HttpLabel>,
+    pub changelog_records: Counter,
+    pub restored_records: Counter,
+    pub forwarded_requests: Counter,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -67,6 +70,9 @@ impl Default for Metrics {
             write_states: Histogram::new(exponential_buckets(1.0, 4.0, 11)),
             http_requests: Family::default(),
             http_seconds: Family::new_with_constructor(seconds_histogram),
+            changelog_records: Counter::default(),
+            restored_records: Counter::default(),
+            forwarded_requests: Counter::default(),
         }
     }
 }
@@ -133,6 +139,21 @@ impl Metrics {
             "http_request_seconds",
             "HTTP request latency by route and status",
             self.http_seconds.clone(),
+        );
+        registry.register(
+            "changelog_records",
+            "State records produced to changelog topics (cluster mode)",
+            self.changelog_records.clone(),
+        );
+        registry.register(
+            "restored_records",
+            "Changelog records applied while restoring partitions taken over (cluster mode)",
+            self.restored_records.clone(),
+        );
+        registry.register(
+            "forwarded_requests",
+            "Lookups and listings forwarded to (or asked of) other instances (cluster mode)",
+            self.forwarded_requests.clone(),
         );
         registry.register_collector(Box::new(snapshot));
         let mut text = String::new();

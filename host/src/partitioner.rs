@@ -43,6 +43,12 @@ pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
     (murmur2(key) as u32 & 0x7fff_ffff) % partitions.max(1)
 }
 
+/// The partition of `key` under librdkafka's default `consistent_random`
+/// partitioner: CRC-32 (IEEE) of the key modulo the partition count.
+pub fn crc32_partition_for_key(key: &[u8], partitions: u32) -> u32 {
+    crc32fast::hash(key) % partitions.max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,10 +80,20 @@ mod tests {
     /// `partition_for_key` says, for keys of every length modulo 4.
     #[test]
     fn matches_librdkafkas_murmur2_partitioner() {
+        check_librdkafka_partitioner("murmur2_random", partition_for_key);
+    }
+
+    /// librdkafka's default partitioner (CRC-32 of the key).
+    #[test]
+    fn matches_librdkafkas_default_partitioner() {
+        check_librdkafka_partitioner("consistent_random", crc32_partition_for_key);
+    }
+
+    fn check_librdkafka_partitioner(name: &str, partition_for_key: fn(&[u8], u32) -> u32) {
         const PARTITIONS: i32 = 7;
         let producer: BaseProducer = ClientConfig::new()
             .set("test.mock.num.brokers", "1")
-            .set("partitioner", "murmur2_random")
+            .set("partitioner", name)
             .create()
             .expect("mock cluster producer");
         producer
@@ -106,7 +122,7 @@ mod tests {
         producer.flush(Duration::from_secs(10)).expect("flush");
         let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap(&producer))
-            .set("group.id", "partitioner-test")
+            .set("group.id", format!("partitioner-test-{name}"))
             .set("auto.offset.reset", "earliest")
             .create()
             .expect("consumer");

@@ -21,6 +21,7 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use crate::batcher::group_by_key;
+use crate::cluster::Cluster;
 use crate::config::{AggregationConfig, BatchConfig, OnError};
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterSink};
 use crate::metrics::{AggregationLabel, CacheLabel, Metrics};
@@ -264,9 +265,10 @@ impl Pipeline {
                     // What was applied from these partitions is written
                     // before their next owner reads the stored offsets.
                     self.flush()?;
-                    for (topic, partition) in partitions {
-                        self.next_offsets.remove(&topic, partition);
+                    for (topic, partition) in &partitions {
+                        self.next_offsets.remove(topic, *partition);
                     }
+                    self.applier.forget_partitions(&partitions);
                     drop(done);
                 }
                 // Idle (caught up, or no partitions): write what waits.
@@ -350,13 +352,14 @@ impl BatchApplier {
         mut aggregations: Vec<Aggregation>,
         dead_letters: Option<DeadLetterSink>,
         batch: &BatchConfig,
+        cluster: Option<Arc<Cluster>>,
     ) -> std::io::Result<Self> {
         for aggregation in &mut aggregations {
             status.set_counters(&aggregation.config.name, aggregation.applied);
             aggregation.instruments = Instruments::new(status.metrics(), &aggregation.config.name);
         }
         Ok(Self {
-            writer: StateWriter::spawn(store.clone(), status.metrics().clone())?,
+            writer: StateWriter::spawn(store.clone(), status.metrics().clone(), cluster)?,
             in_flight: None,
             store,
             status,
@@ -368,6 +371,23 @@ impl BatchApplier {
             commit_interval: batch.commit_interval(),
             max_dirty: batch.max_unwritten_states.max(1),
         })
+    }
+
+    /// Drops cached states of partitions this instance no longer owns.
+    pub fn forget_partitions(&mut self, partitions: &[(String, i32)]) {
+        for (topic, partition) in partitions {
+            let Some(topic_id) = self.store.known_topic_id(topic) else {
+                continue;
+            };
+            let prefix = Slot {
+                topic_id,
+                partition: *partition as u32,
+            }
+            .store_key(&[]);
+            for aggregation in &mut self.aggregations {
+                aggregation.states.forget_clean(&prefix);
+            }
+        }
     }
 
     /// Whether a flush is due: the oldest unwritten effect is older than

@@ -156,6 +156,15 @@ impl StateCache {
         self.evict_if_over();
     }
 
+    /// Drops the clean entries whose keys start with `prefix` (a partition
+    /// that moved away: its next owner may change those states, so a copy
+    /// here would be stale if the partition came back). Dirty and in-flight
+    /// entries stay: they are not written yet.
+    pub fn forget_clean(&mut self, prefix: &[u8]) {
+        self.entries
+            .retain(|key, entry| entry.flags & (DIRTY | IN_FLIGHT) != 0 || !key.starts_with(prefix));
+    }
+
     /// Keeps the clean entries within a quarter over capacity (a sweep
     /// visits the whole map, so it runs rarely and evicts down to
     /// capacity).

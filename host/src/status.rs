@@ -36,7 +36,12 @@ pub struct PartitionProgress {
     pub high_watermark: Option<i64>,
     /// `high_watermark - next_offset`, when both are known.
     pub lag: Option<i64>,
+    /// Whether this instance owns the partition.
     pub assigned: bool,
+    /// Cluster mode: the address of the instance that owns it (`null`
+    /// while it has no live owner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// Why the instance is not ready, if it is not.

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
+use crate::cluster::{Cluster, ClusterError};
 use crate::metrics::Metrics;
 use crate::pipeline::BatchOffsets;
 use crate::state_cache::State;
@@ -41,6 +42,8 @@ pub struct FlushedAggregation {
 pub enum WriteError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("changelog: {0}")]
+    Changelog(#[from] ClusterError),
     #[error("the state writer thread stopped unexpectedly")]
     WriterGone,
 }
@@ -48,12 +51,18 @@ pub enum WriteError {
 /// The writer thread and its two channels.
 pub struct StateWriter {
     jobs: Option<mpsc::SyncSender<FlushJob>>,
-    results: mpsc::Receiver<Result<(), StoreError>>,
+    results: mpsc::Receiver<Result<(), WriteError>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl StateWriter {
-    pub fn spawn(store: Arc<StateStore>, metrics: Metrics) -> std::io::Result<Self> {
+    /// With a `cluster`, each job's changelog is published (and
+    /// acknowledged) before the job is written locally.
+    pub fn spawn(
+        store: Arc<StateStore>,
+        metrics: Metrics,
+        cluster: Option<Arc<Cluster>>,
+    ) -> std::io::Result<Self> {
         let (jobs, incoming) = mpsc::sync_channel::<FlushJob>(1);
         let (outcomes, results) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -62,7 +71,7 @@ impl StateWriter {
                 for job in incoming {
                     let started = std::time::Instant::now();
                     let states: usize = job.aggregations.iter().map(|a| a.states.len()).sum();
-                    let result = write(&store, job);
+                    let result = write(&store, cluster.as_deref(), job);
                     metrics
                         .write_seconds
                         .observe(started.elapsed().as_secs_f64());
@@ -92,7 +101,7 @@ impl StateWriter {
     /// The result of the job in flight, if it has completed.
     pub fn try_result(&self) -> Option<Result<(), WriteError>> {
         match self.results.try_recv() {
-            Ok(result) => Some(result.map_err(WriteError::from)),
+            Ok(result) => Some(result),
             Err(mpsc::TryRecvError::Empty) => None,
             Err(mpsc::TryRecvError::Disconnected) => Some(Err(WriteError::WriterGone)),
         }
@@ -101,7 +110,7 @@ impl StateWriter {
     /// Waits for the result of the job in flight.
     pub fn wait(&self) -> Result<(), WriteError> {
         match self.results.recv() {
-            Ok(result) => result.map_err(WriteError::from),
+            Ok(result) => result,
             Err(mpsc::RecvError) => Err(WriteError::WriterGone),
         }
     }
@@ -117,8 +126,19 @@ impl Drop for StateWriter {
     }
 }
 
-fn write(store: &StateStore, job: FlushJob) -> Result<(), StoreError> {
+fn write(store: &StateStore, cluster: Option<&Cluster>, job: FlushJob) -> Result<(), WriteError> {
+    // The changelog first: a crash after it and before the local write
+    // leaves the local state one flush behind the changelog, which the next
+    // owner (this instance included) notices and restores; the other order
+    // would leave local state the changelog cannot reproduce.
+    let commits = match cluster {
+        Some(cluster) => cluster.publish_flush(store, &job)?,
+        None => Vec::new(),
+    };
     let mut batch = store.batch();
+    for ((topic_id, partition), commit) in &commits {
+        batch.set_commit(*topic_id, *partition, commit.epoch, commit.seq);
+    }
     for mut aggregation in job.aggregations {
         // In key order: the memtable's skip list reuses its last insert
         // position for ascending keys instead of searching from the top
@@ -136,5 +156,5 @@ fn write(store: &StateStore, job: FlushJob) -> Result<(), StoreError> {
         // Known since the batch was applied: a lookup in the store's map.
         batch.set_offset(store.topic_id(topic)?, *partition, *next);
     }
-    store.write(batch)
+    Ok(store.write(batch)?)
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{MatchedPath, Path, Query, RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -22,12 +22,15 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub mod openapi;
+pub mod routing;
 
-use crate::config::AggregationConfig;
+use crate::cluster::membership::Owner;
+use crate::config::{AggregationConfig, Forwarding};
+use routing::Routing;
 use crate::metrics::{HttpLabel, Snapshot};
 use crate::plugin::{LoadedPlugin, PluginInstance};
 use crate::status::Status;
-use crate::store::StateStore;
+use crate::store::{Slot, StateStore};
 
 mod guard;
 
@@ -37,6 +40,33 @@ pub struct ApiState {
     pub status: Arc<Status>,
     pub aggregations: Vec<QueryableAggregation>,
     pub max_page: usize,
+    /// Cluster mode: where keys live and how to reach them.
+    pub routing: Option<routing::Routing>,
+}
+
+impl ApiState {
+    /// The slots this instance serves: all of them on a single instance,
+    /// the owned partitions' in a cluster (a partition that moved away may
+    /// still have a stale copy here).
+    fn served_slots(&self, aggregation: &str) -> Result<Vec<Slot>, ApiError> {
+        let slots = self.store.slots(aggregation)?;
+        if self.routing.is_none() {
+            return Ok(slots);
+        }
+        let owned: Vec<Slot> = self
+            .status
+            .partitions()
+            .into_iter()
+            .filter(|p| p.assigned)
+            .filter_map(|p| {
+                Some(Slot {
+                    topic_id: self.store.known_topic_id(&p.topic)?,
+                    partition: p.partition as u32,
+                })
+            })
+            .collect();
+        Ok(slots.into_iter().filter(|s| owned.contains(s)).collect())
+    }
 }
 
 /// An aggregation as the API sees it: its config, plugin, and a pool of
@@ -114,6 +144,16 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, code, message)
     }
 
+    fn unavailable(topic: String, partition: i32) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "partition_unavailable",
+            format!(
+                "partition {partition} of {topic:?} has no live owner right now (rebalancing, or its owner stopped); retry shortly"
+            ),
+        )
+    }
+
     fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
@@ -122,7 +162,14 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({ "error": { "code": self.code, "message": self.message } });
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }
 
@@ -346,7 +393,33 @@ async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
     (status = 500, description = "State store error", body = openapi::ErrorBody),
 ))]
 async fn list_aggregations(State(state): State<Arc<ApiState>>) -> Result<Json<Value>, ApiError> {
-    let partitions = state.status.partitions();
+    let mut partitions = state.status.partitions();
+    if let Some(routing) = &state.routing {
+        // Every source partition, with its owner (progress only for those
+        // this instance owns or owned).
+        let local: std::collections::BTreeMap<(String, i32), crate::status::PartitionProgress> =
+            partitions
+                .into_iter()
+                .map(|p| ((p.topic.clone(), p.partition), p))
+                .collect();
+        partitions = routing
+            .membership
+            .ownership()
+            .into_iter()
+            .map(|(topic, partition, owner)| {
+                let mut progress = local
+                    .get(&(topic.clone(), partition))
+                    .cloned()
+                    .unwrap_or_else(|| crate::status::PartitionProgress {
+                        topic,
+                        partition,
+                        ..Default::default()
+                    });
+                progress.owner = owner;
+                progress
+            })
+            .collect();
+    }
     let mut out = Vec::new();
     for aggregation in &state.aggregations {
         let config = &aggregation.config;
@@ -374,7 +447,11 @@ async fn list_aggregations(State(state): State<Arc<ApiState>>) -> Result<Json<Va
             "partitions": lag,
         }));
     }
-    Ok(Json(json!({ "aggregations": out })))
+    let instance = state
+        .routing
+        .as_ref()
+        .map(|routing| routing.membership.me().to_owned());
+    Ok(Json(json!({ "aggregations": out, "instance": instance })))
 }
 
 #[derive(Debug, Deserialize)]
@@ -474,35 +551,109 @@ fn check_query_utf8(raw: Option<&str>) -> Result<(), ApiError> {
     ),
     responses(
         (status = 200, description = "The key's state", body = openapi::KeyState),
+        (status = 307, description = "Cluster with `forward = \"redirect\"`: the instance that owns the key (`Location`)"),
         (status = 400, description = "Bad key or query", body = openapi::ErrorBody),
         (status = 404, description = "No such aggregation or key", body = openapi::ErrorBody),
+        (status = 502, description = "Cluster: the owning instance could not be reached", body = openapi::ErrorBody),
+        (status = 503, description = "Cluster: the key's partition has no live owner right now", body = openapi::ErrorBody),
     ))]
+#[allow(clippy::too_many_arguments)]
 async fn get_key(
     State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    uri: Uri,
     path: Result<Path<(String, String)>, PathRejection>,
     RawQuery(raw_query): RawQuery,
     query: Result<Query<KeyQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let Path((name, key_text)) = path?;
     check_query_utf8(raw_query.as_deref())?;
     let Query(query) = query?;
     let encoding = KeyEncoding::parse(query.encoding.as_deref())?;
     let key = encoding.decode("key", &key_text)?;
+    let not_found = || {
+        ApiError::not_found(
+            "unknown_key",
+            format!("aggregation {name:?} has no key {key_text:?}"),
+        )
+    };
+    let Some(routing) = &state.routing else {
+        let found = lookup(state.clone(), name.clone(), None, key, encoding).await?;
+        return found.map(IntoResponse::into_response).ok_or_else(not_found);
+    };
+    let aggregation = find_aggregation(&state, &name)?;
+    let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+    let forwarded = Routing::is_forwarded(&headers);
+    let topics: Vec<String> = match &aggregation.config.topic {
+        Some(topic) => vec![topic.clone()],
+        None => routing.membership.topics().map(str::to_owned).collect(),
+    };
+    // A multi-topic aggregation's key may live in each topic's partition:
+    // a redirect could bounce between their owners, so those are proxied.
+    let redirect = routing.forward == Forwarding::Redirect && topics.len() == 1;
+    let mut unavailable = None;
+    for topic in &topics {
+        let Some(partition) = routing.membership.partition_of(topic, &key) else {
+            continue;
+        };
+        match routing.membership.owner(topic, partition) {
+            Owner::Local => {
+                let Some(topic_id) = state.store.known_topic_id(topic) else {
+                    continue;
+                };
+                let slot = Slot {
+                    topic_id,
+                    partition: partition as u32,
+                };
+                let found =
+                    lookup(state.clone(), name.clone(), Some(slot), key.clone(), encoding).await?;
+                if let Some(found) = found {
+                    return Ok(found.into_response());
+                }
+            }
+            Owner::Remote(owner) if !forwarded => {
+                if redirect {
+                    return Ok(Routing::redirect(&owner, path_and_query));
+                }
+                let (status, response) = routing.proxy(&owner, path_and_query, &headers).await?;
+                if status != StatusCode::NOT_FOUND {
+                    return Ok(response);
+                }
+            }
+            Owner::Remote(_) | Owner::Unknown => unavailable = Some((topic.clone(), partition)),
+        }
+    }
+    match unavailable {
+        Some((topic, partition)) => Err(ApiError::unavailable(topic, partition)),
+        None => Err(not_found()),
+    }
+}
+
+/// A key's rendered state from this instance's store: in `slot`, or in
+/// whichever slot has it.
+async fn lookup(
+    state: Arc<ApiState>,
+    name: String,
+    slot: Option<Slot>,
+    key: Vec<u8>,
+    encoding: KeyEncoding,
+) -> Result<Option<Json<Value>>, ApiError> {
     tokio::task::spawn_blocking(move || {
         let aggregation = find_aggregation(&state, &name)?;
-        let stored = state.store.find(&name, &key)?.ok_or_else(|| {
-            ApiError::not_found(
-                "unknown_key",
-                format!("aggregation {name:?} has no key {key_text:?}"),
-            )
-        })?;
+        let stored = match slot {
+            Some(slot) => state.store.get(&name, slot, &key)?,
+            None => state.store.find(&name, &key)?,
+        };
+        let Some(stored) = stored else {
+            return Ok(None);
+        };
         let rendered = aggregation
             .render_all(&[stored])?
             .pop()
             .unwrap_or(Value::Null);
-        Ok(Json(
+        Ok(Some(Json(
             json!({ "key": encoding.encode(&key), "state": rendered }),
-        ))
+        )))
     })
     .await
     .map_err(|e| ApiError::internal(format!("query task failed: {e}")))?
@@ -532,9 +683,13 @@ const DEFAULT_PAGE: usize = 100;
         (status = 200, description = "A page of keys", body = openapi::KeyPage),
         (status = 400, description = "Bad query", body = openapi::ErrorBody),
         (status = 404, description = "No such aggregation", body = openapi::ErrorBody),
+        (status = 502, description = "Cluster: another instance could not be reached", body = openapi::ErrorBody),
+        (status = 503, description = "Cluster: a partition has no live owner right now", body = openapi::ErrorBody),
     ))]
 async fn list_keys(
     State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    uri: Uri,
     path: Result<Path<String>, PathRejection>,
     RawQuery(raw_query): RawQuery,
     query: Result<Query<ListQuery>, QueryRejection>,
@@ -554,21 +709,74 @@ async fn list_keys(
         Some(limit) => limit.min(state.max_page),
         None => DEFAULT_PAGE.min(state.max_page),
     };
-    tokio::task::spawn_blocking(move || {
-        let aggregation = find_aggregation(&state, &name)?;
-        let entries = state.store.list(&name, &prefix, after.as_deref(), limit)?;
-        let states: Vec<Vec<u8>> = entries.iter().map(|(_, s)| s.clone()).collect();
-        let rendered = aggregation.render_all(&states)?;
-        let next = (entries.len() == limit)
-            .then(|| entries.last().map(|(k, _)| encoding.encode(k)))
-            .flatten();
-        let items: Vec<Value> = entries
-            .iter()
-            .zip(rendered)
-            .map(|((key, _), state)| json!({ "key": encoding.encode(key), "state": state }))
+    let aggregation = find_aggregation(&state, &name)?;
+    let mut items = {
+        let state = state.clone();
+        let name = name.clone();
+        tokio::task::spawn_blocking(move || {
+            let aggregation = find_aggregation(&state, &name)?;
+            let slots = state.served_slots(&name)?;
+            let entries =
+                state
+                    .store
+                    .list_in_slots(&name, &slots, &prefix, after.as_deref(), limit)?;
+            let states: Vec<Vec<u8>> = entries.iter().map(|(_, s)| s.clone()).collect();
+            let rendered = aggregation.render_all(&states)?;
+            Ok::<_, ApiError>(
+                entries
+                    .into_iter()
+                    .zip(rendered)
+                    .map(|((key, _), state)| (key, state))
+                    .collect::<Vec<(Vec<u8>, Value)>>(),
+            )
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("query task failed: {e}")))??
+    };
+    if let Some(routing) = &state.routing
+        && !Routing::is_forwarded(&headers)
+    {
+        // Every partition must have a live owner, or the page would
+        // silently miss its keys.
+        let topics: Vec<String> = routing
+            .membership
+            .topics()
+            .filter(|t| aggregation.config.applies_to(t))
+            .map(str::to_owned)
             .collect();
-        Ok(Json(json!({ "items": items, "next": next })))
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("query task failed: {e}")))?
+        if let Some((topic, partition, _)) = routing
+            .membership
+            .ownership()
+            .into_iter()
+            .find(|(t, _, owner)| owner.is_none() && topics.contains(t))
+        {
+            return Err(ApiError::unavailable(topic, partition));
+        }
+        let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+        for instance in routing.membership.others() {
+            let page = routing.get_json(&instance, path_and_query, &headers).await?;
+            for item in page["items"].as_array().into_iter().flatten() {
+                let key = item["key"].as_str().and_then(|k| match encoding {
+                    KeyEncoding::Utf8 => Some(k.as_bytes().to_vec()),
+                    KeyEncoding::Base64 => decode_base64(k),
+                });
+                if let Some(key) = key {
+                    items.push((key, item["state"].clone()));
+                }
+            }
+        }
+        // Each instance's page holds its first `limit` keys, so the first
+        // `limit` of their union are the cluster's.
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        items.dedup_by(|a, b| a.0 == b.0);
+        items.truncate(limit);
+    }
+    let next = (items.len() == limit)
+        .then(|| items.last().map(|(k, _)| encoding.encode(k)))
+        .flatten();
+    let items: Vec<Value> = items
+        .into_iter()
+        .map(|(key, state)| json!({ "key": encoding.encode(&key), "state": state }))
+        .collect();
+    Ok(Json(json!({ "items": items, "next": next })))
 }

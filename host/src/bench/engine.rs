@@ -115,7 +115,7 @@ fn run_one(
     let plugins = crate::app::load_plugins(&config, &runtime)?;
     let (store, aggregations, _) = crate::app::open_aggregations(&config, plugins)?;
     let status = Arc::new(Status::default());
-    let mut applier = BatchApplier::new(store, status, aggregations, None, &config.batch)
+    let mut applier = BatchApplier::new(store, status, aggregations, None, &config.batch, None)
         .context("starting the state writer thread")?;
 
     // Reset the peak-RSS counter so each run reports its own peak.

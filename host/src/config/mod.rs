@@ -39,6 +39,9 @@ pub struct Config {
     pub dead_letter: Option<DeadLetterConfig>,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Several instances sharing the source topics (changelogs, query
+    /// routing); absent: a single instance.
+    pub cluster: Option<ClusterConfig>,
     #[serde(rename = "aggregation", default)]
     pub aggregations: Vec<AggregationConfig>,
     /// Directory of the config file; plugin paths are relative to it.
@@ -316,6 +319,95 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// Scale-out: the instances of one `source.group_id` share the partitions,
+/// keep each partition's state in changelog topics, and route queries to
+/// the instance that owns a key (docs/scale-out.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The base URL other instances and clients reach this instance's HTTP
+    /// API at, e.g. `http://10.0.0.5:8080`; also its identity in the group.
+    pub advertised_http: String,
+    /// Prefix of the topics wagg keeps for the group:
+    /// `<prefix>changelog-<aggregation>`, `<prefix>commits` and
+    /// `<prefix>members`. Default: `<source.group_id>-`.
+    pub topic_prefix: Option<String>,
+    /// Replication factor of those topics when wagg creates them; -1 uses
+    /// the broker's default.
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: i32,
+    /// How long a changelog record stays uncompacted (the topics'
+    /// `min.compaction.lag.ms`); see docs/scale-out.md for why it matters.
+    #[serde(default = "default_min_compaction_lag_ms")]
+    pub min_compaction_lag_ms: u64,
+    /// A lookup of a key another instance owns is proxied to it (`proxy`)
+    /// or answered with a 307 redirect to it (`redirect`).
+    #[serde(default)]
+    pub forward: Forwarding,
+    /// Warm copies of partitions this instance does not own.
+    #[serde(default)]
+    pub standby_replicas: u32,
+    /// How often this instance announces itself and its partitions.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// An instance not heard from for this long is taken for dead by the
+    /// query routing.
+    #[serde(default = "default_member_timeout_ms")]
+    pub member_timeout_ms: u64,
+    /// How the producers of the source topics choose partitions for keyed
+    /// records, so a key can be routed to its partition's owner.
+    #[serde(default)]
+    pub key_partitioner: KeyPartitioner,
+}
+
+fn default_replication_factor() -> i32 {
+    -1
+}
+fn default_min_compaction_lag_ms() -> u64 {
+    3_600_000
+}
+fn default_heartbeat_ms() -> u64 {
+    1000
+}
+fn default_member_timeout_ms() -> u64 {
+    10_000
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    #[default]
+    Proxy,
+    Redirect,
+}
+
+/// The key → partition function of the source topics' producers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyPartitioner {
+    /// The Java client's default (and librdkafka's `murmur2_random`).
+    #[default]
+    Murmur2,
+    /// librdkafka's default `consistent_random` (CRC-32).
+    Crc32,
+}
+
+impl ClusterConfig {
+    pub fn topic_prefix(&self, group_id: &str) -> String {
+        self.topic_prefix
+            .clone()
+            .unwrap_or_else(|| format!("{group_id}-"))
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+
+    pub fn member_timeout(&self) -> Duration {
+        Duration::from_millis(self.member_timeout_ms)
+    }
+}
+
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterConfig {
@@ -488,6 +580,9 @@ impl Config {
         if self.aggregations.is_empty() {
             return Err("no `[[aggregation]]` configured".into());
         }
+        if let Some(cluster) = &self.cluster {
+            self.validate_cluster(cluster)?;
+        }
         let mut names = BTreeSet::new();
         for (i, aggregation) in self.aggregations.iter().enumerate() {
             let at = format!("`aggregation[{i}]`");
@@ -526,6 +621,47 @@ impl Config {
                     "{at}.key {key:?} (aggregation {name:?}) must be a JSON pointer such as \"/user_id\""
                 ));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_cluster(&self, cluster: &ClusterConfig) -> Result<(), String> {
+        let url = reqwest::Url::parse(&cluster.advertised_http).map_err(|e| {
+            format!(
+                "`cluster.advertised_http` {:?} is not a URL ({e}); write it as http://host:port",
+                cluster.advertised_http
+            )
+        })?;
+        if !matches!(url.scheme(), "http" | "https")
+            || url.host_str().is_none()
+            || url.path() != "/"
+            || url.query().is_some()
+        {
+            return Err(format!(
+                "`cluster.advertised_http` {:?} must be a base URL such as http://10.0.0.5:8080 (no path)",
+                cluster.advertised_http
+            ));
+        }
+        if cluster.standby_replicas > 0 {
+            return Err(
+                "`cluster.standby_replicas` > 0 is not supported yet (failover restores from the changelog; see docs/scale-out.md)"
+                    .into(),
+            );
+        }
+        if cluster.replication_factor == 0 || cluster.replication_factor < -1 {
+            return Err("`cluster.replication_factor` must be -1 (broker default) or at least 1".into());
+        }
+        if cluster.heartbeat_ms == 0 || cluster.member_timeout_ms <= cluster.heartbeat_ms {
+            return Err(
+                "`cluster.heartbeat_ms` must be positive and below `cluster.member_timeout_ms`"
+                    .into(),
+            );
+        }
+        if let Some(aggregation) = self.aggregations.iter().find(|a| a.key.is_some()) {
+            return Err(format!(
+                "aggregation {:?} re-keys records (`key`), which a cluster cannot split by partition yet: one key's records come from every partition. Key the records by that field when producing them, or run it on a single instance",
+                aggregation.name
+            ));
         }
         Ok(())
     }
@@ -582,17 +718,32 @@ impl Config {
     /// `[source.kafka]` (the same cluster, the same credentials), then
     /// `[dead_letter.kafka]`.
     pub fn dead_letter_properties(&self) -> Vec<(&str, String)> {
-        let inherited = self.kafka_properties().filter(|(name, _)| {
-            ["security.", "sasl.", "ssl.", "client.id"]
-                .iter()
-                .any(|prefix| name.starts_with(prefix))
-        });
+        let inherited = self.connection_properties();
         let own = self.dead_letter.iter().flat_map(|d| {
             d.kafka
                 .iter()
                 .filter_map(|(k, v)| kafka_value(v).map(|v| (k.as_str(), v)))
         });
         inherited.chain(own).collect()
+    }
+
+    /// The `[source.kafka]` properties every client of the source brokers
+    /// needs (security, SASL, TLS, client id), for wagg's other clients.
+    pub fn connection_properties(&self) -> impl Iterator<Item = (&str, String)> {
+        self.kafka_properties().filter(|(name, _)| {
+            ["security.", "sasl.", "ssl.", "client.id"]
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+        })
+    }
+
+    /// The consumer group's session timeout (librdkafka's default unless
+    /// `[source.kafka]` sets one).
+    pub fn session_timeout(&self) -> Duration {
+        self.kafka_properties()
+            .find(|(name, _)| *name == "session.timeout.ms")
+            .and_then(|(_, value)| value.parse().ok())
+            .map_or(Duration::from_secs(45), Duration::from_millis)
     }
 
     /// `[source.kafka]` as librdkafka properties.

@@ -27,6 +27,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::cluster::Cluster;
 use crate::config::{BatchConfig, Config, StartFrom};
 use crate::record::SourceRecord;
 use crate::status::Status;
@@ -67,6 +68,9 @@ pub struct SourceContext {
     /// applied): revocations from then on need no hand-shake, and the
     /// source thread ends.
     stopped: AtomicBool,
+    /// Cluster mode: partitions are taken over (restored, claimed) before
+    /// they are assigned, and released after they are revoked.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl ClientContext for SourceContext {
@@ -120,6 +124,17 @@ impl ConsumerContext for SourceContext {
             .collect();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if let Some(cluster) = &self.cluster
+                    && let Err(e) = cluster.take_over(&self.store, &partitions)
+                {
+                    // Applying records on top of a state that is not the
+                    // partition's newest would break exactly-once: stop.
+                    tracing::error!(error = %e, ?partitions, "cannot take the partitions over");
+                    self.status
+                        .set_fatal(format!("taking over partitions {partitions:?}: {e}"));
+                    cluster.request_shutdown();
+                    return;
+                }
                 let stored = match self.store.offsets() {
                     Ok(offsets) => offsets,
                     Err(e) => {
@@ -168,7 +183,10 @@ impl ConsumerContext for SourceContext {
                     let (done, written) = mpsc::channel();
                     if self
                         .events
-                        .send(SourceEvent::Revoked { partitions, done })
+                        .send(SourceEvent::Revoked {
+                            partitions: partitions.clone(),
+                            done,
+                        })
                         .is_ok()
                     {
                         // Returns when the pipeline has written (or failed
@@ -176,6 +194,9 @@ impl ConsumerContext for SourceContext {
                         // exactly-once is concerned).
                         let _ = written.recv();
                     }
+                }
+                if let Some(cluster) = &self.cluster {
+                    cluster.release(&partitions);
                 }
                 if let Err(e) = consumer.unassign() {
                     tracing::error!(error = %e, "unassigning partitions failed");
@@ -208,6 +229,7 @@ impl KafkaSource {
         config: &Config,
         store: Arc<StateStore>,
         status: Arc<Status>,
+        cluster: Option<Arc<Cluster>>,
     ) -> anyhow::Result<Self> {
         let source = &config.source;
         let mut client = ClientConfig::new();
@@ -245,6 +267,7 @@ impl KafkaSource {
             revoked: Mutex::new(Vec::new()),
             revocation_pending: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
+            cluster,
         };
         // Errors from librdkafka name the property but never echo its value.
         let consumer: BaseConsumer<SourceContext> = client
@@ -301,10 +324,28 @@ impl Poller {
     fn run(self) {
         let context = self.consumer.context();
         while !context.stopped.load(Ordering::Acquire) {
+            if let Some(cluster) = &context.cluster
+                && cluster.rejoin.swap(false, Ordering::AcqRel)
+            {
+                self.rejoin();
+            }
             let batch = self.fill_batch(&context.stopped);
             if !batch.is_empty() && context.events.send(SourceEvent::Records(batch)).is_err() {
                 break;
             }
+        }
+    }
+
+    /// Leaves the group and joins it again (see `cluster::membership`).
+    fn rejoin(&self) {
+        let topics: Vec<&str> = self.topic_names.keys().map(String::as_str).collect();
+        self.consumer.unsubscribe();
+        if let Err(e) = self.consumer.subscribe(&topics) {
+            tracing::error!(error = %e, "re-subscribing failed");
+            self.consumer
+                .context()
+                .status
+                .set_fatal(format!("re-joining the consumer group: {e}"));
         }
     }
 

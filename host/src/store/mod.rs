@@ -34,6 +34,7 @@ const AGG_META_PREFIX: &[u8] = b"aggregation\0";
 const APPLIED_PREFIX: &[u8] = b"applied\0";
 const FAILED_PREFIX: &[u8] = b"failed\0";
 const DEAD_LETTERED_PREFIX: &[u8] = b"dead-lettered\0";
+const COMMIT_PREFIX: &[u8] = b"commit\0";
 
 /// Per-aggregation record counters, stored with the state they describe.
 #[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -106,7 +107,8 @@ impl Slot {
         out
     }
 
-    fn decode(bytes: &[u8]) -> Option<(Slot, &[u8])> {
+    /// The slot and key of an encoded store key.
+    pub fn decode(bytes: &[u8]) -> Option<(Slot, &[u8])> {
         let (head, key) = bytes.split_at_checked(Self::LEN)?;
         let topic_id = u16::from_be_bytes([head[0], head[1]]);
         let partition = u32::from_be_bytes([head[2], head[3], head[4], head[5]]);
@@ -311,6 +313,91 @@ impl StateStore {
         Ok(id)
     }
 
+    /// The id of `topic` if it has one (never assigns one).
+    pub fn known_topic_id(&self, topic: &str) -> Option<u16> {
+        let ids = self.topic_ids.lock().unwrap_or_else(|p| p.into_inner());
+        ids.get(topic).copied()
+    }
+
+    /// The next offset stored for a partition.
+    pub fn offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        let Some(topic_id) = self.known_topic_id(topic) else {
+            return Ok(None);
+        };
+        let value = self
+            .db
+            .get_cf(self.meta(), partition_key(OFFSET_PREFIX, topic_id, partition))
+            .map_err(|e| self.rocks(e))?;
+        value
+            .map(|v| {
+                <[u8; 8]>::try_from(v.as_slice())
+                    .map(i64::from_be_bytes)
+                    .map_err(|_| self.corrupt("offset value is malformed".into()))
+            })
+            .transpose()
+    }
+
+    /// The changelog commit `(epoch, seq)` the partition's local state is
+    /// at (cluster mode; see `cluster::log`).
+    pub fn local_commit(&self, topic: &str, partition: i32) -> Result<Option<(u64, u64)>, StoreError> {
+        let Some(topic_id) = self.known_topic_id(topic) else {
+            return Ok(None);
+        };
+        let value = self
+            .db
+            .get_cf(self.meta(), partition_key(COMMIT_PREFIX, topic_id, partition))
+            .map_err(|e| self.rocks(e))?;
+        value
+            .map(|v| {
+                let bytes = <[u8; 16]>::try_from(v.as_slice())
+                    .map_err(|_| self.corrupt("commit value is malformed".into()))?;
+                let (epoch, seq) = bytes.split_at(8);
+                let number = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap_or_default());
+                Ok((number(epoch), number(seq)))
+            })
+            .transpose()
+    }
+
+    /// Deletes a partition's states in the given aggregations, its offset
+    /// and its commit, in one write: the partition then starts from
+    /// nothing (before a restore).
+    pub fn clear_slot(&self, aggregations: &[&str], slot: Slot) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        let start = slot.store_key(&[]);
+        let end = next_prefix(&start).unwrap_or_else(|| vec![0xff; Slot::LEN + 1]);
+        for aggregation in aggregations {
+            batch.delete_range_cf(self.aggregation_cf(aggregation)?, &start, &end);
+        }
+        let partition = slot.partition as i32;
+        batch.delete_cf(self.meta(), partition_key(OFFSET_PREFIX, slot.topic_id, partition));
+        batch.delete_cf(self.meta(), partition_key(COMMIT_PREFIX, slot.topic_id, partition));
+        self.db
+            .write_opt(batch, &self.write_options)
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// Calls `each` with every key and state of a slot, in key order, until
+    /// it returns false.
+    pub fn scan_slot(
+        &self,
+        aggregation: &str,
+        slot: Slot,
+        each: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let cf = self.aggregation_cf(aggregation)?;
+        let prefix = slot.store_key(&[]);
+        for item in self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&prefix, Direction::Forward))
+        {
+            let (key, value) = item.map_err(|e| self.rocks(e))?;
+            if !key.starts_with(&prefix) || !each(&key[Slot::LEN..], &value) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// The topic name of an id, for reporting.
     pub fn topic_name(&self, id: u16) -> Option<String> {
         let ids = self.topic_ids.lock().unwrap_or_else(|p| p.into_inner());
@@ -493,9 +580,22 @@ impl StateStore {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<KeyStates, StoreError> {
+        let slots = self.slots(aggregation)?;
+        self.list_in_slots(aggregation, &slots, prefix, after, limit)
+    }
+
+    /// [`StateStore::list`] over the given slots only.
+    pub fn list_in_slots(
+        &self,
+        aggregation: &str,
+        slots: &[Slot],
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<KeyStates, StoreError> {
         let cf = self.aggregation_cf(aggregation)?;
         let mut found: KeyStates = Vec::new();
-        for slot in self.slots(aggregation)? {
+        for &slot in slots {
             let slot_prefix = slot.store_key(prefix);
             let start = match after {
                 Some(after) if after >= prefix => {
@@ -655,11 +755,22 @@ impl StateBatch<'_> {
     /// Records that everything before `next_offset` of the partition is
     /// applied.
     pub fn set_offset(&mut self, topic_id: u16, partition: i32, next_offset: i64) {
-        let mut key = OFFSET_PREFIX.to_vec();
-        key.extend_from_slice(&topic_id.to_be_bytes());
-        key.extend_from_slice(&partition.to_be_bytes());
-        self.batch
-            .put_cf(self.store.meta(), key, next_offset.to_be_bytes());
+        self.batch.put_cf(
+            self.store.meta(),
+            partition_key(OFFSET_PREFIX, topic_id, partition),
+            next_offset.to_be_bytes(),
+        );
+    }
+
+    /// Records the changelog commit the partition's state is at.
+    pub fn set_commit(&mut self, topic_id: u16, partition: i32, epoch: u64, seq: u64) {
+        let mut value = epoch.to_be_bytes().to_vec();
+        value.extend_from_slice(&seq.to_be_bytes());
+        self.batch.put_cf(
+            self.store.meta(),
+            partition_key(COMMIT_PREFIX, topic_id, partition),
+            value,
+        );
     }
 
     /// Sets the aggregation's counters to these totals.
@@ -691,6 +802,13 @@ fn read_lock<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 
 fn write_lock<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn partition_key(prefix: &[u8], topic_id: u16, partition: i32) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(&topic_id.to_be_bytes());
+    key.extend_from_slice(&partition.to_be_bytes());
+    key
 }
 
 fn meta_key(prefix: &[u8], name: &[u8]) -> Vec<u8> {

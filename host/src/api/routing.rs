@@ -1,0 +1,136 @@
+//! Cluster mode: which instance answers a request. A lookup goes to the
+//! owner of the key's partition (proxied, or redirected by option); a
+//! listing asks every live instance for its page and merges them. Requests
+//! an instance forwards carry [`FORWARDED_HEADER`], and are answered from
+//! that instance's own partitions only, so forwarding never loops.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, LOCATION};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+
+use super::ApiError;
+use crate::cluster::membership::Membership;
+use crate::config::Forwarding;
+
+/// Marks a request one instance sends another.
+pub const FORWARDED_HEADER: &str = "x-wagg-forwarded";
+/// Names the instance that answered a forwarded lookup.
+pub const SERVED_BY_HEADER: &str = "x-wagg-served-by";
+
+pub struct Routing {
+    pub membership: Arc<Membership>,
+    pub forward: Forwarding,
+    client: reqwest::Client,
+}
+
+impl Routing {
+    pub fn new(membership: Arc<Membership>, forward: Forwarding, timeout: Duration) -> Self {
+        Self {
+            membership,
+            forward,
+            client: reqwest::Client::builder()
+                .timeout(timeout)
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Whether another instance sent this request.
+    pub fn is_forwarded(headers: &HeaderMap) -> bool {
+        headers.contains_key(FORWARDED_HEADER)
+    }
+
+    /// A 307 to the same path on `owner`.
+    pub fn redirect(owner: &str, path_and_query: &str) -> Response {
+        let location = format!("{owner}{path_and_query}");
+        match HeaderValue::from_str(&location) {
+            Ok(location) => {
+                (StatusCode::TEMPORARY_REDIRECT, [(LOCATION, location)]).into_response()
+            }
+            Err(_) => ApiError::internal("owner address is not a valid header").into_response(),
+        }
+    }
+
+    /// GETs the same path on `owner` and returns its answer as it is.
+    pub async fn proxy(
+        &self,
+        owner: &str,
+        path_and_query: &str,
+        headers: &HeaderMap,
+    ) -> Result<(StatusCode, Response), ApiError> {
+        let (status, content_type, body) = self.get(owner, path_and_query, headers).await?;
+        let mut response = (status, body).into_response();
+        if let Some(content_type) = content_type {
+            response.headers_mut().insert(CONTENT_TYPE, content_type);
+        }
+        if let Ok(served_by) = HeaderValue::from_str(owner) {
+            response.headers_mut().insert(SERVED_BY_HEADER, served_by);
+        }
+        Ok((status, response))
+    }
+
+    /// GETs a JSON answer from `instance`; anything but a 200 is an error.
+    pub async fn get_json(
+        &self,
+        instance: &str,
+        path_and_query: &str,
+        headers: &HeaderMap,
+    ) -> Result<Value, ApiError> {
+        let (status, _, body) = self.get(instance, path_and_query, headers).await?;
+        if status != StatusCode::OK {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "instance_failed",
+                format!(
+                    "instance {instance} answered {status}: {}",
+                    String::from_utf8_lossy(&body)
+                ),
+            ));
+        }
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "instance_failed",
+                format!("instance {instance} answered invalid JSON: {e}"),
+            )
+        })
+    }
+
+    async fn get(
+        &self,
+        instance: &str,
+        path_and_query: &str,
+        headers: &HeaderMap,
+    ) -> Result<(StatusCode, Option<HeaderValue>, axum::body::Bytes), ApiError> {
+        self.membership
+            .status()
+            .metrics()
+            .forwarded_requests
+            .inc();
+        let mut request = self
+            .client
+            .get(format!("{instance}{path_and_query}"))
+            .header(FORWARDED_HEADER, "1");
+        if let Some(authorization) = headers.get(AUTHORIZATION) {
+            request = request.header(AUTHORIZATION, authorization);
+        }
+        let unreachable = |e: reqwest::Error| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "instance_unreachable",
+                format!("cannot reach instance {instance}: {e}"),
+            )
+        };
+        let response = request.send().await.map_err(unreachable)?;
+        let status = StatusCode::from_u16(response.status().as_u16())
+            .unwrap_or(StatusCode::BAD_GATEWAY);
+        let content_type = response.headers().get(CONTENT_TYPE).cloned();
+        let body = response.bytes().await.map_err(unreachable)?;
+        Ok((status, content_type, body))
+    }
+}

@@ -1,0 +1,149 @@
+//! The records wagg keeps in Kafka for a cluster: changelog records (one
+//! per state write), commit records (one per flush and source partition)
+//! and their keys.
+//!
+//! A flush of source partition `(topic, p)` produces, for every aggregation,
+//! the new states of the keys it changed to partition `p` of that
+//! aggregation's changelog topic, each tagged with the writer's *epoch* and
+//! the flush's *sequence number*; once all are acknowledged, one commit
+//! record to partition `p` of the commits topic. A commit names the source
+//! offset the states correspond to and the *lineage* of the state: for each
+//! epoch whose records it includes, the last sequence number included. A
+//! restore applies exactly the changelog records its chosen commit's
+//! lineage accepts, so records of an unfinished flush (a crash between the
+//! state records and the commit) or of a deposed owner are never applied.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Header of a changelog record: the owner's epoch for the partition.
+pub const EPOCH_HEADER: &str = "wagg.epoch";
+/// Header of a changelog record: the flush's sequence number in its epoch.
+pub const SEQ_HEADER: &str = "wagg.seq";
+/// Header of a changelog record: the source offset its flush reached.
+pub const OFFSET_HEADER: &str = "wagg.source.offset";
+
+/// The key of a changelog record: source topic, source partition and the
+/// aggregation key, so a compacted changelog keeps one state per key and
+/// partition.
+pub fn changelog_key(topic: &str, partition: i32, key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + topic.len() + 4 + key.len());
+    // Topic names are at most 249 bytes (Kafka's limit).
+    out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    out.extend_from_slice(topic.as_bytes());
+    out.extend_from_slice(&partition.to_be_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
+/// `(topic, partition, key)` of a changelog key; `None` if malformed.
+pub fn decode_changelog_key(bytes: &[u8]) -> Option<(&str, i32, &[u8])> {
+    let (len, rest) = bytes.split_at_checked(2)?;
+    let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+    let (topic, rest) = rest.split_at_checked(len)?;
+    let (partition, key) = rest.split_at_checked(4)?;
+    let topic = std::str::from_utf8(topic).ok()?;
+    let partition = i32::from_be_bytes([partition[0], partition[1], partition[2], partition[3]]);
+    Some((topic, partition, key))
+}
+
+/// The key of a source partition's commit records.
+pub fn commit_key(topic: &str, partition: i32) -> Vec<u8> {
+    changelog_key(topic, partition, &[])
+}
+
+/// What a source partition's state is: the commit record's value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commit {
+    /// The owner's epoch (one more than any epoch before it on this
+    /// partition).
+    pub epoch: u64,
+    /// The flush's sequence number in the epoch; 0 for the claim an owner
+    /// writes when it takes the partition over.
+    pub seq: u64,
+    /// The next source offset to apply (`None`: nothing applied yet).
+    pub next_offset: Option<i64>,
+    /// Epoch → last sequence number of that epoch in the state.
+    pub lineage: BTreeMap<u64, u64>,
+}
+
+impl Commit {
+    /// Whether the record of flush `seq` of `epoch` is part of this state.
+    pub fn accepts(&self, epoch: u64, seq: u64) -> bool {
+        self.lineage.get(&epoch).is_some_and(|&last| seq <= last)
+    }
+
+    /// The claim of a new owner (epoch `epoch`) of the state `self`.
+    pub fn claim(&self, epoch: u64) -> Commit {
+        let mut lineage = self.lineage.clone();
+        lineage.insert(epoch, 0);
+        Commit {
+            epoch,
+            seq: 0,
+            next_offset: self.next_offset,
+            lineage,
+        }
+    }
+
+    /// The commit of the next flush in this epoch, reaching `next_offset`.
+    pub fn next_flush(&self, next_offset: i64) -> Commit {
+        let seq = self.seq + 1;
+        let mut lineage = self.lineage.clone();
+        lineage.insert(self.epoch, seq);
+        Commit {
+            epoch: self.epoch,
+            seq,
+            next_offset: Some(next_offset),
+            lineage,
+        }
+    }
+
+    /// The state before any record: no lineage, no offset.
+    pub fn empty() -> Commit {
+        Commit {
+            epoch: 0,
+            seq: 0,
+            next_offset: None,
+            lineage: BTreeMap::new(),
+        }
+    }
+}
+
+/// A decimal header value.
+pub fn parse_number_header(value: Option<&[u8]>) -> Option<u64> {
+    std::str::from_utf8(value?).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn changelog_keys_round_trip(topic in "[a-z._-]{1,40}", partition in 0i32..10_000, key in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let encoded = changelog_key(&topic, partition, &key);
+            prop_assert_eq!(decode_changelog_key(&encoded), Some((topic.as_str(), partition, key.as_slice())));
+        }
+
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode_changelog_key(&bytes);
+        }
+    }
+
+    #[test]
+    fn a_lineage_accepts_its_flushes_and_nothing_after_them() {
+        let first = Commit::empty().claim(1).next_flush(10).next_flush(20);
+        assert!(first.accepts(1, 2) && first.accepts(1, 1) && !first.accepts(1, 3));
+        // A new owner continues from the first owner's second flush; the
+        // first owner's third flush (unfinished, or written after it was
+        // deposed) is not part of the new owner's state.
+        let second = first.claim(2).next_flush(35);
+        assert!(second.accepts(1, 2) && !second.accepts(1, 3));
+        assert!(second.accepts(2, 1) && !second.accepts(2, 2));
+        assert_eq!(second.next_offset, Some(35));
+        assert!(!Commit::empty().accepts(0, 0));
+    }
+}

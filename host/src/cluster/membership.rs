@@ -1,0 +1,282 @@
+//! Who owns which partition: every instance announces its HTTP address and
+//! the partitions it owns on the members topic (on every change and every
+//! `cluster.heartbeat_ms`) and reads everyone's announcements, so any
+//! instance can route a key to its owner. librdkafka offers no way to put
+//! an address in the consumer group's member metadata, hence the topic.
+//!
+//! It also keeps the group live: when partitions stay without a live
+//! owner for longer than the group's session timeout (a broker that never
+//! rebalances after a member died — tansu 0.6 is one), the lowest-addressed
+//! live instance re-joins the group, which makes the coordinator hand them
+//! out again.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use super::Cluster;
+use crate::config::KeyPartitioner;
+use crate::status::{Status, now_millis};
+
+/// One instance's announcement (the members topic's value; the key is the
+/// instance's address).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Announcement {
+    http: String,
+    partitions: Vec<(String, i32)>,
+    at_ms: i64,
+}
+
+/// Where a partition's state is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    Local,
+    Remote(String),
+    /// No live instance owns it (rebalancing, or its owner died).
+    Unknown,
+}
+
+/// The routing table.
+pub struct Membership {
+    me: String,
+    announcements: RwLock<HashMap<String, Announcement>>,
+    member_timeout: Duration,
+    partition_counts: BTreeMap<String, i32>,
+    key_partitioner: KeyPartitioner,
+    status: Arc<Status>,
+}
+
+impl Membership {
+    pub fn new(cluster: &Cluster, partition_counts: BTreeMap<String, i32>, status: Arc<Status>) -> Self {
+        Self {
+            me: cluster.config.advertised_http.trim_end_matches('/').to_owned(),
+            announcements: RwLock::new(HashMap::new()),
+            member_timeout: cluster.config.member_timeout(),
+            partition_counts,
+            key_partitioner: cluster.config.key_partitioner,
+            status,
+        }
+    }
+
+    pub fn status(&self) -> &Arc<Status> {
+        &self.status
+    }
+
+    /// The source topics and their partition counts.
+    pub fn topics(&self) -> impl Iterator<Item = &str> {
+        self.partition_counts.keys().map(String::as_str)
+    }
+
+    /// This instance's address.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// The source partition of a key, as the producers chose it.
+    pub fn partition_of(&self, topic: &str, key: &[u8]) -> Option<i32> {
+        let count = *self.partition_counts.get(topic)?;
+        let partition = match self.key_partitioner {
+            KeyPartitioner::Murmur2 => crate::partitioner::partition_for_key(key, count as u32),
+            KeyPartitioner::Crc32 => crate::partitioner::crc32_partition_for_key(key, count as u32),
+        };
+        Some(partition as i32)
+    }
+
+    fn owned_locally(&self) -> BTreeSet<(String, i32)> {
+        self.status
+            .partitions()
+            .into_iter()
+            .filter(|p| p.assigned)
+            .map(|p| (p.topic, p.partition))
+            .collect()
+    }
+
+    fn live(&self) -> Vec<Announcement> {
+        let now = now_millis();
+        let timeout = self.member_timeout.as_millis() as i64;
+        self.announcements
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|a| a.http != self.me && now - a.at_ms <= timeout)
+            .cloned()
+            .collect()
+    }
+
+    pub fn owner(&self, topic: &str, partition: i32) -> Owner {
+        if self.owned_locally().contains(&(topic.to_owned(), partition)) {
+            return Owner::Local;
+        }
+        self.live()
+            .into_iter()
+            .filter(|a| a.partitions.iter().any(|(t, p)| t == topic && *p == partition))
+            .max_by_key(|a| a.at_ms)
+            .map_or(Owner::Unknown, |a| Owner::Remote(a.http))
+    }
+
+    /// The other live instances' addresses.
+    pub fn others(&self) -> Vec<String> {
+        let mut others: Vec<String> = self.live().into_iter().map(|a| a.http).collect();
+        others.sort();
+        others
+    }
+
+    /// Every source partition with its owner's address (`None`: no live
+    /// owner).
+    pub fn ownership(&self) -> Vec<(String, i32, Option<String>)> {
+        let mut out = Vec::new();
+        for (topic, count) in &self.partition_counts {
+            for partition in 0..*count {
+                let owner = match self.owner(topic, partition) {
+                    Owner::Local => Some(self.me.clone()),
+                    Owner::Remote(http) => Some(http),
+                    Owner::Unknown => None,
+                };
+                out.push((topic.clone(), partition, owner));
+            }
+        }
+        out
+    }
+
+    fn record(&self, announcement: Announcement) {
+        let mut table = self
+            .announcements
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let newer = table
+            .get(&announcement.http)
+            .is_none_or(|known| known.at_ms <= announcement.at_ms);
+        if newer {
+            table.insert(announcement.http.clone(), announcement);
+        }
+    }
+
+    /// The lowest address among the live instances, this one included.
+    fn is_lowest_live(&self) -> bool {
+        self.others().iter().all(|other| self.me < *other)
+    }
+}
+
+/// Starts announcing and following on the `wagg-members` thread; it stops
+/// (announcing that this instance owns nothing) once `shutdown` is set.
+pub fn start(
+    cluster: Arc<Cluster>,
+    membership: Arc<Membership>,
+    session_timeout: Duration,
+    shutdown: Arc<AtomicBool>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let topic = cluster.topics.members();
+    let producer: BaseProducer = cluster
+        .client_config()
+        .set("linger.ms", "0")
+        .set("message.timeout.ms", "10000")
+        .create()
+        .context("creating the members producer")?;
+    let follower: BaseConsumer = cluster
+        .client_config()
+        .set("group.id", format!("{topic}-follower"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .context("creating the members reader")?;
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(&topic, 0, Offset::Beginning)
+        .context("reading the members topic")?;
+    follower
+        .assign(&assignment)
+        .context("reading the members topic")?;
+    // An owner missing for longer than the group needs to notice a dead
+    // member, plus a heartbeat timeout for the announcements to settle.
+    let orphan_grace = session_timeout + cluster.config.member_timeout();
+    std::thread::Builder::new()
+        .name("wagg-members".into())
+        .spawn(move || {
+            let mut announcer = Announcer {
+                producer,
+                topic,
+                membership: membership.clone(),
+                last: None,
+            };
+            let mut orphaned_since: Option<Instant> = None;
+            let heartbeat = cluster.config.heartbeat();
+            while !shutdown.load(Ordering::Relaxed) {
+                announcer.announce_if_due(heartbeat);
+                if let Some(Ok(message)) = follower.poll(Duration::from_millis(100))
+                    && let Some(payload) = message.payload()
+                {
+                    match serde_json::from_slice::<Announcement>(payload) {
+                        Ok(announcement) => membership.record(announcement),
+                        Err(e) => tracing::debug!(error = %e, "ignoring a malformed announcement"),
+                    }
+                }
+                let orphans = membership
+                    .ownership()
+                    .into_iter()
+                    .filter(|(_, _, owner)| owner.is_none())
+                    .count();
+                if orphans == 0 {
+                    orphaned_since = None;
+                } else if orphaned_since.get_or_insert_with(Instant::now).elapsed() > orphan_grace {
+                    orphaned_since = None;
+                    if membership.is_lowest_live() {
+                        tracing::warn!(
+                            orphans,
+                            "partitions have had no live owner for longer than the group's session timeout; re-joining the group to have them reassigned"
+                        );
+                        cluster.rejoin.store(true, Ordering::Release);
+                    }
+                }
+            }
+            announcer.announce(Vec::new());
+            let _ = announcer.producer.flush(Duration::from_secs(2));
+        })
+        .context("starting the membership thread")
+}
+
+struct Announcer {
+    producer: BaseProducer,
+    topic: String,
+    membership: Arc<Membership>,
+    last: Option<(BTreeSet<(String, i32)>, Instant)>,
+}
+
+impl Announcer {
+    fn announce_if_due(&mut self, heartbeat: Duration) {
+        self.producer.poll(Duration::ZERO);
+        let owned = self.membership.owned_locally();
+        let due = match &self.last {
+            None => true,
+            Some((last, at)) => *last != owned || at.elapsed() >= heartbeat,
+        };
+        if due {
+            self.announce(owned.iter().cloned().collect());
+            self.last = Some((owned, Instant::now()));
+        }
+    }
+
+    fn announce(&self, partitions: Vec<(String, i32)>) {
+        let announcement = Announcement {
+            http: self.membership.me.clone(),
+            partitions,
+            at_ms: now_millis(),
+        };
+        let value = serde_json::to_vec(&announcement).unwrap_or_default();
+        let record = BaseRecord::<[u8], [u8]>::to(&self.topic)
+            .partition(0)
+            .key(self.membership.me.as_bytes())
+            .payload(&value);
+        if let Err((error, _)) = self.producer.send(record) {
+            tracing::warn!(%error, "cannot announce this instance's partitions");
+        }
+    }
+}

@@ -1,0 +1,708 @@
+//! Scale-out: instances of one consumer group share the source partitions,
+//! keep each partition's state in Kafka so it can move, and route queries
+//! to the partition's owner. See `docs/scale-out.md` for the design and
+//! its guarantees.
+//!
+//! - `log`: the changelog and commit record formats and the lineage rule
+//!   that decides which changelog records a restore applies;
+//! - `changelog` (this module's [`Cluster`]): producing a flush's changelog
+//!   and commit records (before the local write), and taking a partition
+//!   over (restore from the changelog when the local state is not the
+//!   partition's newest, then a claim that fences the previous owner);
+//! - `membership`: who owns which partition, announced on a small topic,
+//!   read by every instance for query routing;
+//! - `topics`: creating the changelog, commits and members topics.
+
+pub mod log;
+pub mod membership;
+pub mod topics;
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, DeliveryResult, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::{ClusterConfig, Config};
+use crate::status::Status;
+use crate::store::{Slot, StateStore, StoreError};
+use crate::writer::FlushJob;
+use log::Commit;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("{topic:?}: {error}")]
+    Kafka { topic: String, error: KafkaError },
+    #[error("{topic:?} partition {partition}: no progress reading it for {waited:?}")]
+    ReadStalled {
+        topic: String,
+        partition: i32,
+        waited: Duration,
+    },
+    #[error("{topic:?} partition {partition} offset {offset}: malformed commit record: {message}")]
+    MalformedCommit {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        message: String,
+    },
+    #[error(
+        "a flush covers {topic:?} partition {partition}, which this instance has not taken over"
+    )]
+    NotOwned { topic: String, partition: i32 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stopped while the changelog was unreachable; the flush is applied again after the restart")]
+    Interrupted,
+}
+
+/// The names of the topics a group's cluster keeps.
+#[derive(Debug, Clone)]
+pub struct ClusterTopics {
+    prefix: String,
+}
+
+impl ClusterTopics {
+    pub fn new(config: &Config, cluster: &ClusterConfig) -> Self {
+        Self {
+            prefix: cluster.topic_prefix(&config.source.group_id),
+        }
+    }
+
+    pub fn changelog(&self, aggregation: &str) -> String {
+        format!("{}changelog-{aggregation}", self.prefix)
+    }
+
+    pub fn commits(&self) -> String {
+        format!("{}commits", self.prefix)
+    }
+
+    pub fn members(&self) -> String {
+        format!("{}members", self.prefix)
+    }
+}
+
+/// Delivery failures of the changelog producer.
+struct ProduceContext {
+    status: Arc<Status>,
+    failures: Mutex<Vec<KafkaError>>,
+}
+
+impl ClientContext for ProduceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "changelog producer error");
+        self.status
+            .broker_error(format!("changelog producer: {error}: {reason}"));
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        crate::source::log_librdkafka(level, fac, log_message);
+    }
+}
+
+impl ProducerContext for ProduceContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((error, _)) = result {
+            self.failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(error.clone());
+        }
+    }
+}
+
+/// Errors a later attempt may get past: the broker is away or slow.
+fn is_transient(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            MessageTimedOut
+                | AllBrokersDown
+                | BrokerTransportFailure
+                | RequestTimedOut
+                | NetworkException
+                | LeaderNotAvailable
+                | NotLeaderForPartition
+                | NotEnoughReplicas
+                | NotEnoughReplicasAfterAppend
+                | QueueFull
+                | OperationTimedOut
+                | Resolve
+                | UnknownTopicOrPartition
+        )
+    )
+}
+
+/// An aggregation as the changelog sees it.
+#[derive(Debug, Clone)]
+struct ChangelogAggregation {
+    name: String,
+    topic: Option<String>,
+    changelog: String,
+}
+
+/// How long a read of a changelog partition may go without a record
+/// before the restore gives up (and the partition stays unassigned).
+const READ_STALL: Duration = Duration::from_secs(60);
+/// Restored states per RocksDB write batch.
+const RESTORE_BATCH: usize = 10_000;
+
+/// This instance's part of the cluster: the changelog producer, the
+/// partitions it owns (with the commit each is at), and the restore.
+pub struct Cluster {
+    pub config: ClusterConfig,
+    pub topics: ClusterTopics,
+    client: ClientConfig,
+    producer: BaseProducer<ProduceContext>,
+    aggregations: Vec<ChangelogAggregation>,
+    /// Owned partition → the commit its state is at (the claim, then each
+    /// flush's).
+    owned: Mutex<HashMap<(String, i32), Commit>>,
+    status: Arc<Status>,
+    /// Set by the membership watch when partitions stay without a live
+    /// owner: the source re-joins the group (see `membership`).
+    pub rejoin: AtomicBool,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl Cluster {
+    /// `None` without a `[cluster]` section.
+    pub fn from_config(
+        config: &Config,
+        status: Arc<Status>,
+        shutdown: Arc<AtomicBool>,
+    ) -> anyhow::Result<Option<Arc<Self>>> {
+        let Some(cluster) = &config.cluster else {
+            return Ok(None);
+        };
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.source.brokers)
+            .set_log_level(RDKafkaLogLevel::Warning);
+        for (name, value) in config.connection_properties() {
+            client.set(name, value);
+        }
+        let mut producer = client.clone();
+        producer
+            // Retries inside librdkafka neither duplicate nor reorder.
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "30000")
+            .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", "1000000");
+        let producer = producer
+            .create_with_context(ProduceContext {
+                status: status.clone(),
+                failures: Mutex::new(Vec::new()),
+            })
+            .map_err(|e| anyhow::anyhow!("creating the changelog producer: {e}"))?;
+        let topics = ClusterTopics::new(config, cluster);
+        let aggregations = config
+            .aggregations
+            .iter()
+            .map(|a| ChangelogAggregation {
+                name: a.name.clone(),
+                topic: a.topic.clone(),
+                changelog: topics.changelog(&a.name),
+            })
+            .collect();
+        Ok(Some(Arc::new(Self {
+            config: cluster.clone(),
+            topics,
+            client,
+            producer,
+            aggregations,
+            owned: Mutex::new(HashMap::new()),
+            status,
+            rejoin: AtomicBool::new(false),
+            shutdown,
+        })))
+    }
+
+    /// Stops the process (a partition could not be taken over safely).
+    pub fn request_shutdown(&self) {
+        self.shutdown.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A client configuration for the source brokers (security settings
+    /// included), for wagg's other clients.
+    pub fn client_config(&self) -> ClientConfig {
+        self.client.clone()
+    }
+
+    fn owned(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), Commit>> {
+        self.owned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops writing `partitions` (after their last flush).
+    pub fn release(&self, partitions: &[(String, i32)]) {
+        let mut owned = self.owned();
+        for partition in partitions {
+            owned.remove(partition);
+        }
+    }
+
+    /// Makes the local state of each partition its newest committed state
+    /// (restoring it from the changelog when it is not), then claims the
+    /// partition with a new epoch. Runs before any record of the
+    /// partitions is applied.
+    pub fn take_over(
+        &self,
+        store: &StateStore,
+        partitions: &[(String, i32)],
+    ) -> Result<(), ClusterError> {
+        let reader = self.reader()?;
+        for (topic, partition) in partitions {
+            let started = Instant::now();
+            let (newest, max_epoch) = self.newest_commit(&reader, topic, *partition)?;
+            let local = store.local_commit(topic, *partition)?;
+            let first_owner = newest.is_none();
+            let base = match newest {
+                Some(newest) if local == Some((newest.epoch, newest.seq)) => {
+                    tracing::info!(topic, partition, epoch = newest.epoch, "local state is the newest; nothing to restore");
+                    newest
+                }
+                Some(newest) => {
+                    let restored = self.restore(&reader, store, topic, *partition, &newest)?;
+                    let elapsed = started.elapsed();
+                    tracing::info!(
+                        topic,
+                        partition,
+                        records = restored,
+                        seconds = elapsed.as_secs_f64(),
+                        records_per_second = (restored as f64 / elapsed.as_secs_f64().max(1e-6)) as u64,
+                        next_offset = ?newest.next_offset,
+                        "restored the partition's state from the changelog"
+                    );
+                    self.status
+                        .metrics()
+                        .restored_records
+                        .inc_by(restored as u64);
+                    newest
+                }
+                None => Commit {
+                    next_offset: store.offset(topic, *partition)?,
+                    ..Commit::empty()
+                },
+            };
+            let claim = base.claim(max_epoch.max(base.epoch) + 1);
+            self.produce_commit(topic, *partition, &claim)?;
+            let mut commit = claim.clone();
+            if first_owner && base.next_offset.is_some() {
+                // State from before the changelog existed (a single
+                // instance turned into a cluster): publish it whole, so the
+                // next owner can restore it.
+                commit = self.publish_snapshot(store, topic, *partition, &claim)?;
+            }
+            let mut batch = store.batch();
+            batch.set_commit(
+                store.topic_id(topic)?,
+                *partition,
+                commit.epoch,
+                commit.seq,
+            );
+            store.write(batch)?;
+            self.owned().insert((topic.clone(), *partition), commit);
+        }
+        Ok(())
+    }
+
+    /// Produces a flush's changelog records and then its commits, and
+    /// returns once the broker has acknowledged all of them; the caller
+    /// writes the flush locally (with the commits) only after that.
+    /// Transient failures are retried until shutdown.
+    pub fn publish_flush(
+        &self,
+        store: &StateStore,
+        job: &FlushJob,
+    ) -> Result<Vec<((u16, i32), Commit)>, ClusterError> {
+        let mut commits: HashMap<(String, i32), Commit> = HashMap::new();
+        {
+            let owned = self.owned();
+            for ((topic, partition), next) in &job.offsets {
+                let key = (topic.to_string(), *partition);
+                let current = owned.get(&key).ok_or_else(|| ClusterError::NotOwned {
+                    topic: key.0.clone(),
+                    partition: key.1,
+                })?;
+                commits.insert(key, current.next_flush(*next));
+            }
+        }
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.try_publish(store, job, &commits) {
+                Ok(()) => break,
+                Err(ClusterError::Kafka { error, topic }) if is_transient(&error) => {
+                    tracing::warn!(%error, topic, "changelog not acknowledged; retrying the flush");
+                    self.status.broker_error(format!("changelog {topic}: {error}"));
+                    if self.shutdown.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Err(ClusterError::Interrupted);
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut owned = self.owned();
+        let mut out = Vec::with_capacity(commits.len());
+        for ((topic, partition), commit) in commits {
+            out.push(((store.topic_id(&topic)?, partition), commit.clone()));
+            owned.insert((topic, partition), commit);
+        }
+        Ok(out)
+    }
+
+    fn try_publish(
+        &self,
+        store: &StateStore,
+        job: &FlushJob,
+        commits: &HashMap<(String, i32), Commit>,
+    ) -> Result<(), ClusterError> {
+        let mut names: HashMap<u16, String> = HashMap::new();
+        let mut sent = 0u64;
+        for aggregation in &job.aggregations {
+            let changelog = self.topics.changelog(&aggregation.name);
+            for (store_key, state) in &aggregation.states {
+                let Some((slot, key)) = Slot::decode(store_key) else {
+                    continue;
+                };
+                let topic = match names.get(&slot.topic_id) {
+                    Some(name) => name,
+                    None => {
+                        let name = store.topic_name(slot.topic_id).unwrap_or_default();
+                        names.entry(slot.topic_id).or_insert(name)
+                    }
+                };
+                let partition = slot.partition as i32;
+                let Some(commit) = commits.get(&(topic.clone(), partition)) else {
+                    return Err(ClusterError::NotOwned {
+                        topic: topic.clone(),
+                        partition,
+                    });
+                };
+                self.send(
+                    &changelog,
+                    partition,
+                    &log::changelog_key(topic, partition, key),
+                    state.as_deref(),
+                    Some(commit),
+                )?;
+                sent += 1;
+            }
+        }
+        self.wait_acknowledged(&self.topics.changelog("*"))?;
+        self.status.metrics().changelog_records.inc_by(sent);
+        for ((topic, partition), commit) in commits {
+            self.send_commit(topic, *partition, commit)?;
+        }
+        self.wait_acknowledged(&self.topics.commits())
+    }
+
+    fn produce_commit(&self, topic: &str, partition: i32, commit: &Commit) -> Result<(), ClusterError> {
+        self.send_commit(topic, partition, commit)?;
+        self.wait_acknowledged(&self.topics.commits())
+    }
+
+    fn send_commit(&self, topic: &str, partition: i32, commit: &Commit) -> Result<(), ClusterError> {
+        let value = serde_json::to_vec(commit).unwrap_or_default();
+        self.send(
+            &self.topics.commits(),
+            partition,
+            &log::commit_key(topic, partition),
+            Some(&value),
+            None,
+        )
+    }
+
+    /// Publishes every local state of the partition as flush 1 of `claim`'s
+    /// epoch.
+    fn publish_snapshot(
+        &self,
+        store: &StateStore,
+        topic: &str,
+        partition: i32,
+        claim: &Commit,
+    ) -> Result<Commit, ClusterError> {
+        let Some(next_offset) = claim.next_offset else {
+            return Ok(claim.clone());
+        };
+        let commit = claim.next_flush(next_offset);
+        let slot = Slot {
+            topic_id: store.topic_id(topic)?,
+            partition: partition as u32,
+        };
+        let mut states = 0u64;
+        for aggregation in self.applying_to(topic) {
+            let mut result = Ok(());
+            store.scan_slot(&aggregation.name, slot, &mut |key, state| {
+                states += 1;
+                result = self.send(
+                    &aggregation.changelog,
+                    partition,
+                    &log::changelog_key(topic, partition, key),
+                    Some(state),
+                    Some(&commit),
+                );
+                result.is_ok()
+            })?;
+            result?;
+        }
+        self.wait_acknowledged(&self.topics.changelog("*"))?;
+        self.produce_commit(topic, partition, &commit)?;
+        tracing::info!(topic, partition, states, "published the local state to the changelog (first owner)");
+        Ok(commit)
+    }
+
+    fn applying_to<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a ChangelogAggregation> {
+        self.aggregations
+            .iter()
+            .filter(move |a| a.topic.as_deref().is_none_or(|t| t == topic))
+    }
+
+    fn send(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &[u8],
+        value: Option<&[u8]>,
+        commit: Option<&Commit>,
+    ) -> Result<(), ClusterError> {
+        let mut record = BaseRecord::to(topic).partition(partition).key(key);
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
+        let numbers;
+        if let Some(commit) = commit {
+            numbers = [
+                commit.epoch.to_string(),
+                commit.seq.to_string(),
+                commit.next_offset.unwrap_or(-1).to_string(),
+            ];
+            let mut headers = OwnedHeaders::new_with_capacity(3);
+            for (name, value) in [log::EPOCH_HEADER, log::SEQ_HEADER, log::OFFSET_HEADER]
+                .into_iter()
+                .zip(&numbers)
+            {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value),
+                });
+            }
+            record = record.headers(headers);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
+                    self.producer.poll(Duration::from_millis(20));
+                }
+                Err((error, _)) => {
+                    return Err(ClusterError::Kafka {
+                        topic: topic.to_owned(),
+                        error,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Waits until every record sent is acknowledged; the first failure (if
+    /// any) is the error.
+    fn wait_acknowledged(&self, topic: &str) -> Result<(), ClusterError> {
+        while self.producer.in_flight_count() > 0 {
+            let _ = self.producer.flush(Duration::from_millis(200));
+        }
+        let failures = std::mem::take(
+            &mut *self
+                .producer
+                .context()
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        match failures.into_iter().next() {
+            None => Ok(()),
+            Some(error) => Err(ClusterError::Kafka {
+                topic: topic.to_owned(),
+                error,
+            }),
+        }
+    }
+
+    fn reader(&self) -> Result<BaseConsumer, ClusterError> {
+        let mut config = self.client.clone();
+        config
+            .set("group.id", format!("{}restore", self.topics.prefix))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", "earliest");
+        config.create().map_err(|error| ClusterError::Kafka {
+            topic: self.topics.commits(),
+            error,
+        })
+    }
+
+    /// The partition's newest commit (highest epoch; the last of that
+    /// epoch) and the highest epoch any commit of it names.
+    fn newest_commit(
+        &self,
+        reader: &BaseConsumer,
+        topic: &str,
+        partition: i32,
+    ) -> Result<(Option<Commit>, u64), ClusterError> {
+        let key = log::commit_key(topic, partition);
+        let commits = self.topics.commits();
+        let mut newest: Option<Commit> = None;
+        let mut max_epoch = 0;
+        read_to_end(reader, &commits, partition, |message| {
+            if message.key() != Some(key.as_slice()) {
+                return Ok(());
+            }
+            let malformed = |message_text: String| ClusterError::MalformedCommit {
+                topic: commits.clone(),
+                partition,
+                offset: message.offset(),
+                message: message_text,
+            };
+            let payload = message
+                .payload()
+                .ok_or_else(|| malformed("no value".into()))?;
+            let commit: Commit =
+                serde_json::from_slice(payload).map_err(|e| malformed(e.to_string()))?;
+            max_epoch = max_epoch.max(commit.epoch);
+            if newest.as_ref().is_none_or(|n| commit.epoch >= n.epoch) {
+                newest = Some(commit);
+            }
+            Ok(())
+        })?;
+        Ok((newest, max_epoch))
+    }
+
+    /// Replaces the partition's local state with the changelog records
+    /// `commit` accepts; returns how many records were applied.
+    fn restore(
+        &self,
+        reader: &BaseConsumer,
+        store: &StateStore,
+        topic: &str,
+        partition: i32,
+        commit: &Commit,
+    ) -> Result<usize, ClusterError> {
+        let slot = Slot {
+            topic_id: store.topic_id(topic)?,
+            partition: partition as u32,
+        };
+        let names: Vec<&str> = self.applying_to(topic).map(|a| a.name.as_str()).collect();
+        store.clear_slot(&names, slot)?;
+        let mut applied = 0;
+        for aggregation in self.applying_to(topic) {
+            let mut batch = store.batch();
+            let mut pending = 0;
+            read_to_end(reader, &aggregation.changelog, partition, |message| {
+                let Some((record_topic, record_partition, key)) =
+                    message.key().and_then(log::decode_changelog_key)
+                else {
+                    return Ok(());
+                };
+                if record_topic != topic || record_partition != partition {
+                    return Ok(());
+                }
+                let header = |name: &str| {
+                    message.headers().and_then(|headers| {
+                        headers
+                            .iter()
+                            .find(|h| h.key == name)
+                            .and_then(|h| log::parse_number_header(h.value))
+                    })
+                };
+                let (Some(epoch), Some(seq)) = (header(log::EPOCH_HEADER), header(log::SEQ_HEADER))
+                else {
+                    return Ok(());
+                };
+                if !commit.accepts(epoch, seq) {
+                    return Ok(());
+                }
+                match message.payload() {
+                    Some(state) => batch.put_state(&aggregation.name, slot, key, state)?,
+                    None => batch.delete_state(&aggregation.name, slot, key)?,
+                }
+                applied += 1;
+                pending += 1;
+                if pending >= RESTORE_BATCH {
+                    store.write(std::mem::replace(&mut batch, store.batch()))?;
+                    pending = 0;
+                }
+                Ok(())
+            })?;
+            store.write(batch)?;
+        }
+        let mut batch = store.batch();
+        if let Some(next) = commit.next_offset {
+            batch.set_offset(slot.topic_id, partition, next);
+        }
+        batch.set_commit(slot.topic_id, partition, commit.epoch, commit.seq);
+        store.write(batch)?;
+        Ok(applied)
+    }
+}
+
+/// Reads a partition from its start to the high watermark it has now.
+fn read_to_end(
+    reader: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    mut each: impl FnMut(&BorrowedMessage<'_>) -> Result<(), ClusterError>,
+) -> Result<(), ClusterError> {
+    let kafka = |error| ClusterError::Kafka {
+        topic: topic.to_owned(),
+        error,
+    };
+    let (low, high) = reader
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .map_err(kafka)?;
+    if high <= low {
+        return Ok(());
+    }
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, partition, Offset::Beginning)
+        .map_err(kafka)?;
+    reader.assign(&assignment).map_err(kafka)?;
+    let mut last_progress = Instant::now();
+    loop {
+        match reader.poll(Duration::from_millis(500)) {
+            Some(Ok(message)) => {
+                last_progress = Instant::now();
+                let offset = message.offset();
+                each(&message)?;
+                if offset >= high - 1 {
+                    break;
+                }
+            }
+            Some(Err(error)) => {
+                tracing::warn!(topic, partition, %error, "reading for a restore");
+            }
+            None => {}
+        }
+        if last_progress.elapsed() > READ_STALL {
+            return Err(ClusterError::ReadStalled {
+                topic: topic.to_owned(),
+                partition,
+                waited: READ_STALL,
+            });
+        }
+    }
+    reader.unassign().map_err(kafka)?;
+    Ok(())
+}
