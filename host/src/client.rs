@@ -146,6 +146,7 @@ mod tests {
     #[test]
     fn lag_table_lists_each_partition_once_and_totals_the_lag() {
         let progress = |partition, next, high| PartitionProgress {
+            owner: None,
             topic: "orders".into(),
             partition,
             next_offset: Some(next),

@@ -147,6 +147,37 @@ impl Membership {
         out
     }
 
+    /// Partitions whose last claimant is dead (stopped announcing without
+    /// giving them up) and that no live instance owns: what a broker that
+    /// never expires the dead member leaves unassigned. Partitions between
+    /// owners in an ordinary rebalance do not count: their last owner is
+    /// alive, or said goodbye.
+    fn orphans(&self) -> usize {
+        let now = now_millis();
+        let timeout = self.member_timeout.as_millis() as i64;
+        let table = self
+            .announcements
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut orphans = 0;
+        for (topic, count) in &self.partition_counts {
+            for partition in 0..*count {
+                if self.owner(topic, partition) != Owner::Unknown {
+                    continue;
+                }
+                let last_claimant = table
+                    .values()
+                    .filter(|a| a.partitions.iter().any(|(t, p)| t == topic && *p == partition))
+                    .max_by_key(|a| a.at_ms);
+                if last_claimant.is_some_and(|a| a.http != self.me && now - a.at_ms > timeout) {
+                    orphans += 1;
+                }
+            }
+        }
+        orphans
+    }
+
     fn record(&self, announcement: Announcement) {
         let mut table = self
             .announcements
@@ -208,6 +239,8 @@ pub fn start(
                 last: None,
             };
             let mut orphaned_since: Option<Instant> = None;
+            let mut last_rejoin: Option<Instant> = None;
+            let mut last_check = Instant::now();
             let heartbeat = cluster.config.heartbeat();
             while !shutdown.load(Ordering::Relaxed) {
                 announcer.announce_if_due(heartbeat);
@@ -219,16 +252,19 @@ pub fn start(
                         Err(e) => tracing::debug!(error = %e, "ignoring a malformed announcement"),
                     }
                 }
-                let orphans = membership
-                    .ownership()
-                    .into_iter()
-                    .filter(|(_, _, owner)| owner.is_none())
-                    .count();
+                if last_check.elapsed() < Duration::from_secs(1) {
+                    continue;
+                }
+                last_check = Instant::now();
+                let orphans = membership.orphans();
                 if orphans == 0 {
                     orphaned_since = None;
-                } else if orphaned_since.get_or_insert_with(Instant::now).elapsed() > orphan_grace {
+                } else if orphaned_since.get_or_insert_with(Instant::now).elapsed() > orphan_grace
+                    && last_rejoin.is_none_or(|at| at.elapsed() > orphan_grace * 2)
+                {
                     orphaned_since = None;
                     if membership.is_lowest_live() {
+                        last_rejoin = Some(Instant::now());
                         tracing::warn!(
                             orphans,
                             "partitions have had no live owner for longer than the group's session timeout; re-joining the group to have them reassigned"

@@ -154,6 +154,12 @@ struct ChangelogAggregation {
 /// How long a read of a changelog partition may go without a record
 /// before the restore gives up (and the partition stays unassigned).
 const READ_STALL: Duration = Duration::from_secs(60);
+/// Commit records read first when looking for a partition's newest
+/// commit: a deposed owner would have to flush this many times after the
+/// new owner's claim to hide the claim's epoch.
+const COMMIT_WINDOW: i64 = 1000;
+/// Attempts at taking a partition over before giving up (broker hiccups).
+const TAKE_OVER_ATTEMPTS: u32 = 5;
 /// Restored states per RocksDB write batch.
 const RESTORE_BATCH: usize = 10_000;
 
@@ -262,9 +268,36 @@ impl Cluster {
     ) -> Result<(), ClusterError> {
         let reader = self.reader()?;
         for (topic, partition) in partitions {
+            let mut attempt = 1;
+            loop {
+                match self.take_over_one(&reader, store, topic, *partition) {
+                    Ok(()) => break,
+                    Err(ClusterError::Kafka { topic: t, error })
+                        if attempt < TAKE_OVER_ATTEMPTS
+                            && !self.shutdown.load(std::sync::atomic::Ordering::Relaxed) =>
+                    {
+                        tracing::warn!(topic = t, %error, attempt, "taking a partition over failed; retrying");
+                        std::thread::sleep(Duration::from_millis(500) * attempt);
+                        attempt += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn take_over_one(
+        &self,
+        reader: &BaseConsumer,
+        store: &StateStore,
+        topic: &str,
+        partition: i32,
+    ) -> Result<(), ClusterError> {
+        {
             let started = Instant::now();
-            let (newest, max_epoch) = self.newest_commit(&reader, topic, *partition)?;
-            let local = store.local_commit(topic, *partition)?;
+            let (newest, max_epoch) = self.newest_commit(reader, topic, partition)?;
+            let local = store.local_commit(topic, partition)?;
             let first_owner = newest.is_none();
             let base = match newest {
                 Some(newest) if local == Some((newest.epoch, newest.seq)) => {
@@ -272,7 +305,7 @@ impl Cluster {
                     newest
                 }
                 Some(newest) => {
-                    let restored = self.restore(&reader, store, topic, *partition, &newest)?;
+                    let restored = self.restore(reader, store, topic, partition, &newest)?;
                     let elapsed = started.elapsed();
                     tracing::info!(
                         topic,
@@ -290,28 +323,28 @@ impl Cluster {
                     newest
                 }
                 None => Commit {
-                    next_offset: store.offset(topic, *partition)?,
+                    next_offset: store.offset(topic, partition)?,
                     ..Commit::empty()
                 },
             };
             let claim = base.claim(max_epoch.max(base.epoch) + 1);
-            self.produce_commit(topic, *partition, &claim)?;
+            self.produce_commit(topic, partition, &claim)?;
             let mut commit = claim.clone();
             if first_owner && base.next_offset.is_some() {
                 // State from before the changelog existed (a single
                 // instance turned into a cluster): publish it whole, so the
                 // next owner can restore it.
-                commit = self.publish_snapshot(store, topic, *partition, &claim)?;
+                commit = self.publish_snapshot(store, topic, partition, &claim)?;
             }
             let mut batch = store.batch();
             batch.set_commit(
                 store.topic_id(topic)?,
-                *partition,
+                partition,
                 commit.epoch,
                 commit.seq,
             );
             store.write(batch)?;
-            self.owned().insert((topic.clone(), *partition), commit);
+            self.owned().insert((topic.to_owned(), partition), commit);
         }
         Ok(())
     }
@@ -546,7 +579,10 @@ impl Cluster {
             .set("group.id", format!("{}restore", self.topics.prefix))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
-            .set("auto.offset.reset", "earliest");
+            .set("auto.offset.reset", "earliest")
+            // A restore reads to a known end: never wait for more data (the
+            // broker would hold each fetch for `fetch.wait.max.ms`).
+            .set("fetch.wait.max.ms", "10");
         config.create().map_err(|error| ClusterError::Kafka {
             topic: self.topics.commits(),
             error,
@@ -561,11 +597,28 @@ impl Cluster {
         topic: &str,
         partition: i32,
     ) -> Result<(Option<Commit>, u64), ClusterError> {
+        // The newest commit is near the end: read a window first (the whole
+        // log costs a fetch per flush on brokers that return one record
+        // batch per fetch), and the whole log only if the window has none.
+        let found = self.scan_commits(reader, topic, partition, Some(COMMIT_WINDOW))?;
+        if found.0.is_some() {
+            return Ok(found);
+        }
+        self.scan_commits(reader, topic, partition, None)
+    }
+
+    fn scan_commits(
+        &self,
+        reader: &BaseConsumer,
+        topic: &str,
+        partition: i32,
+        window: Option<i64>,
+    ) -> Result<(Option<Commit>, u64), ClusterError> {
         let key = log::commit_key(topic, partition);
         let commits = self.topics.commits();
         let mut newest: Option<Commit> = None;
         let mut max_epoch = 0;
-        read_to_end(reader, &commits, partition, |message| {
+        read_to_end(reader, &commits, partition, window, |message| {
             if message.key() != Some(key.as_slice()) {
                 return Ok(());
             }
@@ -609,7 +662,7 @@ impl Cluster {
         for aggregation in self.applying_to(topic) {
             let mut batch = store.batch();
             let mut pending = 0;
-            read_to_end(reader, &aggregation.changelog, partition, |message| {
+            read_to_end(reader, &aggregation.changelog, partition, None, |message| {
                 let Some((record_topic, record_partition, key)) =
                     message.key().and_then(log::decode_changelog_key)
                 else {
@@ -657,11 +710,13 @@ impl Cluster {
     }
 }
 
-/// Reads a partition from its start to the high watermark it has now.
+/// Reads a partition to the high watermark it has now: from its start, or
+/// only its last `window` records.
 fn read_to_end(
     reader: &BaseConsumer,
     topic: &str,
     partition: i32,
+    window: Option<i64>,
     mut each: impl FnMut(&BorrowedMessage<'_>) -> Result<(), ClusterError>,
 ) -> Result<(), ClusterError> {
     let kafka = |error| ClusterError::Kafka {
@@ -674,9 +729,13 @@ fn read_to_end(
     if high <= low {
         return Ok(());
     }
+    let start = match window {
+        Some(window) => Offset::Offset(low.max(high - window)),
+        None => Offset::Beginning,
+    };
     let mut assignment = TopicPartitionList::new();
     assignment
-        .add_partition_offset(topic, partition, Offset::Beginning)
+        .add_partition_offset(topic, partition, start)
         .map_err(kafka)?;
     reader.assign(&assignment).map_err(kafka)?;
     let mut last_progress = Instant::now();
