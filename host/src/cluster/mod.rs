@@ -154,10 +154,12 @@ struct ChangelogAggregation {
 /// How long a read of a changelog partition may go without a record
 /// before the restore gives up (and the partition stays unassigned).
 const READ_STALL: Duration = Duration::from_secs(60);
-/// Commit records read first when looking for a partition's newest
-/// commit: a deposed owner would have to flush this many times after the
-/// new owner's claim to hide the claim's epoch.
-const COMMIT_WINDOW: i64 = 1000;
+/// Commit records read first (per source topic) when looking for a
+/// partition's newest commit: the newest is almost always the last one, and
+/// each record read costs a fetch on brokers that return a record batch per
+/// fetch. A deposed owner would have to flush this many times after the new
+/// owner's claim to hide the claim's epoch (see docs/scale-out.md).
+const COMMIT_WINDOW: i64 = 4;
 /// Attempts at taking a partition over before giving up (broker hiccups).
 const TAKE_OVER_ATTEMPTS: u32 = 5;
 /// Restored states per RocksDB write batch.
@@ -260,92 +262,105 @@ impl Cluster {
     /// Makes the local state of each partition its newest committed state
     /// (restoring it from the changelog when it is not), then claims the
     /// partition with a new epoch. Runs before any record of the
-    /// partitions is applied.
+    /// partitions is applied; retried a few times on broker errors.
     pub fn take_over(
         &self,
         store: &StateStore,
         partitions: &[(String, i32)],
     ) -> Result<(), ClusterError> {
         let reader = self.reader()?;
-        for (topic, partition) in partitions {
-            let mut attempt = 1;
-            loop {
-                match self.take_over_one(&reader, store, topic, *partition) {
-                    Ok(()) => break,
-                    Err(ClusterError::Kafka { topic: t, error })
-                        if attempt < TAKE_OVER_ATTEMPTS
-                            && !self.shutdown.load(std::sync::atomic::Ordering::Relaxed) =>
-                    {
-                        tracing::warn!(topic = t, %error, attempt, "taking a partition over failed; retrying");
-                        std::thread::sleep(Duration::from_millis(500) * attempt);
-                        attempt += 1;
-                    }
-                    Err(e) => return Err(e),
+        let mut attempt = 1;
+        loop {
+            match self.try_take_over(&reader, store, partitions) {
+                Ok(()) => return Ok(()),
+                Err(ClusterError::Kafka { topic, error })
+                    if attempt < TAKE_OVER_ATTEMPTS
+                        && !self.shutdown.load(std::sync::atomic::Ordering::Relaxed) =>
+                {
+                    tracing::warn!(topic, %error, attempt, "taking partitions over failed; retrying");
+                    std::thread::sleep(Duration::from_millis(500) * attempt);
+                    attempt += 1;
                 }
+                Err(e) => return Err(e),
             }
         }
-        Ok(())
     }
 
-    fn take_over_one(
+    /// All partitions at once: every read covers all of them, so a fetch
+    /// brings a batch of each (brokers may return one batch per partition
+    /// per fetch).
+    fn try_take_over(
         &self,
         reader: &BaseConsumer,
         store: &StateStore,
-        topic: &str,
-        partition: i32,
+        partitions: &[(String, i32)],
     ) -> Result<(), ClusterError> {
-        {
-            let started = Instant::now();
-            let (newest, max_epoch) = self.newest_commit(reader, topic, partition)?;
-            let local = store.local_commit(topic, partition)?;
-            let first_owner = newest.is_none();
-            let base = match newest {
-                Some(newest) if local == Some((newest.epoch, newest.seq)) => {
-                    tracing::info!(topic, partition, epoch = newest.epoch, "local state is the newest; nothing to restore");
-                    newest
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let newest = self.newest_commits(reader, partitions)?;
+        tracing::info!(seconds = started.elapsed().as_secs_f64(), "read the newest commits");
+        let mut to_restore = HashMap::new();
+        for (topic, partition) in partitions {
+            let (commit, _) = &newest[&(topic.clone(), *partition)];
+            let local = store.local_commit(topic, *partition)?;
+            match commit {
+                Some(commit) if local != Some((commit.epoch, commit.seq)) => {
+                    to_restore.insert((topic.clone(), *partition), commit.clone());
                 }
-                Some(newest) => {
-                    let restored = self.restore(reader, store, topic, partition, &newest)?;
-                    let elapsed = started.elapsed();
-                    tracing::info!(
-                        topic,
-                        partition,
-                        records = restored,
-                        seconds = elapsed.as_secs_f64(),
-                        records_per_second = (restored as f64 / elapsed.as_secs_f64().max(1e-6)) as u64,
-                        next_offset = ?newest.next_offset,
-                        "restored the partition's state from the changelog"
-                    );
-                    self.status
-                        .metrics()
-                        .restored_records
-                        .inc_by(restored as u64);
-                    newest
-                }
+                _ => {}
+            }
+        }
+        if !to_restore.is_empty() {
+            let restored = self.restore(reader, store, &to_restore)?;
+            let elapsed = started.elapsed();
+            tracing::info!(
+                partitions = ?to_restore.keys().collect::<Vec<_>>(),
+                records = restored,
+                seconds = elapsed.as_secs_f64(),
+                records_per_second = (restored as f64 / elapsed.as_secs_f64().max(1e-6)) as u64,
+                "restored partitions from the changelog"
+            );
+            self.status
+                .metrics()
+                .restored_records
+                .inc_by(restored as u64);
+        }
+        let mut claims = Vec::new();
+        for (topic, partition) in partitions {
+            let (commit, max_epoch) = &newest[&(topic.clone(), *partition)];
+            let base = match commit {
+                Some(commit) => commit.clone(),
                 None => Commit {
-                    next_offset: store.offset(topic, partition)?,
+                    next_offset: store.offset(topic, *partition)?,
                     ..Commit::empty()
                 },
             };
-            let claim = base.claim(max_epoch.max(base.epoch) + 1);
-            self.produce_commit(topic, partition, &claim)?;
+            let claim = base.claim((*max_epoch).max(base.epoch) + 1);
+            self.send_commit(topic, *partition, &claim)?;
+            claims.push((topic, *partition, claim, commit.is_none()));
+        }
+        self.wait_acknowledged(&self.topics.commits())?;
+        let mut batch = store.batch();
+        for (topic, partition, claim, first_owner) in claims {
             let mut commit = claim.clone();
-            if first_owner && base.next_offset.is_some() {
+            if first_owner && claim.next_offset.is_some() {
                 // State from before the changelog existed (a single
                 // instance turned into a cluster): publish it whole, so the
                 // next owner can restore it.
                 commit = self.publish_snapshot(store, topic, partition, &claim)?;
             }
-            let mut batch = store.batch();
-            batch.set_commit(
-                store.topic_id(topic)?,
-                partition,
-                commit.epoch,
-                commit.seq,
-            );
-            store.write(batch)?;
-            self.owned().insert((topic.to_owned(), partition), commit);
+            batch.set_commit(store.topic_id(topic)?, partition, commit.epoch, commit.seq);
+            self.owned().insert((topic.clone(), partition), commit);
         }
+        store.write(batch)?;
+        tracing::info!(
+            ?partitions,
+            restored = to_restore.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "took the partitions over"
+        );
         Ok(())
     }
 
@@ -589,86 +604,127 @@ impl Cluster {
         })
     }
 
-    /// The partition's newest commit (highest epoch; the last of that
-    /// epoch) and the highest epoch any commit of it names.
-    fn newest_commit(
+    /// Each partition's newest commit (highest epoch; the last of that
+    /// epoch) and the highest epoch any commit of it names. The newest
+    /// commit is near the end: a window is read first (a whole log costs a
+    /// fetch per flush), the whole log only for partitions without a commit
+    /// in it.
+    #[allow(clippy::type_complexity)]
+    fn newest_commits(
         &self,
         reader: &BaseConsumer,
-        topic: &str,
-        partition: i32,
-    ) -> Result<(Option<Commit>, u64), ClusterError> {
-        // The newest commit is near the end: read a window first (the whole
-        // log costs a fetch per flush on brokers that return one record
-        // batch per fetch), and the whole log only if the window has none.
-        let found = self.scan_commits(reader, topic, partition, Some(COMMIT_WINDOW))?;
-        if found.0.is_some() {
-            return Ok(found);
+        partitions: &[(String, i32)],
+    ) -> Result<HashMap<(String, i32), (Option<Commit>, u64)>, ClusterError> {
+        let topics = partitions
+            .iter()
+            .map(|(t, _)| t)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len() as i64;
+        let mut found = self.scan_commits(reader, partitions, Some(COMMIT_WINDOW * topics))?;
+        let missing: Vec<(String, i32)> = partitions
+            .iter()
+            .filter(|p| found.get(*p).is_none_or(|(c, _)| c.is_none()))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            found.extend(self.scan_commits(reader, &missing, None)?);
         }
-        self.scan_commits(reader, topic, partition, None)
+        Ok(found)
     }
 
+    #[allow(clippy::type_complexity)]
     fn scan_commits(
         &self,
         reader: &BaseConsumer,
-        topic: &str,
-        partition: i32,
+        partitions: &[(String, i32)],
         window: Option<i64>,
-    ) -> Result<(Option<Commit>, u64), ClusterError> {
-        let key = log::commit_key(topic, partition);
+    ) -> Result<HashMap<(String, i32), (Option<Commit>, u64)>, ClusterError> {
         let commits = self.topics.commits();
-        let mut newest: Option<Commit> = None;
-        let mut max_epoch = 0;
-        read_to_end(reader, &commits, partition, window, |message| {
-            if message.key() != Some(key.as_slice()) {
+        let mut found: HashMap<(String, i32), (Option<Commit>, u64)> = partitions
+            .iter()
+            .map(|p| (p.clone(), (None, 0)))
+            .collect();
+        let mut numbers: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        let reads: Vec<(&str, i32)> = numbers.iter().map(|p| (commits.as_str(), *p)).collect();
+        read_to_end(reader, &reads, window, |message| {
+            let Some((topic, partition, rest)) =
+                message.key().and_then(log::decode_changelog_key)
+            else {
+                return Ok(());
+            };
+            let Some((newest, max_epoch)) = found.get_mut(&(topic.to_owned(), partition)) else {
+                return Ok(());
+            };
+            if !rest.is_empty() {
                 return Ok(());
             }
-            let malformed = |message_text: String| ClusterError::MalformedCommit {
+            let malformed = |text: String| ClusterError::MalformedCommit {
                 topic: commits.clone(),
                 partition,
                 offset: message.offset(),
-                message: message_text,
+                message: text,
             };
-            let payload = message
-                .payload()
-                .ok_or_else(|| malformed("no value".into()))?;
+            let payload = message.payload().ok_or_else(|| malformed("no value".into()))?;
             let commit: Commit =
                 serde_json::from_slice(payload).map_err(|e| malformed(e.to_string()))?;
-            max_epoch = max_epoch.max(commit.epoch);
+            *max_epoch = (*max_epoch).max(commit.epoch);
             if newest.as_ref().is_none_or(|n| commit.epoch >= n.epoch) {
-                newest = Some(commit);
+                *newest = Some(commit);
             }
             Ok(())
         })?;
-        Ok((newest, max_epoch))
+        Ok(found)
     }
 
-    /// Replaces the partition's local state with the changelog records
-    /// `commit` accepts; returns how many records were applied.
+    /// Replaces each partition's local state with the changelog records its
+    /// commit accepts; returns how many records were applied.
     fn restore(
         &self,
         reader: &BaseConsumer,
         store: &StateStore,
-        topic: &str,
-        partition: i32,
-        commit: &Commit,
+        commits: &HashMap<(String, i32), Commit>,
     ) -> Result<usize, ClusterError> {
-        let slot = Slot {
-            topic_id: store.topic_id(topic)?,
-            partition: partition as u32,
-        };
-        let names: Vec<&str> = self.applying_to(topic).map(|a| a.name.as_str()).collect();
-        store.clear_slot(&names, slot)?;
+        let mut slots = HashMap::new();
+        for (topic, partition) in commits.keys() {
+            let slot = Slot {
+                topic_id: store.topic_id(topic)?,
+                partition: *partition as u32,
+            };
+            let names: Vec<&str> = self.applying_to(topic).map(|a| a.name.as_str()).collect();
+            store.clear_slot(&names, slot)?;
+            slots.insert((topic.clone(), *partition), slot);
+        }
         let mut applied = 0;
-        for aggregation in self.applying_to(topic) {
+        for aggregation in &self.aggregations {
+            let mut numbers: Vec<i32> = commits
+                .keys()
+                .filter(|(topic, _)| aggregation.topic.as_deref().is_none_or(|t| t == topic))
+                .map(|(_, p)| *p)
+                .collect();
+            numbers.sort_unstable();
+            numbers.dedup();
+            if numbers.is_empty() {
+                continue;
+            }
+            let reads: Vec<(&str, i32)> = numbers
+                .iter()
+                .map(|p| (aggregation.changelog.as_str(), *p))
+                .collect();
             let mut batch = store.batch();
             let mut pending = 0;
-            read_to_end(reader, &aggregation.changelog, partition, None, |message| {
-                let Some((record_topic, record_partition, key)) =
+            read_to_end(reader, &reads, None, |message| {
+                let Some((topic, partition, key)) =
                     message.key().and_then(log::decode_changelog_key)
                 else {
                     return Ok(());
                 };
-                if record_topic != topic || record_partition != partition {
+                let id = (topic.to_owned(), partition);
+                let (Some(commit), Some(&slot)) = (commits.get(&id), slots.get(&id)) else {
+                    return Ok(());
+                };
+                if aggregation.topic.as_deref().is_some_and(|t| t != topic) {
                     return Ok(());
                 }
                 let header = |name: &str| {
@@ -701,67 +757,92 @@ impl Cluster {
             store.write(batch)?;
         }
         let mut batch = store.batch();
-        if let Some(next) = commit.next_offset {
-            batch.set_offset(slot.topic_id, partition, next);
+        for (id, commit) in commits {
+            let slot = slots[id];
+            if let Some(next) = commit.next_offset {
+                batch.set_offset(slot.topic_id, id.1, next);
+            }
+            batch.set_commit(slot.topic_id, id.1, commit.epoch, commit.seq);
         }
-        batch.set_commit(slot.topic_id, partition, commit.epoch, commit.seq);
         store.write(batch)?;
         Ok(applied)
     }
 }
 
-/// Reads a partition to the high watermark it has now: from its start, or
-/// only its last `window` records.
+/// Reads partitions to the high watermarks they have now, all at once:
+/// from their start, or only their last `window` records.
 fn read_to_end(
     reader: &BaseConsumer,
-    topic: &str,
-    partition: i32,
+    partitions: &[(&str, i32)],
     window: Option<i64>,
     mut each: impl FnMut(&BorrowedMessage<'_>) -> Result<(), ClusterError>,
 ) -> Result<(), ClusterError> {
-    let kafka = |error| ClusterError::Kafka {
-        topic: topic.to_owned(),
-        error,
-    };
-    let (low, high) = reader
-        .fetch_watermarks(topic, partition, Duration::from_secs(10))
-        .map_err(kafka)?;
-    if high <= low {
+    let mut assignment = TopicPartitionList::new();
+    // (topic, partition) → the last offset to read.
+    let mut remaining: HashMap<(String, i32), i64> = HashMap::new();
+    for &(topic, partition) in partitions {
+        let kafka = |error| ClusterError::Kafka {
+            topic: topic.to_owned(),
+            error,
+        };
+        let (low, high) = reader
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .map_err(kafka)?;
+        if high <= low {
+            continue;
+        }
+        let start = match window {
+            Some(window) => Offset::Offset(low.max(high - window)),
+            None => Offset::Beginning,
+        };
+        assignment
+            .add_partition_offset(topic, partition, start)
+            .map_err(kafka)?;
+        remaining.insert((topic.to_owned(), partition), high - 1);
+    }
+    if remaining.is_empty() {
         return Ok(());
     }
-    let start = match window {
-        Some(window) => Offset::Offset(low.max(high - window)),
-        None => Offset::Beginning,
+    let assign_error = |error| ClusterError::Kafka {
+        topic: partitions.first().map_or_else(String::new, |p| p.0.to_owned()),
+        error,
     };
-    let mut assignment = TopicPartitionList::new();
-    assignment
-        .add_partition_offset(topic, partition, start)
-        .map_err(kafka)?;
-    reader.assign(&assignment).map_err(kafka)?;
+    reader.assign(&assignment).map_err(assign_error)?;
     let mut last_progress = Instant::now();
-    loop {
+    let reading = Instant::now();
+    let (mut polls, mut empty, mut records) = (0u64, 0u64, 0u64);
+    tracing::info!(?partitions, ?remaining, "read_to_end: assigned");
+    while !remaining.is_empty() {
+        polls += 1;
         match reader.poll(Duration::from_millis(500)) {
             Some(Ok(message)) => {
+                records += 1;
                 last_progress = Instant::now();
+                let id = (message.topic().to_owned(), message.partition());
+                let Some(&last) = remaining.get(&id) else {
+                    continue;
+                };
                 let offset = message.offset();
                 each(&message)?;
-                if offset >= high - 1 {
-                    break;
+                if offset >= last {
+                    remaining.remove(&id);
                 }
             }
             Some(Err(error)) => {
-                tracing::warn!(topic, partition, %error, "reading for a restore");
+                tracing::warn!(%error, "reading for a take-over");
             }
-            None => {}
+            None => empty += 1,
         }
         if last_progress.elapsed() > READ_STALL {
+            let ((topic, partition), _) = remaining.into_iter().next().unwrap_or_default();
             return Err(ClusterError::ReadStalled {
-                topic: topic.to_owned(),
+                topic,
                 partition,
                 waited: READ_STALL,
             });
         }
     }
-    reader.unassign().map_err(kafka)?;
+    reader.unassign().map_err(assign_error)?;
+    tracing::info!(polls, empty, records, seconds = reading.elapsed().as_secs_f64(), "read_to_end: done");
     Ok(())
 }
