@@ -102,9 +102,11 @@ member_timeout_ms = 3000
         self.dirs.push(dir);
         self.instances.push(Some(wagg));
         let index = self.instances.len() - 1;
-        self.wait_until("the new instance owns partitions", Duration::from_secs(90), |c| {
-            c.owned_by(index) > 0
-        });
+        self.wait_until(
+            "the new instance owns partitions",
+            Duration::from_secs(90),
+            |c| c.owned_by(index) > 0,
+        );
         index
     }
 
@@ -211,7 +213,10 @@ member_timeout_ms = 3000
                 if response.status().as_u16() != 200 {
                     return None;
                 }
-                response.json::<Value>().ok().map(|body| body["state"].clone())
+                response
+                    .json::<Value>()
+                    .ok()
+                    .map(|body| body["state"].clone())
             };
             let Some(got_count) = get("count") else {
                 *unanswered += 1;
@@ -292,7 +297,12 @@ fn three_instances_answer_every_key_exactly_from_any_instance() {
             "{} owns nothing: {ownership:?}",
             wagg.http
         );
-        assert_eq!(cluster.ownership(wagg), ownership, "as {} sees it", wagg.http);
+        assert_eq!(
+            cluster.ownership(wagg),
+            ownership,
+            "as {} sees it",
+            wagg.http
+        );
     }
 
     // A listing from any instance merges every instance's keys.
@@ -381,7 +391,12 @@ fn a_killed_instances_partitions_move_and_every_key_stays_exact() {
     let restored: f64 = cluster
         .live()
         .iter()
-        .map(|w| w.metrics().get("wagg_restored_records_total").copied().unwrap_or(0.0))
+        .map(|w| {
+            w.metrics()
+                .get("wagg_restored_records_total")
+                .copied()
+                .unwrap_or(0.0)
+        })
         .sum();
     assert!(restored > 0.0, "nothing was restored from the changelog");
 }

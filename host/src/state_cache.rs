@@ -161,8 +161,9 @@ impl StateCache {
     /// here would be stale if the partition came back). Dirty and in-flight
     /// entries stay: they are not written yet.
     pub fn forget_clean(&mut self, prefix: &[u8]) {
-        self.entries
-            .retain(|key, entry| entry.flags & (DIRTY | IN_FLIGHT) != 0 || !key.starts_with(prefix));
+        self.entries.retain(|key, entry| {
+            entry.flags & (DIRTY | IN_FLIGHT) != 0 || !key.starts_with(prefix)
+        });
     }
 
     /// Keeps the clean entries within a quarter over capacity (a sweep

@@ -26,11 +26,11 @@ pub mod routing;
 
 use crate::cluster::membership::Owner;
 use crate::config::{AggregationConfig, Forwarding};
-use routing::Routing;
 use crate::metrics::{HttpLabel, Snapshot};
 use crate::plugin::{LoadedPlugin, PluginInstance};
 use crate::status::Status;
 use crate::store::{Slot, StateStore};
+use routing::Routing;
 
 mod guard;
 
@@ -605,8 +605,14 @@ async fn get_key(
                     topic_id,
                     partition: partition as u32,
                 };
-                let found =
-                    lookup(state.clone(), name.clone(), Some(slot), key.clone(), encoding).await?;
+                let found = lookup(
+                    state.clone(),
+                    name.clone(),
+                    Some(slot),
+                    key.clone(),
+                    encoding,
+                )
+                .await?;
                 if let Some(found) = found {
                     return Ok(found.into_response());
                 }
@@ -754,7 +760,9 @@ async fn list_keys(
         }
         let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
         for instance in routing.membership.others() {
-            let page = routing.get_json(&instance, path_and_query, &headers).await?;
+            let page = routing
+                .get_json(&instance, path_and_query, &headers)
+                .await?;
             for item in page["items"].as_array().into_iter().flatten() {
                 let key = item["key"].as_str().and_then(|k| match encoding {
                     KeyEncoding::Utf8 => Some(k.as_bytes().to_vec()),

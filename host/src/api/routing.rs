@@ -107,11 +107,7 @@ impl Routing {
         path_and_query: &str,
         headers: &HeaderMap,
     ) -> Result<(StatusCode, Option<HeaderValue>, axum::body::Bytes), ApiError> {
-        self.membership
-            .status()
-            .metrics()
-            .forwarded_requests
-            .inc();
+        self.membership.status().metrics().forwarded_requests.inc();
         let mut request = self
             .client
             .get(format!("{instance}{path_and_query}"))
@@ -127,8 +123,8 @@ impl Routing {
             )
         };
         let response = request.send().await.map_err(unreachable)?;
-        let status = StatusCode::from_u16(response.status().as_u16())
-            .unwrap_or(StatusCode::BAD_GATEWAY);
+        let status =
+            StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
         let content_type = response.headers().get(CONTENT_TYPE).cloned();
         let body = response.bytes().await.map_err(unreachable)?;
         Ok((status, content_type, body))

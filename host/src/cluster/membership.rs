@@ -56,9 +56,17 @@ pub struct Membership {
 }
 
 impl Membership {
-    pub fn new(cluster: &Cluster, partition_counts: BTreeMap<String, i32>, status: Arc<Status>) -> Self {
+    pub fn new(
+        cluster: &Cluster,
+        partition_counts: BTreeMap<String, i32>,
+        status: Arc<Status>,
+    ) -> Self {
         Self {
-            me: cluster.config.advertised_http.trim_end_matches('/').to_owned(),
+            me: cluster
+                .config
+                .advertised_http
+                .trim_end_matches('/')
+                .to_owned(),
             announcements: RwLock::new(HashMap::new()),
             member_timeout: cluster.config.member_timeout(),
             partition_counts,
@@ -113,12 +121,19 @@ impl Membership {
     }
 
     pub fn owner(&self, topic: &str, partition: i32) -> Owner {
-        if self.owned_locally().contains(&(topic.to_owned(), partition)) {
+        if self
+            .owned_locally()
+            .contains(&(topic.to_owned(), partition))
+        {
             return Owner::Local;
         }
         self.live()
             .into_iter()
-            .filter(|a| a.partitions.iter().any(|(t, p)| t == topic && *p == partition))
+            .filter(|a| {
+                a.partitions
+                    .iter()
+                    .any(|(t, p)| t == topic && *p == partition)
+            })
             .max_by_key(|a| a.at_ms)
             .map_or(Owner::Unknown, |a| Owner::Remote(a.http))
     }
@@ -168,7 +183,11 @@ impl Membership {
                 }
                 let last_claimant = table
                     .values()
-                    .filter(|a| a.partitions.iter().any(|(t, p)| t == topic && *p == partition))
+                    .filter(|a| {
+                        a.partitions
+                            .iter()
+                            .any(|(t, p)| t == topic && *p == partition)
+                    })
                     .max_by_key(|a| a.at_ms);
                 if last_claimant.is_some_and(|a| a.http != self.me && now - a.at_ms > timeout) {
                     orphans += 1;

@@ -59,7 +59,9 @@ pub enum ClusterError {
     NotOwned { topic: String, partition: i32 },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("stopped while the changelog was unreachable; the flush is applied again after the restart")]
+    #[error(
+        "stopped while the changelog was unreachable; the flush is applied again after the restart"
+    )]
     Interrupted,
 }
 
@@ -153,7 +155,7 @@ struct ChangelogAggregation {
 
 /// How long a read of a changelog partition may go without a record
 /// before the restore gives up (and the partition stays unassigned).
-const READ_STALL: Duration = Duration::from_secs(60);
+const READ_STALL: Duration = Duration::from_secs(20);
 /// Commit records read first (per source topic) when looking for a
 /// partition's newest commit: the newest is almost always the last one, and
 /// each record read costs a fetch on brokers that return a record batch per
@@ -238,7 +240,8 @@ impl Cluster {
 
     /// Stops the process (a partition could not be taken over safely).
     pub fn request_shutdown(&self) {
-        self.shutdown.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shutdown
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A client configuration for the source brokers (security settings
@@ -268,16 +271,20 @@ impl Cluster {
         store: &StateStore,
         partitions: &[(String, i32)],
     ) -> Result<(), ClusterError> {
-        let reader = self.reader()?;
         let mut attempt = 1;
         loop {
-            match self.try_take_over(&reader, store, partitions) {
+            // A fresh reader each attempt: a stalled one may keep waiting
+            // on a request the broker never answers.
+            match self
+                .reader()
+                .and_then(|reader| self.try_take_over(&reader, store, partitions))
+            {
                 Ok(()) => return Ok(()),
-                Err(ClusterError::Kafka { topic, error })
+                Err(error @ (ClusterError::Kafka { .. } | ClusterError::ReadStalled { .. }))
                     if attempt < TAKE_OVER_ATTEMPTS
                         && !self.shutdown.load(std::sync::atomic::Ordering::Relaxed) =>
                 {
-                    tracing::warn!(topic, %error, attempt, "taking partitions over failed; retrying");
+                    tracing::warn!(%error, attempt, "taking partitions over failed; retrying");
                     std::thread::sleep(Duration::from_millis(500) * attempt);
                     attempt += 1;
                 }
@@ -300,7 +307,10 @@ impl Cluster {
         }
         let started = Instant::now();
         let newest = self.newest_commits(reader, partitions)?;
-        tracing::info!(seconds = started.elapsed().as_secs_f64(), "read the newest commits");
+        tracing::debug!(
+            seconds = started.elapsed().as_secs_f64(),
+            "read the newest commits"
+        );
         let mut to_restore = HashMap::new();
         for (topic, partition) in partitions {
             let (commit, _) = &newest[&(topic.clone(), *partition)];
@@ -391,7 +401,8 @@ impl Cluster {
                 Ok(()) => break,
                 Err(ClusterError::Kafka { error, topic }) if is_transient(&error) => {
                     tracing::warn!(%error, topic, "changelog not acknowledged; retrying the flush");
-                    self.status.broker_error(format!("changelog {topic}: {error}"));
+                    self.status
+                        .broker_error(format!("changelog {topic}: {error}"));
                     if self.shutdown.load(std::sync::atomic::Ordering::Relaxed) {
                         return Err(ClusterError::Interrupted);
                     }
@@ -456,12 +467,22 @@ impl Cluster {
         self.wait_acknowledged(&self.topics.commits())
     }
 
-    fn produce_commit(&self, topic: &str, partition: i32, commit: &Commit) -> Result<(), ClusterError> {
+    fn produce_commit(
+        &self,
+        topic: &str,
+        partition: i32,
+        commit: &Commit,
+    ) -> Result<(), ClusterError> {
         self.send_commit(topic, partition, commit)?;
         self.wait_acknowledged(&self.topics.commits())
     }
 
-    fn send_commit(&self, topic: &str, partition: i32, commit: &Commit) -> Result<(), ClusterError> {
+    fn send_commit(
+        &self,
+        topic: &str,
+        partition: i32,
+        commit: &Commit,
+    ) -> Result<(), ClusterError> {
         let value = serde_json::to_vec(commit).unwrap_or_default();
         self.send(
             &self.topics.commits(),
@@ -507,7 +528,12 @@ impl Cluster {
         }
         self.wait_acknowledged(&self.topics.changelog("*"))?;
         self.produce_commit(topic, partition, &commit)?;
-        tracing::info!(topic, partition, states, "published the local state to the changelog (first owner)");
+        tracing::info!(
+            topic,
+            partition,
+            states,
+            "published the local state to the changelog (first owner)"
+        );
         Ok(commit)
     }
 
@@ -640,17 +666,14 @@ impl Cluster {
         window: Option<i64>,
     ) -> Result<HashMap<(String, i32), (Option<Commit>, u64)>, ClusterError> {
         let commits = self.topics.commits();
-        let mut found: HashMap<(String, i32), (Option<Commit>, u64)> = partitions
-            .iter()
-            .map(|p| (p.clone(), (None, 0)))
-            .collect();
+        let mut found: HashMap<(String, i32), (Option<Commit>, u64)> =
+            partitions.iter().map(|p| (p.clone(), (None, 0))).collect();
         let mut numbers: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
         numbers.sort_unstable();
         numbers.dedup();
         let reads: Vec<(&str, i32)> = numbers.iter().map(|p| (commits.as_str(), *p)).collect();
         read_to_end(reader, &reads, window, |message| {
-            let Some((topic, partition, rest)) =
-                message.key().and_then(log::decode_changelog_key)
+            let Some((topic, partition, rest)) = message.key().and_then(log::decode_changelog_key)
             else {
                 return Ok(());
             };
@@ -666,7 +689,9 @@ impl Cluster {
                 offset: message.offset(),
                 message: text,
             };
-            let payload = message.payload().ok_or_else(|| malformed("no value".into()))?;
+            let payload = message
+                .payload()
+                .ok_or_else(|| malformed("no value".into()))?;
             let commit: Commit =
                 serde_json::from_slice(payload).map_err(|e| malformed(e.to_string()))?;
             *max_epoch = (*max_epoch).max(commit.epoch);
@@ -804,14 +829,16 @@ fn read_to_end(
         return Ok(());
     }
     let assign_error = |error| ClusterError::Kafka {
-        topic: partitions.first().map_or_else(String::new, |p| p.0.to_owned()),
+        topic: partitions
+            .first()
+            .map_or_else(String::new, |p| p.0.to_owned()),
         error,
     };
     reader.assign(&assignment).map_err(assign_error)?;
     let mut last_progress = Instant::now();
     let reading = Instant::now();
     let (mut polls, mut empty, mut records) = (0u64, 0u64, 0u64);
-    tracing::info!(?partitions, ?remaining, "read_to_end: assigned");
+    tracing::debug!(?partitions, "reading to the end");
     while !remaining.is_empty() {
         polls += 1;
         match reader.poll(Duration::from_millis(500)) {
@@ -843,6 +870,12 @@ fn read_to_end(
         }
     }
     reader.unassign().map_err(assign_error)?;
-    tracing::info!(polls, empty, records, seconds = reading.elapsed().as_secs_f64(), "read_to_end: done");
+    tracing::debug!(
+        polls,
+        empty,
+        records,
+        seconds = reading.elapsed().as_secs_f64(),
+        "read to the end"
+    );
     Ok(())
 }

@@ -649,7 +649,9 @@ impl Config {
             );
         }
         if cluster.replication_factor == 0 || cluster.replication_factor < -1 {
-            return Err("`cluster.replication_factor` must be -1 (broker default) or at least 1".into());
+            return Err(
+                "`cluster.replication_factor` must be -1 (broker default) or at least 1".into(),
+            );
         }
         if cluster.heartbeat_ms == 0 || cluster.member_timeout_ms <= cluster.heartbeat_ms {
             return Err(

@@ -326,7 +326,10 @@ impl StateStore {
         };
         let value = self
             .db
-            .get_cf(self.meta(), partition_key(OFFSET_PREFIX, topic_id, partition))
+            .get_cf(
+                self.meta(),
+                partition_key(OFFSET_PREFIX, topic_id, partition),
+            )
             .map_err(|e| self.rocks(e))?;
         value
             .map(|v| {
@@ -339,13 +342,20 @@ impl StateStore {
 
     /// The changelog commit `(epoch, seq)` the partition's local state is
     /// at (cluster mode; see `cluster::log`).
-    pub fn local_commit(&self, topic: &str, partition: i32) -> Result<Option<(u64, u64)>, StoreError> {
+    pub fn local_commit(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
         let Some(topic_id) = self.known_topic_id(topic) else {
             return Ok(None);
         };
         let value = self
             .db
-            .get_cf(self.meta(), partition_key(COMMIT_PREFIX, topic_id, partition))
+            .get_cf(
+                self.meta(),
+                partition_key(COMMIT_PREFIX, topic_id, partition),
+            )
             .map_err(|e| self.rocks(e))?;
         value
             .map(|v| {
@@ -369,8 +379,14 @@ impl StateStore {
             batch.delete_range_cf(self.aggregation_cf(aggregation)?, &start, &end);
         }
         let partition = slot.partition as i32;
-        batch.delete_cf(self.meta(), partition_key(OFFSET_PREFIX, slot.topic_id, partition));
-        batch.delete_cf(self.meta(), partition_key(COMMIT_PREFIX, slot.topic_id, partition));
+        batch.delete_cf(
+            self.meta(),
+            partition_key(OFFSET_PREFIX, slot.topic_id, partition),
+        );
+        batch.delete_cf(
+            self.meta(),
+            partition_key(COMMIT_PREFIX, slot.topic_id, partition),
+        );
         self.db
             .write_opt(batch, &self.write_options)
             .map_err(|e| self.rocks(e))
