@@ -65,6 +65,12 @@ pub enum ClusterError {
     Interrupted,
 }
 
+/// A flush's commit per partition, by `(topic id, partition)`.
+pub type FlushCommits = Vec<((u16, i32), Commit)>;
+
+/// Per partition: its newest commit, and the highest epoch seen.
+type NewestCommits = HashMap<(String, i32), (Option<Commit>, u64)>;
+
 /// The names of the topics a group's cluster keeps.
 #[derive(Debug, Clone)]
 pub struct ClusterTopics {
@@ -382,7 +388,7 @@ impl Cluster {
         &self,
         store: &StateStore,
         job: &FlushJob,
-    ) -> Result<Vec<((u16, i32), Commit)>, ClusterError> {
+    ) -> Result<FlushCommits, ClusterError> {
         let mut commits: HashMap<(String, i32), Commit> = HashMap::new();
         {
             let owned = self.owned();
@@ -635,12 +641,11 @@ impl Cluster {
     /// commit is near the end: a window is read first (a whole log costs a
     /// fetch per flush), the whole log only for partitions without a commit
     /// in it.
-    #[allow(clippy::type_complexity)]
     fn newest_commits(
         &self,
         reader: &BaseConsumer,
         partitions: &[(String, i32)],
-    ) -> Result<HashMap<(String, i32), (Option<Commit>, u64)>, ClusterError> {
+    ) -> Result<NewestCommits, ClusterError> {
         let topics = partitions
             .iter()
             .map(|(t, _)| t)
@@ -658,16 +663,14 @@ impl Cluster {
         Ok(found)
     }
 
-    #[allow(clippy::type_complexity)]
     fn scan_commits(
         &self,
         reader: &BaseConsumer,
         partitions: &[(String, i32)],
         window: Option<i64>,
-    ) -> Result<HashMap<(String, i32), (Option<Commit>, u64)>, ClusterError> {
+    ) -> Result<NewestCommits, ClusterError> {
         let commits = self.topics.commits();
-        let mut found: HashMap<(String, i32), (Option<Commit>, u64)> =
-            partitions.iter().map(|p| (p.clone(), (None, 0))).collect();
+        let mut found: NewestCommits = partitions.iter().map(|p| (p.clone(), (None, 0))).collect();
         let mut numbers: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
         numbers.sort_unstable();
         numbers.dedup();
