@@ -77,6 +77,10 @@ impl Commit {
     /// The claim of a new owner (epoch `epoch`) of the state `self`.
     pub fn claim(&self, epoch: u64) -> Commit {
         let mut lineage = self.lineage.clone();
+        // An epoch that never flushed wrote no record (sequence numbers of
+        // records start at 1): nothing to accept, so it need not be carried
+        // (every rebalance starts an epoch per partition).
+        lineage.retain(|_, last| *last > 0);
         lineage.insert(epoch, 0);
         Commit {
             epoch,
@@ -145,5 +149,14 @@ mod tests {
         assert!(second.accepts(2, 1) && !second.accepts(2, 2));
         assert_eq!(second.next_offset, Some(35));
         assert!(!Commit::empty().accepts(0, 0));
+    }
+
+    #[test]
+    fn epochs_without_a_flush_are_not_carried() {
+        let idle = Commit::empty().claim(1).claim(2).claim(3);
+        assert_eq!(idle.lineage.len(), 1, "{idle:?}");
+        let busy = idle.next_flush(5).claim(4).claim(5);
+        assert_eq!(busy.lineage.keys().copied().collect::<Vec<_>>(), vec![3, 5]);
+        assert!(busy.accepts(3, 1));
     }
 }

@@ -184,6 +184,10 @@ pub struct Cluster {
     /// Owned partition → the commit its state is at (the claim, then each
     /// flush's).
     owned: Mutex<HashMap<(String, i32), Commit>>,
+    /// Held while producing and waiting for acknowledgements: the writer
+    /// thread (flushes) and the source thread (claims) share the producer,
+    /// and each must see only its own delivery failures.
+    producing: Mutex<()>,
     status: Arc<Status>,
     /// Set by the membership watch when partitions stay without a live
     /// owner: the source re-joins the group (see `membership`).
@@ -238,6 +242,7 @@ impl Cluster {
             producer,
             aggregations,
             owned: Mutex::new(HashMap::new()),
+            producing: Mutex::new(()),
             status,
             rejoin: AtomicBool::new(false),
             shutdown,
@@ -343,6 +348,7 @@ impl Cluster {
                 .restored_records
                 .inc_by(restored as u64);
         }
+        let _producing = self.producing.lock().unwrap_or_else(|p| p.into_inner());
         let mut claims = Vec::new();
         for (topic, partition) in partitions {
             let (commit, max_epoch) = &newest[&(topic.clone(), *partition)];
@@ -403,7 +409,10 @@ impl Cluster {
         }
         let mut backoff = Duration::from_millis(200);
         loop {
-            match self.try_publish(store, job, &commits) {
+            let producing = self.producing.lock().unwrap_or_else(|p| p.into_inner());
+            let published = self.try_publish(store, job, &commits);
+            drop(producing);
+            match published {
                 Ok(()) => break,
                 Err(ClusterError::Kafka { error, topic }) if is_transient(&error) => {
                     tracing::warn!(%error, topic, "changelog not acknowledged; retrying the flush");
