@@ -16,6 +16,14 @@ use wagg::partitioner::partition_for_key;
 use wagg::rng::Rng;
 
 const PARTITIONS: u32 = 8;
+
+/// One cluster at a time: three instances and a broker already fill two
+/// cores, and the tests time rebalances.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
 const KEYS: usize = 1500;
 const TOPIC: &str = "events";
 
@@ -86,8 +94,6 @@ commit_interval_ms = 2000
 [cluster]
 advertised_http = "http://127.0.0.1:{port}"
 replication_factor = 1
-heartbeat_ms = 300
-member_timeout_ms = 3000
 {aggregations}"#,
             brokers = self.broker.address,
             aggregations = common::count_and_stats_toml()
@@ -275,6 +281,7 @@ fn produce_slowly(
 
 #[test]
 fn three_instances_answer_every_key_exactly_from_any_instance() {
+    let _serial = one_at_a_time();
     let seed = seed();
     eprintln!("scale-out test seed {seed} (WAGG_SCALE_SEED={seed} replays the lookups)");
     let mut rng = Rng(seed);
@@ -346,6 +353,7 @@ fn three_instances_answer_every_key_exactly_from_any_instance() {
 
 #[test]
 fn a_killed_instances_partitions_move_and_every_key_stays_exact() {
+    let _serial = one_at_a_time();
     let seed = seed();
     eprintln!("kill test seed {seed}");
     let mut rng = Rng(seed);
@@ -403,6 +411,7 @@ fn a_killed_instances_partitions_move_and_every_key_stays_exact() {
 
 #[test]
 fn scaling_from_two_to_three_instances_mid_ingest_keeps_every_key_exact() {
+    let _serial = one_at_a_time();
     let seed = seed();
     eprintln!("scale 2 → 3 test seed {seed}");
     let mut rng = Rng(seed);

@@ -92,7 +92,7 @@ pub struct DeadLetterSink {
 }
 
 /// Errors a later attempt may get past: the broker is away or slow.
-fn is_transient(error: &KafkaError) -> bool {
+pub(crate) fn is_transient(error: &KafkaError) -> bool {
     use RDKafkaErrorCode::*;
     matches!(
         error.rdkafka_error_code(),

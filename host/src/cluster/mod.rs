@@ -128,27 +128,11 @@ impl ProducerContext for ProduceContext {
     }
 }
 
-/// Errors a later attempt may get past: the broker is away or slow.
+/// Errors a later attempt may get past: the dead-letter sink's, plus a
+/// topic not known yet (just created, metadata not everywhere yet).
 fn is_transient(error: &KafkaError) -> bool {
-    use RDKafkaErrorCode::*;
-    matches!(
-        error.rdkafka_error_code(),
-        Some(
-            MessageTimedOut
-                | AllBrokersDown
-                | BrokerTransportFailure
-                | RequestTimedOut
-                | NetworkException
-                | LeaderNotAvailable
-                | NotLeaderForPartition
-                | NotEnoughReplicas
-                | NotEnoughReplicasAfterAppend
-                | QueueFull
-                | OperationTimedOut
-                | Resolve
-                | UnknownTopicOrPartition
-        )
-    )
+    crate::dead_letter::is_transient(error)
+        || error.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition)
 }
 
 /// An aggregation as the changelog sees it.

@@ -319,19 +319,24 @@ impl StateStore {
         ids.get(topic).copied()
     }
 
-    /// The next offset stored for a partition.
-    pub fn offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+    /// A per-partition `meta` value (none for a topic never seen).
+    fn partition_meta(
+        &self,
+        prefix: &[u8],
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         let Some(topic_id) = self.known_topic_id(topic) else {
             return Ok(None);
         };
-        let value = self
-            .db
-            .get_cf(
-                self.meta(),
-                partition_key(OFFSET_PREFIX, topic_id, partition),
-            )
-            .map_err(|e| self.rocks(e))?;
-        value
+        self.db
+            .get_cf(self.meta(), partition_key(prefix, topic_id, partition))
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// The next offset stored for a partition.
+    pub fn offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        self.partition_meta(OFFSET_PREFIX, topic, partition)?
             .map(|v| {
                 <[u8; 8]>::try_from(v.as_slice())
                     .map(i64::from_be_bytes)
@@ -347,17 +352,7 @@ impl StateStore {
         topic: &str,
         partition: i32,
     ) -> Result<Option<(u64, u64)>, StoreError> {
-        let Some(topic_id) = self.known_topic_id(topic) else {
-            return Ok(None);
-        };
-        let value = self
-            .db
-            .get_cf(
-                self.meta(),
-                partition_key(COMMIT_PREFIX, topic_id, partition),
-            )
-            .map_err(|e| self.rocks(e))?;
-        value
+        self.partition_meta(COMMIT_PREFIX, topic, partition)?
             .map(|v| {
                 let bytes = <[u8; 16]>::try_from(v.as_slice())
                     .map_err(|_| self.corrupt("commit value is malformed".into()))?;
