@@ -55,17 +55,36 @@ pub enum DeadLetterError {
     NotConfigured,
 }
 
-/// Collects delivery failures by the index of the letter in the call.
-struct DeliveryContext {
+/// A producer context that reports client errors to `Status` and collects
+/// delivery failures by the index the record was sent with (the dead-letter
+/// sink's letters; the cluster's changelog producer sends everything as 0).
+pub(crate) struct DeliveryContext {
+    /// Which producer, in log lines and on `/readyz`.
+    name: &'static str,
     status: Arc<Status>,
     failures: Mutex<Vec<(usize, KafkaError)>>,
 }
 
+impl DeliveryContext {
+    pub(crate) fn new(name: &'static str, status: Arc<Status>) -> Self {
+        Self {
+            name,
+            status,
+            failures: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The failures reported since the last call.
+    pub(crate) fn take_failures(&self) -> Vec<(usize, KafkaError)> {
+        std::mem::take(&mut *self.failures.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
 impl ClientContext for DeliveryContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, "dead-letter producer error");
+        tracing::warn!(%error, reason, producer = self.name, "producer error");
         self.status
-            .broker_error(format!("dead-letter producer: {error}: {reason}"));
+            .broker_error(format!("{}: {error}: {reason}", self.name));
     }
 
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
@@ -133,10 +152,7 @@ impl DeadLetterSink {
             client.set(name, value);
         }
         let producer = client
-            .create_with_context(DeliveryContext {
-                status,
-                failures: Mutex::new(Vec::new()),
-            })
+            .create_with_context(DeliveryContext::new("dead-letter producer", status))
             .context("creating the dead-letter producer (check `[dead_letter.kafka]`)")?;
         Ok(Some(Self {
             producer,
@@ -195,14 +211,7 @@ impl DeadLetterSink {
                 // Flush returns early once everything is acknowledged.
                 let _ = self.producer.flush(Duration::from_millis(200));
             }
-            let failures = std::mem::take(
-                &mut *self
-                    .producer
-                    .context()
-                    .failures
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()),
-            );
+            let failures = self.producer.context().take_failures();
             if let Some((_, error)) = failures.iter().find(|(_, e)| !is_transient(e)) {
                 return Err(DeadLetterError::Permanent {
                     topic: self.topic.clone(),

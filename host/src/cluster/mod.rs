@@ -22,15 +22,15 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, DeliveryResult, Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{ClusterConfig, Config};
+use crate::dead_letter::DeliveryContext;
 use crate::status::Status;
 use crate::store::{Slot, StateStore, StoreError};
 use crate::writer::FlushJob;
@@ -97,37 +97,6 @@ impl ClusterTopics {
     }
 }
 
-/// Delivery failures of the changelog producer.
-struct ProduceContext {
-    status: Arc<Status>,
-    failures: Mutex<Vec<KafkaError>>,
-}
-
-impl ClientContext for ProduceContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, "changelog producer error");
-        self.status
-            .broker_error(format!("changelog producer: {error}: {reason}"));
-    }
-
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        crate::source::log_librdkafka(level, fac, log_message);
-    }
-}
-
-impl ProducerContext for ProduceContext {
-    type DeliveryOpaque = ();
-
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((error, _)) = result {
-            self.failures
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(error.clone());
-        }
-    }
-}
-
 /// Errors a later attempt may get past: the dead-letter sink's, plus a
 /// topic not known yet (just created, metadata not everywhere yet).
 fn is_transient(error: &KafkaError) -> bool {
@@ -163,7 +132,7 @@ pub struct Cluster {
     pub config: ClusterConfig,
     pub topics: ClusterTopics,
     client: ClientConfig,
-    producer: BaseProducer<ProduceContext>,
+    producer: BaseProducer<DeliveryContext>,
     aggregations: Vec<ChangelogAggregation>,
     /// Owned partition → the commit its state is at (the claim, then each
     /// flush's).
@@ -204,10 +173,7 @@ impl Cluster {
             .set("linger.ms", "5")
             .set("queue.buffering.max.messages", "1000000");
         let producer = producer
-            .create_with_context(ProduceContext {
-                status: status.clone(),
-                failures: Mutex::new(Vec::new()),
-            })
+            .create_with_context(DeliveryContext::new("changelog producer", status.clone()))
             .map_err(|e| anyhow::anyhow!("creating the changelog producer: {e}"))?;
         let topics = ClusterTopics::new(config, cluster);
         let aggregations = config
@@ -550,7 +516,9 @@ impl Cluster {
         value: Option<&[u8]>,
         commit: Option<&Commit>,
     ) -> Result<(), ClusterError> {
-        let mut record = BaseRecord::to(topic).partition(partition).key(key);
+        let mut record = BaseRecord::with_opaque_to(topic, 0)
+            .partition(partition)
+            .key(key);
         if let Some(value) = value {
             record = record.payload(value);
         }
@@ -596,17 +564,10 @@ impl Cluster {
         while self.producer.in_flight_count() > 0 {
             let _ = self.producer.flush(Duration::from_millis(200));
         }
-        let failures = std::mem::take(
-            &mut *self
-                .producer
-                .context()
-                .failures
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
+        let failures = self.producer.context().take_failures();
         match failures.into_iter().next() {
             None => Ok(()),
-            Some(error) => Err(ClusterError::Kafka {
+            Some((_, error)) => Err(ClusterError::Kafka {
                 topic: topic.to_owned(),
                 error,
             }),
