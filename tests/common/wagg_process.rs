@@ -121,9 +121,28 @@ impl Wagg {
         Some((status, response.json().unwrap_or(Value::Null)))
     }
 
+    /// A GET that must be answered: a busy instance gets three tries, a
+    /// process that exited fails at once.
     pub fn get(&self, path: &str) -> (u16, Value) {
-        self.try_get(path)
-            .unwrap_or_else(|| panic!("GET {path} failed; log:\n{}", self.log()))
+        for _ in 0..3 {
+            if let Some(answer) = self.try_get(path) {
+                return answer;
+            }
+            if !self.is_running() {
+                panic!("GET {path}: wagg has exited; log:\n{}", self.log());
+            }
+        }
+        panic!("GET {path} failed three times; log:\n{}", self.log())
+    }
+
+    /// The process exists and is not a zombie (it is only reaped on drop).
+    fn is_running(&self) -> bool {
+        self.child.as_ref().is_some_and(|child| {
+            std::fs::read_to_string(format!("/proc/{}/stat", child.id())).is_ok_and(|stat| {
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+            })
+        })
     }
 
     /// Records applied by each aggregation, by name.

@@ -65,6 +65,14 @@ pub enum ClusterError {
     Interrupted,
 }
 
+impl ClusterError {
+    /// The broker did not answer in time or refused for now: nothing is
+    /// known to be wrong with the data, so a later attempt may succeed.
+    pub fn is_broker_trouble(&self) -> bool {
+        matches!(self, Self::Kafka { .. } | Self::ReadStalled { .. })
+    }
+}
+
 /// A flush's commit per partition, by `(topic id, partition)`.
 pub type FlushCommits = Vec<((u16, i32), Commit)>;
 
@@ -121,8 +129,10 @@ const READ_STALL: Duration = Duration::from_secs(20);
 /// fetch. A deposed owner would have to flush this many times after the new
 /// owner's claim to hide the claim's epoch (see docs/scale-out.md).
 const COMMIT_WINDOW: i64 = 4;
-/// Attempts at taking a partition over before giving up (broker hiccups).
-const TAKE_OVER_ATTEMPTS: u32 = 5;
+/// How long a take-over keeps retrying broker errors before the instance
+/// gives the partitions back (see `take_over`). Well under librdkafka's
+/// default `max.poll.interval.ms` (5 min): the take-over runs inside a poll.
+const TAKE_OVER_PATIENCE: Duration = Duration::from_secs(120);
 /// Restored states per RocksDB write batch.
 const RESTORE_BATCH: usize = 10_000;
 
@@ -226,13 +236,18 @@ impl Cluster {
     /// Makes the local state of each partition its newest committed state
     /// (restoring it from the changelog when it is not), then claims the
     /// partition with a new epoch. Runs before any record of the
-    /// partitions is applied; retried a few times on broker errors.
+    /// partitions is applied. Broker errors are retried for
+    /// `TAKE_OVER_PATIENCE`; an error still standing after that is returned
+    /// and [`ClusterError::is_broker_trouble`] tells the caller it may give
+    /// the partitions back and try again later rather than stop.
     pub fn take_over(
         &self,
         store: &StateStore,
         partitions: &[(String, i32)],
     ) -> Result<(), ClusterError> {
-        let mut attempt = 1;
+        let started = Instant::now();
+        let mut attempt = 1u32;
+        let mut backoff = Duration::from_millis(500);
         loop {
             // A fresh reader each attempt: a stalled one may keep waiting
             // on a request the broker never answers.
@@ -241,12 +256,16 @@ impl Cluster {
                 .and_then(|reader| self.try_take_over(&reader, store, partitions))
             {
                 Ok(()) => return Ok(()),
-                Err(error @ (ClusterError::Kafka { .. } | ClusterError::ReadStalled { .. }))
-                    if attempt < TAKE_OVER_ATTEMPTS
+                Err(error)
+                    if error.is_broker_trouble()
+                        && started.elapsed() + backoff < TAKE_OVER_PATIENCE
                         && !self.shutdown.load(std::sync::atomic::Ordering::Relaxed) =>
                 {
                     tracing::warn!(%error, attempt, "taking partitions over failed; retrying");
-                    std::thread::sleep(Duration::from_millis(500) * attempt);
+                    self.status
+                        .broker_error(format!("taking partitions over: {error}"));
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     attempt += 1;
                 }
                 Err(e) => return Err(e),

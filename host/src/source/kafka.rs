@@ -128,11 +128,25 @@ impl ConsumerContext for SourceContext {
                     && let Err(e) = cluster.take_over(&self.store, &partitions)
                 {
                     // Applying records on top of a state that is not the
-                    // partition's newest would break exactly-once: stop.
-                    tracing::error!(error = %e, ?partitions, "cannot take the partitions over");
-                    self.status
-                        .set_fatal(format!("taking over partitions {partitions:?}: {e}"));
-                    cluster.request_shutdown();
+                    // partition's newest would break exactly-once: never
+                    // assign them without a take-over.
+                    if e.is_broker_trouble() {
+                        // The broker is struggling: leave the partitions
+                        // unassigned (they answer 503 meanwhile) and re-join
+                        // the group for a new assignment and a new attempt.
+                        tracing::error!(error = %e, ?partitions, "cannot take the partitions over yet; re-joining the group to try again");
+                        self.status
+                            .broker_error(format!("taking over partitions {partitions:?}: {e}"));
+                        if let Err(e) = consumer.assign(&TopicPartitionList::new()) {
+                            tracing::error!(error = %e, "clearing the assignment failed");
+                        }
+                        cluster.rejoin.store(true, Ordering::Release);
+                    } else {
+                        tracing::error!(error = %e, ?partitions, "cannot take the partitions over");
+                        self.status
+                            .set_fatal(format!("taking over partitions {partitions:?}: {e}"));
+                        cluster.request_shutdown();
+                    }
                     return;
                 }
                 let stored = match self.store.offsets() {
