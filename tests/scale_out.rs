@@ -59,6 +59,7 @@ struct Cluster {
     broker: Broker,
     dirs: Vec<tempfile::TempDir>,
     instances: Vec<Option<Wagg>>,
+    standby_replicas: u32,
 }
 
 impl Cluster {
@@ -69,6 +70,14 @@ impl Cluster {
             broker,
             dirs: Vec::new(),
             instances: Vec::new(),
+            standby_replicas: 0,
+        }
+    }
+
+    fn with_standby_replicas(replicas: u32) -> Self {
+        Cluster {
+            standby_replicas: replicas,
+            ..Self::new()
         }
     }
 
@@ -94,8 +103,10 @@ commit_interval_ms = 2000
 [cluster]
 advertised_http = "http://127.0.0.1:{port}"
 replication_factor = 1
+standby_replicas = {standby}
 {aggregations}"#,
             brokers = self.broker.address,
+            standby = self.standby_replicas,
             aggregations = common::count_and_stats_toml()
         )
     }
@@ -129,6 +140,34 @@ replication_factor = 1
         body["aggregations"][0]["partitions"]
             .as_array()
             .map_or(0, |p| p.iter().filter(|p| p["assigned"] == true).count())
+    }
+
+    /// Whether every live instance keeps a copy of every partition it does
+    /// not own, at the owner's offset.
+    fn standby_copies_current(&self) -> bool {
+        let reports: Vec<Vec<Value>> = self
+            .live()
+            .iter()
+            .map(|wagg| {
+                let (_, body) = wagg.get("/v1/aggregations");
+                body["aggregations"][0]["partitions"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
+        let owner_offset = |partition: &Value| {
+            reports
+                .iter()
+                .flatten()
+                .find(|p| p["partition"] == *partition && p["assigned"] == true)
+                .and_then(|p| p["next_offset"].as_i64())
+        };
+        reports.iter().flatten().all(|p| {
+            p["assigned"] == true
+                || (p["standby_offset"].as_i64().is_some()
+                    && p["standby_offset"].as_i64() == owner_offset(&p["partition"]))
+        })
     }
 
     /// The owner of every partition as one instance reports it.
@@ -438,5 +477,129 @@ fn scaling_from_two_to_three_instances_mid_ingest_keeps_every_key_exact() {
     assert_eq!(
         (0..3).map(|i| cluster.owned_by(i)).sum::<usize>(),
         PARTITIONS as usize
+    );
+}
+
+#[test]
+fn standby_copies_answer_while_an_owner_is_dead_and_take_over_without_a_restore() {
+    let _serial = one_at_a_time();
+    let seed = seed();
+    eprintln!("standby test seed {seed}");
+    let mut rng = Rng(seed);
+    // Two copies besides the owner: every survivor has every partition.
+    let mut cluster = Cluster::with_standby_replicas(2);
+    for _ in 0..3 {
+        cluster.add_instance();
+    }
+    let data = DataSet::new(20_000);
+    cluster.broker.produce(TOPIC, &data.records);
+    cluster.wait_exact(&data, &mut rng, Duration::from_secs(180));
+    cluster.wait_until(
+        "every instance has a current copy of the partitions it does not own",
+        Duration::from_secs(120),
+        Cluster::standby_copies_current,
+    );
+    let restored = |c: &Cluster| -> f64 {
+        c.live()
+            .iter()
+            .map(|w| {
+                w.metrics()
+                    .get("wagg_restored_records_total")
+                    .copied()
+                    .unwrap_or(0.0)
+            })
+            .sum()
+    };
+    let restored_before = restored(&cluster);
+    let standby_records: f64 = cluster
+        .live()
+        .iter()
+        .map(|w| {
+            w.metrics()
+                .get("wagg_standby_records_total")
+                .copied()
+                .unwrap_or(0.0)
+        })
+        .sum();
+    assert!(standby_records > 0.0, "no changelog record reached a copy");
+
+    // Not the first instance: see the kill test.
+    let victim = 2;
+    let victims: Vec<i64> = cluster
+        .ownership(cluster.instances[0].as_ref().expect("instance 0"))
+        .into_iter()
+        .filter(|(_, owner)| {
+            owner.as_deref() == cluster.instances[victim].as_ref().map(|w| w.http.as_str())
+        })
+        .map(|(partition, _)| partition)
+        .collect();
+    assert!(!victims.is_empty(), "the victim owns no partition");
+    let killed_at = Instant::now();
+    cluster.instances[victim].as_mut().expect("victim").kill();
+    cluster.instances[victim] = None;
+
+    // Right away, and until the group hands the partitions out again, the
+    // survivors answer the victim's keys from their copies, exactly.
+    let client = reqwest::blocking::Client::new();
+    let victims_keys: Vec<(&String, &u64)> = data
+        .counts
+        .iter()
+        .filter(|(key, _)| {
+            victims.contains(&(partition_for_key(key.as_bytes(), PARTITIONS) as i64))
+        })
+        .collect();
+    let (mut from_standby, mut other) = (0, 0);
+    let mut first_standby_answer = None;
+    for (key, count) in victims_keys.iter().take(200) {
+        let live = cluster.live();
+        let wagg = live[(rng.next_u64() % live.len() as u64) as usize];
+        let response = client
+            .get(format!(
+                "{}/v1/aggregations/count/keys/{}",
+                wagg.http,
+                urlencode(key)
+            ))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .expect("lookup");
+        if response.headers().contains_key("x-wagg-standby") {
+            assert!(response.headers().contains_key("x-wagg-staleness-ms"));
+            assert_eq!(response.status().as_u16(), 200);
+            let body: Value = response.json().expect("json");
+            assert_eq!(
+                body["state"],
+                json!({ "count": count }),
+                "{key} from a standby"
+            );
+            from_standby += 1;
+            first_standby_answer.get_or_insert_with(|| killed_at.elapsed());
+        } else {
+            other += 1;
+        }
+    }
+    eprintln!(
+        "standby test: {from_standby} of the victim's keys answered from standby copies (first {first_standby_answer:?} after the kill), {other} otherwise"
+    );
+    assert!(
+        from_standby > 0,
+        "no lookup was answered from a standby copy"
+    );
+
+    cluster.wait_until(
+        "the survivors own every partition",
+        Duration::from_secs(360),
+        |c| c.owned_by(0) + c.owned_by(1) == PARTITIONS as usize,
+    );
+    let moved_after = killed_at.elapsed();
+    let unanswered = cluster.wait_exact(&data, &mut rng, Duration::from_secs(120));
+    let restored_after = restored(&cluster);
+    eprintln!(
+        "standby test: survivors owned all partitions {moved_after:?} after the kill, every key exact {:?} after it ({unanswered} lookups unanswered on the way); records restored after the kill: {}",
+        killed_at.elapsed(),
+        restored_after - restored_before
+    );
+    assert_eq!(
+        restored_after, restored_before,
+        "a take-over restored from the changelog although every survivor had a current copy"
     );
 }

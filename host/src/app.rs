@@ -141,6 +141,7 @@ pub fn run(
     }
     let cluster = Cluster::from_config(&config, status.clone(), shutdown.clone())?;
     let mut members_thread = None;
+    let mut standby_thread = None;
     let routing = match &cluster {
         None => None,
         Some(cluster) => {
@@ -152,14 +153,21 @@ pub fn run(
                 config.session_timeout(),
                 shutdown.clone(),
             )?);
+            standby_thread = crate::cluster::standby::start(
+                cluster.clone(),
+                membership.clone(),
+                store.clone(),
+                shutdown.clone(),
+            )?;
             tracing::info!(
                 instance = membership.me(),
+                standby_replicas = cluster.config.standby_replicas,
                 changelogs = %cluster.topics.changelog("<aggregation>"),
                 "cluster mode: partitions are restored from and written to changelog topics"
             );
             Some(Routing::new(
                 membership,
-                cluster.config.forward,
+                cluster.clone(),
                 Duration::from_millis(config.http.request_timeout_ms),
             ))
         }
@@ -241,8 +249,8 @@ pub fn run(
         }
     }
     shutdown.store(true, Ordering::Relaxed);
-    if let Some(members) = members_thread {
-        let _ = members.join();
+    for thread in [members_thread, standby_thread].into_iter().flatten() {
+        let _ = thread.join();
     }
     http.block_on(server)
         .context("HTTP server task")?

@@ -147,6 +147,7 @@ mod tests {
     fn lag_table_lists_each_partition_once_and_totals_the_lag() {
         let progress = |partition, next, high| PartitionProgress {
             owner: None,
+            standby_offset: None,
             topic: "orders".into(),
             partition,
             next_offset: Some(next),

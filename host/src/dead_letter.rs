@@ -7,6 +7,7 @@
 //! state and offsets. A crash in between re-applies the batch after the
 //! restart, so the same record may be dead-lettered twice, but never lost.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,7 +16,7 @@ use anyhow::Context;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
+use rdkafka::message::{DeliveryResult, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 
 use crate::config::Config;
@@ -63,7 +64,13 @@ pub(crate) struct DeliveryContext {
     name: &'static str,
     status: Arc<Status>,
     failures: Mutex<Vec<(usize, KafkaError)>>,
+    /// Topic → partition → the offset after the last record delivered
+    /// (`None`: not tracked).
+    delivered: Option<Mutex<DeliveredEnds>>,
 }
+
+/// Topic → partition → the offset after the last record delivered there.
+pub(crate) type DeliveredEnds = HashMap<String, HashMap<i32, i64>>;
 
 impl DeliveryContext {
     pub(crate) fn new(name: &'static str, status: Arc<Status>) -> Self {
@@ -71,12 +78,29 @@ impl DeliveryContext {
             name,
             status,
             failures: Mutex::new(Vec::new()),
+            delivered: None,
         }
+    }
+
+    /// Also keeps where delivered records landed (see `take_delivered`).
+    pub(crate) fn tracking_offsets(mut self) -> Self {
+        self.delivered = Some(Mutex::new(HashMap::new()));
+        self
     }
 
     /// The failures reported since the last call.
     pub(crate) fn take_failures(&self) -> Vec<(usize, KafkaError)> {
         std::mem::take(&mut *self.failures.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Where the records delivered since the last call end, per topic and
+    /// partition (empty unless `tracking_offsets`).
+    pub(crate) fn take_delivered(&self) -> DeliveredEnds {
+        self.delivered
+            .as_ref()
+            .map_or_else(HashMap::new, |delivered| {
+                std::mem::take(&mut *delivered.lock().unwrap_or_else(|p| p.into_inner()))
+            })
     }
 }
 
@@ -96,11 +120,25 @@ impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, index: usize) {
-        if let Err((error, _)) = result {
-            self.failures
+        match result {
+            Err((error, _)) => self
+                .failures
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push((index, error.clone()));
+                .push((index, error.clone())),
+            Ok(message) => {
+                let Some(delivered) = &self.delivered else {
+                    return;
+                };
+                let mut delivered = delivered.lock().unwrap_or_else(|p| p.into_inner());
+                let end = message.offset() + 1;
+                let partitions = match delivered.get_mut(message.topic()) {
+                    Some(partitions) => partitions,
+                    None => delivered.entry(message.topic().to_owned()).or_default(),
+                };
+                let slot = partitions.entry(message.partition()).or_insert(end);
+                *slot = (*slot).max(end);
+            }
         }
     }
 }

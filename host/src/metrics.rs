@@ -50,6 +50,8 @@ pub struct Metrics {
     pub changelog_records: Counter,
     pub restored_records: Counter,
     pub forwarded_requests: Counter,
+    pub standby_records: Counter,
+    pub standby_lookups: Counter,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -73,6 +75,8 @@ impl Default for Metrics {
             changelog_records: Counter::default(),
             restored_records: Counter::default(),
             forwarded_requests: Counter::default(),
+            standby_records: Counter::default(),
+            standby_lookups: Counter::default(),
         }
     }
 }
@@ -154,6 +158,16 @@ impl Metrics {
             "forwarded_requests",
             "Lookups and listings forwarded to (or asked of) other instances (cluster mode)",
             self.forwarded_requests.clone(),
+        );
+        registry.register(
+            "standby_records",
+            "Changelog records applied to standby copies of other instances' partitions (cluster mode)",
+            self.standby_records.clone(),
+        );
+        registry.register(
+            "standby_lookups",
+            "Lookups answered from a standby copy because the owner was not answering (cluster mode)",
+            self.standby_lookups.clone(),
         );
         registry.register_collector(Box::new(snapshot));
         let mut text = String::new();

@@ -42,6 +42,10 @@ pub struct PartitionProgress {
     /// while it has no live owner).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// Cluster mode: the source offset this instance's standby copy of the
+    /// partition reaches (absent when it keeps none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby_offset: Option<i64>,
 }
 
 /// Why the instance is not ready, if it is not.

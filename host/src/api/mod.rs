@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{MatchedPath, Path, Query, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -416,6 +416,10 @@ async fn list_aggregations(State(state): State<Arc<ApiState>>) -> Result<Json<Va
                         ..Default::default()
                     });
                 progress.owner = owner;
+                progress.standby_offset = routing
+                    .cluster
+                    .standby_copy(&progress.topic, progress.partition)
+                    .map(|copy| copy.next_offset.unwrap_or(0));
                 progress
             })
             .collect();
@@ -621,18 +625,131 @@ async fn get_key(
                 if redirect {
                     return Ok(Routing::redirect(&owner, path_and_query));
                 }
-                let (status, response) = routing.proxy(&owner, path_and_query, &headers).await?;
-                if status != StatusCode::NOT_FOUND {
-                    return Ok(response);
+                match routing.proxy(&owner, path_and_query, &headers).await {
+                    Ok((StatusCode::NOT_FOUND, _)) => {}
+                    Ok((_, response)) => return Ok(response),
+                    // The owner is not answering: a standby copy may.
+                    Err(unreachable) => {
+                        let standby = StandbyLookup {
+                            topic,
+                            partition,
+                            forwarded,
+                            path_and_query,
+                            headers: &headers,
+                        };
+                        match from_standby(&state, &name, &key, encoding, standby).await? {
+                            FromStandby::Answered(response) => return Ok(response),
+                            FromStandby::Absent => {}
+                            FromStandby::NoCopy => return Err(unreachable),
+                        }
+                    }
                 }
             }
-            Owner::Remote(_) | Owner::Unknown => unavailable = Some((topic.clone(), partition)),
+            Owner::Remote(_) | Owner::Unknown => {
+                let standby = StandbyLookup {
+                    topic,
+                    partition,
+                    forwarded,
+                    path_and_query,
+                    headers: &headers,
+                };
+                match from_standby(&state, &name, &key, encoding, standby).await? {
+                    FromStandby::Answered(response) => return Ok(response),
+                    FromStandby::Absent => {}
+                    FromStandby::NoCopy => unavailable = Some((topic.clone(), partition)),
+                }
+            }
         }
     }
     match unavailable {
         Some((topic, partition)) => Err(ApiError::unavailable(topic, partition)),
         None => Err(not_found()),
     }
+}
+
+/// A lookup whose partition's owner is not answering.
+struct StandbyLookup<'a> {
+    topic: &'a str,
+    partition: i32,
+    forwarded: bool,
+    path_and_query: &'a str,
+    headers: &'a HeaderMap,
+}
+
+enum FromStandby {
+    Answered(Response),
+    /// A standby copy has no such key.
+    Absent,
+    /// No standby copy could answer.
+    NoCopy,
+}
+
+/// Answers a lookup from this instance's standby copy of the partition, or
+/// (unless the request was forwarded) from another live instance's. The
+/// answer names the copy's instance and how old its commit is.
+async fn from_standby(
+    state: &Arc<ApiState>,
+    name: &str,
+    key: &[u8],
+    encoding: KeyEncoding,
+    lookup_of: StandbyLookup<'_>,
+) -> Result<FromStandby, ApiError> {
+    let Some(routing) = &state.routing else {
+        return Ok(FromStandby::NoCopy);
+    };
+    let StandbyLookup {
+        topic,
+        partition,
+        forwarded,
+        path_and_query,
+        headers,
+    } = lookup_of;
+    if let Some(copy) = routing.cluster.standby_copy(topic, partition)
+        && let Some(topic_id) = state.store.known_topic_id(topic)
+    {
+        let slot = Slot {
+            topic_id,
+            partition: partition as u32,
+        };
+        let found = lookup(
+            state.clone(),
+            name.to_owned(),
+            Some(slot),
+            key.to_vec(),
+            encoding,
+        )
+        .await?;
+        state.status.metrics().standby_lookups.inc();
+        let Some(found) = found else {
+            return Ok(FromStandby::Absent);
+        };
+        let mut response = found.into_response();
+        let staleness = if copy.at_ms > 0 {
+            (crate::status::now_millis() - copy.at_ms).max(0)
+        } else {
+            0
+        };
+        for (header, value) in [
+            (routing::STANDBY_HEADER, routing.membership.me().to_owned()),
+            (routing::STALENESS_HEADER, staleness.to_string()),
+        ] {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                response.headers_mut().insert(header, value);
+            }
+        }
+        return Ok(FromStandby::Answered(response));
+    }
+    if forwarded {
+        return Ok(FromStandby::NoCopy);
+    }
+    for standby in routing.membership.standbys_of(topic, partition) {
+        match routing.proxy(&standby, path_and_query, headers).await {
+            Ok((StatusCode::OK, response)) => return Ok(FromStandby::Answered(response)),
+            Ok((StatusCode::NOT_FOUND, _)) => return Ok(FromStandby::Absent),
+            Ok(_) | Err(_) => {}
+        }
+    }
+    Ok(FromStandby::NoCopy)
 }
 
 /// A key's rendered state from this instance's store: in `slot`, or in

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use super::ApiError;
+use crate::cluster::Cluster;
 use crate::cluster::membership::Membership;
 use crate::config::Forwarding;
 
@@ -21,17 +22,24 @@ pub const FORWARDED_HEADER: &str = "x-wagg-forwarded";
 /// Names the instance that answered a forwarded lookup.
 pub const SERVED_BY_HEADER: &str = "x-wagg-served-by";
 
+/// Names the instance that answered a lookup from its standby copy.
+pub const STANDBY_HEADER: &str = "x-wagg-standby";
+/// How old (ms) the standby copy's commit is.
+pub const STALENESS_HEADER: &str = "x-wagg-staleness-ms";
+
 pub struct Routing {
     pub membership: Arc<Membership>,
+    pub cluster: Arc<Cluster>,
     pub forward: Forwarding,
     client: reqwest::Client,
 }
 
 impl Routing {
-    pub fn new(membership: Arc<Membership>, forward: Forwarding, timeout: Duration) -> Self {
+    pub fn new(membership: Arc<Membership>, cluster: Arc<Cluster>, timeout: Duration) -> Self {
         Self {
             membership,
-            forward,
+            forward: cluster.config.forward,
+            cluster,
             client: reqwest::Client::builder()
                 .timeout(timeout)
                 .redirect(reqwest::redirect::Policy::none())
@@ -63,11 +71,9 @@ impl Routing {
         path_and_query: &str,
         headers: &HeaderMap,
     ) -> Result<(StatusCode, Response), ApiError> {
-        let (status, content_type, body) = self.get(owner, path_and_query, headers).await?;
+        let (status, kept, body) = self.get(owner, path_and_query, headers).await?;
         let mut response = (status, body).into_response();
-        if let Some(content_type) = content_type {
-            response.headers_mut().insert(CONTENT_TYPE, content_type);
-        }
+        response.headers_mut().extend(kept);
         if let Ok(served_by) = HeaderValue::from_str(owner) {
             response.headers_mut().insert(SERVED_BY_HEADER, served_by);
         }
@@ -106,7 +112,7 @@ impl Routing {
         instance: &str,
         path_and_query: &str,
         headers: &HeaderMap,
-    ) -> Result<(StatusCode, Option<HeaderValue>, axum::body::Bytes), ApiError> {
+    ) -> Result<(StatusCode, HeaderMap, axum::body::Bytes), ApiError> {
         self.membership.status().metrics().forwarded_requests.inc();
         let mut request = self
             .client
@@ -125,8 +131,19 @@ impl Routing {
         let response = request.send().await.map_err(unreachable)?;
         let status =
             StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-        let content_type = response.headers().get(CONTENT_TYPE).cloned();
+        // What the answer is and where it came from travel with it.
+        let mut kept = HeaderMap::new();
+        for name in [CONTENT_TYPE.as_str(), STANDBY_HEADER, STALENESS_HEADER] {
+            if let Some(value) = response
+                .headers()
+                .get(name)
+                .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
+                && let Ok(name) = axum::http::HeaderName::from_bytes(name.as_bytes())
+            {
+                kept.insert(name, value);
+            }
+        }
         let body = response.bytes().await.map_err(unreachable)?;
-        Ok((status, content_type, body))
+        Ok((status, kept, body))
     }
 }

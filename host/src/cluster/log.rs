@@ -66,12 +66,35 @@ pub struct Commit {
     pub next_offset: Option<i64>,
     /// Epoch → last sequence number of that epoch in the state.
     pub lineage: BTreeMap<u64, u64>,
+    /// Aggregation → the changelog offset (in partition `p`) below which
+    /// every record of this state lies: a standby that has read that far
+    /// can apply the commit.
+    #[serde(default)]
+    pub ends: BTreeMap<String, i64>,
+    /// When the owner wrote the commit (ms since the epoch); how stale a
+    /// standby's copy is.
+    #[serde(default)]
+    pub at_ms: i64,
 }
 
 impl Commit {
     /// Whether the record of flush `seq` of `epoch` is part of this state.
     pub fn accepts(&self, epoch: u64, seq: u64) -> bool {
         self.lineage.get(&epoch).is_some_and(|&last| seq <= last)
+    }
+
+    /// Whether every record `older` accepts is part of this state too (then
+    /// this state is `older` plus the records between their `ends`).
+    pub fn extends(&self, older: &Commit) -> bool {
+        older
+            .lineage
+            .iter()
+            .all(|(&epoch, &last)| last == 0 || self.accepts(epoch, last))
+    }
+
+    /// Orders commits of one partition: a higher epoch, then a later flush.
+    pub fn position(&self) -> (u64, u64) {
+        (self.epoch, self.seq)
     }
 
     /// The claim of a new owner (epoch `epoch`) of the state `self`.
@@ -87,6 +110,8 @@ impl Commit {
             seq: 0,
             next_offset: self.next_offset,
             lineage,
+            ends: self.ends.clone(),
+            at_ms: 0,
         }
     }
 
@@ -100,6 +125,8 @@ impl Commit {
             seq,
             next_offset: Some(next_offset),
             lineage,
+            ends: self.ends.clone(),
+            at_ms: 0,
         }
     }
 
@@ -110,6 +137,8 @@ impl Commit {
             seq: 0,
             next_offset: None,
             lineage: BTreeMap::new(),
+            ends: BTreeMap::new(),
+            at_ms: 0,
         }
     }
 }
@@ -149,6 +178,18 @@ mod tests {
         assert!(second.accepts(2, 1) && !second.accepts(2, 2));
         assert_eq!(second.next_offset, Some(35));
         assert!(!Commit::empty().accepts(0, 0));
+    }
+
+    #[test]
+    fn a_state_extends_its_ancestors_but_not_a_deposed_owners_later_flushes() {
+        let first = Commit::empty().claim(1).next_flush(10);
+        let zombie = first.next_flush(20);
+        let second = first.claim(2).next_flush(30);
+        assert!(second.extends(&first) && second.extends(&Commit::empty()));
+        assert!(!second.extends(&zombie), "flush 2 of epoch 1 is not in it");
+        assert!(zombie.extends(&first) && !first.extends(&zombie));
+        // Claims carry nothing new: any later state extends them.
+        assert!(second.extends(&first.claim(2)));
     }
 
     #[test]

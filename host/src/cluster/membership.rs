@@ -33,6 +33,9 @@ use crate::status::{Status, now_millis};
 struct Announcement {
     http: String,
     partitions: Vec<(String, i32)>,
+    /// Partitions it keeps standby copies of.
+    #[serde(default)]
+    standby: Vec<(String, i32)>,
     at_ms: i64,
 }
 
@@ -136,6 +139,65 @@ impl Membership {
             })
             .max_by_key(|a| a.at_ms)
             .map_or(Owner::Unknown, |a| Owner::Remote(a.http))
+    }
+
+    /// The partitions this instance should keep standby copies of: for
+    /// each partition another live instance owns, the `replicas` live
+    /// instances other than the owner that rank highest for it (rendezvous
+    /// hashing: a copy moves only when its instance leaves or a higher
+    /// ranked one arrives). A partition without a live owner keeps its
+    /// copies where they are (it is between owners, or its owner died and
+    /// the copy is what answers for it).
+    pub fn standby_targets(
+        &self,
+        replicas: usize,
+        current: &BTreeSet<(String, i32)>,
+    ) -> BTreeSet<(String, i32)> {
+        let mut live = self.others();
+        live.push(self.me.clone());
+        let mut targets = BTreeSet::new();
+        for (topic, partition, owner) in self.ownership() {
+            let id = (topic, partition);
+            let Some(owner) = owner else {
+                if current.contains(&id) {
+                    targets.insert(id);
+                }
+                continue;
+            };
+            if owner == self.me {
+                continue;
+            }
+            let mut ranked: Vec<(i32, &String)> = live
+                .iter()
+                .filter(|instance| **instance != owner)
+                .map(|instance| {
+                    let seed = format!("{instance}\n{}\n{}", id.0, id.1);
+                    (crate::partitioner::murmur2(seed.as_bytes()), instance)
+                })
+                .collect();
+            ranked.sort_unstable_by(|a, b| b.cmp(a));
+            if ranked
+                .iter()
+                .take(replicas)
+                .any(|(_, instance)| **instance == self.me)
+            {
+                targets.insert(id);
+            }
+        }
+        targets
+    }
+
+    /// Live instances (other than this one) that keep a standby copy of the
+    /// partition.
+    pub fn standbys_of(&self, topic: &str, partition: i32) -> Vec<String> {
+        let mut standbys: Vec<String> = self
+            .live()
+            .into_iter()
+            .filter(|a| a.standby.iter().any(|(t, p)| t == topic && *p == partition))
+            .map(|a| a.http)
+            .collect();
+        standbys.sort();
+        standbys
     }
 
     /// The other live instances' addresses.
@@ -255,6 +317,7 @@ pub fn start(
                 producer,
                 topic,
                 membership: membership.clone(),
+                cluster: cluster.clone(),
                 last: None,
             };
             let mut orphaned_since: Option<Instant> = None;
@@ -292,37 +355,48 @@ pub fn start(
                     }
                 }
             }
-            announcer.announce(Vec::new());
+            announcer.announce(Vec::new(), Vec::new());
             let _ = announcer.producer.flush(Duration::from_secs(2));
         })
         .context("starting the membership thread")
 }
 
+/// Owned and standby partitions.
+type Holdings = (BTreeSet<(String, i32)>, BTreeSet<(String, i32)>);
+
 struct Announcer {
     producer: BaseProducer,
     topic: String,
     membership: Arc<Membership>,
-    last: Option<(BTreeSet<(String, i32)>, Instant)>,
+    cluster: Arc<Cluster>,
+    last: Option<(Holdings, Instant)>,
 }
 
 impl Announcer {
     fn announce_if_due(&mut self, heartbeat: Duration) {
         self.producer.poll(Duration::ZERO);
-        let owned = self.membership.owned_locally();
+        let holdings = (
+            self.membership.owned_locally(),
+            self.cluster.standby_partitions(),
+        );
         let due = match &self.last {
             None => true,
-            Some((last, at)) => *last != owned || at.elapsed() >= heartbeat,
+            Some((last, at)) => *last != holdings || at.elapsed() >= heartbeat,
         };
         if due {
-            self.announce(owned.iter().cloned().collect());
-            self.last = Some((owned, Instant::now()));
+            self.announce(
+                holdings.0.iter().cloned().collect(),
+                holdings.1.iter().cloned().collect(),
+            );
+            self.last = Some((holdings, Instant::now()));
         }
     }
 
-    fn announce(&self, partitions: Vec<(String, i32)>) {
+    fn announce(&self, partitions: Vec<(String, i32)>, standby: Vec<(String, i32)>) {
         let announcement = Announcement {
             http: self.membership.me.clone(),
             partitions,
+            standby,
             at_ms: now_millis(),
         };
         let value = serde_json::to_vec(&announcement).unwrap_or_default();

@@ -15,6 +15,7 @@
 
 pub mod log;
 pub mod membership;
+pub mod standby;
 pub mod topics;
 
 use std::collections::HashMap;
@@ -156,6 +157,8 @@ pub struct Cluster {
     /// owner: the source re-joins the group (see `membership`).
     pub rejoin: AtomicBool,
     shutdown: Arc<AtomicBool>,
+    /// The copies of other instances' partitions (see `standby`).
+    standby: Mutex<standby::StandbyState>,
 }
 
 impl Cluster {
@@ -183,7 +186,9 @@ impl Cluster {
             .set("linger.ms", "5")
             .set("queue.buffering.max.messages", "1000000");
         let producer = producer
-            .create_with_context(DeliveryContext::new("changelog producer", status.clone()))
+            .create_with_context(
+                DeliveryContext::new("changelog producer", status.clone()).tracking_offsets(),
+            )
             .map_err(|e| anyhow::anyhow!("creating the changelog producer: {e}"))?;
         let topics = ClusterTopics::new(config, cluster);
         let aggregations = config
@@ -206,6 +211,7 @@ impl Cluster {
             status,
             rejoin: AtomicBool::new(false),
             shutdown,
+            standby: Mutex::default(),
         })))
     }
 
@@ -228,9 +234,12 @@ impl Cluster {
     /// Stops writing `partitions` (after their last flush).
     pub fn release(&self, partitions: &[(String, i32)]) {
         let mut owned = self.owned();
-        for partition in partitions {
-            owned.remove(partition);
-        }
+        let released = partitions
+            .iter()
+            .map(|partition| (partition.clone(), owned.remove(partition)))
+            .collect();
+        drop(owned);
+        self.standby_release(released);
     }
 
     /// Makes the local state of each partition its newest committed state
@@ -245,6 +254,9 @@ impl Cluster {
         store: &StateStore,
         partitions: &[(String, i32)],
     ) -> Result<(), ClusterError> {
+        // A standby copy becomes the owner's state: no more changelog
+        // records go into it from the standby side.
+        self.standby_hand_over(store, partitions);
         let started = Instant::now();
         let mut attempt = 1u32;
         let mut backoff = Duration::from_millis(500);
@@ -328,8 +340,8 @@ impl Cluster {
                     ..Commit::empty()
                 },
             };
-            let claim = base.claim((*max_epoch).max(base.epoch) + 1);
-            self.send_commit(topic, *partition, &claim)?;
+            let mut claim = base.claim((*max_epoch).max(base.epoch) + 1);
+            self.send_commit(topic, *partition, &mut claim)?;
             claims.push((topic, *partition, claim, commit.is_none()));
         }
         self.wait_acknowledged(&self.topics.commits())?;
@@ -379,7 +391,7 @@ impl Cluster {
         let mut backoff = Duration::from_millis(200);
         loop {
             let producing = self.producing.lock().unwrap_or_else(|p| p.into_inner());
-            let published = self.try_publish(store, job, &commits);
+            let published = self.try_publish(store, job, &mut commits);
             drop(producing);
             match published {
                 Ok(()) => break,
@@ -409,8 +421,10 @@ impl Cluster {
         &self,
         store: &StateStore,
         job: &FlushJob,
-        commits: &HashMap<(String, i32), Commit>,
+        commits: &mut HashMap<(String, i32), Commit>,
     ) -> Result<(), ClusterError> {
+        // Deliveries of an earlier, failed attempt do not count.
+        self.producer.context().take_delivered();
         let mut names: HashMap<u16, String> = HashMap::new();
         let mut sent = 0u64;
         for aggregation in &job.aggregations {
@@ -445,7 +459,9 @@ impl Cluster {
         }
         self.wait_acknowledged(&self.topics.changelog("*"))?;
         self.status.metrics().changelog_records.inc_by(sent);
-        for ((topic, partition), commit) in commits {
+        let delivered = self.producer.context().take_delivered();
+        for ((topic, partition), commit) in commits.iter_mut() {
+            self.record_ends(topic, *partition, commit, &delivered);
             self.send_commit(topic, *partition, commit)?;
         }
         self.wait_acknowledged(&self.topics.commits())
@@ -455,18 +471,39 @@ impl Cluster {
         &self,
         topic: &str,
         partition: i32,
-        commit: &Commit,
+        commit: &mut Commit,
     ) -> Result<(), ClusterError> {
         self.send_commit(topic, partition, commit)?;
         self.wait_acknowledged(&self.topics.commits())
     }
 
+    /// Moves `commit`'s changelog ends past the records just delivered.
+    fn record_ends(
+        &self,
+        topic: &str,
+        partition: i32,
+        commit: &mut Commit,
+        delivered: &crate::dead_letter::DeliveredEnds,
+    ) {
+        for aggregation in self.applying_to(topic) {
+            if let Some(&end) = delivered
+                .get(&aggregation.changelog)
+                .and_then(|partitions| partitions.get(&partition))
+            {
+                let known = commit.ends.entry(aggregation.name.clone()).or_insert(end);
+                *known = (*known).max(end);
+            }
+        }
+    }
+
+    /// Sends a commit record, stamped with the time.
     fn send_commit(
         &self,
         topic: &str,
         partition: i32,
-        commit: &Commit,
+        commit: &mut Commit,
     ) -> Result<(), ClusterError> {
+        commit.at_ms = crate::status::now_millis();
         let value = serde_json::to_vec(commit).unwrap_or_default();
         self.send(
             &self.topics.commits(),
@@ -489,7 +526,8 @@ impl Cluster {
         let Some(next_offset) = claim.next_offset else {
             return Ok(claim.clone());
         };
-        let commit = claim.next_flush(next_offset);
+        let mut commit = claim.next_flush(next_offset);
+        self.producer.context().take_delivered();
         let slot = Slot {
             topic_id: store.topic_id(topic)?,
             partition: partition as u32,
@@ -511,7 +549,9 @@ impl Cluster {
             result?;
         }
         self.wait_acknowledged(&self.topics.changelog("*"))?;
-        self.produce_commit(topic, partition, &commit)?;
+        let delivered = self.producer.context().take_delivered();
+        self.record_ends(topic, partition, &mut commit, &delivered);
+        self.produce_commit(topic, partition, &mut commit)?;
         tracing::info!(
             topic,
             partition,
@@ -607,6 +647,18 @@ impl Cluster {
             topic: self.topics.commits(),
             error,
         })
+    }
+
+    /// A consumer that follows logs as they grow (no group; assigned by
+    /// hand).
+    fn follower(&self) -> Result<BaseConsumer, KafkaError> {
+        self.client
+            .clone()
+            .set("group.id", format!("{}standby", self.topics.prefix))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
     }
 
     /// Each partition's newest commit (highest epoch; the last of that

@@ -344,7 +344,9 @@ pub struct ClusterConfig {
     /// or answered with a 307 redirect to it (`redirect`).
     #[serde(default)]
     pub forward: Forwarding,
-    /// Warm copies of partitions this instance does not own.
+    /// How many instances besides the owner keep a warm copy of each
+    /// partition (following its changelog), for fast failover and for
+    /// lookups while the owner is down.
     #[serde(default)]
     pub standby_replicas: u32,
     /// How often this instance announces itself and its partitions.
@@ -641,12 +643,6 @@ impl Config {
                 "`cluster.advertised_http` {:?} must be a base URL such as http://10.0.0.5:8080 (no path)",
                 cluster.advertised_http
             ));
-        }
-        if cluster.standby_replicas > 0 {
-            return Err(
-                "`cluster.standby_replicas` > 0 is not supported yet (failover restores from the changelog; see docs/scale-out.md)"
-                    .into(),
-            );
         }
         if cluster.replication_factor == 0 || cluster.replication_factor < -1 {
             return Err(
