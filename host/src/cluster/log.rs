@@ -166,6 +166,133 @@ mod tests {
         }
     }
 
+    /// What happens to one partition: owners claim it (each from the
+    /// newest commit it reads), flush (records, then maybe — unless the
+    /// owner dies in between — the commit), and deposed owners keep
+    /// flushing as zombies.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Claim { owner: usize },
+        Flush { owner: usize, writes: Vec<(u8, Option<u8>)>, dies_before_commit: bool },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0usize..3).prop_map(|owner| Step::Claim { owner }),
+            (
+                0usize..3,
+                proptest::collection::vec((0u8..6, proptest::option::of(any::<u8>())), 0..4),
+                proptest::bool::weighted(0.15),
+            )
+                .prop_map(|(owner, writes, dies_before_commit)| Step::Flush {
+                    owner,
+                    writes,
+                    dies_before_commit
+                }),
+        ]
+    }
+
+    /// A changelog record: epoch, seq, key, state.
+    type Record = (u64, u64, u8, Option<u8>);
+
+    /// The states `commit` stands for: what a restore builds.
+    fn restore(changelog: &[Record], commit: &Commit) -> BTreeMap<u8, u8> {
+        let mut state = BTreeMap::new();
+        for &(epoch, seq, key, value) in changelog {
+            if commit.accepts(epoch, seq) {
+                match value {
+                    Some(value) => state.insert(key, value),
+                    None => state.remove(&key),
+                };
+            }
+        }
+        state
+    }
+
+    /// Runs the steps; returns the changelog and the commits log.
+    fn simulate(steps: &[Step]) -> (Vec<Record>, Vec<Commit>) {
+        let (mut changelog, mut commits) = (Vec::<Record>::new(), Vec::<Commit>::new());
+        let mut owners: [Option<Commit>; 3] = [None, None, None];
+        for step in steps {
+            match step {
+                Step::Claim { owner } => {
+                    // The newest commit: the highest epoch, the last of it.
+                    let newest = commits
+                        .iter()
+                        .fold(None::<&Commit>, |n, c| match n {
+                            Some(n) if c.epoch < n.epoch => Some(n),
+                            _ => Some(c),
+                        })
+                        .cloned()
+                        .unwrap_or_else(Commit::empty);
+                    let max_epoch = commits.iter().map(|c| c.epoch).max().unwrap_or(0);
+                    let claim = newest.claim(max_epoch.max(newest.epoch) + 1);
+                    commits.push(claim.clone());
+                    owners[*owner] = Some(claim);
+                }
+                Step::Flush { owner, writes, dies_before_commit } => {
+                    let Some(current) = owners[*owner].clone() else {
+                        continue;
+                    };
+                    let mut next = current.next_flush(changelog.len() as i64);
+                    for &(key, value) in writes {
+                        changelog.push((next.epoch, next.seq, key, value));
+                    }
+                    if !writes.is_empty() {
+                        let end = changelog.len() as i64;
+                        let known = next.ends.entry("a".into()).or_insert(end);
+                        *known = (*known).max(end);
+                    }
+                    if *dies_before_commit {
+                        owners[*owner] = None;
+                    } else {
+                        commits.push(next.clone());
+                        owners[*owner] = Some(next);
+                    }
+                }
+            }
+        }
+        (changelog, commits)
+    }
+
+    proptest! {
+        /// What a standby does: from a commit it holds, read the changelog
+        /// between the two commits' ends and apply what the newer accepts.
+        /// That must equal a full restore whenever the newer commit extends
+        /// the older one (otherwise the standby restores in full).
+        #[test]
+        fn following_a_changelog_between_commits_equals_a_restore(steps in proptest::collection::vec(step(), 1..40)) {
+            let (changelog, commits) = simulate(&steps);
+            let end_of = |c: &Commit| c.ends.get("a").copied().unwrap_or(0) as usize;
+            for commit in &commits {
+                // Every record a commit accepts lies below its ends.
+                for (offset, &(epoch, seq, _, _)) in changelog.iter().enumerate() {
+                    if commit.accepts(epoch, seq) {
+                        prop_assert!(offset < end_of(commit), "{commit:?} accepts offset {offset}");
+                    }
+                }
+            }
+            for older in &commits {
+                for newer in &commits {
+                    if newer.position() <= older.position() || !newer.extends(older) {
+                        continue;
+                    }
+                    let mut copy = restore(&changelog, older);
+                    let (from, to) = (end_of(older), end_of(newer).max(end_of(older)));
+                    for &(epoch, seq, key, value) in &changelog[from..to] {
+                        if newer.accepts(epoch, seq) {
+                            match value {
+                                Some(value) => copy.insert(key, value),
+                                None => copy.remove(&key),
+                            };
+                        }
+                    }
+                    prop_assert_eq!(&copy, &restore(&changelog, newer), "{:?} → {:?}", older, newer);
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_lineage_accepts_its_flushes_and_nothing_after_them() {
         let first = Commit::empty().claim(1).next_flush(10).next_flush(20);
