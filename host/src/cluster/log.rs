@@ -172,8 +172,14 @@ mod tests {
     /// flushing as zombies.
     #[derive(Debug, Clone)]
     enum Step {
-        Claim { owner: usize },
-        Flush { owner: usize, writes: Vec<(u8, Option<u8>)>, dies_before_commit: bool },
+        Claim {
+            owner: usize,
+        },
+        Flush {
+            owner: usize,
+            writes: Vec<(u8, Option<u8>)>,
+            dies_before_commit: bool,
+        },
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -230,7 +236,11 @@ mod tests {
                     commits.push(claim.clone());
                     owners[*owner] = Some(claim);
                 }
-                Step::Flush { owner, writes, dies_before_commit } => {
+                Step::Flush {
+                    owner,
+                    writes,
+                    dies_before_commit,
+                } => {
                     let Some(current) = owners[*owner].clone() else {
                         continue;
                     };

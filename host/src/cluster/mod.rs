@@ -159,6 +159,9 @@ pub struct Cluster {
     shutdown: Arc<AtomicBool>,
     /// The copies of other instances' partitions (see `standby`).
     standby: Mutex<standby::StandbyState>,
+    /// Held while a standby copy is restored from the broker, and by a
+    /// take-over's hand-over: the two never write one partition at once.
+    standby_restoring: Mutex<()>,
 }
 
 impl Cluster {
@@ -212,6 +215,7 @@ impl Cluster {
             rejoin: AtomicBool::new(false),
             shutdown,
             standby: Mutex::default(),
+            standby_restoring: Mutex::new(()),
         })))
     }
 

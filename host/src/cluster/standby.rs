@@ -82,8 +82,9 @@ enum Advanced {
     No,
     /// The target's records were applied.
     Applied,
-    /// The copy was rebuilt from the changelog (it had diverged).
-    Restored,
+    /// The copy has records the target does not accept: it must be
+    /// restored.
+    Diverged,
 }
 
 /// What a standby copy is at.
@@ -119,8 +120,12 @@ impl Cluster {
 
     /// Before a take-over: brings each copy of `partitions` to the newest
     /// commit it can, then stops following them (the owner writes them
-    /// from now on).
+    /// from now on). Waits for a copy being restored.
     pub(super) fn standby_hand_over(&self, store: &StateStore, partitions: &[(String, i32)]) {
+        let _restoring = self
+            .standby_restoring
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let mut state = self.standby();
         for partition in partitions {
             state.excluded.insert(partition.clone());
@@ -150,45 +155,55 @@ impl Cluster {
 
     /// Follows `wanted` (minus excluded partitions) from now on: drops the
     /// copies no longer wanted (their local state stays, described by its
-    /// commit) and brings new ones to their partition's newest commit.
+    /// commit) and brings new ones to their partition's newest commit. The
+    /// broker reads happen without the state lock (queries and
+    /// announcements read it), under `standby_restoring`, which a take-over
+    /// waits for.
     fn plan(
         &self,
         store: &StateStore,
         wanted: &BTreeSet<(String, i32)>,
     ) -> Result<(), ClusterError> {
-        let mut state = self.standby();
-        let state = &mut *state;
-        let dropped: Vec<(String, i32)> = state
-            .followed
-            .keys()
-            .filter(|partition| !wanted.contains(*partition))
-            .cloned()
-            .collect();
-        for partition in dropped {
-            if let Some(follow) = state.followed.remove(&partition) {
-                state.left.insert(partition, follow.applied);
-                state.reassign = true;
+        let _restoring = self
+            .standby_restoring
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut new = Vec::new();
+        {
+            let mut state = self.standby();
+            let state = &mut *state;
+            let dropped: Vec<(String, i32)> = state
+                .followed
+                .keys()
+                .filter(|partition| !wanted.contains(*partition))
+                .cloned()
+                .collect();
+            for partition in dropped {
+                if let Some(follow) = state.followed.remove(&partition) {
+                    state.left.insert(partition, follow.applied);
+                    state.reassign = true;
+                }
+            }
+            for partition in wanted {
+                if !state.followed.contains_key(partition) && !state.excluded.contains(partition) {
+                    new.push((partition.clone(), state.left.get(partition).cloned()));
+                }
             }
         }
-        let new: Vec<(String, i32)> = wanted
-            .iter()
-            .filter(|p| !state.followed.contains_key(*p) && !state.excluded.contains(*p))
-            .cloned()
-            .collect();
         if new.is_empty() {
             return Ok(());
         }
+        let partitions: Vec<(String, i32)> = new.iter().map(|(p, _)| p.clone()).collect();
         let reader = self.reader()?;
-        let newest = self.newest_commits(&reader, &new)?;
+        let newest = self.newest_commits(&reader, &partitions)?;
         let mut to_restore = HashMap::new();
         let mut synced = Vec::new();
-        for partition in new {
+        for (partition, left) in new {
             // A partition nobody has claimed yet has nothing to copy.
             let Some((Some(commit), _)) = newest.get(&partition) else {
                 continue;
             };
             let local = store.local_commit(&partition.0, partition.1)?;
-            let left = state.left.remove(&partition);
             let follow = match left {
                 _ if local == Some(commit.position()) => Follow::at(commit.clone()),
                 // The local state is an ancestor of the newest: read on
@@ -218,7 +233,10 @@ impl Cluster {
                 "keeping standby copies"
             );
         }
+        let mut state = self.standby();
         for (partition, follow) in synced {
+            // No take-over ran meanwhile: it waits for `standby_restoring`.
+            state.left.remove(&partition);
             state.followed.insert(partition, follow);
             state.reassign = true;
         }
@@ -353,11 +371,12 @@ impl Cluster {
             return Ok(());
         }
         if let Some(mut follow) = state.followed.remove(&id) {
-            let advanced = self.advance(store, &state.positions, &id, &mut follow);
-            state.followed.insert(id, follow);
-            if advanced? == Advanced::Restored {
-                // Read on from the restored commit's ends.
-                state.reassign = true;
+            match self.advance(store, &state.positions, &id, &mut follow)? {
+                // Followed again (restored) at the next plan.
+                Advanced::Diverged => state.reassign = true,
+                Advanced::No | Advanced::Applied => {
+                    state.followed.insert(id, follow);
+                }
             }
         }
         Ok(())
@@ -393,18 +412,10 @@ impl Cluster {
         };
         if !target.extends(&follow.applied) {
             // The copy took a deposed owner's flush that the new owner's
-            // state does not have: start over from the changelog.
+            // state does not have: it must be restored (by `plan`, which
+            // reads the broker without holding the state lock).
             tracing::info!(topic, partition, "standby copy diverged; restoring it");
-            let reader = self.reader()?;
-            let commits = HashMap::from([((topic.clone(), *partition), target.clone())]);
-            let restored = self.restore(&reader, store, &commits)?;
-            self.status
-                .metrics()
-                .standby_records
-                .inc_by(restored as u64);
-            follow.pending.clear();
-            follow.applied = target;
-            return Ok(Advanced::Restored);
+            return Ok(Advanced::Diverged);
         }
         let mut batch = store.batch();
         let mut applied = 0u64;
@@ -463,7 +474,9 @@ pub fn start(
                     let current = cluster.standby_partitions();
                     let wanted = membership.standby_targets(replicas, &current);
                     if let Err(e) = cluster.plan(&store, &wanted) {
-                        tracing::warn!(error = %e, "updating the standby copies failed; retrying");
+                        tracing::warn!(error = %e, "updating the standby copies failed; retrying in 5 s");
+                        // `elapsed` of an instant ahead is zero: 5 s to go.
+                        last_plan = Some(Instant::now() + Duration::from_secs(4));
                     }
                     let reassign = cluster.standby().reassign;
                     if reassign && let Err(e) = cluster.assign_reader(&reader) {
