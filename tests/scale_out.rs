@@ -456,7 +456,9 @@ fn scaling_from_two_to_three_instances_mid_ingest_keeps_every_key_exact() {
     let seed = seed();
     eprintln!("scale 2 → 3 test seed {seed}");
     let mut rng = Rng(seed);
-    let mut cluster = Cluster::new();
+    // With a standby copy of every partition, following it while partitions
+    // move: copies must never disturb an owner's state.
+    let mut cluster = Cluster::with_standby_replicas(1);
     cluster.add_instance();
     cluster.add_instance();
     let data = DataSet::new(40_000);
