@@ -554,7 +554,11 @@ fn check_query_utf8(raw: Option<&str>) -> Result<(), ApiError> {
         ("encoding" = Option<openapi::Encoding>, Query, description = "`utf8` (default) or `base64`"),
     ),
     responses(
-        (status = 200, description = "The key's state", body = openapi::KeyState),
+        (status = 200, description = "The key's state", body = openapi::KeyState, headers(
+            ("x-wagg-served-by" = String, description = "Cluster: the owner that answered a proxied lookup"),
+            ("x-wagg-standby" = String, description = "Cluster: the instance whose standby copy answered (the owner did not)"),
+            ("x-wagg-staleness-ms" = i64, description = "Cluster, with x-wagg-standby: how long ago the owner wrote the commit the copy is at"),
+        )),
         (status = 307, description = "Cluster with `forward = \"redirect\"`: the instance that owns the key (`Location`)"),
         (status = 400, description = "Bad key or query", body = openapi::ErrorBody),
         (status = 404, description = "No such aggregation or key", body = openapi::ErrorBody),
