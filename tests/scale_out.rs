@@ -74,13 +74,6 @@ impl Cluster {
         }
     }
 
-    fn with_standby_replicas(replicas: u32) -> Self {
-        Cluster {
-            standby_replicas: replicas,
-            ..Self::new()
-        }
-    }
-
     fn config(&self, port: u16) -> String {
         format!(
             r#"
@@ -140,6 +133,26 @@ standby_replicas = {standby}
         body["aggregations"][0]["partitions"]
             .as_array()
             .map_or(0, |p| p.iter().filter(|p| p["assigned"] == true).count())
+    }
+
+    /// Starts three instances, ingests `records` records and waits until
+    /// every key is exact.
+    fn three_instances_with(&mut self, records: usize, rng: &mut Rng) -> DataSet {
+        for _ in 0..3 {
+            self.add_instance();
+        }
+        let data = DataSet::new(records);
+        self.broker.produce(TOPIC, &data.records);
+        self.wait_exact(&data, rng, Duration::from_secs(180));
+        data
+    }
+
+    /// A metric summed over the live instances.
+    fn metric_sum(&self, series: &str) -> f64 {
+        self.live()
+            .iter()
+            .map(|w| w.metrics().get(series).copied().unwrap_or(0.0))
+            .sum()
     }
 
     /// Whether every live instance keeps a copy of every partition it does
@@ -246,15 +259,7 @@ standby_replicas = {standby}
         for (key, count) in &data.counts {
             let wagg = live[(rng.next_u64() % live.len() as u64) as usize];
             let get = |aggregation: &str| -> Option<Value> {
-                let response = client
-                    .get(format!(
-                        "{}/v1/aggregations/{aggregation}/keys/{}",
-                        wagg.http,
-                        urlencode(key)
-                    ))
-                    .timeout(Duration::from_secs(10))
-                    .send()
-                    .ok()?;
+                let response = lookup(&client, wagg, aggregation, key)?;
                 if response.status().as_u16() != 200 {
                     return None;
                 }
@@ -286,13 +291,34 @@ standby_replicas = {standby}
     }
 }
 
+/// A key's state from one instance (`None`: no answer at all).
+fn lookup(
+    client: &reqwest::blocking::Client,
+    wagg: &Wagg,
+    aggregation: &str,
+    key: &str,
+) -> Option<reqwest::blocking::Response> {
+    client
+        .get(format!(
+            "{}/v1/aggregations/{aggregation}/keys/{}",
+            wagg.http,
+            urlencode(key)
+        ))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .ok()
+}
+
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn seed() -> u64 {
-    std::env::var("WAGG_SCALE_SEED")
+/// A test's broker and (empty) cluster, once the previous test's are gone,
+/// and its random lookups (`WAGG_SCALE_SEED=<printed seed>` replays them).
+fn start(test: &str, standby_replicas: u32) -> (std::sync::MutexGuard<'static, ()>, Rng, Cluster) {
+    let serial = one_at_a_time();
+    let seed = std::env::var("WAGG_SCALE_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| {
@@ -300,7 +326,11 @@ fn seed() -> u64 {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_nanos() as u64)
                 | 1
-        })
+        });
+    eprintln!("{test}: seed {seed}");
+    let mut cluster = Cluster::new();
+    cluster.standby_replicas = standby_replicas;
+    (serial, Rng(seed), cluster)
 }
 
 /// Produces `records` in chunks from another thread, pausing between
@@ -320,17 +350,8 @@ fn produce_slowly(
 
 #[test]
 fn three_instances_answer_every_key_exactly_from_any_instance() {
-    let _serial = one_at_a_time();
-    let seed = seed();
-    eprintln!("scale-out test seed {seed} (WAGG_SCALE_SEED={seed} replays the lookups)");
-    let mut rng = Rng(seed);
-    let mut cluster = Cluster::new();
-    for _ in 0..3 {
-        cluster.add_instance();
-    }
-    let data = DataSet::new(30_000);
-    cluster.broker.produce(TOPIC, &data.records);
-    cluster.wait_exact(&data, &mut rng, Duration::from_secs(120));
+    let (_serial, mut rng, mut cluster) = start("scale-out test", 0);
+    let data = cluster.three_instances_with(30_000, &mut rng);
 
     // Each instance owns some partitions, every partition has one owner,
     // and all instances agree on who.
@@ -392,11 +413,7 @@ fn three_instances_answer_every_key_exactly_from_any_instance() {
 
 #[test]
 fn a_killed_instances_partitions_move_and_every_key_stays_exact() {
-    let _serial = one_at_a_time();
-    let seed = seed();
-    eprintln!("kill test seed {seed}");
-    let mut rng = Rng(seed);
-    let mut cluster = Cluster::new();
+    let (_serial, mut rng, mut cluster) = start("kill test", 0);
     for _ in 0..3 {
         cluster.add_instance();
     }
@@ -437,28 +454,17 @@ fn a_killed_instances_partitions_move_and_every_key_stays_exact() {
     let mut unanswered = 0;
     let mismatches = cluster.check_every_key(&data, &mut rng, &mut unanswered);
     assert!(mismatches.is_empty() && unanswered == 0, "{mismatches:?}");
-    let restored: f64 = cluster
-        .live()
-        .iter()
-        .map(|w| {
-            w.metrics()
-                .get("wagg_restored_records_total")
-                .copied()
-                .unwrap_or(0.0)
-        })
-        .sum();
-    assert!(restored > 0.0, "nothing was restored from the changelog");
+    assert!(
+        cluster.metric_sum("wagg_restored_records_total") > 0.0,
+        "nothing was restored from the changelog"
+    );
 }
 
 #[test]
 fn scaling_from_two_to_three_instances_mid_ingest_keeps_every_key_exact() {
-    let _serial = one_at_a_time();
-    let seed = seed();
-    eprintln!("scale 2 → 3 test seed {seed}");
-    let mut rng = Rng(seed);
     // With a standby copy of every partition, following it while partitions
     // move: copies must never disturb an owner's state.
-    let mut cluster = Cluster::with_standby_replicas(1);
+    let (_serial, mut rng, mut cluster) = start("scale 2 → 3 test", 1);
     cluster.add_instance();
     cluster.add_instance();
     let data = DataSet::new(40_000);
@@ -484,46 +490,19 @@ fn scaling_from_two_to_three_instances_mid_ingest_keeps_every_key_exact() {
 
 #[test]
 fn standby_copies_answer_while_an_owner_is_dead_and_take_over_without_a_restore() {
-    let _serial = one_at_a_time();
-    let seed = seed();
-    eprintln!("standby test seed {seed}");
-    let mut rng = Rng(seed);
     // Two copies besides the owner: every survivor has every partition.
-    let mut cluster = Cluster::with_standby_replicas(2);
-    for _ in 0..3 {
-        cluster.add_instance();
-    }
-    let data = DataSet::new(20_000);
-    cluster.broker.produce(TOPIC, &data.records);
-    cluster.wait_exact(&data, &mut rng, Duration::from_secs(180));
+    let (_serial, mut rng, mut cluster) = start("standby test", 2);
+    let data = cluster.three_instances_with(20_000, &mut rng);
     cluster.wait_until(
         "every instance has a current copy of the partitions it does not own",
         Duration::from_secs(120),
         Cluster::standby_copies_current,
     );
-    let restored = |c: &Cluster| -> f64 {
-        c.live()
-            .iter()
-            .map(|w| {
-                w.metrics()
-                    .get("wagg_restored_records_total")
-                    .copied()
-                    .unwrap_or(0.0)
-            })
-            .sum()
-    };
-    let restored_before = restored(&cluster);
-    let standby_records: f64 = cluster
-        .live()
-        .iter()
-        .map(|w| {
-            w.metrics()
-                .get("wagg_standby_records_total")
-                .copied()
-                .unwrap_or(0.0)
-        })
-        .sum();
-    assert!(standby_records > 0.0, "no changelog record reached a copy");
+    let restored_before = cluster.metric_sum("wagg_restored_records_total");
+    assert!(
+        cluster.metric_sum("wagg_standby_records_total") > 0.0,
+        "no changelog record reached a copy"
+    );
 
     // Not the first instance: see the kill test.
     let victim = 2;
@@ -555,15 +534,7 @@ fn standby_copies_answer_while_an_owner_is_dead_and_take_over_without_a_restore(
     for (key, count) in victims_keys.iter().take(200) {
         let live = cluster.live();
         let wagg = live[(rng.next_u64() % live.len() as u64) as usize];
-        let response = client
-            .get(format!(
-                "{}/v1/aggregations/count/keys/{}",
-                wagg.http,
-                urlencode(key)
-            ))
-            .timeout(Duration::from_secs(10))
-            .send()
-            .expect("lookup");
+        let response = lookup(&client, wagg, "count", key).expect("lookup");
         if response.headers().contains_key("x-wagg-standby") {
             assert!(response.headers().contains_key("x-wagg-staleness-ms"));
             assert_eq!(response.status().as_u16(), 200);
@@ -594,7 +565,7 @@ fn standby_copies_answer_while_an_owner_is_dead_and_take_over_without_a_restore(
     );
     let moved_after = killed_at.elapsed();
     let unanswered = cluster.wait_exact(&data, &mut rng, Duration::from_secs(120));
-    let restored_after = restored(&cluster);
+    let restored_after = cluster.metric_sum("wagg_restored_records_total");
     eprintln!(
         "standby test: survivors owned all partitions {moved_after:?} after the kill, every key exact {:?} after it ({unanswered} lookups unanswered on the way); records restored after the kill: {}",
         killed_at.elapsed(),

@@ -604,14 +604,18 @@ async fn get_key(
         let Some(partition) = routing.membership.partition_of(topic, &key) else {
             continue;
         };
+        // If the owner does not answer, a standby copy may.
+        let standby = StandbyLookup {
+            topic,
+            partition,
+            forwarded,
+            path_and_query,
+            headers: &headers,
+        };
         match routing.membership.owner(topic, partition) {
             Owner::Local => {
-                let Some(topic_id) = state.store.known_topic_id(topic) else {
+                let Some(slot) = partition_slot(&state, topic, partition) else {
                     continue;
-                };
-                let slot = Slot {
-                    topic_id,
-                    partition: partition as u32,
                 };
                 let found = lookup(
                     state.clone(),
@@ -619,9 +623,8 @@ async fn get_key(
                     Some(slot),
                     key.clone(),
                     encoding,
-                )
-                .await?;
-                if let Some(found) = found {
+                );
+                if let Some(found) = found.await? {
                     return Ok(found.into_response());
                 }
             }
@@ -632,15 +635,7 @@ async fn get_key(
                 match routing.proxy(&owner, path_and_query, &headers).await {
                     Ok((StatusCode::NOT_FOUND, _)) => {}
                     Ok((_, response)) => return Ok(response),
-                    // The owner is not answering: a standby copy may.
                     Err(unreachable) => {
-                        let standby = StandbyLookup {
-                            topic,
-                            partition,
-                            forwarded,
-                            path_and_query,
-                            headers: &headers,
-                        };
                         match from_standby(&state, &name, &key, encoding, standby).await? {
                             FromStandby::Answered(response) => return Ok(response),
                             FromStandby::Absent => {}
@@ -650,13 +645,6 @@ async fn get_key(
                 }
             }
             Owner::Remote(_) | Owner::Unknown => {
-                let standby = StandbyLookup {
-                    topic,
-                    partition,
-                    forwarded,
-                    path_and_query,
-                    headers: &headers,
-                };
                 match from_standby(&state, &name, &key, encoding, standby).await? {
                     FromStandby::Answered(response) => return Ok(response),
                     FromStandby::Absent => {}
@@ -669,6 +657,15 @@ async fn get_key(
         Some((topic, partition)) => Err(ApiError::unavailable(topic, partition)),
         None => Err(not_found()),
     }
+}
+
+/// The store slot of a source partition (`None`: a topic this store has
+/// never seen).
+fn partition_slot(state: &ApiState, topic: &str, partition: i32) -> Option<Slot> {
+    state.store.known_topic_id(topic).map(|topic_id| Slot {
+        topic_id,
+        partition: partition as u32,
+    })
 }
 
 /// A lookup whose partition's owner is not answering.
@@ -709,20 +706,16 @@ async fn from_standby(
         headers,
     } = lookup_of;
     if let Some(copy) = routing.cluster.standby_copy(topic, partition)
-        && let Some(topic_id) = state.store.known_topic_id(topic)
+        && let Some(slot) = partition_slot(state, topic, partition)
     {
-        let slot = Slot {
-            topic_id,
-            partition: partition as u32,
-        };
         let found = lookup(
             state.clone(),
             name.to_owned(),
             Some(slot),
             key.to_vec(),
             encoding,
-        )
-        .await?;
+        );
+        let found = found.await?;
         state.status.metrics().standby_lookups.inc();
         let Some(found) = found else {
             return Ok(FromStandby::Absent);

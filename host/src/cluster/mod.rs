@@ -784,16 +784,7 @@ impl Cluster {
                 if aggregation.topic.as_deref().is_some_and(|t| t != topic) {
                     return Ok(());
                 }
-                let header = |name: &str| {
-                    message.headers().and_then(|headers| {
-                        headers
-                            .iter()
-                            .find(|h| h.key == name)
-                            .and_then(|h| log::parse_number_header(h.value))
-                    })
-                };
-                let (Some(epoch), Some(seq)) = (header(log::EPOCH_HEADER), header(log::SEQ_HEADER))
-                else {
+                let Some((epoch, seq)) = flush_of(message) else {
                     return Ok(());
                 };
                 if !commit.accepts(epoch, seq) {
@@ -824,6 +815,20 @@ impl Cluster {
         store.write(batch)?;
         Ok(applied)
     }
+}
+
+/// The flush a changelog record belongs to: its epoch and sequence number
+/// headers.
+fn flush_of(message: &BorrowedMessage<'_>) -> Option<(u64, u64)> {
+    let header = |name: &str| {
+        message.headers().and_then(|headers| {
+            headers
+                .iter()
+                .find(|h| h.key == name)
+                .and_then(|h| log::parse_number_header(h.value))
+        })
+    };
+    Some((header(log::EPOCH_HEADER)?, header(log::SEQ_HEADER)?))
 }
 
 /// Reads partitions to the high watermarks they have now, all at once:

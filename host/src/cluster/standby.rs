@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::log::{self, Commit};
 use super::membership::Membership;
-use super::{COMMIT_WINDOW, Cluster, ClusterError};
+use super::{COMMIT_WINDOW, Cluster, ClusterError, flush_of};
 use crate::store::{Slot, StateStore};
 
 /// How often the set of copies is re-planned from the membership table.
@@ -347,16 +347,7 @@ impl Cluster {
             {
                 return Ok(());
             }
-            let header = |name: &str| {
-                message.headers().and_then(|headers| {
-                    headers
-                        .iter()
-                        .find(|h| h.key == name)
-                        .and_then(|h| log::parse_number_header(h.value))
-                })
-            };
-            let (Some(epoch), Some(seq)) = (header(log::EPOCH_HEADER), header(log::SEQ_HEADER))
-            else {
+            let Some((epoch, seq)) = flush_of(message) else {
                 return Ok(());
             };
             follow.pending.push(Pending {
