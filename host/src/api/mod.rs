@@ -598,7 +598,7 @@ async fn get_key(
     };
     // A multi-topic aggregation's key may live in each topic's partition:
     // a redirect could bounce between their owners, so those are proxied.
-    let redirect = routing.forward == Forwarding::Redirect && topics.len() == 1;
+    let redirect = routing.cluster.config.forward == Forwarding::Redirect && topics.len() == 1;
     let mut unavailable = None;
     for topic in &topics {
         let Some(partition) = routing.membership.partition_of(topic, &key) else {

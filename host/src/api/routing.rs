@@ -8,14 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, LOCATION};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use super::ApiError;
 use crate::cluster::Cluster;
 use crate::cluster::membership::Membership;
-use crate::config::Forwarding;
 
 /// Marks a request one instance sends another.
 pub const FORWARDED_HEADER: &str = "x-wagg-forwarded";
@@ -30,7 +29,6 @@ pub const STALENESS_HEADER: &str = "x-wagg-staleness-ms";
 pub struct Routing {
     pub membership: Arc<Membership>,
     pub cluster: Arc<Cluster>,
-    pub forward: Forwarding,
     client: reqwest::Client,
 }
 
@@ -38,7 +36,6 @@ impl Routing {
     pub fn new(membership: Arc<Membership>, cluster: Arc<Cluster>, timeout: Duration) -> Self {
         Self {
             membership,
-            forward: cluster.config.forward,
             cluster,
             client: reqwest::Client::builder()
                 .timeout(timeout)
@@ -133,13 +130,12 @@ impl Routing {
             StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
         // What the answer is and where it came from travel with it.
         let mut kept = HeaderMap::new();
-        for name in [CONTENT_TYPE.as_str(), STANDBY_HEADER, STALENESS_HEADER] {
-            if let Some(value) = response
-                .headers()
-                .get(name)
-                .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
-                && let Ok(name) = axum::http::HeaderName::from_bytes(name.as_bytes())
-            {
+        for name in [
+            CONTENT_TYPE,
+            HeaderName::from_static(STANDBY_HEADER),
+            HeaderName::from_static(STALENESS_HEADER),
+        ] {
+            if let Some(value) = response.headers().get(&name).cloned() {
                 kept.insert(name, value);
             }
         }

@@ -39,6 +39,18 @@ struct Announcement {
     at_ms: i64,
 }
 
+impl Announcement {
+    fn owns(&self, topic: &str, partition: i32) -> bool {
+        holds(&self.partitions, topic, partition)
+    }
+}
+
+fn holds(partitions: &[(String, i32)], topic: &str, partition: i32) -> bool {
+    partitions
+        .iter()
+        .any(|(t, p)| t == topic && *p == partition)
+}
+
 /// Where a partition's state is served.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Owner {
@@ -132,11 +144,7 @@ impl Membership {
         }
         self.live()
             .into_iter()
-            .filter(|a| {
-                a.partitions
-                    .iter()
-                    .any(|(t, p)| t == topic && *p == partition)
-            })
+            .filter(|a| a.owns(topic, partition))
             .max_by_key(|a| a.at_ms)
             .map_or(Owner::Unknown, |a| Owner::Remote(a.http))
     }
@@ -193,7 +201,7 @@ impl Membership {
         let mut standbys: Vec<String> = self
             .live()
             .into_iter()
-            .filter(|a| a.standby.iter().any(|(t, p)| t == topic && *p == partition))
+            .filter(|a| holds(&a.standby, topic, partition))
             .map(|a| a.http)
             .collect();
         standbys.sort();
@@ -245,11 +253,7 @@ impl Membership {
                 }
                 let last_claimant = table
                     .values()
-                    .filter(|a| {
-                        a.partitions
-                            .iter()
-                            .any(|(t, p)| t == topic && *p == partition)
-                    })
+                    .filter(|a| a.owns(topic, partition))
                     .max_by_key(|a| a.at_ms);
                 if last_claimant.is_some_and(|a| a.http != self.me && now - a.at_ms > timeout) {
                     orphans += 1;
