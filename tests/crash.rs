@@ -15,7 +15,7 @@ use common::broker::{Broker, free_port};
 use common::wagg_process::Wagg;
 use common::{json_approx_eq, stats_json};
 use serde_json::{Value, json};
-use wagg::rng::Rng;
+use wagg::tools::rng::Rng;
 
 const PARTITIONS: u32 = 4;
 const KEYS: usize = 10_000;

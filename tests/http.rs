@@ -17,13 +17,14 @@ use common::plugin;
 use proptest::prelude::*;
 use serde_json::Value;
 use tower::ServiceExt;
-use wagg::api::{ApiState, HttpPolicy, QueryableAggregation, router};
+use wagg::config::OnError;
 use wagg::config::{AuthScope, Config};
-use wagg::plugin::offline::{self, StateMap};
-use wagg::plugin::{AfterFailure, PluginRuntime, RuntimeConfig};
+use wagg::ops::status::Status;
+use wagg::plugin::{PluginRuntime, RuntimeConfig};
 use wagg::record::SourceRecord;
-use wagg::status::Status;
-use wagg::store::{Slot, StateStore, StoreOptions};
+use wagg::serve::{ApiState, HttpPolicy, QueryableAggregation, router};
+use wagg::state::store::{Slot, StateStore, StoreOptions};
+use wagg::tools::author::offline::{self, StateMap};
 
 const TOKEN: &str = "a-test-token-of-enough-length";
 
@@ -62,7 +63,7 @@ fn fixture() -> Fixture {
         ..SourceRecord::default()
     });
     let mut states = StateMap::default();
-    offline::apply_chunk(&mut instance, &mut states, &records, AfterFailure::Stop).expect("apply");
+    offline::apply_chunk(&mut instance, &mut states, &records, OnError::Fail).expect("apply");
     let store = Arc::new(
         StateStore::open(
             &dir.path().join("state"),

@@ -8,9 +8,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{json_approx_eq, plugin, workspace_root};
-use wagg::plugin::offline::{self, StateMap};
-use wagg::plugin::{AfterFailure, CallError, PluginError, PluginRuntime, RuntimeConfig};
+use wagg::config::OnError;
+use wagg::plugin::{CallError, PluginError, PluginRuntime, RuntimeConfig};
 use wagg::record::SourceRecord;
+use wagg::tools::author::offline::{self, StateMap};
 
 fn runtime() -> PluginRuntime {
     PluginRuntime::new(RuntimeConfig::default()).expect("runtime")
@@ -178,9 +179,8 @@ fn stats_and_sum_reject_missing_and_non_numeric_fields() {
             ("k", "null"),
         ]);
         let mut states = StateMap::default();
-        let failures =
-            offline::apply_chunk(&mut instance, &mut states, &records, AfterFailure::Continue)
-                .expect("call");
+        let failures = offline::apply_chunk(&mut instance, &mut states, &records, OnError::Skip)
+            .expect("call");
         let failures: Vec<(i64, String)> =
             failures.into_iter().map(|(r, m)| (r.offset, m)).collect();
         assert_eq!(
@@ -224,8 +224,8 @@ fn distinct_estimates_a_million_values_within_its_error_bound() {
                 ..SourceRecord::default()
             })
             .collect();
-        let failures = offline::apply_chunk(&mut instance, &mut states, &chunk, AfterFailure::Stop)
-            .expect("call");
+        let failures =
+            offline::apply_chunk(&mut instance, &mut states, &chunk, OnError::Fail).expect("call");
         assert!(failures.is_empty());
     }
     let rendered: serde_json::Value =
@@ -308,8 +308,7 @@ fn assert_isolated(mode: &str, config: RuntimeConfig, expect_message: impl Fn(&s
     let records = batch_with_one_bad_record();
     let mut states = StateMap::default();
     let failures =
-        offline::apply_chunk(&mut instance, &mut states, &records, AfterFailure::Continue)
-            .expect("call");
+        offline::apply_chunk(&mut instance, &mut states, &records, OnError::Skip).expect("call");
     assert_eq!(failures.len(), 1, "{mode}: {failures:?}");
     let (record, message) = &failures[0];
     assert_eq!(record.offset, 5, "{mode}: wrong record blamed");
@@ -325,7 +324,7 @@ fn assert_isolated(mode: &str, config: RuntimeConfig, expect_message: impl Fn(&s
     // The instance still works after the failure.
     let more = records_after(&[("a", "11")]);
     assert!(
-        offline::apply_chunk(&mut instance, &mut states, &more, AfterFailure::Stop)
+        offline::apply_chunk(&mut instance, &mut states, &more, OnError::Fail)
             .expect("call")
             .is_empty()
     );
@@ -438,7 +437,7 @@ fn the_network_is_not_reachable() {
     let mut states = StateMap::default();
     let bad = records(&[("k", "bad")]);
     let failures =
-        offline::apply_chunk(&mut instance, &mut states, &bad, AfterFailure::Stop).expect("call");
+        offline::apply_chunk(&mut instance, &mut states, &bad, OnError::Fail).expect("call");
     assert_eq!(failures.len(), 1);
     assert!(
         failures[0]
@@ -457,7 +456,7 @@ fn the_environment_is_empty() {
     let mut states = StateMap::default();
     let bad = records(&[("k", "bad")]);
     let failures =
-        offline::apply_chunk(&mut instance, &mut states, &bad, AfterFailure::Stop).expect("call");
+        offline::apply_chunk(&mut instance, &mut states, &bad, OnError::Fail).expect("call");
     assert!(failures.is_empty());
     let rendered: serde_json::Value =
         serde_json::from_str(&instance.render(&states[b"k".as_slice()]).expect("render"))
@@ -503,7 +502,7 @@ fn compiled_plugins_are_cached_by_content_hash() {
         &mut instance,
         &mut states,
         &records(&[("k", "1"), ("k", "2")]),
-        AfterFailure::Stop,
+        OnError::Fail,
     )
     .expect("call");
     assert_eq!(counts(&mut instance, &states), vec![("k".into(), 2)]);

@@ -12,8 +12,8 @@ use common::broker::{Broker, ProducerOnly, free_port};
 use common::wagg_process::{Wagg, urlencode};
 use common::{json_approx_eq, stats_json};
 use serde_json::{Value, json};
-use wagg::partitioner::partition_for_key;
-use wagg::rng::Rng;
+use wagg::cluster::partitioner::partition_for_key;
+use wagg::tools::rng::Rng;
 
 const PARTITIONS: u32 = 8;
 

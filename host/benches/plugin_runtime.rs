@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use wagg::plugin::offline::{self, StateMap};
-use wagg::plugin::{AfterFailure, PluginRuntime, RuntimeConfig};
+use wagg::config::OnError;
+use wagg::plugin::{PluginRuntime, RuntimeConfig};
 use wagg::record::SourceRecord;
+use wagg::tools::author::offline::{self, StateMap};
 
 const KEYS: usize = 10_000;
 const RECORDS: usize = 20_000;
@@ -26,7 +27,7 @@ fn plugins() -> std::collections::BTreeMap<String, PathBuf> {
         .ancestors()
         .nth(3)
         .expect("<target>/<profile>/deps/<bench>");
-    wagg::plugin::build::build_example_plugins(root, &target.join("wasm-plugins"), false)
+    wagg::tools::author::build::build_example_plugins(root, &target.join("wasm-plugins"), false)
         .expect("build plugins")
 }
 
@@ -122,7 +123,7 @@ fn bench(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new(format!("{name}/wasm"), batch), |b| {
                 b.iter(|| {
                     for chunk in records.chunks(batch) {
-                        offline::apply_chunk(&mut instance, &mut states, chunk, AfterFailure::Stop)
+                        offline::apply_chunk(&mut instance, &mut states, chunk, OnError::Fail)
                             .expect("apply");
                     }
                 })

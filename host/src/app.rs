@@ -7,17 +7,19 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::api::routing::Routing;
-use crate::api::{ApiState, HttpPolicy, QueryableAggregation};
-use crate::cluster::Cluster;
+use crate::apply::dead_letter::DeadLetterSink;
+use crate::apply::{Aggregation, BatchApplier, Pipeline};
 use crate::cluster::membership::Membership;
+use crate::cluster::{Cluster, ClusterTopics};
 use crate::config::Config;
-use crate::dead_letter::DeadLetterSink;
-use crate::pipeline::{Aggregation, BatchApplier, Pipeline};
-use crate::plugin::{LoadedPlugin, PluginRuntime};
-use crate::source::KafkaSource;
-use crate::status::Status;
-use crate::store::{AggregationMeta, StateStore, StoreOptions};
+use crate::ingest::KafkaSource;
+use crate::kafka::ClientProperties;
+use crate::ops::status::Status;
+use crate::plugin::{LoadedPlugin, PluginRuntime, RuntimeConfig};
+use crate::serve::routing::Routing;
+use crate::serve::{ApiState, HttpPolicy, QueryableAggregation};
+use crate::state::flush::FlushPublisher;
+use crate::state::store::{AggregationMeta, StateStore, StoreOptions};
 
 /// How often progress is logged while catching up (without a terminal).
 const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -121,8 +123,12 @@ pub fn run(
         shutdown.clone(),
         Duration::from_millis(config.shutdown.deadline_ms),
     )?;
-    let http_policy = HttpPolicy::from_config(&config)?;
-    let runtime = PluginRuntime::new(config.runtime_config())?;
+    let token = config.http_token().map_err(anyhow::Error::msg)?;
+    let http_policy = HttpPolicy::new(&config.http, token);
+    let runtime = PluginRuntime::new(RuntimeConfig::new(
+        &config.plugins,
+        config.plugin_cache_dir(),
+    ))?;
     let plugins = load_plugins(&config, &runtime)?;
 
     let status = Arc::new(Status::default());
@@ -131,7 +137,14 @@ pub fn run(
         status.set_next_offset(&topic, partition, next);
     }
 
-    let dead_letters = DeadLetterSink::from_config(&config, status.clone())?;
+    let brokers = &config.source.brokers;
+    let dead_letters = match &config.dead_letter {
+        None => None,
+        Some(dead_letter) => {
+            let client = ClientProperties::new(brokers, config.dead_letter_properties());
+            Some(DeadLetterSink::new(dead_letter, &client, status.clone())?)
+        }
+    };
     if let Some(sink) = &dead_letters {
         sink.check_topic(Duration::from_secs(10))?;
         tracing::info!(
@@ -139,13 +152,24 @@ pub fn run(
             "rejected records go to the dead-letter topic"
         );
     }
-    let cluster = Cluster::from_config(&config, status.clone(), shutdown.clone())?;
+    let cluster = match &config.cluster {
+        None => None,
+        Some(cluster) => Some(Cluster::new(
+            cluster,
+            ClusterTopics::new(cluster, &config.source.group_id),
+            &config.aggregations,
+            &ClientProperties::new(brokers, config.connection_properties()),
+            status.clone(),
+            shutdown.clone(),
+        )?),
+    };
     let mut members_thread = None;
     let mut standby_thread = None;
     let routing = match &cluster {
         None => None,
         Some(cluster) => {
-            let partition_counts = crate::cluster::topics::ensure_topics(cluster, &config)?;
+            let partition_counts =
+                crate::cluster::topics::ensure_topics(cluster, &config.source.topics)?;
             let membership = Arc::new(Membership::new(cluster, partition_counts, status.clone()));
             members_thread = Some(crate::cluster::membership::start(
                 cluster.clone(),
@@ -172,16 +196,23 @@ pub fn run(
             ))
         }
     };
-    let source = KafkaSource::new(&config, store.clone(), status.clone(), cluster.clone())?
-        .start(&config.batch)
-        .context("starting the source thread")?;
+    let source_client = ClientProperties::new(brokers, config.kafka_properties());
+    let source = KafkaSource::new(
+        &config.source,
+        &source_client,
+        store.clone(),
+        status.clone(),
+        cluster.clone(),
+    )?
+    .start(&config.batch)
+    .context("starting the source thread")?;
     let applier = BatchApplier::new(
         store.clone(),
         status.clone(),
         aggregations,
         dead_letters,
         &config.batch,
-        cluster,
+        cluster.map(|cluster| cluster as Arc<dyn FlushPublisher>),
     )
     .context("starting the state writer thread")?;
     let pipeline = Pipeline::new(source, applier, status.clone());
@@ -198,7 +229,7 @@ pub fn run(
     let address = listener
         .local_addr()
         .context("reading the listen address")?;
-    let router = crate::api::router(
+    let router = crate::serve::router(
         Arc::new(ApiState {
             store: store.clone(),
             status: status.clone(),
@@ -232,7 +263,7 @@ pub fn run(
         let interval = config.progress_interval.unwrap_or(PROGRESS_LOG_INTERVAL);
         std::thread::Builder::new()
             .name("wagg-progress".into())
-            .spawn(move || crate::progress::report(status, &stop, interval))
+            .spawn(move || crate::ops::progress::report(status, &stop, interval))
             .context("starting the progress reporter")?
     };
     let consumed = consumer

@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use wagg::config::Config;
-use wagg::plugin::offline::{self, OnError};
-use wagg::plugin::{PluginRuntime, RuntimeConfig, build};
+use wagg::config::{Config, OnError};
+use wagg::plugin::{PluginRuntime, RuntimeConfig};
+use wagg::tools::author::{build, offline};
 
 /// glibc's allocator spent a quarter of the engine benchmark's time in
 /// malloc/free (BENCHMARKS.md); mimalloc does not.
@@ -59,9 +59,9 @@ struct EndpointArgs {
 }
 
 impl EndpointArgs {
-    fn endpoint(self) -> anyhow::Result<wagg::client::Endpoint> {
-        Ok(wagg::client::Endpoint {
-            url: wagg::client::parse_url(&self.url)?,
+    fn endpoint(self) -> anyhow::Result<wagg::tools::client::Endpoint> {
+        Ok(wagg::tools::client::Endpoint {
+            url: wagg::tools::client::parse_url(&self.url)?,
             token: self.token,
         })
     }
@@ -138,7 +138,7 @@ enum BenchCommand {
     #[command(
         after_help = "Example:\n  wagg bench engine --plugins count,stats,top-n --keys 1000,100000,10000000"
     )]
-    Engine(wagg::bench::engine::EngineOptions),
+    Engine(wagg::tools::bench::engine::EngineOptions),
     /// A raw consumer (the ceiling) against wagg on one pre-produced topic.
     #[command(after_help = "Example:\n  wagg bench e2e --records 5000000 --keys 100000")]
     E2e {
@@ -205,8 +205,8 @@ impl E2eArgs {
         self,
         query_rate: Option<u32>,
         max_rate_seconds: u64,
-    ) -> wagg::bench::e2e::E2eOptions {
-        wagg::bench::e2e::E2eOptions {
+    ) -> wagg::tools::bench::e2e::E2eOptions {
+        wagg::tools::bench::e2e::E2eOptions {
             brokers: self.brokers,
             tansu: self.tansu,
             records: self.records,
@@ -259,8 +259,8 @@ enum PluginCommand {
         #[arg(long, default_value_t = 1000)]
         batch_size: usize,
         /// What to do with records the plugin rejects.
-        #[arg(long, value_enum, default_value_t = OnErrorArg::Fail)]
-        on_error: OnErrorArg,
+        #[arg(long, value_enum, default_value_t = OnError::Fail)]
+        on_error: OnError,
     },
     /// Create a plugin crate from a template (uses the guest SDK, builds to
     /// wasm32-wasip2 as is, has a golden test).
@@ -295,12 +295,6 @@ enum PluginCommand {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum OnErrorArg {
-    Fail,
-    Skip,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let logs = tracing_subscriber::fmt()
@@ -310,7 +304,7 @@ fn main() -> ExitCode {
         // Colour only for a person at a terminal, not in log files.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         // Steps around `wagg run`'s live progress line on a terminal.
-        .with_writer(wagg::progress::LogWriter);
+        .with_writer(wagg::ops::progress::LogWriter);
     match cli.log_format {
         LogFormat::Human => logs.init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),
@@ -338,8 +332,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             rate,
             plugins_dir,
-        } => wagg::demo::run(
-            wagg::demo::DemoOptions {
+        } => wagg::tools::demo::run(
+            wagg::tools::demo::DemoOptions {
                 listen,
                 rate,
                 plugins_dir,
@@ -348,7 +342,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         Command::CheckConfig { config: path } => {
             let config = Config::load(&path)?;
-            let runtime = PluginRuntime::new(config.runtime_config())?;
+            let runtime = PluginRuntime::new(RuntimeConfig::new(
+                &config.plugins,
+                config.plugin_cache_dir(),
+            ))?;
             let plugins = wagg::app::load_plugins(&config, &runtime)?;
             for (aggregation, plugin) in config.aggregations.iter().zip(&plugins) {
                 println!(
@@ -365,12 +362,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             key,
             endpoint,
         } => {
-            let state = wagg::client::query(&endpoint.endpoint()?, &aggregation, &key)?;
+            let state = wagg::tools::client::query(&endpoint.endpoint()?, &aggregation, &key)?;
             println!("{}", serde_json::to_string_pretty(&state)?);
             Ok(())
         }
         Command::Lag { endpoint } => {
-            print!("{}", wagg::client::lag(&endpoint.endpoint()?)?);
+            print!("{}", wagg::tools::client::lag(&endpoint.endpoint()?)?);
             Ok(())
         }
         Command::Completions { shell } => {
@@ -386,17 +383,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn bench_command(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Engine(options) => {
-            wagg::bench::engine::run(&options)?;
+            wagg::tools::bench::engine::run(&options)?;
         }
         BenchCommand::E2e { common } => {
-            wagg::bench::e2e::run(&common.options(None, 0))?;
+            wagg::tools::bench::e2e::run(&common.options(None, 0))?;
         }
         BenchCommand::Query {
             common,
             rate,
             max_rate_seconds,
         } => {
-            wagg::bench::e2e::run(&common.options(Some(rate), max_rate_seconds))?;
+            wagg::tools::bench::e2e::run(&common.options(Some(rate), max_rate_seconds))?;
         }
     }
     Ok(())
@@ -473,10 +470,6 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
                 offline::read_jsonl(std::io::BufReader::new(file))
                     .with_context(|| input.display().to_string())?
             };
-            let on_error = match on_error {
-                OnErrorArg::Fail => OnError::Fail,
-                OnErrorArg::Skip => OnError::Skip,
-            };
             let states = offline::run(
                 &mut instance,
                 &records,
@@ -494,11 +487,11 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
         PluginCommand::New { name, dir, sdk } => {
             let sdk = match sdk {
                 Some(sdk) => sdk,
-                None => wagg::plugin::scaffold::default_sdk_path().context(
+                None => wagg::tools::author::scaffold::default_sdk_path().context(
                     "the guest SDK of the workspace this binary was built from is gone; pass --sdk PATH/guest-sdk",
                 )?,
             };
-            let created = wagg::plugin::scaffold::new_plugin(&dir, &name, &sdk)?;
+            let created = wagg::tools::author::scaffold::new_plugin(&dir, &name, &sdk)?;
             println!("created {}", created.display());
             println!(
                 "next: cd {} && wagg plugin build . && wagg plugin test target/wasm32-wasip2/release/{}.wasm --golden golden",

@@ -17,7 +17,7 @@ pub struct Broker {
 }
 
 fn tansu_binary() -> PathBuf {
-    wagg::bench::e2e::tansu_binary(None)
+    wagg::tools::bench::e2e::tansu_binary(None)
 }
 
 pub fn free_port() -> u16 {

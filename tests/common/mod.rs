@@ -27,7 +27,7 @@ pub fn target_dir() -> PathBuf {
 pub fn plugins() -> &'static BTreeMap<String, PathBuf> {
     static PLUGINS: OnceLock<BTreeMap<String, PathBuf>> = OnceLock::new();
     PLUGINS.get_or_init(|| {
-        let built = wagg::plugin::build::build_example_plugins(
+        let built = wagg::tools::author::build::build_example_plugins(
             &workspace_root(),
             &target_dir().join("wasm-plugins"),
             true,
@@ -66,7 +66,7 @@ pub fn stats_json(xs: &[f64]) -> serde_json::Value {
 /// absolute below 1)
 /// (floating-point sums depend on order of evaluation).
 #[allow(unused_imports)]
-pub use wagg::plugin::offline::json_approx_eq;
+pub use wagg::tools::author::offline::json_approx_eq;
 
 pub mod broker;
 #[allow(dead_code)]

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Cluster;
 use crate::config::KeyPartitioner;
-use crate::status::{Status, now_millis};
+use crate::ops::status::{Status, now_millis};
 
 /// One instance's announcement (the members topic's value; the key is the
 /// instance's address).
@@ -108,8 +108,12 @@ impl Membership {
     pub fn partition_of(&self, topic: &str, key: &[u8]) -> Option<i32> {
         let count = *self.partition_counts.get(topic)?;
         let partition = match self.key_partitioner {
-            KeyPartitioner::Murmur2 => crate::partitioner::partition_for_key(key, count as u32),
-            KeyPartitioner::Crc32 => crate::partitioner::crc32_partition_for_key(key, count as u32),
+            KeyPartitioner::Murmur2 => {
+                crate::cluster::partitioner::partition_for_key(key, count as u32)
+            }
+            KeyPartitioner::Crc32 => {
+                crate::cluster::partitioner::crc32_partition_for_key(key, count as u32)
+            }
         };
         Some(partition as i32)
     }
@@ -180,7 +184,10 @@ impl Membership {
                 .filter(|instance| **instance != owner)
                 .map(|instance| {
                     let seed = format!("{instance}\n{}\n{}", id.0, id.1);
-                    (crate::partitioner::murmur2(seed.as_bytes()), instance)
+                    (
+                        crate::cluster::partitioner::murmur2(seed.as_bytes()),
+                        instance,
+                    )
                 })
                 .collect();
             ranked.sort_unstable_by(|a, b| b.cmp(a));

@@ -25,8 +25,9 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::log::{self, Commit};
 use super::membership::Membership;
-use super::{COMMIT_WINDOW, Cluster, ClusterError, flush_of};
-use crate::store::{Slot, StateStore};
+use super::takeover::COMMIT_WINDOW;
+use super::{Cluster, ClusterError, flush_of};
+use crate::state::store::{Slot, StateStore};
 
 /// How often the set of copies is re-planned from the membership table.
 const PLAN_EVERY: Duration = Duration::from_secs(1);

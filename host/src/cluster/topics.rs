@@ -12,13 +12,15 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
 use super::Cluster;
-use crate::config::Config;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Creates the missing cluster topics and checks the existing ones; returns
 /// the partition count of every source topic.
-pub fn ensure_topics(cluster: &Cluster, config: &Config) -> anyhow::Result<BTreeMap<String, i32>> {
+pub fn ensure_topics(
+    cluster: &Cluster,
+    source_topics: &[String],
+) -> anyhow::Result<BTreeMap<String, i32>> {
     let admin: AdminClient<DefaultClientContext> = cluster
         .client_config()
         .create()
@@ -35,7 +37,7 @@ pub fn ensure_topics(cluster: &Cluster, config: &Config) -> anyhow::Result<BTree
             .map(|t| t.partitions().len() as i32))
     };
     let mut sources = BTreeMap::new();
-    for topic in &config.source.topics {
+    for topic in source_topics {
         let Some(count) = partitions_of(topic)? else {
             bail!(
                 "source topic {topic:?} does not exist; a cluster needs it to size its changelog topics"
@@ -44,10 +46,10 @@ pub fn ensure_topics(cluster: &Cluster, config: &Config) -> anyhow::Result<BTree
         sources.insert(topic.clone(), count);
     }
     let partitions = sources.values().copied().max().unwrap_or(1);
-    let mut wanted: Vec<(String, i32)> = config
+    let mut wanted: Vec<(String, i32)> = cluster
         .aggregations
         .iter()
-        .map(|a| (cluster.topics.changelog(&a.name), partitions))
+        .map(|a| (a.changelog.clone(), partitions))
         .collect();
     wanted.push((cluster.topics.commits(), partitions));
     wanted.push((cluster.topics.members(), 1));

@@ -12,8 +12,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::plugin::RuntimeConfig;
-
 /// A configuration problem, with the file and field it is about.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {message}")]
@@ -430,8 +428,10 @@ impl fmt::Debug for DeadLetterConfig {
     }
 }
 
-/// What to do when a plugin rejects (or traps on) a record.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+/// What to do when a plugin rejects (or traps on) a record: the one
+/// failure policy of `[[aggregation]].on_error`, the plugin runtime and
+/// `wagg plugin test --on-error`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnError {
     /// Stop consuming; nothing of the failing batch is written.
@@ -440,7 +440,18 @@ pub enum OnError {
     /// Log and count the record, and apply the rest.
     Skip,
     /// Send the record to the dead-letter topic, and apply the rest.
+    /// (Not offered by `wagg plugin test`, which has no topic.)
+    #[value(skip)]
     DeadLetter,
+}
+
+impl OnError {
+    /// Whether the records after a rejected one are applied (as if it had
+    /// not been there); with `Fail` they are left unapplied and the caller
+    /// stops.
+    pub fn applies_the_rest(self) -> bool {
+        self != Self::Fail
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -703,13 +714,9 @@ impl Config {
         self.base_dir.join(&self.state.dir)
     }
 
-    pub fn runtime_config(&self) -> RuntimeConfig {
-        RuntimeConfig {
-            memory_limit_bytes: self.plugins.memory_limit_mib << 20,
-            call_timeout: Duration::from_millis(self.plugins.call_timeout_ms),
-            max_state_bytes: self.plugins.max_state_bytes,
-            cache_dir: Some(self.state_dir().join("compiled-plugins")),
-        }
+    /// Where compiled plugins are cached.
+    pub fn plugin_cache_dir(&self) -> PathBuf {
+        self.state_dir().join("compiled-plugins")
     }
 
     /// Properties of the dead-letter producer: the security settings of

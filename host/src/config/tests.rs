@@ -37,7 +37,7 @@ fn minimal_config_gets_sane_defaults() {
     assert_eq!(aggregation.on_error, OnError::Fail);
     assert_eq!(aggregation.params_json(), "{}");
     assert!(aggregation.applies_to("anything"));
-    assert_eq!(config.runtime_config().memory_limit_bytes, 64 << 20);
+    assert_eq!(config.plugins.memory_limit_mib, 64);
 }
 
 #[test]
@@ -93,10 +93,7 @@ params = { field = "/amount" }
     let aggregation = &config.aggregations[0];
     assert_eq!(aggregation.params_json(), r#"{"field":"/amount"}"#);
     assert!(aggregation.applies_to("t2") && !aggregation.applies_to("t1"));
-    assert_eq!(
-        config.runtime_config().call_timeout,
-        Duration::from_millis(250)
-    );
+    assert_eq!(config.plugins.call_timeout_ms, 250);
 }
 
 #[test]

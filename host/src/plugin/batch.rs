@@ -6,6 +6,7 @@ use wagg_abi::{ResultDecoder, StateChange};
 
 use super::error::CallError;
 use super::instance::{PluginInstance, truncate};
+use crate::config::OnError;
 use crate::record::SourceRecord;
 
 /// One key's input to a call: its current state and its records in order.
@@ -57,15 +58,6 @@ pub struct Failure {
 pub struct GroupOutcome {
     pub change: Change,
     pub failure: Option<Failure>,
-}
-
-/// What to do with the records of a group after a rejected one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AfterFailure {
-    /// Leave them unapplied: the caller stops.
-    Stop,
-    /// Apply them, as if the rejected record had not been there.
-    Continue,
 }
 
 /// The outcome of a whole batch under a policy.
@@ -227,13 +219,14 @@ impl PluginInstance {
         }
     }
 
-    /// Applies a batch, isolating failing records; with
-    /// [`AfterFailure::Continue`] the records after a failed one are applied
-    /// too (each group resumes from its state just before the failure).
+    /// Applies a batch, isolating failing records; when `on_error`
+    /// [applies the rest](OnError::applies_the_rest), the records after a
+    /// failed one are applied too (each group resumes from its state just
+    /// before the failure).
     pub fn apply_batch(
         &mut self,
         groups: &[GroupInput<'_>],
-        after_failure: AfterFailure,
+        on_error: OnError,
     ) -> Result<BatchOutcome, CallError> {
         // The first round is the whole batch as given: no copies.
         let outcomes = self.apply_isolating(groups)?;
@@ -244,9 +237,7 @@ impl PluginInstance {
         for (g, outcome) in outcomes.into_iter().enumerate() {
             changes.push(outcome.change);
             if let Some(failure) = outcome.failure {
-                if after_failure == AfterFailure::Continue
-                    && failure.index + 1 < groups[g].records.len()
-                {
+                if on_error.applies_the_rest() && failure.index + 1 < groups[g].records.len() {
                     pending.push((g, failure.index + 1));
                 }
                 failures.push((g, failure));
@@ -276,9 +267,7 @@ impl PluginInstance {
                 if let Some(failure) = outcome.failure {
                     let index = start + failure.index;
                     failures.push((g, Failure { index, ..failure }));
-                    if after_failure == AfterFailure::Continue
-                        && index + 1 < groups[g].records.len()
-                    {
+                    if on_error.applies_the_rest() && index + 1 < groups[g].records.len() {
                         next.push((g, index + 1));
                     }
                 }

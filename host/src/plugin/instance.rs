@@ -3,7 +3,7 @@
 use wasmtime::Store;
 
 use super::bindings::Aggregator;
-use super::error::CallError;
+use super::error::{CallError, PluginError};
 use super::runtime::{LoadedPlugin, PluginCtx, deadline_ticks};
 
 /// Plugin messages and stderr quoted in errors are cut to this length: they
@@ -150,4 +150,21 @@ pub(super) fn truncate(mut message: String) -> String {
         message.push('…');
     }
     message
+}
+
+impl LoadedPlugin {
+    /// A configured instance: `params_json` goes to the plugin's `configure`.
+    pub fn instantiate(&self, params_json: &str) -> Result<PluginInstance, PluginError> {
+        let instance = PluginInstance::new(self.clone(), params_json.to_owned());
+        instance.map_err(|e| match e {
+            CallError::Rejected { message, .. } => PluginError::Params {
+                plugin: self.label(),
+                message,
+            },
+            other => PluginError::Instantiate {
+                plugin: self.label(),
+                message: other.to_string(),
+            },
+        })
+    }
 }

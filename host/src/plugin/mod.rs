@@ -8,14 +8,11 @@
 
 mod batch;
 mod bindings;
-pub mod build;
 mod error;
 mod instance;
-pub mod offline;
 mod runtime;
-pub mod scaffold;
 
-pub use batch::{AfterFailure, BatchOutcome, Change, Failure, GroupInput, GroupOutcome};
+pub use batch::{BatchOutcome, Change, Failure, GroupInput, GroupOutcome};
 pub use error::{CallError, PluginError};
 pub use instance::PluginInstance;
 pub use runtime::{LoadedPlugin, PluginMetadata, PluginRuntime, RuntimeConfig};

@@ -15,9 +15,10 @@ use wasmtime::{Config, Engine, Store};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use crate::config::PluginLimits;
+
 use super::bindings::{Aggregator, AggregatorPre};
 use super::error::{CallError, PluginError};
-use super::instance::PluginInstance;
 
 /// How often the engine's epoch advances; the granularity of call timeouts.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -37,6 +38,18 @@ pub struct RuntimeConfig {
     pub max_state_bytes: usize,
     /// Where compiled plugins are cached; `None` compiles on every load.
     pub cache_dir: Option<PathBuf>,
+}
+
+impl RuntimeConfig {
+    /// `[plugins]`'s limits, with compiled plugins cached in `cache_dir`.
+    pub fn new(limits: &PluginLimits, cache_dir: PathBuf) -> Self {
+        Self {
+            memory_limit_bytes: limits.memory_limit_mib << 20,
+            call_timeout: Duration::from_millis(limits.call_timeout_ms),
+            max_state_bytes: limits.max_state_bytes,
+            cache_dir: Some(cache_dir),
+        }
+    }
 }
 
 impl Default for RuntimeConfig {
@@ -301,21 +314,6 @@ impl LoadedPlugin {
 
     pub fn limits(&self) -> &RuntimeConfig {
         self.inner.runtime.config()
-    }
-
-    /// A configured instance: `params_json` goes to the plugin's `configure`.
-    pub fn instantiate(&self, params_json: &str) -> Result<PluginInstance, PluginError> {
-        let instance = PluginInstance::new(self.clone(), params_json.to_owned());
-        instance.map_err(|e| match e {
-            CallError::Rejected { message, .. } => PluginError::Params {
-                plugin: self.label(),
-                message,
-            },
-            other => PluginError::Instantiate {
-                plugin: self.label(),
-                message: other.to_string(),
-            },
-        })
     }
 
     pub(super) fn instantiate_raw(&self) -> Result<(Store<PluginCtx>, Aggregator), CallError> {

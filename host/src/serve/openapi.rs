@@ -47,7 +47,7 @@ pub struct AggregationInfo {
     pub records_applied: u64,
     pub records_failed: u64,
     pub records_dead_lettered: u64,
-    pub partitions: Vec<crate::status::PartitionProgress>,
+    pub partitions: Vec<crate::ops::status::PartitionProgress>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -90,12 +90,12 @@ pub struct KeyPage {
         description = "Live per-key aggregates of Kafka topics, computed by WebAssembly plugins. Every error is JSON (`ErrorBody`). With `[http.auth]`, send `Authorization: Bearer <token>` (probes are always open)."
     ),
     paths(
-        super::healthz,
-        super::readyz,
-        super::list_aggregations,
-        super::list_keys,
-        super::get_key,
-        super::metrics,
+        super::probes::healthz,
+        super::probes::readyz,
+        super::listings::list_aggregations,
+        super::listings::list_keys,
+        super::keys::get_key,
+        super::probes::metrics,
         openapi_json
     ),
     components(schemas(
@@ -108,8 +108,8 @@ pub struct KeyPage {
         KeyState,
         KeyPage,
         Encoding,
-        crate::status::PartitionProgress,
-        crate::status::Readiness
+        crate::ops::status::PartitionProgress,
+        crate::ops::status::Readiness
     ))
 )]
 pub struct ApiDoc;

@@ -17,7 +17,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-pub use crate::rng::Rng;
+pub use crate::tools::rng::Rng;
 
 /// The benchmark key for index `i`.
 pub fn key(i: u64) -> String {

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use super::query::{self, LoadResult};
 use super::{Rng, aggregation_toml, key, report, value};
-use crate::plugin::build::{example_plugin, example_plugins_dir};
+use crate::tools::author::build::{example_plugin, example_plugins_dir};
 
 #[derive(Debug, Clone)]
 pub struct E2eOptions {

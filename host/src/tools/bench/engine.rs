@@ -10,12 +10,12 @@ use anyhow::Context;
 use serde::Serialize;
 
 use super::{Rng, aggregation_toml, dir_size, key_bytes, report, rss_bytes, value};
+use crate::apply::BatchApplier;
 use crate::config::Config;
-use crate::pipeline::BatchApplier;
+use crate::ops::status::Status;
 use crate::plugin::PluginRuntime;
-use crate::plugin::build::{example_plugin, example_plugins_dir};
 use crate::record::SourceRecord;
-use crate::status::Status;
+use crate::tools::author::build::{example_plugin, example_plugins_dir};
 
 /// `wagg bench engine`'s options (also its command-line arguments).
 #[derive(Debug, Clone, clap::Args)]
@@ -111,7 +111,10 @@ fn run_one(
         aggregation_toml(name, plugin)
     );
     let config = Config::parse(&text, "<bench config>", Path::new("/"))?;
-    let runtime = PluginRuntime::new(config.runtime_config())?;
+    let runtime = PluginRuntime::new(RuntimeConfig::new(
+        &config.plugins,
+        config.plugin_cache_dir(),
+    ))?;
     let plugins = crate::app::load_plugins(&config, &runtime)?;
     let (store, aggregations, _) = crate::app::open_aggregations(&config, plugins)?;
     let status = Arc::new(Status::default());

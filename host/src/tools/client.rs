@@ -10,7 +10,7 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::status::PartitionProgress;
+use crate::ops::status::PartitionProgress;
 
 /// Where a running instance answers, and how to authenticate.
 #[derive(Debug, Clone)]

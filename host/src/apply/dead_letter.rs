@@ -7,21 +7,19 @@
 //! state and offsets. A crash in between re-applies the batch after the
 //! restart, so the same record may be dead-lettered twice, but never lost.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rdkafka::client::ClientContext;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{DeliveryResult, Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
-use crate::config::Config;
+use crate::config::DeadLetterConfig;
+use crate::kafka::{ClientProperties, DeliveryContext, PRODUCER_DEFAULTS, is_transient};
+use crate::ops::status::Status;
 use crate::record::SourceRecord;
-use crate::status::Status;
 
 /// Header names on every dead letter.
 pub mod headers {
@@ -56,146 +54,28 @@ pub enum DeadLetterError {
     NotConfigured,
 }
 
-/// A producer context that reports client errors to `Status` and collects
-/// delivery failures by the index the record was sent with (the dead-letter
-/// sink's letters; the cluster's changelog producer sends everything as 0).
-pub(crate) struct DeliveryContext {
-    /// Which producer, in log lines and on `/readyz`.
-    name: &'static str,
-    status: Arc<Status>,
-    failures: Mutex<Vec<(usize, KafkaError)>>,
-    /// Topic → partition → the offset after the last record delivered
-    /// (`None`: not tracked).
-    delivered: Option<Mutex<DeliveredEnds>>,
-}
-
-/// Topic → partition → the offset after the last record delivered there.
-pub(crate) type DeliveredEnds = HashMap<String, HashMap<i32, i64>>;
-
-impl DeliveryContext {
-    pub(crate) fn new(name: &'static str, status: Arc<Status>) -> Self {
-        Self {
-            name,
-            status,
-            failures: Mutex::new(Vec::new()),
-            delivered: None,
-        }
-    }
-
-    /// Also keeps where delivered records landed (see `take_delivered`).
-    pub(crate) fn tracking_offsets(mut self) -> Self {
-        self.delivered = Some(Mutex::new(HashMap::new()));
-        self
-    }
-
-    /// The failures reported since the last call.
-    pub(crate) fn take_failures(&self) -> Vec<(usize, KafkaError)> {
-        std::mem::take(&mut *self.failures.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    /// Where the records delivered since the last call end, per topic and
-    /// partition (empty unless `tracking_offsets`).
-    pub(crate) fn take_delivered(&self) -> DeliveredEnds {
-        self.delivered
-            .as_ref()
-            .map_or_else(HashMap::new, |delivered| {
-                std::mem::take(&mut *delivered.lock().unwrap_or_else(|p| p.into_inner()))
-            })
-    }
-}
-
-impl ClientContext for DeliveryContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, producer = self.name, "producer error");
-        self.status
-            .broker_error(format!("{}: {error}: {reason}", self.name));
-    }
-
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        crate::source::log_librdkafka(level, fac, log_message);
-    }
-}
-
-impl ProducerContext for DeliveryContext {
-    type DeliveryOpaque = usize;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, index: usize) {
-        match result {
-            Err((error, _)) => self
-                .failures
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((index, error.clone())),
-            Ok(message) => {
-                let Some(delivered) = &self.delivered else {
-                    return;
-                };
-                let mut delivered = delivered.lock().unwrap_or_else(|p| p.into_inner());
-                let end = message.offset() + 1;
-                let partitions = match delivered.get_mut(message.topic()) {
-                    Some(partitions) => partitions,
-                    None => delivered.entry(message.topic().to_owned()).or_default(),
-                };
-                let slot = partitions.entry(message.partition()).or_insert(end);
-                *slot = (*slot).max(end);
-            }
-        }
-    }
-}
-
 pub struct DeadLetterSink {
     producer: BaseProducer<DeliveryContext>,
     topic: String,
 }
 
-/// Errors a later attempt may get past: the broker is away or slow.
-pub(crate) fn is_transient(error: &KafkaError) -> bool {
-    use RDKafkaErrorCode::*;
-    matches!(
-        error.rdkafka_error_code(),
-        Some(
-            MessageTimedOut
-                | AllBrokersDown
-                | BrokerTransportFailure
-                | RequestTimedOut
-                | NetworkException
-                | LeaderNotAvailable
-                | NotLeaderForPartition
-                | NotEnoughReplicas
-                | NotEnoughReplicasAfterAppend
-                | QueueFull
-                | OperationTimedOut
-                | Resolve
-        )
-    )
-}
-
 impl DeadLetterSink {
-    /// `None` when no `[dead_letter]` section is configured.
-    pub fn from_config(config: &Config, status: Arc<Status>) -> anyhow::Result<Option<Self>> {
-        let Some(dead_letter) = &config.dead_letter else {
-            return Ok(None);
-        };
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &config.source.brokers)
-            // Retries inside librdkafka must not duplicate letters.
-            .set("enable.idempotence", "true")
-            // Surface an outage to the retry loop (and /readyz) after 30 s
-            // rather than librdkafka's default of five minutes.
-            .set("message.timeout.ms", "30000")
-            .set("linger.ms", "5")
-            .set_log_level(RDKafkaLogLevel::Warning);
-        for (name, value) in config.dead_letter_properties() {
-            client.set(name, value);
-        }
+    /// A producer to `[dead_letter].topic`; `client` holds the security
+    /// settings of `[source.kafka]` (the same cluster, the same
+    /// credentials), then `[dead_letter.kafka]`.
+    pub fn new(
+        config: &DeadLetterConfig,
+        client: &ClientProperties,
+        status: Arc<Status>,
+    ) -> anyhow::Result<Self> {
         let producer = client
+            .client_config(PRODUCER_DEFAULTS)
             .create_with_context(DeliveryContext::new("dead-letter producer", status))
             .context("creating the dead-letter producer (check `[dead_letter.kafka]`)")?;
-        Ok(Some(Self {
+        Ok(Self {
             producer,
-            topic: dead_letter.topic.clone(),
-        }))
+            topic: config.topic.clone(),
+        })
     }
 
     pub fn topic(&self) -> &str {

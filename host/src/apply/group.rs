@@ -1,9 +1,49 @@
-//! Turning a run of records into per-key groups for one plugin call.
+//! Turning a batch into per-key groups for one plugin call: each record's
+//! group key for an aggregation, and the grouping itself.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::hash::Hash;
 
 use foldhash::fast::RandomState;
-use std::hash::Hash;
+
+use crate::config::AggregationConfig;
+use crate::record::SourceRecord;
+use crate::state::store::Slot;
+
+/// Where a group's state lives: the store slot and the key within it.
+pub type GroupKey<'r> = (Slot, Cow<'r, [u8]>);
+
+/// The group key of a record for an aggregation: the Kafka key in its
+/// partition's slot, or the re-keying field in the re-keyed slot.
+pub fn group_key<'r>(
+    config: &AggregationConfig,
+    record: &'r SourceRecord,
+    slot: Slot,
+) -> Result<GroupKey<'r>, String> {
+    let Some(pointer) = &config.key else {
+        return Ok((
+            slot,
+            Cow::Borrowed(record.key.as_deref().unwrap_or_default()),
+        ));
+    };
+    let value = record
+        .value
+        .as_deref()
+        .ok_or_else(|| format!("cannot re-key by `{pointer}`: the record has no value"))?;
+    let json: serde_json::Value = serde_json::from_slice(value)
+        .map_err(|e| format!("cannot re-key by `{pointer}`: value is not JSON: {e}"))?;
+    let key = match json.pointer(pointer) {
+        None | Some(serde_json::Value::Null) => {
+            return Err(format!(
+                "cannot re-key by `{pointer}`: the field is missing or null"
+            ));
+        }
+        Some(serde_json::Value::String(s)) => s.clone().into_bytes(),
+        Some(other) => other.to_string().into_bytes(),
+    };
+    Ok((Slot::REKEYED, Cow::Owned(key)))
+}
 
 /// Groups `(key, item)` pairs by key, keeping each group's items in input
 /// order and the groups in order of first appearance (so results are

@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 
 #[derive(Debug, Default)]
 pub struct Status {
@@ -24,7 +24,7 @@ struct Inner {
     partitions: BTreeMap<(String, i32), PartitionProgress>,
 }
 
-pub use crate::store::AggregationCounters;
+pub use crate::state::store::AggregationCounters;
 
 #[derive(Debug, Default, Clone, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct PartitionProgress {

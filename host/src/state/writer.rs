@@ -5,37 +5,27 @@
 //! At most one write is in flight: the consumer hands over a [`FlushJob`]
 //! and does not submit the next before this one has completed, so writes
 //! reach RocksDB in order and each is one atomic write batch of states,
-//! counters and offsets — the exactly-once argument of `pipeline` is
+//! counters and offsets — the exactly-once argument of `apply` is
 //! unchanged. While a job is in flight the consumer keeps reading its
-//! states from its [`StateCache`](crate::state_cache::StateCache), which
+//! states from its [`StateCache`](super::cache::StateCache), which
 //! does not evict them until the write has completed.
 
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use crate::cluster::{Cluster, ClusterError};
-use crate::metrics::Metrics;
-use crate::pipeline::BatchOffsets;
-use crate::state_cache::State;
-use crate::status::AggregationCounters;
-use crate::store::{StateStore, StoreError};
+use prometheus_client::metrics::histogram::Histogram;
 
-/// Everything one flush makes durable together.
-#[derive(Debug)]
-pub struct FlushJob {
-    pub aggregations: Vec<FlushedAggregation>,
-    /// The next offset of every partition the states cover.
-    pub offsets: BatchOffsets,
-}
+use super::flush::{FlushJob, FlushPublisher, PublishError};
+use super::store::{StateStore, StoreError};
 
-#[derive(Debug)]
-pub struct FlushedAggregation {
-    pub name: String,
-    /// Encoded store key → newest state (`None`: deleted), each key once.
-    pub states: Vec<(Vec<u8>, State)>,
-    /// The aggregation's totals including these states.
-    pub counters: AggregationCounters,
+/// The writer's metrics, handed to it (the state layer keeps no registry).
+#[derive(Debug, Clone)]
+pub struct WriteInstruments {
+    /// Seconds per write.
+    pub write_seconds: Histogram,
+    /// States per write.
+    pub write_states: Histogram,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +33,7 @@ pub enum WriteError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("changelog: {0}")]
-    Changelog(#[from] ClusterError),
+    Changelog(PublishError),
     #[error("the state writer thread stopped unexpectedly")]
     WriterGone,
 }
@@ -56,12 +46,12 @@ pub struct StateWriter {
 }
 
 impl StateWriter {
-    /// With a `cluster`, each job's changelog is published (and
-    /// acknowledged) before the job is written locally.
+    /// With a `publisher` (the cluster), each job is published (and
+    /// acknowledged) before it is written locally.
     pub fn spawn(
         store: Arc<StateStore>,
-        metrics: Metrics,
-        cluster: Option<Arc<Cluster>>,
+        metrics: WriteInstruments,
+        publisher: Option<Arc<dyn FlushPublisher>>,
     ) -> std::io::Result<Self> {
         let (jobs, incoming) = mpsc::sync_channel::<FlushJob>(1);
         let (outcomes, results) = mpsc::channel();
@@ -71,7 +61,7 @@ impl StateWriter {
                 for job in incoming {
                     let started = std::time::Instant::now();
                     let states: usize = job.aggregations.iter().map(|a| a.states.len()).sum();
-                    let result = write(&store, cluster.as_deref(), job);
+                    let result = write(&store, publisher.as_deref(), job);
                     metrics
                         .write_seconds
                         .observe(started.elapsed().as_secs_f64());
@@ -126,18 +116,24 @@ impl Drop for StateWriter {
     }
 }
 
-fn write(store: &StateStore, cluster: Option<&Cluster>, job: FlushJob) -> Result<(), WriteError> {
+fn write(
+    store: &StateStore,
+    publisher: Option<&dyn FlushPublisher>,
+    job: FlushJob,
+) -> Result<(), WriteError> {
     // The changelog first: a crash after it and before the local write
     // leaves the local state one flush behind the changelog, which the next
     // owner (this instance included) notices and restores; the other order
     // would leave local state the changelog cannot reproduce.
-    let commits = match cluster {
-        Some(cluster) => cluster.publish_flush(store, &job)?,
+    let commits = match publisher {
+        Some(publisher) => publisher
+            .publish_flush(store, &job)
+            .map_err(WriteError::Changelog)?,
         None => Vec::new(),
     };
     let mut batch = store.batch();
-    for ((topic_id, partition), commit) in &commits {
-        batch.set_commit(*topic_id, *partition, commit.epoch, commit.seq);
+    for commit in &commits {
+        batch.set_commit(commit.topic_id, commit.partition, commit.epoch, commit.seq);
     }
     for mut aggregation in job.aggregations {
         // In key order: the memtable's skip list reuses its last insert

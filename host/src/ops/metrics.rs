@@ -1,16 +1,13 @@
 //! Prometheus metrics: instruments updated where the work happens (per
-//! batch, per write, per request — never per record), and the totals the
-//! `Status` already keeps, rendered at scrape time.
+//! batch, per write, per request — never per record), rendered with a
+//! scrape-time collector of the totals kept elsewhere (`snapshot`).
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-use crate::status::{AggregationCounters, PartitionProgress};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AggregationLabel {
@@ -81,18 +78,10 @@ impl Default for Metrics {
     }
 }
 
-/// What the scrape reads from `Status` and the store at scrape time.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    pub aggregations: Vec<(String, AggregationCounters, u64)>,
-    pub partitions: Vec<PartitionProgress>,
-    pub store_bytes: u64,
-    pub ready: bool,
-}
-
 impl Metrics {
-    /// The text exposition (OpenMetrics) of the live instruments and `snapshot`.
-    pub fn render(&self, snapshot: Snapshot) -> Result<String, std::fmt::Error> {
+    /// The text exposition (OpenMetrics) of the live instruments and
+    /// `snapshot` (the totals read at scrape time).
+    pub fn render(&self, snapshot: impl Collector + 'static) -> Result<String, std::fmt::Error> {
         let mut registry = Registry::with_prefix("wagg");
         registry.register(
             "records_consumed",
@@ -173,102 +162,5 @@ impl Metrics {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry)?;
         Ok(text)
-    }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PartitionLabel {
-    topic: String,
-    partition: i32,
-}
-
-impl Collector for Snapshot {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        type Pick = fn(&AggregationCounters) -> u64;
-        let totals: [(&str, &str, Pick); 3] = [
-            (
-                "records_applied",
-                "Records applied to the aggregation's state (written, as of the last state write)",
-                |c| c.records_applied,
-            ),
-            (
-                "records_failed",
-                "Records the aggregation's plugin rejected or trapped on",
-                |c| c.records_failed,
-            ),
-            (
-                "records_dead_lettered",
-                "Rejected records delivered to the dead-letter topic",
-                |c| c.records_dead_lettered,
-            ),
-        ];
-        for (name, help, pick) in totals {
-            let counter = ConstCounter::new(0u64);
-            let mut family = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
-            for (aggregation, counters, _) in &self.aggregations {
-                let label = AggregationLabel {
-                    aggregation: aggregation.clone(),
-                };
-                ConstCounter::new(pick(counters)).encode(family.encode_family(&label)?)?;
-            }
-        }
-        let mut keys = encoder.encode_descriptor(
-            "state_keys_estimate",
-            "RocksDB's estimate of the number of keys per aggregation",
-            None,
-            ConstGauge::new(0i64).metric_type(),
-        )?;
-        for (aggregation, _, estimate) in &self.aggregations {
-            let label = AggregationLabel {
-                aggregation: aggregation.clone(),
-            };
-            ConstGauge::new(*estimate as i64).encode(keys.encode_family(&label)?)?;
-        }
-        type PickPartition = fn(&PartitionProgress) -> Option<i64>;
-        let per_partition: [(&str, &str, PickPartition); 3] = [
-            (
-                "consumer_lag",
-                "Records between the broker's high watermark and the next offset to apply",
-                |p| p.lag,
-            ),
-            (
-                "partition_next_offset",
-                "Next offset to apply (everything before is in the written state)",
-                |p| p.next_offset,
-            ),
-            (
-                "partition_assigned",
-                "1 while this instance owns the partition",
-                |p| Some(i64::from(p.assigned)),
-            ),
-        ];
-        for (name, help, pick) in per_partition {
-            let mut family =
-                encoder.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
-            for progress in &self.partitions {
-                if let Some(value) = pick(progress) {
-                    let label = PartitionLabel {
-                        topic: progress.topic.clone(),
-                        partition: progress.partition,
-                    };
-                    ConstGauge::new(value).encode(family.encode_family(&label)?)?;
-                }
-            }
-        }
-        let store = ConstGauge::new(self.store_bytes as i64);
-        store.encode(encoder.encode_descriptor(
-            "state_store_bytes",
-            "RocksDB size: live SST files plus memtables",
-            None,
-            store.metric_type(),
-        )?)?;
-        let ready = ConstGauge::new(i64::from(self.ready));
-        ready.encode(encoder.encode_descriptor(
-            "ready",
-            "1 when /readyz would answer 200",
-            None,
-            ready.metric_type(),
-        )?)?;
-        Ok(())
     }
 }

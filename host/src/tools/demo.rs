@@ -14,7 +14,7 @@ use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
 use crate::config::Config;
-use crate::rng::Rng;
+use crate::tools::rng::Rng;
 
 pub const TOPIC: &str = "purchases";
 const PARTITIONS: i32 = 4;
@@ -71,7 +71,7 @@ fn demo_config(
     state_dir: &Path,
     listen: SocketAddr,
 ) -> anyhow::Result<Config> {
-    let plugin = |name: &str| crate::plugin::build::example_plugin(plugins, name);
+    let plugin = |name: &str| crate::tools::author::build::example_plugin(plugins, name);
     let text = format!(
         r#"
 [source]
@@ -123,7 +123,7 @@ plugin = {latest:?}
 }
 
 pub fn run(options: DemoOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let plugins = crate::plugin::build::example_plugins_dir(options.plugins_dir.as_deref())?;
+    let plugins = crate::tools::author::build::example_plugins_dir(options.plugins_dir.as_deref())?;
 
     // The producer owns the in-process cluster; it lives as long as the demo.
     let producer: ThreadedProducer<_> = ClientConfig::new()

@@ -10,11 +10,12 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-use super::batch::{AfterFailure, Change, GroupInput};
-use super::error::CallError;
-use super::instance::PluginInstance;
-use super::runtime::LoadedPlugin;
-use crate::batcher::group_by_key;
+use crate::apply::group::group_by_key;
+use crate::config::OnError;
+use crate::plugin::CallError;
+use crate::plugin::LoadedPlugin;
+use crate::plugin::PluginInstance;
+use crate::plugin::{Change, GroupInput};
 use crate::record::SourceRecord;
 
 /// One input line: `{"key": "...", "value": ...}` plus optional fields.
@@ -70,27 +71,18 @@ pub fn read_jsonl(input: impl BufRead) -> anyhow::Result<Vec<SourceRecord>> {
     Ok(records)
 }
 
-/// How the runner treats records the plugin rejects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnError {
-    /// Stop with an error naming the line.
-    Fail,
-    /// Report the line on stderr and go on without it.
-    Skip,
-}
-
 /// States by key, in memory.
 pub type StateMap = HashMap<Vec<u8>, Vec<u8>, foldhash::fast::RandomState>;
 
 /// Applies one batch of `records`, grouped by Kafka key (null keys under the
 /// empty key), to `states`; returns the rejected records with the plugin's
-/// message. With [`AfterFailure::Stop`] nothing of the batch is applied when
-/// a record is rejected.
+/// message. With [`OnError::Fail`] nothing of the batch is applied when a
+/// record is rejected.
 pub fn apply_chunk<'r>(
     instance: &mut PluginInstance,
     states: &mut StateMap,
     records: &'r [SourceRecord],
-    after_failure: AfterFailure,
+    on_error: OnError,
 ) -> Result<Vec<(&'r SourceRecord, String)>, CallError> {
     let groups = group_by_key(
         records
@@ -105,13 +97,13 @@ pub fn apply_chunk<'r>(
             records,
         })
         .collect();
-    let outcome = instance.apply_batch(&inputs, after_failure)?;
+    let outcome = instance.apply_batch(&inputs, on_error)?;
     let failures: Vec<_> = outcome
         .failures
         .into_iter()
         .map(|(group, failure)| (groups[group].1[failure.index], failure.message))
         .collect();
-    if !failures.is_empty() && after_failure == AfterFailure::Stop {
+    if !failures.is_empty() && !on_error.applies_the_rest() {
         return Ok(failures);
     }
     for ((key, _), change) in groups.iter().zip(outcome.changes) {
@@ -141,12 +133,8 @@ pub fn run(
     mut report: impl FnMut(&SourceRecord, &str),
 ) -> anyhow::Result<BTreeMap<Vec<u8>, serde_json::Value>> {
     let mut states = StateMap::default();
-    let after_failure = match on_error {
-        OnError::Fail => AfterFailure::Stop,
-        OnError::Skip => AfterFailure::Continue,
-    };
     for batch in records.chunks(batch_size.max(1)) {
-        let failures = apply_chunk(instance, &mut states, batch, after_failure)?;
+        let failures = apply_chunk(instance, &mut states, batch, on_error)?;
         if let (OnError::Fail, Some((record, message))) = (on_error, failures.first()) {
             bail!(
                 "line {}: plugin rejected the record: {message}",

@@ -8,27 +8,27 @@ use anyhow::{Context, bail};
 const TEMPLATE: &[(&str, &str)] = &[
     (
         "Cargo.toml",
-        include_str!("../../templates/plugin/Cargo.toml.tmpl"),
+        include_str!("../../../templates/plugin/Cargo.toml.tmpl"),
     ),
     (
         "src/lib.rs",
-        include_str!("../../templates/plugin/lib.rs.tmpl"),
+        include_str!("../../../templates/plugin/lib.rs.tmpl"),
     ),
     (
         "README.md",
-        include_str!("../../templates/plugin/README.md.tmpl"),
+        include_str!("../../../templates/plugin/README.md.tmpl"),
     ),
     (
         "golden/basic/input.jsonl",
-        include_str!("../../templates/plugin/golden/basic/input.jsonl"),
+        include_str!("../../../templates/plugin/golden/basic/input.jsonl"),
     ),
     (
         "golden/basic/params.json",
-        include_str!("../../templates/plugin/golden/basic/params.json"),
+        include_str!("../../../templates/plugin/golden/basic/params.json"),
     ),
     (
         "golden/basic/expected.json",
-        include_str!("../../templates/plugin/golden/basic/expected.json"),
+        include_str!("../../../templates/plugin/golden/basic/expected.json"),
     ),
     (
         "rust-toolchain.toml",

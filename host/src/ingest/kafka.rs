@@ -28,10 +28,11 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::cluster::Cluster;
-use crate::config::{BatchConfig, Config, StartFrom};
+use crate::config::{BatchConfig, SourceConfig, StartFrom};
+use crate::kafka::ClientProperties;
+use crate::ops::status::Status;
 use crate::record::SourceRecord;
-use crate::status::Status;
-use crate::store::StateStore;
+use crate::state::store::StateStore;
 
 /// What the source thread hands to the pipeline, in order.
 #[derive(Debug)]
@@ -92,21 +93,7 @@ impl ClientContext for SourceContext {
     }
 
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        log_librdkafka(level, fac, log_message);
-    }
-}
-
-/// librdkafka's log lines, through `tracing` at the matching level.
-pub fn log_librdkafka(level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-    match level {
-        RDKafkaLogLevel::Emerg
-        | RDKafkaLogLevel::Alert
-        | RDKafkaLogLevel::Critical
-        | RDKafkaLogLevel::Error => {
-            tracing::error!(target: "librdkafka", fac, "{log_message}")
-        }
-        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{log_message}"),
-        _ => tracing::debug!(target: "librdkafka", fac, "{log_message}"),
+        crate::kafka::log_librdkafka(level, fac, log_message);
     }
 }
 
@@ -239,39 +226,34 @@ pub struct KafkaSource {
 }
 
 impl KafkaSource {
+    /// A consumer-group member of `source.group_id`; `client` holds the
+    /// brokers and `[source.kafka]`.
     pub fn new(
-        config: &Config,
+        source: &SourceConfig,
+        client: &ClientProperties,
         store: Arc<StateStore>,
         status: Arc<Status>,
         cluster: Option<Arc<Cluster>>,
     ) -> anyhow::Result<Self> {
-        let source = &config.source;
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &source.brokers)
-            .set("group.id", &source.group_id)
+        let start_from = match source.start_from {
+            StartFrom::Earliest => "earliest",
+            StartFrom::Latest => "latest",
+        };
+        let client = client.client_config(&[
+            ("group.id", &source.group_id),
             // Offsets live in the state store, written with the state.
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set(
-                "auto.offset.reset",
-                match source.start_from {
-                    StartFrom::Earliest => "earliest",
-                    StartFrom::Latest => "latest",
-                },
-            )
-            .set("statistics.interval.ms", "1000")
-            .set("enable.partition.eof", "false")
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", start_from),
+            ("statistics.interval.ms", "1000"),
+            ("enable.partition.eof", "false"),
             // When wagg is slower than the fetcher (catching up on a
             // backlog), librdkafka pauses a partition whose queue is full
             // for this long; its 1 s default starved the consumer once the
             // queue drained (114 k → 338 k records/s end to end, see
             // BENCHMARKS.md). Overridable in `[source.kafka]`.
-            .set("fetch.queue.backoff.ms", "10")
-            .set_log_level(RDKafkaLogLevel::Warning);
-        for (name, value) in config.kafka_properties() {
-            client.set(name, value);
-        }
+            ("fetch.queue.backoff.ms", "10"),
+        ]);
         let (events, received) = mpsc::sync_channel(QUEUED_BATCHES);
         let context = SourceContext {
             store,

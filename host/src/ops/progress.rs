@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::status::Status;
+use crate::ops::status::Status;
 
 /// One reading of the consumer's progress.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,0 +1,87 @@
+//! One configured aggregation as the consumer thread runs it: its plugin
+//! instance, its state cache, its counters and its metrics.
+
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
+
+use crate::config::AggregationConfig;
+use crate::ops::metrics::{AggregationLabel, CacheLabel, Metrics};
+use crate::ops::status::AggregationCounters;
+use crate::plugin::{LoadedPlugin, PluginInstance};
+use crate::state::cache::StateCache;
+
+/// One configured aggregation as the consumer loop runs it.
+pub struct Aggregation {
+    pub config: AggregationConfig,
+    pub plugin: LoadedPlugin,
+    pub(super) instance: PluginInstance,
+    /// Encoded store key → newest state: the applied but unwritten ones and
+    /// a bounded number of written ones.
+    pub(super) states: StateCache,
+    /// Including what is applied but not yet written (the written ones are
+    /// what the last flush reported to `Status`).
+    pub(super) applied: AggregationCounters,
+    pub(super) instruments: Instruments,
+}
+
+/// An aggregation's metrics, looked up once (not per batch).
+#[derive(Debug, Clone)]
+pub(super) struct Instruments {
+    pub(super) plugin_call_seconds: Histogram,
+    pub(super) hits: Counter,
+    pub(super) misses: Counter,
+}
+
+impl Default for Instruments {
+    /// Detached: counts into instruments no registry reads.
+    fn default() -> Self {
+        Self {
+            plugin_call_seconds: Histogram::new(std::iter::empty()),
+            hits: Counter::default(),
+            misses: Counter::default(),
+        }
+    }
+}
+
+impl Instruments {
+    pub(super) fn new(metrics: &Metrics, aggregation: &str) -> Self {
+        let lookups = |result| {
+            metrics
+                .state_lookups
+                .get_or_create(&CacheLabel {
+                    aggregation: aggregation.to_owned(),
+                    result,
+                })
+                .clone()
+        };
+        Self {
+            plugin_call_seconds: metrics
+                .plugin_call_seconds
+                .get_or_create(&AggregationLabel {
+                    aggregation: aggregation.to_owned(),
+                })
+                .clone(),
+            hits: lookups("hit"),
+            misses: lookups("miss"),
+        }
+    }
+}
+
+impl Aggregation {
+    pub fn new(
+        config: AggregationConfig,
+        plugin: LoadedPlugin,
+        instance: PluginInstance,
+        cache_entries: usize,
+        counters: AggregationCounters,
+    ) -> Self {
+        Self {
+            config,
+            plugin,
+            instance,
+            states: StateCache::new(cache_entries),
+            applied: counters,
+            // Attached to the registry by `BatchApplier::new`.
+            instruments: Instruments::default(),
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Applying one batch to every aggregation: records → group keys → states
+//! (cache, then RocksDB) → one plugin call per aggregation → staged states,
+//! rejected records routed by `on_error`. Nothing of a batch that fails is
+//! kept; a batch that succeeds joins the unwritten effects the
+//! [`Flusher`](super::flusher::Flusher) writes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use super::PipelineError;
+use super::aggregation::{Aggregation, Instruments};
+use super::dead_letter::{DeadLetter, DeadLetterError, DeadLetterSink};
+use super::flusher::Flusher;
+use super::group::{GroupKey, group_by_key, group_key};
+use super::partition_map::PartitionMap;
+use crate::config::{BatchConfig, OnError};
+use crate::ops::status::{AggregationCounters, Status};
+use crate::plugin::{Change, GroupInput};
+use crate::record::SourceRecord;
+use crate::state::cache::State;
+use crate::state::flush::{FlushOffsets, FlushPublisher};
+use crate::state::store::{Slot, StateStore, StoreError};
+use crate::state::writer::{StateWriter, WriteInstruments};
+
+/// Applies batches of records to every aggregation and writes the results:
+/// the part of the consumer loop that does not know where records come
+/// from (Kafka here; generated records in `wagg bench engine`).
+///
+/// Applied effects are kept in memory and written by [`BatchApplier::flush`]
+/// (see [`Flusher`] for when): all waiting states, the counters and the
+/// next offset of every partition they cover, in one RocksDB write batch. A
+/// key updated by many batches between two flushes is written once; a crash
+/// loses the unwritten effects together with their offsets, so the records
+/// are applied again after the restart — exactly once either way.
+pub struct BatchApplier {
+    pub(super) store: Arc<StateStore>,
+    status: Arc<Status>,
+    aggregations: Vec<Aggregation>,
+    dead_letters: Option<DeadLetterSink>,
+    topic_ids: HashMap<Arc<str>, u16>,
+    flusher: Flusher,
+}
+
+/// A state change waiting for its batch to succeed.
+struct CacheUpdate {
+    aggregation: usize,
+    store_key: Vec<u8>,
+    state: State,
+}
+
+/// What one batch did to one aggregation, kept until the whole batch has
+/// succeeded.
+struct Staged<'b> {
+    counters: AggregationCounters,
+    letters: Vec<DeadLetter<'b>>,
+}
+
+impl BatchApplier {
+    /// Starts the writer thread. With a `publisher` (the cluster), every
+    /// flush is published before it is written locally.
+    pub fn new(
+        store: Arc<StateStore>,
+        status: Arc<Status>,
+        mut aggregations: Vec<Aggregation>,
+        dead_letters: Option<DeadLetterSink>,
+        batch: &BatchConfig,
+        publisher: Option<Arc<dyn FlushPublisher>>,
+    ) -> std::io::Result<Self> {
+        for aggregation in &mut aggregations {
+            status.set_counters(&aggregation.config.name, aggregation.applied);
+            aggregation.instruments = Instruments::new(status.metrics(), &aggregation.config.name);
+        }
+        let metrics = status.metrics();
+        let instruments = WriteInstruments {
+            write_seconds: metrics.write_seconds.clone(),
+            write_states: metrics.write_states.clone(),
+        };
+        let writer = StateWriter::spawn(store.clone(), instruments, publisher)?;
+        Ok(Self {
+            store,
+            status,
+            aggregations,
+            dead_letters,
+            topic_ids: HashMap::new(),
+            flusher: Flusher::new(writer, batch),
+        })
+    }
+
+    /// Drops cached states of partitions this instance no longer owns.
+    pub fn forget_partitions(&mut self, partitions: &[(String, i32)]) {
+        for (topic, partition) in partitions {
+            let Some(topic_id) = self.store.known_topic_id(topic) else {
+                continue;
+            };
+            let prefix = Slot {
+                topic_id,
+                partition: *partition as u32,
+            }
+            .store_key(&[]);
+            for aggregation in &mut self.aggregations {
+                aggregation.states.forget_clean(&prefix);
+            }
+        }
+    }
+
+    /// Whether a flush is due (see [`Flusher`]).
+    pub fn flush_due(&self) -> bool {
+        self.flusher.due(&self.aggregations)
+    }
+
+    /// Writes every applied effect not yet written — states, counters and
+    /// offsets in one write batch — and waits for it; returns the offsets
+    /// made durable (empty when there was nothing to write).
+    pub fn flush(&mut self) -> Result<FlushOffsets, PipelineError> {
+        let mut written = self.start_flush()?;
+        written.append(&mut self.flusher.wait(&mut self.aggregations, &self.status)?);
+        Ok(written)
+    }
+
+    /// Hands every applied effect not yet written to the writer thread,
+    /// after waiting for the write before it (if still running). Returns
+    /// the offsets made durable meanwhile.
+    pub fn start_flush(&mut self) -> Result<FlushOffsets, PipelineError> {
+        Ok(self.flusher.start(&mut self.aggregations, &self.status)?)
+    }
+
+    /// The offsets of the write in flight if it has completed (without
+    /// waiting for it).
+    pub fn poll_flush(&mut self) -> Result<FlushOffsets, PipelineError> {
+        Ok(self.flusher.poll(&mut self.aggregations, &self.status)?)
+    }
+
+    /// Applies one batch to every aggregation (in memory, until the next
+    /// [`BatchApplier::flush`]) and delivers its dead letters; returns the
+    /// next offset of every partition in the batch. Nothing of a batch that
+    /// fails is kept.
+    pub fn apply(
+        &mut self,
+        batch: &[SourceRecord],
+        shutdown: &AtomicBool,
+    ) -> Result<FlushOffsets, PipelineError> {
+        let started = Instant::now();
+        let partitions = next_offsets(batch);
+        let slots = self.slots(&partitions)?;
+        let mut cache_updates = Vec::new();
+        let mut counters = Vec::with_capacity(self.aggregations.len());
+        let mut letters = Vec::new();
+        for (index, aggregation) in self.aggregations.iter_mut().enumerate() {
+            let mut staged =
+                apply_aggregation(aggregation, batch, &slots, &self.store, |update| {
+                    cache_updates.push(CacheUpdate {
+                        aggregation: index,
+                        store_key: update.0,
+                        state: update.1,
+                    })
+                })?;
+            counters.push(staged.counters);
+            letters.append(&mut staged.letters);
+        }
+        if !letters.is_empty() {
+            // Acknowledged before the offsets move past them: at least once.
+            let sink = self
+                .dead_letters
+                .as_ref()
+                .ok_or(DeadLetterError::NotConfigured)?;
+            sink.deliver(&letters, shutdown)?;
+        }
+        // The whole batch succeeded: its effects join the unwritten ones.
+        for update in cache_updates {
+            self.aggregations[update.aggregation]
+                .states
+                .set(update.store_key, update.state);
+        }
+        for (aggregation, counters) in self.aggregations.iter_mut().zip(counters) {
+            aggregation.applied = counters;
+            aggregation.states.evict_if_over();
+        }
+        self.flusher.applied(&partitions);
+        let metrics = self.status.metrics();
+        metrics.batch_records.observe(batch.len() as f64);
+        metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(partitions)
+    }
+
+    /// The store slot of every partition in the batch.
+    fn slots(&mut self, partitions: &FlushOffsets) -> Result<PartitionMap<Slot>, StoreError> {
+        let mut slots = PartitionMap::default();
+        for (topic, partition) in partitions.keys() {
+            let topic_id = cached_topic_id(&self.store, &mut self.topic_ids, topic)?;
+            slots.insert(
+                topic.clone(),
+                *partition,
+                Slot {
+                    topic_id,
+                    partition: *partition as u32,
+                },
+            );
+        }
+        Ok(slots)
+    }
+}
+
+/// The next offset of every partition in `batch`.
+fn next_offsets(batch: &[SourceRecord]) -> FlushOffsets {
+    let mut partitions = FlushOffsets::new();
+    // Records come in runs per partition: one map update per run.
+    for run in batch.chunk_by(|a, b| a.partition == b.partition && a.topic == b.topic) {
+        let last = run.iter().map(|r| r.offset).max().unwrap_or_default();
+        let next = partitions
+            .entry((run[0].topic.clone(), run[0].partition))
+            .or_insert(0);
+        *next = (*next).max(last + 1);
+    }
+    partitions
+}
+
+/// A topic's id in the store, asked of RocksDB once per topic.
+fn cached_topic_id(
+    store: &StateStore,
+    ids: &mut HashMap<Arc<str>, u16>,
+    topic: &Arc<str>,
+) -> Result<u16, StoreError> {
+    if let Some(&id) = ids.get(topic) {
+        return Ok(id);
+    }
+    let id = store.topic_id(topic)?;
+    ids.insert(topic.clone(), id);
+    Ok(id)
+}
+
+/// Runs the records of `batch` that `aggregation` consumes through its
+/// plugin, passes each resulting state change to `stage`, and returns the
+/// aggregation's counters as they will be once the batch is written (and
+/// its dead letters, under `on_error = "dead-letter"`).
+fn apply_aggregation<'b>(
+    aggregation: &mut Aggregation,
+    batch: &'b [SourceRecord],
+    slots: &PartitionMap<Slot>,
+    store: &StateStore,
+    mut stage: impl FnMut((Vec<u8>, State)),
+) -> Result<Staged<'b>, PipelineError> {
+    let mut counters = aggregation.applied;
+    let (keyed, mut rejected) = key_records(aggregation, batch, slots);
+    let considered = keyed.len() + rejected.len();
+    if considered == 0 {
+        return Ok(Staged {
+            counters,
+            letters: Vec::new(),
+        });
+    }
+    let groups = group_by_key(keyed);
+    let store_keys = load_states(aggregation, &groups, store)?;
+    let cached = &aggregation.states;
+    let inputs: Vec<GroupInput<'_>> = groups
+        .iter()
+        .zip(&store_keys)
+        .map(|(((_, key), records), store_key)| GroupInput {
+            key,
+            state: cached.peek(store_key).and_then(|state| state.as_deref()),
+            records,
+        })
+        .collect();
+    let call_started = Instant::now();
+    let outcome = aggregation
+        .instance
+        .apply_batch(&inputs, aggregation.config.on_error)
+        .map_err(|error| PipelineError::Plugin {
+            aggregation: aggregation.config.name.clone(),
+            error,
+        })?;
+    aggregation
+        .instruments
+        .plugin_call_seconds
+        .observe(call_started.elapsed().as_secs_f64());
+    for (group, failure) in &outcome.failures {
+        rejected.push((groups[*group].1[failure.index], failure.message.clone()));
+    }
+    let letters = route_rejected(aggregation, &rejected)?;
+    for (store_key, change) in store_keys.into_iter().zip(outcome.changes) {
+        match change {
+            Change::Unchanged => {}
+            Change::Set(state) => stage((store_key, Some(state))),
+            Change::Delete => stage((store_key, None)),
+        }
+    }
+    counters.records_dead_lettered += letters.len() as u64;
+    counters.records_failed += rejected.len() as u64;
+    counters.records_applied += (considered - rejected.len()) as u64;
+    Ok(Staged { counters, letters })
+}
+
+type Rejected<'b> = Vec<(&'b SourceRecord, String)>;
+
+/// The group key of each record the aggregation consumes, and the records
+/// that have none (a re-keying field missing).
+fn key_records<'b>(
+    aggregation: &Aggregation,
+    batch: &'b [SourceRecord],
+    slots: &PartitionMap<Slot>,
+) -> (Vec<(GroupKey<'b>, &'b SourceRecord)>, Rejected<'b>) {
+    let mut rejected = Vec::new();
+    let mut keyed = Vec::new();
+    for record in batch
+        .iter()
+        .filter(|r| aggregation.config.applies_to(&r.topic))
+    {
+        let Some(slot) = slots.get(&record.topic, record.partition) else {
+            // Every record's partition has a slot (`BatchApplier::slots`).
+            continue;
+        };
+        match group_key(&aggregation.config, record, slot) {
+            Ok(key) => keyed.push((key, record)),
+            Err(message) => rejected.push((record, message)),
+        }
+    }
+    (keyed, rejected)
+}
+
+/// Makes every group's current state peekable in the aggregation's cache:
+/// cached ones as they are, the rest from RocksDB in one lookup. Returns
+/// the groups' store keys.
+fn load_states(
+    aggregation: &mut Aggregation,
+    groups: &[(GroupKey<'_>, Vec<&SourceRecord>)],
+    store: &StateStore,
+) -> Result<Vec<Vec<u8>>, StoreError> {
+    let store_keys: Vec<Vec<u8>> = groups
+        .iter()
+        .map(|((slot, key), _)| slot.store_key(key))
+        .collect();
+    let misses: Vec<usize> = (0..groups.len())
+        .filter(|&i| aggregation.states.get(&store_keys[i]).is_none())
+        .collect();
+    if !misses.is_empty() {
+        let lookups: Vec<(Slot, &[u8])> = misses
+            .iter()
+            .map(|&i| (groups[i].0.0, groups[i].0.1.as_ref()))
+            .collect();
+        for (&i, state) in misses
+            .iter()
+            .zip(store.multi_get(&aggregation.config.name, &lookups)?)
+        {
+            aggregation
+                .states
+                .insert_loaded(store_keys[i].clone(), state);
+        }
+    }
+    let hits = groups.len() - misses.len();
+    aggregation.instruments.hits.inc_by(hits as u64);
+    aggregation.instruments.misses.inc_by(misses.len() as u64);
+    Ok(store_keys)
+}
+
+/// Applies the aggregation's `on_error` to its rejected records: stop
+/// (`fail`), or log them and return their dead letters (none for `skip`).
+fn route_rejected<'b>(
+    aggregation: &Aggregation,
+    rejected: &Rejected<'b>,
+) -> Result<Vec<DeadLetter<'b>>, PipelineError> {
+    let name = &aggregation.config.name;
+    let on_error = aggregation.config.on_error;
+    if let Some((record, message)) = rejected.first()
+        && on_error == OnError::Fail
+    {
+        return Err(PipelineError::RecordRejected {
+            aggregation: name.clone(),
+            position: record.position(),
+            message: message.clone(),
+        });
+    }
+    for (record, message) in rejected {
+        tracing::warn!(aggregation = %name, position = %record.position(), %message, policy = ?on_error, "record rejected");
+    }
+    if on_error != OnError::DeadLetter {
+        return Ok(Vec::new());
+    }
+    let metadata = aggregation.plugin.metadata();
+    Ok(rejected
+        .iter()
+        .map(|(record, message)| DeadLetter {
+            aggregation: name.clone(),
+            plugin: metadata.name.clone(),
+            plugin_version: metadata.version.clone(),
+            error: message.clone(),
+            record,
+        })
+        .collect())
+}

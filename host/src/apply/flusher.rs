@@ -1,0 +1,183 @@
+//! The flush state machine: when the applied effects are handed to the
+//! writer thread, and what moves forward once a write is durable.
+//!
+//! Effects wait in memory (each aggregation's [`StateCache`] holds its
+//! dirty states, this holds their partitions' next offsets) until a flush:
+//! every `batch.commit_interval_ms`, when too many states are waiting, when
+//! idle, on revocation and on shutdown. A flush hands all waiting states,
+//! the counters and the offsets to the writer as one [`FlushJob`] and the
+//! consumer goes on applying; at most one job is in flight. Caches, status
+//! and broker commits move forward only after the write succeeded; a failed
+//! write's effects return to the waiting ones (what was applied since is
+//! newer and wins), so nothing later is ever written without them.
+//!
+//! [`StateCache`]: crate::state::cache::StateCache
+
+use std::time::{Duration, Instant};
+
+use super::aggregation::Aggregation;
+use crate::config::BatchConfig;
+use crate::ops::status::{AggregationCounters, Status};
+use crate::state::flush::{FlushJob, FlushOffsets, FlushedAggregation};
+use crate::state::writer::{StateWriter, WriteError};
+
+pub(super) struct Flusher {
+    writer: StateWriter,
+    /// What the write in flight (if any) makes durable besides states.
+    in_flight: Option<InFlight>,
+    /// Next offset per partition of the applied but unwritten effects.
+    unwritten: FlushOffsets,
+    /// When the oldest unwritten effect was applied.
+    unwritten_since: Option<Instant>,
+    commit_interval: Duration,
+    /// Flush once this many states (over all aggregations) are waiting.
+    max_dirty: usize,
+}
+
+/// The offsets and counters of the write in flight (its states are in
+/// flight in each aggregation's `StateCache`).
+struct InFlight {
+    offsets: FlushOffsets,
+    counters: Vec<AggregationCounters>,
+}
+
+impl Flusher {
+    pub(super) fn new(writer: StateWriter, batch: &BatchConfig) -> Self {
+        Self {
+            writer,
+            in_flight: None,
+            unwritten: FlushOffsets::new(),
+            unwritten_since: None,
+            commit_interval: batch.commit_interval(),
+            max_dirty: batch.max_unwritten_states.max(1),
+        }
+    }
+
+    /// A batch reaching these next offsets was applied (its states are
+    /// dirty in the caches).
+    pub(super) fn applied(&mut self, partitions: &FlushOffsets) {
+        for (partition, next) in partitions {
+            self.unwritten.insert(partition.clone(), *next);
+        }
+        self.unwritten_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Whether a flush is due: the oldest unwritten effect is older than
+    /// the commit interval, or too many states are waiting.
+    pub(super) fn due(&self, aggregations: &[Aggregation]) -> bool {
+        self.unwritten_since
+            .is_some_and(|since| since.elapsed() >= self.commit_interval)
+            || aggregations
+                .iter()
+                .map(|a| a.states.dirty_len())
+                .sum::<usize>()
+                >= self.max_dirty
+    }
+
+    /// Hands every applied effect not yet written to the writer thread,
+    /// after waiting for the write before it (if still running). Returns
+    /// the offsets made durable meanwhile.
+    pub(super) fn start(
+        &mut self,
+        aggregations: &mut [Aggregation],
+        status: &Status,
+    ) -> Result<FlushOffsets, WriteError> {
+        let written = self.wait(aggregations, status)?;
+        if self.unwritten.is_empty() {
+            return Ok(written);
+        }
+        let job = FlushJob {
+            aggregations: aggregations
+                .iter_mut()
+                .map(|aggregation| FlushedAggregation {
+                    name: aggregation.config.name.clone(),
+                    states: aggregation.states.take_dirty(),
+                    counters: aggregation.applied,
+                })
+                .collect(),
+            offsets: self.unwritten.clone(),
+        };
+        self.in_flight = Some(InFlight {
+            offsets: std::mem::take(&mut self.unwritten),
+            counters: job.aggregations.iter().map(|a| a.counters).collect(),
+        });
+        self.unwritten_since = None;
+        if let Err(e) = self.writer.submit(job) {
+            self.take_back_in_flight(aggregations);
+            return Err(e);
+        }
+        Ok(written)
+    }
+
+    /// The offsets of the write in flight if it has completed (without
+    /// waiting for it).
+    pub(super) fn poll(
+        &mut self,
+        aggregations: &mut [Aggregation],
+        status: &Status,
+    ) -> Result<FlushOffsets, WriteError> {
+        if self.in_flight.is_none() {
+            return Ok(FlushOffsets::new());
+        }
+        match self.writer.try_result() {
+            None => Ok(FlushOffsets::new()),
+            Some(result) => self.complete(result, aggregations, status),
+        }
+    }
+
+    /// Waits for the write in flight (if any); returns the offsets it made
+    /// durable.
+    pub(super) fn wait(
+        &mut self,
+        aggregations: &mut [Aggregation],
+        status: &Status,
+    ) -> Result<FlushOffsets, WriteError> {
+        if self.in_flight.is_none() {
+            return Ok(FlushOffsets::new());
+        }
+        let result = self.writer.wait();
+        self.complete(result, aggregations, status)
+    }
+
+    fn complete(
+        &mut self,
+        result: Result<(), WriteError>,
+        aggregations: &mut [Aggregation],
+        status: &Status,
+    ) -> Result<FlushOffsets, WriteError> {
+        if let Err(e) = result {
+            // Kept for another attempt (at shutdown): nothing later may be
+            // written without these states.
+            self.take_back_in_flight(aggregations);
+            return Err(e);
+        }
+        let Some(written) = self.in_flight.take() else {
+            return Ok(FlushOffsets::new());
+        };
+        // Durable: now the views may move forward.
+        for (aggregation, counters) in aggregations.iter_mut().zip(written.counters) {
+            aggregation.states.write_completed();
+            status.set_counters(&aggregation.config.name, counters);
+        }
+        for ((topic, partition), next) in &written.offsets {
+            status.set_next_offset(topic, *partition, *next);
+        }
+        Ok(written.offsets)
+    }
+
+    /// Returns a failed (or never started) write's effects to the unwritten
+    /// ones; what was applied since is newer and wins.
+    fn take_back_in_flight(&mut self, aggregations: &mut [Aggregation]) {
+        let Some(failed) = self.in_flight.take() else {
+            return;
+        };
+        for aggregation in aggregations {
+            aggregation.states.write_failed();
+        }
+        for (partition, next) in failed.offsets {
+            let entry = self.unwritten.entry(partition).or_insert(next);
+            *entry = (*entry).max(next);
+        }
+        self.unwritten_since.get_or_insert_with(Instant::now);
+    }
+}

@@ -1,0 +1,229 @@
+//! The consumer loop: a batch from the source thread → groups per key →
+//! one plugin call per aggregation → staged states → a flush to the writer.
+//!
+//! - this module: [`Pipeline`], the loop itself (batches, assignments,
+//!   revocations, idle flushes, shutdown);
+//! - `applier`: [`BatchApplier`], one batch applied to every aggregation;
+//! - `flusher`: when applied effects go to the writer thread, and what
+//!   moves forward once they are durable;
+//! - `group`: group keys and grouping; `aggregation`: one aggregation's
+//!   plugin instance, state cache and counters; `dead_letter`: the
+//!   dead-letter sink; `partition_map`: per-partition lookups.
+//!
+//! The consumer thread owns the plugin instances and the state cache; it
+//! takes batches from the source thread (see `ingest::kafka`). Each batch
+//! is applied to every aggregation in memory; every
+//! `batch.commit_interval_ms` (and when idle, on revocation, on shutdown)
+//! all new states, the counters and the next offset of every partition they
+//! cover are written in one RocksDB write batch — by the writer thread,
+//! while this one goes on applying (it waits only to revoke, to stop, and
+//! before handing over the next write). Records at offsets below a
+//! partition's next offset are dropped on arrival, so a record is applied at
+//! most once even when the consumer re-delivers it (after a rebalance or a
+//! seek); and every record is applied at least once because offsets only
+//! advance with the state that includes them.
+
+mod aggregation;
+mod applier;
+pub mod dead_letter;
+mod flusher;
+pub mod group;
+pub mod partition_map;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::Duration;
+
+pub use aggregation::Aggregation;
+pub use applier::BatchApplier;
+
+use crate::ingest::{SourceEvent, SourceFeed};
+use crate::ops::status::Status;
+use crate::plugin::CallError;
+use crate::record::SourceRecord;
+use crate::state::flush::FlushOffsets;
+use crate::state::store::StoreError;
+use crate::state::writer::WriteError;
+use dead_letter::DeadLetterError;
+use partition_map::PartitionMap;
+
+/// Why the consumer loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(
+        "aggregation {aggregation:?} rejected the record at {position}: {message} (on_error = \"fail\": stopped without committing it)"
+    )]
+    RecordRejected {
+        aggregation: String,
+        position: String,
+        message: String,
+    },
+    #[error("aggregation {aggregation:?}: {error}")]
+    Plugin {
+        aggregation: String,
+        #[source]
+        error: CallError,
+    },
+    #[error("writing state: {0}")]
+    Store(#[from] StoreError),
+    #[error("writing state: {0}")]
+    Write(#[from] WriteError),
+    #[error("{0}")]
+    DeadLetter(#[from] DeadLetterError),
+    #[error("the Kafka source thread stopped unexpectedly")]
+    SourceGone,
+}
+
+pub struct Pipeline {
+    source: SourceFeed,
+    applier: BatchApplier,
+    status: Arc<Status>,
+    /// Next offset to apply per partition, for partitions this member owns.
+    next_offsets: PartitionMap<i64>,
+}
+
+/// How long the consumer waits for a batch before treating the source as
+/// idle (and writing what it applied).
+const IDLE_AFTER: Duration = Duration::from_millis(100);
+
+impl Pipeline {
+    pub fn new(source: SourceFeed, applier: BatchApplier, status: Arc<Status>) -> Self {
+        Self {
+            source,
+            applier,
+            status,
+            next_offsets: PartitionMap::default(),
+        }
+    }
+
+    /// Consumes until `shutdown` is set (then finishes and writes the batch
+    /// in flight) or a fatal error.
+    pub fn run(mut self, shutdown: &AtomicBool) -> Result<(), PipelineError> {
+        self.status.set_consumer_running(true);
+        let result = self.consume(shutdown);
+        // Whatever stopped the loop, effects of whole batches are written
+        // (a failing batch left none behind)...
+        let flushed = self.flush();
+        // ...before the source lets go of its partitions.
+        self.source.close();
+        let result = match (result, flushed) {
+            (Err(e), Err(flush)) => {
+                tracing::error!(error = %flush, "writing the applied batches failed too");
+                Err(e)
+            }
+            (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+            (Ok(()), Ok(())) => Ok(()),
+        };
+        match &result {
+            Ok(()) => {
+                self.status.set_consumer_running(false);
+                tracing::info!("consumer stopped cleanly");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "consumer stopped");
+                self.status.set_fatal(e.to_string());
+            }
+        }
+        result
+    }
+
+    fn consume(&mut self, shutdown: &AtomicBool) -> Result<(), PipelineError> {
+        while !shutdown.load(Ordering::Relaxed) {
+            let written = self.applier.poll_flush()?;
+            self.commit(&written);
+            match self.source.recv_timeout(IDLE_AFTER) {
+                Ok(SourceEvent::Records(mut batch)) => {
+                    self.drop_redelivered(&mut batch);
+                    if !batch.is_empty() {
+                        self.process(&batch, shutdown)?;
+                    }
+                    if self.applier.flush_due() {
+                        let written = self.applier.start_flush()?;
+                        self.commit(&written);
+                    }
+                }
+                Ok(SourceEvent::Assigned(partitions)) => self.assigned(partitions)?,
+                Ok(SourceEvent::Revoked { partitions, done }) => {
+                    // What was applied from these partitions is written
+                    // before their next owner reads the stored offsets.
+                    self.flush()?;
+                    for (topic, partition) in &partitions {
+                        self.next_offsets.remove(topic, *partition);
+                    }
+                    self.applier.forget_partitions(&partitions);
+                    drop(done);
+                }
+                // Idle (caught up, or no partitions): write what waits.
+                Err(RecvTimeoutError::Timeout) => self.flush()?,
+                Err(RecvTimeoutError::Disconnected) => return Err(PipelineError::SourceGone),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the applied effects and waits for them to be durable.
+    fn flush(&mut self) -> Result<(), PipelineError> {
+        let written = self.applier.flush()?;
+        self.commit(&written);
+        Ok(())
+    }
+
+    /// Lets the group know how far this member got (monitoring only: start
+    /// offsets come from the state store).
+    fn commit(&self, written: &FlushOffsets) {
+        if !written.is_empty() {
+            let commits: Vec<(&str, i32, i64)> = written
+                .iter()
+                .map(|((topic, partition), next)| (&**topic, *partition, *next))
+                .collect();
+            self.source.commit(&commits);
+        }
+    }
+
+    /// Drops records below their partition's next offset: applied
+    /// already, delivered again after a rebalance or a seek.
+    fn drop_redelivered(&mut self, batch: &mut Vec<SourceRecord>) {
+        let before = batch.len();
+        let next_offsets = &mut self.next_offsets;
+        batch.retain(
+            |record| match next_offsets.get(&record.topic, record.partition) {
+                Some(next) => record.offset >= next,
+                None => true,
+            },
+        );
+        let redelivered = (before - batch.len()) as u64;
+        if redelivered > 0 {
+            self.status
+                .metrics()
+                .records_redelivered
+                .inc_by(redelivered);
+        }
+    }
+
+    /// Starts newly assigned partitions from their stored offsets.
+    fn assigned(&mut self, partitions: Vec<(String, i32)>) -> Result<(), PipelineError> {
+        let stored = self.applier.store.offsets()?;
+        for (topic, partition) in partitions {
+            if let Some(&next) = stored.get(&(topic.clone(), partition)) {
+                self.next_offsets
+                    .insert(Arc::from(topic.as_str()), partition, next);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one batch; its records are from now on dropped if delivered
+    /// again.
+    fn process(
+        &mut self,
+        batch: &[SourceRecord],
+        shutdown: &AtomicBool,
+    ) -> Result<(), PipelineError> {
+        let partitions = self.applier.apply(batch, shutdown)?;
+        for ((topic, partition), next) in partitions {
+            self.next_offsets.insert(topic, partition, next);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,399 @@
+//! Taking partitions over: make each partition's local state its newest
+//! committed state (restoring it from the changelog unless it already is),
+//! then claim the partition with a new epoch, which fences the previous
+//! owner. Runs in the rebalance callback, before any record of the
+//! partitions is applied.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::log::{self, Commit};
+use super::{Cluster, ClusterError, flush_of};
+use crate::state::store::{Slot, StateStore};
+
+/// Per partition: its newest commit, and the highest epoch seen.
+type NewestCommits = HashMap<(String, i32), (Option<Commit>, u64)>;
+
+/// How long a read of a changelog partition may go without a record
+/// before the restore gives up (and the partition stays unassigned).
+const READ_STALL: Duration = Duration::from_secs(20);
+/// Commit records read first (per source topic) when looking for a
+/// partition's newest commit: the newest is almost always the last one, and
+/// each record read costs a fetch on brokers that return a record batch per
+/// fetch. A deposed owner would have to flush this many times after the new
+/// owner's claim to hide the claim's epoch (see docs/scale-out.md).
+pub(super) const COMMIT_WINDOW: i64 = 4;
+/// How long a take-over keeps retrying broker errors before the instance
+/// gives the partitions back (see `take_over`). Well under librdkafka's
+/// default `max.poll.interval.ms` (5 min): the take-over runs inside a poll.
+const TAKE_OVER_PATIENCE: Duration = Duration::from_secs(120);
+/// Restored states per RocksDB write batch.
+const RESTORE_BATCH: usize = 10_000;
+
+impl Cluster {
+    /// Makes the local state of each partition its newest committed state
+    /// (restoring it from the changelog when it is not), then claims the
+    /// partition with a new epoch. Runs before any record of the
+    /// partitions is applied. Broker errors are retried for
+    /// `TAKE_OVER_PATIENCE`; an error still standing after that is returned
+    /// and [`ClusterError::is_broker_trouble`] tells the caller it may give
+    /// the partitions back and try again later rather than stop.
+    pub fn take_over(
+        &self,
+        store: &StateStore,
+        partitions: &[(String, i32)],
+    ) -> Result<(), ClusterError> {
+        // A standby copy becomes the owner's state: no more changelog
+        // records go into it from the standby side.
+        self.standby_hand_over(store, partitions);
+        let started = Instant::now();
+        let mut attempt = 1u32;
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            // A fresh reader each attempt: a stalled one may keep waiting
+            // on a request the broker never answers.
+            match self
+                .reader()
+                .and_then(|reader| self.try_take_over(&reader, store, partitions))
+            {
+                Ok(()) => return Ok(()),
+                Err(error)
+                    if error.is_broker_trouble()
+                        && started.elapsed() + backoff < TAKE_OVER_PATIENCE
+                        && !self.shutdown.load(std::sync::atomic::Ordering::Relaxed) =>
+                {
+                    tracing::warn!(%error, attempt, "taking partitions over failed; retrying");
+                    self.status
+                        .broker_error(format!("taking partitions over: {error}"));
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// All partitions at once: every read covers all of them, so a fetch
+    /// brings a batch of each (brokers may return one batch per partition
+    /// per fetch).
+    fn try_take_over(
+        &self,
+        reader: &BaseConsumer,
+        store: &StateStore,
+        partitions: &[(String, i32)],
+    ) -> Result<(), ClusterError> {
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let newest = self.newest_commits(reader, partitions)?;
+        tracing::debug!(
+            seconds = started.elapsed().as_secs_f64(),
+            "read the newest commits"
+        );
+        let mut to_restore = HashMap::new();
+        for (topic, partition) in partitions {
+            let (commit, _) = &newest[&(topic.clone(), *partition)];
+            let local = store.local_commit(topic, *partition)?;
+            match commit {
+                Some(commit) if local != Some((commit.epoch, commit.seq)) => {
+                    to_restore.insert((topic.clone(), *partition), commit.clone());
+                }
+                _ => {}
+            }
+        }
+        if !to_restore.is_empty() {
+            let restored = self.restore(reader, store, &to_restore)?;
+            let elapsed = started.elapsed();
+            tracing::info!(
+                partitions = ?to_restore.keys().collect::<Vec<_>>(),
+                records = restored,
+                seconds = elapsed.as_secs_f64(),
+                records_per_second = (restored as f64 / elapsed.as_secs_f64().max(1e-6)) as u64,
+                "restored partitions from the changelog"
+            );
+            self.status
+                .metrics()
+                .restored_records
+                .inc_by(restored as u64);
+        }
+        let _producing = self.producing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut claims = Vec::new();
+        for (topic, partition) in partitions {
+            let (commit, max_epoch) = &newest[&(topic.clone(), *partition)];
+            let base = match commit {
+                Some(commit) => commit.clone(),
+                None => Commit {
+                    next_offset: store.offset(topic, *partition)?,
+                    ..Commit::empty()
+                },
+            };
+            let mut claim = base.claim((*max_epoch).max(base.epoch) + 1);
+            self.send_commit(topic, *partition, &mut claim)?;
+            claims.push((topic, *partition, claim, commit.is_none()));
+        }
+        self.wait_acknowledged(&self.topics.commits())?;
+        let mut batch = store.batch();
+        for (topic, partition, claim, first_owner) in claims {
+            let mut commit = claim.clone();
+            if first_owner && claim.next_offset.is_some() {
+                // State from before the changelog existed (a single
+                // instance turned into a cluster): publish it whole, so the
+                // next owner can restore it.
+                commit = self.publish_snapshot(store, topic, partition, &claim)?;
+            }
+            batch.set_commit(store.topic_id(topic)?, partition, commit.epoch, commit.seq);
+            self.owned().insert((topic.clone(), partition), commit);
+        }
+        store.write(batch)?;
+        tracing::info!(
+            ?partitions,
+            restored = to_restore.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "took the partitions over"
+        );
+        Ok(())
+    }
+
+    /// Each partition's newest commit (highest epoch; the last of that
+    /// epoch) and the highest epoch any commit of it names. The newest
+    /// commit is near the end: a window is read first (a whole log costs a
+    /// fetch per flush), the whole log only for partitions without a commit
+    /// in it.
+    fn newest_commits(
+        &self,
+        reader: &BaseConsumer,
+        partitions: &[(String, i32)],
+    ) -> Result<NewestCommits, ClusterError> {
+        let topics = partitions
+            .iter()
+            .map(|(t, _)| t)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len() as i64;
+        let mut found = self.scan_commits(reader, partitions, Some(COMMIT_WINDOW * topics))?;
+        let missing: Vec<(String, i32)> = partitions
+            .iter()
+            .filter(|p| found.get(*p).is_none_or(|(c, _)| c.is_none()))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            found.extend(self.scan_commits(reader, &missing, None)?);
+        }
+        Ok(found)
+    }
+
+    fn scan_commits(
+        &self,
+        reader: &BaseConsumer,
+        partitions: &[(String, i32)],
+        window: Option<i64>,
+    ) -> Result<NewestCommits, ClusterError> {
+        let commits = self.topics.commits();
+        let mut found: NewestCommits = partitions.iter().map(|p| (p.clone(), (None, 0))).collect();
+        let mut numbers: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        let reads: Vec<(&str, i32)> = numbers.iter().map(|p| (commits.as_str(), *p)).collect();
+        read_to_end(reader, &reads, window, |message| {
+            let Some((topic, partition, rest)) = message.key().and_then(log::decode_changelog_key)
+            else {
+                return Ok(());
+            };
+            let Some((newest, max_epoch)) = found.get_mut(&(topic.to_owned(), partition)) else {
+                return Ok(());
+            };
+            if !rest.is_empty() {
+                return Ok(());
+            }
+            let malformed = |text: String| ClusterError::MalformedCommit {
+                topic: commits.clone(),
+                partition,
+                offset: message.offset(),
+                message: text,
+            };
+            let payload = message
+                .payload()
+                .ok_or_else(|| malformed("no value".into()))?;
+            let commit: Commit =
+                serde_json::from_slice(payload).map_err(|e| malformed(e.to_string()))?;
+            *max_epoch = (*max_epoch).max(commit.epoch);
+            if newest.as_ref().is_none_or(|n| commit.epoch >= n.epoch) {
+                *newest = Some(commit);
+            }
+            Ok(())
+        })?;
+        Ok(found)
+    }
+
+    /// Replaces each partition's local state with the changelog records its
+    /// commit accepts; returns how many records were applied.
+    fn restore(
+        &self,
+        reader: &BaseConsumer,
+        store: &StateStore,
+        commits: &HashMap<(String, i32), Commit>,
+    ) -> Result<usize, ClusterError> {
+        let mut slots = HashMap::new();
+        for (topic, partition) in commits.keys() {
+            let slot = Slot {
+                topic_id: store.topic_id(topic)?,
+                partition: *partition as u32,
+            };
+            let names: Vec<&str> = self.applying_to(topic).map(|a| a.name.as_str()).collect();
+            store.clear_slot(&names, slot)?;
+            slots.insert((topic.clone(), *partition), slot);
+        }
+        let mut applied = 0;
+        for aggregation in &self.aggregations {
+            let mut numbers: Vec<i32> = commits
+                .keys()
+                .filter(|(topic, _)| aggregation.topic.as_deref().is_none_or(|t| t == topic))
+                .map(|(_, p)| *p)
+                .collect();
+            numbers.sort_unstable();
+            numbers.dedup();
+            if numbers.is_empty() {
+                continue;
+            }
+            let reads: Vec<(&str, i32)> = numbers
+                .iter()
+                .map(|p| (aggregation.changelog.as_str(), *p))
+                .collect();
+            let mut batch = store.batch();
+            let mut pending = 0;
+            read_to_end(reader, &reads, None, |message| {
+                let Some((topic, partition, key)) =
+                    message.key().and_then(log::decode_changelog_key)
+                else {
+                    return Ok(());
+                };
+                let id = (topic.to_owned(), partition);
+                let (Some(commit), Some(&slot)) = (commits.get(&id), slots.get(&id)) else {
+                    return Ok(());
+                };
+                if aggregation.topic.as_deref().is_some_and(|t| t != topic) {
+                    return Ok(());
+                }
+                let Some((epoch, seq)) = flush_of(message) else {
+                    return Ok(());
+                };
+                if !commit.accepts(epoch, seq) {
+                    return Ok(());
+                }
+                match message.payload() {
+                    Some(state) => batch.put_state(&aggregation.name, slot, key, state)?,
+                    None => batch.delete_state(&aggregation.name, slot, key)?,
+                }
+                applied += 1;
+                pending += 1;
+                if pending >= RESTORE_BATCH {
+                    store.write(std::mem::replace(&mut batch, store.batch()))?;
+                    pending = 0;
+                }
+                Ok(())
+            })?;
+            store.write(batch)?;
+        }
+        let mut batch = store.batch();
+        for (id, commit) in commits {
+            let slot = slots[id];
+            if let Some(next) = commit.next_offset {
+                batch.set_offset(slot.topic_id, id.1, next);
+            }
+            batch.set_commit(slot.topic_id, id.1, commit.epoch, commit.seq);
+        }
+        store.write(batch)?;
+        Ok(applied)
+    }
+}
+
+/// Reads partitions to the high watermarks they have now, all at once:
+/// from their start, or only their last `window` records.
+fn read_to_end(
+    reader: &BaseConsumer,
+    partitions: &[(&str, i32)],
+    window: Option<i64>,
+    mut each: impl FnMut(&BorrowedMessage<'_>) -> Result<(), ClusterError>,
+) -> Result<(), ClusterError> {
+    let mut assignment = TopicPartitionList::new();
+    // (topic, partition) → the last offset to read.
+    let mut remaining: HashMap<(String, i32), i64> = HashMap::new();
+    for &(topic, partition) in partitions {
+        let kafka = |error| ClusterError::Kafka {
+            topic: topic.to_owned(),
+            error,
+        };
+        let (low, high) = reader
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .map_err(kafka)?;
+        if high <= low {
+            continue;
+        }
+        let start = match window {
+            Some(window) => Offset::Offset(low.max(high - window)),
+            None => Offset::Beginning,
+        };
+        assignment
+            .add_partition_offset(topic, partition, start)
+            .map_err(kafka)?;
+        remaining.insert((topic.to_owned(), partition), high - 1);
+    }
+    if remaining.is_empty() {
+        return Ok(());
+    }
+    let assign_error = |error| ClusterError::Kafka {
+        topic: partitions
+            .first()
+            .map_or_else(String::new, |p| p.0.to_owned()),
+        error,
+    };
+    reader.assign(&assignment).map_err(assign_error)?;
+    let mut last_progress = Instant::now();
+    let reading = Instant::now();
+    let (mut polls, mut empty, mut records) = (0u64, 0u64, 0u64);
+    tracing::debug!(?partitions, "reading to the end");
+    while !remaining.is_empty() {
+        polls += 1;
+        match reader.poll(Duration::from_millis(500)) {
+            Some(Ok(message)) => {
+                records += 1;
+                last_progress = Instant::now();
+                let id = (message.topic().to_owned(), message.partition());
+                let Some(&last) = remaining.get(&id) else {
+                    continue;
+                };
+                let offset = message.offset();
+                each(&message)?;
+                if offset >= last {
+                    remaining.remove(&id);
+                }
+            }
+            Some(Err(error)) => {
+                tracing::warn!(%error, "reading for a take-over");
+            }
+            None => empty += 1,
+        }
+        if last_progress.elapsed() > READ_STALL {
+            let ((topic, partition), _) = remaining.into_iter().next().unwrap_or_default();
+            return Err(ClusterError::ReadStalled {
+                topic,
+                partition,
+                waited: READ_STALL,
+            });
+        }
+    }
+    reader.unassign().map_err(assign_error)?;
+    tracing::debug!(
+        polls,
+        empty,
+        records,
+        seconds = reading.elapsed().as_secs_f64(),
+        "read to the end"
+    );
+    Ok(())
+}

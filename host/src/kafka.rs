@@ -1,0 +1,188 @@
+//! wagg's librdkafka plumbing, shared by every client of the source
+//! brokers (the source consumer, the dead-letter producer, the cluster's
+//! changelog producer and readers): one way to build a client from the
+//! resolved properties, one producer context that reports delivery
+//! failures, one rule for which errors are worth retrying, and the bridge
+//! from librdkafka's log to `tracing`. Imports nothing of the host but
+//! [`Status`] (where client errors are reported).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Message};
+use rdkafka::producer::ProducerContext;
+
+use crate::ops::status::Status;
+
+/// What every client of the source brokers is built from: the brokers and
+/// the librdkafka properties the user configured for it (resolved from
+/// the config once, in `app`).
+#[derive(Debug, Clone, Default)]
+pub struct ClientProperties {
+    brokers: String,
+    properties: Vec<(String, String)>,
+}
+
+impl ClientProperties {
+    pub fn new<'a>(brokers: &str, properties: impl IntoIterator<Item = (&'a str, String)>) -> Self {
+        Self {
+            brokers: brokers.to_owned(),
+            properties: properties
+                .into_iter()
+                .map(|(name, value)| (name.to_owned(), value))
+                .collect(),
+        }
+    }
+
+    /// A client configuration: `bootstrap.servers`, wagg's `defaults` for
+    /// this client, then the user's properties (which win), and
+    /// librdkafka's log at warning level and up.
+    pub fn client_config(&self, defaults: &[(&str, &str)]) -> ClientConfig {
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", &self.brokers);
+        for (name, value) in defaults {
+            client.set(*name, *value);
+        }
+        for (name, value) in &self.properties {
+            client.set(name, value);
+        }
+        client.set_log_level(RDKafkaLogLevel::Warning);
+        client
+    }
+}
+
+/// Defaults of wagg's producers (dead letters, changelogs).
+pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+    // Retries inside librdkafka neither duplicate nor reorder.
+    ("enable.idempotence", "true"),
+    // Surface an outage to the retry loops (and /readyz) after 30 s
+    // rather than librdkafka's default of five minutes.
+    ("message.timeout.ms", "30000"),
+    ("linger.ms", "5"),
+];
+
+/// A producer context that reports client errors to `Status` and collects
+/// delivery failures by the index the record was sent with (the dead-letter
+/// sink's letters; the cluster's changelog producer sends everything as 0).
+pub struct DeliveryContext {
+    /// Which producer, in log lines and on `/readyz`.
+    name: &'static str,
+    status: Arc<Status>,
+    failures: Mutex<Vec<(usize, KafkaError)>>,
+    /// Topic → partition → the offset after the last record delivered
+    /// (`None`: not tracked).
+    delivered: Option<Mutex<DeliveredEnds>>,
+}
+
+/// Topic → partition → the offset after the last record delivered there.
+pub type DeliveredEnds = HashMap<String, HashMap<i32, i64>>;
+
+impl DeliveryContext {
+    pub fn new(name: &'static str, status: Arc<Status>) -> Self {
+        Self {
+            name,
+            status,
+            failures: Mutex::new(Vec::new()),
+            delivered: None,
+        }
+    }
+
+    /// Also keeps where delivered records landed (see `take_delivered`).
+    pub fn tracking_offsets(mut self) -> Self {
+        self.delivered = Some(Mutex::new(HashMap::new()));
+        self
+    }
+
+    /// The failures reported since the last call.
+    pub fn take_failures(&self) -> Vec<(usize, KafkaError)> {
+        std::mem::take(&mut *self.failures.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Where the records delivered since the last call end, per topic and
+    /// partition (empty unless `tracking_offsets`).
+    pub fn take_delivered(&self) -> DeliveredEnds {
+        self.delivered
+            .as_ref()
+            .map_or_else(HashMap::new, |delivered| {
+                std::mem::take(&mut *delivered.lock().unwrap_or_else(|p| p.into_inner()))
+            })
+    }
+}
+
+impl ClientContext for DeliveryContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, producer = self.name, "producer error");
+        self.status
+            .broker_error(format!("{}: {error}: {reason}", self.name));
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        log_librdkafka(level, fac, log_message);
+    }
+}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, index: usize) {
+        match result {
+            Err((error, _)) => self
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((index, error.clone())),
+            Ok(message) => {
+                let Some(delivered) = &self.delivered else {
+                    return;
+                };
+                let mut delivered = delivered.lock().unwrap_or_else(|p| p.into_inner());
+                let end = message.offset() + 1;
+                let partitions = match delivered.get_mut(message.topic()) {
+                    Some(partitions) => partitions,
+                    None => delivered.entry(message.topic().to_owned()).or_default(),
+                };
+                let slot = partitions.entry(message.partition()).or_insert(end);
+                *slot = (*slot).max(end);
+            }
+        }
+    }
+}
+
+/// Errors a later attempt may get past: the broker is away or slow.
+pub fn is_transient(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            MessageTimedOut
+                | AllBrokersDown
+                | BrokerTransportFailure
+                | RequestTimedOut
+                | NetworkException
+                | LeaderNotAvailable
+                | NotLeaderForPartition
+                | NotEnoughReplicas
+                | NotEnoughReplicasAfterAppend
+                | QueueFull
+                | OperationTimedOut
+                | Resolve
+        )
+    )
+}
+
+/// librdkafka's log lines, through `tracing` at the matching level.
+pub fn log_librdkafka(level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => {
+            tracing::error!(target: "librdkafka", fac, "{log_message}")
+        }
+        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{log_message}"),
+        _ => tracing::debug!(target: "librdkafka", fac, "{log_message}"),
+    }
+}

@@ -1,0 +1,259 @@
+//! One key's state: from this instance's store, or (cluster mode) from
+//! the key's owner, or from a standby copy while the owner is away.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::encoding::{KeyEncoding, check_query_utf8};
+use super::error::ApiError;
+use super::routing::{self, Routing};
+use super::{ApiState, openapi};
+use crate::cluster::membership::Owner;
+use crate::config::Forwarding;
+use crate::state::store::Slot;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyQuery {
+    encoding: Option<String>,
+}
+
+/// One key's state.
+#[utoipa::path(get, path = "/v1/aggregations/{name}/keys/{key}", tag = "aggregations",
+    params(
+        ("name" = String, Path, description = "Aggregation name"),
+        ("key" = String, Path, description = "The key (percent-encoded UTF-8, or base64 with `encoding=base64`)"),
+        ("encoding" = Option<openapi::Encoding>, Query, description = "`utf8` (default) or `base64`"),
+    ),
+    responses(
+        (status = 200, description = "The key's state", body = openapi::KeyState, headers(
+            ("x-wagg-served-by" = String, description = "Cluster: the owner that answered a proxied lookup"),
+            ("x-wagg-standby" = String, description = "Cluster: the instance whose standby copy answered (the owner did not)"),
+            ("x-wagg-staleness-ms" = i64, description = "Cluster, with x-wagg-standby: how long ago the owner wrote the commit the copy is at"),
+        )),
+        (status = 307, description = "Cluster with `forward = \"redirect\"`: the instance that owns the key (`Location`)"),
+        (status = 400, description = "Bad key or query", body = openapi::ErrorBody),
+        (status = 404, description = "No such aggregation or key", body = openapi::ErrorBody),
+        (status = 502, description = "Cluster: the owning instance could not be reached", body = openapi::ErrorBody),
+        (status = 503, description = "Cluster: the key's partition has no live owner right now", body = openapi::ErrorBody),
+    ))]
+#[allow(clippy::too_many_arguments)]
+pub async fn get_key(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    path: Result<Path<(String, String)>, PathRejection>,
+    RawQuery(raw_query): RawQuery,
+    query: Result<Query<KeyQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Path((name, key_text)) = path?;
+    check_query_utf8(raw_query.as_deref())?;
+    let Query(query) = query?;
+    let encoding = KeyEncoding::parse(query.encoding.as_deref())?;
+    let key = encoding.decode("key", &key_text)?;
+    let not_found = || {
+        ApiError::not_found(
+            "unknown_key",
+            format!("aggregation {name:?} has no key {key_text:?}"),
+        )
+    };
+    let Some(routing) = &state.routing else {
+        let found = lookup(state.clone(), name.clone(), None, key, encoding).await?;
+        return found.map(IntoResponse::into_response).ok_or_else(not_found);
+    };
+    let aggregation = state.aggregation(&name)?;
+    let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+    let forwarded = Routing::is_forwarded(&headers);
+    let topics: Vec<String> = match &aggregation.config.topic {
+        Some(topic) => vec![topic.clone()],
+        None => routing.membership.topics().map(str::to_owned).collect(),
+    };
+    // A multi-topic aggregation's key may live in each topic's partition:
+    // a redirect could bounce between their owners, so those are proxied.
+    let redirect = routing.cluster.config.forward == Forwarding::Redirect && topics.len() == 1;
+    let mut unavailable = None;
+    for topic in &topics {
+        let Some(partition) = routing.membership.partition_of(topic, &key) else {
+            continue;
+        };
+        // If the owner does not answer, a standby copy may.
+        let standby = StandbyLookup {
+            topic,
+            partition,
+            forwarded,
+            path_and_query,
+            headers: &headers,
+        };
+        match routing.membership.owner(topic, partition) {
+            Owner::Local => {
+                let Some(slot) = partition_slot(&state, topic, partition) else {
+                    continue;
+                };
+                let found = lookup(
+                    state.clone(),
+                    name.clone(),
+                    Some(slot),
+                    key.clone(),
+                    encoding,
+                );
+                if let Some(found) = found.await? {
+                    return Ok(found.into_response());
+                }
+            }
+            Owner::Remote(owner) if !forwarded => {
+                if redirect {
+                    return Ok(Routing::redirect(&owner, path_and_query));
+                }
+                match routing.proxy(&owner, path_and_query, &headers).await {
+                    Ok((StatusCode::NOT_FOUND, _)) => {}
+                    Ok((_, response)) => return Ok(response),
+                    Err(unreachable) => {
+                        match from_standby(&state, &name, &key, encoding, standby).await? {
+                            FromStandby::Answered(response) => return Ok(response),
+                            FromStandby::Absent => {}
+                            FromStandby::NoCopy => return Err(unreachable),
+                        }
+                    }
+                }
+            }
+            Owner::Remote(_) | Owner::Unknown => {
+                match from_standby(&state, &name, &key, encoding, standby).await? {
+                    FromStandby::Answered(response) => return Ok(response),
+                    FromStandby::Absent => {}
+                    FromStandby::NoCopy => unavailable = Some((topic.clone(), partition)),
+                }
+            }
+        }
+    }
+    match unavailable {
+        Some((topic, partition)) => Err(ApiError::unavailable(topic, partition)),
+        None => Err(not_found()),
+    }
+}
+
+/// The store slot of a source partition (`None`: a topic this store has
+/// never seen).
+fn partition_slot(state: &ApiState, topic: &str, partition: i32) -> Option<Slot> {
+    state.store.known_topic_id(topic).map(|topic_id| Slot {
+        topic_id,
+        partition: partition as u32,
+    })
+}
+
+/// A lookup whose partition's owner is not answering.
+struct StandbyLookup<'a> {
+    topic: &'a str,
+    partition: i32,
+    forwarded: bool,
+    path_and_query: &'a str,
+    headers: &'a HeaderMap,
+}
+
+enum FromStandby {
+    Answered(Response),
+    /// A standby copy has no such key.
+    Absent,
+    /// No standby copy could answer.
+    NoCopy,
+}
+
+/// Answers a lookup from this instance's standby copy of the partition, or
+/// (unless the request was forwarded) from another live instance's. The
+/// answer names the copy's instance and how old its commit is.
+async fn from_standby(
+    state: &Arc<ApiState>,
+    name: &str,
+    key: &[u8],
+    encoding: KeyEncoding,
+    lookup_of: StandbyLookup<'_>,
+) -> Result<FromStandby, ApiError> {
+    let Some(routing) = &state.routing else {
+        return Ok(FromStandby::NoCopy);
+    };
+    let StandbyLookup {
+        topic,
+        partition,
+        forwarded,
+        path_and_query,
+        headers,
+    } = lookup_of;
+    if let Some(copy) = routing.cluster.standby_copy(topic, partition)
+        && let Some(slot) = partition_slot(state, topic, partition)
+    {
+        let found = lookup(
+            state.clone(),
+            name.to_owned(),
+            Some(slot),
+            key.to_vec(),
+            encoding,
+        );
+        let found = found.await?;
+        state.status.metrics().standby_lookups.inc();
+        let Some(found) = found else {
+            return Ok(FromStandby::Absent);
+        };
+        let mut response = found.into_response();
+        let staleness = if copy.at_ms > 0 {
+            (crate::ops::status::now_millis() - copy.at_ms).max(0)
+        } else {
+            0
+        };
+        for (header, value) in [
+            (routing::STANDBY_HEADER, routing.membership.me().to_owned()),
+            (routing::STALENESS_HEADER, staleness.to_string()),
+        ] {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                response.headers_mut().insert(header, value);
+            }
+        }
+        return Ok(FromStandby::Answered(response));
+    }
+    if forwarded {
+        return Ok(FromStandby::NoCopy);
+    }
+    for standby in routing.membership.standbys_of(topic, partition) {
+        match routing.proxy(&standby, path_and_query, headers).await {
+            Ok((StatusCode::OK, response)) => return Ok(FromStandby::Answered(response)),
+            Ok((StatusCode::NOT_FOUND, _)) => return Ok(FromStandby::Absent),
+            Ok(_) | Err(_) => {}
+        }
+    }
+    Ok(FromStandby::NoCopy)
+}
+
+/// A key's rendered state from this instance's store: in `slot`, or in
+/// whichever slot has it.
+async fn lookup(
+    state: Arc<ApiState>,
+    name: String,
+    slot: Option<Slot>,
+    key: Vec<u8>,
+    encoding: KeyEncoding,
+) -> Result<Option<Json<Value>>, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let aggregation = state.aggregation(&name)?;
+        let stored = match slot {
+            Some(slot) => state.store.get(&name, slot, &key)?,
+            None => state.store.find(&name, &key)?,
+        };
+        let Some(stored) = stored else {
+            return Ok(None);
+        };
+        let rendered = aggregation
+            .render_all(&[stored])?
+            .pop()
+            .unwrap_or(Value::Null);
+        Ok(Some(Json(
+            json!({ "key": encoding.encode(&key), "state": rendered }),
+        )))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("query task failed: {e}")))?
+}

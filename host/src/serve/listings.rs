@@ -1,0 +1,216 @@
+//! Listings: every aggregation with its progress, and an aggregation's
+//! keys a page at a time (in cluster mode merged from every instance).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, RawQuery, State};
+use axum::http::{HeaderMap, Uri};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::encoding::{KeyEncoding, check_query_utf8, decode_base64};
+use super::error::ApiError;
+use super::routing::Routing;
+use super::{ApiState, openapi};
+use crate::ops::status::PartitionProgress;
+
+/// Every aggregation: plugin, counters, key estimate and partition progress.
+#[utoipa::path(get, path = "/v1/aggregations", tag = "aggregations", responses(
+    (status = 200, description = "The aggregations", body = openapi::AggregationList),
+    (status = 500, description = "State store error", body = openapi::ErrorBody),
+))]
+pub async fn list_aggregations(
+    State(state): State<Arc<ApiState>>,
+) -> Result<Json<Value>, ApiError> {
+    let mut partitions = state.status.partitions();
+    if let Some(routing) = &state.routing {
+        // Every source partition, with its owner (progress only for those
+        // this instance owns or owned).
+        let local: std::collections::BTreeMap<
+            (String, i32),
+            crate::ops::status::PartitionProgress,
+        > = partitions
+            .into_iter()
+            .map(|p| ((p.topic.clone(), p.partition), p))
+            .collect();
+        partitions = routing
+            .membership
+            .ownership()
+            .into_iter()
+            .map(|(topic, partition, owner)| {
+                let mut progress = local
+                    .get(&(topic.clone(), partition))
+                    .cloned()
+                    .unwrap_or_else(|| crate::ops::status::PartitionProgress {
+                        topic,
+                        partition,
+                        ..Default::default()
+                    });
+                progress.owner = owner;
+                progress.standby_offset = routing
+                    .cluster
+                    .standby_copy(&progress.topic, progress.partition)
+                    .map(|copy| copy.next_offset.unwrap_or(0));
+                progress
+            })
+            .collect();
+    }
+    let mut out = Vec::new();
+    for aggregation in &state.aggregations {
+        let config = &aggregation.config;
+        let counters = state.status.counters(&config.name);
+        let metadata = aggregation.plugin.metadata();
+        let lag: Vec<&crate::ops::status::PartitionProgress> = partitions
+            .iter()
+            .filter(|p| config.applies_to(&p.topic))
+            .collect();
+        out.push(json!({
+            "name": config.name,
+            "plugin": {
+                "name": metadata.name,
+                "version": metadata.version,
+                "state_format": metadata.state_format,
+                "sha256": aggregation.plugin.content_hash(),
+            },
+            "topic": config.topic,
+            "key": config.key,
+            "on_error": config.on_error,
+            "keys_estimate": state.store.estimate_keys(&config.name)?,
+            "records_applied": counters.records_applied,
+            "records_failed": counters.records_failed,
+            "records_dead_lettered": counters.records_dead_lettered,
+            "partitions": lag,
+        }));
+    }
+    let instance = state
+        .routing
+        .as_ref()
+        .map(|routing| routing.membership.me().to_owned());
+    Ok(Json(json!({ "aggregations": out, "instance": instance })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    prefix: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
+    encoding: Option<String>,
+}
+
+const DEFAULT_PAGE: usize = 100;
+
+/// Keys and states of an aggregation in byte order, a page at a time.
+#[utoipa::path(get, path = "/v1/aggregations/{name}/keys", tag = "aggregations",
+    params(
+        ("name" = String, Path, description = "Aggregation name"),
+        ("prefix" = Option<String>, Query, description = "Only keys starting with this"),
+        ("after" = Option<String>, Query, description = "Keys after this one (the previous page's `next`)"),
+        ("limit" = Option<usize>, Query, minimum = 1, description = "Page size (capped by `http.max_page`; default 100)"),
+        ("encoding" = Option<openapi::Encoding>, Query, description = "`utf8` (default) or `base64`, for keys in and out"),
+    ),
+    responses(
+        (status = 200, description = "A page of keys", body = openapi::KeyPage),
+        (status = 400, description = "Bad query", body = openapi::ErrorBody),
+        (status = 404, description = "No such aggregation", body = openapi::ErrorBody),
+        (status = 502, description = "Cluster: another instance could not be reached", body = openapi::ErrorBody),
+        (status = 503, description = "Cluster: a partition has no live owner right now", body = openapi::ErrorBody),
+    ))]
+pub async fn list_keys(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(raw_query): RawQuery,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(name) = path?;
+    check_query_utf8(raw_query.as_deref())?;
+    let Query(query) = query?;
+    let encoding = KeyEncoding::parse(query.encoding.as_deref())?;
+    let prefix = encoding.decode("prefix", query.prefix.as_deref().unwrap_or_default())?;
+    let after = query
+        .after
+        .as_deref()
+        .map(|a| encoding.decode("after", a))
+        .transpose()?;
+    let limit = match query.limit {
+        Some(0) => return Err(ApiError::bad_request("limit must be at least 1")),
+        Some(limit) => limit.min(state.max_page),
+        None => DEFAULT_PAGE.min(state.max_page),
+    };
+    let aggregation = state.aggregation(&name)?;
+    let mut items = {
+        let state = state.clone();
+        let name = name.clone();
+        tokio::task::spawn_blocking(move || {
+            let aggregation = state.aggregation(&name)?;
+            let slots = state.served_slots(&name)?;
+            let entries =
+                state
+                    .store
+                    .list_in_slots(&name, &slots, &prefix, after.as_deref(), limit)?;
+            let states: Vec<Vec<u8>> = entries.iter().map(|(_, s)| s.clone()).collect();
+            let rendered = aggregation.render_all(&states)?;
+            Ok::<_, ApiError>(
+                entries
+                    .into_iter()
+                    .zip(rendered)
+                    .map(|((key, _), state)| (key, state))
+                    .collect::<Vec<(Vec<u8>, Value)>>(),
+            )
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("query task failed: {e}")))??
+    };
+    if let Some(routing) = &state.routing
+        && !Routing::is_forwarded(&headers)
+    {
+        // Every partition must have a live owner, or the page would
+        // silently miss its keys.
+        let topics: Vec<String> = routing
+            .membership
+            .topics()
+            .filter(|t| aggregation.config.applies_to(t))
+            .map(str::to_owned)
+            .collect();
+        if let Some((topic, partition, _)) = routing
+            .membership
+            .ownership()
+            .into_iter()
+            .find(|(t, _, owner)| owner.is_none() && topics.contains(t))
+        {
+            return Err(ApiError::unavailable(topic, partition));
+        }
+        let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+        for instance in routing.membership.others() {
+            let page = routing
+                .get_json(&instance, path_and_query, &headers)
+                .await?;
+            for item in page["items"].as_array().into_iter().flatten() {
+                let key = item["key"].as_str().and_then(|k| match encoding {
+                    KeyEncoding::Utf8 => Some(k.as_bytes().to_vec()),
+                    KeyEncoding::Base64 => decode_base64(k),
+                });
+                if let Some(key) = key {
+                    items.push((key, item["state"].clone()));
+                }
+            }
+        }
+        // Each instance's page holds its first `limit` keys, so the first
+        // `limit` of their union are the cluster's.
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        items.dedup_by(|a, b| a.0 == b.0);
+        items.truncate(limit);
+    }
+    let next = (items.len() == limit)
+        .then(|| items.last().map(|(k, _)| encoding.encode(k)))
+        .flatten();
+    let items: Vec<Value> = items
+        .into_iter()
+        .map(|(key, state)| json!({ "key": encoding.encode(&key), "state": state }))
+        .collect();
+    Ok(Json(json!({ "items": items, "next": next })))
+}

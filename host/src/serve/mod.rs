@@ -1,0 +1,249 @@
+//! The HTTP query API (axum). Handlers read from RocksDB and the shared
+//! [`Status`]; they never touch the consumer loop, so queries are answered
+//! while consumption runs at full speed.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{MatchedPath, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::get;
+use serde_json::Value;
+use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+mod encoding;
+mod error;
+mod guard;
+mod keys;
+mod listings;
+pub mod openapi;
+mod probes;
+pub mod routing;
+
+use crate::config::{AggregationConfig, AuthScope, HttpConfig};
+use crate::ops::metrics::HttpLabel;
+use crate::ops::status::Status;
+use crate::plugin::{LoadedPlugin, PluginInstance};
+use crate::state::store::{Slot, StateStore};
+
+/// Everything the handlers need.
+pub struct ApiState {
+    pub store: Arc<StateStore>,
+    pub status: Arc<Status>,
+    pub aggregations: Vec<QueryableAggregation>,
+    pub max_page: usize,
+    /// Cluster mode: where keys live and how to reach them.
+    pub routing: Option<routing::Routing>,
+}
+
+impl ApiState {
+    /// The aggregation called `name`, or a 404.
+    fn aggregation(&self, name: &str) -> Result<&QueryableAggregation, ApiError> {
+        self.aggregations
+            .iter()
+            .find(|a| a.config.name == name)
+            .ok_or_else(|| {
+                ApiError::not_found(
+                    "unknown_aggregation",
+                    format!("no aggregation named {name:?}"),
+                )
+            })
+    }
+
+    /// The slots this instance serves: all of them on a single instance,
+    /// the owned partitions' in a cluster (a partition that moved away may
+    /// still have a stale copy here).
+    fn served_slots(&self, aggregation: &str) -> Result<Vec<Slot>, ApiError> {
+        let slots = self.store.slots(aggregation)?;
+        if self.routing.is_none() {
+            return Ok(slots);
+        }
+        let owned: Vec<Slot> = self
+            .status
+            .partitions()
+            .into_iter()
+            .filter(|p| p.assigned)
+            .filter_map(|p| {
+                Some(Slot {
+                    topic_id: self.store.known_topic_id(&p.topic)?,
+                    partition: p.partition as u32,
+                })
+            })
+            .collect();
+        Ok(slots.into_iter().filter(|s| owned.contains(s)).collect())
+    }
+}
+
+/// An aggregation as the API sees it: its config, plugin, and a pool of
+/// plugin instances used only for rendering states.
+pub struct QueryableAggregation {
+    pub config: AggregationConfig,
+    pub plugin: LoadedPlugin,
+    renderers: Mutex<Vec<PluginInstance>>,
+}
+
+impl QueryableAggregation {
+    pub fn new(config: AggregationConfig, plugin: LoadedPlugin) -> Self {
+        Self {
+            config,
+            plugin,
+            renderers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Renders states with a pooled instance (created on demand).
+    fn render_all(&self, states: &[Vec<u8>]) -> Result<Vec<Value>, ApiError> {
+        let pooled = self
+            .renderers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let mut instance = match pooled {
+            Some(instance) => instance,
+            None => self
+                .plugin
+                .instantiate(&self.config.params_json())
+                .map_err(|e| ApiError::internal(format!("cannot instantiate the plugin: {e}")))?,
+        };
+        let mut rendered = Vec::with_capacity(states.len());
+        for state in states {
+            let json = instance
+                .render(state)
+                .map_err(|e| ApiError::internal(format!("rendering failed: {e}")))?;
+            rendered.push(
+                serde_json::from_str(&json).map_err(|e| {
+                    ApiError::internal(format!("plugin rendered invalid JSON: {e}"))
+                })?,
+            );
+        }
+        self.renderers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(instance);
+        Ok(rendered)
+    }
+}
+
+pub use encoding::MAX_KEY_BYTES;
+pub use error::ApiError;
+/// Largest request body accepted (the API only has GETs).
+const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// Limits and authentication for the HTTP API, from `[http]`.
+#[derive(Debug, Clone)]
+pub struct HttpPolicy {
+    pub token: Option<String>,
+    pub auth_scope: AuthScope,
+    pub max_concurrent_requests: usize,
+    pub request_timeout: Duration,
+    pub max_uri_bytes: usize,
+}
+
+impl HttpPolicy {
+    /// `[http]`'s limits, with the bearer token `[http.auth]` resolves to.
+    pub fn new(http: &HttpConfig, token: Option<String>) -> Self {
+        Self {
+            token,
+            auth_scope: http.auth.as_ref().map(|a| a.scope).unwrap_or_default(),
+            max_concurrent_requests: http.max_concurrent_requests,
+            request_timeout: Duration::from_millis(http.request_timeout_ms),
+            max_uri_bytes: http.max_uri_bytes,
+        }
+    }
+}
+
+impl Default for HttpPolicy {
+    /// `[http]`'s defaults, without auth.
+    fn default() -> Self {
+        Self::new(&HttpConfig::default(), None)
+    }
+}
+
+pub fn router(state: Arc<ApiState>, policy: &HttpPolicy) -> Router {
+    let guard = Arc::new(guard::Guard::new(
+        policy.token.as_deref(),
+        policy.auth_scope,
+        policy.max_uri_bytes,
+    ));
+    // Past the limit, requests are refused at once rather than queued:
+    // a client retrying against a 503 beats a growing backlog.
+    let shed_load = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many requests in flight (`http.max_concurrent_requests`); retry shortly",
+            )
+        }))
+        .load_shed()
+        // Global: one semaphore for all routes, not one per route.
+        .layer(GlobalConcurrencyLimitLayer::new(
+            policy.max_concurrent_requests,
+        ));
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/healthz", get(probes::healthz))
+        .route("/readyz", get(probes::readyz))
+        .route("/v1/aggregations", get(listings::list_aggregations))
+        .route("/v1/aggregations/{name}/keys", get(listings::list_keys))
+        .route("/v1/aggregations/{name}/keys/{key}", get(keys::get_key))
+        .route("/metrics", get(probes::metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
+        .fallback(|| async { ApiError::not_found("no_route", "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "only GET is supported",
+            )
+        })
+        .with_state(state.clone())
+        .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(guard, guard::guard))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            policy.request_timeout,
+        ))
+        .layer(shed_load)
+        .layer(axum::middleware::from_fn_with_state(state, count_request))
+        .layer(TraceLayer::new_for_http())
+}
+
+/// Counts every request, shed and refused ones included, by route pattern
+/// and status.
+async fn count_request(
+    State(state): State<Arc<ApiState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let label = HttpLabel {
+        route,
+        status: response.status().as_u16(),
+    };
+    let metrics = state.status.metrics();
+    metrics
+        .http_seconds
+        .get_or_create(&label)
+        .observe(started.elapsed().as_secs_f64());
+    metrics.http_requests.get_or_create(&label).inc();
+    response
+}
+
+/// The dashboard: one self-contained page (no external assets) that reads
+/// the API like any client.
+async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("../../assets/dashboard.html"))
+}

@@ -1,0 +1,84 @@
+//! Probes and scrapes: `/healthz`, `/readyz` and `/metrics`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::error::ApiError;
+use super::{ApiState, openapi};
+use crate::ops::snapshot::Snapshot;
+
+/// Prometheus scrape (OpenMetrics text).
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses(
+    (status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text"),
+))]
+pub async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let mut snapshot = Snapshot {
+            partitions: state.status.partitions(),
+            ready: state.status.readiness().ready,
+            ..Snapshot::default()
+        };
+        for aggregation in &state.aggregations {
+            let name = &aggregation.config.name;
+            let keys = state.store.estimate_keys(name)?;
+            snapshot
+                .aggregations
+                .push((name.clone(), state.status.counters(name), keys));
+        }
+        snapshot.store_bytes = state.store.size_bytes()?;
+        let text = state
+            .status
+            .metrics()
+            .render(snapshot)
+            .map_err(|e| ApiError::internal(format!("encoding metrics: {e}")))?;
+        Ok((
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response())
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("metrics task failed: {e}")))?
+}
+
+/// Liveness: 503 once consumption has stopped for good (a storage fault,
+/// a record rejected under `on_error = "fail"`), so a supervisor restarts
+/// the process; until then queries are still served from the state.
+#[utoipa::path(get, path = "/healthz", tag = "probes", responses(
+    (status = 200, description = "Consuming (or able to)", body = openapi::Health),
+    (status = 503, description = "Consumption stopped for good", body = openapi::Health),
+))]
+pub async fn healthz(State(state): State<Arc<ApiState>>) -> Response {
+    match state.status.fatal() {
+        None => Json(json!({ "status": "ok" })).into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "failed", "reason": reason })),
+        )
+            .into_response(),
+    }
+}
+
+/// Readiness: 503 with the reasons while the consumer is not running or
+/// the broker was unreachable in the last 10 s.
+#[utoipa::path(get, path = "/readyz", tag = "probes", responses(
+    (status = 200, description = "Ready", body = crate::ops::status::Readiness),
+    (status = 503, description = "Not ready, with reasons", body = crate::ops::status::Readiness),
+))]
+pub async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
+    let readiness = state.status.readiness();
+    let code = if readiness.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(readiness)).into_response()
+}
