@@ -181,7 +181,12 @@ fn expected(input: &[Vec<SourceRecord>]) -> BTreeMap<Vec<u8>, Vec<f64>> {
     amounts
 }
 
-fn rendered(config: &Config, store: &StateStore, aggregation: &str, key: &[u8]) -> serde_json::Value {
+fn rendered(
+    config: &Config,
+    store: &StateStore,
+    aggregation: &str,
+    key: &[u8],
+) -> serde_json::Value {
     let runtime = PluginRuntime::new(RuntimeConfig::default()).expect("runtime");
     let settings = config
         .aggregations
@@ -189,11 +194,18 @@ fn rendered(config: &Config, store: &StateStore, aggregation: &str, key: &[u8]) 
         .find(|a| a.name == aggregation)
         .expect("aggregation");
     let plugin = runtime.load(&config.plugin_path(settings)).expect("plugin");
-    let mut instance = plugin.instantiate(&settings.params_json()).expect("instance");
+    let mut instance = plugin
+        .instantiate(&settings.params_json())
+        .expect("instance");
     let state = store
         .find(aggregation, key)
         .expect("read")
-        .unwrap_or_else(|| panic!("{aggregation}: no state for {}", String::from_utf8_lossy(key)));
+        .unwrap_or_else(|| {
+            panic!(
+                "{aggregation}: no state for {}",
+                String::from_utf8_lossy(key)
+            )
+        });
     serde_json::from_str(&instance.render(&state).expect("render")).expect("json")
 }
 
@@ -212,7 +224,10 @@ fn applier_and_writer_are_exactly_once_across_crashes_between_flushes() {
     let life = start(&config);
     let next = resume(&life.store);
     let lengths: Vec<usize> = input.iter().map(Vec::len).collect();
-    assert_eq!(next, lengths, "every partition's stored next offset is its end");
+    assert_eq!(
+        next, lengths,
+        "every partition's stored next offset is its end"
+    );
     let expected = expected(&input);
     assert_eq!(expected.len() as u64, KEYS);
     let counters = life.store.counters("count").expect("counters");

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! The flat byte encoding of wagg's plugin calls.
 //!
 //! `wit/aggregator.wit` specifies two buffers: the *batch* the host passes to
@@ -30,18 +31,31 @@ const CHANGE_DELETE: u8 = 2;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("buffer ends early: needed {needed} more bytes at offset {offset}")]
-    Truncated { offset: usize, needed: usize },
+    /// The buffer ended `needed` bytes short of an item at `offset`.
+    Truncated {
+        /// Where the item starts.
+        offset: usize,
+        /// How many more bytes it needs.
+        needed: usize,
+    },
     #[error("unsupported ABI version {0} (this build speaks version {ABI_VERSION})")]
+    /// The buffer was encoded for another ABI version.
     Version(u8),
     #[error("invalid {what} byte {value} at offset {offset}")]
+    /// A tag byte (option, change kind) with no meaning.
     InvalidTag {
+        /// Which tag.
         what: &'static str,
+        /// The byte found.
         value: u8,
+        /// Where.
         offset: usize,
     },
     #[error("{0} trailing bytes after the last group")]
+    /// Bytes left after the last group.
     TrailingBytes(usize),
     #[error("header name is not UTF-8")]
+    /// A header name that is not UTF-8.
     HeaderName,
 }
 
@@ -59,8 +73,11 @@ pub struct Record<'a> {
     pub value: Option<&'a [u8]>,
     /// Milliseconds since the Unix epoch, when the record has a timestamp.
     pub timestamp: Option<i64>,
+    /// The Kafka partition it was consumed from.
     pub partition: i32,
+    /// Its offset in that partition.
     pub offset: i64,
+    /// Its headers, in order.
     pub headers: Headers<'a>,
 }
 
@@ -78,15 +95,18 @@ impl fmt::Debug for Headers<'_> {
 }
 
 impl<'a> Headers<'a> {
+    /// No headers.
     pub const EMPTY: Headers<'static> = Headers {
         count: 0,
         bytes: &[],
     };
 
+    /// How many headers there are.
     pub fn len(&self) -> usize {
         self.count as usize
     }
 
+    /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
@@ -292,12 +312,14 @@ struct OpenGroup {
 }
 
 impl BatchEncoder {
+    /// An empty batch.
     pub fn new() -> Self {
         let mut encoder = Self::default();
         encoder.clear();
         encoder
     }
 
+    /// Empties the batch, keeping its buffer for the next one.
     pub fn clear(&mut self) {
         self.buf.clear();
         self.buf.push(ABI_VERSION);
@@ -306,6 +328,7 @@ impl BatchEncoder {
         self.open_group = None;
     }
 
+    /// How many groups the buffer holds.
     pub fn group_count(&self) -> u32 {
         self.groups
     }
@@ -419,19 +442,23 @@ pub struct BatchDecoder<'a> {
 /// One key's records and current state.
 #[derive(Debug)]
 pub struct Group<'a> {
+    /// The group's key.
     pub key: &'a [u8],
+    /// Its current state (`None`: no state yet).
     pub state: Option<&'a [u8]>,
     record_count: u32,
     records: &'a [u8],
 }
 
 impl<'a> BatchDecoder<'a> {
+    /// Reads a batch buffer's header; groups are decoded one at a time.
     pub fn new(buf: &'a [u8]) -> Result<Self, DecodeError> {
         Ok(Self {
             framing: Framing::new(buf)?,
         })
     }
 
+    /// How many groups the buffer holds.
     pub fn group_count(&self) -> u32 {
         self.framing.groups_left
     }
@@ -460,6 +487,7 @@ fn read_batch_group<'a>(reader: &mut Reader<'a>) -> Result<Group<'a>, DecodeErro
 }
 
 impl<'a> Group<'a> {
+    /// How many records the group holds.
     pub fn record_count(&self) -> u32 {
         self.record_count
     }
@@ -528,8 +556,11 @@ fn read_record<'a>(
 /// What happened to one group's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StateChange<'a> {
+    /// Keep the current state.
     Unchanged,
+    /// Replace it with these bytes.
     Set(&'a [u8]),
+    /// Delete the key's state.
     Delete,
 }
 
@@ -548,6 +579,7 @@ pub struct GroupResult<'a> {
     /// The state after every record before `failure.index` (all records when
     /// there is no failure).
     pub change: StateChange<'a>,
+    /// The first record the plugin rejected, if any.
     pub failure: Option<RecordFailure<'a>>,
 }
 
@@ -565,10 +597,12 @@ impl Default for ResultEncoder {
 }
 
 impl ResultEncoder {
+    /// An empty result.
     pub fn new() -> Self {
         Self::with_capacity(64)
     }
 
+    /// An empty result with room for `capacity` bytes.
     pub fn with_capacity(capacity: usize) -> Self {
         let mut buf = Vec::with_capacity(capacity.max(5));
         buf.push(ABI_VERSION);
@@ -576,6 +610,7 @@ impl ResultEncoder {
         Self { buf, groups: 0 }
     }
 
+    /// Appends the next group's outcome.
     pub fn push(&mut self, result: &GroupResult<'_>) {
         match result.change {
             StateChange::Unchanged => self.buf.push(CHANGE_UNCHANGED),
@@ -596,6 +631,7 @@ impl ResultEncoder {
         self.groups += 1;
     }
 
+    /// The encoded result buffer.
     pub fn finish(mut self) -> Vec<u8> {
         patch_u32(&mut self.buf, 1, self.groups);
         self.buf
@@ -608,16 +644,19 @@ pub struct ResultDecoder<'a> {
 }
 
 impl<'a> ResultDecoder<'a> {
+    /// Reads a result buffer's header; groups are decoded one at a time.
     pub fn new(buf: &'a [u8]) -> Result<Self, DecodeError> {
         Ok(Self {
             framing: Framing::new(buf)?,
         })
     }
 
+    /// How many groups the buffer holds.
     pub fn group_count(&self) -> u32 {
         self.framing.groups_left
     }
 
+    /// The next group's outcome; `None` after the last one.
     pub fn next_group(&mut self) -> Option<Result<GroupResult<'a>, DecodeError>> {
         self.framing.next(read_group_result)
     }

@@ -182,6 +182,69 @@ pub fn field_at<'v>(doc: &'v Value, pointer: &str) -> Result<&'v Value> {
         .ok_or_else(|| Error::msg(format!("field `{pointer}` is missing")))
 }
 
+/// A parameter naming a field of the record value: a JSON pointer (empty for
+/// the whole value, else starting with `/`), checked when the params are
+/// parsed — a plugin whose `Params` uses it needs no `validate` for it.
+///
+/// ```
+/// use wagg_guest_sdk::json::FieldPointer;
+///
+/// #[derive(serde::Deserialize)]
+/// struct Params { field: FieldPointer }
+///
+/// let ok: Params = serde_json::from_str(r#"{"field": "/amount"}"#).unwrap();
+/// assert_eq!(ok.field.as_str(), "/amount");
+/// let bad = serde_json::from_str::<Params>(r#"{"field": "amount"}"#);
+/// assert!(bad.is_err_and(|e| e.to_string().contains("must be a JSON pointer")));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
+pub struct FieldPointer(String);
+
+impl FieldPointer {
+    /// `pointer`, if it is a JSON pointer.
+    pub fn new(pointer: impl Into<String>) -> Result<Self> {
+        let pointer = pointer.into();
+        if pointer.is_empty() || pointer.starts_with('/') {
+            Ok(Self(pointer))
+        } else {
+            Err(Error::msg(format!(
+                "must be a JSON pointer such as \"/amount\", got {pointer:?}"
+            )))
+        }
+    }
+
+    /// The pointer, as [`Record::value_number`](crate::Record::value_number)
+    /// and the other field accessors take it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for FieldPointer {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for FieldPointer {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Self::new(text).map_err(|e| serde::de::Error::custom(e.message()))
+    }
+}
+
+/// The params of a plugin over one field of the record value:
+/// `{"field": "/amount"}`, nothing else.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldParams {
+    /// The field the plugin reads.
+    pub field: FieldPointer,
+}
+
 /// Checks that a parameter is a JSON pointer (empty, or starting with `/`).
 pub fn validate_pointer(param: &str, pointer: &str) -> Result<()> {
     if pointer.is_empty() || pointer.starts_with('/') {

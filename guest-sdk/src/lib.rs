@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Write [wagg](https://github.com/wagg) aggregation plugins in a few lines of
 //! safe Rust.
 //!
@@ -60,6 +61,13 @@ pub use wagg_abi::Headers;
 
 pub mod json;
 
+/// What most plugins import: `use wagg_guest_sdk::prelude::*;`.
+pub mod prelude {
+    pub use crate::json::{FieldParams, FieldPointer};
+    pub use crate::{Aggregation, Error, NoParams, Record, Result, bail, export_aggregation};
+    pub use serde::{Deserialize, Serialize};
+}
+
 /// The WIT bindings; used by [`export_aggregation!`], not meant for plugin code.
 #[doc(hidden)]
 pub mod __bindings {
@@ -78,10 +86,12 @@ pub mod __bindings {
 pub struct Error(String);
 
 impl Error {
+    /// An error with this message.
     pub fn msg(message: impl fmt::Display) -> Self {
         Self(message.to_string())
     }
 
+    /// The message.
     pub fn message(&self) -> &str {
         &self.0
     }
@@ -99,6 +109,7 @@ impl<E: std::error::Error> From<E> for Error {
     }
 }
 
+/// A plugin function's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Returns early with an [`Error`] built like `format!`.
@@ -134,14 +145,17 @@ impl<'a> Record<'a> {
         self.0.timestamp
     }
 
+    /// The Kafka partition the record was consumed from.
     pub fn partition(&self) -> i32 {
         self.0.partition
     }
 
+    /// The record's offset in its partition.
     pub fn offset(&self) -> i64 {
         self.0.offset
     }
 
+    /// The record's headers.
     pub fn headers(&self) -> Headers<'a> {
         self.0.headers
     }
@@ -237,6 +251,7 @@ impl<A: Aggregation> Default for Runner<A> {
 }
 
 impl<A: Aggregation> Runner<A> {
+    /// A runner not configured yet.
     pub const fn new() -> Self {
         Self {
             params: Mutex::new(None),

@@ -4,17 +4,9 @@
 //! A record whose field is missing or not a number is rejected, never
 //! counted as zero.
 
-use serde::{Deserialize, Serialize};
-use wagg_guest_sdk::json::validate_pointer;
-use wagg_guest_sdk::{Aggregation, Record, Result};
+use wagg_guest_sdk::prelude::*;
 
 pub struct Sum;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Params {
-    pub field: String,
-}
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Total {
@@ -24,16 +16,12 @@ pub struct Total {
 impl Aggregation for Sum {
     const NAME: &'static str = "sum";
     type State = Total;
-    type Params = Params;
+    type Params = FieldParams;
 
-    fn validate(params: &Params) -> Result<()> {
-        validate_pointer("field", &params.field)
-    }
-
-    fn aggregate(state: &mut Total, record: &Record<'_>, params: &Params) -> Result<()> {
+    fn aggregate(state: &mut Total, record: &Record<'_>, params: &FieldParams) -> Result<()> {
         state.sum += record.value_number(&params.field)?;
         Ok(())
     }
 }
 
-wagg_guest_sdk::export_aggregation!(Sum);
+export_aggregation!(Sum);
