@@ -28,10 +28,7 @@ pub async fn list_aggregations(
     if let Some(routing) = &state.routing {
         // Every source partition, with its owner (progress only for those
         // this instance owns or owned).
-        let local: std::collections::BTreeMap<
-            (String, i32),
-            crate::ops::status::PartitionProgress,
-        > = partitions
+        let local: std::collections::BTreeMap<(String, i32), PartitionProgress> = partitions
             .into_iter()
             .map(|p| ((p.topic.clone(), p.partition), p))
             .collect();
@@ -43,7 +40,7 @@ pub async fn list_aggregations(
                 let mut progress = local
                     .get(&(topic.clone(), partition))
                     .cloned()
-                    .unwrap_or_else(|| crate::ops::status::PartitionProgress {
+                    .unwrap_or_else(|| PartitionProgress {
                         topic,
                         partition,
                         ..Default::default()
@@ -62,7 +59,7 @@ pub async fn list_aggregations(
         let config = &aggregation.config;
         let counters = state.status.counters(&config.name);
         let metadata = aggregation.plugin.metadata();
-        let lag: Vec<&crate::ops::status::PartitionProgress> = partitions
+        let lag: Vec<&PartitionProgress> = partitions
             .iter()
             .filter(|p| config.applies_to(&p.topic))
             .collect();

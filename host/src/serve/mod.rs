@@ -18,6 +18,7 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+mod api_doc;
 mod encoding;
 mod error;
 mod guard;
@@ -195,7 +196,7 @@ pub fn router(state: Arc<ApiState>, policy: &HttpPolicy) -> Router {
         .route("/v1/aggregations/{name}/keys", get(listings::list_keys))
         .route("/v1/aggregations/{name}/keys/{key}", get(keys::get_key))
         .route("/metrics", get(probes::metrics))
-        .route("/openapi.json", get(openapi::openapi_json))
+        .route("/openapi.json", get(api_doc::openapi_json))
         .fallback(|| async { ApiError::not_found("no_route", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

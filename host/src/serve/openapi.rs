@@ -1,10 +1,9 @@
-//! The OpenAPI 3 description of the HTTP API, generated from the handlers'
-//! `#[utoipa::path]` attributes and the response types below; served at
-//! `/openapi.json` and checked against the live server by schemathesis
-//! (`tests/openapi.rs`).
+//! The bodies the HTTP API answers with, as the OpenAPI document describes
+//! them (`api_doc` assembles the document from these and the handlers'
+//! `#[utoipa::path]` attributes).
 
 use serde::Serialize;
-use utoipa::{OpenApi, ToSchema};
+use utoipa::ToSchema;
 
 /// `{"error": {"code": ..., "message": ...}}`, with every non-2xx answer.
 #[derive(Debug, Serialize, ToSchema)]
@@ -81,69 +80,4 @@ pub struct KeyPage {
     pub items: Vec<KeyState>,
     /// Pass as `after` for the next page; absent on the last one.
     pub next: Option<String>,
-}
-
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "wagg",
-        description = "Live per-key aggregates of Kafka topics, computed by WebAssembly plugins. Every error is JSON (`ErrorBody`). With `[http.auth]`, send `Authorization: Bearer <token>` (probes are always open)."
-    ),
-    paths(
-        super::probes::healthz,
-        super::probes::readyz,
-        super::listings::list_aggregations,
-        super::listings::list_keys,
-        super::keys::get_key,
-        super::probes::metrics,
-        openapi_json
-    ),
-    components(schemas(
-        ErrorBody,
-        ErrorDetail,
-        Health,
-        AggregationList,
-        AggregationInfo,
-        PluginInfo,
-        KeyState,
-        KeyPage,
-        Encoding,
-        crate::ops::status::PartitionProgress,
-        crate::ops::status::Readiness
-    ))
-)]
-pub struct ApiDoc;
-
-/// This document.
-#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "The OpenAPI 3 document", content_type = "application/json")))]
-pub async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
-    axum::Json(ApiDoc::openapi())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_route_is_described() {
-        let doc = ApiDoc::openapi();
-        let paths: Vec<&str> = doc.paths.paths.keys().map(String::as_str).collect();
-        for route in [
-            "/healthz",
-            "/readyz",
-            "/metrics",
-            "/openapi.json",
-            "/v1/aggregations",
-            "/v1/aggregations/{name}/keys",
-            "/v1/aggregations/{name}/keys/{key}",
-        ] {
-            assert!(paths.contains(&route), "{route} missing from {paths:?}");
-        }
-        let json = serde_json::to_value(&doc).expect("serializes");
-        assert!(
-            json["openapi"]
-                .as_str()
-                .is_some_and(|v| v.starts_with("3."))
-        );
-    }
 }
