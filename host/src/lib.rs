@@ -12,7 +12,7 @@ pub mod apply;
 pub mod cluster;
 pub mod config;
 pub mod ingest;
-pub(crate) mod kafka;
+pub mod kafka;
 pub mod ops;
 pub mod plugin;
 pub mod record;

@@ -26,7 +26,7 @@ impl FlushPublisher for Cluster {
 }
 
 impl Cluster {
-    fn publish(
+    pub(super) fn publish(
         &self,
         store: &StateStore,
         job: &FlushJob,
@@ -77,7 +77,7 @@ impl Cluster {
         Ok(out)
     }
 
-    fn try_publish(
+    pub(super) fn try_publish(
         &self,
         store: &StateStore,
         job: &FlushJob,
@@ -127,7 +127,7 @@ impl Cluster {
         self.wait_acknowledged(&self.topics.commits())
     }
 
-    fn produce_commit(
+    pub(super) fn produce_commit(
         &self,
         topic: &str,
         partition: i32,
@@ -138,7 +138,7 @@ impl Cluster {
     }
 
     /// Moves `commit`'s changelog ends past the records just delivered.
-    fn record_ends(
+    pub(super) fn record_ends(
         &self,
         topic: &str,
         partition: i32,
@@ -157,7 +157,7 @@ impl Cluster {
     }
 
     /// Sends a commit record, stamped with the time.
-    fn send_commit(
+    pub(super) fn send_commit(
         &self,
         topic: &str,
         partition: i32,

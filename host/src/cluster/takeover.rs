@@ -81,7 +81,7 @@ impl Cluster {
     /// All partitions at once: every read covers all of them, so a fetch
     /// brings a batch of each (brokers may return one batch per partition
     /// per fetch).
-    fn try_take_over(
+    pub(super) fn try_take_over(
         &self,
         reader: &BaseConsumer,
         store: &StateStore,
@@ -165,7 +165,7 @@ impl Cluster {
     /// commit is near the end: a window is read first (a whole log costs a
     /// fetch per flush), the whole log only for partitions without a commit
     /// in it.
-    fn newest_commits(
+    pub(super) fn newest_commits(
         &self,
         reader: &BaseConsumer,
         partitions: &[(String, i32)],
@@ -187,7 +187,7 @@ impl Cluster {
         Ok(found)
     }
 
-    fn scan_commits(
+    pub(super) fn scan_commits(
         &self,
         reader: &BaseConsumer,
         partitions: &[(String, i32)],
@@ -232,7 +232,7 @@ impl Cluster {
 
     /// Replaces each partition's local state with the changelog records its
     /// commit accepts; returns how many records were applied.
-    fn restore(
+    pub(super) fn restore(
         &self,
         reader: &BaseConsumer,
         store: &StateStore,

@@ -240,7 +240,7 @@ impl KafkaSource {
             StartFrom::Latest => "latest",
         };
         let client = client.client_config(&[
-            ("group.id", &source.group_id),
+            ("group.id", source.group_id.as_str()),
             // Offsets live in the state store, written with the state.
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),

@@ -4,4 +4,4 @@
 
 pub mod kafka;
 
-pub use kafka::{KafkaSource, SourceEvent, SourceFeed, log_librdkafka};
+pub use kafka::{KafkaSource, SourceEvent, SourceFeed};
