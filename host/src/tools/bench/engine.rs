@@ -13,7 +13,7 @@ use super::{Rng, aggregation_toml, dir_size, key_bytes, report, rss_bytes, value
 use crate::apply::BatchApplier;
 use crate::config::Config;
 use crate::ops::status::Status;
-use crate::plugin::PluginRuntime;
+use crate::plugin::{PluginRuntime, RuntimeConfig};
 use crate::record::SourceRecord;
 use crate::tools::author::build::{example_plugin, example_plugins_dir};
 
