@@ -96,6 +96,11 @@ impl DeliveryContext {
         self
     }
 
+    /// The status this producer reports its errors to.
+    pub fn status(&self) -> &Status {
+        &self.status
+    }
+
     /// The failures reported since the last call.
     pub fn take_failures(&self) -> Vec<(usize, KafkaError)> {
         std::mem::take(&mut *self.failures.lock().unwrap_or_else(|p| p.into_inner()))

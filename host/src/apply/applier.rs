@@ -143,13 +143,13 @@ impl BatchApplier {
     ) -> Result<FlushOffsets, PipelineError> {
         let started = Instant::now();
         let partitions = next_offsets(batch);
-        let slots = self.slots(&partitions)?;
+        let mut slots = self.slots(&partitions)?;
         let mut cache_updates = Vec::new();
         let mut counters = Vec::with_capacity(self.aggregations.len());
         let mut letters = Vec::new();
         for (index, aggregation) in self.aggregations.iter_mut().enumerate() {
             let mut staged =
-                apply_aggregation(aggregation, batch, &slots, &self.store, |update| {
+                apply_aggregation(aggregation, batch, &mut slots, &self.store, |update| {
                     cache_updates.push(CacheUpdate {
                         aggregation: index,
                         store_key: update.0,
@@ -239,7 +239,7 @@ fn cached_topic_id(
 fn apply_aggregation<'b>(
     aggregation: &mut Aggregation,
     batch: &'b [SourceRecord],
-    slots: &PartitionMap<Slot>,
+    slots: &mut PartitionMap<Slot>,
     store: &StateStore,
     mut stage: impl FnMut((Vec<u8>, State)),
 ) -> Result<Staged<'b>, PipelineError> {
@@ -300,7 +300,7 @@ type Rejected<'b> = Vec<(&'b SourceRecord, String)>;
 fn key_records<'b>(
     aggregation: &Aggregation,
     batch: &'b [SourceRecord],
-    slots: &PartitionMap<Slot>,
+    slots: &mut PartitionMap<Slot>,
 ) -> (Vec<(GroupKey<'b>, &'b SourceRecord)>, Rejected<'b>) {
     let mut rejected = Vec::new();
     let mut keyed = Vec::new();

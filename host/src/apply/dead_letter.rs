@@ -141,7 +141,7 @@ impl DeadLetterSink {
                 tracing::warn!(%error, undelivered = pending.len(), "dead letters not delivered; retrying");
                 self.producer
                     .context()
-                    .status
+                    .status()
                     .broker_error(format!("dead-letter delivery: {error}"));
                 sleep_unless(shutdown, backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use rdkafka::producer::Producer;
+
 use super::log::{self, Commit};
 use super::{Cluster, ClusterError, is_transient};
 use crate::kafka::DeliveredEnds;

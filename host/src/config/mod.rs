@@ -4,7 +4,7 @@
 //! are passed to librdkafka untouched and never printed: they may hold
 //! credentials.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

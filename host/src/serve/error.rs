@@ -51,7 +51,7 @@ impl ApiError {
 }
 
 impl IntoResponse for ApiError {
-    pub(crate) fn into_response(self) -> Response {
+    fn into_response(self) -> Response {
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code.to_owned(),
@@ -70,19 +70,19 @@ impl IntoResponse for ApiError {
 }
 
 impl From<PathRejection> for ApiError {
-    pub(crate) fn from(rejection: PathRejection) -> Self {
+    fn from(rejection: PathRejection) -> Self {
         Self::bad_request(format!("invalid path: {}", rejection.body_text()))
     }
 }
 
 impl From<QueryRejection> for ApiError {
-    pub(crate) fn from(rejection: QueryRejection) -> Self {
+    fn from(rejection: QueryRejection) -> Self {
         Self::bad_request(format!("invalid query string: {}", rejection.body_text()))
     }
 }
 
-impl From<crate::state::store::StoreError> for ApiError {
-    pub(crate) fn from(error: crate::state::store::StoreError) -> Self {
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",

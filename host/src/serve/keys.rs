@@ -21,7 +21,7 @@ use crate::state::store::Slot;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct KeyQuery {
+pub(super) struct KeyQuery {
     encoding: Option<String>,
 }
 

@@ -90,7 +90,7 @@ pub async fn list_aggregations(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+pub(super) struct ListQuery {
     prefix: Option<String>,
     after: Option<String>,
     limit: Option<usize>,
