@@ -72,7 +72,7 @@ fn fixture() -> Fixture {
         )
         .expect("store"),
     );
-    let mut batch = store.batch();
+    let mut batch = store.begin_write();
     let slot = Slot {
         topic_id: store.topic_id("t").expect("topic id"),
         partition: 0,

@@ -409,7 +409,7 @@ impl Cluster {
             tracing::info!(topic, partition, "standby copy diverged; restoring it");
             return Ok(Advanced::Diverged);
         }
-        let mut batch = store.batch();
+        let mut batch = store.begin_write();
         let mut applied = 0u64;
         let mut kept = Vec::new();
         for record in std::mem::take(&mut follow.pending) {

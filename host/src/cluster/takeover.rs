@@ -138,7 +138,7 @@ impl Cluster {
             claims.push((topic, *partition, claim, commit.is_none()));
         }
         self.wait_acknowledged(&self.topics.commits())?;
-        let mut batch = store.batch();
+        let mut batch = store.begin_write();
         for (topic, partition, claim, first_owner) in claims {
             let mut commit = claim.clone();
             if first_owner && claim.next_offset.is_some() {
@@ -264,7 +264,7 @@ impl Cluster {
                 .iter()
                 .map(|p| (aggregation.changelog.as_str(), *p))
                 .collect();
-            let mut batch = store.batch();
+            let mut batch = store.begin_write();
             let mut pending = 0;
             read_to_end(reader, &reads, None, |message| {
                 let Some((topic, partition, key)) =
@@ -292,14 +292,14 @@ impl Cluster {
                 applied += 1;
                 pending += 1;
                 if pending >= RESTORE_BATCH {
-                    store.write(std::mem::replace(&mut batch, store.batch()))?;
+                    store.write(std::mem::replace(&mut batch, store.begin_write()))?;
                     pending = 0;
                 }
                 Ok(())
             })?;
             store.write(batch)?;
         }
-        let mut batch = store.batch();
+        let mut batch = store.begin_write();
         for (id, commit) in commits {
             let slot = slots[id];
             if let Some(next) = commit.next_offset {

@@ -6,11 +6,18 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+mod aggregation;
+mod cluster;
+mod http;
+
+pub use aggregation::{AggregationConfig, OnError, PluginLimits};
+pub use cluster::{ClusterConfig, Forwarding, KeyPartitioner};
+pub use http::{AuthConfig, AuthScope, HttpConfig};
 
 /// A configuration problem, with the file and field it is about.
 #[derive(Debug, thiserror::Error)]
@@ -133,84 +140,6 @@ impl Default for StateConfig {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct HttpConfig {
-    #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
-    /// Largest `limit` a key listing accepts.
-    #[serde(default = "default_max_page")]
-    pub max_page: usize,
-    /// Requests served at once; more are answered 503 at once.
-    #[serde(default = "default_max_concurrent_requests")]
-    pub max_concurrent_requests: usize,
-    /// Requests taking longer are answered 408.
-    #[serde(default = "default_request_timeout_ms")]
-    pub request_timeout_ms: u64,
-    /// Longest request target (path and query) accepted; longer is 414.
-    #[serde(default = "default_max_uri_bytes")]
-    pub max_uri_bytes: usize,
-    /// Bearer-token authentication; none when absent.
-    pub auth: Option<AuthConfig>,
-}
-
-/// Where the bearer token comes from (exactly one of the two), and what it
-/// protects. The token itself never appears in the config file.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthConfig {
-    /// Name of an environment variable holding the token.
-    pub token_env: Option<String>,
-    /// A file holding the token (surrounding whitespace ignored); relative
-    /// to the config file.
-    pub token_file: Option<PathBuf>,
-    #[serde(default)]
-    pub scope: AuthScope,
-}
-
-/// Which endpoints need the token. `/healthz` and `/readyz` never do, so
-/// probes keep working.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AuthScope {
-    /// Every endpoint but the probes.
-    #[default]
-    All,
-    /// Only admin endpoints: `/v1/aggregations` (status and configuration)
-    /// and `/metrics`; key lookups and listings stay open.
-    Admin,
-}
-
-fn default_max_concurrent_requests() -> usize {
-    256
-}
-fn default_request_timeout_ms() -> u64 {
-    10_000
-}
-fn default_max_uri_bytes() -> usize {
-    8192
-}
-
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 8080))
-}
-fn default_max_page() -> usize {
-    1000
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        Self {
-            listen: default_listen(),
-            max_page: default_max_page(),
-            max_concurrent_requests: default_max_concurrent_requests(),
-            request_timeout_ms: default_request_timeout_ms(),
-            max_uri_bytes: default_max_uri_bytes(),
-            auth: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct BatchConfig {
     /// Records per batch at most.
     #[serde(default = "default_max_records")]
@@ -266,37 +195,6 @@ impl BatchConfig {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct PluginLimits {
-    #[serde(default = "default_memory_mib")]
-    pub memory_limit_mib: usize,
-    #[serde(default = "default_call_timeout_ms")]
-    pub call_timeout_ms: u64,
-    #[serde(default = "default_max_state_bytes")]
-    pub max_state_bytes: usize,
-}
-
-fn default_memory_mib() -> usize {
-    64
-}
-fn default_call_timeout_ms() -> u64 {
-    1000
-}
-fn default_max_state_bytes() -> usize {
-    1 << 20
-}
-
-impl Default for PluginLimits {
-    fn default() -> Self {
-        Self {
-            memory_limit_mib: default_memory_mib(),
-            call_timeout_ms: default_call_timeout_ms(),
-            max_state_bytes: default_max_state_bytes(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
     /// After SIGTERM/SIGINT, how long the batch in flight may take to be
     /// written before the process exits anyway (with status 1; the state is
@@ -317,97 +215,6 @@ impl Default for ShutdownConfig {
     }
 }
 
-/// Scale-out: the instances of one `source.group_id` share the partitions,
-/// keep each partition's state in changelog topics, and route queries to
-/// the instance that owns a key (docs/scale-out.md).
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClusterConfig {
-    /// The base URL other instances and clients reach this instance's HTTP
-    /// API at, e.g. `http://10.0.0.5:8080`; also its identity in the group.
-    pub advertised_http: String,
-    /// Prefix of the topics wagg keeps for the group:
-    /// `<prefix>changelog-<aggregation>`, `<prefix>commits` and
-    /// `<prefix>members`. Default: `<source.group_id>-`.
-    pub topic_prefix: Option<String>,
-    /// Replication factor of those topics when wagg creates them; -1 uses
-    /// the broker's default.
-    #[serde(default = "default_replication_factor")]
-    pub replication_factor: i32,
-    /// How long a changelog record stays uncompacted (the topics'
-    /// `min.compaction.lag.ms`); see docs/scale-out.md for why it matters.
-    #[serde(default = "default_min_compaction_lag_ms")]
-    pub min_compaction_lag_ms: u64,
-    /// A lookup of a key another instance owns is proxied to it (`proxy`)
-    /// or answered with a 307 redirect to it (`redirect`).
-    #[serde(default)]
-    pub forward: Forwarding,
-    /// How many instances besides the owner keep a warm copy of each
-    /// partition (following its changelog), for fast failover and for
-    /// lookups while the owner is down.
-    #[serde(default)]
-    pub standby_replicas: u32,
-    /// How often this instance announces itself and its partitions.
-    #[serde(default = "default_heartbeat_ms")]
-    pub heartbeat_ms: u64,
-    /// An instance not heard from for this long is taken for dead by the
-    /// query routing.
-    #[serde(default = "default_member_timeout_ms")]
-    pub member_timeout_ms: u64,
-    /// How the producers of the source topics choose partitions for keyed
-    /// records, so a key can be routed to its partition's owner.
-    #[serde(default)]
-    pub key_partitioner: KeyPartitioner,
-}
-
-fn default_replication_factor() -> i32 {
-    -1
-}
-fn default_min_compaction_lag_ms() -> u64 {
-    3_600_000
-}
-fn default_heartbeat_ms() -> u64 {
-    1000
-}
-fn default_member_timeout_ms() -> u64 {
-    10_000
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Forwarding {
-    #[default]
-    Proxy,
-    Redirect,
-}
-
-/// The key → partition function of the source topics' producers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum KeyPartitioner {
-    /// The Java client's default (and librdkafka's `murmur2_random`).
-    #[default]
-    Murmur2,
-    /// librdkafka's default `consistent_random` (CRC-32).
-    Crc32,
-}
-
-impl ClusterConfig {
-    pub fn topic_prefix(&self, group_id: &str) -> String {
-        self.topic_prefix
-            .clone()
-            .unwrap_or_else(|| format!("{group_id}-"))
-    }
-
-    pub fn heartbeat(&self) -> Duration {
-        Duration::from_millis(self.heartbeat_ms)
-    }
-
-    pub fn member_timeout(&self) -> Duration {
-        Duration::from_millis(self.member_timeout_ms)
-    }
-}
-
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterConfig {
@@ -425,66 +232,6 @@ impl fmt::Debug for DeadLetterConfig {
             .field("topic", &self.topic)
             .field("kafka", &self.kafka.keys().collect::<Vec<_>>())
             .finish()
-    }
-}
-
-/// What to do when a plugin rejects (or traps on) a record: the one
-/// failure policy of `[[aggregation]].on_error`, the plugin runtime and
-/// `wagg plugin test --on-error`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum OnError {
-    /// Stop consuming; nothing of the failing batch is written.
-    #[default]
-    Fail,
-    /// Log and count the record, and apply the rest.
-    Skip,
-    /// Send the record to the dead-letter topic, and apply the rest.
-    /// (Not offered by `wagg plugin test`, which has no topic.)
-    #[value(skip)]
-    DeadLetter,
-}
-
-impl OnError {
-    /// Whether the records after a rejected one are applied (as if it had
-    /// not been there); with `Fail` they are left unapplied and the caller
-    /// stops.
-    pub fn applies_the_rest(self) -> bool {
-        self != Self::Fail
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct AggregationConfig {
-    /// Used in URLs and as the state store's column family.
-    pub name: String,
-    /// The plugin component, relative to the config file.
-    pub plugin: PathBuf,
-    /// The topic to aggregate; all configured topics when absent.
-    pub topic: Option<String>,
-    /// Re-key records by this JSON pointer into the value; default: the
-    /// record's Kafka key.
-    pub key: Option<String>,
-    /// As written in the file; `on_error` is what applies.
-    #[serde(rename = "on_error", default)]
-    on_error_setting: Option<OnError>,
-    /// `on_error` if set, else `dead-letter` when `[dead_letter]` is
-    /// configured, else `fail`. Resolved when the file is parsed.
-    #[serde(skip)]
-    pub on_error: OnError,
-    /// Passed to the plugin's `configure` as JSON.
-    #[serde(default)]
-    pub params: toml::Table,
-}
-
-impl AggregationConfig {
-    pub fn params_json(&self) -> String {
-        serde_json::to_string(&self.params).unwrap_or_else(|_| "{}".into())
-    }
-
-    pub fn applies_to(&self, topic: &str) -> bool {
-        self.topic.as_deref().is_none_or(|t| t == topic)
     }
 }
 

@@ -3,7 +3,6 @@
 //! and the check that a query string decodes to UTF-8.
 
 use base64::Engine as _;
-use serde_json::Value;
 
 use super::error::ApiError;
 
@@ -44,10 +43,10 @@ impl KeyEncoding {
 
     /// Keys that are not UTF-8 show lossily in `utf8` mode; binary keys
     /// need `encoding=base64` to round-trip (e.g. as paging cursors).
-    pub(super) fn encode(self, key: &[u8]) -> Value {
+    pub(super) fn encode(self, key: &[u8]) -> String {
         match self {
-            Self::Utf8 => Value::String(String::from_utf8_lossy(key).into_owned()),
-            Self::Base64 => Value::String(base64::engine::general_purpose::STANDARD.encode(key)),
+            Self::Utf8 => String::from_utf8_lossy(key).into_owned(),
+            Self::Base64 => base64::engine::general_purpose::STANDARD.encode(key),
         }
     }
 }

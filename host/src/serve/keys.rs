@@ -9,12 +9,13 @@ use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
+use super::ApiState;
 use super::encoding::{KeyEncoding, check_query_utf8};
 use super::error::ApiError;
+use super::openapi::{self, KeyState};
 use super::routing::{self, Routing};
-use super::{ApiState, openapi};
 use crate::cluster::membership::Owner;
 use crate::config::Forwarding;
 use crate::state::store::Slot;
@@ -236,7 +237,7 @@ async fn lookup(
     slot: Option<Slot>,
     key: Vec<u8>,
     encoding: KeyEncoding,
-) -> Result<Option<Json<Value>>, ApiError> {
+) -> Result<Option<Json<KeyState>>, ApiError> {
     tokio::task::spawn_blocking(move || {
         let aggregation = state.aggregation(&name)?;
         let stored = match slot {
@@ -250,9 +251,10 @@ async fn lookup(
             .render_all(&[stored])?
             .pop()
             .unwrap_or(Value::Null);
-        Ok(Some(Json(
-            json!({ "key": encoding.encode(&key), "state": rendered }),
-        )))
+        Ok(Some(Json(KeyState {
+            key: encoding.encode(&key),
+            state: rendered,
+        })))
     })
     .await
     .map_err(|e| ApiError::internal(format!("query task failed: {e}")))?

@@ -8,12 +8,13 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, Uri};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::encoding::{KeyEncoding, check_query_utf8, decode_base64};
 use super::error::ApiError;
+use super::openapi::{self, AggregationInfo, AggregationList, KeyPage, KeyState, PluginInfo};
 use super::routing::Routing;
-use super::{ApiState, openapi};
+use super::{ApiState, QueryableAggregation};
 use crate::ops::status::PartitionProgress;
 
 /// Every aggregation: plugin, counters, key estimate and partition progress.
@@ -23,7 +24,7 @@ use crate::ops::status::PartitionProgress;
 ))]
 pub async fn list_aggregations(
     State(state): State<Arc<ApiState>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AggregationList>, ApiError> {
     let mut partitions = state.status.partitions();
     if let Some(routing) = &state.routing {
         // Every source partition, with its owner (progress only for those
@@ -54,38 +55,50 @@ pub async fn list_aggregations(
             })
             .collect();
     }
-    let mut out = Vec::new();
-    for aggregation in &state.aggregations {
-        let config = &aggregation.config;
-        let counters = state.status.counters(&config.name);
-        let metadata = aggregation.plugin.metadata();
-        let lag: Vec<&PartitionProgress> = partitions
-            .iter()
-            .filter(|p| config.applies_to(&p.topic))
-            .collect();
-        out.push(json!({
-            "name": config.name,
-            "plugin": {
-                "name": metadata.name,
-                "version": metadata.version,
-                "state_format": metadata.state_format,
-                "sha256": aggregation.plugin.content_hash(),
-            },
-            "topic": config.topic,
-            "key": config.key,
-            "on_error": config.on_error,
-            "keys_estimate": state.store.estimate_keys(&config.name)?,
-            "records_applied": counters.records_applied,
-            "records_failed": counters.records_failed,
-            "records_dead_lettered": counters.records_dead_lettered,
-            "partitions": lag,
-        }));
-    }
+    let aggregations = state
+        .aggregations
+        .iter()
+        .map(|aggregation| aggregation_info(&state, aggregation, &partitions))
+        .collect::<Result<_, ApiError>>()?;
     let instance = state
         .routing
         .as_ref()
         .map(|routing| routing.membership.me().to_owned());
-    Ok(Json(json!({ "aggregations": out, "instance": instance })))
+    Ok(Json(AggregationList {
+        aggregations,
+        instance,
+    }))
+}
+
+fn aggregation_info(
+    state: &ApiState,
+    aggregation: &QueryableAggregation,
+    partitions: &[PartitionProgress],
+) -> Result<AggregationInfo, ApiError> {
+    let config = &aggregation.config;
+    let counters = state.status.counters(&config.name);
+    let metadata = aggregation.plugin.metadata();
+    Ok(AggregationInfo {
+        name: config.name.clone(),
+        plugin: PluginInfo {
+            name: metadata.name.clone(),
+            version: metadata.version.clone(),
+            state_format: metadata.state_format,
+            sha256: aggregation.plugin.content_hash().to_owned(),
+        },
+        topic: config.topic.clone(),
+        key: config.key.clone(),
+        on_error: config.on_error,
+        keys_estimate: state.store.estimate_keys(&config.name)?,
+        records_applied: counters.records_applied,
+        records_failed: counters.records_failed,
+        records_dead_lettered: counters.records_dead_lettered,
+        partitions: partitions
+            .iter()
+            .filter(|p| config.applies_to(&p.topic))
+            .cloned()
+            .collect(),
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,7 +135,7 @@ pub async fn list_keys(
     path: Result<Path<String>, PathRejection>,
     RawQuery(raw_query): RawQuery,
     query: Result<Query<ListQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyPage>, ApiError> {
     let Path(name) = path?;
     check_query_utf8(raw_query.as_deref())?;
     let Query(query) = query?;
@@ -183,16 +196,16 @@ pub async fn list_keys(
         }
         let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
         for instance in routing.membership.others() {
-            let page = routing
+            let page: KeyPage = routing
                 .get_json(&instance, path_and_query, &headers)
                 .await?;
-            for item in page["items"].as_array().into_iter().flatten() {
-                let key = item["key"].as_str().and_then(|k| match encoding {
-                    KeyEncoding::Utf8 => Some(k.as_bytes().to_vec()),
-                    KeyEncoding::Base64 => decode_base64(k),
-                });
+            for item in page.items {
+                let key = match encoding {
+                    KeyEncoding::Utf8 => Some(item.key.into_bytes()),
+                    KeyEncoding::Base64 => decode_base64(&item.key),
+                };
                 if let Some(key) = key {
-                    items.push((key, item["state"].clone()));
+                    items.push((key, item.state));
                 }
             }
         }
@@ -205,9 +218,12 @@ pub async fn list_keys(
     let next = (items.len() == limit)
         .then(|| items.last().map(|(k, _)| encoding.encode(k)))
         .flatten();
-    let items: Vec<Value> = items
+    let items = items
         .into_iter()
-        .map(|(key, state)| json!({ "key": encoding.encode(&key), "state": state }))
+        .map(|(key, state)| KeyState {
+            key: encoding.encode(&key),
+            state,
+        })
         .collect();
-    Ok(Json(json!({ "items": items, "next": next })))
+    Ok(Json(KeyPage { items, next }))
 }

@@ -2,8 +2,14 @@
 //! them (`api_doc` assembles the document from these and the handlers'
 //! `#[utoipa::path]` attributes).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+
+use crate::config::OnError;
+use crate::ops::status::PartitionProgress;
+
+// One type per body: the handlers answer with these, and the OpenAPI
+// document describes them, so the two cannot drift apart.
 
 /// `{"error": {"code": ..., "message": ...}}`, with every non-2xx answer.
 #[derive(Debug, Serialize, ToSchema)]
@@ -24,12 +30,15 @@ pub struct Health {
     /// `ok`, or `failed` once consumption stopped for good.
     pub status: String,
     /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AggregationList {
     pub aggregations: Vec<AggregationInfo>,
+    /// Cluster mode: this instance's address (`null` on a single instance).
+    pub instance: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -41,12 +50,13 @@ pub struct AggregationInfo {
     /// The JSON pointer it re-keys by (the Kafka key when absent).
     pub key: Option<String>,
     /// `fail`, `skip` or `dead-letter`.
-    pub on_error: String,
+    #[schema(value_type = String)]
+    pub on_error: OnError,
     pub keys_estimate: u64,
     pub records_applied: u64,
     pub records_failed: u64,
     pub records_dead_lettered: u64,
-    pub partitions: Vec<crate::ops::status::PartitionProgress>,
+    pub partitions: Vec<PartitionProgress>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -58,7 +68,7 @@ pub struct PluginInfo {
 }
 
 /// One key's state, as its aggregation's plugin renders it.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct KeyState {
     /// The key: UTF-8 text, or base64 with `encoding=base64`.
     pub key: String,
@@ -75,7 +85,7 @@ pub enum Encoding {
     Base64,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct KeyPage {
     pub items: Vec<KeyState>,
     /// Pass as `after` for the next page; absent on the last one.

@@ -6,7 +6,6 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 use super::error::ApiError;
 use super::{ApiState, openapi};
@@ -58,10 +57,17 @@ pub async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, Api
 ))]
 pub async fn healthz(State(state): State<Arc<ApiState>>) -> Response {
     match state.status.fatal() {
-        None => Json(json!({ "status": "ok" })).into_response(),
+        None => Json(openapi::Health {
+            status: "ok".into(),
+            reason: None,
+        })
+        .into_response(),
         Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "failed", "reason": reason })),
+            Json(openapi::Health {
+                status: "failed".into(),
+                reason: Some(reason),
+            }),
         )
             .into_response(),
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, LOCATION};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::Value;
+use serde::de::DeserializeOwned;
 
 use super::ApiError;
 use crate::cluster::Cluster;
@@ -77,13 +77,14 @@ impl Routing {
         Ok((status, response))
     }
 
-    /// GETs a JSON answer from `instance`; anything but a 200 is an error.
-    pub async fn get_json(
+    /// GETs a JSON answer from `instance`; anything but a 200 with a body
+    /// of the expected shape is an error.
+    pub async fn get_json<T: DeserializeOwned>(
         &self,
         instance: &str,
         path_and_query: &str,
         headers: &HeaderMap,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<T, ApiError> {
         let (status, _, body) = self.get(instance, path_and_query, headers).await?;
         if status != StatusCode::OK {
             return Err(ApiError::new(

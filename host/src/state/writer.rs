@@ -131,7 +131,7 @@ fn write(
             .map_err(WriteError::Changelog)?,
         None => Vec::new(),
     };
-    let mut batch = store.batch();
+    let mut batch = store.begin_write();
     for commit in &commits {
         batch.set_commit(commit.topic_id, commit.partition, commit.epoch, commit.seq);
     }

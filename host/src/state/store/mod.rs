@@ -13,7 +13,7 @@
 //!   offsets, per-aggregation metadata and counters.
 //!
 //! Invariant: states and offsets change only together, in one
-//! [`StateBatch`] written atomically, so the store always equals "every
+//! [`StateWrite`] written atomically, so the store always equals "every
 //! record before the stored offsets, each applied once".
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -26,15 +26,13 @@ use rocksdb::{
 };
 use serde::{Deserialize, Serialize};
 
-const META_CF: &str = "meta";
-const AGG_CF_PREFIX: &str = "agg.";
-const TOPIC_PREFIX: &[u8] = b"topic\0";
-const OFFSET_PREFIX: &[u8] = b"offset\0";
-const AGG_META_PREFIX: &[u8] = b"aggregation\0";
-const APPLIED_PREFIX: &[u8] = b"applied\0";
-const FAILED_PREFIX: &[u8] = b"failed\0";
-const DEAD_LETTERED_PREFIX: &[u8] = b"dead-lettered\0";
-const COMMIT_PREFIX: &[u8] = b"commit\0";
+mod layout;
+mod reads;
+mod write;
+
+use layout::*;
+pub use layout::{KeyStates, Slot};
+pub use write::StateWrite;
 
 /// Per-aggregation record counters, stored with the state they describe.
 #[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -78,48 +76,6 @@ pub struct Incompatibility {
     pub aggregation: String,
     pub stored: AggregationMeta,
     pub configured: AggregationMeta,
-}
-
-/// Keys with their states.
-pub type KeyStates = Vec<(Vec<u8>, Vec<u8>)>;
-
-/// Which source partition a state belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Slot {
-    pub topic_id: u16,
-    pub partition: u32,
-}
-
-impl Slot {
-    /// The slot of aggregations that re-key records.
-    pub const REKEYED: Slot = Slot {
-        topic_id: u16::MAX,
-        partition: u32::MAX,
-    };
-    const LEN: usize = 6;
-
-    /// The RocksDB key of `key` in this slot.
-    pub fn store_key(self, key: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(Self::LEN + key.len());
-        out.extend_from_slice(&self.topic_id.to_be_bytes());
-        out.extend_from_slice(&self.partition.to_be_bytes());
-        out.extend_from_slice(key);
-        out
-    }
-
-    /// The slot and key of an encoded store key.
-    pub fn decode(bytes: &[u8]) -> Option<(Slot, &[u8])> {
-        let (head, key) = bytes.split_at_checked(Self::LEN)?;
-        let topic_id = u16::from_be_bytes([head[0], head[1]]);
-        let partition = u32::from_be_bytes([head[2], head[3], head[4], head[5]]);
-        Some((
-            Slot {
-                topic_id,
-                partition,
-            },
-            key,
-        ))
-    }
 }
 
 /// What is recorded about the plugin that writes an aggregation's state.
@@ -387,28 +343,6 @@ impl StateStore {
             .map_err(|e| self.rocks(e))
     }
 
-    /// Calls `each` with every key and state of a slot, in key order, until
-    /// it returns false.
-    pub fn scan_slot(
-        &self,
-        aggregation: &str,
-        slot: Slot,
-        each: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), StoreError> {
-        let cf = self.aggregation_cf(aggregation)?;
-        let prefix = slot.store_key(&[]);
-        for item in self
-            .db
-            .iterator_cf(cf, IteratorMode::From(&prefix, Direction::Forward))
-        {
-            let (key, value) = item.map_err(|e| self.rocks(e))?;
-            if !key.starts_with(&prefix) || !each(&key[Slot::LEN..], &value) {
-                break;
-            }
-        }
-        Ok(())
-    }
-
     /// The topic name of an id, for reporting.
     pub fn topic_name(&self, id: u16) -> Option<String> {
         let ids = self.topic_ids.lock().unwrap_or_else(|p| p.into_inner());
@@ -505,303 +439,8 @@ impl StateStore {
         })
     }
 
-    /// One state.
-    pub fn get(
-        &self,
-        aggregation: &str,
-        slot: Slot,
-        key: &[u8],
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        let cf = self.aggregation_cf(aggregation)?;
-        self.db
-            .get_cf(cf, slot.store_key(key))
-            .map_err(|e| self.rocks(e))
-    }
-
-    /// Several states of one aggregation at once.
-    pub fn multi_get(
-        &self,
-        aggregation: &str,
-        keys: &[(Slot, &[u8])],
-    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        let cf = self.aggregation_cf(aggregation)?;
-        let encoded: Vec<Vec<u8>> = keys.iter().map(|(slot, key)| slot.store_key(key)).collect();
-        self.db
-            .batched_multi_get_cf(cf, &encoded, false)
-            .into_iter()
-            .map(|r| r.map(|v| v.map(|v| v.to_vec())).map_err(|e| self.rocks(e)))
-            .collect()
-    }
-
-    /// The slots that hold state of `aggregation` (possibly also some that
-    /// held state once).
-    pub fn slots(&self, aggregation: &str) -> Result<Vec<Slot>, StoreError> {
-        if let Some(known) = read_lock(&self.known_slots).get(aggregation) {
-            return Ok(known.iter().copied().collect());
-        }
-        let scanned = self.scan_slots(aggregation)?;
-        let mut known = write_lock(&self.known_slots);
-        let entry = known.entry(aggregation.to_owned()).or_default();
-        entry.extend(scanned);
-        Ok(entry.iter().copied().collect())
-    }
-
-    /// The slots that hold state, found by seeking from one slot prefix to
-    /// the next (one seek per slot).
-    fn scan_slots(&self, aggregation: &str) -> Result<Vec<Slot>, StoreError> {
-        let cf = self.aggregation_cf(aggregation)?;
-        let mut slots = Vec::new();
-        let mut iter = self.db.raw_iterator_cf(cf);
-        iter.seek_to_first();
-        while let Some(key) = iter.key() {
-            let Some((slot, _)) = Slot::decode(key) else {
-                break;
-            };
-            slots.push(slot);
-            if slot == Slot::REKEYED {
-                break;
-            }
-            // Seek past every key of this slot.
-            match next_prefix(&slot.store_key(&[])) {
-                Some(next) => iter.seek(next),
-                None => break,
-            }
-        }
-        iter.status().map_err(|e| self.rocks(e))?;
-        Ok(slots)
-    }
-
-    /// A key's state, wherever (in whichever slot) it lives.
-    pub fn find(&self, aggregation: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let slots = self.slots(aggregation)?;
-        let lookups: Vec<(Slot, &[u8])> = slots.iter().map(|&slot| (slot, key)).collect();
-        Ok(self
-            .multi_get(aggregation, &lookups)?
-            .into_iter()
-            .flatten()
-            .next())
-    }
-
-    /// Up to `limit` keys starting with `prefix` and greater than `after`, in
-    /// byte order across all slots, with their states.
-    pub fn list(
-        &self,
-        aggregation: &str,
-        prefix: &[u8],
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<KeyStates, StoreError> {
-        let slots = self.slots(aggregation)?;
-        self.list_in_slots(aggregation, &slots, prefix, after, limit)
-    }
-
-    /// [`StateStore::list`] over the given slots only.
-    pub fn list_in_slots(
-        &self,
-        aggregation: &str,
-        slots: &[Slot],
-        prefix: &[u8],
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<KeyStates, StoreError> {
-        let cf = self.aggregation_cf(aggregation)?;
-        let mut found: KeyStates = Vec::new();
-        for &slot in slots {
-            let slot_prefix = slot.store_key(prefix);
-            let start = match after {
-                Some(after) if after >= prefix => {
-                    let mut start = slot.store_key(after);
-                    start.push(0);
-                    start
-                }
-                _ => slot_prefix.clone(),
-            };
-            for item in self
-                .db
-                .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward))
-                .take(limit)
-            {
-                let (key, value) = item.map_err(|e| self.rocks(e))?;
-                if !key.starts_with(&slot_prefix) {
-                    break;
-                }
-                found.push((key[Slot::LEN..].to_vec(), value.to_vec()));
-            }
-        }
-        found.sort_by(|a, b| a.0.cmp(&b.0));
-        found.truncate(limit);
-        Ok(found)
-    }
-
-    /// RocksDB's estimate of the number of keys of an aggregation.
-    pub fn estimate_keys(&self, aggregation: &str) -> Result<u64, StoreError> {
-        let cf = self.aggregation_cf(aggregation)?;
-        Ok(self
-            .db
-            .property_int_value_cf(cf, "rocksdb.estimate-num-keys")
-            .map_err(|e| self.rocks(e))?
-            .unwrap_or(0))
-    }
-
-    /// Bytes in live SST files plus memtables, over all column families.
-    pub fn size_bytes(&self) -> Result<u64, StoreError> {
-        let mut total = 0;
-        for name in &self.column_families {
-            let Some(cf) = self.db.cf_handle(name) else {
-                continue;
-            };
-            for property in [
-                "rocksdb.live-sst-files-size",
-                "rocksdb.cur-size-all-mem-tables",
-            ] {
-                total += self
-                    .db
-                    .property_int_value_cf(cf, property)
-                    .map_err(|e| self.rocks(e))?
-                    .unwrap_or(0);
-            }
-        }
-        Ok(total)
-    }
-
-    /// Writes a batch atomically.
-    pub fn write(&self, batch: StateBatch<'_>) -> Result<(), StoreError> {
-        self.db
-            .write_opt(batch.batch, &self.write_options)
-            .map_err(|e| self.rocks(e))?;
-        if !batch.slots.is_empty() {
-            let mut known = write_lock(&self.known_slots);
-            for (aggregation, slot) in batch.slots {
-                // Aggregations never looked up yet are scanned on first use.
-                if let Some(slots) = known.get_mut(&aggregation) {
-                    slots.insert(slot);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    pub fn batch(&self) -> StateBatch<'_> {
-        StateBatch {
-            store: self,
-            batch: WriteBatch::default(),
-            slots: BTreeSet::new(),
-            last_slot: None,
-        }
-    }
-
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-}
-
-/// Changes that become visible together or not at all.
-pub struct StateBatch<'s> {
-    store: &'s StateStore,
-    batch: WriteBatch,
-    /// Slots this batch writes states into, for `known_slots`.
-    slots: BTreeSet<(String, Slot)>,
-    /// The last slot added to `slots` (writes come in key order, so this
-    /// saves a set insert per state).
-    last_slot: Option<(String, Slot)>,
-}
-
-impl StateBatch<'_> {
-    pub fn put_state(
-        &mut self,
-        aggregation: &str,
-        slot: Slot,
-        key: &[u8],
-        state: &[u8],
-    ) -> Result<(), StoreError> {
-        let cf = self.store.aggregation_cf(aggregation)?;
-        self.batch.put_cf(cf, slot.store_key(key), state);
-        self.note_slot(aggregation, slot);
-        Ok(())
-    }
-
-    fn note_slot(&mut self, aggregation: &str, slot: Slot) {
-        let seen = self
-            .last_slot
-            .as_ref()
-            .is_some_and(|(name, last)| *last == slot && name == aggregation);
-        if !seen {
-            self.last_slot = Some((aggregation.to_owned(), slot));
-            self.slots.insert((aggregation.to_owned(), slot));
-        }
-    }
-
-    /// A state by its encoded store key ([`Slot::store_key`]).
-    pub fn put_raw(
-        &mut self,
-        aggregation: &str,
-        store_key: &[u8],
-        state: &[u8],
-    ) -> Result<(), StoreError> {
-        let cf = self.store.aggregation_cf(aggregation)?;
-        self.batch.put_cf(cf, store_key, state);
-        if let Some((slot, _)) = Slot::decode(store_key) {
-            self.note_slot(aggregation, slot);
-        }
-        Ok(())
-    }
-
-    pub fn delete_raw(&mut self, aggregation: &str, store_key: &[u8]) -> Result<(), StoreError> {
-        let cf = self.store.aggregation_cf(aggregation)?;
-        self.batch.delete_cf(cf, store_key);
-        Ok(())
-    }
-
-    pub fn delete_state(
-        &mut self,
-        aggregation: &str,
-        slot: Slot,
-        key: &[u8],
-    ) -> Result<(), StoreError> {
-        let cf = self.store.aggregation_cf(aggregation)?;
-        self.batch.delete_cf(cf, slot.store_key(key));
-        Ok(())
-    }
-
-    /// Records that everything before `next_offset` of the partition is
-    /// applied.
-    pub fn set_offset(&mut self, topic_id: u16, partition: i32, next_offset: i64) {
-        self.batch.put_cf(
-            self.store.meta(),
-            partition_key(OFFSET_PREFIX, topic_id, partition),
-            next_offset.to_be_bytes(),
-        );
-    }
-
-    /// Records the changelog commit the partition's state is at.
-    pub fn set_commit(&mut self, topic_id: u16, partition: i32, epoch: u64, seq: u64) {
-        let mut value = epoch.to_be_bytes().to_vec();
-        value.extend_from_slice(&seq.to_be_bytes());
-        self.batch.put_cf(
-            self.store.meta(),
-            partition_key(COMMIT_PREFIX, topic_id, partition),
-            value,
-        );
-    }
-
-    /// Sets the aggregation's counters to these totals.
-    pub fn set_counters(&mut self, aggregation: &str, counters: &AggregationCounters) {
-        let meta = self.store.meta();
-        for (prefix, value) in [
-            (APPLIED_PREFIX, counters.records_applied),
-            (FAILED_PREFIX, counters.records_failed),
-            (DEAD_LETTERED_PREFIX, counters.records_dead_lettered),
-        ] {
-            self.batch.put_cf(
-                meta,
-                meta_key(prefix, aggregation.as_bytes()),
-                value.to_be_bytes(),
-            );
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.batch.is_empty()
     }
 }
 
@@ -813,31 +452,6 @@ fn read_lock<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 
 fn write_lock<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn partition_key(prefix: &[u8], topic_id: u16, partition: i32) -> Vec<u8> {
-    let mut key = prefix.to_vec();
-    key.extend_from_slice(&topic_id.to_be_bytes());
-    key.extend_from_slice(&partition.to_be_bytes());
-    key
-}
-
-fn meta_key(prefix: &[u8], name: &[u8]) -> Vec<u8> {
-    let mut key = prefix.to_vec();
-    key.extend_from_slice(name);
-    key
-}
-
-/// The smallest byte string greater than every string starting with `prefix`.
-fn next_prefix(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut next = prefix.to_vec();
-    while let Some(last) = next.pop() {
-        if last < u8::MAX {
-            next.push(last + 1);
-            return Some(next);
-        }
-    }
-    None
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ fn states_offsets_and_counters_commit_together_and_survive_reopen() {
             topic_id: t,
             partition: 3,
         };
-        let mut batch = store.batch();
+        let mut batch = store.begin_write();
         batch.put_state("a", slot, b"k1", b"s1").unwrap();
         batch.put_state("b", Slot::REKEYED, b"k2", b"s2").unwrap();
         batch.set_offset(t, 3, 42);
@@ -137,7 +137,7 @@ proptest! {
     ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(dir.path());
-        let mut batch = store.batch();
+        let mut batch = store.begin_write();
         // One key lives in one slot (as with Kafka keys): last writer wins.
         let mut expected = BTreeMap::new();
         for ((key, partition), state) in &entries {
@@ -174,7 +174,7 @@ fn lookups_find_keys_in_slots_written_after_the_first_scan() {
         topic_id: 0,
         partition,
     };
-    let mut batch = store.batch();
+    let mut batch = store.begin_write();
     batch
         .put_raw("a", &slot(1).store_key(b"k1"), b"s1")
         .unwrap();
@@ -182,7 +182,7 @@ fn lookups_find_keys_in_slots_written_after_the_first_scan() {
     // The first lookup scans (and remembers) the slots.
     assert_eq!(store.find("a", b"k1").unwrap(), Some(b"s1".to_vec()));
     assert_eq!(store.find("a", b"k2").unwrap(), None);
-    let mut batch = store.batch();
+    let mut batch = store.begin_write();
     batch
         .put_raw("a", &slot(5).store_key(b"k2"), b"s2")
         .unwrap();

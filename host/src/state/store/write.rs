@@ -1,0 +1,142 @@
+//! Writes: every change to states, offsets, commits and counters goes
+//! through a [`StateWrite`], applied atomically by [`StateStore::write`].
+
+use super::*;
+
+impl StateStore {
+    /// Writes a batch atomically.
+    pub fn write(&self, batch: StateWrite<'_>) -> Result<(), StoreError> {
+        self.db
+            .write_opt(batch.batch, &self.write_options)
+            .map_err(|e| self.rocks(e))?;
+        if !batch.slots.is_empty() {
+            let mut known = write_lock(&self.known_slots);
+            for (aggregation, slot) in batch.slots {
+                // Aggregations never looked up yet are scanned on first use.
+                if let Some(slots) = known.get_mut(&aggregation) {
+                    slots.insert(slot);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn begin_write(&self) -> StateWrite<'_> {
+        StateWrite {
+            store: self,
+            batch: WriteBatch::default(),
+            slots: BTreeSet::new(),
+            last_slot: None,
+        }
+    }
+}
+
+/// Changes that become visible together or not at all.
+pub struct StateWrite<'s> {
+    store: &'s StateStore,
+    batch: WriteBatch,
+    /// Slots this batch writes states into, for `known_slots`.
+    slots: BTreeSet<(String, Slot)>,
+    /// The last slot added to `slots` (writes come in key order, so this
+    /// saves a set insert per state).
+    last_slot: Option<(String, Slot)>,
+}
+
+impl StateWrite<'_> {
+    pub fn put_state(
+        &mut self,
+        aggregation: &str,
+        slot: Slot,
+        key: &[u8],
+        state: &[u8],
+    ) -> Result<(), StoreError> {
+        let cf = self.store.aggregation_cf(aggregation)?;
+        self.batch.put_cf(cf, slot.store_key(key), state);
+        self.note_slot(aggregation, slot);
+        Ok(())
+    }
+
+    fn note_slot(&mut self, aggregation: &str, slot: Slot) {
+        let seen = self
+            .last_slot
+            .as_ref()
+            .is_some_and(|(name, last)| *last == slot && name == aggregation);
+        if !seen {
+            self.last_slot = Some((aggregation.to_owned(), slot));
+            self.slots.insert((aggregation.to_owned(), slot));
+        }
+    }
+
+    /// A state by its encoded store key ([`Slot::store_key`]).
+    pub fn put_raw(
+        &mut self,
+        aggregation: &str,
+        store_key: &[u8],
+        state: &[u8],
+    ) -> Result<(), StoreError> {
+        let cf = self.store.aggregation_cf(aggregation)?;
+        self.batch.put_cf(cf, store_key, state);
+        if let Some((slot, _)) = Slot::decode(store_key) {
+            self.note_slot(aggregation, slot);
+        }
+        Ok(())
+    }
+
+    pub fn delete_raw(&mut self, aggregation: &str, store_key: &[u8]) -> Result<(), StoreError> {
+        let cf = self.store.aggregation_cf(aggregation)?;
+        self.batch.delete_cf(cf, store_key);
+        Ok(())
+    }
+
+    pub fn delete_state(
+        &mut self,
+        aggregation: &str,
+        slot: Slot,
+        key: &[u8],
+    ) -> Result<(), StoreError> {
+        let cf = self.store.aggregation_cf(aggregation)?;
+        self.batch.delete_cf(cf, slot.store_key(key));
+        Ok(())
+    }
+
+    /// Records that everything before `next_offset` of the partition is
+    /// applied.
+    pub fn set_offset(&mut self, topic_id: u16, partition: i32, next_offset: i64) {
+        self.batch.put_cf(
+            self.store.meta(),
+            partition_key(OFFSET_PREFIX, topic_id, partition),
+            next_offset.to_be_bytes(),
+        );
+    }
+
+    /// Records the changelog commit the partition's state is at.
+    pub fn set_commit(&mut self, topic_id: u16, partition: i32, epoch: u64, seq: u64) {
+        let mut value = epoch.to_be_bytes().to_vec();
+        value.extend_from_slice(&seq.to_be_bytes());
+        self.batch.put_cf(
+            self.store.meta(),
+            partition_key(COMMIT_PREFIX, topic_id, partition),
+            value,
+        );
+    }
+
+    /// Sets the aggregation's counters to these totals.
+    pub fn set_counters(&mut self, aggregation: &str, counters: &AggregationCounters) {
+        let meta = self.store.meta();
+        for (prefix, value) in [
+            (APPLIED_PREFIX, counters.records_applied),
+            (FAILED_PREFIX, counters.records_failed),
+            (DEAD_LETTERED_PREFIX, counters.records_dead_lettered),
+        ] {
+            self.batch.put_cf(
+                meta,
+                meta_key(prefix, aggregation.as_bytes()),
+                value.to_be_bytes(),
+            );
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+}
