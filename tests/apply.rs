@@ -181,32 +181,42 @@ fn expected(input: &[Vec<SourceRecord>]) -> BTreeMap<Vec<u8>, Vec<f64>> {
     amounts
 }
 
-fn rendered(
-    config: &Config,
-    store: &StateStore,
-    aggregation: &str,
-    key: &[u8],
-) -> serde_json::Value {
-    let runtime = PluginRuntime::new(RuntimeConfig::default()).expect("runtime");
-    let settings = config
-        .aggregations
-        .iter()
-        .find(|a| a.name == aggregation)
-        .expect("aggregation");
-    let plugin = runtime.load(&config.plugin_path(settings)).expect("plugin");
-    let mut instance = plugin
-        .instantiate(&settings.params_json())
-        .expect("instance");
-    let state = store
-        .find(aggregation, key)
-        .expect("read")
-        .unwrap_or_else(|| {
-            panic!(
-                "{aggregation}: no state for {}",
-                String::from_utf8_lossy(key)
-            )
-        });
-    serde_json::from_str(&instance.render(&state).expect("render")).expect("json")
+/// Renders stored states the way the HTTP API does, one plugin instance
+/// per aggregation (loaded once: compiling per key made the test slow).
+struct Renderer {
+    instances: BTreeMap<String, wagg::plugin::PluginInstance>,
+}
+
+impl Renderer {
+    fn new(config: &Config) -> Self {
+        let runtime = PluginRuntime::new(RuntimeConfig::default()).expect("runtime");
+        let instances = config
+            .aggregations
+            .iter()
+            .map(|settings| {
+                let plugin = runtime.load(&config.plugin_path(settings)).expect("plugin");
+                let instance = plugin
+                    .instantiate(&settings.params_json())
+                    .expect("instance");
+                (settings.name.clone(), instance)
+            })
+            .collect();
+        Self { instances }
+    }
+
+    fn render(&mut self, store: &StateStore, aggregation: &str, key: &[u8]) -> serde_json::Value {
+        let state = store
+            .find(aggregation, key)
+            .expect("read")
+            .unwrap_or_else(|| {
+                panic!(
+                    "{aggregation}: no state for {}",
+                    String::from_utf8_lossy(key)
+                )
+            });
+        let instance = self.instances.get_mut(aggregation).expect("aggregation");
+        serde_json::from_str(&instance.render(&state).expect("render")).expect("json")
+    }
 }
 
 #[test]
@@ -233,14 +243,15 @@ fn applier_and_writer_are_exactly_once_across_crashes_between_flushes() {
     let counters = life.store.counters("count").expect("counters");
     assert_eq!(counters.records_applied, RECORDS as u64);
     drop(life.applier);
+    let mut renderer = Renderer::new(&config);
     for (key, amounts) in &expected {
         let name = String::from_utf8_lossy(key);
         assert_eq!(
-            rendered(&config, &life.store, "count", key),
+            renderer.render(&life.store, "count", key),
             serde_json::json!({ "count": amounts.len() }),
             "count of {name}"
         );
-        let stats = rendered(&config, &life.store, "stats", key);
+        let stats = renderer.render(&life.store, "stats", key);
         assert!(
             json_approx_eq(&stats, &stats_json(amounts)),
             "stats of {name}: {stats} != {}",

@@ -11,7 +11,7 @@ use crate::apply::dead_letter::DeadLetterSink;
 use crate::apply::{Aggregation, BatchApplier, Pipeline};
 use crate::cluster::membership::Membership;
 use crate::cluster::{Cluster, ClusterTopics};
-use crate::config::Config;
+use crate::config::{ClusterConfig, Config, HttpConfig};
 use crate::ingest::KafkaSource;
 use crate::kafka::ClientProperties;
 use crate::ops::status::Status;
@@ -137,66 +137,13 @@ pub fn run(
         status.set_next_offset(&topic, partition, next);
     }
 
-    let brokers = &config.source.brokers;
-    let dead_letters = match &config.dead_letter {
+    let dead_letters = open_dead_letters(&config, &status)?;
+    let scale_out = match &config.cluster {
         None => None,
-        Some(dead_letter) => {
-            let client = ClientProperties::new(brokers, config.dead_letter_properties());
-            Some(DeadLetterSink::new(dead_letter, &client, status.clone())?)
-        }
+        Some(cluster) => Some(start_cluster(&config, cluster, &store, &status, &shutdown)?),
     };
-    if let Some(sink) = &dead_letters {
-        sink.check_topic(Duration::from_secs(10))?;
-        tracing::info!(
-            topic = sink.topic(),
-            "rejected records go to the dead-letter topic"
-        );
-    }
-    let cluster = match &config.cluster {
-        None => None,
-        Some(cluster) => Some(Cluster::new(
-            cluster,
-            ClusterTopics::new(cluster, &config.source.group_id),
-            &config.aggregations,
-            &ClientProperties::new(brokers, config.connection_properties()),
-            status.clone(),
-            shutdown.clone(),
-        )?),
-    };
-    let mut members_thread = None;
-    let mut standby_thread = None;
-    let routing = match &cluster {
-        None => None,
-        Some(cluster) => {
-            let partition_counts =
-                crate::cluster::topics::ensure_topics(cluster, &config.source.topics)?;
-            let membership = Arc::new(Membership::new(cluster, partition_counts, status.clone()));
-            members_thread = Some(crate::cluster::membership::start(
-                cluster.clone(),
-                membership.clone(),
-                config.session_timeout(),
-                shutdown.clone(),
-            )?);
-            standby_thread = crate::cluster::standby::start(
-                cluster.clone(),
-                membership.clone(),
-                store.clone(),
-                shutdown.clone(),
-            )?;
-            tracing::info!(
-                instance = membership.me(),
-                standby_replicas = cluster.config.standby_replicas,
-                changelogs = %cluster.topics.changelog("<aggregation>"),
-                "cluster mode: partitions are restored from and written to changelog topics"
-            );
-            Some(Routing::new(
-                membership,
-                cluster.clone(),
-                Duration::from_millis(config.http.request_timeout_ms),
-            ))
-        }
-    };
-    let source_client = ClientProperties::new(brokers, config.kafka_properties());
+    let cluster = scale_out.as_ref().map(|s| s.cluster.clone());
+    let source_client = ClientProperties::new(&config.source.brokers, config.kafka_properties());
     let source = KafkaSource::new(
         &config.source,
         &source_client,
@@ -217,38 +164,18 @@ pub fn run(
     .context("starting the state writer thread")?;
     let pipeline = Pipeline::new(source, applier, status.clone());
 
-    let http = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("wagg-http")
-        .enable_all()
-        .build()
-        .context("starting the HTTP runtime")?;
-    let listener = http
-        .block_on(tokio::net::TcpListener::bind(config.http.listen))
-        .with_context(|| format!("cannot listen on {} (`http.listen`)", config.http.listen))?;
-    let address = listener
-        .local_addr()
-        .context("reading the listen address")?;
-    let router = crate::serve::router(
-        Arc::new(ApiState {
-            store: store.clone(),
-            status: status.clone(),
-            aggregations: queryable,
-            max_page: config.http.max_page,
-            routing,
-        }),
-        &http_policy,
-    );
-    let server_shutdown = shutdown.clone();
-    let server = http.spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                while !server_shutdown.load(Ordering::Relaxed) {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            })
-            .await
+    let (routing, cluster_threads) = match scale_out {
+        None => (None, Vec::new()),
+        Some(scale_out) => (Some(scale_out.routing), scale_out.threads),
+    };
+    let api = Arc::new(ApiState {
+        store: store.clone(),
+        status: status.clone(),
+        aggregations: queryable,
+        max_page: config.http.max_page,
+        routing,
     });
+    let (http, server, address) = serve_http(&config.http, api, &http_policy, &shutdown)?;
     tracing::info!(%address, "serving queries");
     on_listening(address);
 
@@ -280,11 +207,120 @@ pub fn run(
         }
     }
     shutdown.store(true, Ordering::Relaxed);
-    for thread in [members_thread, standby_thread].into_iter().flatten() {
+    for thread in cluster_threads {
         let _ = thread.join();
     }
     http.block_on(server)
         .context("HTTP server task")?
         .context("HTTP server")?;
     consumed.context("consumer")
+}
+
+/// The dead-letter sink, checked to reach its topic, when configured.
+fn open_dead_letters(
+    config: &Config,
+    status: &Arc<Status>,
+) -> anyhow::Result<Option<DeadLetterSink>> {
+    let Some(dead_letter) = &config.dead_letter else {
+        return Ok(None);
+    };
+    let client = ClientProperties::new(&config.source.brokers, config.dead_letter_properties());
+    let sink = DeadLetterSink::new(dead_letter, &client, status.clone())?;
+    sink.check_topic(Duration::from_secs(10))?;
+    tracing::info!(
+        topic = sink.topic(),
+        "rejected records go to the dead-letter topic"
+    );
+    Ok(Some(sink))
+}
+
+/// Cluster mode's parts: the changelog side, query routing, and the
+/// membership and standby threads.
+struct ScaleOut {
+    cluster: Arc<Cluster>,
+    routing: Routing,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn start_cluster(
+    config: &Config,
+    cluster_config: &ClusterConfig,
+    store: &Arc<StateStore>,
+    status: &Arc<Status>,
+    shutdown: &Arc<AtomicBool>,
+) -> anyhow::Result<ScaleOut> {
+    let cluster = Cluster::new(
+        cluster_config,
+        ClusterTopics::new(cluster_config, &config.source.group_id),
+        &config.aggregations,
+        &ClientProperties::new(&config.source.brokers, config.connection_properties()),
+        status.clone(),
+        shutdown.clone(),
+    )?;
+    let partition_counts = crate::cluster::topics::ensure_topics(&cluster, &config.source.topics)?;
+    let membership = Arc::new(Membership::new(&cluster, partition_counts, status.clone()));
+    let mut threads = vec![crate::cluster::membership::start(
+        cluster.clone(),
+        membership.clone(),
+        config.session_timeout(),
+        shutdown.clone(),
+    )?];
+    threads.extend(crate::cluster::standby::start(
+        cluster.clone(),
+        membership.clone(),
+        store.clone(),
+        shutdown.clone(),
+    )?);
+    tracing::info!(
+        instance = membership.me(),
+        standby_replicas = cluster.config.standby_replicas,
+        changelogs = %cluster.topics.changelog("<aggregation>"),
+        "cluster mode: partitions are restored from and written to changelog topics"
+    );
+    let routing = Routing::new(
+        membership,
+        cluster.clone(),
+        Duration::from_millis(config.http.request_timeout_ms),
+    );
+    Ok(ScaleOut {
+        cluster,
+        routing,
+        threads,
+    })
+}
+
+type ServerTask = tokio::task::JoinHandle<std::io::Result<()>>;
+
+/// Binds `http.listen` and serves the API on its own runtime until
+/// `shutdown` is set.
+fn serve_http(
+    http_config: &HttpConfig,
+    api: Arc<ApiState>,
+    policy: &HttpPolicy,
+    shutdown: &Arc<AtomicBool>,
+) -> anyhow::Result<(tokio::runtime::Runtime, ServerTask, SocketAddr)> {
+    let http = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("wagg-http")
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+    let listener = http
+        .block_on(tokio::net::TcpListener::bind(http_config.listen))
+        .with_context(|| format!("cannot listen on {} (`http.listen`)", http_config.listen))?;
+    let address = listener
+        .local_addr()
+        .context("reading the listen address")?;
+    let router = crate::serve::router(api, policy);
+    let server_shutdown = shutdown.clone();
+    let server = http.spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                while !server_shutdown.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await
+    });
+    Ok((http, server, address))
 }

@@ -1,91 +1,47 @@
 //! A real Kafka-API broker (tansu, SQLite storage) on a free loopback port,
 //! stopped when dropped.
 
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use wagg::tools::tansu::{self, Tansu, tansu_binary};
 
 pub struct Broker {
-    child: Child,
+    tansu: Tansu,
     pub address: String,
-    binary: PathBuf,
     _dir: tempfile::TempDir,
 }
 
-fn tansu_binary() -> PathBuf {
-    wagg::tools::bench::e2e::tansu_binary(None)
-}
-
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-fn spawn_tansu(binary: &Path, address: &str, dir: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("tansu.log"))
-        .expect("log file");
-    let child = Command::new(binary)
-        .arg("broker")
-        .args(["--listener-url", &format!("tcp://{address}")])
-        .args(["--advertised-listener-url", &format!("tcp://{address}")])
-        .args(["--storage-engine", "sqlite://tansu.db"])
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot start the test broker {}: {e}. Install it with `scripts/setup.sh --broker` or set WAGG_TANSU",
-                binary.display()
-            )
-        });
-    let started = Instant::now();
-    while TcpStream::connect(address).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "tansu did not start listening"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child
+    tansu::free_port().expect("a free loopback port")
 }
 
 impl Broker {
     pub fn start() -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
-        let address = format!("127.0.0.1:{}", free_port());
-        let binary = tansu_binary();
-        let child = spawn_tansu(&binary, &address, dir.path());
+        let tansu = Tansu::start(&tansu_binary(None), dir.path(), "sqlite://tansu.db")
+            .unwrap_or_else(|e| panic!("{e:#}"));
         Broker {
-            child,
-            address,
-            binary,
+            address: tansu.address().to_owned(),
+            tansu,
             _dir: dir,
         }
     }
 
     /// Kills the broker (its data stays on disk).
     pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.tansu.stop();
     }
 
     /// Starts the broker again on the same address and data.
     pub fn restart(&mut self) {
-        self.child = spawn_tansu(&self.binary, &self.address, self._dir.path());
+        self.tansu.restart().unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     pub fn create_topic(&self, name: &str, partitions: u32) {
-        let status = Command::new(&self.binary)
+        let status = Command::new(self.tansu.binary())
             .args(["topic", "create", name])
             .args(["--partitions", &partitions.to_string()])
             .args(["--broker", &format!("tcp://{}", self.address)])
@@ -109,13 +65,6 @@ impl Broker {
     /// acknowledged.
     pub fn produce(&self, topic: &str, records: &[(i32, String, String)]) {
         send_all(&self.producer(), topic, records);
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

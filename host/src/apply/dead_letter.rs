@@ -150,6 +150,8 @@ impl DeadLetterSink {
         Ok(())
     }
 
+    // The record, its headers (the failure's context) and the retry on
+    // a full queue; building headers inline keeps their names in one place.
     fn send(
         &self,
         letter: &DeadLetter<'_>,

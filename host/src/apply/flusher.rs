@@ -116,13 +116,8 @@ impl Flusher {
         aggregations: &mut [Aggregation],
         status: &Status,
     ) -> Result<FlushOffsets, WriteError> {
-        if self.in_flight.is_none() {
-            return Ok(FlushOffsets::new());
-        }
-        match self.writer.try_result() {
-            None => Ok(FlushOffsets::new()),
-            Some(result) => self.complete(result, aggregations, status),
-        }
+        let result = self.in_flight.is_some().then(|| self.writer.try_result());
+        self.complete_if_done(result.flatten(), aggregations, status)
     }
 
     /// Waits for the write in flight (if any); returns the offsets it made
@@ -132,11 +127,22 @@ impl Flusher {
         aggregations: &mut [Aggregation],
         status: &Status,
     ) -> Result<FlushOffsets, WriteError> {
-        if self.in_flight.is_none() {
-            return Ok(FlushOffsets::new());
+        let result = self.in_flight.is_some().then(|| self.writer.wait());
+        self.complete_if_done(result, aggregations, status)
+    }
+
+    /// Completes the write in flight if `result` is its outcome (`None`:
+    /// nothing in flight, or not done yet).
+    fn complete_if_done(
+        &mut self,
+        result: Option<Result<(), WriteError>>,
+        aggregations: &mut [Aggregation],
+        status: &Status,
+    ) -> Result<FlushOffsets, WriteError> {
+        match result {
+            None => Ok(FlushOffsets::new()),
+            Some(result) => self.complete(result, aggregations, status),
         }
-        let result = self.writer.wait();
-        self.complete(result, aggregations, status)
     }
 
     fn complete(

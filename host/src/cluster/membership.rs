@@ -291,6 +291,7 @@ impl Membership {
 
 /// Starts announcing and following on the `wagg-members` thread; it stops
 /// (announcing that this instance owns nothing) once `shutdown` is set.
+// The thread's whole loop (announce, follow, expire) in one place.
 pub fn start(
     cluster: Arc<Cluster>,
     membership: Arc<Membership>,

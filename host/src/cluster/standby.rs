@@ -160,6 +160,8 @@ impl Cluster {
     /// broker reads happen without the state lock (queries and
     /// announcements read it), under `standby_restoring`, which a take-over
     /// waits for.
+    // Long on purpose: drop, then add, under one lock discipline
+    // (described above) that would be harder to see split up.
     fn plan(
         &self,
         store: &StateStore,
@@ -298,6 +300,7 @@ impl Cluster {
     }
 
     /// One record of a followed commits or changelog partition.
+    // One match over the kinds of record a standby follows.
     fn receive(
         &self,
         store: &StateStore,
@@ -376,6 +379,7 @@ impl Cluster {
 
     /// Applies `follow`'s target once the changelog has been read up to
     /// it.
+    // Applies one target: write, then bookkeeping, under one lock.
     fn advance(
         &self,
         store: &StateStore,

@@ -81,6 +81,8 @@ impl Cluster {
     /// All partitions at once: every read covers all of them, so a fetch
     /// brings a batch of each (brokers may return one batch per partition
     /// per fetch).
+    // Long on purpose: claim, read the newest commits, restore, in one
+    // ordered sequence whose invariants docs/guarantees.md states.
     pub(super) fn try_take_over(
         &self,
         reader: &BaseConsumer,
@@ -232,6 +234,8 @@ impl Cluster {
 
     /// Replaces each partition's local state with the changelog records its
     /// commit accepts; returns how many records were applied.
+    // One read of the changelogs with the commit filter applied per record;
+    // the filter and the read share their positions.
     pub(super) fn restore(
         &self,
         reader: &BaseConsumer,
@@ -314,6 +318,8 @@ impl Cluster {
 
 /// Reads partitions to the high watermarks they have now, all at once:
 /// from their start, or only their last `window` records.
+// One consumer loop with its stop conditions (end, window, timeout)
+// together: they interact, and apart they are harder to check.
 fn read_to_end(
     reader: &BaseConsumer,
     partitions: &[(&str, i32)],

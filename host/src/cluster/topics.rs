@@ -17,6 +17,8 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Creates the missing cluster topics and checks the existing ones; returns
 /// the partition count of every source topic.
+// Long on purpose: create, then check each kind of topic against what
+// it must be; every check has its own message naming the fix.
 pub fn ensure_topics(
     cluster: &Cluster,
     source_topics: &[String],

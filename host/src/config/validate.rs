@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::{ClusterConfig, Config, OnError, kafka_value};
 
 impl Config {
+    // One check per rule, in the order the file reads; each is two or three
+    // lines with its own message, so splitting would only scatter them.
     pub(super) fn validate(&self) -> Result<(), String> {
         let source = &self.source;
         if source.brokers.trim().is_empty() {

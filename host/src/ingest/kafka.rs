@@ -98,6 +98,9 @@ impl ClientContext for SourceContext {
 }
 
 impl ConsumerContext for SourceContext {
+    // Long on purpose: one librdkafka callback whose steps (revoke: flush
+    // hand-shake; assign: restore, seek, resume) must run in this order on
+    // the consumer thread; ARCHITECTURE.md describes the hand-shake.
     fn rebalance(
         &self,
         consumer: &BaseConsumer<Self>,

@@ -81,6 +81,7 @@ impl Default for Metrics {
 impl Metrics {
     /// The text exposition (OpenMetrics) of the live instruments and
     /// `snapshot` (the totals read at scrape time).
+    // A list of registrations, one per instrument.
     pub fn render(&self, snapshot: impl Collector + 'static) -> Result<String, std::fmt::Error> {
         let mut registry = Registry::with_prefix("wagg");
         registry.register(

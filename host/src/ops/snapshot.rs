@@ -27,6 +27,7 @@ struct PartitionLabel {
 }
 
 impl Collector for Snapshot {
+    // A list of metric families, each a few declarative lines.
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         type Pick = fn(&AggregationCounters) -> u64;
         let totals: [(&str, &str, Pick); 3] = [

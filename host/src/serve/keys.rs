@@ -72,10 +72,7 @@ pub async fn get_key(
     let aggregation = state.aggregation(&name)?;
     let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
     let forwarded = Routing::is_forwarded(&headers);
-    let topics: Vec<String> = match &aggregation.config.topic {
-        Some(topic) => vec![topic.clone()],
-        None => routing.membership.topics().map(str::to_owned).collect(),
-    };
+    let topics = routing.topics_of(&aggregation.config);
     // A multi-topic aggregation's key may live in each topic's partition:
     // a redirect could bounce between their owners, so those are proxied.
     let redirect = routing.cluster.config.forward == Forwarding::Redirect && topics.len() == 1;
@@ -84,58 +81,89 @@ pub async fn get_key(
         let Some(partition) = routing.membership.partition_of(topic, &key) else {
             continue;
         };
-        // If the owner does not answer, a standby copy may.
-        let standby = StandbyLookup {
+        let target = PartitionLookup {
             topic,
             partition,
             forwarded,
+            redirect,
             path_and_query,
             headers: &headers,
         };
-        match routing.membership.owner(topic, partition) {
-            Owner::Local => {
-                let Some(slot) = partition_slot(&state, topic, partition) else {
-                    continue;
-                };
-                let found = lookup(
-                    state.clone(),
-                    name.clone(),
-                    Some(slot),
-                    key.clone(),
-                    encoding,
-                );
-                if let Some(found) = found.await? {
-                    return Ok(found.into_response());
-                }
-            }
-            Owner::Remote(owner) if !forwarded => {
-                if redirect {
-                    return Ok(Routing::redirect(&owner, path_and_query));
-                }
-                match routing.proxy(&owner, path_and_query, &headers).await {
-                    Ok((StatusCode::NOT_FOUND, _)) => {}
-                    Ok((_, response)) => return Ok(response),
-                    Err(unreachable) => {
-                        match from_standby(&state, &name, &key, encoding, standby).await? {
-                            FromStandby::Answered(response) => return Ok(response),
-                            FromStandby::Absent => {}
-                            FromStandby::NoCopy => return Err(unreachable),
-                        }
-                    }
-                }
-            }
-            Owner::Remote(_) | Owner::Unknown => {
-                match from_standby(&state, &name, &key, encoding, standby).await? {
-                    FromStandby::Answered(response) => return Ok(response),
-                    FromStandby::Absent => {}
-                    FromStandby::NoCopy => unavailable = Some((topic.clone(), partition)),
-                }
-            }
+        match ask_partition(&state, routing, &name, &key, encoding, target).await? {
+            Answer::Found(response) => return Ok(response),
+            Answer::Absent => {}
+            Answer::Unavailable => unavailable = Some((topic.clone(), partition)),
         }
     }
     match unavailable {
         Some((topic, partition)) => Err(ApiError::unavailable(topic, partition)),
         None => Err(not_found()),
+    }
+}
+
+/// What one partition's owner (or a standby copy of it) says of a key.
+enum Answer {
+    Found(Response),
+    Absent,
+    /// Neither the owner nor a standby copy could answer.
+    Unavailable,
+}
+
+/// Asks the owner of the key's partition in one topic: this instance's
+/// store, or the owner over HTTP (proxied or redirected), or a standby
+/// copy when the owner is away or does not answer.
+async fn ask_partition(
+    state: &Arc<ApiState>,
+    routing: &Routing,
+    name: &str,
+    key: &[u8],
+    encoding: KeyEncoding,
+    target: PartitionLookup<'_>,
+) -> Result<Answer, ApiError> {
+    let standby_answer = |standby: FromStandby| match standby {
+        FromStandby::Answered(response) => Answer::Found(response),
+        FromStandby::Absent => Answer::Absent,
+        FromStandby::NoCopy => Answer::Unavailable,
+    };
+    match routing.membership.owner(target.topic, target.partition) {
+        Owner::Local => {
+            let Some(slot) = partition_slot(state, target.topic, target.partition) else {
+                return Ok(Answer::Absent);
+            };
+            let found = lookup(
+                state.clone(),
+                name.to_owned(),
+                Some(slot),
+                key.to_vec(),
+                encoding,
+            );
+            Ok(match found.await? {
+                Some(found) => Answer::Found(found.into_response()),
+                None => Answer::Absent,
+            })
+        }
+        Owner::Remote(owner) if !target.forwarded => {
+            if target.redirect {
+                return Ok(Answer::Found(Routing::redirect(
+                    &owner,
+                    target.path_and_query,
+                )));
+            }
+            match routing
+                .proxy(&owner, target.path_and_query, target.headers)
+                .await
+            {
+                Ok((StatusCode::NOT_FOUND, _)) => Ok(Answer::Absent),
+                Ok((_, response)) => Ok(Answer::Found(response)),
+                Err(unreachable) => match from_standby(state, name, key, encoding, target).await? {
+                    FromStandby::NoCopy => Err(unreachable),
+                    other => Ok(standby_answer(other)),
+                },
+            }
+        }
+        Owner::Remote(_) | Owner::Unknown => Ok(standby_answer(
+            from_standby(state, name, key, encoding, target).await?,
+        )),
     }
 }
 
@@ -148,11 +176,14 @@ fn partition_slot(state: &ApiState, topic: &str, partition: i32) -> Option<Slot>
     })
 }
 
-/// A lookup whose partition's owner is not answering.
-struct StandbyLookup<'a> {
+/// A lookup of a key in one partition.
+struct PartitionLookup<'a> {
     topic: &'a str,
     partition: i32,
+    /// Another instance sent it: answer from this instance only.
     forwarded: bool,
+    /// Redirect to a remote owner rather than proxy.
+    redirect: bool,
     path_and_query: &'a str,
     headers: &'a HeaderMap,
 }
@@ -173,17 +204,18 @@ async fn from_standby(
     name: &str,
     key: &[u8],
     encoding: KeyEncoding,
-    lookup_of: StandbyLookup<'_>,
+    lookup_of: PartitionLookup<'_>,
 ) -> Result<FromStandby, ApiError> {
     let Some(routing) = &state.routing else {
         return Ok(FromStandby::NoCopy);
     };
-    let StandbyLookup {
+    let PartitionLookup {
         topic,
         partition,
         forwarded,
         path_and_query,
         headers,
+        ..
     } = lookup_of;
     if let Some(copy) = routing.cluster.standby_copy(topic, partition)
         && let Some(slot) = partition_slot(state, topic, partition)

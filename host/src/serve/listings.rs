@@ -152,62 +152,23 @@ pub async fn list_keys(
         None => DEFAULT_PAGE.min(state.max_page),
     };
     let aggregation = state.aggregation(&name)?;
-    let mut items = {
-        let state = state.clone();
-        let name = name.clone();
-        tokio::task::spawn_blocking(move || {
-            let aggregation = state.aggregation(&name)?;
-            let slots = state.served_slots(&name)?;
-            let entries =
-                state
-                    .store
-                    .list_in_slots(&name, &slots, &prefix, after.as_deref(), limit)?;
-            let states: Vec<Vec<u8>> = entries.iter().map(|(_, s)| s.clone()).collect();
-            let rendered = aggregation.render_all(&states)?;
-            Ok::<_, ApiError>(
-                entries
-                    .into_iter()
-                    .zip(rendered)
-                    .map(|((key, _), state)| (key, state))
-                    .collect::<Vec<(Vec<u8>, Value)>>(),
-            )
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("query task failed: {e}")))??
-    };
+    let mut items = local_page(state.clone(), name, prefix, after, limit).await?;
     if let Some(routing) = &state.routing
         && !Routing::is_forwarded(&headers)
     {
-        // Every partition must have a live owner, or the page would
-        // silently miss its keys.
-        let topics: Vec<String> = routing
-            .membership
-            .topics()
-            .filter(|t| aggregation.config.applies_to(t))
-            .map(str::to_owned)
-            .collect();
-        if let Some((topic, partition, _)) = routing
-            .membership
-            .ownership()
-            .into_iter()
-            .find(|(t, _, owner)| owner.is_none() && topics.contains(t))
-        {
-            return Err(ApiError::unavailable(topic, partition));
-        }
+        routing.check_every_partition_owned(&aggregation.config)?;
         let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
         for instance in routing.membership.others() {
             let page: KeyPage = routing
                 .get_json(&instance, path_and_query, &headers)
                 .await?;
-            for item in page.items {
+            items.extend(page.items.into_iter().filter_map(|item| {
                 let key = match encoding {
                     KeyEncoding::Utf8 => Some(item.key.into_bytes()),
                     KeyEncoding::Base64 => decode_base64(&item.key),
                 };
-                if let Some(key) = key {
-                    items.push((key, item.state));
-                }
-            }
+                key.map(|key| (key, item.state))
+            }));
         }
         // Each instance's page holds its first `limit` keys, so the first
         // `limit` of their union are the cluster's.
@@ -226,4 +187,31 @@ pub async fn list_keys(
         })
         .collect();
     Ok(Json(KeyPage { items, next }))
+}
+
+/// Up to `limit` keys (with rendered states) of the slots this instance
+/// serves.
+async fn local_page(
+    state: Arc<ApiState>,
+    name: String,
+    prefix: Vec<u8>,
+    after: Option<Vec<u8>>,
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, Value)>, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let aggregation = state.aggregation(&name)?;
+        let slots = state.served_slots(&name)?;
+        let entries = state
+            .store
+            .list_in_slots(&name, &slots, &prefix, after.as_deref(), limit)?;
+        let states: Vec<Vec<u8>> = entries.iter().map(|(_, s)| s.clone()).collect();
+        let rendered = aggregation.render_all(&states)?;
+        Ok(entries
+            .into_iter()
+            .zip(rendered)
+            .map(|((key, _), state)| (key, state))
+            .collect())
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("query task failed: {e}")))?
 }

@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use super::ApiError;
 use crate::cluster::Cluster;
 use crate::cluster::membership::Membership;
+use crate::config::AggregationConfig;
 
 /// Marks a request one instance sends another.
 pub const FORWARDED_HEADER: &str = "x-wagg-forwarded";
@@ -42,6 +43,33 @@ impl Routing {
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .unwrap_or_default(),
+        }
+    }
+
+    /// The source topics an aggregation reads (a key may live in one
+    /// partition of each).
+    pub fn topics_of(&self, aggregation: &AggregationConfig) -> Vec<String> {
+        match &aggregation.topic {
+            Some(topic) => vec![topic.clone()],
+            None => self.membership.topics().map(str::to_owned).collect(),
+        }
+    }
+
+    /// Fails with 503 if a partition the aggregation reads has no live
+    /// owner: a listing would silently miss its keys.
+    pub fn check_every_partition_owned(
+        &self,
+        aggregation: &AggregationConfig,
+    ) -> Result<(), ApiError> {
+        let topics = self.topics_of(aggregation);
+        match self
+            .membership
+            .ownership()
+            .into_iter()
+            .find(|(t, _, owner)| owner.is_none() && topics.contains(t))
+        {
+            Some((topic, partition, _)) => Err(ApiError::unavailable(topic, partition)),
+            None => Ok(()),
         }
     }
 

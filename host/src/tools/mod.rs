@@ -1,8 +1,10 @@
 //! Everything besides `wagg run`: benchmarks, the demo, the HTTP client
-//! behind `wagg query`/`wagg lag`, and the plugin author tools.
+//! behind `wagg query`/`wagg lag`, the plugin author tools, and the test
+//! broker the benchmarks and tests start.
 
 pub mod author;
 pub mod bench;
 pub mod client;
 pub mod demo;
 pub mod rng;
+pub mod tansu;

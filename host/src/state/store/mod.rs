@@ -118,6 +118,8 @@ pub struct StateStore {
 
 impl StateStore {
     /// Opens (or creates) the store with a column family per aggregation.
+    // RocksDB options, column families and the lock error, in the order
+    // RocksDB needs them.
     pub fn open(
         dir: &Path,
         aggregations: &[&str],

@@ -3,8 +3,7 @@
 //! then by a `wagg run` child process aggregating it from the beginning;
 //! optionally with key lookups against that process while it ingests.
 
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -19,6 +18,7 @@ use serde::Serialize;
 use super::query::{self, LoadResult};
 use super::{Rng, aggregation_toml, key, report, value};
 use crate::tools::author::build::{example_plugin, example_plugins_dir};
+use crate::tools::tansu::{Tansu, free_port, tansu_binary};
 
 #[derive(Debug, Clone)]
 pub struct E2eOptions {
@@ -67,59 +67,6 @@ impl Drop for Guarded {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// The tansu binary: `explicit`, `$WAGG_TANSU`, the cache
-/// `scripts/setup.sh --broker` installs into, or `tansu` on the PATH.
-pub fn tansu_binary(explicit: Option<&Path>) -> PathBuf {
-    if let Some(path) = explicit {
-        return path.to_owned();
-    }
-    if let Some(path) = std::env::var_os("WAGG_TANSU") {
-        return path.into();
-    }
-    let cache = std::env::var_os("WAGG_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/wagg")));
-    match cache.map(|c| c.join("tansu/bin/tansu")) {
-        Some(cached) if cached.exists() => cached,
-        _ => PathBuf::from("tansu"),
-    }
-}
-
-fn start_tansu(binary: &Path, dir: &Path) -> anyhow::Result<(Guarded, String)> {
-    let address = format!("127.0.0.1:{}", free_port()?);
-    let child = Command::new(binary)
-        .arg("broker")
-        .args(["--listener-url", &format!("tcp://{address}")])
-        .args(["--advertised-listener-url", &format!("tcp://{address}")])
-        // Sequential reads from the start only: memory storage is fine here.
-        .args(["--storage-engine", "memory://tansu/"])
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| {
-            format!(
-                "starting {} (install it with `scripts/setup.sh --broker`, or pass --brokers)",
-                binary.display()
-            )
-        })?;
-    let child = Guarded(child);
-    let started = Instant::now();
-    while TcpStream::connect(&address).is_err() {
-        if started.elapsed() > Duration::from_secs(30) {
-            bail!("tansu did not start listening on {address}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok((child, address))
 }
 
 fn create_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
@@ -235,9 +182,14 @@ pub fn run(options: &E2eOptions) -> anyhow::Result<(E2eRow, Vec<LoadResult>)> {
     let (_broker, brokers) = match &options.brokers {
         Some(brokers) => (None, brokers.clone()),
         None => {
-            let (child, address) =
-                start_tansu(&tansu_binary(options.tansu.as_deref()), work.path())?;
-            (Some(child), address)
+            // Sequential reads from the start only: memory storage is fine.
+            let broker = Tansu::start(
+                &tansu_binary(options.tansu.as_deref()),
+                work.path(),
+                "memory://tansu/",
+            )?;
+            let address = broker.address().to_owned();
+            (Some(broker), address)
         }
     };
     let topic = format!(
