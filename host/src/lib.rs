@@ -2,7 +2,7 @@
 //! plugins, keep the state in RocksDB and serve it over HTTP while
 //! consuming. See `ARCHITECTURE.md` for the map.
 //!
-//! The modules follow the data: [`ingest`] → [`apply`] → [`plugin`] →
+//! The modules follow the data: `ingest` (crate-private) → [`apply`] → [`plugin`] →
 //! [`state`] → [`serve`], with [`cluster`] beside the state (scale-out),
 //! [`ops`] (status, metrics, progress) read by all of them, and [`tools`]
 //! (bench, demo, client, plugin author tools) on top.
@@ -11,7 +11,7 @@ pub mod app;
 pub mod apply;
 pub mod cluster;
 pub mod config;
-pub mod ingest;
+pub(crate) mod ingest;
 pub mod kafka;
 pub mod ops;
 pub mod plugin;

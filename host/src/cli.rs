@@ -1,0 +1,286 @@
+//! The command line: every subcommand, flag and its help text (part of
+//! the binary, not the library; `main.rs` dispatches).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use wagg::config::OnError;
+
+/// wagg: live, queryable per-key aggregates of Kafka topics, computed by
+/// WebAssembly plugins.
+#[derive(Parser)]
+#[command(version, about, propagate_version = true)]
+#[command(after_help = "Examples:
+  wagg demo                                  # everything on an embedded broker, no setup
+  wagg check-config wagg.toml
+  wagg run --config wagg.toml
+  wagg query spend_per_user alice            # a key's state, from a running instance
+  wagg lag                                   # per-partition progress of a running instance
+  wagg completions bash > /etc/bash_completion.d/wagg")]
+pub(crate) struct Cli {
+    /// Log format on stderr: `human` (default) or `json` (one object per line).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "human",
+        env = "WAGG_LOG_FORMAT"
+    )]
+    pub(crate) log_format: LogFormat,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum LogFormat {
+    Human,
+    Json,
+}
+
+/// How `query` and `lag` reach a running instance.
+#[derive(Debug, clap::Args)]
+pub(crate) struct EndpointArgs {
+    /// The instance's HTTP address (`http.listen`).
+    #[arg(long, default_value = "http://127.0.0.1:8080", env = "WAGG_URL")]
+    pub(crate) url: String,
+    /// Bearer token, when `[http.auth]` is configured.
+    #[arg(long, env = "WAGG_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+}
+
+impl EndpointArgs {
+    pub(crate) fn endpoint(self) -> anyhow::Result<wagg::tools::client::Endpoint> {
+        Ok(wagg::tools::client::Endpoint {
+            url: wagg::tools::client::parse_url(&self.url)?,
+            token: self.token,
+        })
+    }
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Consume the configured topics and serve the aggregations over HTTP.
+    #[command(after_help = "Example:\n  wagg run --config wagg.toml")]
+    Run {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Seconds between progress log lines while catching up (when
+        /// stderr is not a terminal; a terminal gets a live line).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        progress_interval_secs: u64,
+    },
+    /// Run the whole pipeline on an in-process Kafka cluster with generated
+    /// purchase events; no broker needed.
+    Demo {
+        /// HTTP listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Generated purchase events per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Directory with the example plugins' .wasm files (built from the
+        /// workspace when absent).
+        #[arg(long)]
+        plugins_dir: Option<PathBuf>,
+    },
+    /// Validate a config file, including loading every plugin and checking
+    /// its params, without starting.
+    CheckConfig {
+        /// The TOML config file.
+        config: PathBuf,
+    },
+    /// Build, inspect and test aggregation plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Print a key's state from a running instance (`GET
+    /// /v1/aggregations/AGG/keys/KEY`).
+    #[command(
+        after_help = "Example:\n  wagg query spend_per_user alice --url http://127.0.0.1:8080"
+    )]
+    Query {
+        /// The aggregation's name.
+        aggregation: String,
+        /// The key (UTF-8 text).
+        key: String,
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+    },
+    /// Show a running instance's progress: next offset, high watermark and
+    /// lag per partition, records applied per aggregation.
+    Lag {
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+    },
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Example:\n  wagg completions bash > ~/.local/share/bash-completion/completions/wagg"
+    )]
+    Completions { shell: clap_complete::Shell },
+    /// Measure throughput and query latency (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Generated records through batcher → plugin → RocksDB, no broker.
+    #[command(
+        after_help = "Example:\n  wagg bench engine --plugins count,stats,top-n --keys 1000,100000,10000000"
+    )]
+    Engine(wagg::tools::bench::engine::EngineOptions),
+    /// A raw consumer (the ceiling) against wagg on one pre-produced topic.
+    #[command(after_help = "Example:\n  wagg bench e2e --records 5000000 --keys 100000")]
+    E2e {
+        #[command(flatten)]
+        common: E2eArgs,
+    },
+    /// `e2e`, plus key lookups at a fixed rate while wagg ingests, and the
+    /// lookup rate once it has stopped.
+    #[command(after_help = "Example:\n  wagg bench query --rate 2000")]
+    Query {
+        #[command(flatten)]
+        common: E2eArgs,
+        /// Lookups per second during ingestion.
+        #[arg(long, default_value_t = 2000)]
+        rate: u32,
+        /// Seconds of closed-loop lookups after ingestion.
+        #[arg(long, default_value_t = 5)]
+        max_rate_seconds: u64,
+    },
+}
+
+#[derive(clap::Args)]
+pub(crate) struct E2eArgs {
+    /// A running broker; default: start tansu (in-memory storage) on a
+    /// free loopback port.
+    #[arg(long)]
+    pub(crate) brokers: Option<String>,
+    /// The tansu binary to start.
+    #[arg(long)]
+    pub(crate) tansu: Option<PathBuf>,
+    #[arg(long, default_value_t = 5_000_000)]
+    pub(crate) records: u64,
+    #[arg(long, default_value_t = 8)]
+    pub(crate) partitions: i32,
+    #[arg(long, default_value_t = 100_000)]
+    pub(crate) keys: u64,
+    #[arg(long, default_value = "count")]
+    pub(crate) plugin: String,
+    #[arg(long)]
+    pub(crate) plugins_dir: Option<PathBuf>,
+    /// wagg's `batch.commit_interval_ms`.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) commit_interval_ms: u64,
+    /// A librdkafka consumer property for both the raw consumer and wagg
+    /// (`[source.kafka]`), e.g. `fetch.max.bytes=104857600`; repeatable.
+    #[arg(long = "consumer-property", value_name = "KEY=VALUE", value_parser = parse_property)]
+    pub(crate) consumer_properties: Vec<(String, String)>,
+    /// Write the results as JSON here (`.query.json` beside it for lookups).
+    #[arg(long)]
+    pub(crate) out: Option<PathBuf>,
+}
+
+pub(crate) fn parse_property(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
+}
+
+impl E2eArgs {
+    pub(crate) fn options(
+        self,
+        query_rate: Option<u32>,
+        max_rate_seconds: u64,
+    ) -> wagg::tools::bench::e2e::E2eOptions {
+        wagg::tools::bench::e2e::E2eOptions {
+            brokers: self.brokers,
+            tansu: self.tansu,
+            records: self.records,
+            partitions: self.partitions,
+            keys: self.keys,
+            plugin: self.plugin,
+            plugins_dir: self.plugins_dir,
+            query_rate,
+            max_rate_seconds,
+            commit_interval_ms: self.commit_interval_ms,
+            consumer_properties: self.consumer_properties,
+            out: self.out,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub(crate) enum PluginCommand {
+    /// Feed JSON-lines records through a plugin and print every key's state.
+    ///
+    /// Each input line is `{"key": "k", "value": ...}` with optional
+    /// `timestamp` (ms), `partition` and `headers` ({"name": "value"}). A JSON
+    /// string value is passed as raw text, any other JSON value as its JSON
+    /// text, null as a tombstone.
+    ///
+    /// With `--golden DIR`, runs every case `DIR/<case>/` (`input.jsonl`,
+    /// `params.json`, `expected.json`) at batch sizes 1, 3 and 1000 and fails
+    /// on any difference.
+    #[command(
+        after_help = "Example:\n  wagg plugin test count.wasm --input records.jsonl\n  wagg plugin test stats.wasm --input records.jsonl --params '{\"field\": \"/amount\"}'\n  wagg plugin test my_plugin.wasm --golden golden"
+    )]
+    Test {
+        /// The plugin component (.wasm).
+        plugin: PathBuf,
+        /// JSON-lines input file; `-` reads stdin.
+        #[arg(
+            long,
+            short,
+            required_unless_present = "golden",
+            conflicts_with = "golden"
+        )]
+        input: Option<PathBuf>,
+        /// A directory of golden cases to check instead.
+        #[arg(long)]
+        golden: Option<PathBuf>,
+        /// The plugin's params as a JSON object.
+        #[arg(long, default_value = "{}")]
+        params: String,
+        /// Records per plugin call.
+        #[arg(long, default_value_t = 1000)]
+        batch_size: usize,
+        /// What to do with records the plugin rejects.
+        #[arg(long, value_enum, default_value_t = OnError::Fail)]
+        on_error: OnError,
+    },
+    /// Create a plugin crate from a template (uses the guest SDK, builds to
+    /// wasm32-wasip2 as is, has a golden test).
+    #[command(
+        after_help = "Example:\n  wagg plugin new spend-total\n  cd spend-total && wagg plugin build . && wagg plugin test target/wasm32-wasip2/release/spend_total.wasm --golden golden"
+    )]
+    New {
+        /// The plugin's name (also the crate's and directory's).
+        name: String,
+        /// Where to create it.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The wagg guest SDK crate (default: the one in the workspace this
+        /// binary was built from).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Build a plugin crate into a .wasm component and print its path.
+    Build {
+        /// The plugin crate's directory.
+        #[arg(default_value = ".")]
+        path: PathBuf,
+        /// Cargo target directory (default: `$CARGO_TARGET_DIR`, else the
+        /// crate's `target/`).
+        #[arg(long, env = "CARGO_TARGET_DIR")]
+        target_dir: Option<PathBuf>,
+    },
+    /// Show a plugin's metadata.
+    Inspect {
+        /// The plugin component (.wasm).
+        plugin: PathBuf,
+    },
+}
