@@ -375,6 +375,50 @@ fn an_infinite_loop_is_stopped_within_the_budget() {
 }
 
 #[test]
+fn a_sleep_through_wasi_is_cut_at_once_and_never_blocks_the_host() {
+    // The sleep would block inside a host call, where the call budget (an
+    // epoch deadline) cannot fire: the sandbox refuses the timer instead.
+    let budget = Duration::from_millis(500);
+    let config = RuntimeConfig {
+        call_timeout: budget,
+        ..RuntimeConfig::default()
+    };
+    let started = Instant::now();
+    assert_isolated("sleep", config, |m| {
+        m.contains("trapped") && m.contains("plugins cannot wait")
+    });
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "a 10 s sleep held the host for {elapsed:?}"
+    );
+}
+
+#[test]
+fn clocks_and_randomness_are_the_same_in_every_call() {
+    // A replay must compute what the first run did: the wall clock is
+    // frozen and the random source restarts from one seed at every call.
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let mut instance = hostile("clock", RuntimeConfig::default());
+        for _ in 0..2 {
+            let mut states = StateMap::default();
+            let input = records(&[("k", "bad")]);
+            let failures = offline::apply_chunk(&mut instance, &mut states, &input, OnError::Fail)
+                .expect("call");
+            assert!(failures.is_empty(), "{failures:?}");
+            let rendered: serde_json::Value =
+                serde_json::from_str(&instance.render(&states[b"k".as_slice()]).expect("render"))
+                    .expect("json");
+            let blob: Vec<u8> = serde_json::from_value(rendered["blob"].clone()).expect("bytes");
+            seen.push(String::from_utf8(blob).expect("text"));
+        }
+    }
+    assert!(seen[0].starts_with("946684800 "), "{}", seen[0]);
+    assert!(seen.iter().all(|s| *s == seen[0]), "{seen:?}");
+}
+
+#[test]
 fn unbounded_allocation_hits_the_memory_cap() {
     let config = RuntimeConfig {
         memory_limit_bytes: 16 << 20,

@@ -14,10 +14,11 @@ use crate::cluster::{Cluster, ClusterTopics};
 use crate::config::{ClusterConfig, Config, HttpConfig};
 use crate::ingest::KafkaSource;
 use crate::kafka::ClientProperties;
+use crate::ops::panics::PanicWatch;
 use crate::ops::status::Status;
 use crate::plugin::{LoadedPlugin, PluginRuntime, RuntimeConfig};
 use crate::serve::routing::Routing;
-use crate::serve::{ApiState, HttpPolicy, QueryableAggregation};
+use crate::serve::{ApiState, ConnectionLimits, HttpPolicy, QueryableAggregation};
 use crate::state::flush::FlushPublisher;
 use crate::state::store::{AggregationMeta, StateStore, StoreOptions};
 
@@ -132,6 +133,7 @@ pub fn run(
     let plugins = load_plugins(&config, &runtime)?;
 
     let status = Arc::new(Status::default());
+    let panics = PanicWatch::start(status.clone(), shutdown.clone());
     let (store, aggregations, queryable) = open_aggregations(&config, plugins)?;
     for ((topic, partition), next) in store.offsets()? {
         status.set_next_offset(&topic, partition, next);
@@ -173,6 +175,7 @@ pub fn run(
         status: status.clone(),
         aggregations: queryable,
         max_page: config.http.max_page,
+        max_response_bytes: config.http.max_response_bytes,
         routing,
     });
     let (http, server, address) = serve_http(&config.http, api, &http_policy, &shutdown)?;
@@ -210,9 +213,12 @@ pub fn run(
     for thread in cluster_threads {
         let _ = thread.join();
     }
-    http.block_on(server)
-        .context("HTTP server task")?
-        .context("HTTP server")?;
+    http.block_on(server).context("HTTP server task")?;
+    if let Some(reason) = panics.panicked() {
+        anyhow::bail!(
+            "{reason}; restart wagg (nothing is lost: it resumes from the stored offsets)"
+        );
+    }
     consumed.context("consumer")
 }
 
@@ -251,7 +257,8 @@ fn start_cluster(
 ) -> anyhow::Result<ScaleOut> {
     let cluster = Cluster::new(
         cluster_config,
-        ClusterTopics::new(cluster_config, &config.source.group_id),
+        ClusterTopics::new(cluster_config, &config.source.group_id)
+            .with_record_max_bytes(config.changelog_record_max_bytes()),
         &config.aggregations,
         &ClientProperties::new(&config.source.brokers, config.connection_properties()),
         status.clone(),
@@ -289,7 +296,7 @@ fn start_cluster(
     })
 }
 
-type ServerTask = tokio::task::JoinHandle<std::io::Result<()>>;
+type ServerTask = tokio::task::JoinHandle<()>;
 
 /// Binds `http.listen` and serves the API on its own runtime until
 /// `shutdown` is set.
@@ -311,16 +318,18 @@ fn serve_http(
     let address = listener
         .local_addr()
         .context("reading the listen address")?;
+    let status = api.status.clone();
     let router = crate::serve::router(api, policy);
-    let server_shutdown = shutdown.clone();
-    let server = http.spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                while !server_shutdown.load(Ordering::Relaxed) {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            })
-            .await
-    });
+    let limits = ConnectionLimits {
+        max_connections: http_config.max_connections,
+        header_read_timeout: Duration::from_millis(http_config.header_read_timeout_ms),
+    };
+    let server = http.spawn(crate::serve::serve(
+        listener,
+        router,
+        limits,
+        status,
+        shutdown.clone(),
+    ));
     Ok((http, server, address))
 }

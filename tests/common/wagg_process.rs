@@ -19,6 +19,33 @@ impl Wagg {
         Self::start_with(dir, config, http_port, |_| {})
     }
 
+    /// Like [`Wagg::start`], with extra environment variables.
+    #[allow(dead_code)]
+    pub fn start_with_env(dir: &Path, config: &str, http_port: u16, env: &[(&str, &str)]) -> Wagg {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Self::start_with(dir, config, http_port, move |command| {
+            command.envs(env);
+        })
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own.
+    #[allow(dead_code)]
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// Like [`Wagg::start`], with every file the process writes limited to
     /// `bytes` (RLIMIT_FSIZE): writes past it fail with EFBIG, as on a full
     /// disk, even for root (which ignores permissions).

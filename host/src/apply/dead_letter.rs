@@ -17,7 +17,9 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 use crate::config::DeadLetterConfig;
-use crate::kafka::{ClientProperties, DeliveryContext, PRODUCER_DEFAULTS, is_transient};
+use crate::kafka::{
+    ClientProperties, DeliveryContext, PRODUCER_DEFAULTS, create_client_with_context, is_transient,
+};
 use crate::ops::status::Status;
 use crate::record::SourceRecord;
 
@@ -30,7 +32,18 @@ pub mod headers {
     pub const SOURCE_TOPIC: &str = "wagg.source.topic";
     pub const SOURCE_PARTITION: &str = "wagg.source.partition";
     pub const SOURCE_OFFSET: &str = "wagg.source.offset";
+    /// Set when the letter would not fit the producer's
+    /// `message.max.bytes`: the original value's length in bytes (the
+    /// value is cut to fit; the record's own headers are dropped too if
+    /// they alone do not fit).
+    pub const TRUNCATED: &str = "wagg.truncated";
 }
+
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+/// Room kept for the record framing librdkafka counts beside key, value
+/// and headers.
+const FRAMING_BYTES: usize = 1024;
 
 /// A record one aggregation rejected.
 #[derive(Debug, Clone)]
@@ -57,6 +70,8 @@ pub enum DeadLetterError {
 pub struct DeadLetterSink {
     producer: BaseProducer<DeliveryContext>,
     topic: String,
+    /// The largest letter the producer accepts (`message.max.bytes`).
+    max_letter_bytes: usize,
 }
 
 impl DeadLetterSink {
@@ -68,13 +83,20 @@ impl DeadLetterSink {
         client: &ClientProperties,
         status: Arc<Status>,
     ) -> anyhow::Result<Self> {
-        let producer = client
-            .client_config(PRODUCER_DEFAULTS)
-            .create_with_context(DeliveryContext::new("dead-letter producer", status))
-            .context("creating the dead-letter producer (check `[dead_letter.kafka]`)")?;
+        let client_config = client.client_config(PRODUCER_DEFAULTS);
+        let max_letter_bytes = client_config
+            .get("message.max.bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES);
+        let producer = create_client_with_context(
+            &client_config,
+            DeliveryContext::new("dead-letter producer", status),
+        )
+        .context("creating the dead-letter producer (check `[dead_letter.kafka]`)")?;
         Ok(Self {
             producer,
             topic: config.topic.clone(),
+            max_letter_bytes,
         })
     }
 
@@ -161,14 +183,7 @@ impl DeadLetterSink {
         let record = letter.record;
         let partition = record.partition.to_string();
         let offset = record.offset.to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 7);
-        for (key, value) in &record.headers {
-            headers = headers.insert(Header {
-                key,
-                value: value.as_ref(),
-            });
-        }
-        for (key, value) in [
+        let context = [
             (headers::AGGREGATION, letter.aggregation.as_str()),
             (headers::PLUGIN, letter.plugin.as_str()),
             (headers::PLUGIN_VERSION, letter.plugin_version.as_str()),
@@ -176,7 +191,23 @@ impl DeadLetterSink {
             (headers::SOURCE_TOPIC, &record.topic),
             (headers::SOURCE_PARTITION, &partition),
             (headers::SOURCE_OFFSET, &offset),
-        ] {
+        ];
+        let fit = fit_letter(record, &context, self.max_letter_bytes);
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + context.len() + 1);
+        let own_headers = if fit.keep_headers {
+            &record.headers[..]
+        } else {
+            &[]
+        };
+        for (key, value) in own_headers {
+            headers = headers.insert(Header {
+                key,
+                value: value.as_ref(),
+            });
+        }
+        let truncated = fit.truncated_from.map(|len| len.to_string());
+        let truncated = truncated.as_deref().map(|len| (headers::TRUNCATED, len));
+        for (key, value) in context.into_iter().chain(truncated) {
             headers = headers.insert(Header {
                 key,
                 value: Some(value),
@@ -186,7 +217,7 @@ impl DeadLetterSink {
         if let Some(key) = &record.key {
             message = message.key(key);
         }
-        if let Some(value) = &record.value {
+        if let Some(value) = fit.value {
             message = message.payload(value);
         }
         if let Some(timestamp) = record.timestamp {
@@ -212,6 +243,48 @@ impl DeadLetterSink {
                 }
             }
         }
+    }
+}
+
+/// What of a rejected record goes into its letter.
+struct Fit<'r> {
+    value: Option<&'r [u8]>,
+    keep_headers: bool,
+    /// The original value's length, when it was cut.
+    truncated_from: Option<usize>,
+}
+
+/// Cuts a letter to `max_bytes` (key, value and headers, as librdkafka
+/// counts them): first the value, then the record's own headers. A letter
+/// that does not fit would fail to produce and stop consumption.
+fn fit_letter<'r>(record: &'r SourceRecord, context: &[(&str, &str)], max_bytes: usize) -> Fit<'r> {
+    let header_bytes = |headers: &mut dyn Iterator<Item = (usize, usize)>| -> usize {
+        headers.map(|(name, value)| name + value).sum()
+    };
+    let own = header_bytes(
+        &mut record
+            .headers
+            .iter()
+            .map(|(n, v)| (n.len(), v.as_ref().map_or(0, Vec::len))),
+    );
+    let ours = header_bytes(&mut context.iter().map(|(n, v)| (n.len(), v.len())));
+    // Room for the `wagg.truncated` header itself.
+    let fixed = record.key.as_ref().map_or(0, Vec::len) + ours + FRAMING_BYTES + 64;
+    let value = record.value.as_deref();
+    let value_len = value.map_or(0, <[u8]>::len);
+    if fixed + own + value_len <= max_bytes {
+        return Fit {
+            value,
+            keep_headers: true,
+            truncated_from: None,
+        };
+    }
+    let keep_headers = fixed + own <= max_bytes;
+    let room = max_bytes.saturating_sub(fixed + if keep_headers { own } else { 0 });
+    Fit {
+        value: value.map(|v| &v[..v.len().min(room)]),
+        keep_headers,
+        truncated_from: Some(value_len),
     }
 }
 

@@ -21,6 +21,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
+
+use crate::kafka::create_client;
 use serde::{Deserialize, Serialize};
 
 use super::Cluster;
@@ -299,19 +301,21 @@ pub fn start(
     shutdown: Arc<AtomicBool>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let topic = cluster.topics.members();
-    let producer: BaseProducer = cluster
-        .client_config()
-        .set("linger.ms", "0")
-        .set("message.timeout.ms", "10000")
-        .create()
-        .context("creating the members producer")?;
-    let follower: BaseConsumer = cluster
-        .client_config()
-        .set("group.id", format!("{topic}-follower"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .context("creating the members reader")?;
+    let producer: BaseProducer = create_client(
+        cluster
+            .client_config()
+            .set("linger.ms", "0")
+            .set("message.timeout.ms", "10000"),
+    )
+    .context("creating the members producer")?;
+    let follower: BaseConsumer = create_client(
+        cluster
+            .client_config()
+            .set("group.id", format!("{topic}-follower"))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false"),
+    )
+    .context("creating the members reader")?;
     let mut assignment = TopicPartitionList::new();
     assignment
         .add_partition_offset(&topic, 0, Offset::Beginning)

@@ -35,11 +35,14 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 use crate::config::{AggregationConfig, ClusterConfig};
-use crate::kafka::{ClientProperties, DeliveryContext, PRODUCER_DEFAULTS};
+use crate::kafka::{
+    ClientError, ClientProperties, DeliveryContext, PRODUCER_DEFAULTS, create_client,
+    create_client_with_context, read_headers,
+};
 use crate::ops::status::Status;
 use crate::state::store::StoreError;
 use log::Commit;
@@ -48,6 +51,8 @@ use log::Commit;
 pub enum ClusterError {
     #[error("{topic:?}: {error}")]
     Kafka { topic: String, error: KafkaError },
+    #[error("creating a client for {topic:?}: {error}")]
+    Client { topic: String, error: ClientError },
     #[error("{topic:?} partition {partition}: no progress reading it for {waited:?}")]
     ReadStalled {
         topic: String,
@@ -85,14 +90,27 @@ impl ClusterError {
 #[derive(Debug, Clone)]
 pub struct ClusterTopics {
     prefix: String,
+    /// The largest record the changelog producer sends and the topics
+    /// created here accept (`Config::changelog_record_max_bytes`).
+    pub record_max_bytes: usize,
 }
+
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_RECORD_MAX_BYTES: usize = 1_000_000;
 
 impl ClusterTopics {
     /// The topics of `group_id`'s cluster.
     pub fn new(cluster: &ClusterConfig, group_id: &str) -> Self {
         Self {
             prefix: cluster.topic_prefix(group_id),
+            record_max_bytes: DEFAULT_RECORD_MAX_BYTES,
         }
+    }
+
+    /// Records up to `bytes` (a state at its cap, with key and headers).
+    pub fn with_record_max_bytes(mut self, bytes: usize) -> Self {
+        self.record_max_bytes = bytes;
+        self
     }
 
     pub fn changelog(&self, aggregation: &str) -> String {
@@ -163,14 +181,17 @@ impl Cluster {
         status: Arc<Status>,
         shutdown: Arc<AtomicBool>,
     ) -> anyhow::Result<Arc<Self>> {
+        let record_max_bytes = topics.record_max_bytes.to_string();
         let mut producer_settings = PRODUCER_DEFAULTS.to_vec();
         producer_settings.push(("queue.buffering.max.messages", "1000000"));
-        let producer = client
-            .client_config(&producer_settings)
-            .create_with_context(
-                DeliveryContext::new("changelog producer", status.clone()).tracking_offsets(),
-            )
-            .map_err(|e| anyhow::anyhow!("creating the changelog producer: {e}"))?;
+        // A state at `plugins.max_state_bytes` must fit (the config checks
+        // that `[source.kafka]` does not lower this).
+        producer_settings.push(("message.max.bytes", &record_max_bytes));
+        let producer = create_client_with_context(
+            &client.client_config(&producer_settings),
+            DeliveryContext::new("changelog producer", status.clone()).tracking_offsets(),
+        )
+        .map_err(|e| anyhow::anyhow!("creating the changelog producer: {e}"))?;
         let aggregations = aggregations
             .iter()
             .map(|a| ChangelogAggregation {
@@ -304,7 +325,7 @@ impl Cluster {
             // A restore reads to a known end: never wait for more data (the
             // broker would hold each fetch for `fetch.wait.max.ms`).
             .set("fetch.wait.max.ms", "10");
-        config.create().map_err(|error| ClusterError::Kafka {
+        create_client(&config).map_err(|error| ClusterError::Client {
             topic: self.topics.commits(),
             error,
         })
@@ -312,27 +333,29 @@ impl Cluster {
 
     /// A consumer that follows logs as they grow (no group; assigned by
     /// hand).
-    fn follower(&self) -> Result<BaseConsumer, KafkaError> {
-        self.client
-            .clone()
-            .set("group.id", format!("{}standby", self.topics.prefix))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .set("auto.offset.reset", "earliest")
-            .create()
+    fn follower(&self) -> Result<BaseConsumer, ClientError> {
+        create_client(
+            self.client
+                .clone()
+                .set("group.id", format!("{}standby", self.topics.prefix))
+                .set("enable.auto.commit", "false")
+                .set("enable.partition.eof", "false")
+                .set("auto.offset.reset", "earliest"),
+        )
     }
 }
 
 /// The flush a changelog record belongs to: its epoch and sequence number
 /// headers.
 fn flush_of(message: &BorrowedMessage<'_>) -> Option<(u64, u64)> {
+    // Read without rdkafka's `Headers::iter`, which panics on a name that
+    // is not UTF-8: whoever can write the topic could stop this instance.
+    let headers = read_headers(message);
     let header = |name: &str| {
-        message.headers().and_then(|headers| {
-            headers
-                .iter()
-                .find(|h| h.key == name)
-                .and_then(|h| log::parse_number_header(h.value))
-        })
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, value)| log::parse_number_header(value.as_deref()))
     };
     Some((header(log::EPOCH_HEADER)?, header(log::SEQ_HEADER)?))
 }

@@ -11,6 +11,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
+use crate::kafka::create_client;
+
 use super::Cluster;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -23,10 +25,8 @@ pub fn ensure_topics(
     cluster: &Cluster,
     source_topics: &[String],
 ) -> anyhow::Result<BTreeMap<String, i32>> {
-    let admin: AdminClient<DefaultClientContext> = cluster
-        .client_config()
-        .create()
-        .context("creating the Kafka admin client")?;
+    let admin: AdminClient<DefaultClientContext> =
+        create_client(&cluster.client_config()).context("creating the Kafka admin client")?;
     let partitions_of = |topic: &str| -> anyhow::Result<Option<i32>> {
         let metadata = admin
             .inner()
@@ -57,6 +57,7 @@ pub fn ensure_topics(
     wanted.push((cluster.topics.members(), 1));
 
     let lag = cluster.config.min_compaction_lag_ms.to_string();
+    let record_max_bytes = cluster.topics.record_max_bytes.to_string();
     let mut missing = Vec::new();
     for (name, count) in &wanted {
         match partitions_of(name)? {
@@ -71,7 +72,8 @@ pub fn ensure_topics(
                     TopicReplication::Fixed(cluster.config.replication_factor),
                 )
                 .set("cleanup.policy", "compact")
-                .set("min.compaction.lag.ms", &lag),
+                .set("min.compaction.lag.ms", &lag)
+                .set("max.message.bytes", &record_max_bytes),
             ),
         }
     }

@@ -22,6 +22,18 @@ pub struct HttpConfig {
     /// Longest request target (path and query) accepted; longer is 414.
     #[serde(default = "default_max_uri_bytes")]
     pub max_uri_bytes: usize,
+    /// Connections open at once; more are closed as soon as accepted.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A connection that has not sent a whole request head within this
+    /// time (a new one, an idle keep-alive one, or a slow client) is
+    /// closed.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// Largest answer body: a key page stops early (with `next`) before
+    /// it; one state rendered larger is an error.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
     /// Bearer-token authentication; none when absent.
     pub auth: Option<AuthConfig>,
 }
@@ -53,6 +65,15 @@ pub enum AuthScope {
     Admin,
 }
 
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_response_bytes() -> usize {
+    8 << 20
+}
 fn default_max_concurrent_requests() -> usize {
     256
 }
@@ -78,6 +99,9 @@ impl Default for HttpConfig {
             max_concurrent_requests: default_max_concurrent_requests(),
             request_timeout_ms: default_request_timeout_ms(),
             max_uri_bytes: default_max_uri_bytes(),
+            max_connections: default_max_connections(),
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            max_response_bytes: default_max_response_bytes(),
             auth: None,
         }
     }

@@ -35,6 +35,7 @@ impl Config {
             }
         }
         check_kafka_values("source.kafka", &source.kafka)?;
+        check_eager_rebalancing(&source.kafka)?;
         if let Some(dead_letter) = &self.dead_letter {
             if dead_letter.topic.is_empty() {
                 return Err("`dead_letter.topic` is empty".into());
@@ -162,8 +163,48 @@ impl Config {
                 aggregation.name
             ));
         }
+        let needed = self.changelog_record_max_bytes();
+        let configured = self
+            .source
+            .kafka
+            .get("message.max.bytes")
+            .and_then(kafka_value)
+            .and_then(|v| v.parse::<usize>().ok());
+        if let Some(configured) = configured.filter(|c| *c < needed) {
+            return Err(format!(
+                "`source.kafka.\"message.max.bytes\"` is {configured}, but a changelog record can be {needed} bytes (`plugins.max_state_bytes` = {} plus {CHANGELOG_KEY_ALLOWANCE} for its key and headers): a larger state would stop consumption. Raise it to at least {needed}, or lower `plugins.max_state_bytes`",
+                self.plugins.max_state_bytes
+            ));
+        }
         Ok(())
     }
+
+    /// The largest changelog record this config can produce: a state at
+    /// `plugins.max_state_bytes` with its key and headers. The changelog
+    /// producer and the changelog topics are configured to take it.
+    pub fn changelog_record_max_bytes(&self) -> usize {
+        self.plugins
+            .max_state_bytes
+            .saturating_add(CHANGELOG_KEY_ALLOWANCE)
+    }
+}
+
+/// Room for a changelog record's key (the slot and the aggregation key)
+/// and headers beside the state.
+pub const CHANGELOG_KEY_ALLOWANCE: usize = 64 << 10;
+
+/// Incremental (cooperative) rebalancing hands partitions over one by one,
+/// without the revoke-everything step that wagg's flush hand-shake relies
+/// on: refused until it is supported.
+fn check_eager_rebalancing(kafka: &BTreeMap<String, toml::Value>) -> Result<(), String> {
+    let value = |name: &str| kafka.get(name).and_then(kafka_value).unwrap_or_default();
+    if value("partition.assignment.strategy").contains("cooperative") {
+        return Err("`source.kafka.\"partition.assignment.strategy\"` asks for cooperative rebalancing, which wagg does not support yet; use `range` or `roundrobin` (the default)".into());
+    }
+    if value("group.protocol").eq_ignore_ascii_case("consumer") {
+        return Err("`source.kafka.\"group.protocol\" = \"consumer\"` (KIP-848) rebalances incrementally, which wagg does not support yet; remove it (the default is `classic`)".into());
+    }
+    Ok(())
 }
 
 fn check_kafka_values(

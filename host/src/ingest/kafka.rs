@@ -22,14 +22,14 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::cluster::Cluster;
 use crate::config::{BatchConfig, SourceConfig, StartFrom};
-use crate::kafka::ClientProperties;
+use crate::kafka::{ClientProperties, create_client_with_context, read_headers};
 use crate::ops::status::Status;
 use crate::record::SourceRecord;
 use crate::state::store::StateStore;
@@ -269,8 +269,7 @@ impl KafkaSource {
             cluster,
         };
         // Errors from librdkafka name the property but never echo its value.
-        let consumer: BaseConsumer<SourceContext> = client
-            .create_with_context(context)
+        let consumer: BaseConsumer<SourceContext> = create_client_with_context(&client, context)
             .context("creating the Kafka consumer (check `source` and `[source.kafka]`)")?;
         let topics: Vec<&str> = source.topics.iter().map(String::as_str).collect();
         consumer
@@ -329,6 +328,9 @@ impl Poller {
                 self.rejoin();
             }
             let batch = self.fill_batch(&context.stopped);
+            if !batch.is_empty() {
+                crate::ops::panics::fault_point("wagg-source");
+            }
             if !batch.is_empty() && context.events.send(SourceEvent::Records(batch)).is_err() {
                 break;
             }
@@ -412,15 +414,7 @@ impl Poller {
                     Some(topic) => topic.clone(),
                     None => Arc::from(message.topic()),
                 };
-                let headers = message
-                    .headers()
-                    .map(|headers| {
-                        headers
-                            .iter()
-                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let headers = read_headers(&message);
                 Some(SourceRecord {
                     topic,
                     partition: message.partition(),
@@ -449,8 +443,18 @@ pub struct SourceFeed {
 
 impl SourceFeed {
     /// The next event; `Err(Disconnected)` means the source thread ended.
+    /// (The channel's sender lives in the consumer's context, which this
+    /// feed shares, so a dead thread does not close the channel: a thread
+    /// that panicked would otherwise look like an idle topic for ever.)
     pub fn recv_timeout(&self, timeout: Duration) -> Result<SourceEvent, RecvTimeoutError> {
-        self.events.recv_timeout(timeout)
+        match self.events.recv_timeout(timeout) {
+            Err(RecvTimeoutError::Timeout)
+                if self.thread.as_ref().is_none_or(JoinHandle::is_finished) =>
+            {
+                Err(RecvTimeoutError::Disconnected)
+            }
+            other => other,
+        }
     }
 
     /// Stops the source thread. Call once nothing more will be applied and

@@ -44,6 +44,7 @@ pub struct Metrics {
     pub write_states: Histogram,
     pub http_requests: Family<HttpLabel, Counter>,
     pub http_seconds: HistogramFamily<HttpLabel>,
+    pub http_connections_refused: Counter,
     pub changelog_records: Counter,
     pub restored_records: Counter,
     pub forwarded_requests: Counter,
@@ -69,6 +70,7 @@ impl Default for Metrics {
             write_states: Histogram::new(exponential_buckets(1.0, 4.0, 11)),
             http_requests: Family::default(),
             http_seconds: Family::new_with_constructor(seconds_histogram),
+            http_connections_refused: Counter::default(),
             changelog_records: Counter::default(),
             restored_records: Counter::default(),
             forwarded_requests: Counter::default(),
@@ -143,6 +145,11 @@ impl Metrics {
             "restored_records",
             "Changelog records applied while restoring partitions taken over (cluster mode)",
             self.restored_records.clone(),
+        );
+        registry.register(
+            "http_connections_refused",
+            "Connections closed at once because `http.max_connections` were open",
+            self.http_connections_refused.clone(),
         );
         registry.register(
             "forwarded_requests",

@@ -3,6 +3,7 @@
 //! [`progress`] reporting.
 
 pub mod metrics;
+pub mod panics;
 pub mod progress;
 pub mod snapshot;
 pub mod status;

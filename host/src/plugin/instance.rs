@@ -99,6 +99,7 @@ fn guarded_call<T>(
     let budget = plugin.limits().call_timeout;
     store.set_epoch_deadline(deadline_ticks(budget));
     store.data_mut().limiter.hit = false;
+    store.data().rng.reseed();
     let stderr_before = store.data().stderr.contents().len();
     f(store).map_err(|error| {
         let label = plugin.label();

@@ -11,6 +11,7 @@ mod bindings;
 mod error;
 mod instance;
 mod runtime;
+mod sandbox;
 
 pub use batch::{BatchOutcome, Change, Failure, GroupInput, GroupOutcome};
 pub use error::{CallError, PluginError};

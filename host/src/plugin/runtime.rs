@@ -19,6 +19,7 @@ use crate::config::PluginLimits;
 
 use super::bindings::{Aggregator, AggregatorPre};
 use super::error::{CallError, PluginError};
+use super::sandbox::{self, FrozenMonotonicClock, FrozenWallClock, ReseedableRng};
 
 /// How often the engine's epoch advances; the granularity of call timeouts.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -100,6 +101,7 @@ impl PluginRuntime {
         // Plugins built for wasm32-wasip2 import WASI; every capability in
         // it is denied by the context built in `new_store`.
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .and_then(|()| sandbox::deny_timers(&mut linker))
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let ticker_stop = Arc::new(AtomicBool::new(false));
         spawn_epoch_ticker(&engine, ticker_stop.clone());
@@ -345,6 +347,8 @@ pub struct PluginCtx {
     table: ResourceTable,
     pub(super) limiter: MemoryLimiter,
     pub(super) stderr: MemoryOutputPipe,
+    /// The WASI random source, reseeded before every call.
+    pub(super) rng: ReseedableRng,
 }
 
 impl WasiView for PluginCtx {
@@ -360,23 +364,34 @@ fn new_store(engine: &Engine, limits: &RuntimeConfig) -> Store<PluginCtx> {
     let stderr = MemoryOutputPipe::new(STDERR_CAPTURE_BYTES);
     // Deny everything: no preopened directories, no environment variables or
     // arguments, no sockets, no name lookups, stdin closed, stdout dropped.
-    // stderr is captured only to quote panic messages in errors.
+    // stderr is captured only to quote panic messages in errors. Clocks and
+    // randomness are deterministic and timers never wait (`sandbox`).
+    let rng = ReseedableRng::new();
     let wasi = WasiCtx::builder()
         .stderr(stderr.clone())
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
+        .wall_clock(FrozenWallClock)
+        .monotonic_clock(FrozenMonotonicClock)
+        .secure_random(rng.clone())
+        .insecure_random(rng.clone())
+        .insecure_random_seed(0)
         .build();
+    let mut table = ResourceTable::new();
+    table.set_max_capacity(MAX_WASI_RESOURCES);
     let mut store = Store::new(
         engine,
         PluginCtx {
             wasi,
-            table: ResourceTable::new(),
+            table,
             limiter: MemoryLimiter {
                 limit: limits.memory_limit_bytes,
+                total: 0,
                 hit: false,
             },
             stderr,
+            rng,
         },
     );
     store.limiter(|ctx| &mut ctx.limiter);
@@ -389,25 +404,42 @@ pub(super) fn deadline_ticks(timeout: Duration) -> u64 {
     (timeout.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1
 }
 
-/// Caps linear memory and remembers whether the cap was hit, so a trap that
+/// Caps the linear memory of the whole store (all of a component's
+/// memories together, not each one) and the number of instances, memories
+/// and tables, and remembers whether the memory cap was hit, so a trap that
 /// follows (Rust's allocator aborts when growth fails) is reported as what
 /// it is.
 pub struct MemoryLimiter {
     limit: usize,
+    /// Bytes of every memory of the store, as last grown.
+    total: usize,
     pub(super) hit: bool,
 }
+
+/// Core instances, memories and tables one plugin store may hold. A Rust
+/// component built for wasm32-wasip2 has under ten of each; wasmtime's
+/// default is 10,000, which lets a component multiply the memory cap.
+pub(super) const MAX_INSTANCES: usize = 64;
+pub(super) const MAX_MEMORIES: usize = 8;
+pub(super) const MAX_TABLES: usize = 32;
+/// Entries of any one table.
+const MAX_TABLE_ELEMENTS: usize = 1_000_000;
+/// WASI resources (pollables, streams) one store may hold at once.
+pub(super) const MAX_WASI_RESOURCES: usize = 1024;
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.limit {
+        let total = self.total.saturating_sub(current).saturating_add(desired);
+        if total > self.limit {
             self.hit = true;
             return Ok(false);
         }
+        self.total = total;
         Ok(true)
     }
 
@@ -417,6 +449,18 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 1_000_000)
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
     }
 }

@@ -11,11 +11,11 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::ApiState;
 use super::encoding::{KeyEncoding, check_query_utf8};
 use super::error::ApiError;
 use super::openapi::{self, KeyState};
 use super::routing::{self, Routing};
+use super::{ApiState, CancelOnDrop, entry_bytes};
 use crate::cluster::membership::Owner;
 use crate::config::Forwarding;
 use crate::state::store::Slot;
@@ -270,7 +270,9 @@ async fn lookup(
     key: Vec<u8>,
     encoding: KeyEncoding,
 ) -> Result<Option<Json<KeyState>>, ApiError> {
-    tokio::task::spawn_blocking(move || {
+    let cancel = CancelOnDrop::new();
+    let cancelled = cancel.flag();
+    let found = tokio::task::spawn_blocking(move || {
         let aggregation = state.aggregation(&name)?;
         let stored = match slot {
             Some(slot) => state.store.get(&name, slot, &key)?,
@@ -280,14 +282,26 @@ async fn lookup(
             return Ok(None);
         };
         let rendered = aggregation
-            .render_all(&[stored])?
+            .render_all(&[stored], &cancelled)?
             .pop()
             .unwrap_or(Value::Null);
+        let bytes = entry_bytes(&key, &rendered);
+        if bytes > state.max_response_bytes {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "state_too_large",
+                format!(
+                    "the state of this key renders to {bytes} bytes, over `http.max_response_bytes` ({})",
+                    state.max_response_bytes
+                ),
+            ));
+        }
         Ok(Some(Json(KeyState {
             key: encoding.encode(&key),
             state: rendered,
         })))
     })
-    .await
-    .map_err(|e| ApiError::internal(format!("query task failed: {e}")))?
+    .await;
+    drop(cancel);
+    found.map_err(|e| ApiError::internal(format!("query task failed: {e}")))?
 }

@@ -14,7 +14,7 @@ use super::encoding::{KeyEncoding, check_query_utf8, decode_base64};
 use super::error::ApiError;
 use super::openapi::{self, AggregationInfo, AggregationList, KeyPage, KeyState, PluginInfo};
 use super::routing::Routing;
-use super::{ApiState, QueryableAggregation};
+use super::{ApiState, CancelOnDrop, QueryableAggregation, entry_bytes};
 use crate::ops::status::PartitionProgress;
 
 /// Every aggregation: plugin, counters, key estimate and partition progress.
@@ -152,34 +152,35 @@ pub async fn list_keys(
         None => DEFAULT_PAGE.min(state.max_page),
     };
     let aggregation = state.aggregation(&name)?;
-    let mut items = local_page(state.clone(), name, prefix, after, limit).await?;
+    let budget = state.max_response_bytes;
+    let mut page = local_page(state.clone(), name, prefix, after, limit).await?;
     if let Some(routing) = &state.routing
         && !Routing::is_forwarded(&headers)
     {
         routing.check_every_partition_owned(&aggregation.config)?;
         let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
         for instance in routing.membership.others() {
-            let page: KeyPage = routing
+            let remote: KeyPage = routing
                 .get_json(&instance, path_and_query, &headers)
                 .await?;
-            items.extend(page.items.into_iter().filter_map(|item| {
+            let more = remote.next.is_some();
+            let items = remote.items.into_iter().filter_map(|item| {
                 let key = match encoding {
                     KeyEncoding::Utf8 => Some(item.key.into_bytes()),
                     KeyEncoding::Base64 => decode_base64(&item.key),
                 };
                 key.map(|key| (key, item.state))
-            }));
+            });
+            page.merge(items.collect(), more);
         }
-        // Each instance's page holds its first `limit` keys, so the first
-        // `limit` of their union are the cluster's.
-        items.sort_by(|a, b| a.0.cmp(&b.0));
-        items.dedup_by(|a, b| a.0 == b.0);
-        items.truncate(limit);
     }
-    let next = (items.len() == limit)
-        .then(|| items.last().map(|(k, _)| encoding.encode(k)))
+    page.finish(limit, budget);
+    let next = page
+        .more
+        .then(|| page.items.last().map(|(k, _)| encoding.encode(k)))
         .flatten();
-    let items = items
+    let items = page
+        .items
         .into_iter()
         .map(|(key, state)| KeyState {
             key: encoding.encode(&key),
@@ -187,6 +188,68 @@ pub async fn list_keys(
         })
         .collect();
     Ok(Json(KeyPage { items, next }))
+}
+
+/// A page of keys being assembled from this instance's slots and (in a
+/// cluster) every other instance's page.
+struct Page {
+    items: Vec<(Vec<u8>, Value)>,
+    /// Whether keys may follow the last one.
+    more: bool,
+    /// Every key up to here is in `items`: each source's page holds its
+    /// first keys, so past the smallest last key of a source that had more,
+    /// that source's keys may be missing.
+    complete_up_to: Option<Vec<u8>>,
+}
+
+impl Page {
+    fn new(items: Vec<(Vec<u8>, Value)>, more: bool) -> Self {
+        let mut page = Self {
+            items: Vec::new(),
+            more: false,
+            complete_up_to: None,
+        };
+        page.merge(items, more);
+        page
+    }
+
+    /// Adds a source's page (`more`: it had keys after its last).
+    fn merge(&mut self, items: Vec<(Vec<u8>, Value)>, more: bool) {
+        if more && let Some((last, _)) = items.last() {
+            let bound = match self.complete_up_to.take() {
+                Some(bound) => bound.min(last.clone()),
+                None => last.clone(),
+            };
+            self.complete_up_to = Some(bound);
+        }
+        self.more |= more;
+        self.items.extend(items);
+    }
+
+    /// Sorts, drops keys past what every source vouched for, and cuts to
+    /// `limit` entries and `budget` bytes (at least one entry).
+    fn finish(&mut self, limit: usize, budget: usize) {
+        self.items.sort_by(|a, b| a.0.cmp(&b.0));
+        self.items.dedup_by(|a, b| a.0 == b.0);
+        if let Some(bound) = &self.complete_up_to {
+            self.items.retain(|(key, _)| key <= bound);
+        }
+        let mut bytes = 0;
+        let fits = self
+            .items
+            .iter()
+            .take(limit)
+            .take_while(|(key, state)| {
+                bytes += entry_bytes(key, state);
+                bytes <= budget
+            })
+            .count()
+            .max(1);
+        if fits < self.items.len() {
+            self.items.truncate(fits);
+            self.more = true;
+        }
+    }
 }
 
 /// Up to `limit` keys (with rendered states) of the slots this instance
@@ -197,21 +260,29 @@ async fn local_page(
     prefix: Vec<u8>,
     after: Option<Vec<u8>>,
     limit: usize,
-) -> Result<Vec<(Vec<u8>, Value)>, ApiError> {
-    tokio::task::spawn_blocking(move || {
+) -> Result<Page, ApiError> {
+    let cancel = CancelOnDrop::new();
+    let cancelled = cancel.flag();
+    let page = tokio::task::spawn_blocking(move || {
         let aggregation = state.aggregation(&name)?;
         let slots = state.served_slots(&name)?;
-        let entries = state
-            .store
-            .list_in_slots(&name, &slots, &prefix, after.as_deref(), limit)?;
+        // One more than asked: whether keys follow the page.
+        let mut entries =
+            state
+                .store
+                .list_in_slots(&name, &slots, &prefix, after.as_deref(), limit + 1)?;
+        let more = entries.len() > limit;
+        entries.truncate(limit);
         let states: Vec<Vec<u8>> = entries.iter().map(|(_, s)| s.clone()).collect();
-        let rendered = aggregation.render_all(&states)?;
-        Ok(entries
+        let rendered = aggregation.render_all(&states, &cancelled)?;
+        let items = entries
             .into_iter()
             .zip(rendered)
             .map(|((key, _), state)| (key, state))
-            .collect())
+            .collect();
+        Ok::<_, ApiError>(Page::new(items, more))
     })
-    .await
-    .map_err(|e| ApiError::internal(format!("query task failed: {e}")))?
+    .await;
+    drop(cancel);
+    page.map_err(|e| ApiError::internal(format!("query task failed: {e}")))?
 }

@@ -2,6 +2,7 @@
 //! [`Status`]; they never touch the consumer loop, so queries are answered
 //! while consumption runs at full speed.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ mod listings;
 pub mod openapi;
 mod probes;
 pub mod routing;
+mod server;
 
 use crate::config::{AggregationConfig, AuthScope, HttpConfig};
 use crate::ops::metrics::HttpLabel;
@@ -40,6 +42,8 @@ pub struct ApiState {
     pub status: Arc<Status>,
     pub aggregations: Vec<QueryableAggregation>,
     pub max_page: usize,
+    /// `http.max_response_bytes`.
+    pub max_response_bytes: usize,
     /// Cluster mode: where keys live and how to reach them.
     pub routing: Option<routing::Routing>,
 }
@@ -82,6 +86,32 @@ impl ApiState {
     }
 }
 
+/// Set when dropped: a handler's blocking work checks it, so that work for
+/// a request answered 408 (its future dropped by the timeout layer) stops
+/// instead of running to the end.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl CancelOnDrop {
+    fn new() -> Self {
+        Self(Arc::new(AtomicBool::new(false)))
+    }
+
+    fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The JSON size of a key's entry in an answer (its key and state).
+fn entry_bytes(key: &[u8], state: &Value) -> usize {
+    key.len() + serde_json::to_string(state).map_or(0, |s| s.len()) + 24
+}
+
 /// An aggregation as the API sees it: its config, plugin, and a pool of
 /// plugin instances used only for rendering states.
 pub struct QueryableAggregation {
@@ -99,8 +129,13 @@ impl QueryableAggregation {
         }
     }
 
-    /// Renders states with a pooled instance (created on demand).
-    fn render_all(&self, states: &[Vec<u8>]) -> Result<Vec<Value>, ApiError> {
+    /// Renders states with a pooled instance (created on demand); stops
+    /// early once the request is `cancelled` (its client timed out).
+    fn render_all(
+        &self,
+        states: &[Vec<u8>],
+        cancelled: &AtomicBool,
+    ) -> Result<Vec<Value>, ApiError> {
         let pooled = self
             .renderers
             .lock()
@@ -115,6 +150,9 @@ impl QueryableAggregation {
         };
         let mut rendered = Vec::with_capacity(states.len());
         for state in states {
+            if cancelled.load(Ordering::Relaxed) {
+                break;
+            }
             let json = instance
                 .render(state)
                 .map_err(|e| ApiError::internal(format!("rendering failed: {e}")))?;
@@ -134,6 +172,7 @@ impl QueryableAggregation {
 
 pub use encoding::MAX_KEY_BYTES;
 pub use error::ApiError;
+pub use server::{ConnectionLimits, serve};
 /// Largest request body accepted (the API only has GETs).
 const MAX_BODY_BYTES: usize = 16 * 1024;
 

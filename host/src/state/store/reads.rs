@@ -126,31 +126,46 @@ impl StateStore {
         limit: usize,
     ) -> Result<KeyStates, StoreError> {
         let cf = self.aggregation_cf(aggregation)?;
+        // One cursor per slot, merged in key order: at most `limit` entries
+        // are read (plus one look-ahead per slot), however many slots.
+        let mut cursors: Vec<(Vec<u8>, rocksdb::DBRawIteratorWithThreadMode<'_, DB>)> = slots
+            .iter()
+            .map(|&slot| {
+                let slot_prefix = slot.store_key(prefix);
+                let start = match after {
+                    Some(after) if after >= prefix => {
+                        let mut start = slot.store_key(after);
+                        start.push(0);
+                        start
+                    }
+                    _ => slot_prefix.clone(),
+                };
+                let mut cursor = self.db.raw_iterator_cf(cf);
+                cursor.seek(&start);
+                (slot_prefix, cursor)
+            })
+            .collect();
         let mut found: KeyStates = Vec::new();
-        for &slot in slots {
-            let slot_prefix = slot.store_key(prefix);
-            let start = match after {
-                Some(after) if after >= prefix => {
-                    let mut start = slot.store_key(after);
-                    start.push(0);
-                    start
-                }
-                _ => slot_prefix.clone(),
-            };
-            for item in self
-                .db
-                .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward))
-                .take(limit)
-            {
-                let (key, value) = item.map_err(|e| self.rocks(e))?;
-                if !key.starts_with(&slot_prefix) {
-                    break;
-                }
+        while found.len() < limit {
+            let next = cursors
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (slot_prefix, cursor))| {
+                    let key = cursor.key().filter(|k| k.starts_with(slot_prefix))?;
+                    Some((i, &key[Slot::LEN..]))
+                })
+                .min_by(|a, b| a.1.cmp(b.1))
+                .map(|(i, _)| i);
+            let Some(i) = next else { break };
+            let cursor = &mut cursors[i].1;
+            if let (Some(key), Some(value)) = (cursor.key(), cursor.value()) {
                 found.push((key[Slot::LEN..].to_vec(), value.to_vec()));
             }
+            cursor.next();
         }
-        found.sort_by(|a, b| a.0.cmp(&b.0));
-        found.truncate(limit);
+        for (_, cursor) in &cursors {
+            cursor.status().map_err(|e| self.rocks(e))?;
+        }
         Ok(found)
     }
 

@@ -2,7 +2,10 @@
 //! real. `params.mode` picks the misbehaviour, triggered by every record
 //! whose value is `"bad"` (other records are counted normally):
 //! `loop`, `alloc`, `recurse`, `panic`, `error`, `open-file`, `env`,
-//! `connect`, `huge-state`.
+//! `connect`, `huge-state`, `sleep` (10 s through WASI's clocks), `clock`
+//! (keeps the wall clock's seconds and a hash keyed by the random source).
+//! `headers` is not a misbehaviour: it keeps the names of every header it
+//! sees, in `names`, for the tests of hostile header names.
 
 use std::hint::black_box;
 
@@ -23,6 +26,7 @@ pub struct Params {
 pub struct State {
     pub count: u64,
     pub blob: Vec<u8>,
+    pub names: Vec<String>,
 }
 
 #[allow(unconditional_recursion)]
@@ -38,6 +42,14 @@ impl Aggregation for Hostile {
 
     fn aggregate(state: &mut State, record: &Record<'_>, params: &Params) -> Result<()> {
         state.count += 1;
+        if params.mode == "headers" {
+            for (name, _) in record.headers().iter() {
+                if !state.names.iter().any(|n| n == name) {
+                    state.names.push(name.to_owned());
+                }
+            }
+            return Ok(());
+        }
         if record.value() != Some(b"bad".as_slice()) {
             return Ok(());
         }
@@ -77,6 +89,16 @@ impl Aggregation for Hostile {
                 }
             }
             "huge-state" => state.blob = vec![7; 4 << 20],
+            "sleep" => std::thread::sleep(std::time::Duration::from_secs(10)),
+            "clock" => {
+                let wall = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or_default();
+                let random = std::collections::hash_map::RandomState::new();
+                let hashed = std::hash::BuildHasher::hash_one(&random, 42u64);
+                state.blob = format!("{wall} {hashed}").into_bytes();
+            }
             other => bail!("unknown mode {other}"),
         }
         Ok(())

@@ -10,12 +10,18 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use rdkafka::client::ClientContext;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::config::{
+    ClientConfig, FromClientConfig, FromClientConfigAndContext, RDKafkaLogLevel,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::ProducerContext;
 
 use crate::ops::status::Status;
+
+mod headers;
+
+pub use headers::read_headers;
 
 /// What every client of the source brokers is built from: the brokers and
 /// the librdkafka properties the user configured for it (resolved from
@@ -52,6 +58,56 @@ impl ClientProperties {
         client.set_log_level(RDKafkaLogLevel::Warning);
         client
     }
+}
+
+/// A client that could not be created; the message names the property at
+/// fault but never shows a configured value: `[source.kafka]` and
+/// `[dead_letter.kafka]` may hold credentials, and librdkafka quotes the
+/// value it rejects (`Invalid value "..." for configuration property ...`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ClientError(String);
+
+/// Creates a librdkafka client (consumer, producer, admin) from `config`.
+pub fn create_client<T: FromClientConfig>(config: &ClientConfig) -> Result<T, ClientError> {
+    T::from_config(config).map_err(|error| ClientError(redact(config, &error)))
+}
+
+/// [`create_client`] with a context.
+pub fn create_client_with_context<T, C>(config: &ClientConfig, context: C) -> Result<T, ClientError>
+where
+    C: ClientContext,
+    T: FromClientConfigAndContext<C>,
+{
+    T::from_config_and_context(config, context).map_err(|error| ClientError(redact(config, &error)))
+}
+
+/// The text of `error` without any of `config`'s values in it.
+fn redact(config: &ClientConfig, error: &KafkaError) -> String {
+    let text = match error {
+        // librdkafka's description quotes the rejected value; only the
+        // property's name (also quoted) is kept.
+        KafkaError::ClientConfig(_, description, name, _) => {
+            let description: String = description
+                .split('"')
+                .enumerate()
+                .map(|(i, part)| match i % 2 {
+                    1 if part != name => "\"<redacted>\"".to_owned(),
+                    1 => format!("\"{part}\""),
+                    _ => part.to_owned(),
+                })
+                .collect();
+            format!("client property `{name}`: {description}")
+        }
+        other => other.to_string(),
+    };
+    // Whatever else quotes a value: every configured value long enough to
+    // be recognised is replaced (the brokers are not secret and help).
+    config
+        .config_map()
+        .into_iter()
+        .filter(|(name, value)| *name != "bootstrap.servers" && value.len() >= 4)
+        .fold(text, |text, (_, value)| text.replace(value, "<redacted>"))
 }
 
 /// Defaults of wagg's producers (dead letters, changelogs).
@@ -189,5 +245,35 @@ pub fn log_librdkafka(level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         }
         RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{log_message}"),
         _ => tracing::debug!(target: "librdkafka", fac, "{log_message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::producer::BaseProducer;
+
+    use super::*;
+
+    #[test]
+    fn a_rejected_property_is_named_but_its_value_is_never_shown() {
+        let secret = "hunter2-very-secret";
+        let properties = ClientProperties::new(
+            "127.0.0.1:9",
+            [
+                ("sasl.password", secret.to_owned()),
+                // Invalid: librdkafka's message quotes the value.
+                ("security.protocol", secret.to_owned()),
+            ],
+        );
+        let config = properties.client_config(&[]);
+        let error = create_client::<BaseProducer>(&config)
+            .err()
+            .expect("an invalid protocol must be refused");
+        let message = error.to_string();
+        assert!(message.contains("security.protocol"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+        // rdkafka's own message shows it: the redaction is what hides it.
+        let raw = config.create::<BaseProducer>().err().expect("refused");
+        assert!(raw.to_string().contains(secret), "{raw}");
     }
 }
