@@ -294,3 +294,66 @@ fn sleep_unless(shutdown: &AtomicBool, duration: Duration) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(key: usize, value: usize, header: usize) -> SourceRecord {
+        SourceRecord {
+            topic: "events".into(),
+            key: Some(vec![b'k'; key]),
+            value: Some(vec![b'v'; value]),
+            headers: vec![("h".to_owned(), Some(vec![b'h'; header]))],
+            ..SourceRecord::default()
+        }
+    }
+
+    fn letter_bytes(record: &SourceRecord, context: &[(&str, &str)], fit: &Fit<'_>) -> usize {
+        let own: usize = if fit.keep_headers {
+            record
+                .headers
+                .iter()
+                .map(|(n, v)| n.len() + v.as_ref().map_or(0, Vec::len))
+                .sum()
+        } else {
+            0
+        };
+        let ours: usize = context.iter().map(|(n, v)| n.len() + v.len()).sum();
+        let truncated = fit
+            .truncated_from
+            .map_or(0, |n| headers::TRUNCATED.len() + n.to_string().len());
+        record.key.as_ref().map_or(0, Vec::len)
+            + fit.value.map_or(0, <[u8]>::len)
+            + own
+            + ours
+            + truncated
+    }
+
+    #[test]
+    fn a_letter_that_fits_is_sent_whole_and_a_larger_one_is_cut_to_fit() {
+        let context = [(headers::ERROR, "boom"), (headers::SOURCE_TOPIC, "events")];
+        let max = 100_000;
+        let small = record(10, 1_000, 10);
+        let fit = fit_letter(&small, &context, max);
+        assert_eq!(fit.value.map(<[u8]>::len), Some(1_000));
+        assert!(fit.keep_headers && fit.truncated_from.is_none());
+
+        let big = record(10, 5_000_000, 10);
+        let fit = fit_letter(&big, &context, max);
+        assert_eq!(fit.truncated_from, Some(5_000_000));
+        assert!(fit.keep_headers);
+        assert!(letter_bytes(&big, &context, &fit) + FRAMING_BYTES <= max);
+        assert!(
+            fit.value.map_or(0, <[u8]>::len) > max / 2,
+            "cut no more than needed"
+        );
+
+        // Headers alone over the limit: they go too.
+        let noisy = record(10, 1_000, 200_000);
+        let fit = fit_letter(&noisy, &context, max);
+        assert!(!fit.keep_headers);
+        assert_eq!(fit.value.map(<[u8]>::len), Some(1_000));
+        assert!(letter_bytes(&noisy, &context, &fit) + FRAMING_BYTES <= max);
+    }
+}

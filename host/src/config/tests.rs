@@ -430,3 +430,46 @@ fn field_paths(config: &Config) -> BTreeMap<String, String> {
     walk("", &value, &mut out);
     out
 }
+
+/// A config with `kafka` under `[source.kafka]` and `extra` at the end.
+fn with_source_kafka(kafka: &str, extra: &str) -> String {
+    format!(
+        "[source]\nbrokers = \"b:1\"\ntopics = [\"t\"]\n\n[source.kafka]\n{kafka}\n\n[[aggregation]]\nname = \"a\"\nplugin = \"count.wasm\"\n{extra}"
+    )
+}
+
+#[test]
+fn a_changelog_record_must_fit_the_producers_message_limit() {
+    let cluster = "\n[cluster]\nadvertised_http = \"http://127.0.0.1:8080\"\n";
+    // Defaults: the changelog producer is configured to take a full state.
+    let config = parse(&with_source_kafka("", cluster)).expect("defaults fit");
+    assert_eq!(
+        config.changelog_record_max_bytes(),
+        config.plugins.max_state_bytes + validate::CHANGELOG_KEY_ALLOWANCE
+    );
+    let message = error(&with_source_kafka(
+        "\"message.max.bytes\" = 1000000",
+        cluster,
+    ));
+    assert!(message.contains("message.max.bytes"), "{message}");
+    assert!(message.contains("plugins.max_state_bytes"), "{message}");
+    // Without a cluster there is no changelog to fit.
+    parse(&with_source_kafka("\"message.max.bytes\" = 1000000", "")).expect("single instance");
+}
+
+#[test]
+fn cooperative_rebalancing_is_refused_until_supported() {
+    for (name, value) in [
+        ("partition.assignment.strategy", "cooperative-sticky"),
+        ("group.protocol", "consumer"),
+    ] {
+        let message = error(&with_source_kafka(&format!("\"{name}\" = \"{value}\""), ""));
+        assert!(message.contains(name), "{message}");
+        assert!(message.contains("not support"), "{message}");
+    }
+    parse(&with_source_kafka(
+        "\"partition.assignment.strategy\" = \"roundrobin\"",
+        "",
+    ))
+    .expect("eager strategies are fine");
+}

@@ -464,3 +464,73 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
         MAX_TABLES
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use wasm_encoder::{
+        Component, InstanceSection, MemorySection, MemoryType, Module, ModuleSection,
+    };
+    use wasmtime::component::Linker;
+
+    use super::*;
+
+    /// A component instantiating a core module (with `memories` memories
+    /// of 1 page) `instances` times.
+    fn component(memories: usize, instances: usize) -> Vec<u8> {
+        let mut module = Module::new();
+        let mut section = MemorySection::new();
+        for _ in 0..memories {
+            section.memory(MemoryType {
+                minimum: 1,
+                maximum: None,
+                memory64: false,
+                shared: false,
+                page_size_log2: None,
+            });
+        }
+        module.section(&section);
+        let mut component = Component::new();
+        component.section(&ModuleSection(&module));
+        let mut instantiations = InstanceSection::new();
+        for _ in 0..instances {
+            instantiations.instantiate(0, Vec::<(&str, wasm_encoder::ModuleArg)>::new());
+        }
+        component.section(&instantiations);
+        component.finish()
+    }
+
+    fn instantiate(bytes: &[u8], limits: &RuntimeConfig) -> wasmtime::Result<()> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config)?;
+        let component = wasmtime::component::Component::new(&engine, bytes)?;
+        let mut store = new_store(&engine, limits);
+        store.set_epoch_deadline(u64::MAX / 2);
+        Linker::<PluginCtx>::new(&engine).instantiate(&mut store, &component)?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_component_cannot_multiply_its_limits_with_many_instances_or_memories() {
+        let limits = RuntimeConfig::default();
+        instantiate(&component(1, 4), &limits).expect("a small component is fine");
+        let error =
+            instantiate(&component(0, MAX_INSTANCES + 1), &limits).expect_err("too many instances");
+        assert!(format!("{error:#}").contains("instance"), "{error:#}");
+        let error =
+            instantiate(&component(MAX_MEMORIES + 1, 1), &limits).expect_err("too many memories");
+        assert!(format!("{error:#}").contains("memor"), "{error:#}");
+    }
+
+    #[test]
+    fn the_memory_cap_holds_for_all_memories_together() {
+        // Each memory alone is under the cap; together they are over it.
+        let limits = RuntimeConfig {
+            memory_limit_bytes: 3 << 16,
+            ..RuntimeConfig::default()
+        };
+        instantiate(&component(3, 1), &limits).expect("three pages fit");
+        let error = instantiate(&component(4, 1), &limits).expect_err("four do not");
+        assert!(format!("{error:#}").contains("memory"), "{error:#}");
+    }
+}
