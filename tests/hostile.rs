@@ -200,3 +200,55 @@ fn a_dead_internal_thread_stops_the_process_with_an_error() {
         let _ = std::fs::remove_dir_all(&wagg.dir);
     }
 }
+
+#[test]
+fn a_stored_offset_the_broker_no_longer_has_stops_consumption_instead_of_skipping() {
+    let broker = Broker::start();
+    broker.create_topic("events", 2);
+    let data = events(0..600);
+    broker.produce("events", &data);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = config(&broker, port, &count_and_stats_toml()).replace(
+        "topics = [\"events\"]",
+        "topics = [\"events\"]\nstart_from = \"latest\"",
+    );
+    let old_address = broker.address.clone();
+    // `latest` applies to partitions with no stored offset: a first start
+    // reads nothing, so the records come after it.
+    let mut wagg = Wagg::start(dir.path(), &config, port);
+    std::thread::sleep(Duration::from_secs(5));
+    let mut more = events(600..1200);
+    broker.produce("events", &more);
+    wagg.wait_for(&count_and_stats_applied(600), CATCH_UP);
+    let before = wagg.all_states("count");
+    assert!(wagg.terminate().success(), "log:\n{}", wagg.log());
+
+    // The topic is re-created (here: on a new broker, as after a cluster
+    // migration) with fewer records than the stored offsets.
+    drop(broker);
+    let broker = Broker::start();
+    broker.create_topic("events", 2);
+    more.truncate(100);
+    broker.produce("events", &more);
+    let config = config.replace(&old_address, &broker.address);
+
+    let wagg = Wagg::start(dir.path(), &config, port);
+    let started = std::time::Instant::now();
+    let reason = loop {
+        let (status, health) = wagg.get("/healthz");
+        if status == 503 {
+            break health["reason"].as_str().unwrap_or_default().to_owned();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no failure reported; log:\n{}",
+            wagg.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(reason.contains("stored next offset"), "{reason}");
+    assert!(reason.contains("events/"), "{reason}");
+    // Nothing was skipped or applied twice: the states are as they were.
+    assert_eq!(wagg.all_states("count"), before);
+}

@@ -73,6 +73,8 @@ pub enum PipelineError {
     DeadLetter(#[from] DeadLetterError),
     #[error("the Kafka source thread stopped unexpectedly")]
     SourceGone,
+    #[error("{0}")]
+    Source(String),
 }
 
 pub struct Pipeline {
@@ -144,6 +146,7 @@ impl Pipeline {
                     }
                 }
                 Ok(SourceEvent::Assigned(partitions)) => self.assigned(partitions)?,
+                Ok(SourceEvent::Failed(reason)) => return Err(PipelineError::Source(reason)),
                 Ok(SourceEvent::Revoked { partitions, done }) => {
                     // What was applied from these partitions is written
                     // before their next owner reads the stored offsets.

@@ -21,7 +21,7 @@ use anyhow::Context;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
@@ -48,6 +48,9 @@ pub enum SourceEvent {
         partitions: Vec<(String, i32)>,
         done: mpsc::Sender<()>,
     },
+    /// Consumption cannot go on without skipping or re-reading stored
+    /// progress (an offset out of range); the reason, for the operator.
+    Failed(String),
 }
 
 /// Batches handed over but not yet taken by the pipeline: enough to keep
@@ -55,6 +58,8 @@ pub enum SourceEvent {
 const QUEUED_BATCHES: usize = 4;
 
 pub struct SourceContext {
+    /// Why consumption must stop, once it must (see `SourceEvent::Failed`).
+    failure: Mutex<Option<String>>,
     store: Arc<StateStore>,
     status: Arc<Status>,
     start_from: StartFrom,
@@ -148,6 +153,13 @@ impl ConsumerContext for SourceContext {
                         return;
                     }
                 };
+                if let Some(reason) = out_of_range(consumer, &partitions, &stored) {
+                    // Assigning would jump (or wait for ever, on brokers
+                    // that do not report the range): stop instead.
+                    self.status.set_fatal(reason.clone());
+                    self.fail(reason);
+                    return;
+                }
                 for (topic, partition) in &partitions {
                     let offset = match (stored.get(&(topic.clone(), *partition)), self.start_from) {
                         (Some(&next), _) => Offset::Offset(next),
@@ -212,6 +224,20 @@ impl ConsumerContext for SourceContext {
 }
 
 impl SourceContext {
+    /// Stops consumption for `reason` (the pipeline hears it next).
+    fn fail(&self, reason: String) {
+        tracing::error!(%reason, "cannot go on consuming");
+        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        failure.get_or_insert(reason);
+    }
+
+    fn take_failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
     fn take_revoked(&self) -> Vec<(String, i32)> {
         if !self.revocation_pending.load(Ordering::Acquire) {
             return Vec::new();
@@ -238,16 +264,16 @@ impl KafkaSource {
         status: Arc<Status>,
         cluster: Option<Arc<Cluster>>,
     ) -> anyhow::Result<Self> {
-        let start_from = match source.start_from {
-            StartFrom::Earliest => "earliest",
-            StartFrom::Latest => "latest",
-        };
         let client = client.client_config(&[
             ("group.id", source.group_id.as_str()),
             // Offsets live in the state store, written with the state.
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
-            ("auto.offset.reset", start_from),
+            // Every partition starts at an explicit offset (stored, or the
+            // beginning or end for a new one): a stored offset the broker
+            // no longer has must stop consumption, never silently jump
+            // (`latest` would skip records, `earliest` re-apply them).
+            ("auto.offset.reset", "error"),
             ("statistics.interval.ms", "1000"),
             ("enable.partition.eof", "false"),
             // When wagg is slower than the fetcher (catching up on a
@@ -259,6 +285,7 @@ impl KafkaSource {
         ]);
         let (events, received) = mpsc::sync_channel(QUEUED_BATCHES);
         let context = SourceContext {
+            failure: Mutex::new(None),
             store,
             status,
             start_from: source.start_from,
@@ -332,6 +359,10 @@ impl Poller {
                 crate::ops::panics::fault_point("wagg-source");
             }
             if !batch.is_empty() && context.events.send(SourceEvent::Records(batch)).is_err() {
+                break;
+            }
+            if let Some(reason) = context.take_failure() {
+                let _ = context.events.send(SourceEvent::Failed(reason));
                 break;
             }
         }
@@ -425,6 +456,19 @@ impl Poller {
                     headers,
                 })
             }
+            Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)) => {
+                let stored = self.consumer.context().store.offsets().unwrap_or_default();
+                let assignment = self.consumer.assignment().unwrap_or_default();
+                let partitions: Vec<(String, i32)> = assignment
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                let reason = out_of_range(&self.consumer, &partitions, &stored)
+                    .unwrap_or_else(|| out_of_range_reason("a partition's stored offset"));
+                self.consumer.context().fail(reason);
+                None
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "consume error");
                 self.consumer.context().status.broker_error(e.to_string());
@@ -432,6 +476,40 @@ impl Poller {
             }
         }
     }
+}
+
+/// The partitions whose stored next offset lies outside the records the
+/// broker holds, as an error for the operator (`None`: all are inside, or
+/// the broker could not say; its fetch errors are the backstop then).
+fn out_of_range(
+    consumer: &BaseConsumer<SourceContext>,
+    partitions: &[(String, i32)],
+    stored: &std::collections::BTreeMap<(String, i32), i64>,
+) -> Option<String> {
+    let mut outside = Vec::new();
+    for (topic, partition) in partitions {
+        let Some(&next) = stored.get(&(topic.clone(), *partition)) else {
+            continue;
+        };
+        match consumer.fetch_watermarks(topic, *partition, WATERMARK_TIMEOUT) {
+            Ok((low, high)) if next < low || next > high => outside.push(format!(
+                "{topic}/{partition}: stored next offset {next}, the broker holds offsets {low}..{high}"
+            )),
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(topic, partition, %error, "cannot check the stored offset against the broker");
+            }
+        }
+    }
+    (!outside.is_empty()).then(|| out_of_range_reason(&outside.join("; ")))
+}
+
+const WATERMARK_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn out_of_range_reason(which: &str) -> String {
+    format!(
+        "the broker does not have the records at the stored offsets ({which}): the topic was deleted and re-created, truncated, or its records expired. wagg never skips or re-reads stored progress on its own; to start over, stop wagg and use a new `state.dir`"
+    )
 }
 
 /// The pipeline's end of the source thread.
