@@ -523,17 +523,16 @@ fn compiled_plugins_are_cached_by_content_hash() {
         .expect("runtime")
         .load(&plugin("count"))
         .expect("load");
-    let entries: Vec<_> = std::fs::read_dir(cache.path())
+    let mut names: Vec<String> = std::fs::read_dir(cache.path())
         .expect("cache dir")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
         .collect();
-    assert_eq!(entries.len(), 1);
-    let name = entries[0]
-        .as_ref()
-        .expect("entry")
-        .file_name()
-        .into_string()
-        .expect("utf-8");
-    assert!(name.starts_with(first.content_hash()), "{name}");
+    names.sort();
+    // The compiled component and its digest.
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names[0].starts_with(first.content_hash()), "{names:?}");
+    assert!(names[0].ends_with(".cwasm"), "{names:?}");
+    assert_eq!(names[1], format!("{}.sha256", names[0]));
     // A second runtime loads from the cache and behaves the same.
     let second = PluginRuntime::new(config)
         .expect("runtime")
@@ -550,6 +549,52 @@ fn compiled_plugins_are_cached_by_content_hash() {
     )
     .expect("call");
     assert_eq!(counts(&mut instance, &states), vec![("k".into(), 2)]);
+}
+
+#[test]
+fn a_corrupted_compiled_plugin_is_compiled_again_not_loaded() {
+    let cache = tempfile::tempdir().expect("tempdir");
+    let config = RuntimeConfig {
+        cache_dir: Some(cache.path().to_owned()),
+        ..RuntimeConfig::default()
+    };
+    PluginRuntime::new(config.clone())
+        .expect("runtime")
+        .load(&plugin("count"))
+        .expect("load");
+    let entry = std::fs::read_dir(cache.path())
+        .expect("cache dir")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .expect("a cache entry");
+    let good = std::fs::read(&entry).expect("read");
+    // Machine code changed on disk (bit rot, or someone else's write): a
+    // loader trusting the file would run it.
+    let mut bad = good.clone();
+    let middle = bad.len() / 2;
+    for byte in &mut bad[middle..middle + 64] {
+        *byte ^= 0xff;
+    }
+    std::fs::write(&entry, &bad).expect("corrupt");
+    let reloaded = PluginRuntime::new(config)
+        .expect("runtime")
+        .load(&plugin("count"))
+        .expect("load");
+    let mut instance = reloaded.instantiate("{}").expect("instantiate");
+    let mut states = StateMap::default();
+    offline::apply_chunk(
+        &mut instance,
+        &mut states,
+        &records(&[("k", "1"), ("k", "2")]),
+        OnError::Fail,
+    )
+    .expect("call");
+    assert_eq!(counts(&mut instance, &states), vec![("k".into(), 2)]);
+    // The entry was compiled and written again (not loaded as it was).
+    assert!(
+        std::fs::read(&entry).expect("read") == good,
+        "the corrupted entry is still there"
+    );
 }
 
 #[test]

@@ -207,16 +207,24 @@ impl PluginRuntime {
             "{content_hash}-{:016x}.cwasm",
             engine_hash.finish()
         ));
-        if cached.exists() {
-            // SAFETY: the file was written by `Component::serialize` of this
-            // same engine configuration (its name carries the content and
-            // engine hashes) into a directory only wagg writes to; wasmtime
-            // still validates its header and version before using it.
-            match unsafe { Component::deserialize_file(&self.inner.engine, &cached) } {
-                Ok(component) => return Ok(component),
-                Err(e) => {
-                    tracing::warn!(path = %cached.display(), error = %format!("{e:#}"), "ignoring unusable compiled plugin cache entry")
+        match read_cache_entry(&cached) {
+            Ok(Some(bytes)) => {
+                // SAFETY: these bytes were written by `Component::serialize`
+                // of this same engine configuration (the name carries the
+                // content and engine hashes) into a directory only wagg
+                // writes to, and they match the digest written beside them,
+                // so a truncated or corrupted entry never reaches here;
+                // wasmtime still validates the header and version.
+                match unsafe { Component::deserialize(&self.inner.engine, &bytes) } {
+                    Ok(component) => return Ok(component),
+                    Err(e) => {
+                        tracing::warn!(path = %cached.display(), error = %format!("{e:#}"), "ignoring unusable compiled plugin cache entry")
+                    }
                 }
+            }
+            Ok(None) => {}
+            Err(reason) => {
+                tracing::warn!(path = %cached.display(), %reason, "ignoring compiled plugin cache entry; compiling again")
             }
         }
         let component = compile()?;
@@ -227,13 +235,44 @@ impl PluginRuntime {
     }
 }
 
+/// The SHA-256 of a cache entry, kept beside it (`<entry>.sha256`).
+fn digest_path(entry: &Path) -> PathBuf {
+    entry.with_extension("cwasm.sha256")
+}
+
+/// A cache entry's bytes if it exists and matches its digest; an error
+/// saying what is wrong otherwise (missing digest, mismatch).
+fn read_cache_entry(entry: &Path) -> Result<Option<Vec<u8>>, String> {
+    let bytes = match fs::read(entry) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read it: {e}")),
+    };
+    let expected = fs::read_to_string(digest_path(entry))
+        .map_err(|e| format!("cannot read its digest: {e}"))?;
+    let actual = hex::encode(Sha256::digest(&bytes));
+    if expected.trim() != actual {
+        return Err(format!(
+            "its SHA-256 is {actual}, its digest file says {}",
+            expected.trim()
+        ));
+    }
+    Ok(Some(bytes))
+}
+
 fn write_cache_entry(dir: &Path, target: &Path, component: &Component) -> anyhow::Result<()> {
     fs::create_dir_all(dir)?;
     let bytes = component
         .serialize()
         .map_err(|e| anyhow::anyhow!("{e:#}"))?;
-    // Write then rename, so a concurrent loader never sees half a file.
-    let tmp = target.with_extension(format!("tmp{}", std::process::id()));
+    // Write then rename, so a concurrent loader never sees half a file;
+    // the digest first, so an entry never exists without one.
+    let pid = std::process::id();
+    let digest = digest_path(target);
+    let tmp_digest = digest.with_extension(format!("tmp{pid}"));
+    fs::write(&tmp_digest, hex::encode(Sha256::digest(&bytes)))?;
+    fs::rename(&tmp_digest, &digest)?;
+    let tmp = target.with_extension(format!("tmp{pid}"));
     fs::write(&tmp, bytes)?;
     fs::rename(&tmp, target)?;
     Ok(())
