@@ -125,12 +125,20 @@ async fn call(
     let bytes = axum::body::to_bytes(response.into_body(), 1 << 24)
         .await
         .expect("body");
-    let body = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-        panic!(
-            "{uri}: body is not JSON ({e}): {:?}",
-            String::from_utf8_lossy(&bytes)
-        )
-    });
+    // The page and `/metrics` are not JSON: their bodies read as null.
+    let json = status.is_success() && {
+        let path = uri.split(['?', '#']).next().unwrap_or_default();
+        path != "/" && path != "/metrics"
+    };
+    let body = if json || !status.is_success() {
+        serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            let text = String::from_utf8_lossy(&bytes);
+            let start: String = text.chars().take(200).collect();
+            panic!("{uri}: body is not JSON ({e}): {start:?}")
+        })
+    } else {
+        Value::Null
+    };
     (status, body, headers)
 }
 
@@ -237,9 +245,15 @@ fn bearer_token_protects_what_its_scope_says() {
                 let (status, _, _) = call(&app, Method::GET, probe, None).await;
                 assert_eq!(status, 200, "{probe} needs no token");
             }
-            let admin = "/v1/aggregations";
             let query = "/v1/aggregations/count/keys/k1";
-            for (uri, protected) in [(admin, true), (query, scope == AuthScope::All)] {
+            let listing = "/v1/aggregations/count/keys";
+            for (uri, protected) in [
+                ("/v1/aggregations", true),
+                ("/metrics", true),
+                ("/openapi.json", true),
+                (query, scope == AuthScope::All),
+                (listing, scope == AuthScope::All),
+            ] {
                 for token in [None, Some("wrong"), Some(&TOKEN[..TOKEN.len() - 1])] {
                     let (status, body, headers) = call(&app, Method::GET, uri, token).await;
                     if protected {
@@ -255,6 +269,41 @@ fn bearer_token_protects_what_its_scope_says() {
             }
         });
     }
+}
+
+#[test]
+fn probes_tell_why_they_fail_only_to_callers_with_the_token() {
+    let fixture = fixture();
+    let rt = runtime();
+    let secret_reason = "plugin said: broker kafka-internal-7:9093 refused sasl user alice";
+    fixture.state.status.set_fatal(secret_reason.to_owned());
+    let app = router(
+        fixture.state.clone(),
+        &HttpPolicy {
+            token: Some(TOKEN.to_owned()),
+            auth_scope: AuthScope::Admin,
+            ..HttpPolicy::default()
+        },
+    );
+    rt.block_on(async {
+        let (status, body, _) = call(&app, Method::GET, "/healthz", None).await;
+        assert_eq!(status, 503);
+        assert_eq!(body["status"], "failed");
+        assert!(!body.to_string().contains("kafka-internal"), "{body}");
+        let (status, body, _) = call(&app, Method::GET, "/readyz", None).await;
+        assert_eq!(status, 503);
+        assert!(!body.to_string().contains("kafka-internal"), "{body}");
+        let (_, body, _) = call(&app, Method::GET, "/healthz", Some(TOKEN)).await;
+        assert_eq!(body["reason"], secret_reason);
+        let (_, body, _) = call(&app, Method::GET, "/readyz", Some(TOKEN)).await;
+        assert!(body.to_string().contains("kafka-internal"), "{body}");
+    });
+    // Without auth there is nobody to hide from.
+    let open = router(fixture.state.clone(), &HttpPolicy::default());
+    rt.block_on(async {
+        let (_, body, _) = call(&open, Method::GET, "/healthz", None).await;
+        assert_eq!(body["reason"], secret_reason);
+    });
 }
 
 #[test]
@@ -367,6 +416,45 @@ fn query() -> impl Strategy<Value = String> {
     )
         .prop_map(|(k, v)| format!("{k}={v}"));
     prop::collection::vec(pair, 0..4).prop_map(|pairs| pairs.join("&"))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// With `scope = "all"`, whatever the target, nothing but the probes
+    /// and the page is answered without the token.
+    #[test]
+    fn without_the_token_only_the_probes_and_the_page_answer(
+        segments in prop::collection::vec(segment(), 0..6),
+        query in query(),
+    ) {
+        static FIXTURE: std::sync::OnceLock<(Fixture, tokio::runtime::Runtime)> = std::sync::OnceLock::new();
+        let (fixture, rt) = FIXTURE.get_or_init(|| (fixture(), runtime()));
+        let app = router(
+            fixture.state.clone(),
+            &HttpPolicy {
+                token: Some(TOKEN.to_owned()),
+                auth_scope: AuthScope::All,
+                ..HttpPolicy::default()
+            },
+        );
+        let mut uri = format!("/{}", segments.join("/"));
+        if !query.is_empty() {
+            uri = format!("{uri}?{query}");
+        }
+        let Ok(parsed) = uri.parse::<axum::http::Uri>() else {
+            return Ok(());
+        };
+        let open = ["/", "/healthz", "/readyz"].contains(&parsed.path());
+        let (status, _, _) = rt.block_on(call(&app, Method::GET, &uri, None));
+        if open {
+            prop_assert_ne!(status.as_u16(), 401, "{}", uri);
+        } else {
+            // 414 comes first: a target too long is refused before auth.
+            prop_assert!(status.as_u16() == 401 || status.as_u16() == 414, "{}: {}", uri, status);
+        }
+    }
+
 }
 
 proptest! {

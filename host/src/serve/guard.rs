@@ -70,7 +70,13 @@ impl Guard {
     }
 }
 
-pub async fn guard(State(guard): State<Arc<Guard>>, request: Request, next: Next) -> Response {
+/// Whether the request may see details: it carries the token, or auth is
+/// off. The probes answer everyone, and tell only these callers why they
+/// fail (reasons can quote plugin messages and broker addresses).
+#[derive(Debug, Clone, Copy)]
+pub struct SeesDetails(pub bool);
+
+pub async fn guard(State(guard): State<Arc<Guard>>, mut request: Request, next: Next) -> Response {
     let target = request
         .uri()
         .path_and_query()
@@ -99,5 +105,7 @@ pub async fn guard(State(guard): State<Arc<Guard>>, request: Request, next: Next
         );
         return response;
     }
+    let sees_details = SeesDetails(guard.authorized(request.headers()));
+    request.extensions_mut().insert(sees_details);
     next.run(request).await
 }

@@ -3,11 +3,12 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
+use super::guard::SeesDetails;
 use super::{ApiState, openapi};
 use crate::ops::snapshot::Snapshot;
 
@@ -55,8 +56,18 @@ pub async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, Api
     (status = 200, description = "Consuming (or able to)", body = openapi::Health),
     (status = 503, description = "Consumption stopped for good", body = openapi::Health),
 ))]
-pub async fn healthz(State(state): State<Arc<ApiState>>) -> Response {
-    match state.status.fatal() {
+pub async fn healthz(
+    State(state): State<Arc<ApiState>>,
+    details: Option<Extension<SeesDetails>>,
+) -> Response {
+    let fatal = state.status.fatal().map(|reason| {
+        if sees_details(details) {
+            reason
+        } else {
+            HIDDEN.to_owned()
+        }
+    });
+    match fatal {
         None => Json(openapi::Health {
             status: "ok".into(),
             reason: None,
@@ -79,12 +90,27 @@ pub async fn healthz(State(state): State<Arc<ApiState>>) -> Response {
     (status = 200, description = "Ready", body = crate::ops::status::Readiness),
     (status = 503, description = "Not ready, with reasons", body = crate::ops::status::Readiness),
 ))]
-pub async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
-    let readiness = state.status.readiness();
+pub async fn readyz(
+    State(state): State<Arc<ApiState>>,
+    details: Option<Extension<SeesDetails>>,
+) -> Response {
+    let mut readiness = state.status.readiness();
+    if !sees_details(details) && !readiness.reasons.is_empty() {
+        readiness.reasons = vec![HIDDEN.to_owned()];
+    }
     let code = if readiness.ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(readiness)).into_response()
+}
+
+/// What a caller without the token reads instead of the reasons.
+const HIDDEN: &str = "details need the bearer token (`[http.auth]`)";
+
+/// Without the guard in front (the router always has it) nothing is known
+/// about the caller: no details.
+fn sees_details(details: Option<Extension<SeesDetails>>) -> bool {
+    details.is_some_and(|Extension(SeesDetails(sees))| sees)
 }
