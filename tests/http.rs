@@ -3,7 +3,8 @@
 //! auth, URI length and load shedding behave as documented.
 //!
 //! The router is driven in process (tower's `oneshot`) over a real RocksDB
-//! store holding states made by the real `count` plugin.
+//! store holding states made by the real `count` plugin; the connection
+//! limits through `serve::serve` on a loopback socket.
 
 mod common;
 
@@ -22,7 +23,7 @@ use wagg::config::{AuthScope, Config};
 use wagg::ops::status::Status;
 use wagg::plugin::{PluginRuntime, RuntimeConfig};
 use wagg::record::SourceRecord;
-use wagg::serve::{ApiState, HttpPolicy, QueryableAggregation, router};
+use wagg::serve::{ApiState, ConnectionLimits, HttpPolicy, QueryableAggregation, router, serve};
 use wagg::state::store::{Slot, StateStore, StoreOptions};
 use wagg::tools::author::offline::{self, StateMap};
 
@@ -303,6 +304,140 @@ fn probes_tell_why_they_fail_only_to_callers_with_the_token() {
     rt.block_on(async {
         let (_, body, _) = call(&open, Method::GET, "/healthz", None).await;
         assert_eq!(body["reason"], secret_reason);
+    });
+}
+
+/// Serves the fixture on a loopback port with `limits`; returns the
+/// address and the flag that stops it.
+async fn serve_fixture(
+    fixture: &Fixture,
+    limits: ConnectionLimits,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(serve(
+        listener,
+        router(fixture.state.clone(), &HttpPolicy::default()),
+        limits,
+        fixture.state.status.clone(),
+        stop.clone(),
+    ));
+    (address, stop)
+}
+
+/// One lookup on a fresh connection, the way a client does it; its status.
+async fn lookup_over_tcp(address: std::net::SocketAddr) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    stream
+        .write_all(
+            b"GET /v1/aggregations/count/keys/k1 HTTP/1.1\r\nHost: wagg\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .expect("send");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.expect("read");
+    let text = String::from_utf8_lossy(&answer);
+    text.split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether the server closed `stream` (a read sees the end, or a reset).
+async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[test]
+fn idle_and_slowloris_connections_do_not_stop_lookups_and_are_closed_after_the_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let fixture = fixture();
+    let rt = runtime();
+    let timeout = Duration::from_secs(1);
+    rt.block_on(async {
+        let limits = ConnectionLimits {
+            max_connections: 4096,
+            header_read_timeout: timeout,
+        };
+        let (address, stop) = serve_fixture(&fixture, limits).await;
+        let mut idle = Vec::new();
+        for _ in 0..2000 {
+            idle.push(tokio::net::TcpStream::connect(address).await.expect("connect"));
+        }
+        // A slowloris: a request head one byte at a time, never finished.
+        let mut slow = tokio::net::TcpStream::connect(address).await.expect("connect");
+        let trickle = tokio::spawn(async move {
+            let head = b"GET /v1/aggregations/count/keys/k1 HTTP/1.1\r\nHost: wagg\r\nX-Slow: ";
+            for byte in head.iter().chain(std::iter::repeat(&b'a')).take(200) {
+                if slow.write_all(&[*byte]).await.is_err() {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            false
+        });
+        // Meanwhile a normal client is served at once, every time.
+        for _ in 0..20 {
+            let started = std::time::Instant::now();
+            assert_eq!(lookup_over_tcp(address).await, 200);
+            assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+        }
+        tokio::time::sleep(timeout * 2).await;
+        let mut still_open = 0;
+        for stream in &mut idle {
+            if !closed_by_server(stream).await {
+                still_open += 1;
+            }
+            if still_open > 0 {
+                break;
+            }
+        }
+        assert_eq!(still_open, 0, "idle connections outlived the header-read timeout");
+        assert!(
+            trickle.await.expect("task"),
+            "the slowloris client was never cut off"
+        );
+        assert_eq!(lookup_over_tcp(address).await, 200);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+}
+
+#[test]
+fn past_the_connection_limit_new_connections_are_closed_at_once() {
+    let fixture = fixture();
+    let rt = runtime();
+    rt.block_on(async {
+        let limits = ConnectionLimits {
+            max_connections: 10,
+            header_read_timeout: Duration::from_secs(30),
+        };
+        let (address, stop) = serve_fixture(&fixture, limits).await;
+        let mut held = Vec::new();
+        for _ in 0..10 {
+            held.push(tokio::net::TcpStream::connect(address).await.expect("connect"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut extra = tokio::net::TcpStream::connect(address).await.expect("connect");
+        assert!(closed_by_server(&mut extra).await, "the 11th connection was kept");
+        assert!(
+            fixture.state.status.metrics().http_connections_refused.get() >= 1,
+            "refusals are counted"
+        );
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(lookup_over_tcp(address).await, 200, "served again once below the limit");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
     });
 }
 

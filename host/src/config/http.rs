@@ -66,7 +66,7 @@ pub enum AuthScope {
 }
 
 fn default_max_connections() -> usize {
-    1024
+    4096
 }
 fn default_header_read_timeout_ms() -> u64 {
     10_000

@@ -10,7 +10,9 @@
 //! - a connection that has not sent a whole request head within
 //!   `http.header_read_timeout_ms` is closed — new ones, slow ones and idle
 //!   keep-alive ones alike (hyper's HTTP/1 header-read timer);
-//! - on shutdown, connections finish the request in flight and close.
+//! - on shutdown, connections finish the request in flight and close;
+//! - HTTP/1.1 only (as every client of the API speaks it): telling HTTP/2
+//!   apart first would read from a silent connection with no timer.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,7 +46,9 @@ pub async fn serve(
     status: Arc<Status>,
     shutdown: Arc<AtomicBool>,
 ) {
-    let mut builder = Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only: detecting HTTP/2 first would wait on a silent
+    // connection with no timer at all.
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
