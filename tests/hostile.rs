@@ -252,3 +252,66 @@ fn a_stored_offset_the_broker_no_longer_has_stops_consumption_instead_of_skippin
     // Nothing was skipped or applied twice: the states are as they were.
     assert_eq!(wagg.all_states("count"), before);
 }
+
+#[test]
+fn an_instance_that_owns_nothing_says_so_on_readyz_and_rejoins() {
+    // Two instances in one group, one partition: one of them owns nothing.
+    // It must not call itself ready (a load balancer would send it queries
+    // it cannot answer), and must keep re-joining: a member that died
+    // without leaving may hold the partition (Apache Kafka expires it after
+    // `session.timeout.ms`; some brokers never do).
+    let broker = Broker::start();
+    broker.create_topic("events", 1);
+    let mut data: Vec<_> = events(0..300)
+        .into_iter()
+        .map(|(_, k, v)| (0, k, v))
+        .collect();
+    broker.produce("events", &data);
+    let session = "[source.kafka]\n\"session.timeout.ms\" = 6000\n";
+    let start = |dir: &std::path::Path| {
+        let port = free_port();
+        let config = config(
+            &broker,
+            port,
+            &format!("{session}{}", count_and_stats_toml()),
+        );
+        Wagg::start(dir, &config, port)
+    };
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let mut a = start(dir_a.path());
+    a.wait_for(&count_and_stats_applied(300), CATCH_UP);
+    let b = start(dir_b.path());
+    // Whichever owns the partition after the rebalance, the other is idle.
+    let started = std::time::Instant::now();
+    let (mut owner, idle) = loop {
+        let ready = |w: &Wagg| w.get("/readyz");
+        let ((status_a, body_a), (status_b, body_b)) = (ready(&a), ready(&b));
+        if status_b == 503 && body_b["reasons"].to_string().contains("owns none") {
+            break (a, b);
+        }
+        if status_a == 503 && body_a["reasons"].to_string().contains("owns none") {
+            break (b, a);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no idle instance reported it: {body_a} / {body_b}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    // The owner dies; the idle one ends up with the partition and reads it
+    // whole (its own store has no offsets for it yet).
+    owner.kill();
+    let more: Vec<_> = events(300..600)
+        .into_iter()
+        .map(|(_, k, v)| (0, k, v))
+        .collect();
+    broker.produce("events", &more);
+    data.extend(more);
+    idle.wait_for(&count_and_stats_applied(600), CATCH_UP);
+    assert_exact(&idle, &data);
+    let (status, readiness) = idle.get("/readyz");
+    assert_eq!(status, 200, "{readiness}; log:\n{}", idle.log());
+}

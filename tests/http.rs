@@ -373,10 +373,16 @@ fn idle_and_slowloris_connections_do_not_stop_lookups_and_are_closed_after_the_t
         let (address, stop) = serve_fixture(&fixture, limits).await;
         let mut idle = Vec::new();
         for _ in 0..2000 {
-            idle.push(tokio::net::TcpStream::connect(address).await.expect("connect"));
+            idle.push(
+                tokio::net::TcpStream::connect(address)
+                    .await
+                    .expect("connect"),
+            );
         }
         // A slowloris: a request head one byte at a time, never finished.
-        let mut slow = tokio::net::TcpStream::connect(address).await.expect("connect");
+        let mut slow = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
         let trickle = tokio::spawn(async move {
             let head = b"GET /v1/aggregations/count/keys/k1 HTTP/1.1\r\nHost: wagg\r\nX-Slow: ";
             for byte in head.iter().chain(std::iter::repeat(&b'a')).take(200) {
@@ -391,7 +397,11 @@ fn idle_and_slowloris_connections_do_not_stop_lookups_and_are_closed_after_the_t
         for _ in 0..20 {
             let started = std::time::Instant::now();
             assert_eq!(lookup_over_tcp(address).await, 200);
-            assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+            assert!(
+                started.elapsed() < Duration::from_millis(500),
+                "{:?}",
+                started.elapsed()
+            );
         }
         tokio::time::sleep(timeout * 2).await;
         let mut still_open = 0;
@@ -403,7 +413,10 @@ fn idle_and_slowloris_connections_do_not_stop_lookups_and_are_closed_after_the_t
                 break;
             }
         }
-        assert_eq!(still_open, 0, "idle connections outlived the header-read timeout");
+        assert_eq!(
+            still_open, 0,
+            "idle connections outlived the header-read timeout"
+        );
         assert!(
             trickle.await.expect("task"),
             "the slowloris client was never cut off"
@@ -425,18 +438,37 @@ fn past_the_connection_limit_new_connections_are_closed_at_once() {
         let (address, stop) = serve_fixture(&fixture, limits).await;
         let mut held = Vec::new();
         for _ in 0..10 {
-            held.push(tokio::net::TcpStream::connect(address).await.expect("connect"));
+            held.push(
+                tokio::net::TcpStream::connect(address)
+                    .await
+                    .expect("connect"),
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut extra = tokio::net::TcpStream::connect(address).await.expect("connect");
-        assert!(closed_by_server(&mut extra).await, "the 11th connection was kept");
+        let mut extra = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
         assert!(
-            fixture.state.status.metrics().http_connections_refused.get() >= 1,
+            closed_by_server(&mut extra).await,
+            "the 11th connection was kept"
+        );
+        assert!(
+            fixture
+                .state
+                .status
+                .metrics()
+                .http_connections_refused
+                .get()
+                >= 1,
             "refusals are counted"
         );
         drop(held);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(lookup_over_tcp(address).await, 200, "served again once below the limit");
+        assert_eq!(
+            lookup_over_tcp(address).await,
+            200,
+            "served again once below the limit"
+        );
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     });
 }

@@ -336,10 +336,7 @@ impl Config {
     /// The consumer group's session timeout (librdkafka's default unless
     /// `[source.kafka]` sets one).
     pub fn session_timeout(&self) -> Duration {
-        self.kafka_properties()
-            .find(|(name, _)| *name == "session.timeout.ms")
-            .and_then(|(_, value)| value.parse().ok())
-            .map_or(Duration::from_secs(45), Duration::from_millis)
+        self.source.session_timeout()
     }
 
     /// `[source.kafka]` as librdkafka properties.
@@ -348,6 +345,18 @@ impl Config {
             .kafka
             .iter()
             .filter_map(|(k, v)| kafka_value(v).map(|v| (k.as_str(), v)))
+    }
+}
+
+impl SourceConfig {
+    /// The consumer group's session timeout (librdkafka's default unless
+    /// `[source.kafka]` sets one).
+    pub fn session_timeout(&self) -> Duration {
+        self.kafka
+            .get("session.timeout.ms")
+            .and_then(kafka_value)
+            .and_then(|value| value.parse().ok())
+            .map_or(Duration::from_secs(45), Duration::from_millis)
     }
 }
 

@@ -182,6 +182,10 @@ impl ConsumerContext for SourceContext {
                     self.status.set_fatal(format!("assigning partitions: {e}"));
                     return;
                 }
+                if !partitions.is_empty() {
+                    // No longer idle (see `IdleWatch`), as of now.
+                    self.status.set_idle(None);
+                }
                 // Fails only once the pipeline is gone; nothing to tell then.
                 let _ = self.events.send(SourceEvent::Assigned(partitions));
             }
@@ -252,6 +256,7 @@ pub struct KafkaSource {
     consumer: Arc<BaseConsumer<SourceContext>>,
     topic_names: HashMap<String, Arc<str>>,
     events: Receiver<SourceEvent>,
+    session_timeout: Duration,
 }
 
 impl KafkaSource {
@@ -310,6 +315,7 @@ impl KafkaSource {
                 .map(|t| (t.clone(), Arc::<str>::from(t.as_str())))
                 .collect(),
             events: received,
+            session_timeout: source.session_timeout(),
         })
     }
 
@@ -319,12 +325,14 @@ impl KafkaSource {
             consumer,
             topic_names,
             events,
+            session_timeout,
         } = self;
         let poller = Poller {
             consumer: consumer.clone(),
             topic_names,
             max_records: batch.max_records.max(1),
             max_delay: batch.max_delay(),
+            idle: IdleWatch::new(session_timeout),
         };
         let thread = std::thread::Builder::new()
             .name("wagg-source".into())
@@ -343,15 +351,50 @@ struct Poller {
     topic_names: HashMap<String, Arc<str>>,
     max_records: usize,
     max_delay: Duration,
+    idle: IdleWatch,
+}
+
+/// Notices an instance that owns no partition of topics that have some,
+/// for longer than the group's session timeout: a member that died without
+/// leaving may still hold them (Apache Kafka expires it after the session
+/// timeout; some brokers never do). The instance then says so on `/readyz`
+/// and re-joins the group to have the partitions reassigned, at growing
+/// intervals (a member can also own nothing legitimately: more members
+/// than partitions).
+struct IdleWatch {
+    session_timeout: Duration,
+    idle_since: Option<Instant>,
+    next_rejoin: Option<Instant>,
+    backoff: Duration,
+    last_check: Instant,
+}
+
+/// The longest wait between two re-joins of an idle instance.
+const MAX_REJOIN_BACKOFF: Duration = Duration::from_secs(600);
+
+impl IdleWatch {
+    fn new(session_timeout: Duration) -> Self {
+        Self {
+            session_timeout,
+            idle_since: None,
+            next_rejoin: None,
+            backoff: session_timeout,
+            last_check: Instant::now(),
+        }
+    }
 }
 
 impl Poller {
-    fn run(self) {
-        let context = self.consumer.context();
+    fn run(mut self) {
+        let consumer = self.consumer.clone();
+        let context = consumer.context();
         while !context.stopped.load(Ordering::Acquire) {
             if let Some(cluster) = &context.cluster
                 && cluster.rejoin.swap(false, Ordering::AcqRel)
             {
+                self.rejoin();
+            }
+            if context.cluster.is_none() && self.idle_too_long() {
                 self.rejoin();
             }
             let batch = self.fill_batch(&context.stopped);
@@ -366,6 +409,63 @@ impl Poller {
                 break;
             }
         }
+    }
+
+    /// Whether this (single) instance has owned nothing for too long while
+    /// its topics have partitions, and should re-join now. Checked once a
+    /// second; keeps `/readyz` told.
+    fn idle_too_long(&mut self) -> bool {
+        let watch = &mut self.idle;
+        if watch.last_check.elapsed() < Duration::from_secs(1) {
+            return false;
+        }
+        watch.last_check = Instant::now();
+        let status = &self.consumer.context().status;
+        if status.partitions().iter().any(|p| p.assigned) {
+            if watch.idle_since.take().is_some() {
+                status.set_idle(None);
+            }
+            watch.next_rejoin = None;
+            watch.backoff = watch.session_timeout;
+            return false;
+        }
+        let since = *watch.idle_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < watch.session_timeout {
+            return false;
+        }
+        let partitions = self.source_partitions();
+        if partitions == 0 {
+            return false;
+        }
+        let watch = &mut self.idle;
+        status.set_idle(Some(format!(
+            "owns none of the {partitions} partitions of its topics for {}s (longer than the group's session timeout); re-joining the group",
+            since.elapsed().as_secs()
+        )));
+        let now = Instant::now();
+        if watch.next_rejoin.is_some_and(|at| now < at) {
+            return false;
+        }
+        tracing::warn!(
+            partitions,
+            "this instance has owned no partitions for longer than the session timeout (a member that died may still hold them); re-joining the group"
+        );
+        watch.next_rejoin = Some(now + watch.backoff);
+        watch.backoff = (watch.backoff * 2).min(MAX_REJOIN_BACKOFF);
+        true
+    }
+
+    /// How many partitions the source topics have (0 if unknown).
+    fn source_partitions(&self) -> usize {
+        let Ok(metadata) = self.consumer.fetch_metadata(None, Duration::from_secs(5)) else {
+            return 0;
+        };
+        metadata
+            .topics()
+            .iter()
+            .filter(|t| self.topic_names.contains_key(t.name()))
+            .map(|t| t.partitions().len())
+            .sum()
     }
 
     /// Leaves the group and joins it again (see `cluster::membership`).

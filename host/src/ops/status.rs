@@ -20,6 +20,9 @@ struct Inner {
     consumer_running: bool,
     fatal: Option<String>,
     broker_error: Option<(String, Instant)>,
+    /// Why this instance consumes nothing although it should (it owns no
+    /// partition of topics that have some).
+    idle: Option<String>,
     aggregations: BTreeMap<String, AggregationCounters>,
     partitions: BTreeMap<(String, i32), PartitionProgress>,
 }
@@ -80,6 +83,12 @@ impl Status {
         let mut inner = self.write();
         inner.fatal = Some(message);
         inner.consumer_running = false;
+    }
+
+    /// Sets (or clears) why this instance consumes nothing; it shows on
+    /// `/readyz` as a reason not to be ready.
+    pub fn set_idle(&self, reason: Option<String>) {
+        self.write().idle = reason;
     }
 
     pub fn fatal(&self) -> Option<String> {
@@ -160,6 +169,9 @@ impl Status {
             && at.elapsed() < BROKER_ERROR_WINDOW
         {
             reasons.push(format!("broker unreachable: {message}"));
+        }
+        if let Some(idle) = &inner.idle {
+            reasons.push(idle.clone());
         }
         Readiness {
             ready: reasons.is_empty(),
