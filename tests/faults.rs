@@ -293,6 +293,7 @@ fn poison_records_go_to_the_dead_letter_topic_and_the_rest_is_applied_once() {
 fn on_error_fail_stops_before_the_bad_record_and_says_where() {
     let broker = Broker::start();
     broker.create_topic("events", 1);
+    broker.create_topic("dead-letters", 1);
     // One partition: records 0..500 are good, 500 is bad, then 500 more.
     let data: Vec<(i32, String, String)> = events(1001, 10, |i| i == 500)
         .into_iter()
@@ -301,11 +302,24 @@ fn on_error_fail_stops_before_the_bad_record_and_says_where() {
     broker.produce("events", &data);
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
+    // `stats` stops on the bad record; `count` accepts it; `stats_dl` sends
+    // it to the dead-letter topic before the stop. Whatever each did with
+    // the failing batch, none of it may be written.
     let aggregations = format!(
-        "[[aggregation]]\nname = \"stats\"\nplugin = {:?}\nparams = {{ field = \"/amount\" }}\non_error = \"fail\"\n",
+        "{}on_error = \"fail\"\n\n[[aggregation]]\nname = \"stats_dl\"\nplugin = {:?}\nparams = {{ field = \"/amount\" }}\non_error = \"dead-letter\"\n",
+        common::count_and_stats_toml(),
         plugin("stats")
     );
-    let wagg = Wagg::start(dir.path(), &config(&broker, port, "", &aggregations), port);
+    let wagg = Wagg::start(
+        dir.path(),
+        &config(
+            &broker,
+            port,
+            "[dead_letter]\ntopic = \"dead-letters\"\n",
+            &aggregations,
+        ),
+        port,
+    );
     let started = Instant::now();
     let reasons = loop {
         let (code, body) = wagg.get("/readyz");
@@ -316,19 +330,40 @@ fn on_error_fail_stops_before_the_bad_record_and_says_where() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(reasons.contains("events/0@500"), "{reasons}");
-    std::thread::sleep(Duration::from_millis(500));
-    let (_, listing) = wagg.get("/v1/aggregations");
-    let stats = &listing["aggregations"][0];
-    let applied = stats["records_applied"].as_u64().expect("applied");
-    assert!(
-        applied <= 500,
-        "applied {applied} records, past the bad one"
-    );
-    let next = stats["partitions"][0]["next_offset"].as_i64().unwrap_or(0);
-    assert!(next <= 500, "offset {next} moved past the bad record");
     assert!(
         wagg.log().contains("events/0@500"),
         "the log names the record"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // Where it stopped: the start of the batch holding the bad record,
+    // which is at most the bad record's offset.
+    let (_, listing) = wagg.get("/v1/aggregations");
+    let aggregations = listing["aggregations"].as_array().expect("list");
+    let next = aggregations[0]["partitions"][0]["next_offset"]
+        .as_i64()
+        .unwrap_or(0) as usize;
+    assert!(next <= 500, "offset {next} moved past the bad record");
+    // Every aggregation holds exactly the records before it: no part of the
+    // failing batch, whatever the aggregation's own policy did with it.
+    for aggregation in aggregations {
+        assert_eq!(
+            aggregation["records_applied"].as_u64(),
+            Some(next as u64),
+            "{}: records applied vs the stored offset {next}",
+            aggregation["name"]
+        );
+        assert_eq!(
+            aggregation["records_failed"].as_u64(),
+            Some(0),
+            "{aggregation}"
+        );
+    }
+    assert_exact(&wagg, &data[..next]);
+    let dl: BTreeMap<String, Value> = wagg.all_states("stats_dl");
+    assert_eq!(
+        dl,
+        wagg.all_states("stats"),
+        "stats_dl == stats before the stop"
     );
     // Still serving what it has.
     let (code, _) = wagg.get("/v1/aggregations/stats/keys?limit=1");

@@ -37,19 +37,32 @@ struct Fixture {
 /// A store with `count` states for keys `k0`..`k49` (key `kN` counted N+1
 /// times), plus one key that is not UTF-8.
 fn fixture() -> Fixture {
+    fixture_with(8 << 20)
+}
+
+/// [`fixture`] with `http.max_response_bytes` set.
+fn fixture_with(max_response_bytes: usize) -> Fixture {
+    fixture_of("count", "{}", max_response_bytes)
+}
+
+/// [`fixture`] with another plugin (with `params`) as the `count`
+/// aggregation.
+fn fixture_of(plugin_name: &str, params: &str, max_response_bytes: usize) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = Config::parse(
         &format!(
-            "[source]\nbrokers = \"b:1\"\ntopics = [\"t\"]\n[[aggregation]]\nname = \"count\"\nplugin = {:?}\n",
-            plugin("count")
+            "[source]\nbrokers = \"b:1\"\ntopics = [\"t\"]\n[[aggregation]]\nname = \"count\"\nplugin = {:?}\nparams = {params}\n",
+            plugin(plugin_name)
         ),
         "test.toml",
         Path::new("/"),
     )
     .expect("config");
     let runtime = PluginRuntime::new(RuntimeConfig::default()).expect("runtime");
-    let loaded = runtime.load(&plugin("count")).expect("plugin");
-    let mut instance = loaded.instantiate("{}").expect("instance");
+    let loaded = runtime.load(&plugin(plugin_name)).expect("plugin");
+    let mut instance = loaded
+        .instantiate(&config.aggregations[0].params_json())
+        .expect("instance");
     let mut records = Vec::new();
     for n in 0..50u8 {
         for _ in 0..=n {
@@ -92,7 +105,7 @@ fn fixture() -> Fixture {
             loaded,
         )],
         max_page: 100,
-        max_response_bytes: 8 << 20,
+        max_response_bytes,
         routing: None,
     });
     Fixture { _dir: dir, state }
@@ -470,6 +483,98 @@ fn past_the_connection_limit_new_connections_are_closed_at_once() {
             "served again once below the limit"
         );
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+}
+
+#[test]
+fn a_request_over_its_time_is_answered_408_and_its_work_stops() {
+    // Rendering one state takes a few hundred milliseconds here.
+    let fixture = fixture_of("hostile", "{ mode = \"slow-render\" }", 8 << 20);
+    let rt = runtime();
+    let app = router(
+        fixture.state.clone(),
+        &HttpPolicy {
+            request_timeout: Duration::from_millis(50),
+            ..HttpPolicy::default()
+        },
+    );
+    rt.block_on(async {
+        for uri in [
+            "/v1/aggregations/count/keys/k1",
+            "/v1/aggregations/count/keys?limit=50",
+        ] {
+            let started = std::time::Instant::now();
+            let response = app
+                .clone()
+                .oneshot(
+                    Request::builder()
+                        .uri(uri)
+                        .body(Body::empty())
+                        .expect("request"),
+                )
+                .await
+                .expect("infallible");
+            assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT, "{uri}");
+            assert!(started.elapsed() < Duration::from_millis(200), "{uri}");
+        }
+        // The listing's 50 renders (many seconds of work) stop after the
+        // one in flight when its client is answered 408.
+        let rendered = || fixture.state.status.metrics().states_rendered.get();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after_timeout = rendered();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            rendered() <= after_timeout + 1,
+            "rendering went on after the 408: {after_timeout} then {}",
+            rendered()
+        );
+    });
+}
+
+#[test]
+fn answers_are_capped_in_bytes() {
+    // Each entry of a page is about 40 bytes: 400 bytes hold about ten.
+    let fixture = fixture_with(400);
+    let rt = runtime();
+    let app = router(fixture.state.clone(), &HttpPolicy::default());
+    rt.block_on(async {
+        let (status, body, _) = call(
+            &app,
+            Method::GET,
+            "/v1/aggregations/count/keys?limit=100",
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let items = body["items"].as_array().expect("items").len();
+        assert!((1..20).contains(&items), "{items} items in 400 bytes");
+        let next = body["next"].as_str().expect("a page cut short has a next");
+        // Paging on from the cut loses nothing: every key comes once.
+        let mut seen = items;
+        let mut after = next.to_owned();
+        loop {
+            let uri = format!("/v1/aggregations/count/keys?limit=100&after={after}");
+            let (_, page, _) = call(&app, Method::GET, &uri, None).await;
+            seen += page["items"].as_array().expect("items").len();
+            match page["next"].as_str() {
+                Some(next) => after = next.to_owned(),
+                None => break,
+            }
+        }
+        assert_eq!(seen, 51, "every key (k0..k49 and the binary one) once");
+    });
+    let tiny = fixture_with(10);
+    let app = router(tiny.state.clone(), &HttpPolicy::default());
+    rt.block_on(async {
+        let (status, body, _) =
+            call(&app, Method::GET, "/v1/aggregations/count/keys/k1", None).await;
+        assert_eq!(status, 500, "{body}");
+        assert_eq!(body["error"]["code"], "state_too_large", "{body}");
+        assert!(
+            body["error"]["message"]
+                .to_string()
+                .contains("max_response_bytes")
+        );
     });
 }
 

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub http_requests: Family<HttpLabel, Counter>,
     pub http_seconds: HistogramFamily<HttpLabel>,
     pub http_connections_refused: Counter,
+    pub states_rendered: Counter,
     pub changelog_records: Counter,
     pub restored_records: Counter,
     pub forwarded_requests: Counter,
@@ -71,6 +72,7 @@ impl Default for Metrics {
             http_requests: Family::default(),
             http_seconds: Family::new_with_constructor(seconds_histogram),
             http_connections_refused: Counter::default(),
+            states_rendered: Counter::default(),
             changelog_records: Counter::default(),
             restored_records: Counter::default(),
             forwarded_requests: Counter::default(),
@@ -150,6 +152,11 @@ impl Metrics {
             "http_connections_refused",
             "Connections closed at once because `http.max_connections` were open",
             self.http_connections_refused.clone(),
+        );
+        registry.register(
+            "states_rendered",
+            "States rendered by plugins for HTTP answers",
+            self.states_rendered.clone(),
         );
         registry.register(
             "forwarded_requests",

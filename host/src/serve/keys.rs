@@ -282,7 +282,7 @@ async fn lookup(
             return Ok(None);
         };
         let rendered = aggregation
-            .render_all(&[stored], &cancelled)?
+            .render_all(&[stored], &cancelled, state.status.metrics())?
             .pop()
             .unwrap_or(Value::Null);
         let bytes = entry_bytes(&key, &rendered);

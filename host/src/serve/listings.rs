@@ -274,7 +274,7 @@ async fn local_page(
         let more = entries.len() > limit;
         entries.truncate(limit);
         let states: Vec<Vec<u8>> = entries.iter().map(|(_, s)| s.clone()).collect();
-        let rendered = aggregation.render_all(&states, &cancelled)?;
+        let rendered = aggregation.render_all(&states, &cancelled, state.status.metrics())?;
         let items = entries
             .into_iter()
             .zip(rendered)

@@ -135,6 +135,7 @@ impl QueryableAggregation {
         &self,
         states: &[Vec<u8>],
         cancelled: &AtomicBool,
+        metrics: &crate::ops::metrics::Metrics,
     ) -> Result<Vec<Value>, ApiError> {
         let pooled = self
             .renderers
@@ -153,6 +154,7 @@ impl QueryableAggregation {
             if cancelled.load(Ordering::Relaxed) {
                 break;
             }
+            metrics.states_rendered.inc();
             let json = instance
                 .render(state)
                 .map_err(|e| ApiError::internal(format!("rendering failed: {e}")))?;

@@ -3,7 +3,8 @@
 //! whose value is `"bad"` (other records are counted normally):
 //! `loop`, `alloc`, `recurse`, `panic`, `error`, `open-file`, `env`,
 //! `connect`, `huge-state`, `sleep` (10 s through WASI's clocks), `clock`
-//! (keeps the wall clock's seconds and a hash keyed by the random source).
+//! (keeps the wall clock's seconds and a hash keyed by the random source),
+//! `slow-render` (rendering takes a few hundred milliseconds).
 //! `headers` is not a misbehaviour: it keeps the names of every header it
 //! sees, in `names`, for the tests of hostile header names.
 
@@ -39,6 +40,19 @@ impl Aggregation for Hostile {
     const NAME: &'static str = "hostile";
     type State = State;
     type Params = Params;
+
+    /// `slow-render`: rendering spins for a while (a few hundred
+    /// milliseconds), for the tests of request timeouts.
+    fn render(state: &State, params: &Params) -> Result<serde_json::Value> {
+        if params.mode == "slow-render" {
+            let mut x = 0u64;
+            for i in 0..300_000_000u64 {
+                x = black_box(x.wrapping_add(i));
+            }
+            black_box(x);
+        }
+        Ok(serde_json::to_value(state)?)
+    }
 
     fn aggregate(state: &mut State, record: &Record<'_>, params: &Params) -> Result<()> {
         state.count += 1;
