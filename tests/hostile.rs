@@ -281,7 +281,7 @@ fn an_instance_that_owns_nothing_says_so_on_readyz_and_rejoins() {
         tempfile::tempdir().expect("a"),
         tempfile::tempdir().expect("b"),
     );
-    let mut a = start(dir_a.path());
+    let a = start(dir_a.path());
     a.wait_for(&count_and_stats_applied(300), CATCH_UP);
     let b = start(dir_b.path());
     // Whichever owns the partition after the rebalance, the other is idle.
