@@ -98,6 +98,9 @@ struct Letter {
     value: String,
     error: String,
     plugin: String,
+    timestamp: Option<i64>,
+    /// Every header, `wagg.*` included.
+    headers: BTreeMap<String, String>,
 }
 
 /// Reads `want` dead letters (or fails after 30 s).
@@ -147,6 +150,8 @@ fn read_dead_letters(broker: &Broker, topic: &str, want: usize) -> Vec<Letter> {
                 header("wagg.plugin"),
                 header("wagg.plugin.version")
             ),
+            timestamp: message.timestamp().to_millis(),
+            headers: headers.clone(),
         });
         assert_eq!(header("wagg.source.topic"), "events");
     }
@@ -285,6 +290,95 @@ fn poison_records_go_to_the_dead_letter_topic_and_the_rest_is_applied_once() {
             }
         }
     }
+    let (code, ready) = wagg.get("/readyz");
+    assert_eq!(code, 200, "{ready}");
+}
+
+#[test]
+fn a_dead_letter_keeps_the_records_headers_and_timestamp_and_an_oversize_one_is_cut_to_fit() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let broker = Broker::start();
+    broker.create_topic("events", 1);
+    broker.create_topic("dead-letters", 1);
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        ClientConfig::new()
+            .set("bootstrap.servers", &broker.address)
+            .set("message.max.bytes", "4000000")
+            .create()
+            .expect("producer");
+    let big = format!("not json {}", "x".repeat(1_500_000));
+    let records = [
+        ("k-small", "not json".to_owned(), 1_600_000_000_123_i64),
+        ("k-big", big.clone(), 1_600_000_000_456),
+        ("k-good", json!({ "amount": 2.5 }).to_string(), 1_600_000_000_789),
+    ];
+    for (key, value, timestamp) in &records {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "trace-id",
+                value: Some(&format!("trace-{key}")),
+            })
+            .insert(Header {
+                key: "empty",
+                value: None::<&str>,
+            });
+        producer
+            .send(
+                BaseRecord::to("events")
+                    .partition(0)
+                    .key(*key)
+                    .payload(value)
+                    .timestamp(*timestamp)
+                    .headers(headers),
+            )
+            .map_err(|(e, _)| e)
+            .expect("produce");
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let aggregations = format!(
+        "[[aggregation]]\nname = \"stats\"\nplugin = {:?}\nparams = {{ field = \"/amount\" }}\n",
+        plugin("stats")
+    );
+    let wagg = Wagg::start(
+        dir.path(),
+        &config(
+            &broker,
+            port,
+            "[dead_letter]\ntopic = \"dead-letters\"\n",
+            &aggregations,
+        ),
+        port,
+    );
+    wagg.wait_for(&[("stats".to_owned(), 1)].into(), CATCH_UP);
+    let mut letters = read_dead_letters(&broker, "dead-letters", 2);
+    letters.sort_by_key(|l| l.source_offset);
+    for (letter, (key, value, timestamp)) in letters.iter().zip(&records) {
+        assert_eq!(letter.key, *key);
+        assert_eq!(letter.timestamp, Some(*timestamp), "{key}: timestamp carried over");
+        assert_eq!(
+            letter.headers.get("trace-id").map(String::as_str),
+            Some(format!("trace-{key}").as_str()),
+            "{key}: the record's headers carried over"
+        );
+        assert!(letter.headers.contains_key("empty"), "{key}: a null header too");
+        if *key == "k-small" {
+            assert_eq!(letter.value, *value);
+            assert!(!letter.headers.contains_key("wagg.truncated"));
+        }
+    }
+    // The big one did not fit the producer's `message.max.bytes` (1 MB by
+    // default): cut, and saying so, rather than stopping consumption.
+    let cut = &letters[1];
+    assert_eq!(
+        cut.headers.get("wagg.truncated").map(String::as_str),
+        Some(big.len().to_string().as_str())
+    );
+    assert!(cut.value.len() < 1_000_000 && cut.value.len() > 500_000, "{}", cut.value.len());
+    assert!(big.starts_with(&cut.value));
     let (code, ready) = wagg.get("/readyz");
     assert_eq!(code, 200, "{ready}");
 }
