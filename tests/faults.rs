@@ -301,17 +301,20 @@ fn a_dead_letter_keeps_the_records_headers_and_timestamp_and_an_oversize_one_is_
     let broker = Broker::start();
     broker.create_topic("events", 1);
     broker.create_topic("dead-letters", 1);
-    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
-        ClientConfig::new()
-            .set("bootstrap.servers", &broker.address)
-            .set("message.max.bytes", "4000000")
-            .create()
-            .expect("producer");
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &broker.address)
+        .set("message.max.bytes", "4000000")
+        .create()
+        .expect("producer");
     let big = format!("not json {}", "x".repeat(1_500_000));
     let records = [
         ("k-small", "not json".to_owned(), 1_600_000_000_123_i64),
         ("k-big", big.clone(), 1_600_000_000_456),
-        ("k-good", json!({ "amount": 2.5 }).to_string(), 1_600_000_000_789),
+        (
+            "k-good",
+            json!({ "amount": 2.5 }).to_string(),
+            1_600_000_000_789,
+        ),
     ];
     for (key, value, timestamp) in &records {
         let headers = OwnedHeaders::new()
@@ -358,13 +361,20 @@ fn a_dead_letter_keeps_the_records_headers_and_timestamp_and_an_oversize_one_is_
     letters.sort_by_key(|l| l.source_offset);
     for (letter, (key, value, timestamp)) in letters.iter().zip(&records) {
         assert_eq!(letter.key, *key);
-        assert_eq!(letter.timestamp, Some(*timestamp), "{key}: timestamp carried over");
+        assert_eq!(
+            letter.timestamp,
+            Some(*timestamp),
+            "{key}: timestamp carried over"
+        );
         assert_eq!(
             letter.headers.get("trace-id").map(String::as_str),
             Some(format!("trace-{key}").as_str()),
             "{key}: the record's headers carried over"
         );
-        assert!(letter.headers.contains_key("empty"), "{key}: a null header too");
+        assert!(
+            letter.headers.contains_key("empty"),
+            "{key}: a null header too"
+        );
         if *key == "k-small" {
             assert_eq!(letter.value, *value);
             assert!(!letter.headers.contains_key("wagg.truncated"));
@@ -377,7 +387,11 @@ fn a_dead_letter_keeps_the_records_headers_and_timestamp_and_an_oversize_one_is_
         cut.headers.get("wagg.truncated").map(String::as_str),
         Some(big.len().to_string().as_str())
     );
-    assert!(cut.value.len() < 1_000_000 && cut.value.len() > 500_000, "{}", cut.value.len());
+    assert!(
+        cut.value.len() < 1_000_000 && cut.value.len() > 500_000,
+        "{}",
+        cut.value.len()
+    );
     assert!(big.starts_with(&cut.value));
     let (code, ready) = wagg.get("/readyz");
     assert_eq!(code, 200, "{ready}");

@@ -130,17 +130,12 @@ async fn ask_partition(
             let Some(slot) = partition_slot(state, target.topic, target.partition) else {
                 return Ok(Answer::Absent);
             };
-            let found = lookup(
-                state.clone(),
-                name.to_owned(),
-                Some(slot),
-                key.to_vec(),
-                encoding,
-            );
-            Ok(match found.await? {
-                Some(found) => Answer::Found(found.into_response()),
-                None => Answer::Absent,
-            })
+            Ok(
+                match lookup_in_slot(state, name, slot, key, encoding).await? {
+                    Some(found) => Answer::Found(found.into_response()),
+                    None => Answer::Absent,
+                },
+            )
         }
         Owner::Remote(owner) if !target.forwarded => {
             if target.redirect {
@@ -220,14 +215,7 @@ async fn from_standby(
     if let Some(copy) = routing.cluster.standby_copy(topic, partition)
         && let Some(slot) = partition_slot(state, topic, partition)
     {
-        let found = lookup(
-            state.clone(),
-            name.to_owned(),
-            Some(slot),
-            key.to_vec(),
-            encoding,
-        );
-        let found = found.await?;
+        let found = lookup_in_slot(state, name, slot, key, encoding).await?;
         state.status.metrics().standby_lookups.inc();
         let Some(found) = found else {
             return Ok(FromStandby::Absent);
@@ -259,6 +247,24 @@ async fn from_standby(
         }
     }
     Ok(FromStandby::NoCopy)
+}
+
+/// [`lookup`] in one slot, from borrowed arguments.
+async fn lookup_in_slot(
+    state: &Arc<ApiState>,
+    name: &str,
+    slot: Slot,
+    key: &[u8],
+    encoding: KeyEncoding,
+) -> Result<Option<Json<KeyState>>, ApiError> {
+    lookup(
+        state.clone(),
+        name.to_owned(),
+        Some(slot),
+        key.to_vec(),
+        encoding,
+    )
+    .await
 }
 
 /// A key's rendered state from this instance's store: in `slot`, or in
