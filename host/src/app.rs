@@ -145,6 +145,59 @@ pub fn run(
         Some(cluster) => Some(start_cluster(&config, cluster, &store, &status, &shutdown)?),
     };
     let cluster = scale_out.as_ref().map(|s| s.cluster.clone());
+    let pipeline = start_pipeline(
+        &config,
+        &store,
+        &status,
+        aggregations,
+        dead_letters,
+        cluster,
+    )?;
+
+    let (routing, cluster_threads) = match scale_out {
+        None => (None, Vec::new()),
+        Some(scale_out) => (Some(scale_out.routing), scale_out.threads),
+    };
+    let api = Arc::new(ApiState {
+        store: store.clone(),
+        status: status.clone(),
+        aggregations: queryable,
+        max_page: config.http.max_page,
+        max_response_bytes: config.http.max_response_bytes,
+        routing,
+    });
+    let (http, server, address) = serve_http(&config.http, api, &http_policy, &shutdown)?;
+    tracing::info!(%address, "serving queries");
+    on_listening(address);
+
+    let consumed = consume(
+        pipeline,
+        status,
+        &shutdown,
+        config.progress_interval.unwrap_or(PROGRESS_LOG_INTERVAL),
+    )?;
+    shutdown.store(true, Ordering::Relaxed);
+    for thread in cluster_threads {
+        let _ = thread.join();
+    }
+    http.block_on(server).context("HTTP server task")?;
+    if let Some(reason) = panics.panicked() {
+        anyhow::bail!(
+            "{reason}; restart wagg (nothing is lost: it resumes from the stored offsets)"
+        );
+    }
+    consumed.context("consumer")
+}
+
+/// The source thread and the applier (with its writer thread), joined.
+fn start_pipeline(
+    config: &Config,
+    store: &Arc<StateStore>,
+    status: &Arc<Status>,
+    aggregations: Vec<Aggregation>,
+    dead_letters: Option<DeadLetterSink>,
+    cluster: Option<Arc<Cluster>>,
+) -> anyhow::Result<Pipeline> {
     let source_client = ClientProperties::new(&config.source.brokers, config.kafka_properties());
     let source = KafkaSource::new(
         &config.source,
@@ -164,24 +217,18 @@ pub fn run(
         cluster.map(|cluster| cluster as Arc<dyn FlushPublisher>),
     )
     .context("starting the state writer thread")?;
-    let pipeline = Pipeline::new(source, applier, status.clone());
+    Ok(Pipeline::new(source, applier, status.clone()))
+}
 
-    let (routing, cluster_threads) = match scale_out {
-        None => (None, Vec::new()),
-        Some(scale_out) => (Some(scale_out.routing), scale_out.threads),
-    };
-    let api = Arc::new(ApiState {
-        store: store.clone(),
-        status: status.clone(),
-        aggregations: queryable,
-        max_page: config.http.max_page,
-        max_response_bytes: config.http.max_response_bytes,
-        routing,
-    });
-    let (http, server, address) = serve_http(&config.http, api, &http_policy, &shutdown)?;
-    tracing::info!(%address, "serving queries");
-    on_listening(address);
-
+/// Runs the pipeline on the `wagg-consumer` thread (with progress reports)
+/// until it stops; after a failure, keeps the process (and so the queries
+/// and the failure on `/readyz`) up until `shutdown`.
+fn consume(
+    pipeline: Pipeline,
+    status: Arc<Status>,
+    shutdown: &Arc<AtomicBool>,
+    progress_interval: Duration,
+) -> anyhow::Result<Result<(), crate::apply::PipelineError>> {
     let consumer_shutdown = shutdown.clone();
     let consumer = std::thread::Builder::new()
         .name("wagg-consumer".into())
@@ -189,11 +236,10 @@ pub fn run(
         .context("starting the consumer thread")?;
     let progress_stop = Arc::new(AtomicBool::new(false));
     let progress = {
-        let (status, stop) = (status.clone(), progress_stop.clone());
-        let interval = config.progress_interval.unwrap_or(PROGRESS_LOG_INTERVAL);
+        let stop = progress_stop.clone();
         std::thread::Builder::new()
             .name("wagg-progress".into())
-            .spawn(move || crate::ops::progress::report(status, &stop, interval))
+            .spawn(move || crate::ops::progress::report(status, &stop, progress_interval))
             .context("starting the progress reporter")?
     };
     let consumed = consumer
@@ -209,17 +255,7 @@ pub fn run(
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    shutdown.store(true, Ordering::Relaxed);
-    for thread in cluster_threads {
-        let _ = thread.join();
-    }
-    http.block_on(server).context("HTTP server task")?;
-    if let Some(reason) = panics.panicked() {
-        anyhow::bail!(
-            "{reason}; restart wagg (nothing is lost: it resumes from the stored offsets)"
-        );
-    }
-    consumed.context("consumer")
+    Ok(consumed)
 }
 
 /// The dead-letter sink, checked to reach its topic, when configured.

@@ -141,6 +141,7 @@ fn shutdown_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(shutdown)
 }
 
+// One match arm per `wagg plugin` subcommand, each a few lines.
 fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
     match command {
         PluginCommand::Test {

@@ -122,6 +122,8 @@ plugin = {latest:?}
     Ok(Config::parse(&text, "<demo config>", Path::new("/"))?)
 }
 
+// The demo's start-up in the order it prints: cluster, generator, plugins,
+// config, `app::run`.
 pub fn run(options: DemoOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
     let plugins = crate::tools::author::build::example_plugins_dir(options.plugins_dir.as_deref())?;
 

@@ -177,6 +177,9 @@ fn applied(client: &reqwest::blocking::Client, base: &str) -> Option<u64> {
     body["aggregations"][0]["records_applied"].as_u64()
 }
 
+// Long on purpose: the benchmark's steps in the order BENCHMARKS.md
+// describes them (broker, produce, raw consumer, wagg, lookups), each a
+// few lines with its own progress message.
 pub fn run(options: &E2eOptions) -> anyhow::Result<(E2eRow, Vec<LoadResult>)> {
     let work = tempfile::tempdir().context("creating a work directory")?;
     let (_broker, brokers) = match &options.brokers {

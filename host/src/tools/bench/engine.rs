@@ -91,6 +91,7 @@ pub fn run(options: &EngineOptions) -> anyhow::Result<Vec<EngineRow>> {
     Ok(rows)
 }
 
+// One measurement from set-up to numbers; the steps share the timers.
 fn run_one(
     options: &EngineOptions,
     plugin: &Path,
