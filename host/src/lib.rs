@@ -11,6 +11,7 @@ pub mod app;
 pub mod apply;
 pub mod cluster;
 pub mod config;
+pub(crate) mod fault_injection;
 pub(crate) mod ingest;
 pub mod kafka;
 pub mod ops;

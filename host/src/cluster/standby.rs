@@ -465,7 +465,7 @@ pub fn start(
         .spawn(move || {
             let mut last_plan: Option<Instant> = None;
             while !shutdown.load(Ordering::Relaxed) {
-                crate::ops::panics::fault_point("wagg-standby");
+                crate::fault_injection::fault_point("wagg-standby");
                 if last_plan.is_none_or(|at| at.elapsed() >= PLAN_EVERY) {
                     last_plan = Some(Instant::now());
                     let current = cluster.standby_partitions();

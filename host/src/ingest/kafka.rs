@@ -399,7 +399,7 @@ impl Poller {
             }
             let batch = self.fill_batch(&context.stopped);
             if !batch.is_empty() {
-                crate::ops::panics::fault_point("wagg-source");
+                crate::fault_injection::fault_point("wagg-source");
             }
             if !batch.is_empty() && context.events.send(SourceEvent::Records(batch)).is_err() {
                 break;

@@ -8,7 +8,8 @@
 //! the reason) and asks it to shut down; `app::run` then returns the panic
 //! as its error, so the process exits non-zero and a supervisor restarts
 //! it. Nothing is lost: what was applied but not written is read again
-//! from the stored offsets.
+//! from the stored offsets. (`crate::fault_injection` makes one happen in
+//! the tests.)
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once, OnceLock};
@@ -86,18 +87,6 @@ fn install_hook() {
             watched.shutdown.store(true, Ordering::Relaxed);
         }
     }));
-}
-
-/// Failure injection for the tests: with `WAGG_FAULT_PANIC=<thread name>`
-/// in the environment, that thread panics the first time it passes here
-/// (the test that a dead thread stops the process uses it). One relaxed
-/// read of a cached value otherwise.
-pub fn fault_point(thread: &str) {
-    static TARGET: OnceLock<Option<String>> = OnceLock::new();
-    let target = TARGET.get_or_init(|| std::env::var("WAGG_FAULT_PANIC").ok());
-    if target.as_deref() == Some(thread) {
-        panic!("injected fault (WAGG_FAULT_PANIC={thread})");
-    }
 }
 
 fn is_watched_thread(name: &str) -> bool {

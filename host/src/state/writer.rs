@@ -59,7 +59,7 @@ impl StateWriter {
             .name("wagg-writer".into())
             .spawn(move || {
                 for job in incoming {
-                    crate::ops::panics::fault_point("wagg-writer");
+                    crate::fault_injection::fault_point("wagg-writer");
                     let started = std::time::Instant::now();
                     let states: usize = job.aggregations.iter().map(|a| a.states.len()).sum();
                     let result = write(&store, publisher.as_deref(), job);

@@ -1,0 +1,16 @@
+//! Failure injection for the tests, compiled in but inert: with
+//! `WAGG_FAULT_PANIC=<thread name>` in the environment, that thread panics
+//! the first time it passes a fault point (the test that a dead internal
+//! thread stops the process uses it). Otherwise a fault point is one read
+//! of a cached value. Imports nothing, so any layer may call it.
+
+use std::sync::OnceLock;
+
+/// Panics if `WAGG_FAULT_PANIC` names `thread`.
+pub fn fault_point(thread: &str) {
+    static TARGET: OnceLock<Option<String>> = OnceLock::new();
+    let target = TARGET.get_or_init(|| std::env::var("WAGG_FAULT_PANIC").ok());
+    if target.as_deref() == Some(thread) {
+        panic!("injected fault (WAGG_FAULT_PANIC={thread})");
+    }
+}
