@@ -3,5 +3,6 @@
 //! for the demo): the code path is the same either way.
 
 pub mod kafka;
+mod rebalance;
 
 pub use kafka::{KafkaSource, SourceEvent, SourceFeed};
