@@ -23,6 +23,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::SourceEvent;
 use super::rebalance::{SourceContext, out_of_range, out_of_range_reason};
 use crate::cluster::Cluster;
 use crate::config::{BatchConfig, SourceConfig};
@@ -30,25 +31,6 @@ use crate::kafka::{ClientProperties, create_client_with_context, read_headers};
 use crate::ops::status::Status;
 use crate::record::SourceRecord;
 use crate::state::store::StateStore;
-
-/// What the source thread hands to the pipeline, in order.
-#[derive(Debug)]
-pub enum SourceEvent {
-    /// Up to `batch.max_records` records in arrival order (each
-    /// partition's in offset order).
-    Records(Vec<SourceRecord>),
-    /// Partitions now owned; their records follow this event.
-    Assigned(Vec<(String, i32)>),
-    /// Partitions taken away. The consumer holds the rebalance until `done`
-    /// is dropped: by then everything applied from them must be written.
-    Revoked {
-        partitions: Vec<(String, i32)>,
-        done: mpsc::Sender<()>,
-    },
-    /// Consumption cannot go on without skipping or re-reading stored
-    /// progress (an offset out of range); the reason, for the operator.
-    Failed(String),
-}
 
 /// Batches handed over but not yet taken by the pipeline: enough to keep
 /// both threads busy, few enough to bound memory.

@@ -5,4 +5,27 @@
 pub mod kafka;
 mod rebalance;
 
-pub use kafka::{KafkaSource, SourceEvent, SourceFeed};
+use std::sync::mpsc;
+
+use crate::record::SourceRecord;
+
+pub use kafka::{KafkaSource, SourceFeed};
+
+/// What the source thread hands to the pipeline, in order.
+#[derive(Debug)]
+pub enum SourceEvent {
+    /// Up to `batch.max_records` records in arrival order (each
+    /// partition's in offset order).
+    Records(Vec<SourceRecord>),
+    /// Partitions now owned; their records follow this event.
+    Assigned(Vec<(String, i32)>),
+    /// Partitions taken away. The consumer holds the rebalance until `done`
+    /// is dropped: by then everything applied from them must be written.
+    Revoked {
+        partitions: Vec<(String, i32)>,
+        done: mpsc::Sender<()>,
+    },
+    /// Consumption cannot go on without skipping or re-reading stored
+    /// progress (an offset out of range); the reason, for the operator.
+    Failed(String),
+}

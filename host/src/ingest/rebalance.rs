@@ -19,7 +19,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::kafka::SourceEvent;
+use super::SourceEvent;
 use crate::cluster::Cluster;
 use crate::config::StartFrom;
 use crate::ops::status::Status;
