@@ -72,14 +72,20 @@ fn repeated_kill_9_loses_nothing_and_counts_nothing_twice() {
     broker.produce("events", &data[..up_front]);
     let rest = data[up_front..].to_vec();
     let per_second = (rest.len() as u64 / (kills.max(1) * 4)).max(500);
+    // Paced while the kills happen; the rest at full speed once they are
+    // over.
+    let kills_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let producer = {
         let address = broker.address.clone();
+        let kills_done = kills_done.clone();
         std::thread::spawn(move || {
             let producer = ProducerOnly::new(&address);
             let chunk = (per_second / 10).max(1) as usize;
             for part in rest.chunks(chunk) {
                 producer.produce("events", part);
-                std::thread::sleep(Duration::from_millis(100));
+                if !kills_done.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
             }
         })
     };
@@ -162,6 +168,7 @@ max_delay_ms = 20
         }
         progress.push((delay, applied.get("count").copied().unwrap_or(0), flowing));
     }
+    kills_done.store(true, std::sync::atomic::Ordering::Relaxed);
     producer.join().expect("producer thread");
     eprintln!(
         "crash test: (kill delay ms, records applied just before the kill, records flowing): {progress:?}"

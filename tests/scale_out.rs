@@ -582,3 +582,60 @@ fn standby_copies_answer_while_an_owner_is_dead_and_take_over_without_a_restore(
         "a take-over restored from the changelog although every survivor had a current copy"
     );
 }
+
+#[test]
+fn forged_commit_records_are_ignored_and_take_overs_stay_exact() {
+    use rdkafka::producer::{BaseRecord, Producer};
+    let (_serial, mut rng, mut cluster) = start("forged commits", 0);
+    cluster.add_instance();
+    let data = DataSet::new(6_000);
+    cluster.broker.produce(TOPIC, &data.records);
+    cluster.wait_exact(&data, &mut rng, Duration::from_secs(120));
+
+    // Whoever can write the commits topic writes, for every partition, a
+    // record that is not JSON, one whose epoch would wrap on the next claim,
+    // and one whose offset librdkafka would read as "the end".
+    let commits = "wagg-scale-commits";
+    let producer = cluster.broker.producer();
+    for partition in 0..PARTITIONS as i32 {
+        let key = wagg::cluster::log::commit_key(TOPIC, partition);
+        let lineage = format!(r#"{{"{}": 3}}"#, u64::MAX);
+        for value in [
+            "{not json".to_owned(),
+            format!(
+                r#"{{"epoch": {}, "seq": 3, "next_offset": 5, "lineage": {lineage}}}"#,
+                u64::MAX
+            ),
+            r#"{"epoch": 99, "seq": 1, "next_offset": -1, "lineage": {"99": 1}}"#.to_owned(),
+        ] {
+            producer
+                .send(
+                    BaseRecord::to(commits)
+                        .partition(partition)
+                        .key(&key)
+                        .payload(&value),
+                )
+                .map_err(|(e, _)| e)
+                .expect("produce a forged commit");
+        }
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+
+    // Take-overs read those records: a second instance moves partitions
+    // both ways, more records arrive, and every key stays exact.
+    cluster.add_instance();
+    let more = DataSet::new(9_000);
+    cluster
+        .broker
+        .produce(TOPIC, &more.records[data.records.len()..]);
+    cluster.wait_exact(&more, &mut rng, Duration::from_secs(180));
+    let logs: String = cluster.live().iter().map(|w| w.log()).collect();
+    assert!(
+        logs.contains("ignoring a malformed commit record"),
+        "the forged records are reported"
+    );
+    for wagg in cluster.live() {
+        let (status, health) = wagg.get("/healthz");
+        assert_eq!(status, 200, "{health}");
+    }
+}

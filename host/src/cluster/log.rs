@@ -143,9 +143,98 @@ impl Commit {
     }
 }
 
+/// The largest epoch a commit may carry. Real epochs grow by one per
+/// take-over; a record claiming more is forged or corrupt, and a claim
+/// must be able to add one without wrapping.
+pub const MAX_EPOCH: u64 = 1 << 62;
+
+/// A commit record's value, parsed and checked: whoever can write the
+/// commits topic could otherwise stop every take-over with one bad record,
+/// wrap the next epoch (`u64::MAX + 1`), or make a negative offset that
+/// librdkafka reads as a logical one (beginning, end).
+pub fn parse_commit(payload: Option<&[u8]>) -> Result<Commit, String> {
+    let payload = payload.ok_or("no value")?;
+    let commit: Commit = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+    if commit.epoch == 0 || commit.epoch > MAX_EPOCH {
+        return Err(format!("epoch {} is outside 1..={MAX_EPOCH}", commit.epoch));
+    }
+    if let Some(offset) = commit.next_offset.filter(|o| *o < 0) {
+        return Err(format!("next_offset {offset} is negative"));
+    }
+    if commit.lineage.get(&commit.epoch) != Some(&commit.seq) {
+        return Err(format!(
+            "its lineage does not end at its own flush (epoch {}, seq {})",
+            commit.epoch, commit.seq
+        ));
+    }
+    if let Some(epoch) = commit.lineage.keys().find(|e| **e > commit.epoch) {
+        return Err(format!("its lineage names a later epoch ({epoch})"));
+    }
+    if let Some((aggregation, end)) = commit.ends.iter().find(|(_, end)| **end < 0) {
+        return Err(format!(
+            "the changelog end of {aggregation:?} is negative ({end})"
+        ));
+    }
+    Ok(commit)
+}
+
 /// A decimal header value.
 pub fn parse_number_header(value: Option<&[u8]>) -> Option<u64> {
     std::str::from_utf8(value?).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod commit_validation {
+    use super::*;
+
+    fn json(commit: &Commit) -> Vec<u8> {
+        serde_json::to_vec(commit).expect("json")
+    }
+
+    #[test]
+    fn real_commits_parse_and_forged_ones_are_refused_with_the_reason() {
+        let claim = Commit::empty().claim(1);
+        let flushed = claim.next_flush(10).next_flush(20).claim(2).next_flush(30);
+        for commit in [&claim, &flushed] {
+            assert_eq!(parse_commit(Some(&json(commit))).as_ref(), Ok(commit));
+        }
+        let forged = [
+            (
+                Commit {
+                    epoch: u64::MAX,
+                    ..flushed.clone()
+                },
+                "epoch",
+            ),
+            (
+                Commit {
+                    next_offset: Some(-2),
+                    ..flushed.clone()
+                },
+                "negative",
+            ),
+            (
+                Commit {
+                    seq: 7,
+                    ..flushed.clone()
+                },
+                "lineage",
+            ),
+            (
+                Commit {
+                    epoch: 1,
+                    ..flushed.clone()
+                },
+                "lineage",
+            ),
+        ];
+        for (commit, reason) in forged {
+            let error = parse_commit(Some(&json(&commit))).expect_err("forged");
+            assert!(error.contains(reason), "{error}");
+        }
+        assert!(parse_commit(Some(b"{not json")).is_err());
+        assert!(parse_commit(None).is_err());
+    }
 }
 
 #[cfg(test)]

@@ -59,13 +59,6 @@ pub enum ClusterError {
         partition: i32,
         waited: Duration,
     },
-    #[error("{topic:?} partition {partition} offset {offset}: malformed commit record: {message}")]
-    MalformedCommit {
-        topic: String,
-        partition: i32,
-        offset: i64,
-        message: String,
-    },
     #[error(
         "a flush covers {topic:?} partition {partition}, which this instance has not taken over"
     )]

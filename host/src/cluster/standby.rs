@@ -318,11 +318,12 @@ impl Cluster {
             let Some(follow) = state.followed.get_mut(&id) else {
                 return Ok(());
             };
-            let commit: Commit = match message.payload().map(serde_json::from_slice) {
-                Some(Ok(commit)) => commit,
-                _ => {
+            let commit = match log::parse_commit(message.payload()) {
+                Ok(commit) => commit,
+                Err(reason) => {
                     tracing::warn!(
                         offset = message.offset(),
+                        %reason,
                         "ignoring a malformed commit record"
                     );
                     return Ok(());

@@ -135,7 +135,10 @@ impl Cluster {
                     ..Commit::empty()
                 },
             };
-            let mut claim = base.claim((*max_epoch).max(base.epoch) + 1);
+            // Epochs are at most `MAX_EPOCH` (checked on reading), so this
+            // cannot wrap.
+            let epoch = (*max_epoch).max(base.epoch).saturating_add(1);
+            let mut claim = base.claim(epoch);
             self.send_commit(topic, *partition, &mut claim)?;
             claims.push((topic, *partition, claim, commit.is_none()));
         }
@@ -212,17 +215,22 @@ impl Cluster {
             if !rest.is_empty() {
                 return Ok(());
             }
-            let malformed = |text: String| ClusterError::MalformedCommit {
-                topic: commits.clone(),
-                partition,
-                offset: message.offset(),
-                message: text,
+            let commit = match log::parse_commit(message.payload()) {
+                Ok(commit) => commit,
+                Err(reason) => {
+                    // Loud, but not fatal: one bad record (corrupt, or
+                    // written by whoever can write the topic) must not stop
+                    // every take-over of the partition.
+                    tracing::error!(
+                        topic = %commits,
+                        partition,
+                        offset = message.offset(),
+                        %reason,
+                        "ignoring a malformed commit record; the partition's state is chosen without it"
+                    );
+                    return Ok(());
+                }
             };
-            let payload = message
-                .payload()
-                .ok_or_else(|| malformed("no value".into()))?;
-            let commit: Commit =
-                serde_json::from_slice(payload).map_err(|e| malformed(e.to_string()))?;
             *max_epoch = (*max_epoch).max(commit.epoch);
             if newest.as_ref().is_none_or(|n| commit.epoch >= n.epoch) {
                 *newest = Some(commit);
