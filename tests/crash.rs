@@ -38,6 +38,8 @@ fn env_or(name: &str, default: u64) -> u64 {
 fn repeated_kill_9_loses_nothing_and_counts_nothing_twice() {
     let records = env_or("WAGG_CRASH_RECORDS", 60_000) as usize;
     let kills = env_or("WAGG_CRASH_KILLS", 5);
+    // Loop iterations per record in the `pace` aggregation: about 0.1 ms.
+    let spin = env_or("WAGG_CRASH_SPIN", 100_000);
     let seed = env_or(
         "WAGG_CRASH_SEED",
         std::time::SystemTime::now()
@@ -125,13 +127,22 @@ max_records = 500
 max_delay_ms = 20
 # Writes four times a second, so kills land among writes too.
 commit_interval_ms = 250
-{}"#,
+{}
+# Sets the pace (a busy loop per record), so that wagg is still working
+# through a backlog when the kills come.
+[[aggregation]]
+name = "pace"
+plugin = {:?}
+params = {{ mode = "slow", spin = {spin} }}
+"#,
             broker.address,
-            common::count_and_stats_toml()
+            common::count_and_stats_toml(),
+            common::plugin("hostile"),
         )
     };
 
-    let expected_applied = common::count_and_stats_applied(records as u64);
+    let mut expected_applied = common::count_and_stats_applied(records as u64);
+    expected_applied.insert("pace".to_owned(), records as u64);
     let consumed = |wagg: &Wagg| {
         wagg.metrics()
             .get("wagg_records_consumed_total")

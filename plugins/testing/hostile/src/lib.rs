@@ -4,7 +4,8 @@
 //! `loop`, `alloc`, `recurse`, `panic`, `error`, `open-file`, `env`,
 //! `connect`, `huge-state`, `sleep` (10 s through WASI's clocks), `clock`
 //! (keeps the wall clock's seconds and a hash keyed by the random source),
-//! `slow-render` (rendering takes a few hundred milliseconds).
+//! `slow-render` (rendering takes a few hundred milliseconds), `slow`
+//! (every record costs `spin` loop iterations; not a misbehaviour).
 //! `headers` is not a misbehaviour: it keeps the names of every header it
 //! sees, in `names`, for the tests of hostile header names.
 
@@ -21,6 +22,8 @@ pub struct Params {
     pub mode: String,
     /// For `connect`: where to try to connect.
     pub address: Option<String>,
+    /// For `slow`: busy-loop iterations per record.
+    pub spin: Option<u64>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -56,6 +59,16 @@ impl Aggregation for Hostile {
 
     fn aggregate(state: &mut State, record: &Record<'_>, params: &Params) -> Result<()> {
         state.count += 1;
+        if params.mode == "slow" {
+            // Every record costs time: a pace-setter for the crash test,
+            // so that the kills land while a backlog is being applied.
+            let mut x = 0u64;
+            for i in 0..params.spin.unwrap_or(100_000) {
+                x = black_box(x.wrapping_add(i));
+            }
+            black_box(x);
+            return Ok(());
+        }
         if params.mode == "headers" {
             for (name, _) in record.headers().iter() {
                 if !state.names.iter().any(|n| n == name) {
