@@ -2,7 +2,9 @@
 //! equal the truth computed here: nothing lost, nothing counted twice.
 //!
 //! A producer keeps records flowing during the kills (at a rate below
-//! wagg's), so the kills land while records are being applied and written,
+//! wagg's), and a pace-setting aggregation (a busy loop per record) keeps
+//! wagg working through a backlog, so the kills land while records are
+//! being applied and written,
 //! not on an idle process: the test counts the kills that did (records
 //! arrived in the 300 ms before the kill, or some the process consumed were
 //! not written yet) and needs nine in ten of them to. One kill in ten
@@ -10,7 +12,7 @@
 //!
 //! The default (60,000 records, 5 kills) runs with the suite; the long
 //! version:
-//! `WAGG_CRASH_RECORDS=500000 WAGG_CRASH_KILLS=100 cargo test --release --test crash -- --nocapture`
+//! `WAGG_CRASH_RECORDS=500000 WAGG_CRASH_KILLS=100 WAGG_CRASH_SPIN=200000 WAGG_CRASH_CATCHUP_SECS=900 cargo test --release --test crash -- --nocapture`
 //! (`WAGG_CRASH_SEED=N` replays the kill times; the seed is printed).
 
 mod common;
