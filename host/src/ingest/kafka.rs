@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::SourceEvent;
-use super::rebalance::{SourceContext, out_of_range, out_of_range_reason};
+use super::rebalance::SourceContext;
 use crate::cluster::Cluster;
 use crate::config::{BatchConfig, SourceConfig};
 use crate::kafka::{ClientProperties, create_client_with_context, read_headers};
@@ -60,10 +60,15 @@ impl KafkaSource {
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
             // Every partition starts at an explicit offset (stored, or the
-            // beginning or end for a new one): a stored offset the broker
-            // no longer has must stop consumption, never silently jump
-            // (`latest` would skip records, `earliest` re-apply them).
-            ("auto.offset.reset", "error"),
+            // beginning or end for a new one), and a stored offset the
+            // broker no longer has stops consumption at assignment
+            // (`rebalance::out_of_range`). Should a fetch still be refused
+            // as out of range (some brokers do it spuriously), going back
+            // to the earliest record is the safe reset: records below the
+            // stored offset are dropped on arrival, so nothing is applied
+            // twice, and nothing is skipped (`latest` would skip). A reset
+            // to `error` stalled the test broker for good.
+            ("auto.offset.reset", "earliest"),
             ("statistics.interval.ms", "1000"),
             ("enable.partition.eof", "false"),
             // When wagg is slower than the fetcher (catching up on a
@@ -340,19 +345,6 @@ impl Poller {
                     timestamp: message.timestamp().to_millis(),
                     headers,
                 })
-            }
-            Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)) => {
-                let stored = self.consumer.context().store.offsets().unwrap_or_default();
-                let assignment = self.consumer.assignment().unwrap_or_default();
-                let partitions: Vec<(String, i32)> = assignment
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
-                    .collect();
-                let reason = out_of_range(&self.consumer, &partitions, &stored)
-                    .unwrap_or_else(|| out_of_range_reason("a partition's stored offset"));
-                self.consumer.context().fail(reason);
-                None
             }
             Err(e) => {
                 tracing::warn!(error = %e, "consume error");

@@ -247,7 +247,7 @@ pub(super) fn out_of_range(
 
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(super) fn out_of_range_reason(which: &str) -> String {
+fn out_of_range_reason(which: &str) -> String {
     format!(
         "the broker does not have the records at the stored offsets ({which}): the topic was deleted and re-created, truncated, or its records expired. wagg never skips or re-reads stored progress on its own; to start over, stop wagg and use a new `state.dir`"
     )
