@@ -66,8 +66,8 @@ impl KafkaSource {
             // as out of range (some brokers do it spuriously), going back
             // to the earliest record is the safe reset: records below the
             // stored offset are dropped on arrival, so nothing is applied
-            // twice, and nothing is skipped (`latest` would skip). A reset
-            // to `error` stalled the test broker for good.
+            // twice, and nothing is skipped (`latest` would skip; `error`
+            // would stop consumption for good on a spurious refusal).
             ("auto.offset.reset", "earliest"),
             ("statistics.interval.ms", "1000"),
             ("enable.partition.eof", "false"),
