@@ -18,25 +18,13 @@ use serde_json::{Value, json};
 const CATCH_UP: Duration = Duration::from_secs(120);
 
 fn config(broker: &Broker, http_port: u16, extra: &str, aggregations: &str) -> String {
-    format!(
-        r#"
-[source]
-brokers = "{}"
-group_id = "wagg-faults"
-topics = ["events"]
-
-[state]
-dir = "state"
-
-[http]
-listen = "127.0.0.1:{http_port}"
-
-[batch]
-max_records = 200
-max_delay_ms = 20
-{extra}
-{aggregations}"#,
-        broker.address
+    common::single_instance_toml(
+        &broker.address,
+        "wagg-faults",
+        http_port,
+        200,
+        extra,
+        aggregations,
     )
 }
 

@@ -20,24 +20,13 @@ const CATCH_UP: Duration = Duration::from_secs(120);
 const POISON_NAME: &[u8] = b"bad-\xff\xfe-name";
 
 fn config(broker: &Broker, http_port: u16, aggregations: &str) -> String {
-    format!(
-        r#"
-[source]
-brokers = "{}"
-group_id = "wagg-hostile"
-topics = ["events"]
-
-[state]
-dir = "state"
-
-[http]
-listen = "127.0.0.1:{http_port}"
-
-[batch]
-max_records = 100
-max_delay_ms = 20
-{aggregations}"#,
-        broker.address
+    common::single_instance_toml(
+        &broker.address,
+        "wagg-hostile",
+        http_port,
+        100,
+        "",
+        aggregations,
     )
 }
 

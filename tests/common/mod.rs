@@ -73,6 +73,39 @@ pub mod broker;
 pub mod demo;
 pub mod wagg_process;
 
+/// The config most single-instance end-to-end tests run: topic `events` on
+/// `broker`, state in `state/`, the API on `http_port`, small batches;
+/// `extra` (sections) and `aggregations` are appended.
+#[allow(dead_code)]
+pub fn single_instance_toml(
+    broker: &str,
+    group_id: &str,
+    http_port: u16,
+    max_records: usize,
+    extra: &str,
+    aggregations: &str,
+) -> String {
+    format!(
+        r#"
+[source]
+brokers = "{broker}"
+group_id = "{group_id}"
+topics = ["events"]
+
+[state]
+dir = "state"
+
+[http]
+listen = "127.0.0.1:{http_port}"
+
+[batch]
+max_records = {max_records}
+max_delay_ms = 20
+{extra}
+{aggregations}"#
+    )
+}
+
 /// `[[aggregation]]` tables for `count` and `stats` (of `/amount`), as
 /// most end-to-end tests configure them.
 #[allow(dead_code)]
