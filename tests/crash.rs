@@ -5,10 +5,11 @@
 //! wagg's), and a pace-setting aggregation (a busy loop per record) keeps
 //! wagg working through a backlog, so the kills land while records are
 //! being applied and written,
-//! not on an idle process: the test counts the kills that did (records
-//! arrived in the 300 ms before the kill, or some the process consumed were
-//! not written yet) and needs nine in ten of them to. One kill in ten
-//! lands during start-up instead.
+//! not on an idle process: after a random delay, each kill waits for the
+//! next moment records are seen arriving (consumed-record counter up between
+//! two looks 10 ms apart) and kills at once, so it drops records consumed
+//! but not yet written. The test counts the kills that did and needs nine in
+//! ten of them to. One kill in ten lands during start-up instead.
 //!
 //! The default (60,000 records, 5 kills) runs with the suite; the long
 //! version:
@@ -28,6 +29,22 @@ use wagg::tools::rng::Rng;
 
 const PARTITIONS: u32 = 4;
 const KEYS: usize = 10_000;
+
+/// Waits until the process is seen consuming records (two looks 10 ms
+/// apart); false if it is not within `timeout`.
+fn wait_for_records(wagg: &Wagg, consumed: &impl Fn(&Wagg) -> f64, timeout: Duration) -> bool {
+    let started = Instant::now();
+    let mut before = consumed(wagg);
+    while started.elapsed() < timeout {
+        std::thread::sleep(Duration::from_millis(10));
+        let now = consumed(wagg);
+        if now > before {
+            return true;
+        }
+        before = now;
+    }
+    false
+}
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -155,33 +172,24 @@ params = {{ mode = "slow", spin = {spin} }}
     let mut mid_stream = 0;
     for kill in 0..kills {
         let mut wagg = Wagg::start(dir.path(), &config(kill), port);
-        let written_before = wagg.applied().get("count").copied().unwrap_or(0);
-        let delay = if kill % 10 == 9 {
+        let (delay, applied, flowing) = if kill % 10 == 9 {
             // During the group join and partition assignment.
-            rng.next_u64() % 800
+            let delay = rng.next_u64() % 800;
+            std::thread::sleep(Duration::from_millis(delay));
+            (delay, wagg.applied(), false)
         } else {
-            // Among batches and their writes: once records flow.
-            let before = consumed(&wagg);
-            let waiting = Instant::now();
-            while consumed(&wagg) == before && waiting.elapsed() < Duration::from_secs(60) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            rng.next_u64() % 400
+            // Once records flow, after a random delay, at the next moment
+            // records are seen arriving: the kill drops records that were
+            // consumed but not yet written (batches close every 20 ms,
+            // writes every 250 ms).
+            wait_for_records(&wagg, &consumed, Duration::from_secs(60));
+            let delay = rng.next_u64() % 1500;
+            std::thread::sleep(Duration::from_millis(delay));
+            let applied = wagg.applied();
+            let flowing = wait_for_records(&wagg, &consumed, Duration::from_secs(10));
+            (delay, applied, flowing)
         };
-        std::thread::sleep(Duration::from_millis(delay));
-        let before = consumed(&wagg);
-        std::thread::sleep(Duration::from_millis(300));
-        let now = consumed(&wagg);
-        let applied = wagg.applied();
         wagg.kill();
-        // Mid-stream: records arrived in the last 300 ms, or records this
-        // process consumed were not all written yet (the kill drops work).
-        let written = applied
-            .get("count")
-            .copied()
-            .unwrap_or(0)
-            .saturating_sub(written_before);
-        let flowing = now > before || now as u64 > written;
         if flowing {
             mid_stream += 1;
         }
