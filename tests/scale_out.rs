@@ -60,6 +60,10 @@ struct Cluster {
     dirs: Vec<tempfile::TempDir>,
     instances: Vec<Option<Wagg>>,
     standby_replicas: u32,
+    /// Extra lines for `[source.kafka]` and `[cluster]`.
+    source_kafka: &'static str,
+    cluster_extra: &'static str,
+    commit_interval_ms: u64,
 }
 
 impl Cluster {
@@ -71,16 +75,29 @@ impl Cluster {
             dirs: Vec::new(),
             instances: Vec::new(),
             standby_replicas: 0,
+            source_kafka: "",
+            cluster_extra: "",
+            commit_interval_ms: 2000,
         }
     }
 
     fn config(&self, port: u16) -> String {
+        self.config_in_group(port, "wagg-scale")
+    }
+
+    /// The config with another group id (the topics stay `wagg-scale-*`):
+    /// tansu never expires a member killed with SIGKILL, so a restarted
+    /// single instance joins a fresh group.
+    fn config_in_group(&self, port: u16, group: &str) -> String {
         format!(
             r#"
 [source]
 brokers = "{brokers}"
-group_id = "wagg-scale"
+group_id = "{group}"
 topics = ["{TOPIC}"]
+
+[source.kafka]
+{source_kafka}
 
 [state]
 dir = "state"
@@ -91,15 +108,20 @@ listen = "127.0.0.1:{port}"
 [batch]
 max_records = 500
 max_delay_ms = 20
-commit_interval_ms = 2000
+commit_interval_ms = {commit_interval_ms}
 
 [cluster]
 advertised_http = "http://127.0.0.1:{port}"
+topic_prefix = "wagg-scale-"
 replication_factor = 1
 standby_replicas = {standby}
+{cluster_extra}
 {aggregations}"#,
             brokers = self.broker.address,
             standby = self.standby_replicas,
+            source_kafka = self.source_kafka,
+            cluster_extra = self.cluster_extra,
+            commit_interval_ms = self.commit_interval_ms,
             aggregations = common::count_and_stats_toml()
         )
     }
@@ -598,7 +620,7 @@ fn forged_commit_records_are_ignored_and_take_overs_stay_exact() {
     let commits = "wagg-scale-commits";
     let producer = cluster.broker.producer();
     for partition in 0..PARTITIONS as i32 {
-        let key = wagg::cluster::log::commit_key(TOPIC, partition);
+        let key = wagg::cluster::log::commit_key(TOPIC, partition, 1);
         let lineage = format!(r#"{{"{}": 3}}"#, u64::MAX);
         for value in [
             "{not json".to_owned(),
@@ -638,4 +660,203 @@ fn forged_commit_records_are_ignored_and_take_overs_stay_exact() {
         let (status, health) = wagg.get("/healthz");
         assert_eq!(status, 200, "{health}");
     }
+}
+
+#[test]
+fn a_single_instance_turned_into_a_cluster_keeps_its_state_through_a_crash_mid_move() {
+    let (_serial, mut rng, mut cluster) = start("single to cluster", 0);
+    let data = DataSet::new(8_000);
+    let (first, rest) = data.records.split_at(5_000);
+    cluster.broker.produce(TOPIC, first);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let cluster_config = |group: &str| cluster.config_in_group(port, group);
+    // A single instance (no `[cluster]`) consumes the first records.
+    let single_config = cluster_config("wagg-single")
+        .split("[cluster]")
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+        + &common::count_and_stats_toml();
+    let mut single = Wagg::start(dir.path(), &single_config, port);
+    single.wait_for(
+        &common::count_and_stats_applied(first.len() as u64),
+        Duration::from_secs(60),
+    );
+    assert!(single.terminate().success());
+
+    // Turned into a cluster, it claims its partitions and crashes before
+    // their state is published (the fault point sits between the two).
+    let mut crashing = Wagg::start_with_env(
+        dir.path(),
+        &cluster_config("wagg-cluster-1"),
+        port,
+        &[("WAGG_FAULT_CRASH", "after-claim")],
+    );
+    let status = crashing.wait_exit(Duration::from_secs(90));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the injected crash happened: {status:?}; log:\n{}",
+        crashing.log()
+    );
+    assert!(crashing.log().contains("injected crash"));
+
+    // Restarted, it publishes its state; every key is exact through it,
+    // with the rest of the records.
+    let wagg = Wagg::start(dir.path(), &cluster_config("wagg-cluster-2"), port);
+    cluster.instances.push(Some(wagg));
+    cluster.broker.produce(TOPIC, rest);
+    cluster.wait_exact(&data, &mut rng, Duration::from_secs(120));
+    let log = cluster.live()[0].log();
+    assert!(
+        log.contains("did not finish; publishing it again"),
+        "the unfinished move is reported"
+    );
+}
+
+/// Commit records after a higher epoch's, per partition of the commits
+/// topic: what deposed owners wrote after the claim that deposed them.
+fn late_commits(broker: &Broker) -> BTreeMap<i32, usize> {
+    use rdkafka::Message;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.address)
+        .set("group.id", "wagg-test-late-commits")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut late = BTreeMap::new();
+    for partition in 0..PARTITIONS as i32 {
+        let (low, high) = consumer
+            .fetch_watermarks("wagg-scale-commits", partition, Duration::from_secs(10))
+            .expect("watermarks");
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        assignment
+            .add_partition_offset(
+                "wagg-scale-commits",
+                partition,
+                rdkafka::Offset::Offset(low),
+            )
+            .expect("assignment");
+        consumer.assign(&assignment).expect("assign");
+        let (mut highest, mut count, mut next) = (0u64, 0usize, low);
+        let started = Instant::now();
+        while next < high && started.elapsed() < Duration::from_secs(60) {
+            let Some(Ok(message)) = consumer.poll(Duration::from_millis(500)) else {
+                continue;
+            };
+            next = message.offset() + 1;
+            let Ok(commit) = wagg::cluster::log::parse_commit(message.payload()) else {
+                continue;
+            };
+            if commit.epoch < highest {
+                count += 1;
+            }
+            highest = highest.max(commit.epoch);
+        }
+        assert!(next >= high, "read the commits of partition {partition}");
+        late.insert(partition, count);
+    }
+    late
+}
+
+#[test]
+fn a_paused_owner_that_wakes_up_is_fenced_and_every_key_stays_exact() {
+    let (_serial, mut rng, mut cluster) = start("zombie", 0);
+    // Quick to notice the paused instance; flushing every 3 s, so that the
+    // paused instance holds records it has applied and not yet written.
+    cluster.source_kafka = "\"session.timeout.ms\" = 6000\n\"heartbeat.interval.ms\" = 1000";
+    cluster.cluster_extra = "member_timeout_ms = 3000";
+    cluster.commit_interval_ms = 3000;
+    cluster.add_instance();
+    cluster.add_instance();
+    let data = DataSet::new(16_000);
+    let (first, rest) = data.records.split_at(6_000);
+    cluster.broker.produce(TOPIC, first);
+    cluster.wait_exact(
+        &DataSet::new(first.len()),
+        &mut rng,
+        Duration::from_secs(120),
+    );
+    let producing = produce_slowly(cluster.broker.address.clone(), rest.to_vec());
+
+    // The second instance (tansu keeps a dead group leader as leader) is
+    // paused just after it consumed records (so they are not written
+    // yet); the first takes its partitions over.
+    let zombie = 1;
+    let consumed = |c: &Cluster| {
+        c.instances[zombie]
+            .as_ref()
+            .expect("zombie")
+            .metrics()
+            .get("wagg_records_consumed_total")
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let started = Instant::now();
+    let mut before = consumed(&cluster);
+    loop {
+        std::thread::sleep(Duration::from_millis(10));
+        let now = consumed(&cluster);
+        if now > before {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the instance to pause consumes nothing"
+        );
+        before = now;
+    }
+    cluster.instances[zombie]
+        .as_ref()
+        .expect("zombie")
+        .signal("STOP");
+    let paused_at = Instant::now();
+    let survivor = 0;
+    let owns_all = |c: &Cluster| {
+        let (_, body) = c.instances[survivor]
+            .as_ref()
+            .expect("survivor")
+            .get("/v1/aggregations");
+        body["aggregations"][0]["partitions"]
+            .as_array()
+            .is_some_and(|p| {
+                p.iter().filter(|p| p["assigned"] == true).count() == PARTITIONS as usize
+            })
+    };
+    cluster.wait_until(
+        "the survivor owns every partition",
+        Duration::from_secs(120),
+        owns_all,
+    );
+    eprintln!(
+        "zombie: partitions moved {:?} after the pause",
+        paused_at.elapsed()
+    );
+
+    // Woken up, it still believes it owns its partitions and writes what
+    // it holds: the fence stops it, after one late commit per partition.
+    let mut woken = cluster.instances[zombie].take().expect("zombie");
+    woken.signal("CONT");
+    let status = woken.wait_exit(Duration::from_secs(60));
+    let log = woken.log();
+    eprintln!("zombie: exit status after waking up: {status:?}");
+    assert!(
+        status.is_some_and(|s| !s.success()) && log.contains("was taken over by another instance"),
+        "the woken instance is fenced: {status:?}; log:\n{}",
+        tail(&log, 40)
+    );
+    drop(woken);
+
+    // More moves: a third instance joins, takes partitions over from the
+    // commits the zombie wrote among, and every key is exact.
+    cluster.add_instance();
+    producing.join().expect("producer");
+    cluster.wait_exact(&data, &mut rng, Duration::from_secs(180));
+    let late = late_commits(&cluster.broker);
+    eprintln!("zombie: late commits per partition: {late:?}");
+    assert!(
+        late.values().all(|&n| n <= 1),
+        "a deposed owner wrote more than one commit after the claim that deposed it: {late:?}"
+    );
 }

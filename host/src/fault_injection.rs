@@ -1,8 +1,11 @@
 //! Failure injection for the tests, compiled in but inert: with
 //! `WAGG_FAULT_PANIC=<thread name>` in the environment, that thread panics
 //! the first time it passes a fault point (the test that a dead internal
-//! thread stops the process uses it). Otherwise a fault point is one read
-//! of a cached value. Imports nothing, so any layer may call it.
+//! thread stops the process uses it); with `WAGG_FAULT_CRASH=<point>`, the
+//! process aborts at that crash point, as abruptly as `kill -9` (the tests
+//! of steps that must survive a crash between them use it). Otherwise a
+//! fault point is one read of a cached value. Imports nothing, so any layer
+//! may call it.
 
 use std::sync::OnceLock;
 
@@ -12,5 +15,16 @@ pub fn fault_point(thread: &str) {
     let target = TARGET.get_or_init(|| std::env::var("WAGG_FAULT_PANIC").ok());
     if target.as_deref() == Some(thread) {
         panic!("injected fault (WAGG_FAULT_PANIC={thread})");
+    }
+}
+
+/// Aborts the process (no destructors, no flushing) if `WAGG_FAULT_CRASH`
+/// names `point`.
+pub fn crash_point(point: &str) {
+    static TARGET: OnceLock<Option<String>> = OnceLock::new();
+    let target = TARGET.get_or_init(|| std::env::var("WAGG_FAULT_CRASH").ok());
+    if target.as_deref() == Some(point) {
+        eprintln!("injected crash (WAGG_FAULT_CRASH={point})");
+        std::process::abort();
     }
 }

@@ -248,6 +248,17 @@ impl Wagg {
         }
     }
 
+    /// Sends `signal` (`"STOP"`, `"CONT"`, …) to the running process.
+    #[allow(dead_code)]
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("running");
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill -{signal} failed");
+    }
+
     pub fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         let _ = Command::new("kill")

@@ -33,6 +33,7 @@ impl Cluster {
         store: &StateStore,
         job: &FlushJob,
     ) -> Result<Vec<PartitionCommit>, ClusterError> {
+        self.check_not_deposed()?;
         let mut commits: HashMap<(String, i32), Commit> = HashMap::new();
         {
             let owned = self.owned();
@@ -65,6 +66,7 @@ impl Cluster {
                 Err(e) => return Err(e),
             }
         }
+        self.fence(&commits)?;
         let mut owned = self.owned();
         let mut out = Vec::with_capacity(commits.len());
         for ((topic, partition), commit) in commits {
@@ -170,7 +172,7 @@ impl Cluster {
         self.send(
             &self.topics.commits(),
             partition,
-            &log::commit_key(topic, partition),
+            &log::commit_key(topic, partition, commit.epoch),
             Some(&value),
             None,
         )

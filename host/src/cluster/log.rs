@@ -48,9 +48,18 @@ pub fn decode_changelog_key(bytes: &[u8]) -> Option<(&str, i32, &[u8])> {
     Some((topic, partition, key))
 }
 
-/// The key of a source partition's commit records.
-pub fn commit_key(topic: &str, partition: i32) -> Vec<u8> {
-    changelog_key(topic, partition, &[])
+/// The key of a source partition's commit records of one epoch. The epoch
+/// is in the key so that compaction keeps the last commit of every epoch:
+/// with one key per partition, a deposed owner's late commit would be the
+/// one compaction keeps, and the newer owner's claim would be gone.
+pub fn commit_key(topic: &str, partition: i32, epoch: u64) -> Vec<u8> {
+    changelog_key(topic, partition, &epoch.to_be_bytes())
+}
+
+/// Whether the rest of a decoded key (after topic and partition) is a
+/// commit record's: an epoch, or nothing (the key of older versions).
+pub fn is_commit_key_rest(rest: &[u8]) -> bool {
+    rest.is_empty() || rest.len() == 8
 }
 
 /// What a source partition's state is: the commit record's value.
@@ -75,6 +84,12 @@ pub struct Commit {
     /// standby's copy is.
     #[serde(default)]
     pub at_ms: i64,
+    /// A first owner's claim whose state (a single instance's store from
+    /// before the cluster) is being published: until a commit of this
+    /// epoch follows, the state exists only in that store, so another
+    /// owner must not resume at `next_offset` (see `cluster::takeover`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub snapshot_pending: bool,
 }
 
 impl Commit {
@@ -112,6 +127,7 @@ impl Commit {
             lineage,
             ends: self.ends.clone(),
             at_ms: 0,
+            snapshot_pending: false,
         }
     }
 
@@ -127,6 +143,7 @@ impl Commit {
             lineage,
             ends: self.ends.clone(),
             at_ms: 0,
+            snapshot_pending: false,
         }
     }
 
@@ -139,6 +156,7 @@ impl Commit {
             lineage: BTreeMap::new(),
             ends: BTreeMap::new(),
             at_ms: 0,
+            snapshot_pending: false,
         }
     }
 }
@@ -257,8 +275,9 @@ mod tests {
 
     /// What happens to one partition: owners claim it (each from the
     /// newest commit it reads), flush (records, then maybe — unless the
-    /// owner dies in between — the commit), and deposed owners keep
-    /// flushing as zombies.
+    /// owner dies in between — the commit), deposed owners keep flushing
+    /// as zombies until they see the claim that deposed them, and the
+    /// broker compacts the commits topic.
     #[derive(Debug, Clone)]
     enum Step {
         Claim {
@@ -269,6 +288,7 @@ mod tests {
             writes: Vec<(u8, Option<u8>)>,
             dies_before_commit: bool,
         },
+        Compact,
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -284,6 +304,7 @@ mod tests {
                     writes,
                     dies_before_commit
                 }),
+            Just(Step::Compact),
         ]
     }
 
@@ -304,54 +325,204 @@ mod tests {
         state
     }
 
-    /// Runs the steps; returns the changelog and the commits log.
-    fn simulate(steps: &[Step]) -> (Vec<Record>, Vec<Commit>) {
-        let (mut changelog, mut commits) = (Vec::<Record>::new(), Vec::<Commit>::new());
-        let mut owners: [Option<Commit>; 3] = [None, None, None];
+    /// How the model's commits topic behaves and is read.
+    #[derive(Clone, Copy)]
+    struct Rules {
+        /// Owners check the commits after each flush (`cluster::fence`).
+        fenced: bool,
+        /// Commit records are keyed by epoch (`commit_key`), not only by
+        /// partition.
+        key_by_epoch: bool,
+    }
+
+    /// The commits partition as the broker keeps it: offsets stay,
+    /// compaction empties the slots of superseded records.
+    #[derive(Default)]
+    struct CommitsLog {
+        slots: Vec<Option<Commit>>,
+    }
+
+    impl CommitsLog {
+        fn compact(&mut self, rules: Rules) {
+            let key = |c: &Commit| if rules.key_by_epoch { c.epoch } else { 0 };
+            let mut last = BTreeMap::new();
+            for (offset, commit) in self.slots.iter().enumerate() {
+                if let Some(commit) = commit {
+                    last.insert(key(commit), offset);
+                }
+            }
+            for (offset, slot) in self.slots.iter_mut().enumerate() {
+                if slot.as_ref().is_some_and(|c| last[&key(c)] != offset) {
+                    *slot = None;
+                }
+            }
+        }
+
+        /// What `Cluster::scan_commits` finds among the slots from
+        /// `from`: the newest commit (highest epoch, the last of it) and
+        /// the highest epoch.
+        fn scan(&self, from: usize) -> (Option<Commit>, u64) {
+            let mut newest: Option<&Commit> = None;
+            let mut max_epoch = 0;
+            for commit in self.slots[from..].iter().flatten() {
+                max_epoch = max_epoch.max(commit.epoch);
+                if newest.is_none_or(|n| commit.epoch >= n.epoch) {
+                    newest = Some(commit);
+                }
+            }
+            (newest.cloned(), max_epoch)
+        }
+
+        /// What `Cluster::newest_commits` reads: the window, or the whole
+        /// log if the window holds no commit.
+        fn newest(&self) -> (Option<Commit>, u64) {
+            let window = super::super::takeover::COMMIT_WINDOW as usize;
+            match self.scan(self.slots.len().saturating_sub(window)) {
+                (None, _) => self.scan(0),
+                found => found,
+            }
+        }
+    }
+
+    /// What the model's run produced, and every way it went wrong.
+    struct Run {
+        changelog: Vec<Record>,
+        commits: Vec<Commit>,
+        /// A commit whose restore differs from the state its owner had
+        /// when it wrote it, or a claim whose epoch was used before.
+        violations: Vec<String>,
+    }
+
+    /// Runs the steps under `rules`.
+    fn simulate(steps: &[Step], rules: Rules) -> Run {
+        let mut run = Run {
+            changelog: Vec::new(),
+            commits: Vec::new(),
+            violations: Vec::new(),
+        };
+        let mut log = CommitsLog::default();
+        // Each owner's commit and in-memory state.
+        let mut owners: [Option<(Commit, BTreeMap<u8, u8>)>; 3] = [None, None, None];
         for step in steps {
             match step {
                 Step::Claim { owner } => {
-                    // The newest commit: the highest epoch, the last of it.
-                    let newest = commits
-                        .iter()
-                        .fold(None::<&Commit>, |n, c| match n {
-                            Some(n) if c.epoch < n.epoch => Some(n),
-                            _ => Some(c),
-                        })
-                        .cloned()
-                        .unwrap_or_else(Commit::empty);
-                    let max_epoch = commits.iter().map(|c| c.epoch).max().unwrap_or(0);
+                    let (newest, max_epoch) = log.newest();
+                    let newest = newest.unwrap_or_else(Commit::empty);
                     let claim = newest.claim(max_epoch.max(newest.epoch) + 1);
-                    commits.push(claim.clone());
-                    owners[*owner] = Some(claim);
+                    if run.commits.iter().any(|c| c.epoch >= claim.epoch) {
+                        run.violations
+                            .push(format!("epoch {} claimed again", claim.epoch));
+                    }
+                    let state = restore(&run.changelog, &newest);
+                    log.slots.push(Some(claim.clone()));
+                    run.commits.push(claim.clone());
+                    owners[*owner] = Some((claim, state));
                 }
                 Step::Flush {
                     owner,
                     writes,
                     dies_before_commit,
                 } => {
-                    let Some(current) = owners[*owner].clone() else {
+                    let Some((current, mut state)) = owners[*owner].take() else {
                         continue;
                     };
-                    let mut next = current.next_flush(changelog.len() as i64);
+                    let mut next = current.next_flush(run.changelog.len() as i64);
                     for &(key, value) in writes {
-                        changelog.push((next.epoch, next.seq, key, value));
+                        run.changelog.push((next.epoch, next.seq, key, value));
+                        match value {
+                            Some(value) => state.insert(key, value),
+                            None => state.remove(&key),
+                        };
                     }
                     if !writes.is_empty() {
-                        let end = changelog.len() as i64;
+                        let end = run.changelog.len() as i64;
                         let known = next.ends.entry("a".into()).or_insert(end);
                         *known = (*known).max(end);
                     }
                     if *dies_before_commit {
-                        owners[*owner] = None;
-                    } else {
-                        commits.push(next.clone());
-                        owners[*owner] = Some(next);
+                        continue;
+                    }
+                    if restore(&run.changelog, &next) != state {
+                        run.violations
+                            .push(format!("{next:?} does not restore its owner's state"));
+                    }
+                    log.slots.push(Some(next.clone()));
+                    run.commits.push(next.clone());
+                    let window = super::super::takeover::COMMIT_WINDOW as usize;
+                    let deposed = rules.fenced
+                        && log.scan(log.slots.len().saturating_sub(window)).1 > next.epoch;
+                    if !deposed {
+                        owners[*owner] = Some((next, state));
                     }
                 }
+                Step::Compact => log.compact(rules),
             }
         }
-        (changelog, commits)
+        run
+    }
+
+    const AS_BUILT: Rules = Rules {
+        fenced: true,
+        key_by_epoch: true,
+    };
+
+    proptest! {
+        /// Whatever the owners, zombies and compaction do, every commit
+        /// restores exactly the state its owner had, and no epoch is
+        /// claimed twice.
+        #[test]
+        fn every_commit_restores_its_owners_state_despite_zombies_and_compaction(steps in proptest::collection::vec(step(), 1..60)) {
+            let run = simulate(&steps, AS_BUILT);
+            prop_assert!(run.violations.is_empty(), "{:?}", run.violations);
+        }
+    }
+
+    /// The failure the fence and the epoch in the key prevent, step by
+    /// step: a zombie's late commits hide the claim that deposed it from
+    /// the window (or compaction removes the claim), the next owner reuses
+    /// the claim's epoch, and its lineage accepts the earlier owner's
+    /// records of that epoch.
+    #[test]
+    fn a_zombie_cannot_hide_a_claim_from_the_next_owner() {
+        let flush = |owner, key| Step::Flush {
+            owner,
+            writes: vec![(key, Some(owner as u8 + 1))],
+            dies_before_commit: false,
+        };
+        let zombie = |n| vec![flush(0, 1); n];
+        let claim = |owner| Step::Claim { owner };
+        let hidden_by_late_commits: Vec<Step> = [
+            vec![claim(0), flush(0, 0), claim(1), flush(1, 0)],
+            zombie(4),
+            vec![claim(2), flush(2, 2)],
+        ]
+        .concat();
+        let compacted_away: Vec<Step> = [
+            vec![claim(0), flush(0, 0), claim(1), flush(1, 0)],
+            zombie(1),
+            vec![Step::Compact, claim(2), flush(2, 2)],
+        ]
+        .concat();
+        for (steps, without) in [
+            (
+                &hidden_by_late_commits,
+                Rules {
+                    fenced: false,
+                    key_by_epoch: true,
+                },
+            ),
+            (
+                &compacted_away,
+                Rules {
+                    fenced: true,
+                    key_by_epoch: false,
+                },
+            ),
+        ] {
+            assert!(!simulate(steps, without).violations.is_empty(), "{steps:?}");
+            let run = simulate(steps, AS_BUILT);
+            assert!(run.violations.is_empty(), "{:?}", run.violations);
+        }
     }
 
     proptest! {
@@ -361,7 +532,7 @@ mod tests {
         /// the older one (otherwise the standby restores in full).
         #[test]
         fn following_a_changelog_between_commits_equals_a_restore(steps in proptest::collection::vec(step(), 1..40)) {
-            let (changelog, commits) = simulate(&steps);
+            let Run { changelog, commits, .. } = simulate(&steps, AS_BUILT);
             let end_of = |c: &Commit| c.ends.get("a").copied().unwrap_or(0) as usize;
             for commit in &commits {
                 // Every record a commit accepts lies below its ends.

@@ -20,6 +20,7 @@
 //! - `topics`: creating the changelog, commits and members topics.
 
 mod changelog;
+mod fence;
 pub mod log;
 pub mod membership;
 pub mod partitioner;
@@ -69,6 +70,17 @@ pub enum ClusterError {
         "stopped while the changelog was unreachable; the flush is applied again after the restart"
     )]
     Interrupted,
+    #[error(
+        "{topic:?} partition {partition} was taken over by another instance (its epoch {newer} is above this instance's {epoch}) while this instance was not heard from, e.g. paused past `session.timeout.ms`: stopping so that this instance writes nothing more for it; restart it to re-join the group"
+    )]
+    Deposed {
+        topic: String,
+        partition: i32,
+        epoch: u64,
+        newer: u64,
+    },
+    #[error("this instance was deposed by a newer owner and publishes nothing more")]
+    Fenced,
 }
 
 impl ClusterError {
@@ -159,6 +171,12 @@ pub struct Cluster {
     /// Held while a standby copy is restored from the broker, and by a
     /// take-over's hand-over: the two never write one partition at once.
     standby_restoring: Mutex<()>,
+    /// The reader of the commits topic after each flush (see `fence`),
+    /// kept between flushes; `None` until the first, or after an error.
+    fence_reader: Mutex<Option<BaseConsumer>>,
+    /// Set once a newer owner deposed this instance: no flush is published
+    /// after that (not even the one written on the way out).
+    deposed: AtomicBool,
 }
 
 impl Cluster {
@@ -206,6 +224,8 @@ impl Cluster {
             shutdown,
             standby: Mutex::default(),
             standby_restoring: Mutex::new(()),
+            fence_reader: Mutex::new(None),
+            deposed: AtomicBool::new(false),
         }))
     }
 

@@ -99,15 +99,24 @@ impl Cluster {
             "read the newest commits"
         );
         let mut to_restore = HashMap::new();
+        // Per partition, the committed state it takes (`None`: no owner
+        // before; the local store's state, if any, is published).
+        let mut bases = HashMap::new();
         for (topic, partition) in partitions {
-            let (commit, _) = &newest[&(topic.clone(), *partition)];
+            let id = (topic.clone(), *partition);
             let local = store.local_commit(topic, *partition)?;
-            match commit {
-                Some(commit) if local != Some((commit.epoch, commit.seq)) => {
-                    to_restore.insert((topic.clone(), *partition), commit.clone());
+            let base = match &newest[&id].0 {
+                Some(commit) if commit.snapshot_pending => {
+                    self.unfinished_snapshot(store, topic, *partition, local)?
                 }
-                _ => {}
+                other => other.clone(),
+            };
+            if let Some(commit) = &base
+                && local != Some(commit.position())
+            {
+                to_restore.insert(id.clone(), commit.clone());
             }
+            bases.insert(id, base);
         }
         if !to_restore.is_empty() {
             let restored = self.restore(reader, store, &to_restore)?;
@@ -127,8 +136,10 @@ impl Cluster {
         let _producing = self.producing.lock().unwrap_or_else(|p| p.into_inner());
         let mut claims = Vec::new();
         for (topic, partition) in partitions {
-            let (commit, max_epoch) = &newest[&(topic.clone(), *partition)];
-            let base = match commit {
+            let id = (topic.clone(), *partition);
+            let (_, max_epoch) = &newest[&id];
+            let base = &bases[&id];
+            let mut claim = match base {
                 Some(commit) => commit.clone(),
                 None => Commit {
                     next_offset: store.offset(topic, *partition)?,
@@ -137,21 +148,26 @@ impl Cluster {
             };
             // Epochs are at most `MAX_EPOCH` (checked on reading), so this
             // cannot wrap.
-            let epoch = (*max_epoch).max(base.epoch).saturating_add(1);
-            let mut claim = base.claim(epoch);
+            let epoch = (*max_epoch).max(claim.epoch).saturating_add(1);
+            claim = claim.claim(epoch);
+            // State from before the changelog existed (a single instance
+            // turned into a cluster) exists only here until it is
+            // published: the claim says so, so that a crash before the
+            // snapshot's commit cannot make anyone resume without it.
+            let snapshot = base.is_none() && claim.next_offset.is_some();
+            claim.snapshot_pending = snapshot;
             self.send_commit(topic, *partition, &mut claim)?;
-            claims.push((topic, *partition, claim, commit.is_none()));
+            claims.push((topic, *partition, claim, snapshot));
         }
         self.wait_acknowledged(&self.topics.commits())?;
+        crate::fault_injection::crash_point("after-claim");
         let mut batch = store.begin_write();
-        for (topic, partition, claim, first_owner) in claims {
-            let mut commit = claim.clone();
-            if first_owner && claim.next_offset.is_some() {
-                // State from before the changelog existed (a single
-                // instance turned into a cluster): publish it whole, so the
-                // next owner can restore it.
-                commit = self.publish_snapshot(store, topic, partition, &claim)?;
-            }
+        for (topic, partition, claim, snapshot) in claims {
+            let commit = if snapshot {
+                self.publish_snapshot(store, topic, partition, &claim)?
+            } else {
+                claim
+            };
             batch.set_commit(store.topic_id(topic)?, partition, commit.epoch, commit.seq);
             self.owned().insert((topic.clone(), partition), commit);
         }
@@ -163,6 +179,36 @@ impl Cluster {
             "took the partitions over"
         );
         Ok(())
+    }
+
+    /// The state to take over when the newest commit is a first owner's
+    /// claim whose snapshot was never committed (the owner stopped between
+    /// the two). The store that holds that state (its own offsets, no
+    /// commit yet) publishes it again under a new epoch (`None`); any other
+    /// instance has no way to the state and starts the partition from
+    /// nothing, from `source.start_from`, rather than resume at the claim's
+    /// offset without the state before it.
+    fn unfinished_snapshot(
+        &self,
+        store: &StateStore,
+        topic: &str,
+        partition: i32,
+        local: Option<(u64, u64)>,
+    ) -> Result<Option<Commit>, ClusterError> {
+        if local.is_none() && store.offset(topic, partition)?.is_some() {
+            tracing::warn!(
+                topic,
+                partition,
+                "the previous attempt to publish this store's state to the changelog did not finish; publishing it again"
+            );
+            return Ok(None);
+        }
+        tracing::error!(
+            topic,
+            partition,
+            "the partition's state was being published from a single instance's store that stopped before it finished, and this instance does not have that store: rebuilding the partition's state from `source.start_from` (records the topic no longer holds are not in it)"
+        );
+        Ok(Some(Commit::empty()))
     }
 
     /// Each partition's newest commit (highest epoch; the last of that
@@ -212,7 +258,7 @@ impl Cluster {
             let Some((newest, max_epoch)) = found.get_mut(&(topic.to_owned(), partition)) else {
                 return Ok(());
             };
-            if !rest.is_empty() {
+            if !log::is_commit_key_rest(rest) {
                 return Ok(());
             }
             let commit = match log::parse_commit(message.payload()) {
