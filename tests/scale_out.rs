@@ -543,12 +543,6 @@ fn standby_copies_answer_while_an_owner_is_dead_and_take_over_without_a_restore(
         .map(|(partition, _)| partition)
         .collect();
     assert!(!victims.is_empty(), "the victim owns no partition");
-    let killed_at = Instant::now();
-    cluster.instances[victim].as_mut().expect("victim").kill();
-    cluster.instances[victim] = None;
-
-    // Right away, and until the group hands the partitions out again, the
-    // survivors answer the victim's keys from their copies, exactly.
     let client = reqwest::blocking::Client::new();
     let victims_keys: Vec<(&String, &u64)> = data
         .counts
@@ -557,6 +551,72 @@ fn standby_copies_answer_while_an_owner_is_dead_and_take_over_without_a_restore(
             victims.contains(&(partition_for_key(key.as_bytes(), PARTITIONS) as i64))
         })
         .collect();
+
+    // First the victim hangs (SIGSTOP: its port accepts, nothing answers)
+    // while its announcements are still fresh: a lookup forwarded to it
+    // gives up after a quarter of the request timeout and is answered from
+    // a copy, and a listing comes back without the victim's keys, saying
+    // so, instead of the whole request timing out.
+    let victim_http = cluster.instances[victim]
+        .as_ref()
+        .expect("victim")
+        .http
+        .clone();
+    cluster.instances[victim]
+        .as_ref()
+        .expect("victim")
+        .signal("STOP");
+    let survivor = cluster.instances[0].as_ref().expect("instance 0");
+    for (key, count) in victims_keys.iter().take(3) {
+        let asked = Instant::now();
+        let response = lookup(&client, survivor, "count", key).expect("lookup");
+        let took = asked.elapsed();
+        assert_eq!(
+            response.status().as_u16(),
+            200,
+            "{key} while its owner hangs (after {took:?})"
+        );
+        assert!(
+            response.headers().contains_key("x-wagg-standby"),
+            "{key} from a copy"
+        );
+        let body: Value = response.json().expect("json");
+        assert_eq!(
+            body["state"],
+            json!({ "count": count }),
+            "{key} from a copy"
+        );
+        eprintln!(
+            "standby test: {key} answered from a copy {took:?} after it was asked, its owner hanging"
+        );
+    }
+    let listing: Value = client
+        .get(format!(
+            "{}/v1/aggregations/count/keys?limit=50",
+            survivor.http
+        ))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .and_then(|r| r.error_for_status())
+        .and_then(|r| r.json())
+        .expect("a listing while an instance hangs");
+    assert_eq!(
+        listing["missing_instances"],
+        json!([victim_http]),
+        "{listing}"
+    );
+    assert_eq!(
+        listing["items"].as_array().map(Vec::len),
+        Some(50),
+        "{listing}"
+    );
+
+    let killed_at = Instant::now();
+    cluster.instances[victim].as_mut().expect("victim").kill();
+    cluster.instances[victim] = None;
+
+    // Right away, and until the group hands the partitions out again, the
+    // survivors answer the victim's keys from their copies, exactly.
     let (mut from_standby, mut other) = (0, 0);
     let mut first_standby_answer = None;
     for (key, count) in victims_keys.iter().take(200) {

@@ -324,6 +324,7 @@ fn start_cluster(
         membership,
         cluster.clone(),
         Duration::from_millis(config.http.request_timeout_ms),
+        config.http.max_response_bytes,
     );
     Ok(ScaleOut {
         cluster,

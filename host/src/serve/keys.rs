@@ -239,7 +239,14 @@ async fn from_standby(
     if forwarded {
         return Ok(FromStandby::NoCopy);
     }
-    for standby in routing.membership.standbys_of(topic, partition) {
+    // A few at most: each may take a forwarding timeout, and together they
+    // must end before the client's request does.
+    for standby in routing
+        .membership
+        .standbys_of(topic, partition)
+        .into_iter()
+        .take(routing::STANDBY_ATTEMPTS)
+    {
         match routing.proxy(&standby, path_and_query, headers).await {
             Ok((StatusCode::OK, response)) => return Ok(FromStandby::Answered(response)),
             Ok((StatusCode::NOT_FOUND, _)) => return Ok(FromStandby::Absent),

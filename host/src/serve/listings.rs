@@ -154,24 +154,31 @@ pub async fn list_keys(
     let aggregation = state.aggregation(&name)?;
     let budget = state.max_response_bytes;
     let mut page = local_page(state.clone(), name, prefix, after, limit).await?;
+    let mut missing = Vec::new();
     if let Some(routing) = &state.routing
         && !Routing::is_forwarded(&headers)
     {
         routing.check_every_partition_owned(&aggregation.config)?;
         let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
-        for instance in routing.membership.others() {
-            let remote: KeyPage = routing
-                .get_json(&instance, path_and_query, &headers)
-                .await?;
-            let more = remote.next.is_some();
-            let items = remote.items.into_iter().filter_map(|item| {
-                let key = match encoding {
-                    KeyEncoding::Utf8 => Some(item.key.into_bytes()),
-                    KeyEncoding::Base64 => decode_base64(&item.key),
-                };
-                key.map(|key| (key, item.state))
-            });
-            page.merge(items.collect(), more);
+        let others = routing.membership.others();
+        // All at once: the listing takes as long as the slowest instance,
+        // not the sum of them.
+        let pages = futures_util::future::join_all(
+            others
+                .iter()
+                .map(|instance| routing.get_json::<KeyPage>(instance, path_and_query, &headers)),
+        )
+        .await;
+        for (instance, remote) in others.into_iter().zip(pages) {
+            match remote {
+                Ok(remote) => {
+                    page.merge(remote_items(remote.items, encoding), remote.next.is_some())
+                }
+                Err(error) => {
+                    tracing::warn!(%instance, %error, "an instance did not answer a listing; the page misses its keys");
+                    missing.push(instance);
+                }
+            }
         }
     }
     page.finish(limit, budget);
@@ -187,7 +194,26 @@ pub async fn list_keys(
             state,
         })
         .collect();
-    Ok(Json(KeyPage { items, next }))
+    Ok(Json(KeyPage {
+        items,
+        next,
+        missing_instances: missing,
+    }))
+}
+
+/// Another instance's page items, with keys decoded (undecodable ones
+/// dropped).
+fn remote_items(items: Vec<KeyState>, encoding: KeyEncoding) -> Vec<(Vec<u8>, Value)> {
+    items
+        .into_iter()
+        .filter_map(|item| {
+            let key = match encoding {
+                KeyEncoding::Utf8 => Some(item.key.into_bytes()),
+                KeyEncoding::Base64 => decode_base64(&item.key),
+            };
+            key.map(|key| (key, item.state))
+        })
+        .collect()
 }
 
 /// A page of keys being assembled from this instance's slots and (in a

@@ -90,4 +90,8 @@ pub struct KeyPage {
     pub items: Vec<KeyState>,
     /// Pass as `after` for the next page; absent on the last one.
     pub next: Option<String>,
+    /// Cluster: the instances that did not answer in time; their keys are
+    /// missing from this page (absent when every instance answered).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_instances: Vec<String>,
 }

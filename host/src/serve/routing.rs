@@ -27,22 +27,40 @@ pub const STANDBY_HEADER: &str = "x-wagg-standby";
 /// How old (ms) the standby copy's commit is.
 pub const STALENESS_HEADER: &str = "x-wagg-staleness-ms";
 
+/// The share of `http.request_timeout_ms` one forwarded request may take:
+/// a lookup whose owner hangs still has time to ask standby copies (at
+/// most [`STANDBY_ATTEMPTS`]) before the client's request times out.
+const FORWARD_SHARE: u32 = 4;
+/// Other instances' standby copies a lookup asks, one after another.
+pub const STANDBY_ATTEMPTS: usize = 2;
+
 pub struct Routing {
     pub membership: Arc<Membership>,
     pub cluster: Arc<Cluster>,
     client: reqwest::Client,
+    /// The largest answer relayed from another instance
+    /// (`http.max_response_bytes`).
+    max_body_bytes: usize,
 }
 
 impl Routing {
-    pub fn new(membership: Arc<Membership>, cluster: Arc<Cluster>, timeout: Duration) -> Self {
+    /// Forwards with a timeout of a quarter of `request_timeout`, and
+    /// relays answers of up to `max_body_bytes`.
+    pub fn new(
+        membership: Arc<Membership>,
+        cluster: Arc<Cluster>,
+        request_timeout: Duration,
+        max_body_bytes: usize,
+    ) -> Self {
         Self {
             membership,
             cluster,
             client: reqwest::Client::builder()
-                .timeout(timeout)
+                .timeout(request_timeout / FORWARD_SHARE)
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .unwrap_or_default(),
+            max_body_bytes,
         }
     }
 
@@ -168,7 +186,38 @@ impl Routing {
                 kept.insert(name, value);
             }
         }
-        let body = response.bytes().await.map_err(unreachable)?;
+        let body = self.read_body(response, instance).await?;
         Ok((status, kept, body))
+    }
+
+    /// An answer's body, refused once it grows past `max_body_bytes`: a
+    /// peer (or whoever answers at its address) cannot make this instance
+    /// buffer without bound.
+    async fn read_body(
+        &self,
+        mut response: reqwest::Response,
+        instance: &str,
+    ) -> Result<axum::body::Bytes, ApiError> {
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "instance_unreachable",
+                format!("reading the answer of instance {instance}: {e}"),
+            )
+        })? {
+            if body.len() + chunk.len() > self.max_body_bytes {
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "instance_failed",
+                    format!(
+                        "instance {instance} answered more than `http.max_response_bytes` ({} bytes)",
+                        self.max_body_bytes
+                    ),
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.into())
     }
 }
