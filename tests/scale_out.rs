@@ -64,6 +64,8 @@ struct Cluster {
     source_kafka: &'static str,
     cluster_extra: &'static str,
     commit_interval_ms: u64,
+    /// Environment of every instance started.
+    env: Vec<(&'static str, &'static str)>,
 }
 
 impl Cluster {
@@ -78,6 +80,7 @@ impl Cluster {
             source_kafka: "",
             cluster_extra: "",
             commit_interval_ms: 2000,
+            env: Vec::new(),
         }
     }
 
@@ -130,7 +133,7 @@ standby_replicas = {standby}
     fn add_instance(&mut self) -> usize {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        let wagg = Wagg::start(dir.path(), &self.config(port), port);
+        let wagg = Wagg::start_with_env(dir.path(), &self.config(port), port, &self.env);
         self.dirs.push(dir);
         self.instances.push(Some(wagg));
         let index = self.instances.len() - 1;
@@ -202,6 +205,35 @@ standby_replicas = {standby}
             p["assigned"] == true
                 || (p["standby_offset"].as_i64().is_some()
                     && p["standby_offset"].as_i64() == owner_offset(&p["partition"]))
+        })
+    }
+
+    /// Whether every partition has at least one standby copy at its
+    /// owner's offset.
+    fn every_partition_has_a_current_copy(&self) -> bool {
+        let reports: Vec<Value> = self
+            .live()
+            .iter()
+            .flat_map(|wagg| {
+                let (_, body) = wagg.get("/v1/aggregations");
+                body["aggregations"][0]["partitions"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
+        (0..PARTITIONS as i64).all(|partition| {
+            let of = |p: &&Value| p["partition"] == partition;
+            let owner = reports
+                .iter()
+                .filter(of)
+                .find(|p| p["assigned"] == true)
+                .and_then(|p| p["next_offset"].as_i64());
+            owner.is_some()
+                && reports
+                    .iter()
+                    .filter(of)
+                    .any(|p| p["assigned"] != true && p["standby_offset"].as_i64() == owner)
         })
     }
 
@@ -295,6 +327,14 @@ standby_replicas = {standby}
                 mismatches.push(format!("{key}: count not answered by {}", wagg.http));
                 continue;
             };
+            // Counts only grow, one record at a time: any count up to the
+            // truth is a state the key went through; above it, never.
+            let answered = got_count["count"].as_u64().unwrap_or(u64::MAX);
+            assert!(
+                answered <= *count,
+                "{key}: {} answered count {answered}, above the truth {count}",
+                wagg.http
+            );
             if got_count != json!({ "count": count }) {
                 mismatches.push(format!("{key}: count {got_count} != {count}"));
                 continue;
@@ -918,5 +958,112 @@ fn a_paused_owner_that_wakes_up_is_fenced_and_every_key_stays_exact() {
     assert!(
         late.values().all(|&n| n <= 1),
         "a deposed owner wrote more than one commit after the claim that deposed it: {late:?}"
+    );
+}
+
+#[test]
+fn a_dead_instances_partitions_move_with_one_standby_copy_while_records_keep_coming() {
+    let (_serial, mut rng, mut cluster) = start("dead instance, one copy", 1);
+    let data = cluster.three_instances_with(20_000, &mut rng);
+    cluster.wait_until(
+        "every partition has a current standby copy",
+        Duration::from_secs(120),
+        Cluster::every_partition_has_a_current_copy,
+    );
+    // Not the first instance: see the kill test.
+    let victim = 2;
+    let killed_at = Instant::now();
+    cluster.instances[victim].as_mut().expect("victim").kill();
+    cluster.instances[victim] = None;
+    // Records produced after the kill, not during it.
+    let more = DataSet::new(25_000);
+    cluster
+        .broker
+        .produce(TOPIC, &more.records[data.records.len()..]);
+    // The group's session timeout (45 s), the membership timeout (10 s),
+    // then a minute.
+    let unanswered = cluster.wait_exact(&more, &mut rng, Duration::from_secs(115));
+    eprintln!(
+        "dead instance, one copy: every key exact through both survivors {:?} after the kill ({unanswered} lookups unanswered on the way, none above the truth)",
+        killed_at.elapsed()
+    );
+}
+
+#[test]
+fn forged_member_announcements_are_ignored_and_route_nothing() {
+    use rdkafka::producer::{BaseRecord, Producer};
+    let (_serial, mut rng, mut cluster) = start("forged announcements", 0);
+    cluster.cluster_extra = "secret_env = \"WAGG_CLUSTER_SECRET\"";
+    cluster.env = vec![(
+        "WAGG_CLUSTER_SECRET",
+        "a-test-cluster-secret-of-at-least-32-characters",
+    )];
+    cluster.add_instance();
+    cluster.add_instance();
+    let data = DataSet::new(6_000);
+    cluster.broker.produce(TOPIC, &data.records);
+    cluster.wait_exact(&data, &mut rng, Duration::from_secs(120));
+
+    // An address the test listens on: a forwarded lookup would land here
+    // (and fail at once: the connection is closed unanswered).
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let trap_http = format!("http://{}", trap.local_addr().expect("address"));
+    let trapped = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let trapped = trapped.clone();
+        std::thread::spawn(move || {
+            for connection in trap.incoming() {
+                drop(connection);
+                trapped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    // Whoever can write the members topic announces that it owns every
+    // partition, newer than anyone (without the cluster's tag).
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let partitions: Vec<(&str, u32)> = (0..PARTITIONS).map(|p| (TOPIC, p)).collect();
+    let forged = json!({
+        "http": trap_http,
+        "partitions": partitions,
+        "standby": [],
+        "at_ms": now_ms + 3_600_000,
+    })
+    .to_string();
+    let producer = cluster.broker.producer();
+    for _ in 0..3 {
+        producer
+            .send(
+                BaseRecord::to("wagg-scale-members")
+                    .partition(0)
+                    .key(&trap_http)
+                    .payload(&forged),
+            )
+            .map_err(|(e, _)| e)
+            .expect("produce a forged announcement");
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+
+    // Every key is still answered exactly by both instances, and nothing
+    // was sent to the forged address.
+    std::thread::sleep(Duration::from_secs(3));
+    let more = DataSet::new(8_000);
+    cluster
+        .broker
+        .produce(TOPIC, &more.records[data.records.len()..]);
+    cluster.wait_exact(&more, &mut rng, Duration::from_secs(120));
+    let mut unanswered = 0;
+    let mismatches = cluster.check_every_key(&more, &mut rng, &mut unanswered);
+    assert!(mismatches.is_empty() && unanswered == 0, "{mismatches:?}");
+    assert_eq!(
+        trapped.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "connections to the forged announcement's address"
+    );
+    let logs: String = cluster.live().iter().map(|w| w.log()).collect();
+    assert!(
+        logs.contains("ignoring a member announcement that fails authentication"),
+        "the forged announcement is reported"
     );
 }

@@ -10,6 +10,7 @@ use anyhow::Context;
 use crate::apply::dead_letter::DeadLetterSink;
 use crate::apply::{Aggregation, BatchApplier, Pipeline};
 use crate::cluster::membership::Membership;
+use crate::cluster::secret::ClusterSecret;
 use crate::cluster::{Cluster, ClusterTopics};
 use crate::config::{ClusterConfig, Config, HttpConfig};
 use crate::ingest::KafkaSource;
@@ -125,7 +126,12 @@ pub fn run(
         Duration::from_millis(config.shutdown.deadline_ms),
     )?;
     let token = config.http_token().map_err(anyhow::Error::msg)?;
-    let http_policy = HttpPolicy::new(&config.http, token);
+    let cluster_secret = config
+        .cluster_secret()
+        .map_err(anyhow::Error::msg)?
+        .map(|secret| Arc::new(ClusterSecret::new(&secret)));
+    let mut http_policy = HttpPolicy::new(&config.http, token);
+    http_policy.cluster_secret = cluster_secret.clone();
     let runtime = PluginRuntime::new(RuntimeConfig::new(
         &config.plugins,
         config.plugin_cache_dir(),
@@ -142,7 +148,14 @@ pub fn run(
     let dead_letters = open_dead_letters(&config, &status)?;
     let scale_out = match &config.cluster {
         None => None,
-        Some(cluster) => Some(start_cluster(&config, cluster, &store, &status, &shutdown)?),
+        Some(cluster) => Some(start_cluster(
+            &config,
+            cluster,
+            cluster_secret.clone(),
+            &store,
+            &status,
+            &shutdown,
+        )?),
     };
     let cluster = scale_out.as_ref().map(|s| s.cluster.clone());
     let pipeline = start_pipeline(
@@ -287,6 +300,7 @@ struct ScaleOut {
 fn start_cluster(
     config: &Config,
     cluster_config: &ClusterConfig,
+    cluster_secret: Option<Arc<ClusterSecret>>,
     store: &Arc<StateStore>,
     status: &Arc<Status>,
     shutdown: &Arc<AtomicBool>,
@@ -299,7 +313,14 @@ fn start_cluster(
         &ClientProperties::new(&config.source.brokers, config.connection_properties()),
         status.clone(),
         shutdown.clone(),
+        cluster_secret.clone(),
     )?;
+    if cluster_secret.is_none() {
+        tracing::warn!(
+            topic = %cluster.topics.members(),
+            "no `cluster.secret_env` or `secret_file`: member announcements are not authenticated, so whoever can write the members topic can route lookups to any address"
+        );
+    }
     let partition_counts = crate::cluster::topics::ensure_topics(&cluster, &config.source.topics)?;
     let membership = Arc::new(Membership::new(&cluster, partition_counts, status.clone()));
     let mut threads = vec![crate::cluster::membership::start(

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -26,6 +27,7 @@ use crate::kafka::create_client;
 use serde::{Deserialize, Serialize};
 
 use super::Cluster;
+use super::secret::MAC_HEADER;
 use crate::config::KeyPartitioner;
 use crate::ops::status::{Status, now_millis};
 
@@ -337,6 +339,8 @@ pub fn start(
                 last: None,
             };
             let mut orphaned_since: Option<Instant> = None;
+            // Announcements refused so far (logged at powers of two).
+            let mut forged = 0u64;
             let mut last_rejoin: Option<Instant> = None;
             let mut last_check = Instant::now();
             let heartbeat = cluster.config.heartbeat();
@@ -345,6 +349,18 @@ pub fn start(
                 if let Some(Ok(message)) = follower.poll(Duration::from_millis(100))
                     && let Some(payload) = message.payload()
                 {
+                    if !authentic(&cluster, &message) {
+                        forged += 1;
+                        if forged.is_power_of_two() {
+                            tracing::error!(
+                                topic = %message.topic(),
+                                offset = message.offset(),
+                                ignored = forged,
+                                "ignoring a member announcement that fails authentication with the cluster's secret (forged, or from an instance with another secret)"
+                            );
+                        }
+                        continue;
+                    }
                     match serde_json::from_slice::<Announcement>(payload) {
                         Ok(announcement) => membership.record(announcement),
                         Err(e) => tracing::debug!(error = %e, "ignoring a malformed announcement"),
@@ -375,6 +391,27 @@ pub fn start(
             let _ = announcer.producer.flush(Duration::from_secs(2));
         })
         .context("starting the membership thread")
+}
+
+/// Whether an announcement carries the cluster secret's tag over its key
+/// and value (always, when the cluster has no secret).
+fn authentic(cluster: &Cluster, message: &rdkafka::message::BorrowedMessage<'_>) -> bool {
+    let Some(secret) = &cluster.secret else {
+        return true;
+    };
+    let tag = crate::kafka::read_headers(message)
+        .into_iter()
+        .find(|(name, _)| name == MAC_HEADER)
+        .and_then(|(_, value)| value);
+    tag.is_some_and(|tag| {
+        secret.verify(
+            &[
+                message.key().unwrap_or_default(),
+                message.payload().unwrap_or_default(),
+            ],
+            &tag,
+        )
+    })
 }
 
 /// Owned and standby partitions.
@@ -416,10 +453,19 @@ impl Announcer {
             at_ms: now_millis(),
         };
         let value = serde_json::to_vec(&announcement).unwrap_or_default();
-        let record = BaseRecord::<[u8], [u8]>::to(&self.topic)
+        let key = self.membership.me.as_bytes();
+        let mut record = BaseRecord::<[u8], [u8]>::to(&self.topic)
             .partition(0)
-            .key(self.membership.me.as_bytes())
+            .key(key)
             .payload(&value);
+        let tag;
+        if let Some(secret) = &self.cluster.secret {
+            tag = secret.sign(&[key, &value]);
+            record = record.headers(OwnedHeaders::new().insert(Header {
+                key: MAC_HEADER,
+                value: Some(&tag),
+            }));
+        }
         if let Err((error, _)) = self.producer.send(record) {
             tracing::warn!(%error, "cannot announce this instance's partitions");
         }

@@ -24,6 +24,7 @@ mod fence;
 pub mod log;
 pub mod membership;
 pub mod partitioner;
+pub mod secret;
 pub mod standby;
 mod takeover;
 pub mod topics;
@@ -174,6 +175,9 @@ pub struct Cluster {
     /// The reader of the commits topic after each flush (see `fence`),
     /// kept between flushes; `None` until the first, or after an error.
     fence_reader: Mutex<Option<BaseConsumer>>,
+    /// The shared secret that authenticates announcements and forwarded
+    /// requests (`cluster.secret_env` / `secret_file`), if set.
+    pub secret: Option<Arc<secret::ClusterSecret>>,
     /// Set once a newer owner deposed this instance: no flush is published
     /// after that (not even the one written on the way out).
     deposed: AtomicBool,
@@ -191,6 +195,7 @@ impl Cluster {
         client: &ClientProperties,
         status: Arc<Status>,
         shutdown: Arc<AtomicBool>,
+        secret: Option<Arc<secret::ClusterSecret>>,
     ) -> anyhow::Result<Arc<Self>> {
         let record_max_bytes = topics.record_max_bytes.to_string();
         let mut producer_settings = PRODUCER_DEFAULTS.to_vec();
@@ -226,6 +231,7 @@ impl Cluster {
             standby_restoring: Mutex::new(()),
             fence_reader: Mutex::new(None),
             deposed: AtomicBool::new(false),
+            secret,
         }))
     }
 

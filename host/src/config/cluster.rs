@@ -45,6 +45,14 @@ pub struct ClusterConfig {
     /// records, so a key can be routed to its partition's owner.
     #[serde(default)]
     pub key_partitioner: KeyPartitioner,
+    /// Name of an environment variable holding the cluster's shared secret
+    /// (at least 32 characters, the same on every instance): it
+    /// authenticates member announcements and the requests instances
+    /// forward to each other. Needed with `[http.auth]`.
+    pub secret_env: Option<String>,
+    /// A file holding the secret instead (surrounding whitespace ignored);
+    /// relative to the config file.
+    pub secret_file: Option<std::path::PathBuf>,
 }
 
 fn default_replication_factor() -> i32 {

@@ -301,6 +301,34 @@ impl Config {
         Ok(Some(token.to_owned()))
     }
 
+    /// The cluster's shared secret, if `[cluster]` names one.
+    pub fn cluster_secret(&self) -> Result<Option<String>, String> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(None);
+        };
+        let secret = match (&cluster.secret_env, &cluster.secret_file) {
+            (Some(name), _) => std::env::var(name).map_err(|_| {
+                format!(
+                    "`cluster.secret_env`: environment variable {name} is not set (or not UTF-8)"
+                )
+            })?,
+            (None, Some(file)) => {
+                let path = self.base_dir.join(file);
+                std::fs::read_to_string(&path).map_err(|e| {
+                    format!("`cluster.secret_file`: cannot read {}: {e}", path.display())
+                })?
+            }
+            (None, None) => return Ok(None),
+        };
+        let secret = secret.trim();
+        if secret.len() < 32 {
+            return Err(
+                "`cluster`: the secret must be at least 32 characters (use a random one, the same on every instance)".into(),
+            );
+        }
+        Ok(Some(secret.to_owned()))
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.base_dir.join(&self.state.dir)
     }

@@ -473,3 +473,29 @@ fn cooperative_rebalancing_is_refused_until_supported() {
     ))
     .expect("eager strategies are fine");
 }
+
+#[test]
+fn a_cluster_secret_is_read_checked_and_required_with_auth() {
+    let cluster = "\n[cluster]\nadvertised_http = \"http://127.0.0.1:8080\"\n";
+    let auth = "\n[http.auth]\ntoken_env = \"WAGG_TOKEN\"\n";
+    let without = error(&format!("{MINIMAL}{auth}{cluster}"));
+    assert!(without.contains("needs `cluster.secret_env`"), "{without}");
+    let both = error(&format!(
+        "{MINIMAL}{cluster}secret_env = \"X\"\nsecret_file = \"s\"\n"
+    ));
+    assert!(both.contains("not both"), "{both}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!("{MINIMAL}{auth}{cluster}secret_file = \"secret\"\n");
+    let config = Config::parse(&text, "wagg.toml", dir.path()).expect("valid");
+    let missing = config.cluster_secret().unwrap_err();
+    assert!(missing.contains("cannot read"), "{missing}");
+    std::fs::write(dir.path().join("secret"), "too-short-secret\n").unwrap();
+    let short = config.cluster_secret().unwrap_err();
+    assert!(short.contains("at least 32 characters"), "{short}");
+    assert!(!short.contains("too-short"), "{short}");
+    let secret = "a-shared-cluster-secret-of-32-chars!";
+    std::fs::write(dir.path().join("secret"), format!("  {secret}\n")).unwrap();
+    assert_eq!(config.cluster_secret().unwrap().as_deref(), Some(secret));
+    assert!(parse(MINIMAL).unwrap().cluster_secret().unwrap().is_none());
+}

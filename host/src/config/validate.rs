@@ -146,6 +146,19 @@ impl Config {
                 cluster.advertised_http
             ));
         }
+        if cluster.secret_env.is_some() && cluster.secret_file.is_some() {
+            return Err(
+                "`cluster` takes one of `secret_env` (an environment variable) or `secret_file`, not both"
+                    .into(),
+            );
+        }
+        if self.http.auth.is_some() && cluster.secret_env.is_none() && cluster.secret_file.is_none()
+        {
+            return Err(
+                "`[http.auth]` in a cluster needs `cluster.secret_env` or `cluster.secret_file`: instances forward requests to each other with the cluster's secret, never with the client's token"
+                    .into(),
+            );
+        }
         if cluster.replication_factor == 0 || cluster.replication_factor < -1 {
             return Err(
                 "`cluster.replication_factor` must be -1 (broker default) or at least 1".into(),

@@ -12,7 +12,10 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::ApiError;
+use super::routing::FORWARDED_HEADER;
+use crate::cluster::secret::ClusterSecret;
 use crate::config::AuthScope;
+use crate::ops::status::now_millis;
 
 /// Paths that never need a token: the probes, so liveness and readiness
 /// checks work, and the dashboard page, which holds no data (its own
@@ -27,14 +30,23 @@ pub struct Guard {
     token_digest: Option<[u8; 32]>,
     scope: AuthScope,
     max_uri_bytes: usize,
+    /// Cluster mode: a request another instance forwards carries a tag
+    /// made with this secret instead of the client's token.
+    cluster_secret: Option<Arc<ClusterSecret>>,
 }
 
 impl Guard {
-    pub fn new(token: Option<&str>, scope: AuthScope, max_uri_bytes: usize) -> Self {
+    pub fn new(
+        token: Option<&str>,
+        scope: AuthScope,
+        max_uri_bytes: usize,
+        cluster_secret: Option<Arc<ClusterSecret>>,
+    ) -> Self {
         Self {
             token_digest: token.map(|t| Sha256::digest(t.as_bytes()).into()),
             scope,
             max_uri_bytes,
+            cluster_secret,
         }
     }
 
@@ -48,10 +60,16 @@ impl Guard {
         }
     }
 
-    fn authorized(&self, headers: &HeaderMap) -> bool {
+    fn authorized(&self, headers: &HeaderMap, path_and_query: &str) -> bool {
         let Some(expected) = &self.token_digest else {
             return true;
         };
+        if let Some(secret) = &self.cluster_secret
+            && let Some(forwarded) = headers.get(FORWARDED_HEADER).and_then(|v| v.to_str().ok())
+            && secret.verify_forwarded(forwarded, path_and_query, now_millis())
+        {
+            return true;
+        }
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -92,7 +110,13 @@ pub async fn guard(State(guard): State<Arc<Guard>>, mut request: Request, next: 
         )
         .into_response();
     }
-    if guard.needs_token(request.uri().path()) && !guard.authorized(request.headers()) {
+    let path_and_query = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let authorized = guard.authorized(request.headers(), &path_and_query);
+    if guard.needs_token(request.uri().path()) && !authorized {
         let mut response = ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -105,7 +129,40 @@ pub async fn guard(State(guard): State<Arc<Guard>>, mut request: Request, next: 
         );
         return response;
     }
-    let sees_details = SeesDetails(guard.authorized(request.headers()));
+    let sees_details = SeesDetails(authorized);
     request.extensions_mut().insert(sees_details);
     next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forwarded_request_passes_with_the_cluster_tag_not_with_the_header_alone() {
+        let secret = Arc::new(ClusterSecret::new("a-shared-cluster-secret-of-32-chars!"));
+        let token = Some("client-token-0123456789");
+        let guard = Guard::new(token, AuthScope::All, 8192, Some(secret.clone()));
+        let path = "/v1/aggregations/count/keys/a";
+        let mut headers = HeaderMap::new();
+        assert!(!guard.authorized(&headers, path));
+        headers.insert(FORWARDED_HEADER, HeaderValue::from_static("1"));
+        assert!(!guard.authorized(&headers, path), "the header alone");
+        let tag = secret.forwarded_value(path, now_millis());
+        headers.insert(
+            FORWARDED_HEADER,
+            HeaderValue::from_str(&tag).expect("a header value"),
+        );
+        assert!(guard.authorized(&headers, path));
+        assert!(!guard.authorized(&headers, "/metrics"), "another path");
+        let without_secret = Guard::new(token, AuthScope::All, 8192, None);
+        assert!(!without_secret.authorized(&headers, path));
+        let other = ClusterSecret::new("another-cluster-secret-of-32-chars!!");
+        let foreign = other.forwarded_value(path, now_millis());
+        headers.insert(
+            FORWARDED_HEADER,
+            HeaderValue::from_str(&foreign).expect("a header value"),
+        );
+        assert!(!guard.authorized(&headers, path), "another cluster's tag");
+    }
 }

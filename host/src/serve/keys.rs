@@ -87,7 +87,6 @@ pub async fn get_key(
             forwarded,
             redirect,
             path_and_query,
-            headers: &headers,
         };
         match ask_partition(&state, routing, &name, &key, encoding, target).await? {
             Answer::Found(response) => return Ok(response),
@@ -144,10 +143,7 @@ async fn ask_partition(
                     target.path_and_query,
                 )));
             }
-            match routing
-                .proxy(&owner, target.path_and_query, target.headers)
-                .await
-            {
+            match routing.proxy(&owner, target.path_and_query).await {
                 Ok((StatusCode::NOT_FOUND, _)) => Ok(Answer::Absent),
                 Ok((_, response)) => Ok(Answer::Found(response)),
                 Err(unreachable) => match from_standby(state, name, key, encoding, target).await? {
@@ -180,7 +176,6 @@ struct PartitionLookup<'a> {
     /// Redirect to a remote owner rather than proxy.
     redirect: bool,
     path_and_query: &'a str,
-    headers: &'a HeaderMap,
 }
 
 enum FromStandby {
@@ -209,7 +204,6 @@ async fn from_standby(
         partition,
         forwarded,
         path_and_query,
-        headers,
         ..
     } = lookup_of;
     if let Some(copy) = routing.cluster.standby_copy(topic, partition)
@@ -247,7 +241,7 @@ async fn from_standby(
         .into_iter()
         .take(routing::STANDBY_ATTEMPTS)
     {
-        match routing.proxy(&standby, path_and_query, headers).await {
+        match routing.proxy(&standby, path_and_query).await {
             Ok((StatusCode::OK, response)) => return Ok(FromStandby::Answered(response)),
             Ok((StatusCode::NOT_FOUND, _)) => return Ok(FromStandby::Absent),
             Ok(_) | Err(_) => {}

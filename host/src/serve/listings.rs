@@ -166,7 +166,7 @@ pub async fn list_keys(
         let pages = futures_util::future::join_all(
             others
                 .iter()
-                .map(|instance| routing.get_json::<KeyPage>(instance, path_and_query, &headers)),
+                .map(|instance| routing.get_json::<KeyPage>(instance, path_and_query)),
         )
         .await;
         for (instance, remote) in others.into_iter().zip(pages) {

@@ -30,6 +30,7 @@ mod probes;
 pub mod routing;
 mod server;
 
+use crate::cluster::secret::ClusterSecret;
 use crate::config::{AggregationConfig, AuthScope, HttpConfig};
 use crate::ops::metrics::HttpLabel;
 use crate::ops::status::Status;
@@ -182,6 +183,9 @@ const MAX_BODY_BYTES: usize = 16 * 1024;
 #[derive(Debug, Clone)]
 pub struct HttpPolicy {
     pub token: Option<String>,
+    /// Cluster mode: accepts requests other instances forward, signed with
+    /// the cluster's secret, in place of a token.
+    pub cluster_secret: Option<Arc<ClusterSecret>>,
     pub auth_scope: AuthScope,
     pub max_concurrent_requests: usize,
     pub request_timeout: Duration,
@@ -193,6 +197,7 @@ impl HttpPolicy {
     pub fn new(http: &HttpConfig, token: Option<String>) -> Self {
         Self {
             token,
+            cluster_secret: None,
             auth_scope: http.auth.as_ref().map(|a| a.scope).unwrap_or_default(),
             max_concurrent_requests: http.max_concurrent_requests,
             request_timeout: Duration::from_millis(http.request_timeout_ms),
@@ -213,6 +218,7 @@ pub fn router(state: Arc<ApiState>, policy: &HttpPolicy) -> Router {
         policy.token.as_deref(),
         policy.auth_scope,
         policy.max_uri_bytes,
+        policy.cluster_secret.clone(),
     ));
     // Past the limit, requests are refused at once rather than queued:
     // a client retrying against a 503 beats a growing backlog.

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, LOCATION};
+use axum::http::header::{CONTENT_TYPE, LOCATION};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
@@ -112,9 +112,8 @@ impl Routing {
         &self,
         owner: &str,
         path_and_query: &str,
-        headers: &HeaderMap,
     ) -> Result<(StatusCode, Response), ApiError> {
-        let (status, kept, body) = self.get(owner, path_and_query, headers).await?;
+        let (status, kept, body) = self.get(owner, path_and_query).await?;
         let mut response = (status, body).into_response();
         response.headers_mut().extend(kept);
         if let Ok(served_by) = HeaderValue::from_str(owner) {
@@ -129,9 +128,8 @@ impl Routing {
         &self,
         instance: &str,
         path_and_query: &str,
-        headers: &HeaderMap,
     ) -> Result<T, ApiError> {
-        let (status, _, body) = self.get(instance, path_and_query, headers).await?;
+        let (status, _, body) = self.get(instance, path_and_query).await?;
         if status != StatusCode::OK {
             return Err(ApiError::new(
                 StatusCode::BAD_GATEWAY,
@@ -155,16 +153,20 @@ impl Routing {
         &self,
         instance: &str,
         path_and_query: &str,
-        headers: &HeaderMap,
     ) -> Result<(StatusCode, HeaderMap, axum::body::Bytes), ApiError> {
         self.membership.status().metrics().forwarded_requests.inc();
-        let mut request = self
+        // The client's token stays here: the other instance accepts the
+        // cluster's tag instead (see `serve::guard`).
+        let forwarded = match &self.cluster.secret {
+            Some(secret) => {
+                secret.forwarded_value(path_and_query, crate::ops::status::now_millis())
+            }
+            None => "1".to_owned(),
+        };
+        let request = self
             .client
             .get(format!("{instance}{path_and_query}"))
-            .header(FORWARDED_HEADER, "1");
-        if let Some(authorization) = headers.get(AUTHORIZATION) {
-            request = request.header(AUTHORIZATION, authorization);
-        }
+            .header(FORWARDED_HEADER, forwarded);
         let unreachable = |e: reqwest::Error| {
             ApiError::new(
                 StatusCode::BAD_GATEWAY,
