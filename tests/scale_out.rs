@@ -180,11 +180,10 @@ standby_replicas = {standby}
             .sum()
     }
 
-    /// Whether every live instance keeps a copy of every partition it does
-    /// not own, at the owner's offset.
-    fn standby_copies_current(&self) -> bool {
-        let reports: Vec<Vec<Value>> = self
-            .live()
+    /// What each live instance reports of every partition (owner,
+    /// offsets, copies).
+    fn partition_reports(&self) -> Vec<Vec<Value>> {
+        self.live()
             .iter()
             .map(|wagg| {
                 let (_, body) = wagg.get("/v1/aggregations");
@@ -193,7 +192,13 @@ standby_replicas = {standby}
                     .cloned()
                     .unwrap_or_default()
             })
-            .collect();
+            .collect()
+    }
+
+    /// Whether every live instance keeps a copy of every partition it does
+    /// not own, at the owner's offset.
+    fn standby_copies_current(&self) -> bool {
+        let reports = self.partition_reports();
         let owner_offset = |partition: &Value| {
             reports
                 .iter()
@@ -211,17 +216,7 @@ standby_replicas = {standby}
     /// Whether every partition has at least one standby copy at its
     /// owner's offset.
     fn every_partition_has_a_current_copy(&self) -> bool {
-        let reports: Vec<Value> = self
-            .live()
-            .iter()
-            .flat_map(|wagg| {
-                let (_, body) = wagg.get("/v1/aggregations");
-                body["aggregations"][0]["partitions"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default()
-            })
-            .collect();
+        let reports: Vec<Value> = self.partition_reports().into_iter().flatten().collect();
         (0..PARTITIONS as i64).all(|partition| {
             let of = |p: &&Value| p["partition"] == partition;
             let owner = reports

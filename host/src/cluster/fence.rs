@@ -34,9 +34,15 @@ impl Cluster {
             .collect::<BTreeSet<_>>()
             .len() as i64;
         let mut backoff = Duration::from_millis(200);
+        let started = std::time::Instant::now();
         loop {
             match self.highest_epochs(&partitions, COMMIT_WINDOW * topics.max(1)) {
                 Ok(highest) => {
+                    tracing::debug!(
+                        partitions = partitions.len(),
+                        seconds = started.elapsed().as_secs_f64(),
+                        "checked the commits after a flush"
+                    );
                     for ((topic, partition), commit) in commits {
                         let newer = highest
                             .get(&(topic.clone(), *partition))

@@ -275,30 +275,12 @@ impl Config {
         let Some(auth) = &self.http.auth else {
             return Ok(None);
         };
-        let token = match (&auth.token_env, &auth.token_file) {
-            (Some(name), _) => std::env::var(name).map_err(|_| {
-                format!(
-                    "`http.auth.token_env`: environment variable {name} is not set (or not UTF-8)"
-                )
-            })?,
-            (None, Some(file)) => {
-                let path = self.base_dir.join(file);
-                std::fs::read_to_string(&path).map_err(|e| {
-                    format!(
-                        "`http.auth.token_file`: cannot read {}: {e}",
-                        path.display()
-                    )
-                })?
-            }
-            (None, None) => return Ok(None),
-        };
-        let token = token.trim();
-        if token.len() < 16 {
-            return Err(
-                "`http.auth`: the token must be at least 16 characters (use a random one)".into(),
-            );
-        }
-        Ok(Some(token.to_owned()))
+        self.read_secret(
+            ("http.auth.token_env", auth.token_env.as_deref()),
+            ("http.auth.token_file", auth.token_file.as_deref()),
+            16,
+            "`http.auth`: the token must be at least 16 characters (use a random one)",
+        )
     }
 
     /// The cluster's shared secret, if `[cluster]` names one.
@@ -306,25 +288,38 @@ impl Config {
         let Some(cluster) = &self.cluster else {
             return Ok(None);
         };
-        let secret = match (&cluster.secret_env, &cluster.secret_file) {
+        self.read_secret(
+            ("cluster.secret_env", cluster.secret_env.as_deref()),
+            ("cluster.secret_file", cluster.secret_file.as_deref()),
+            32,
+            "`cluster`: the secret must be at least 32 characters (use a random one, the same on every instance)",
+        )
+    }
+
+    /// A secret from the environment variable or the file (relative to the
+    /// config) the two `(field, value)` pairs name, trimmed, of at least
+    /// `min_len` characters (else `too_short`, which never quotes it).
+    fn read_secret(
+        &self,
+        (env_field, env): (&str, Option<&str>),
+        (file_field, file): (&str, Option<&Path>),
+        min_len: usize,
+        too_short: &str,
+    ) -> Result<Option<String>, String> {
+        let secret = match (env, file) {
             (Some(name), _) => std::env::var(name).map_err(|_| {
-                format!(
-                    "`cluster.secret_env`: environment variable {name} is not set (or not UTF-8)"
-                )
+                format!("`{env_field}`: environment variable {name} is not set (or not UTF-8)")
             })?,
             (None, Some(file)) => {
                 let path = self.base_dir.join(file);
-                std::fs::read_to_string(&path).map_err(|e| {
-                    format!("`cluster.secret_file`: cannot read {}: {e}", path.display())
-                })?
+                std::fs::read_to_string(&path)
+                    .map_err(|e| format!("`{file_field}`: cannot read {}: {e}", path.display()))?
             }
             (None, None) => return Ok(None),
         };
         let secret = secret.trim();
-        if secret.len() < 32 {
-            return Err(
-                "`cluster`: the secret must be at least 32 characters (use a random one, the same on every instance)".into(),
-            );
+        if secret.len() < min_len {
+            return Err(too_short.into());
         }
         Ok(Some(secret.to_owned()))
     }
