@@ -185,7 +185,7 @@ pub fn run(
 
     let consumed = consume(
         pipeline,
-        status,
+        status.clone(),
         &shutdown,
         config.progress_interval.unwrap_or(PROGRESS_LOG_INTERVAL),
     )?;
@@ -199,7 +199,14 @@ pub fn run(
             "{reason}; restart wagg (nothing is lost: it resumes from the stored offsets)"
         );
     }
-    consumed.context("consumer")
+    consumed.context("consumer")?;
+    // Stopped on purpose by another thread (a take-over that cannot be
+    // done safely, a source topic whose partition count changed): an error
+    // exit, so a supervisor sees it.
+    match status.fatal() {
+        Some(reason) => anyhow::bail!("{reason}"),
+        None => Ok(()),
+    }
 }
 
 /// The source thread and the applier (with its writer thread), joined.

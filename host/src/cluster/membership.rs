@@ -343,6 +343,7 @@ pub fn start(
             let mut forged = 0u64;
             let mut last_rejoin: Option<Instant> = None;
             let mut last_check = Instant::now();
+            let mut last_count_check = Instant::now();
             let heartbeat = cluster.config.heartbeat();
             while !shutdown.load(Ordering::Relaxed) {
                 announcer.announce_if_due(heartbeat);
@@ -370,6 +371,15 @@ pub fn start(
                     continue;
                 }
                 last_check = Instant::now();
+                if last_count_check.elapsed() >= PARTITION_COUNT_CHECK {
+                    last_count_check = Instant::now();
+                    let seen = partition_counts_now(&follower, membership.topics());
+                    if let Some(reason) = changed_partition_counts(&membership.partition_counts, &seen) {
+                        tracing::error!(%reason, "stopping");
+                        membership.status.set_fatal(reason);
+                        cluster.request_shutdown();
+                    }
+                }
                 let orphans = membership.orphans();
                 if orphans == 0 {
                     orphaned_since = None;
@@ -391,6 +401,50 @@ pub fn start(
             let _ = announcer.producer.flush(Duration::from_secs(2));
         })
         .context("starting the membership thread")
+}
+
+/// How often the source topics' partition counts are compared with the
+/// ones this instance started with.
+const PARTITION_COUNT_CHECK: Duration = Duration::from_secs(30);
+
+/// The partition counts the broker reports now (topics it does not answer
+/// for are left out: a metadata hiccup is not a change).
+fn partition_counts_now<'a>(
+    reader: &BaseConsumer,
+    topics: impl Iterator<Item = &'a str>,
+) -> BTreeMap<String, i32> {
+    topics
+        .filter_map(|topic| {
+            let metadata = reader
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+                .ok()?;
+            let found = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none())?;
+            (!found.partitions().is_empty())
+                .then(|| (topic.to_owned(), found.partitions().len() as i32))
+        })
+        .collect()
+}
+
+/// Why this instance must stop, if a source topic's partition count is no
+/// longer the one routing and the changelogs were sized for at start: the
+/// producers' partitioner now maps keys over the new count, so lookups
+/// would go to the wrong partition's owner, and the changelog and commits
+/// topics have no partition for the new ones.
+fn changed_partition_counts(
+    known: &BTreeMap<String, i32>,
+    seen: &BTreeMap<String, i32>,
+) -> Option<String> {
+    known.iter().find_map(|(topic, &count)| {
+        let now = *seen.get(topic)?;
+        (now != count).then(|| {
+            format!(
+                "source topic {topic:?} has {now} partitions, not the {count} this instance started with: routing and the cluster's topics are sized at start. Add partitions to the changelog and commits topics to match (at least {now}) and restart every instance"
+            )
+        })
+    })
 }
 
 /// Whether an announcement carries the cluster secret's tag over its key
@@ -469,5 +523,25 @@ impl Announcer {
         if let Err((error, _)) = self.producer.send(record) {
             tracing::warn!(%error, "cannot announce this instance's partitions");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_topic_with_another_partition_count_is_a_reason_to_stop() {
+        let known: BTreeMap<String, i32> = [("a".to_owned(), 8), ("b".to_owned(), 4)].into();
+        assert_eq!(changed_partition_counts(&known, &known), None);
+        // A topic the broker did not answer for is no change.
+        let partial: BTreeMap<String, i32> = [("a".to_owned(), 8)].into();
+        assert_eq!(changed_partition_counts(&known, &partial), None);
+        let grown: BTreeMap<String, i32> = [("a".to_owned(), 8), ("b".to_owned(), 6)].into();
+        let reason = changed_partition_counts(&known, &grown).expect("a reason");
+        assert!(
+            reason.contains("\"b\" has 6 partitions, not the 4"),
+            "{reason}"
+        );
     }
 }
