@@ -9,11 +9,15 @@
 
 use std::sync::OnceLock;
 
+/// The value of the environment variable `name`, read once into `cell`.
+fn injected(cell: &'static OnceLock<Option<String>>, name: &str) -> Option<&'static str> {
+    cell.get_or_init(|| std::env::var(name).ok()).as_deref()
+}
+
 /// Panics if `WAGG_FAULT_PANIC` names `thread`.
 pub fn fault_point(thread: &str) {
     static TARGET: OnceLock<Option<String>> = OnceLock::new();
-    let target = TARGET.get_or_init(|| std::env::var("WAGG_FAULT_PANIC").ok());
-    if target.as_deref() == Some(thread) {
+    if injected(&TARGET, "WAGG_FAULT_PANIC") == Some(thread) {
         panic!("injected fault (WAGG_FAULT_PANIC={thread})");
     }
 }
@@ -22,8 +26,7 @@ pub fn fault_point(thread: &str) {
 /// names `point`.
 pub fn crash_point(point: &str) {
     static TARGET: OnceLock<Option<String>> = OnceLock::new();
-    let target = TARGET.get_or_init(|| std::env::var("WAGG_FAULT_CRASH").ok());
-    if target.as_deref() == Some(point) {
+    if injected(&TARGET, "WAGG_FAULT_CRASH") == Some(point) {
         eprintln!("injected crash (WAGG_FAULT_CRASH={point})");
         std::process::abort();
     }

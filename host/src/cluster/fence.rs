@@ -12,11 +12,11 @@
 //! (`takeover::COMMIT_WINDOW`), and the next claim's epoch above every
 //! epoch written: `(epoch, seq)` names one flush (docs/guarantees.md).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use super::log::Commit;
-use super::takeover::COMMIT_WINDOW;
+use super::takeover::commit_window;
 use super::{Cluster, ClusterError};
 
 impl Cluster {
@@ -28,15 +28,10 @@ impl Cluster {
         commits: &HashMap<(String, i32), Commit>,
     ) -> Result<(), ClusterError> {
         let partitions: Vec<(String, i32)> = commits.keys().cloned().collect();
-        let topics = partitions
-            .iter()
-            .map(|(t, _)| t)
-            .collect::<BTreeSet<_>>()
-            .len() as i64;
         let mut backoff = Duration::from_millis(200);
         let started = std::time::Instant::now();
         loop {
-            match self.highest_epochs(&partitions, COMMIT_WINDOW * topics.max(1)) {
+            match self.highest_epochs(&partitions, commit_window(&partitions)) {
                 Ok(highest) => {
                     tracing::debug!(
                         partitions = partitions.len(),

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Cluster;
 use super::secret::MAC_HEADER;
+use super::topics::partition_count;
 use crate::config::KeyPartitioner;
 use crate::ops::status::{Status, now_millis};
 
@@ -415,15 +416,8 @@ fn partition_counts_now<'a>(
 ) -> BTreeMap<String, i32> {
     topics
         .filter_map(|topic| {
-            let metadata = reader
-                .fetch_metadata(Some(topic), Duration::from_secs(5))
-                .ok()?;
-            let found = metadata
-                .topics()
-                .iter()
-                .find(|t| t.name() == topic && t.error().is_none())?;
-            (!found.partitions().is_empty())
-                .then(|| (topic.to_owned(), found.partitions().len() as i32))
+            let count = partition_count(reader.client(), topic, Duration::from_secs(5)).ok()??;
+            Some((topic.to_owned(), count))
         })
         .collect()
 }

@@ -27,6 +27,18 @@ const READ_STALL: Duration = Duration::from_secs(20);
 /// fetch. A deposed owner would have to flush this many times after the new
 /// owner's claim to hide the claim's epoch (see docs/scale-out.md).
 pub(super) const COMMIT_WINDOW: i64 = 4;
+/// The commit records to read per commits partition for `partitions`:
+/// [`COMMIT_WINDOW`] per source topic (partition `p` of the commits topic
+/// holds partition `p` of every source topic).
+pub(super) fn commit_window(partitions: &[(String, i32)]) -> i64 {
+    let topics = partitions
+        .iter()
+        .map(|(t, _)| t)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len() as i64;
+    COMMIT_WINDOW * topics.max(1)
+}
+
 /// How long a take-over keeps retrying broker errors before the instance
 /// gives the partitions back (see `take_over`). Well under librdkafka's
 /// default `max.poll.interval.ms` (5 min): the take-over runs inside a poll.
@@ -221,12 +233,7 @@ impl Cluster {
         reader: &BaseConsumer,
         partitions: &[(String, i32)],
     ) -> Result<NewestCommits, ClusterError> {
-        let topics = partitions
-            .iter()
-            .map(|(t, _)| t)
-            .collect::<std::collections::BTreeSet<_>>()
-            .len() as i64;
-        let mut found = self.scan_commits(reader, partitions, Some(COMMIT_WINDOW * topics))?;
+        let mut found = self.scan_commits(reader, partitions, Some(commit_window(partitions)))?;
         let missing: Vec<(String, i32)> = partitions
             .iter()
             .filter(|p| found.get(*p).is_none_or(|(c, _)| c.is_none()))

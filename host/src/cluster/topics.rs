@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use rdkafka::ClientContext;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{Client, DefaultClientContext};
+use rdkafka::error::KafkaResult;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::kafka::create_client;
@@ -16,6 +18,21 @@ use crate::kafka::create_client;
 use super::Cluster;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A topic's partition count as the broker reports it (`None`: no such
+/// topic, or none of its partitions known yet).
+pub(super) fn partition_count<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+    timeout: Duration,
+) -> KafkaResult<Option<i32>> {
+    let metadata = client.fetch_metadata(Some(topic), timeout)?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.partitions().len() as i32))
+}
 
 /// Creates the missing cluster topics and checks the existing ones; returns
 /// the partition count of every source topic.
@@ -28,15 +45,8 @@ pub fn ensure_topics(
     let admin: AdminClient<DefaultClientContext> =
         create_client(&cluster.client_config()).context("creating the Kafka admin client")?;
     let partitions_of = |topic: &str| -> anyhow::Result<Option<i32>> {
-        let metadata = admin
-            .inner()
-            .fetch_metadata(Some(topic), METADATA_TIMEOUT)
-            .with_context(|| format!("reading the metadata of {topic:?}"))?;
-        Ok(metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
-            .map(|t| t.partitions().len() as i32))
+        partition_count(admin.inner(), topic, METADATA_TIMEOUT)
+            .with_context(|| format!("reading the metadata of {topic:?}"))
     };
     let mut sources = BTreeMap::new();
     for topic in source_topics {

@@ -95,10 +95,8 @@ impl Guard {
 pub struct SeesDetails(pub bool);
 
 pub async fn guard(State(guard): State<Arc<Guard>>, mut request: Request, next: Next) -> Response {
-    let target = request
-        .uri()
-        .path_and_query()
-        .map_or(0, |p| p.as_str().len());
+    let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let target = path_and_query.len();
     if target > guard.max_uri_bytes {
         return ApiError::new(
             StatusCode::URI_TOO_LONG,
@@ -110,12 +108,7 @@ pub async fn guard(State(guard): State<Arc<Guard>>, mut request: Request, next: 
         )
         .into_response();
     }
-    let path_and_query = request
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    let authorized = guard.authorized(request.headers(), &path_and_query);
+    let authorized = guard.authorized(request.headers(), path_and_query);
     if guard.needs_token(request.uri().path()) && !authorized {
         let mut response = ApiError::new(
             StatusCode::UNAUTHORIZED,
