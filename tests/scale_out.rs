@@ -478,15 +478,14 @@ fn a_killed_instances_partitions_move_and_every_key_stays_exact() {
     let (first, rest) = data.records.split_at(20_000);
     cluster.broker.produce(TOPIC, first);
     let producing = produce_slowly(cluster.broker.address.clone(), rest.to_vec());
-    // Mid-ingest: the victim has applied records.
-    let victim = 2;
+    // The first instance to join, which leads the group: its death must
+    // also start a new generation. Mid-ingest: it has applied records.
+    let victim = 0;
     cluster.wait_until("the victim applies records", Duration::from_secs(60), |c| {
         c.instances[victim]
             .as_ref()
             .is_some_and(|w| w.applied().get("count").copied().unwrap_or(0) > 0)
     });
-    // Not the first instance: tansu 0.6 keeps a dead group leader as
-    // leader (see membership.rs), which no client can work around.
     let victims_partitions = cluster.owned_by(victim);
     let killed_at = Instant::now();
     cluster.instances[victim].as_mut().expect("victim").kill();
@@ -498,7 +497,7 @@ fn a_killed_instances_partitions_move_and_every_key_stays_exact() {
         // A take-over that the broker stalls is retried for two minutes,
         // then the group is re-joined (see `Cluster::take_over`).
         Duration::from_secs(360),
-        |c| c.owned_by(0) + c.owned_by(1) == PARTITIONS as usize,
+        |c| (0..c.instances.len()).map(|i| c.owned_by(i)).sum::<usize>() == PARTITIONS as usize,
     );
     let moved_after = killed_at.elapsed();
     producing.join().expect("producer");
@@ -567,8 +566,8 @@ fn standby_copies_answer_while_an_owner_is_dead_and_take_over_without_a_restore(
         "no changelog record reached a copy"
     );
 
-    // Not the first instance: see the kill test.
-    let victim = 2;
+    // The group's leader (the first to join), as in the kill test.
+    let victim = 0;
     let victims: Vec<i64> = cluster
         .ownership(cluster.instances[0].as_ref().expect("instance 0"))
         .into_iter()
@@ -601,7 +600,7 @@ fn standby_copies_answer_while_an_owner_is_dead_and_take_over_without_a_restore(
         .as_ref()
         .expect("victim")
         .signal("STOP");
-    let survivor = cluster.instances[0].as_ref().expect("instance 0");
+    let survivor = cluster.instances[1].as_ref().expect("instance 1");
     for (key, count) in victims_keys.iter().take(3) {
         let asked = Instant::now();
         let response = lookup(&client, survivor, "count", key).expect("lookup");
@@ -684,7 +683,7 @@ fn standby_copies_answer_while_an_owner_is_dead_and_take_over_without_a_restore(
     cluster.wait_until(
         "the survivors own every partition",
         Duration::from_secs(360),
-        |c| c.owned_by(0) + c.owned_by(1) == PARTITIONS as usize,
+        |c| (0..c.instances.len()).map(|i| c.owned_by(i)).sum::<usize>() == PARTITIONS as usize,
     );
     let moved_after = killed_at.elapsed();
     let unanswered = cluster.wait_exact(&data, &mut rng, Duration::from_secs(120));
@@ -875,8 +874,7 @@ fn a_paused_owner_that_wakes_up_is_fenced_and_every_key_stays_exact() {
     );
     let producing = produce_slowly(cluster.broker.address.clone(), rest.to_vec());
 
-    // The second instance (tansu keeps a dead group leader as leader) is
-    // paused just after it consumed records (so they are not written
+    // The second instance is paused just after it consumed records (so they are not written
     // yet); the first takes its partitions over.
     let zombie = 1;
     let consumed = |c: &Cluster| {
@@ -965,8 +963,8 @@ fn a_dead_instances_partitions_move_with_one_standby_copy_while_records_keep_com
         Duration::from_secs(120),
         Cluster::every_partition_has_a_current_copy,
     );
-    // Not the first instance: see the kill test.
-    let victim = 2;
+    // The group's leader (the first to join), as in the kill test.
+    let victim = 0;
     let killed_at = Instant::now();
     cluster.instances[victim].as_mut().expect("victim").kill();
     cluster.instances[victim] = None;
