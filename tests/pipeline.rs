@@ -503,3 +503,94 @@ fn http_errors_are_json_with_the_right_status() {
     assert_eq!(status, 200);
     assert_eq!(page["items"].as_array().map(Vec::len), Some(10));
 }
+
+/// Each aggregation's partitions still catching up, from `/v1/aggregations`.
+fn catching_up(wagg: &Wagg) -> BTreeMap<String, usize> {
+    let (_, body) = wagg.get("/v1/aggregations");
+    body["aggregations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            let behind = a["partitions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["catching_up"] == true)
+                .count();
+            (a["name"].as_str().unwrap_or_default().to_owned(), behind)
+        })
+        .collect()
+}
+
+#[test]
+fn an_aggregation_added_to_a_running_deployment_catches_up_while_the_others_stay_live() {
+    let setup = Setup::new(&["purchases"]);
+    let count_only = setup.config(
+        &["purchases"],
+        &format!(
+            "[[aggregation]]\nname = \"count\"\nplugin = {:?}\n",
+            plugin("count")
+        ),
+    );
+    let first = purchases(0, 100_000, 5_000);
+    setup.broker.produce("purchases", &records(&first));
+    let mut wagg = setup.start(&count_only);
+    wagg.wait_for(&[("count".to_owned(), 100_000)].into(), CATCH_UP);
+    assert!(wagg.terminate().success());
+    drop(wagg);
+
+    // More records arrive while it is down; then `stats` and `top` are
+    // added to the config and the process restarts on the same state.
+    let second = purchases(100_000, 20_000, 5_000);
+    setup.broker.produce("purchases", &records(&second));
+    let config = setup.config(&["purchases"], &purchase_aggregations());
+    let wagg = setup.start(&config);
+
+    // While the new ones catch up, `count` goes on live: it takes the
+    // records that arrive meanwhile, and every lookup of it is answered.
+    let third = purchases(120_000, 20_000, 5_000);
+    setup.broker.produce("purchases", &records(&third));
+    let all: Vec<Purchase> = first.iter().chain(&second).chain(&third).cloned().collect();
+    let truth = expected_counts(&all);
+    let started = std::time::Instant::now();
+    let mut seen_live_while_behind = false;
+    loop {
+        let behind = catching_up(&wagg);
+        let applied = wagg.applied();
+        if behind.get("stats").copied().unwrap_or(0) > 0 && applied["count"] == 140_000 {
+            seen_live_while_behind = true;
+        }
+        for key in ["user-00001", "user-02500", "user-04999"] {
+            let (status, body) = wagg.get(&format!("/v1/aggregations/count/keys/{key}"));
+            assert_eq!(status, 200, "{key} while catching up: {body}");
+            assert!(
+                body["state"]["count"].as_u64() <= truth[key]["count"].as_u64(),
+                "{key}: {body} above the truth"
+            );
+        }
+        if behind.values().all(|n| *n == 0) && applied == all_applied(140_000) {
+            break;
+        }
+        assert!(
+            started.elapsed() < CATCH_UP,
+            "not caught up: {applied:?}, catching up: {behind:?}; log:\n{}",
+            wagg.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        seen_live_while_behind,
+        "`count` never had every live record while `stats` was still catching up; log:\n{}",
+        wagg.log()
+    );
+    // The new aggregations hold the topic's whole history; the old one
+    // took each record once.
+    assert_purchase_states(&wagg, &all);
+    let metrics = wagg.metrics();
+    assert_eq!(
+        metrics.get("wagg_aggregation_catch_up_lag{aggregation=\"stats\"}"),
+        Some(&0.0),
+        "{metrics:?}"
+    );
+}

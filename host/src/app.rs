@@ -1,5 +1,6 @@
 //! Wiring: config → plugins → state store → consumer thread + HTTP server.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +13,7 @@ use crate::apply::{Aggregation, BatchApplier, Pipeline};
 use crate::cluster::membership::Membership;
 use crate::cluster::secret::ClusterSecret;
 use crate::cluster::{Cluster, ClusterTopics};
-use crate::config::{ClusterConfig, Config, HttpConfig};
+use crate::config::{AggregationConfig, ClusterConfig, Config, HttpConfig, StartFrom};
 use crate::ingest::KafkaSource;
 use crate::kafka::ClientProperties;
 use crate::ops::panics::PanicWatch;
@@ -21,7 +22,7 @@ use crate::plugin::{LoadedPlugin, PluginRuntime, RuntimeConfig};
 use crate::serve::routing::Routing;
 use crate::serve::{ApiState, ConnectionLimits, HttpPolicy, QueryableAggregation};
 use crate::state::flush::FlushPublisher;
-use crate::state::store::{AggregationMeta, StateStore, StoreOptions};
+use crate::state::store::{AggregationMeta, Registration, StateStore, StoreOptions};
 
 /// How often progress is logged while catching up (without a terminal).
 const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -69,15 +70,15 @@ pub fn open_aggregations(
     let mut queryable = Vec::new();
     for (aggregation, plugin) in config.aggregations.iter().zip(plugins) {
         let metadata = plugin.metadata();
-        store.check_aggregation_meta(
-            &aggregation.name,
-            &AggregationMeta {
-                plugin_name: metadata.name.clone(),
-                plugin_version: metadata.version.clone(),
-                state_format: metadata.state_format,
-                content_hash: plugin.content_hash().to_owned(),
-            },
-        )?;
+        let meta = AggregationMeta {
+            plugin_name: metadata.name.clone(),
+            plugin_version: metadata.version.clone(),
+            state_format: metadata.state_format,
+            content_hash: plugin.content_hash().to_owned(),
+        };
+        if store.check_aggregation_meta(&aggregation.name, &meta)? == Registration::New {
+            register_new(&store, config, aggregation, &meta)?;
+        }
         let counters = store.counters(&aggregation.name)?;
         let instance = plugin.instantiate(&aggregation.params_json())?;
         aggregations.push(Aggregation::new(
@@ -90,6 +91,37 @@ pub fn open_aggregations(
         queryable.push(QueryableAggregation::new(aggregation.clone(), plugin));
     }
     Ok((store, aggregations, queryable))
+}
+
+/// Records an aggregation this store has not run before. On partitions
+/// the store has consumed already, it catches up from `source.start_from`
+/// on its own while the others go on live (`start_from = "latest"`: it
+/// starts where they are).
+fn register_new(
+    store: &StateStore,
+    config: &Config,
+    aggregation: &AggregationConfig,
+    meta: &AggregationMeta,
+) -> anyhow::Result<()> {
+    let start: BTreeMap<(String, i32), i64> = match config.source.start_from {
+        StartFrom::Latest => BTreeMap::new(),
+        StartFrom::Earliest => store
+            .offsets()?
+            .into_keys()
+            .filter(|(topic, _)| aggregation.applies_to(topic))
+            .map(|partition| (partition, 0))
+            .collect(),
+    };
+    if !start.is_empty() {
+        tracing::info!(
+            aggregation = %aggregation.name,
+            partitions = start.len(),
+            "new aggregation: catching up from the beginning of the partitions consumed so far, while the other aggregations go on live"
+        );
+    }
+    store
+        .register_aggregation(&aggregation.name, meta, &start)
+        .with_context(|| format!("registering aggregation {:?}", aggregation.name))
 }
 
 /// Once `shutdown` is set, gives the process `deadline` to finish, then

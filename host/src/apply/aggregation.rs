@@ -1,12 +1,16 @@
 //! One configured aggregation as the consumer thread runs it: its plugin
 //! instance, its state cache, its counters and its metrics.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 
 use crate::config::AggregationConfig;
 use crate::ops::metrics::{AggregationLabel, CacheLabel, Metrics};
 use crate::ops::status::AggregationCounters;
 use crate::plugin::{LoadedPlugin, PluginInstance};
+use crate::record::SourceRecord;
 use crate::state::cache::StateCache;
 
 /// One configured aggregation as the consumer loop runs it.
@@ -21,6 +25,10 @@ pub struct Aggregation {
     /// what the last flush reported to `Status`).
     pub(super) applied: AggregationCounters,
     pub(super) instruments: Instruments,
+    /// Partitions this aggregation is catching up on, with its own next
+    /// offset there: the live records of these partitions are not its
+    /// (see `state::store::catch_up`).
+    pub(super) catch_up: HashMap<(Arc<str>, i32), i64>,
 }
 
 /// An aggregation's metrics, looked up once (not per batch).
@@ -82,6 +90,38 @@ impl Aggregation {
             applied: counters,
             // Attached to the registry by `BatchApplier::new`.
             instruments: Instruments::default(),
+            catch_up: HashMap::new(),
         }
     }
+
+    /// Whether a record of `feed` is this aggregation's to apply: a live
+    /// record where it is current, a re-read one where it is catching up
+    /// and has not applied it yet.
+    pub(super) fn takes(&self, feed: Feed, record: &SourceRecord) -> bool {
+        if !self.config.applies_to(&record.topic) {
+            return false;
+        }
+        if self.catch_up.is_empty() {
+            return feed == Feed::Live;
+        }
+        match (
+            feed,
+            self.catch_up.get(&(record.topic.clone(), record.partition)),
+        ) {
+            (Feed::Live, None) => true,
+            (Feed::CatchUp, Some(&next)) => record.offset >= next,
+            _ => false,
+        }
+    }
+}
+
+/// Where a batch comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feed {
+    /// The source's live records: applied to every aggregation current on
+    /// their partition.
+    Live,
+    /// Records read again for aggregations catching up: applied only to
+    /// them, each from its own next offset.
+    CatchUp,
 }

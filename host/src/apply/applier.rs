@@ -4,13 +4,13 @@
 //! kept; a batch that succeeds joins the unwritten effects the
 //! [`Flusher`](super::flusher::Flusher) writes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use super::PipelineError;
-use super::aggregation::{Aggregation, Instruments};
+use super::aggregation::{Aggregation, Feed, Instruments};
 use super::dead_letter::{DeadLetter, DeadLetterError, DeadLetterSink};
 use super::flusher::Flusher;
 use super::group::{GroupKey, group_by_key, group_key};
@@ -20,7 +20,7 @@ use crate::ops::status::{AggregationCounters, Status};
 use crate::plugin::{Change, GroupInput};
 use crate::record::SourceRecord;
 use crate::state::cache::State;
-use crate::state::flush::{FlushOffsets, FlushPublisher};
+use crate::state::flush::{CatchUpOffsets, FlushOffsets, FlushPublisher};
 use crate::state::store::{Slot, StateStore, StoreError};
 use crate::state::writer::{StateWriter, WriteInstruments};
 
@@ -101,6 +101,11 @@ impl BatchApplier {
             .store_key(&[]);
             for aggregation in &mut self.aggregations {
                 aggregation.states.forget_clean(&prefix);
+                let key = (Arc::<str>::from(topic.as_str()), *partition);
+                if aggregation.catch_up.remove(&key).is_some() {
+                    self.status
+                        .set_catch_up(&aggregation.config.name, topic, *partition, None);
+                }
             }
         }
     }
@@ -141,6 +146,90 @@ impl BatchApplier {
         batch: &[SourceRecord],
         shutdown: &AtomicBool,
     ) -> Result<FlushOffsets, PipelineError> {
+        self.apply_feed(batch, Feed::Live, shutdown)
+    }
+
+    /// Applies records read again for the aggregations catching up on
+    /// their partitions (each from its own next offset), like
+    /// [`BatchApplier::apply`]; the partitions' live offsets stay.
+    pub fn apply_catch_up(
+        &mut self,
+        batch: &[SourceRecord],
+        shutdown: &AtomicBool,
+    ) -> Result<(), PipelineError> {
+        let partitions = self.apply_feed(batch, Feed::CatchUp, shutdown)?;
+        let mut progress = CatchUpOffsets::new();
+        for aggregation in &mut self.aggregations {
+            for ((topic, partition), next) in &partitions {
+                if let Some(own) = aggregation.catch_up.get_mut(&(topic.clone(), *partition)) {
+                    *own = (*own).max(*next);
+                    let key = (topic.clone(), *partition, aggregation.config.name.clone());
+                    progress.insert(key, Some(*own));
+                }
+            }
+        }
+        self.flusher.caught_up_to(progress);
+        Ok(())
+    }
+
+    /// Aggregations start catching up on a partition this instance now
+    /// owns, from their stored next offsets.
+    pub fn start_catch_up(
+        &mut self,
+        topic: &Arc<str>,
+        partition: i32,
+        from: &BTreeMap<String, i64>,
+    ) {
+        for aggregation in &mut self.aggregations {
+            if let Some(&next) = from.get(&aggregation.config.name) {
+                aggregation
+                    .catch_up
+                    .insert((topic.clone(), partition), next);
+                self.status
+                    .set_catch_up(&aggregation.config.name, topic, partition, Some(next));
+            }
+        }
+    }
+
+    /// The aggregations catching up on a partition have applied every
+    /// record before `at`; where that reaches the partition's live offset
+    /// (`live`), they follow the live records from now on (written with
+    /// the next flush).
+    pub fn catch_up_reached(
+        &mut self,
+        topic: &Arc<str>,
+        partition: i32,
+        at: i64,
+        live: Option<i64>,
+    ) {
+        let mut progress = CatchUpOffsets::new();
+        for aggregation in &mut self.aggregations {
+            let key = (topic.clone(), partition);
+            if !aggregation.catch_up.contains_key(&key) {
+                continue;
+            }
+            if live.is_some_and(|live| at < live) {
+                // The reader stopped short of the live records: keep the
+                // aggregation apart (it is retried at the next assignment).
+                tracing::error!(aggregation = %aggregation.config.name, %topic, partition, at, ?live, "catch-up stopped before the live offset");
+                continue;
+            }
+            aggregation.catch_up.remove(&key);
+            tracing::info!(aggregation = %aggregation.config.name, %topic, partition, at, "caught up: following the live records");
+            progress.insert(
+                (topic.clone(), partition, aggregation.config.name.clone()),
+                None,
+            );
+        }
+        self.flusher.caught_up_to(progress);
+    }
+
+    fn apply_feed(
+        &mut self,
+        batch: &[SourceRecord],
+        feed: Feed,
+        shutdown: &AtomicBool,
+    ) -> Result<FlushOffsets, PipelineError> {
         let started = Instant::now();
         let partitions = next_offsets(batch);
         let mut slots = self.slots(&partitions)?;
@@ -148,14 +237,20 @@ impl BatchApplier {
         let mut counters = Vec::with_capacity(self.aggregations.len());
         let mut letters = Vec::new();
         for (index, aggregation) in self.aggregations.iter_mut().enumerate() {
-            let mut staged =
-                apply_aggregation(aggregation, batch, &mut slots, &self.store, |update| {
+            let mut staged = apply_aggregation(
+                aggregation,
+                feed,
+                batch,
+                &mut slots,
+                &self.store,
+                |update| {
                     cache_updates.push(CacheUpdate {
                         aggregation: index,
                         store_key: update.0,
                         state: update.1,
                     })
-                })?;
+                },
+            )?;
             counters.push(staged.counters);
             letters.append(&mut staged.letters);
         }
@@ -177,7 +272,9 @@ impl BatchApplier {
             aggregation.applied = counters;
             aggregation.states.evict_if_over();
         }
-        self.flusher.applied(&partitions);
+        if feed == Feed::Live {
+            self.flusher.applied(&partitions);
+        }
         let metrics = self.status.metrics();
         metrics.batch_records.observe(batch.len() as f64);
         metrics
@@ -238,13 +335,14 @@ fn cached_topic_id(
 /// its dead letters, under `on_error = "dead-letter"`).
 fn apply_aggregation<'b>(
     aggregation: &mut Aggregation,
+    feed: Feed,
     batch: &'b [SourceRecord],
     slots: &mut PartitionMap<Slot>,
     store: &StateStore,
     mut stage: impl FnMut((Vec<u8>, State)),
 ) -> Result<Staged<'b>, PipelineError> {
     let mut counters = aggregation.applied;
-    let (keyed, mut rejected) = key_records(aggregation, batch, slots);
+    let (keyed, mut rejected) = key_records(aggregation, feed, batch, slots);
     let considered = keyed.len() + rejected.len();
     if considered == 0 {
         return Ok(Staged {
@@ -299,15 +397,13 @@ type Rejected<'b> = Vec<(&'b SourceRecord, String)>;
 /// that have none (a re-keying field missing).
 fn key_records<'b>(
     aggregation: &Aggregation,
+    feed: Feed,
     batch: &'b [SourceRecord],
     slots: &mut PartitionMap<Slot>,
 ) -> (Vec<(GroupKey<'b>, &'b SourceRecord)>, Rejected<'b>) {
     let mut rejected = Vec::new();
     let mut keyed = Vec::new();
-    for record in batch
-        .iter()
-        .filter(|r| aggregation.config.applies_to(&r.topic))
-    {
+    for record in batch.iter().filter(|r| aggregation.takes(feed, r)) {
         let Some(slot) = slots.get(&record.topic, record.partition) else {
             // Every record's partition has a slot (`BatchApplier::slots`).
             continue;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use super::aggregation::Aggregation;
 use crate::config::BatchConfig;
 use crate::ops::status::{AggregationCounters, Status};
-use crate::state::flush::{FlushJob, FlushOffsets, FlushedAggregation};
+use crate::state::flush::{CatchUpOffsets, FlushJob, FlushOffsets, FlushedAggregation};
 use crate::state::writer::{StateWriter, WriteError};
 
 pub(super) struct Flusher {
@@ -27,6 +27,8 @@ pub(super) struct Flusher {
     in_flight: Option<InFlight>,
     /// Next offset per partition of the applied but unwritten effects.
     unwritten: FlushOffsets,
+    /// Progress of aggregations catching up, applied but unwritten.
+    unwritten_catch_up: CatchUpOffsets,
     /// When the oldest unwritten effect was applied.
     unwritten_since: Option<Instant>,
     commit_interval: Duration,
@@ -38,6 +40,7 @@ pub(super) struct Flusher {
 /// flight in each aggregation's `StateCache`).
 struct InFlight {
     offsets: FlushOffsets,
+    catch_up: CatchUpOffsets,
     counters: Vec<AggregationCounters>,
 }
 
@@ -47,6 +50,7 @@ impl Flusher {
             writer,
             in_flight: None,
             unwritten: FlushOffsets::new(),
+            unwritten_catch_up: CatchUpOffsets::new(),
             unwritten_since: None,
             commit_interval: batch.commit_interval(),
             max_dirty: batch.max_unwritten_states.max(1),
@@ -59,6 +63,15 @@ impl Flusher {
         for (partition, next) in partitions {
             self.unwritten.insert(partition.clone(), *next);
         }
+        self.unwritten_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Aggregations catching up reached these offsets (`None`: caught up).
+    pub(super) fn caught_up_to(&mut self, progress: CatchUpOffsets) {
+        if progress.is_empty() {
+            return;
+        }
+        self.unwritten_catch_up.extend(progress);
         self.unwritten_since.get_or_insert_with(Instant::now);
     }
 
@@ -83,7 +96,7 @@ impl Flusher {
         status: &Status,
     ) -> Result<FlushOffsets, WriteError> {
         let written = self.wait(aggregations, status)?;
-        if self.unwritten.is_empty() {
+        if self.unwritten.is_empty() && self.unwritten_catch_up.is_empty() {
             return Ok(written);
         }
         let job = FlushJob {
@@ -96,9 +109,11 @@ impl Flusher {
                 })
                 .collect(),
             offsets: self.unwritten.clone(),
+            catch_up: self.unwritten_catch_up.clone(),
         };
         self.in_flight = Some(InFlight {
             offsets: std::mem::take(&mut self.unwritten),
+            catch_up: std::mem::take(&mut self.unwritten_catch_up),
             counters: job.aggregations.iter().map(|a| a.counters).collect(),
         });
         self.unwritten_since = None;
@@ -168,6 +183,9 @@ impl Flusher {
         for ((topic, partition), next) in &written.offsets {
             status.set_next_offset(topic, *partition, *next);
         }
+        for ((topic, partition, aggregation), next) in written.catch_up {
+            status.set_catch_up(&aggregation, &topic, partition, next);
+        }
         Ok(written.offsets)
     }
 
@@ -183,6 +201,9 @@ impl Flusher {
         for (partition, next) in failed.offsets {
             let entry = self.unwritten.entry(partition).or_insert(next);
             *entry = (*entry).max(next);
+        }
+        for (key, next) in failed.catch_up {
+            self.unwritten_catch_up.entry(key).or_insert(next);
         }
         self.unwritten_since.get_or_insert_with(Instant::now);
     }

@@ -145,6 +145,21 @@ impl Pipeline {
                         self.commit(&written);
                     }
                 }
+                Ok(SourceEvent::CatchUp(batch)) => {
+                    self.applier.apply_catch_up(&batch, shutdown)?;
+                    if self.applier.flush_due() {
+                        let written = self.applier.start_flush()?;
+                        self.commit(&written);
+                    }
+                }
+                Ok(SourceEvent::CaughtUp {
+                    topic,
+                    partition,
+                    at,
+                }) => {
+                    let live = self.next_offsets.get(&topic, partition);
+                    self.applier.catch_up_reached(&topic, partition, at, live);
+                }
                 Ok(SourceEvent::Assigned(partitions)) => self.assigned(partitions)?,
                 Ok(SourceEvent::Failed(reason)) => return Err(PipelineError::Source(reason)),
                 Ok(SourceEvent::Revoked { partitions, done }) => {
@@ -204,13 +219,24 @@ impl Pipeline {
         }
     }
 
-    /// Starts newly assigned partitions from their stored offsets.
+    /// Starts newly assigned partitions from their stored offsets, and
+    /// their aggregations that are catching up from their own.
     fn assigned(&mut self, partitions: Vec<(String, i32)>) -> Result<(), PipelineError> {
         let stored = self.applier.store.offsets()?;
         for (topic, partition) in partitions {
-            if let Some(&next) = stored.get(&(topic.clone(), partition)) {
-                self.next_offsets
-                    .insert(Arc::from(topic.as_str()), partition, next);
+            let topic = Arc::<str>::from(topic.as_str());
+            let catch_ups = self.applier.store.catch_ups(&topic, partition)?;
+            match stored.get(&(topic.to_string(), partition)) {
+                Some(&next) => {
+                    self.next_offsets.insert(topic.clone(), partition, next);
+                    self.applier.start_catch_up(&topic, partition, &catch_ups);
+                }
+                // Nothing consumed yet: every aggregation starts together.
+                None if !catch_ups.is_empty() => {
+                    self.applier.start_catch_up(&topic, partition, &catch_ups);
+                    self.applier.catch_up_reached(&topic, partition, 0, None);
+                }
+                None => {}
             }
         }
         Ok(())

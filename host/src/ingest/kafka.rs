@@ -24,6 +24,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::SourceEvent;
+use super::catch_up::CatchUpReader;
 use super::rebalance::SourceContext;
 use crate::cluster::Cluster;
 use crate::config::{BatchConfig, SourceConfig};
@@ -32,6 +33,9 @@ use crate::ops::status::Status;
 use crate::record::SourceRecord;
 use crate::state::store::StateStore;
 
+/// How long the source waits for re-read records when no live ones came.
+const CATCH_UP_WAIT: Duration = Duration::from_millis(20);
+
 /// Batches handed over but not yet taken by the pipeline: enough to keep
 /// both threads busy, few enough to bound memory.
 const QUEUED_BATCHES: usize = 4;
@@ -39,6 +43,7 @@ const QUEUED_BATCHES: usize = 4;
 /// The consumer before its thread starts.
 pub struct KafkaSource {
     consumer: Arc<BaseConsumer<SourceContext>>,
+    catch_up: CatchUpReader,
     topic_names: HashMap<String, Arc<str>>,
     events: Receiver<SourceEvent>,
     session_timeout: Duration,
@@ -54,6 +59,7 @@ impl KafkaSource {
         status: Arc<Status>,
         cluster: Option<Arc<Cluster>>,
     ) -> anyhow::Result<Self> {
+        let catch_up_client = client;
         let client = client.client_config(&[
             ("group.id", source.group_id.as_str()),
             // Offsets live in the state store, written with the state.
@@ -78,6 +84,17 @@ impl KafkaSource {
             // BENCHMARKS.md). Overridable in `[source.kafka]`.
             ("fetch.queue.backoff.ms", "10"),
         ]);
+        let catch_up_group = format!("{}-catch-up", source.group_id);
+        let catch_up_client = catch_up_client.client_config(&[
+            // Assigned by hand (see `catch_up`): it never joins this group
+            // nor commits to it, but librdkafka assigns only with one.
+            ("group.id", catch_up_group.as_str()),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", "earliest"),
+            ("enable.partition.eof", "true"),
+            ("fetch.queue.backoff.ms", "10"),
+        ]);
         let (events, received) = mpsc::sync_channel(QUEUED_BATCHES);
         let context = SourceContext {
             failure: Mutex::new(None),
@@ -89,6 +106,7 @@ impl KafkaSource {
             revocation_pending: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             cluster,
+            catch_up_changes: Mutex::new(Vec::new()),
         };
         // Errors from librdkafka name the property but never echo its value.
         let consumer: BaseConsumer<SourceContext> = create_client_with_context(&client, context)
@@ -97,13 +115,15 @@ impl KafkaSource {
         consumer
             .subscribe(&topics)
             .with_context(|| format!("subscribing to {topics:?}"))?;
+        let topic_names: HashMap<String, Arc<str>> = source
+            .topics
+            .iter()
+            .map(|t| (t.clone(), Arc::<str>::from(t.as_str())))
+            .collect();
         Ok(Self {
             consumer: Arc::new(consumer),
-            topic_names: source
-                .topics
-                .iter()
-                .map(|t| (t.clone(), Arc::<str>::from(t.as_str())))
-                .collect(),
+            catch_up: CatchUpReader::new(catch_up_client, topic_names.clone()),
+            topic_names,
             events: received,
             session_timeout: source.session_timeout(),
         })
@@ -113,12 +133,14 @@ impl KafkaSource {
     pub fn start(self, batch: &BatchConfig) -> std::io::Result<SourceFeed> {
         let Self {
             consumer,
+            catch_up,
             topic_names,
             events,
             session_timeout,
         } = self;
         let poller = Poller {
             consumer: consumer.clone(),
+            catch_up,
             topic_names,
             max_records: batch.max_records.max(1),
             max_delay: batch.max_delay(),
@@ -138,6 +160,7 @@ impl KafkaSource {
 /// The polling side, owned by the source thread.
 struct Poller {
     consumer: Arc<BaseConsumer<SourceContext>>,
+    catch_up: CatchUpReader,
     topic_names: HashMap<String, Arc<str>>,
     max_records: usize,
     max_delay: Duration,
@@ -191,7 +214,12 @@ impl Poller {
             if !batch.is_empty() {
                 crate::fault_injection::fault_point("wagg-source");
             }
+            self.catch_up.live_moved(&batch);
+            let idle = batch.is_empty();
             if !batch.is_empty() && context.events.send(SourceEvent::Records(batch)).is_err() {
+                break;
+            }
+            if self.catch_up(idle).is_err() {
                 break;
             }
             if let Some(reason) = context.take_failure() {
@@ -199,6 +227,46 @@ impl Poller {
                 break;
             }
         }
+    }
+
+    /// Starts and stops re-reading partitions as the last poll's
+    /// rebalances said, then hands on a batch of re-read records (waiting a
+    /// little for one when the live records are `idle`). `Err`: the
+    /// pipeline is gone.
+    fn catch_up(&mut self, idle: bool) -> Result<(), ()> {
+        let context = self.consumer.context();
+        let mut reached = Vec::new();
+        for change in context.take_catch_up_changes() {
+            match self.catch_up.change(change) {
+                Ok(done) => reached.extend(done),
+                Err(e) => context.fail(format!("{e:#}")),
+            }
+        }
+        if !self.catch_up.is_idle() {
+            let wait = if idle { CATCH_UP_WAIT } else { Duration::ZERO };
+            let (records, done) = self.catch_up.read(self.max_records, wait);
+            if !records.is_empty() {
+                context
+                    .status
+                    .metrics()
+                    .records_consumed
+                    .inc_by(records.len() as u64);
+                context
+                    .events
+                    .send(SourceEvent::CatchUp(records))
+                    .map_err(drop)?;
+            }
+            reached.extend(done);
+        }
+        for done in reached {
+            let event = SourceEvent::CaughtUp {
+                topic: done.topic,
+                partition: done.partition,
+                at: done.at,
+            };
+            context.events.send(event).map_err(drop)?;
+        }
+        Ok(())
     }
 
     /// Whether this (single) instance has owned nothing for too long while

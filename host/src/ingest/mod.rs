@@ -2,9 +2,11 @@
 //! [`KafkaSource`] (a real cluster, or librdkafka's in-process mock cluster
 //! for the demo): the code path is the same either way.
 
+mod catch_up;
 pub mod kafka;
 mod rebalance;
 
+use std::sync::Arc;
 use std::sync::mpsc;
 
 use crate::record::SourceRecord;
@@ -17,6 +19,17 @@ pub enum SourceEvent {
     /// Up to `batch.max_records` records in arrival order (each
     /// partition's in offset order).
     Records(Vec<SourceRecord>),
+    /// Records of owned partitions read again for the aggregations catching
+    /// up on them (each partition's in offset order, all below the
+    /// partition's live offset).
+    CatchUp(Vec<SourceRecord>),
+    /// The re-reading of a partition reached its live offset `at`: its
+    /// aggregations catching up have been handed every record before it.
+    CaughtUp {
+        topic: Arc<str>,
+        partition: i32,
+        at: i64,
+    },
     /// Partitions now owned; their records follow this event.
     Assigned(Vec<(String, i32)>),
     /// Partitions taken away. The consumer holds the rebalance until `done`

@@ -20,6 +20,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::SourceEvent;
+use super::catch_up::CatchUpChange;
 use crate::cluster::Cluster;
 use crate::config::StartFrom;
 use crate::ops::status::Status;
@@ -45,6 +46,9 @@ pub struct SourceContext {
     /// Cluster mode: partitions are taken over (restored, claimed) before
     /// they are assigned, and released after they are revoked.
     pub(super) cluster: Option<Arc<Cluster>>,
+    /// Partitions to start or stop re-reading for aggregations catching up
+    /// (taken by the poller after each poll).
+    pub(super) catch_up_changes: Mutex<Vec<CatchUpChange>>,
 }
 
 impl ClientContext for SourceContext {
@@ -140,6 +144,7 @@ impl ConsumerContext for SourceContext {
                     self.status.set_assigned(topic, *partition, true);
                     if let Some(&next) = stored.get(&(topic.clone(), *partition)) {
                         self.status.set_next_offset(topic, *partition, next);
+                        self.start_catch_up(topic, *partition, next);
                     }
                 }
                 tracing::info!(
@@ -183,6 +188,17 @@ impl ConsumerContext for SourceContext {
                         let _ = written.recv();
                     }
                 }
+                self.catch_up_changes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(
+                        partitions
+                            .iter()
+                            .map(|(topic, partition)| CatchUpChange::Stop {
+                                topic: topic.clone(),
+                                partition: *partition,
+                            }),
+                    );
                 if let Some(cluster) = &self.cluster {
                     cluster.release(&partitions);
                 }
@@ -201,6 +217,38 @@ impl SourceContext {
         tracing::error!(%reason, "cannot go on consuming");
         let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
         failure.get_or_insert(reason);
+    }
+
+    /// Has the partition re-read if aggregations are catching up on it
+    /// (behind its stored offset `live`).
+    fn start_catch_up(&self, topic: &str, partition: i32, live: i64) {
+        match self.store.catch_ups(topic, partition) {
+            Ok(entries) => {
+                if let Some(&from) = entries.values().min() {
+                    self.catch_up_changes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(CatchUpChange::Start {
+                            topic: topic.to_owned(),
+                            partition,
+                            from,
+                            live,
+                        });
+                }
+            }
+            Err(e) => self.fail(format!(
+                "reading the catch-up progress of {topic}/{partition}: {e}"
+            )),
+        }
+    }
+
+    pub(super) fn take_catch_up_changes(&self) -> Vec<CatchUpChange> {
+        std::mem::take(
+            &mut *self
+                .catch_up_changes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
     }
 
     pub(super) fn take_failure(&self) -> Option<String> {

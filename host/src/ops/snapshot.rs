@@ -16,6 +16,9 @@ use super::status::{AggregationCounters, PartitionProgress};
 pub struct Snapshot {
     pub aggregations: Vec<(String, AggregationCounters, u64)>,
     pub partitions: Vec<PartitionProgress>,
+    /// Records between the live offsets and those of aggregations catching
+    /// up, per aggregation (absent: current).
+    pub catch_up_lag: std::collections::BTreeMap<String, i64>,
     pub store_bytes: u64,
     pub ready: bool,
 }
@@ -68,6 +71,19 @@ impl Collector for Snapshot {
                 aggregation: aggregation.clone(),
             };
             ConstGauge::new(*estimate as i64).encode(keys.encode_family(&label)?)?;
+        }
+        let mut behind = encoder.encode_descriptor(
+            "aggregation_catch_up_lag",
+            "Records an aggregation added (or reset) after its partitions were consumed has still to apply before it is current (0: current)",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (aggregation, _, _) in &self.aggregations {
+            let label = AggregationLabel {
+                aggregation: aggregation.clone(),
+            };
+            let lag = self.catch_up_lag.get(aggregation).copied().unwrap_or(0);
+            ConstGauge::new(lag).encode(behind.encode_family(&label)?)?;
         }
         type PickPartition = fn(&PartitionProgress) -> Option<i64>;
         let per_partition: [(&str, &str, PickPartition); 3] = [

@@ -25,6 +25,9 @@ struct Inner {
     idle: Option<String>,
     aggregations: BTreeMap<String, AggregationCounters>,
     partitions: BTreeMap<(String, i32), PartitionProgress>,
+    /// Own next offsets of aggregations catching up: (aggregation, topic,
+    /// partition) → next offset.
+    catch_up: BTreeMap<(String, String, i32), i64>,
 }
 
 pub use crate::state::store::AggregationCounters;
@@ -49,6 +52,11 @@ pub struct PartitionProgress {
     /// partition reaches (absent when it keeps none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub standby_offset: Option<i64>,
+    /// In an aggregation's list: the aggregation is catching up on this
+    /// partition (it was added, or reset, after the partition was
+    /// consumed); `next_offset` and `lag` are then its own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub catching_up: bool,
 }
 
 /// Why the instance is not ready, if it is not.
@@ -155,6 +163,57 @@ impl Status {
 
     pub fn partitions(&self) -> Vec<PartitionProgress> {
         self.read().partitions.values().cloned().collect()
+    }
+
+    /// Sets an aggregation's own next offset on a partition while it
+    /// catches up (`None`: it follows the partition, or the partition is
+    /// not this instance's any more).
+    pub fn set_catch_up(&self, aggregation: &str, topic: &str, partition: i32, next: Option<i64>) {
+        let key = (aggregation.to_owned(), topic.to_owned(), partition);
+        let mut inner = self.write();
+        match next {
+            Some(next) => inner.catch_up.insert(key, next),
+            None => inner.catch_up.remove(&key),
+        };
+    }
+
+    /// An aggregation's view of the partitions: the shared progress, with
+    /// its own offsets and lag where it is catching up.
+    pub fn partitions_of(
+        &self,
+        aggregation: &str,
+        mut partitions: Vec<PartitionProgress>,
+    ) -> Vec<PartitionProgress> {
+        let inner = self.read();
+        for progress in &mut partitions {
+            let key = (
+                aggregation.to_owned(),
+                progress.topic.clone(),
+                progress.partition,
+            );
+            if let Some(&next) = inner.catch_up.get(&key) {
+                progress.catching_up = true;
+                progress.next_offset = Some(next);
+                progress.lag = progress.high_watermark.map(|high| (high - next).max(0));
+            }
+        }
+        partitions
+    }
+
+    /// How far behind its partitions' live offsets each aggregation that
+    /// is catching up is, in records (for `/metrics`).
+    pub fn catch_up_lags(&self) -> BTreeMap<String, i64> {
+        let inner = self.read();
+        let mut lags = BTreeMap::new();
+        for ((aggregation, topic, partition), next) in &inner.catch_up {
+            let high = inner
+                .partitions
+                .get(&(topic.clone(), *partition))
+                .and_then(|p| p.high_watermark.or(p.next_offset))
+                .unwrap_or(*next);
+            *lags.entry(aggregation.clone()).or_insert(0) += (high - next).max(0);
+        }
+        lags
     }
 
     pub fn readiness(&self) -> Readiness {

@@ -93,11 +93,14 @@ fn aggregation_info(
         records_applied: counters.records_applied,
         records_failed: counters.records_failed,
         records_dead_lettered: counters.records_dead_lettered,
-        partitions: partitions
-            .iter()
-            .filter(|p| config.applies_to(&p.topic))
-            .cloned()
-            .collect(),
+        partitions: state.status.partitions_of(
+            &config.name,
+            partitions
+                .iter()
+                .filter(|p| config.applies_to(&p.topic))
+                .cloned()
+                .collect(),
+        ),
     })
 }
 

@@ -20,6 +20,7 @@ pub async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, Api
     tokio::task::spawn_blocking(move || {
         let mut snapshot = Snapshot {
             partitions: state.status.partitions(),
+            catch_up_lag: state.status.catch_up_lags(),
             ready: state.status.readiness().ready,
             ..Snapshot::default()
         };

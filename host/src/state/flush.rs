@@ -11,12 +11,20 @@ use super::store::{AggregationCounters, StateStore};
 /// The next offset of each partition a flush covers.
 pub type FlushOffsets = BTreeMap<(Arc<str>, i32), i64>;
 
+/// The own next offset of aggregations catching up on a partition
+/// (`None`: caught up, it follows the partition's offset again), by
+/// (topic, partition, aggregation).
+pub type CatchUpOffsets = BTreeMap<(Arc<str>, i32, String), Option<i64>>;
+
 /// Everything one flush makes durable together.
 #[derive(Debug)]
 pub struct FlushJob {
     pub aggregations: Vec<FlushedAggregation>,
-    /// The next offset of every partition the states cover.
+    /// The next offset of every partition the live records cover.
     pub offsets: FlushOffsets,
+    /// The progress of aggregations catching up (see
+    /// `state::store::catch_up`).
+    pub catch_up: CatchUpOffsets,
 }
 
 #[derive(Debug)]

@@ -153,5 +153,8 @@ fn write(
         // Known since the batch was applied: a lookup in the store's map.
         batch.set_offset(store.topic_id(topic)?, *partition, *next);
     }
+    for ((topic, partition, aggregation), next) in &job.catch_up {
+        batch.set_catch_up(store.topic_id(topic)?, *partition, aggregation, *next);
+    }
     Ok(store.write(batch)?)
 }

@@ -84,10 +84,11 @@ pub fn lag(endpoint: &Endpoint) -> anyhow::Result<String> {
 }
 
 fn lag_table(aggregations: &[AggregationSummary]) -> String {
-    // Partitions are shared by the aggregations reading the same topic.
+    // Partitions are shared by the aggregations reading the same topic
+    // (those catching up on one show their own offsets: below).
     let mut partitions: BTreeMap<(String, i32), &PartitionProgress> = BTreeMap::new();
     for aggregation in aggregations {
-        for progress in &aggregation.partitions {
+        for progress in aggregation.partitions.iter().filter(|p| !p.catching_up) {
             partitions.insert((progress.topic.clone(), progress.partition), progress);
         }
     }
@@ -120,11 +121,26 @@ fn lag_table(aggregations: &[AggregationSummary]) -> String {
     let total: i64 = partitions.values().filter_map(|p| p.lag).sum();
     let _ = writeln!(out, "total lag: {total}");
     let _ = writeln!(out);
-    let _ = writeln!(out, "{:<24} {:>16}", "AGGREGATION", "RECORDS APPLIED");
+    let _ = writeln!(
+        out,
+        "{:<24} {:>16}  CATCHING UP",
+        "AGGREGATION", "RECORDS APPLIED"
+    );
     for aggregation in aggregations {
+        let behind: Vec<&PartitionProgress> = aggregation
+            .partitions
+            .iter()
+            .filter(|p| p.catching_up)
+            .collect();
+        let catching_up = if behind.is_empty() {
+            "-".to_owned()
+        } else {
+            let lag: i64 = behind.iter().filter_map(|p| p.lag).sum();
+            format!("{} partition(s), {lag} records behind", behind.len())
+        };
         let _ = writeln!(
             out,
-            "{:<24} {:>16}",
+            "{:<24} {:>16}  {catching_up}",
             aggregation.name, aggregation.records_applied
         );
     }
@@ -154,6 +170,7 @@ mod tests {
             high_watermark: Some(high),
             lag: Some(high - next),
             assigned: true,
+            catching_up: false,
         };
         let summaries = vec![
             AggregationSummary {
@@ -166,10 +183,25 @@ mod tests {
                 records_applied: 30,
                 partitions: vec![progress(0, 10, 15), progress(1, 20, 20)],
             },
+            AggregationSummary {
+                name: "added".into(),
+                records_applied: 4,
+                partitions: vec![
+                    PartitionProgress {
+                        catching_up: true,
+                        ..progress(0, 2, 15)
+                    },
+                    progress(1, 20, 20),
+                ],
+            },
         ];
         let table = lag_table(&summaries);
         assert_eq!(table.matches("orders").count(), 2, "{table}");
         assert!(table.contains("total lag: 5"), "{table}");
+        assert!(
+            table.contains("1 partition(s), 13 records behind"),
+            "{table}"
+        );
         assert!(
             table.contains("count") && table.contains("stats"),
             "{table}"

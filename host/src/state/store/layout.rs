@@ -10,6 +10,10 @@ pub(super) const APPLIED_PREFIX: &[u8] = b"applied\0";
 pub(super) const FAILED_PREFIX: &[u8] = b"failed\0";
 pub(super) const DEAD_LETTERED_PREFIX: &[u8] = b"dead-lettered\0";
 pub(super) const COMMIT_PREFIX: &[u8] = b"commit\0";
+/// `catch-up\0` + topic id + partition + aggregation name → the next offset
+/// of an aggregation that is behind the partition's offset (see
+/// `catch_up.rs`).
+pub(super) const CATCH_UP_PREFIX: &[u8] = b"catch-up\0";
 
 /// Keys with their states.
 pub type KeyStates = Vec<(Vec<u8>, Vec<u8>)>;

@@ -26,10 +26,12 @@ use rocksdb::{
 };
 use serde::{Deserialize, Serialize};
 
+mod catch_up;
 mod layout;
 mod reads;
 mod write;
 
+pub use catch_up::CatchUps;
 use layout::*;
 pub use layout::{KeyStates, Slot};
 pub use write::StateWrite;
@@ -85,6 +87,15 @@ pub struct AggregationMeta {
     pub plugin_version: String,
     pub state_format: u32,
     pub content_hash: String,
+}
+
+/// Whether the store knew an aggregation before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    /// Its state (possibly empty) and progress are in the store.
+    Known,
+    /// Never run on this store: nothing of it is stored yet.
+    New,
 }
 
 /// Options the store is opened with.
@@ -321,8 +332,8 @@ impl StateStore {
             .transpose()
     }
 
-    /// Deletes a partition's states in the given aggregations, its offset
-    /// and its commit, in one write: the partition then starts from
+    /// Deletes a partition's states in the given aggregations, its offset,
+    /// its aggregations' catch-up progress and its commit, in one write: the partition then starts from
     /// nothing (before a restore).
     pub fn clear_slot(&self, aggregations: &[&str], slot: Slot) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
@@ -340,6 +351,9 @@ impl StateStore {
             self.meta(),
             partition_key(COMMIT_PREFIX, slot.topic_id, partition),
         );
+        let catch_up = partition_key(CATCH_UP_PREFIX, slot.topic_id, partition);
+        let catch_up_end = next_prefix(&catch_up).unwrap_or_else(|| vec![0xff; catch_up.len()]);
+        batch.delete_range_cf(self.meta(), &catch_up, &catch_up_end);
         self.db
             .write_opt(batch, &self.write_options)
             .map_err(|e| self.rocks(e))
@@ -351,37 +365,32 @@ impl StateStore {
         ids.iter().find(|(_, v)| **v == id).map(|(k, _)| k.clone())
     }
 
-    /// Records the plugin of `aggregation` on first start; later starts must
-    /// bring a plugin with the same name and state format.
+    /// Checks the plugin of `aggregation` against the one that wrote its
+    /// state: it must have the same name and state format (a new version
+    /// is recorded). An aggregation the store does not know yet is
+    /// [`Registration::New`] and nothing is written: see
+    /// [`StateStore::register_aggregation`].
     pub fn check_aggregation_meta(
         &self,
         aggregation: &str,
         meta: &AggregationMeta,
-    ) -> Result<(), StoreError> {
-        let key = meta_key(AGG_META_PREFIX, aggregation.as_bytes());
-        let stored = self
-            .db
-            .get_cf(self.meta(), &key)
-            .map_err(|e| self.rocks(e))?;
-        if let Some(stored) = stored {
-            let stored: AggregationMeta = serde_json::from_slice(&stored).map_err(|e| {
-                self.corrupt(format!("metadata of aggregation {aggregation:?}: {e}"))
-            })?;
-            if stored.state_format != meta.state_format || stored.plugin_name != meta.plugin_name {
-                return Err(StoreError::IncompatibleState(Box::new(Incompatibility {
-                    aggregation: aggregation.to_owned(),
-                    stored,
-                    configured: meta.clone(),
-                })));
-            }
-            if stored == *meta {
-                return Ok(());
-            }
+    ) -> Result<Registration, StoreError> {
+        let Some(stored) = self.aggregation_meta(aggregation)? else {
+            return Ok(Registration::New);
+        };
+        if stored.state_format != meta.state_format || stored.plugin_name != meta.plugin_name {
+            return Err(StoreError::IncompatibleState(Box::new(Incompatibility {
+                aggregation: aggregation.to_owned(),
+                stored,
+                configured: meta.clone(),
+            })));
         }
-        let value = serde_json::to_vec(meta).map_err(|e| self.corrupt(e.to_string()))?;
-        self.db
-            .put_cf_opt(self.meta(), key, value, &self.write_options)
-            .map_err(|e| self.rocks(e))
+        if stored != *meta {
+            let mut batch = self.begin_write();
+            batch.set_aggregation_meta(aggregation, meta)?;
+            self.write(batch)?;
+        }
+        Ok(Registration::Known)
     }
 
     pub fn aggregation_meta(

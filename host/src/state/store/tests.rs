@@ -82,12 +82,19 @@ fn a_second_process_is_refused_with_a_clear_message() {
 fn incompatible_state_formats_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
+    assert_eq!(
+        store.check_aggregation_meta("a", &meta(1)).unwrap(),
+        Registration::New
+    );
     store
-        .check_aggregation_meta("a", &meta(1))
+        .register_aggregation("a", &meta(1), &BTreeMap::new())
         .expect("first start records the plugin");
-    store
-        .check_aggregation_meta("a", &meta(1))
-        .expect("same plugin is fine");
+    assert_eq!(
+        store
+            .check_aggregation_meta("a", &meta(1))
+            .expect("same plugin is fine"),
+        Registration::Known
+    );
     let newer = AggregationMeta {
         plugin_version: "0.2.0".into(),
         content_hash: "def".into(),
@@ -110,6 +117,63 @@ fn incompatible_state_formats_are_refused() {
         ..meta(1)
     };
     assert!(store.check_aggregation_meta("a", &other).is_err());
+}
+
+#[test]
+fn catch_up_progress_is_registered_advanced_reset_and_cleared_with_the_partition() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let t = store.topic_id("t").unwrap();
+    let start: BTreeMap<(String, i32), i64> =
+        [(("t".to_owned(), 0), 0), (("t".to_owned(), 1), 0)].into();
+    store.register_aggregation("a", &meta(1), &start).unwrap();
+    assert_eq!(store.aggregation_meta("a").unwrap(), Some(meta(1)));
+    assert_eq!(
+        store.catch_ups("t", 0).unwrap(),
+        [("a".to_owned(), 0)].into()
+    );
+
+    let mut write = store.begin_write();
+    write
+        .put_state(
+            "a",
+            Slot {
+                topic_id: t,
+                partition: 0,
+            },
+            b"k",
+            b"1",
+        )
+        .unwrap();
+    write.set_catch_up(t, 0, "a", Some(7));
+    write.set_catch_up(t, 1, "a", None);
+    store.write(write).unwrap();
+    let all = store.all_catch_ups().unwrap();
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[&("t".to_owned(), 0)], [("a".to_owned(), 7)].into());
+
+    // A reset clears the states and starts over where it is told.
+    store
+        .reset_aggregation("a", &[(("t".to_owned(), 1), 3)].into())
+        .unwrap();
+    assert_eq!(store.find("a", b"k").unwrap_or_default(), None);
+    assert_eq!(store.catch_ups("t", 0).unwrap(), BTreeMap::new());
+    assert_eq!(
+        store.catch_ups("t", 1).unwrap(),
+        [("a".to_owned(), 3)].into()
+    );
+
+    // A partition cleared for a restore loses its catch-up entries too.
+    store
+        .clear_slot(
+            &["a"],
+            Slot {
+                topic_id: t,
+                partition: 1,
+            },
+        )
+        .unwrap();
+    assert!(store.all_catch_ups().unwrap().is_empty());
 }
 
 #[test]

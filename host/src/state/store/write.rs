@@ -33,8 +33,8 @@ impl StateStore {
 
 /// Changes that become visible together or not at all.
 pub struct StateWrite<'s> {
-    store: &'s StateStore,
-    batch: WriteBatch,
+    pub(super) store: &'s StateStore,
+    pub(super) batch: WriteBatch,
     /// Slots this batch writes states into, for `known_slots`.
     slots: BTreeSet<(String, Slot)>,
     /// The last slot added to `slots` (writes come in key order, so this
@@ -134,6 +134,30 @@ impl StateWrite<'_> {
                 value.to_be_bytes(),
             );
         }
+    }
+
+    /// Records the plugin that writes the aggregation's state.
+    pub fn set_aggregation_meta(
+        &mut self,
+        aggregation: &str,
+        meta: &AggregationMeta,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(meta).map_err(|e| self.store.corrupt(e.to_string()))?;
+        self.batch.put_cf(
+            self.store.meta(),
+            meta_key(AGG_META_PREFIX, aggregation.as_bytes()),
+            value,
+        );
+        Ok(())
+    }
+
+    /// Deletes every state of the aggregation and zeroes its counters.
+    pub fn clear_aggregation(&mut self, aggregation: &str) -> Result<(), StoreError> {
+        let cf = self.store.aggregation_cf(aggregation)?;
+        self.batch
+            .delete_range_cf(cf, [].as_slice(), vec![0xff; Slot::LEN + 1].as_slice());
+        self.set_counters(aggregation, &AggregationCounters::default());
+        Ok(())
     }
 
     pub fn is_empty(&self) -> bool {

@@ -1,0 +1,128 @@
+//! Progress of aggregations that are behind their partitions: one added to
+//! a store that has consumed its topics already (or reset), catching up from
+//! its own offset while the others go on live.
+//!
+//! A partition's stored offset is where its live consumption resumes; every
+//! aggregation without a catch-up entry for the partition has applied
+//! exactly the records before that offset. An aggregation with an entry `n`
+//! has applied exactly the records before `n` instead. The entry changes
+//! with the aggregation's states, in the same write, and is deleted by the
+//! write that makes the aggregation current.
+
+use super::*;
+
+impl StateStore {
+    /// The aggregations catching up on a partition, with their next
+    /// offsets.
+    pub fn catch_ups(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<BTreeMap<String, i64>, StoreError> {
+        let Some(topic_id) = self.known_topic_id(topic) else {
+            return Ok(BTreeMap::new());
+        };
+        let prefix = partition_key(CATCH_UP_PREFIX, topic_id, partition);
+        self.meta_scan(&prefix)?
+            .into_iter()
+            .map(|(name, value)| {
+                let name = String::from_utf8(name)
+                    .map_err(|_| self.corrupt("catch-up key is malformed".into()))?;
+                Ok((name, self.offset_value(&value)?))
+            })
+            .collect()
+    }
+
+    /// Every catch-up entry: partition → aggregation → next offset.
+    pub fn all_catch_ups(&self) -> Result<CatchUps, StoreError> {
+        let mut out = CatchUps::new();
+        for (key, value) in self.meta_scan(CATCH_UP_PREFIX)? {
+            let malformed = || self.corrupt("catch-up key is malformed".into());
+            let (slot, name) = key.split_at_checked(Slot::LEN).ok_or_else(malformed)?;
+            let topic_id = u16::from_be_bytes([slot[0], slot[1]]);
+            let partition = i32::from_be_bytes([slot[2], slot[3], slot[4], slot[5]]);
+            let topic = self
+                .topic_name(topic_id)
+                .ok_or_else(|| self.corrupt(format!("catch-up for unknown topic id {topic_id}")))?;
+            let name = String::from_utf8(name.to_vec()).map_err(|_| malformed())?;
+            out.entry((topic, partition))
+                .or_default()
+                .insert(name, self.offset_value(&value)?);
+        }
+        Ok(out)
+    }
+
+    /// Records an aggregation new to this store (its plugin) together with
+    /// where it starts on the partitions the store has consumed already:
+    /// one write, so a crash leaves it either unknown or registered with
+    /// its catch-up.
+    pub fn register_aggregation(
+        &self,
+        aggregation: &str,
+        meta: &AggregationMeta,
+        start: &BTreeMap<(String, i32), i64>,
+    ) -> Result<(), StoreError> {
+        let mut batch = self.begin_write();
+        batch.set_aggregation_meta(aggregation, meta)?;
+        for ((topic, partition), next) in start {
+            batch.set_catch_up(self.topic_id(topic)?, *partition, aggregation, Some(*next));
+        }
+        self.write(batch)
+    }
+
+    /// Clears an aggregation — its states, counters and catch-up progress —
+    /// and has it start again from `start` on the partitions the store has
+    /// consumed (the others start with everyone), in one write.
+    pub fn reset_aggregation(
+        &self,
+        aggregation: &str,
+        start: &BTreeMap<(String, i32), i64>,
+    ) -> Result<(), StoreError> {
+        let mut batch = self.begin_write();
+        batch.clear_aggregation(aggregation)?;
+        for ((topic, partition), entries) in self.all_catch_ups()? {
+            if entries.contains_key(aggregation) {
+                batch.set_catch_up(self.topic_id(&topic)?, partition, aggregation, None);
+            }
+        }
+        for ((topic, partition), next) in start {
+            batch.set_catch_up(self.topic_id(topic)?, *partition, aggregation, Some(*next));
+        }
+        self.write(batch)
+    }
+
+    pub(super) fn offset_value(&self, value: &[u8]) -> Result<i64, StoreError> {
+        <[u8; 8]>::try_from(value)
+            .map(i64::from_be_bytes)
+            .map_err(|_| self.corrupt("offset value is malformed".into()))
+    }
+}
+
+/// Catch-up entries: partition → aggregation → next offset.
+pub type CatchUps = BTreeMap<(String, i32), BTreeMap<String, i64>>;
+
+fn catch_up_key(topic_id: u16, partition: i32, aggregation: &str) -> Vec<u8> {
+    let mut key = partition_key(CATCH_UP_PREFIX, topic_id, partition);
+    key.extend_from_slice(aggregation.as_bytes());
+    key
+}
+
+impl StateWrite<'_> {
+    /// Sets (or, with `None`, deletes: the aggregation is current) an
+    /// aggregation's own next offset on a partition.
+    pub fn set_catch_up(
+        &mut self,
+        topic_id: u16,
+        partition: i32,
+        aggregation: &str,
+        next: Option<i64>,
+    ) {
+        let key = catch_up_key(topic_id, partition, aggregation);
+        match next {
+            Some(next) => self
+                .batch
+                .put_cf(self.store.meta(), key, next.to_be_bytes()),
+            None => self.batch.delete_cf(self.store.meta(), key),
+        }
+    }
+}
