@@ -66,6 +66,12 @@ struct Cluster {
     commit_interval_ms: u64,
     /// Environment of every instance started.
     env: Vec<(&'static str, &'static str)>,
+    /// The `[[aggregation]]` tables; `stats` says whether they include
+    /// `stats` (checked with `count` when they do).
+    aggregations: String,
+    stats: bool,
+    /// Each instance's HTTP port (kept for restarts).
+    ports: Vec<u16>,
 }
 
 impl Cluster {
@@ -81,6 +87,9 @@ impl Cluster {
             cluster_extra: "",
             commit_interval_ms: 2000,
             env: Vec::new(),
+            aggregations: common::count_and_stats_toml(),
+            stats: true,
+            ports: Vec::new(),
         }
     }
 
@@ -125,7 +134,7 @@ standby_replicas = {standby}
             source_kafka = self.source_kafka,
             cluster_extra = self.cluster_extra,
             commit_interval_ms = self.commit_interval_ms,
-            aggregations = common::count_and_stats_toml()
+            aggregations = self.aggregations
         )
     }
 
@@ -135,6 +144,7 @@ standby_replicas = {standby}
         let port = free_port();
         let wagg = Wagg::start_with_env(dir.path(), &self.config(port), port, &self.env);
         self.dirs.push(dir);
+        self.ports.push(port);
         self.instances.push(Some(wagg));
         let index = self.instances.len() - 1;
         self.wait_until(
@@ -143,6 +153,17 @@ standby_replicas = {standby}
             |c| c.owned_by(index) > 0,
         );
         index
+    }
+
+    /// Starts every instance again on its state directory and port, with
+    /// the current config (after they were stopped).
+    fn start_all_again(&mut self) {
+        for index in 0..self.instances.len() {
+            let port = self.ports[index];
+            let config = self.config(port);
+            let wagg = Wagg::start_with_env(self.dirs[index].path(), &config, port, &self.env);
+            self.instances[index] = Some(wagg);
+        }
     }
 
     fn live(&self) -> Vec<&Wagg> {
@@ -332,6 +353,9 @@ standby_replicas = {standby}
             );
             if got_count != json!({ "count": count }) {
                 mismatches.push(format!("{key}: count {got_count} != {count}"));
+                continue;
+            }
+            if !self.stats {
                 continue;
             }
             let Some(got_stats) = get("stats") else {
@@ -1059,4 +1083,48 @@ fn forged_member_announcements_are_ignored_and_route_nothing() {
         logs.contains("ignoring a member announcement that fails authentication"),
         "the forged announcement is reported"
     );
+}
+
+#[test]
+fn an_aggregation_added_to_a_cluster_catches_up_on_every_partition_wherever_it_moves() {
+    let (_serial, mut rng, mut cluster) = start("aggregation added", 1);
+    // Two instances (one standby copy each) run `count` alone...
+    cluster.aggregations = format!(
+        "[[aggregation]]\nname = \"count\"\nplugin = {:?}\n",
+        common::plugin("count")
+    );
+    cluster.stats = false;
+    cluster.add_instance();
+    cluster.add_instance();
+    let data = DataSet::new(10_000);
+    let (first, rest) = data.records.split_at(6_000);
+    let (second, third) = rest.split_at(2_000);
+    cluster.broker.produce(TOPIC, first);
+    cluster.wait_exact(
+        &DataSet::new(first.len()),
+        &mut rng,
+        Duration::from_secs(120),
+    );
+
+    // ...stop; more records arrive; both restart with `stats` added.
+    for wagg in cluster.instances.iter_mut().flatten() {
+        assert!(wagg.terminate().success());
+    }
+    cluster.broker.produce(TOPIC, second);
+    cluster.aggregations = common::count_and_stats_toml();
+    cluster.stats = true;
+    cluster.start_all_again();
+    cluster.broker.produce(TOPIC, third);
+    // `stats` holds every record of the topic's history, `count` each
+    // record once, through both instances.
+    let unanswered = cluster.wait_exact(&data, &mut rng, Duration::from_secs(180));
+    eprintln!(
+        "aggregation added to a cluster: every key exact ({unanswered} lookups unanswered on the way)"
+    );
+    // And after the partitions move again (the second instance leaves),
+    // from the changelog and the copies.
+    if let Some(mut leaving) = cluster.instances[1].take() {
+        assert!(leaving.terminate().success());
+    }
+    cluster.wait_exact(&data, &mut rng, Duration::from_secs(180));
 }

@@ -349,6 +349,7 @@ fn start_cluster(
         ClusterTopics::new(cluster_config, &config.source.group_id)
             .with_record_max_bytes(config.changelog_record_max_bytes()),
         &config.aggregations,
+        config.source.start_from,
         &ClientProperties::new(&config.source.brokers, config.connection_properties()),
         status.clone(),
         shutdown.clone(),

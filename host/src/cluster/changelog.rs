@@ -3,6 +3,7 @@
 //! state writer writes the flush locally (see `state::writer`).
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::time::Duration;
 
 use rdkafka::producer::Producer;
@@ -34,18 +35,7 @@ impl Cluster {
         job: &FlushJob,
     ) -> Result<Vec<PartitionCommit>, ClusterError> {
         self.check_not_deposed()?;
-        let mut commits: HashMap<(String, i32), Commit> = HashMap::new();
-        {
-            let owned = self.owned();
-            for ((topic, partition), next) in &job.offsets {
-                let key = (topic.to_string(), *partition);
-                let current = owned.get(&key).ok_or_else(|| ClusterError::NotOwned {
-                    topic: key.0.clone(),
-                    partition: key.1,
-                })?;
-                commits.insert(key, current.next_flush(*next));
-            }
-        }
+        let mut commits = self.next_commits(job)?;
         let mut backoff = Duration::from_millis(200);
         loop {
             let producing = self.producing.lock().unwrap_or_else(|p| p.into_inner());
@@ -79,6 +69,42 @@ impl Cluster {
             owned.insert((topic, partition), commit);
         }
         Ok(out)
+    }
+
+    /// The commit of the flush for every partition it covers: those whose
+    /// live offsets moved and those whose aggregations catching up moved.
+    fn next_commits(&self, job: &FlushJob) -> Result<HashMap<(String, i32), Commit>, ClusterError> {
+        let owned = self.owned();
+        let current = |key: &(String, i32)| {
+            owned.get(key).ok_or_else(|| ClusterError::NotOwned {
+                topic: key.0.clone(),
+                partition: key.1,
+            })
+        };
+        let mut commits: HashMap<(String, i32), Commit> = HashMap::new();
+        for ((topic, partition), next) in &job.offsets {
+            let key = (topic.to_string(), *partition);
+            let commit = current(&key)?.next_flush(Some(*next));
+            commits.insert(key, commit);
+        }
+        for ((topic, partition, aggregation), own) in &job.catch_up {
+            let key = (topic.to_string(), *partition);
+            let commit = match commits.entry(key) {
+                Entry::Occupied(entry) => entry.into_mut(),
+                Entry::Vacant(entry) => {
+                    let at = current(entry.key())?;
+                    entry.insert(at.next_flush(at.next_offset))
+                }
+            };
+            match own {
+                Some(own) => commit.catch_up.insert(aggregation.clone(), *own),
+                None => commit.catch_up.remove(aggregation),
+            };
+        }
+        for ((topic, _), commit) in commits.iter_mut() {
+            commit.aggregations = Some(self.described(topic));
+        }
+        Ok(commits)
     }
 
     pub(super) fn try_publish(
@@ -190,7 +216,7 @@ impl Cluster {
         let Some(next_offset) = claim.next_offset else {
             return Ok(claim.clone());
         };
-        let mut commit = claim.next_flush(next_offset);
+        let mut commit = claim.next_flush(Some(next_offset));
         self.producer.context().take_delivered();
         let slot = Slot {
             topic_id: store.topic_id(topic)?,

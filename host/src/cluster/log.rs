@@ -13,7 +13,7 @@
 //! lineage accepts, so records of an unfinished flush (a crash between the
 //! state records and the commit) or of a deposed owner are never applied.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -90,6 +90,15 @@ pub struct Commit {
     /// owner must not resume at `next_offset` (see `cluster::takeover`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub snapshot_pending: bool,
+    /// Aggregations catching up on the partition (added, or reset, after
+    /// it was consumed) → their own next offset, below `next_offset`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub catch_up: BTreeMap<String, i64>,
+    /// The aggregations whose states this commit describes (`None`: a
+    /// commit of an earlier wagg, which describes every configured one).
+    /// One configured now and not named here is new to the partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregations: Option<BTreeSet<String>>,
 }
 
 impl Commit {
@@ -128,22 +137,42 @@ impl Commit {
             ends: self.ends.clone(),
             at_ms: 0,
             snapshot_pending: false,
+            catch_up: self.catch_up.clone(),
+            aggregations: self.aggregations.clone(),
         }
     }
 
     /// The commit of the next flush in this epoch, reaching `next_offset`.
-    pub fn next_flush(&self, next_offset: i64) -> Commit {
+    pub fn next_flush(&self, next_offset: Option<i64>) -> Commit {
         let seq = self.seq + 1;
         let mut lineage = self.lineage.clone();
         lineage.insert(self.epoch, seq);
         Commit {
             epoch: self.epoch,
             seq,
-            next_offset: Some(next_offset),
+            next_offset,
             lineage,
             ends: self.ends.clone(),
             at_ms: 0,
             snapshot_pending: false,
+            catch_up: self.catch_up.clone(),
+            aggregations: self.aggregations.clone(),
+        }
+    }
+
+    /// Where `aggregation` stands on the partition in this state: its own
+    /// next offset if it is catching up, `None` if it is at `next_offset`.
+    /// One the commit does not describe is new here and starts at
+    /// `new_from` (`source.start_from`: 0 for the beginning, `None` with
+    /// the others).
+    pub fn catch_up_of(&self, aggregation: &str, new_from: Option<i64>) -> Option<i64> {
+        if let Some(&own) = self.catch_up.get(aggregation) {
+            return Some(own);
+        }
+        self.next_offset?;
+        match &self.aggregations {
+            Some(described) if !described.contains(aggregation) => new_from,
+            _ => None,
         }
     }
 
@@ -157,6 +186,8 @@ impl Commit {
             ends: BTreeMap::new(),
             at_ms: 0,
             snapshot_pending: false,
+            catch_up: BTreeMap::new(),
+            aggregations: None,
         }
     }
 }
@@ -178,6 +209,11 @@ pub fn parse_commit(payload: Option<&[u8]>) -> Result<Commit, String> {
     }
     if let Some(offset) = commit.next_offset.filter(|o| *o < 0) {
         return Err(format!("next_offset {offset} is negative"));
+    }
+    if let Some((aggregation, offset)) = commit.catch_up.iter().find(|(_, o)| **o < 0) {
+        return Err(format!(
+            "catch-up offset {offset} of aggregation {aggregation:?} is negative"
+        ));
     }
     if commit.lineage.get(&commit.epoch) != Some(&commit.seq) {
         return Err(format!(
@@ -212,7 +248,11 @@ mod commit_validation {
     #[test]
     fn real_commits_parse_and_forged_ones_are_refused_with_the_reason() {
         let claim = Commit::empty().claim(1);
-        let flushed = claim.next_flush(10).next_flush(20).claim(2).next_flush(30);
+        let flushed = claim
+            .next_flush(Some(10))
+            .next_flush(Some(20))
+            .claim(2)
+            .next_flush(Some(30));
         for commit in [&claim, &flushed] {
             assert_eq!(parse_commit(Some(&json(commit))).as_ref(), Ok(commit));
         }
@@ -227,6 +267,13 @@ mod commit_validation {
             (
                 Commit {
                     next_offset: Some(-2),
+                    ..flushed.clone()
+                },
+                "negative",
+            ),
+            (
+                Commit {
+                    catch_up: [("added".to_owned(), -1)].into(),
                     ..flushed.clone()
                 },
                 "negative",
@@ -252,6 +299,30 @@ mod commit_validation {
         }
         assert!(parse_commit(Some(b"{not json")).is_err());
         assert!(parse_commit(None).is_err());
+    }
+
+    #[test]
+    fn a_commit_says_where_each_aggregation_stands() {
+        let mut commit = Commit::empty().claim(1).next_flush(Some(100));
+        // A commit of an earlier wagg describes every aggregation.
+        assert_eq!(commit.catch_up_of("count", Some(0)), None);
+        commit.aggregations = Some(["count".to_owned(), "stats".to_owned()].into());
+        commit.catch_up = [("stats".to_owned(), 40)].into();
+        assert_eq!(commit.catch_up_of("count", Some(0)), None);
+        assert_eq!(commit.catch_up_of("stats", Some(0)), Some(40));
+        // Not described: new to the partition, from `start_from`.
+        assert_eq!(commit.catch_up_of("top", Some(0)), Some(0));
+        assert_eq!(commit.catch_up_of("top", None), None);
+        // Nothing consumed yet: everyone starts together.
+        let fresh = Commit {
+            aggregations: Some(BTreeSet::new()),
+            ..Commit::empty().claim(1)
+        };
+        assert_eq!(fresh.catch_up_of("top", Some(0)), None);
+        // Carried through claims and flushes.
+        let later = commit.claim(2).next_flush(Some(120));
+        assert_eq!(later.catch_up_of("stats", Some(0)), Some(40));
+        assert_eq!(later.catch_up_of("top", Some(0)), Some(0));
     }
 }
 
@@ -426,7 +497,7 @@ mod tests {
                     let Some((current, mut state)) = owners[*owner].take() else {
                         continue;
                     };
-                    let mut next = current.next_flush(run.changelog.len() as i64);
+                    let mut next = current.next_flush(Some(run.changelog.len() as i64));
                     for &(key, value) in writes {
                         run.changelog.push((next.epoch, next.seq, key, value));
                         match value {
@@ -565,12 +636,15 @@ mod tests {
 
     #[test]
     fn a_lineage_accepts_its_flushes_and_nothing_after_them() {
-        let first = Commit::empty().claim(1).next_flush(10).next_flush(20);
+        let first = Commit::empty()
+            .claim(1)
+            .next_flush(Some(10))
+            .next_flush(Some(20));
         assert!(first.accepts(1, 2) && first.accepts(1, 1) && !first.accepts(1, 3));
         // A new owner continues from the first owner's second flush; the
         // first owner's third flush (unfinished, or written after it was
         // deposed) is not part of the new owner's state.
-        let second = first.claim(2).next_flush(35);
+        let second = first.claim(2).next_flush(Some(35));
         assert!(second.accepts(1, 2) && !second.accepts(1, 3));
         assert!(second.accepts(2, 1) && !second.accepts(2, 2));
         assert_eq!(second.next_offset, Some(35));
@@ -579,9 +653,9 @@ mod tests {
 
     #[test]
     fn a_state_extends_its_ancestors_but_not_a_deposed_owners_later_flushes() {
-        let first = Commit::empty().claim(1).next_flush(10);
-        let zombie = first.next_flush(20);
-        let second = first.claim(2).next_flush(30);
+        let first = Commit::empty().claim(1).next_flush(Some(10));
+        let zombie = first.next_flush(Some(20));
+        let second = first.claim(2).next_flush(Some(30));
         assert!(second.extends(&first) && second.extends(&Commit::empty()));
         assert!(!second.extends(&zombie), "flush 2 of epoch 1 is not in it");
         assert!(zombie.extends(&first) && !first.extends(&zombie));
@@ -593,7 +667,7 @@ mod tests {
     fn epochs_without_a_flush_are_not_carried() {
         let idle = Commit::empty().claim(1).claim(2).claim(3);
         assert_eq!(idle.lineage.len(), 1, "{idle:?}");
-        let busy = idle.next_flush(5).claim(4).claim(5);
+        let busy = idle.next_flush(Some(5)).claim(4).claim(5);
         assert_eq!(busy.lineage.keys().copied().collect::<Vec<_>>(), vec![3, 5]);
         assert!(busy.accepts(3, 1));
     }

@@ -29,7 +29,7 @@ pub mod standby;
 mod takeover;
 pub mod topics;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,13 +40,13 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
-use crate::config::{AggregationConfig, ClusterConfig};
+use crate::config::{AggregationConfig, ClusterConfig, StartFrom};
 use crate::kafka::{
     ClientError, ClientProperties, DeliveryContext, PRODUCER_DEFAULTS, create_client,
     create_client_with_context, read_headers,
 };
 use crate::ops::status::Status;
-use crate::state::store::StoreError;
+use crate::state::store::{Slot, StateWrite, StoreError};
 use log::Commit;
 
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +181,9 @@ pub struct Cluster {
     /// Set once a newer owner deposed this instance: no flush is published
     /// after that (not even the one written on the way out).
     deposed: AtomicBool,
+    /// Where an aggregation new to a consumed partition starts
+    /// (`source.start_from`: 0, or `None` with the others).
+    new_from: Option<i64>,
 }
 
 impl Cluster {
@@ -188,10 +191,13 @@ impl Cluster {
     /// `aggregations` (`changelog`: their changelog topics' names);
     /// `client` holds the brokers and `[source.kafka]`'s connection
     /// settings.
+    // A constructor: each argument is a distinct part the cluster is made of.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &ClusterConfig,
         topics: ClusterTopics,
         aggregations: &[AggregationConfig],
+        start_from: StartFrom,
         client: &ClientProperties,
         status: Arc<Status>,
         shutdown: Arc<AtomicBool>,
@@ -232,6 +238,10 @@ impl Cluster {
             fence_reader: Mutex::new(None),
             deposed: AtomicBool::new(false),
             secret,
+            new_from: match start_from {
+                StartFrom::Earliest => Some(0),
+                StartFrom::Latest => None,
+            },
         }))
     }
 
@@ -260,6 +270,26 @@ impl Cluster {
             .collect();
         drop(owned);
         self.standby_release(released);
+    }
+
+    /// Writes the progress `commit` records for a partition: its offset,
+    /// where each aggregation catching up on it stands, and the commit.
+    fn write_progress(&self, batch: &mut StateWrite<'_>, topic: &str, slot: Slot, commit: &Commit) {
+        let partition = slot.partition as i32;
+        if let Some(next) = commit.next_offset {
+            batch.set_offset(slot.topic_id, partition, next);
+        }
+        for aggregation in self.applying_to(topic) {
+            let own = commit.catch_up_of(&aggregation.name, self.new_from);
+            batch.set_catch_up(slot.topic_id, partition, &aggregation.name, own);
+        }
+        batch.set_commit(slot.topic_id, partition, commit.epoch, commit.seq);
+    }
+
+    /// The configured aggregations of a topic's partitions, as a commit
+    /// names the ones it describes.
+    fn described(&self, topic: &str) -> BTreeSet<String> {
+        self.applying_to(topic).map(|a| a.name.clone()).collect()
     }
 
     fn applying_to<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a ChangelogAggregation> {

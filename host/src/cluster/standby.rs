@@ -433,10 +433,7 @@ impl Cluster {
             }
             applied += 1;
         }
-        if let Some(next) = target.next_offset {
-            batch.set_offset(slot.topic_id, *partition, next);
-        }
-        batch.set_commit(slot.topic_id, *partition, target.epoch, target.seq);
+        self.write_progress(&mut batch, topic, slot, &target);
         store.write(batch)?;
         follow.pending = kept;
         follow.applied = target;

@@ -162,6 +162,15 @@ impl Cluster {
             // cannot wrap.
             let epoch = (*max_epoch).max(claim.epoch).saturating_add(1);
             claim = claim.claim(epoch);
+            // Where each aggregation stands is the store's now (restored,
+            // or this instance's own, with aggregations added here).
+            for (aggregation, own) in &self.catch_ups_here(store, topic, *partition)? {
+                match own {
+                    Some(own) => claim.catch_up.insert(aggregation.clone(), *own),
+                    None => claim.catch_up.remove(aggregation),
+                };
+            }
+            claim.aggregations = Some(self.described(topic));
             // State from before the changelog existed (a single instance
             // turned into a cluster) exists only here until it is
             // published: the claim says so, so that a crash before the
@@ -191,6 +200,21 @@ impl Cluster {
             "took the partitions over"
         );
         Ok(())
+    }
+
+    /// Each configured aggregation of the partition with its own next
+    /// offset in the store (`None`: at the partition's offset).
+    fn catch_ups_here(
+        &self,
+        store: &StateStore,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Vec<(String, Option<i64>)>, ClusterError> {
+        let stored = store.catch_ups(topic, partition)?;
+        Ok(self
+            .applying_to(topic)
+            .map(|a| (a.name.clone(), stored.get(&a.name).copied()))
+            .collect())
     }
 
     /// The state to take over when the newest commit is a first owner's
@@ -366,11 +390,7 @@ impl Cluster {
         }
         let mut batch = store.begin_write();
         for (id, commit) in commits {
-            let slot = slots[id];
-            if let Some(next) = commit.next_offset {
-                batch.set_offset(slot.topic_id, id.1, next);
-            }
-            batch.set_commit(slot.topic_id, id.1, commit.epoch, commit.seq);
+            self.write_progress(&mut batch, &id.0, slots[id], commit);
         }
         store.write(batch)?;
         Ok(applied)
