@@ -594,3 +594,126 @@ fn an_aggregation_added_to_a_running_deployment_catches_up_while_the_others_stay
         "{metrics:?}"
     );
 }
+
+/// Runs `wagg <args>` against the config in `dir` (written there first).
+fn wagg_command(dir: &std::path::Path, config: &str, args: &[&str]) -> (bool, String) {
+    let path = dir.join("wagg.toml");
+    std::fs::write(&path, config).expect("write config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wagg"))
+        .args(args)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run wagg");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// Waits until every aggregation has applied what `expected` says and none
+/// is catching up any more.
+fn wait_current(wagg: &Wagg, expected: &BTreeMap<String, u64>) {
+    wagg.wait_for(expected, CATCH_UP);
+    let started = std::time::Instant::now();
+    while catching_up(wagg).values().any(|n| *n > 0) {
+        assert!(started.elapsed() < CATCH_UP, "still catching up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn reset_rebuilds_one_aggregation_from_a_time_or_the_beginning_and_drop_deletes_a_removed_one() {
+    let setup = Setup::new(&["purchases"]);
+    let config = setup.config(&["purchases"], &common::count_and_stats_toml());
+    let dir = setup.dir.path();
+    // Records before and after a moment `since` (their timestamps are
+    // their produce times).
+    let before = purchases(0, 10_000, 2_000);
+    let after = purchases(10_000, 10_000, 2_000);
+    setup.broker.produce("purchases", &records(&before));
+    std::thread::sleep(Duration::from_millis(1500));
+    let since = std::time::SystemTime::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    setup.broker.produce("purchases", &records(&after));
+    let mut wagg = setup.start(&config);
+    wait_current(&wagg, &common::count_and_stats_applied(20_000));
+
+    // A running instance's store is never changed under its feet.
+    let (ok, output) = wagg_command(
+        dir,
+        &config,
+        &["reset", "--aggregation", "stats", "--to", "earliest"],
+    );
+    assert!(!ok && output.contains("lock"), "{output}");
+    assert!(wagg.terminate().success());
+    drop(wagg);
+
+    // `stats` from `since` on: exactly the records after it, plus the ones
+    // arriving meanwhile; `count` undisturbed.
+    let since_text = chrono::DateTime::<chrono::Utc>::from(since)
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let (ok, output) = wagg_command(
+        dir,
+        &config,
+        &["reset", "--aggregation", "stats", "--to", &since_text],
+    );
+    assert!(ok, "{output}");
+    assert!(output.contains("on 4 of the 4 partitions"), "{output}");
+    let later = purchases(20_000, 5_000, 2_000);
+    let wagg = setup.start(&config);
+    setup.broker.produce("purchases", &records(&later));
+    wait_current(
+        &wagg,
+        &[("count".to_owned(), 25_000), ("stats".to_owned(), 15_000)].into(),
+    );
+    let everything: Vec<Purchase> = before.iter().chain(&after).chain(&later).cloned().collect();
+    let since_then: Vec<Purchase> = after.iter().chain(&later).cloned().collect();
+    assert_states(&wagg, "count", &expected_counts(&everything));
+    assert_states(&wagg, "stats", &expected_stats(&since_then));
+    let mut wagg = wagg;
+    assert!(wagg.terminate().success());
+    drop(wagg);
+
+    // From the beginning: the whole history again.
+    let (ok, output) = wagg_command(
+        dir,
+        &config,
+        &["reset", "--aggregation", "stats", "--to", "earliest"],
+    );
+    assert!(ok, "{output}");
+    let mut wagg = setup.start(&config);
+    wait_current(&wagg, &common::count_and_stats_applied(25_000));
+    assert_states(&wagg, "count", &expected_counts(&everything));
+    assert_states(&wagg, "stats", &expected_stats(&everything));
+    assert!(wagg.terminate().success());
+    drop(wagg);
+
+    // Removed from the config, its state stays until dropped.
+    let count_only = setup.config(
+        &["purchases"],
+        &format!(
+            "[[aggregation]]\nname = \"count\"\nplugin = {:?}\n",
+            plugin("count")
+        ),
+    );
+    let (ok, output) = wagg_command(dir, &config, &["state", "drop", "--aggregation", "stats"]);
+    assert!(!ok && output.contains("still in the config"), "{output}");
+    let (ok, output) = wagg_command(
+        dir,
+        &count_only,
+        &["state", "drop", "--aggregation", "stats"],
+    );
+    assert!(ok && output.contains("dropped"), "{output}");
+    let (ok, output) = wagg_command(
+        dir,
+        &count_only,
+        &["state", "drop", "--aggregation", "stats"],
+    );
+    assert!(!ok && output.contains("holds no state"), "{output}");
+    let wagg = setup.start(&count_only);
+    wait_current(&wagg, &[("count".to_owned(), 25_000)].into());
+    assert_states(&wagg, "count", &expected_counts(&everything));
+}

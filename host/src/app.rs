@@ -45,6 +45,24 @@ pub fn load_plugins(config: &Config, runtime: &PluginRuntime) -> anyhow::Result<
         .collect()
 }
 
+/// Opens the state store of `config` (every configured aggregation gets a
+/// column family; those of removed ones stay).
+pub fn open_store(config: &Config) -> anyhow::Result<StateStore> {
+    let names: Vec<&str> = config
+        .aggregations
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect();
+    Ok(StateStore::open(
+        &config.state_dir(),
+        &names,
+        &StoreOptions {
+            block_cache_bytes: config.state.block_cache_mib << 20,
+            sync_writes: config.state.sync_writes,
+        },
+    )?)
+}
+
 /// Opens the state store for the configured aggregations, checks each
 /// plugin against the state it wrote before, and makes one consumer-side
 /// [`Aggregation`] and one query-side [`QueryableAggregation`] per plugin.
@@ -52,19 +70,7 @@ pub fn open_aggregations(
     config: &Config,
     plugins: Vec<LoadedPlugin>,
 ) -> anyhow::Result<(Arc<StateStore>, Vec<Aggregation>, Vec<QueryableAggregation>)> {
-    let names: Vec<&str> = config
-        .aggregations
-        .iter()
-        .map(|a| a.name.as_str())
-        .collect();
-    let store = Arc::new(StateStore::open(
-        &config.state_dir(),
-        &names,
-        &StoreOptions {
-            block_cache_bytes: config.state.block_cache_mib << 20,
-            sync_writes: config.state.sync_writes,
-        },
-    )?);
+    let store = Arc::new(open_store(config)?);
     let cache_entries = config.state.cache_entries / config.aggregations.len().max(1);
     let mut aggregations = Vec::new();
     let mut queryable = Vec::new();

@@ -90,6 +90,27 @@ pub(crate) enum Command {
         /// The TOML config file.
         config: PathBuf,
     },
+    /// Clear one aggregation's state and have it rebuilt from a point of
+    /// its topics while the others go on (wagg must be stopped).
+    #[command(
+        after_help = "Examples:\n  wagg reset --config wagg.toml --aggregation spend_per_user --to earliest\n  wagg reset --config wagg.toml --aggregation spend_per_user --to 2026-11-29T00:00:00Z"
+    )]
+    Reset {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The aggregation to reset.
+        #[arg(long)]
+        aggregation: String,
+        /// `earliest` (the first record the broker holds), `latest` (where
+        /// the other aggregations are) or an RFC 3339 time (the first
+        /// record at or after it).
+        #[arg(long)]
+        to: wagg::tools::state_admin::ResetTo,
+    },
+    /// Manage the stored state (wagg must be stopped).
+    #[command(subcommand)]
+    State(StateCommand),
     /// Build, inspect and test aggregation plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -211,6 +232,22 @@ impl E2eArgs {
             out: self.out,
         }
     }
+}
+
+#[derive(Subcommand)]
+pub(crate) enum StateCommand {
+    /// Delete the stored state of an aggregation removed from the config.
+    #[command(
+        after_help = "Example:\n  wagg state drop --config wagg.toml --aggregation old_totals"
+    )]
+    Drop {
+        /// The TOML config file (without the aggregation).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The aggregation whose state to delete.
+        #[arg(long)]
+        aggregation: String,
+    },
 }
 
 #[derive(Subcommand)]

@@ -18,7 +18,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod cli;
 
-use cli::{BenchCommand, Cli, Command, LogFormat, PluginCommand};
+use cli::{BenchCommand, Cli, Command, LogFormat, PluginCommand, StateCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -98,6 +98,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "wagg", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Reset {
+            config,
+            aggregation,
+            to,
+        } => {
+            let config = Config::load(&config)?;
+            println!(
+                "{}",
+                wagg::tools::state_admin::reset(&config, &aggregation, to)?
+            );
+            Ok(())
+        }
+        Command::State(StateCommand::Drop {
+            config,
+            aggregation,
+        }) => {
+            let config = Config::load(&config)?;
+            println!(
+                "{}",
+                wagg::tools::state_admin::drop_state(&config, &aggregation)?
+            );
             Ok(())
         }
         Command::Plugin(command) => plugin_command(command),

@@ -7,4 +7,5 @@ pub mod bench;
 pub mod client;
 pub mod demo;
 pub mod rng;
+pub mod state_admin;
 pub mod tansu;

@@ -26,6 +26,7 @@ use rocksdb::{
 };
 use serde::{Deserialize, Serialize};
 
+mod admin;
 mod catch_up;
 mod layout;
 mod reads;

@@ -177,6 +177,49 @@ fn catch_up_progress_is_registered_advanced_reset_and_cleared_with_the_partition
 }
 
 #[test]
+fn dropping_an_aggregation_deletes_all_of_it_and_only_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = open(dir.path());
+        let t = store.topic_id("t").unwrap();
+        store
+            .register_aggregation("a", &meta(1), &[(("t".to_owned(), 0), 0)].into())
+            .unwrap();
+        let mut write = store.begin_write();
+        let slot = Slot {
+            topic_id: t,
+            partition: 0,
+        };
+        write.put_state("a", slot, b"k", b"1").unwrap();
+        write.put_state("b", slot, b"k", b"2").unwrap();
+        write.set_counters(
+            "a",
+            &AggregationCounters {
+                records_applied: 5,
+                ..Default::default()
+            },
+        );
+        store.write(write).unwrap();
+    }
+    // Reopened without `a` in the config: its state is still there.
+    let mut store = StateStore::open(dir.path(), &["b"], &StoreOptions::default()).unwrap();
+    assert_eq!(store.stored_aggregations(), ["a", "b"]);
+    assert!(store.drop_aggregation("a").unwrap());
+    assert!(
+        !store.drop_aggregation("a").unwrap(),
+        "nothing left the second time"
+    );
+    assert_eq!(store.stored_aggregations(), ["b"]);
+    assert_eq!(store.aggregation_meta("a").unwrap(), None);
+    assert_eq!(store.counters("a").unwrap(), AggregationCounters::default());
+    assert!(store.all_catch_ups().unwrap().is_empty());
+    assert_eq!(store.find("b", b"k").unwrap(), Some(b"2".to_vec()));
+    drop(store);
+    let store = StateStore::open(dir.path(), &["b"], &StoreOptions::default()).unwrap();
+    assert_eq!(store.stored_aggregations(), ["b"]);
+}
+
+#[test]
 fn unknown_aggregations_are_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
