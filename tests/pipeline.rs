@@ -717,3 +717,81 @@ fn reset_rebuilds_one_aggregation_from_a_time_or_the_beginning_and_drop_deletes_
     wait_current(&wagg, &[("count".to_owned(), 25_000)].into());
     assert_states(&wagg, "count", &expected_counts(&everything));
 }
+
+#[test]
+fn kill_9_in_the_middle_of_a_catch_up_loses_nothing_and_counts_nothing_twice() {
+    let setup = Setup::new(&["purchases"]);
+    // A fresh group per run: tansu never hands a SIGKILLed member's
+    // partitions on (see tests/crash.rs); start offsets come from the store.
+    // Writes five times a second, so that several kills land between
+    // writes of the catch-up.
+    let in_group = |config: &str, run: usize| {
+        config
+            .replace(
+                "group_id = \"wagg-test\"",
+                &format!("group_id = \"wagg-test-{run}\""),
+            )
+            .replace(
+                "max_delay_ms = 50",
+                "max_delay_ms = 50\ncommit_interval_ms = 200",
+            )
+    };
+    let count_only = setup.config(
+        &["purchases"],
+        &format!(
+            "[[aggregation]]\nname = \"count\"\nplugin = {:?}\n",
+            plugin("count")
+        ),
+    );
+    let first = purchases(0, 150_000, 5_000);
+    setup.broker.produce("purchases", &records(&first));
+    let mut wagg = setup.start(&in_group(&count_only, 0));
+    wagg.wait_for(&[("count".to_owned(), 150_000)].into(), CATCH_UP);
+    assert!(wagg.terminate().success());
+    drop(wagg);
+
+    // `stats` is added; wagg is killed while it catches up, after each
+    // time some of its progress was written.
+    let config = setup.config(&["purchases"], &common::count_and_stats_toml());
+    let mut kills = 0;
+    let mut written = 0;
+    for run in 1..=4 {
+        let mut wagg = setup.start(&in_group(&config, run));
+        let started = std::time::Instant::now();
+        loop {
+            let applied = wagg.applied().get("stats").copied().unwrap_or(0);
+            let behind = catching_up(&wagg).get("stats").copied().unwrap_or(0);
+            // Caught up (once it owns its partitions: before, nothing is
+            // catching up either).
+            let (_, body) = wagg.get("/v1/aggregations");
+            let owns = body["aggregations"][0]["partitions"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["assigned"] == true));
+            if (owns && behind == 0) || started.elapsed() > CATCH_UP {
+                break;
+            }
+            if applied > written {
+                written = applied;
+                wagg.kill();
+                kills += 1;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(wagg);
+    }
+    assert!(
+        kills >= 2,
+        "only {kills} kill(s) landed while `stats` was catching up"
+    );
+    let second = purchases(150_000, 10_000, 5_000);
+    let wagg = setup.start(&in_group(&config, 5));
+    setup.broker.produce("purchases", &records(&second));
+    wait_current(&wagg, &common::count_and_stats_applied(160_000));
+    let all: Vec<Purchase> = first.iter().chain(&second).cloned().collect();
+    assert_states(&wagg, "count", &expected_counts(&all));
+    assert_states(&wagg, "stats", &expected_stats(&all));
+    eprintln!(
+        "catch-up kills: {kills} while catching up (last written progress: {written} records)"
+    );
+}

@@ -210,9 +210,15 @@ pub fn parse_commit(payload: Option<&[u8]>) -> Result<Commit, String> {
     if let Some(offset) = commit.next_offset.filter(|o| *o < 0) {
         return Err(format!("next_offset {offset} is negative"));
     }
-    if let Some((aggregation, offset)) = commit.catch_up.iter().find(|(_, o)| **o < 0) {
+    let past_the_end = |own: i64| commit.next_offset.is_none_or(|next| own > next);
+    if let Some((aggregation, offset)) = commit
+        .catch_up
+        .iter()
+        .find(|(_, o)| **o < 0 || past_the_end(**o))
+    {
         return Err(format!(
-            "catch-up offset {offset} of aggregation {aggregation:?} is negative"
+            "catch-up offset {offset} of aggregation {aggregation:?} is negative or past the partition's next offset {:?}",
+            commit.next_offset
         ));
     }
     if commit.lineage.get(&commit.epoch) != Some(&commit.seq) {
@@ -277,6 +283,13 @@ mod commit_validation {
                     ..flushed.clone()
                 },
                 "negative",
+            ),
+            (
+                Commit {
+                    catch_up: [("added".to_owned(), 31)].into(),
+                    ..flushed.clone()
+                },
+                "past the partition's next offset",
             ),
             (
                 Commit {

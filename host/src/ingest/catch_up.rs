@@ -23,11 +23,11 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::kafka::{create_client, read_headers};
+use super::kafka::{interned, record_of};
+use crate::kafka::create_client;
 use crate::record::SourceRecord;
 
 /// What the rebalance callback tells the re-reader.
@@ -68,7 +68,8 @@ pub(super) struct CatchUpReader {
 }
 
 /// How often the re-reader's positions are compared with the live offsets
-/// when no record says so (a live offset at the end of the partition).
+/// when no record says so (a live offset at the end of the partition, where
+/// no record comes).
 const POSITION_CHECK: Duration = Duration::from_millis(500);
 
 impl CatchUpReader {
@@ -91,53 +92,61 @@ impl CatchUpReader {
         interned(&self.topic_names, name)
     }
 
-    /// Starts or stops re-reading a partition. A partition with nothing to
-    /// re-read has reached its live offset at once.
-    pub(super) fn change(&mut self, change: CatchUpChange) -> anyhow::Result<Option<Reached>> {
-        match change {
-            CatchUpChange::Start {
-                topic,
-                partition,
-                from,
-                live,
-            } => {
-                let topic = self.topic(&topic);
-                if from >= live {
-                    return Ok(Some(Reached {
-                        topic,
-                        partition,
-                        at: live,
-                    }));
+    /// Starts and stops re-reading partitions, then assigns the consumer
+    /// once. Partitions with nothing to re-read have reached their live
+    /// offset at once.
+    pub(super) fn apply(&mut self, changes: Vec<CatchUpChange>) -> anyhow::Result<Vec<Reached>> {
+        let mut reached = Vec::new();
+        let mut changed = false;
+        for change in changes {
+            match change {
+                CatchUpChange::Start {
+                    topic,
+                    partition,
+                    from,
+                    live,
+                } => {
+                    let topic = self.topic(&topic);
+                    if from >= live {
+                        reached.push(Reached {
+                            topic,
+                            partition,
+                            at: live,
+                        });
+                        continue;
+                    }
+                    tracing::info!(%topic, partition, from, live, "re-reading the partition for the aggregations catching up on it");
+                    self.live.insert((topic.clone(), partition), live);
+                    self.next.insert((topic, partition), from);
+                    changed = true;
                 }
-                if self.consumer.is_none() {
-                    self.consumer = Some(
-                        create_client(&self.config)
-                            .map_err(|e| anyhow::anyhow!("creating the catch-up consumer: {e}"))?,
-                    );
+                CatchUpChange::Stop { topic, partition } => {
+                    let key = (self.topic(&topic), partition);
+                    self.next.remove(&key);
+                    changed |= self.live.remove(&key).is_some();
                 }
-                tracing::info!(%topic, partition, from, live, "re-reading the partition for the aggregations catching up on it");
-                self.live.insert((topic.clone(), partition), live);
-                self.next.insert((topic, partition), from);
-                self.reassign()?;
-                Ok(None)
-            }
-            CatchUpChange::Stop { topic, partition } => {
-                let topic = self.topic(&topic);
-                self.stop(&topic, partition);
-                Ok(None)
             }
         }
-    }
-
-    fn stop(&mut self, topic: &Arc<str>, partition: i32) {
-        if self.live.remove(&(topic.clone(), partition)).is_some() {
-            self.next.remove(&(topic.clone(), partition));
-            self.reassign_or_log();
+        if changed {
+            self.assign()?;
         }
+        Ok(reached)
     }
 
-    /// Assigns the partitions being re-read, each at its next offset.
-    fn reassign(&self) -> anyhow::Result<()> {
+    /// Assigns the partitions being re-read, each at its next offset, in
+    /// one call (librdkafka asserts, and aborts the process, when a
+    /// partition is stopped before a previous assignment started it, as
+    /// quick successive assignments do).
+    fn assign(&mut self) -> anyhow::Result<()> {
+        if self.consumer.is_none() {
+            if self.next.is_empty() {
+                return Ok(());
+            }
+            self.consumer = Some(
+                create_client(&self.config)
+                    .map_err(|e| anyhow::anyhow!("creating the catch-up consumer: {e}"))?,
+            );
+        }
         let Some(consumer) = &self.consumer else {
             return Ok(());
         };
@@ -147,12 +156,24 @@ impl CatchUpReader {
         }
         consumer
             .assign(&tpl)
-            .map_err(|e| anyhow::anyhow!("assigning the partitions to re-read: {e}"))
+            .map_err(|e| anyhow::anyhow!("assigning the partitions to re-read: {e}"))?;
+        // A partition let go of (paused) earlier may be re-read again.
+        consumer
+            .resume(&tpl)
+            .map_err(|e| anyhow::anyhow!("resuming the partitions to re-read: {e}"))
     }
 
-    fn reassign_or_log(&self) {
-        if let Err(e) = self.reassign() {
-            tracing::error!(error = %e, "re-reading for the aggregations catching up");
+    /// Lets go of a partition whose re-reading is done: paused rather than
+    /// unassigned (see `assign`); the next assignment drops it.
+    fn let_go(&mut self, topic: &Arc<str>, partition: i32) {
+        self.live.remove(&(topic.clone(), partition));
+        self.next.remove(&(topic.clone(), partition));
+        if let Some(consumer) = &self.consumer {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(topic, partition);
+            if let Err(e) = consumer.pause(&tpl) {
+                tracing::debug!(%topic, partition, error = %e, "pausing a re-read partition");
+            }
         }
     }
 
@@ -182,15 +203,10 @@ impl CatchUpReader {
         let Some(consumer) = &self.consumer else {
             return (records, reached);
         };
-        let mut end_of_partition = false;
         let mut wait = timeout;
         while records.len() < max_records && !self.live.is_empty() {
             let message = match consumer.poll(wait) {
                 None => break,
-                Some(Err(KafkaError::PartitionEOF(_))) => {
-                    end_of_partition = true;
-                    continue;
-                }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "catch-up consume error");
                     break;
@@ -206,15 +222,7 @@ impl CatchUpReader {
             if message.offset() < live {
                 self.next
                     .insert((topic.clone(), partition), message.offset() + 1);
-                records.push(SourceRecord {
-                    topic,
-                    partition,
-                    offset: message.offset(),
-                    key: message.key().map(<[u8]>::to_vec),
-                    value: message.payload().map(<[u8]>::to_vec),
-                    timestamp: message.timestamp().to_millis(),
-                    headers: read_headers(&message),
-                });
+                records.push(record_of(&message, topic));
             } else {
                 // Let go of below, once the poll loop is done with the
                 // consumer.
@@ -226,13 +234,10 @@ impl CatchUpReader {
                 });
             }
         }
-        if !reached.is_empty() {
-            for done in &reached {
-                self.next.remove(&(done.topic.clone(), done.partition));
-            }
-            self.reassign_or_log();
+        for done in &reached {
+            self.let_go(&done.topic, done.partition);
         }
-        if end_of_partition || self.last_position_check.elapsed() >= POSITION_CHECK {
+        if self.last_position_check.elapsed() >= POSITION_CHECK {
             reached.extend(self.at_live_offset());
         }
         (records, reached)
@@ -255,7 +260,7 @@ impl CatchUpReader {
                 continue;
             };
             if position >= live {
-                self.stop(&topic, partition);
+                self.let_go(&topic, partition);
                 reached.push(Reached {
                     topic,
                     partition,
@@ -265,9 +270,4 @@ impl CatchUpReader {
         }
         reached
     }
-}
-
-/// The source's shared name of a topic.
-fn interned(names: &HashMap<String, Arc<str>>, name: &str) -> Arc<str> {
-    names.get(name).cloned().unwrap_or_else(|| Arc::from(name))
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::SourceEvent;
@@ -92,7 +92,6 @@ impl KafkaSource {
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
             ("auto.offset.reset", "earliest"),
-            ("enable.partition.eof", "true"),
             ("fetch.queue.backoff.ms", "10"),
         ]);
         let (events, received) = mpsc::sync_channel(QUEUED_BATCHES);
@@ -235,10 +234,11 @@ impl Poller {
     /// pipeline is gone.
     fn catch_up(&mut self, idle: bool) -> Result<(), ()> {
         let context = self.consumer.context();
+        let changes = context.take_catch_up_changes();
         let mut reached = Vec::new();
-        for change in context.take_catch_up_changes() {
-            match self.catch_up.change(change) {
-                Ok(done) => reached.extend(done),
+        if !changes.is_empty() {
+            match self.catch_up.apply(changes) {
+                Ok(done) => reached = done,
                 Err(e) => context.fail(format!("{e:#}")),
             }
         }
@@ -398,28 +398,34 @@ impl Poller {
     /// The next record, or `None` when none arrived within `timeout`.
     fn poll(&self, timeout: Duration) -> Option<SourceRecord> {
         match self.consumer.poll(timeout)? {
-            Ok(message) => {
-                let topic = match self.topic_names.get(message.topic()) {
-                    Some(topic) => topic.clone(),
-                    None => Arc::from(message.topic()),
-                };
-                let headers = read_headers(&message);
-                Some(SourceRecord {
-                    topic,
-                    partition: message.partition(),
-                    offset: message.offset(),
-                    key: message.key().map(<[u8]>::to_vec),
-                    value: message.payload().map(<[u8]>::to_vec),
-                    timestamp: message.timestamp().to_millis(),
-                    headers,
-                })
-            }
+            Ok(message) => Some(record_of(
+                &message,
+                interned(&self.topic_names, message.topic()),
+            )),
             Err(e) => {
                 tracing::warn!(error = %e, "consume error");
                 self.consumer.context().status.broker_error(e.to_string());
                 None
             }
         }
+    }
+}
+
+/// The source's shared name of a topic.
+pub(super) fn interned(names: &HashMap<String, Arc<str>>, name: &str) -> Arc<str> {
+    names.get(name).cloned().unwrap_or_else(|| Arc::from(name))
+}
+
+/// A consumed message as the pipeline takes it.
+pub(super) fn record_of(message: &BorrowedMessage<'_>, topic: Arc<str>) -> SourceRecord {
+    SourceRecord {
+        topic,
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        value: message.payload().map(<[u8]>::to_vec),
+        timestamp: message.timestamp().to_millis(),
+        headers: read_headers(message),
     }
 }
 
