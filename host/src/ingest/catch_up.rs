@@ -53,16 +53,16 @@ pub(super) struct Reached {
     pub at: i64,
 }
 
-/// The consumer that re-reads partitions (created on first use).
+/// The consumer that re-reads partitions (a new one whenever the partitions
+/// to re-read change; none while there are none).
 pub(super) struct CatchUpReader {
     config: ClientConfig,
     consumer: Option<BaseConsumer>,
     topic_names: HashMap<String, Arc<str>>,
     /// Partitions being re-read → their live offset.
     live: HashMap<(Arc<str>, i32), i64>,
-    /// Partitions being re-read → the next offset to read (to re-assign
-    /// the rest when one starts or stops: a consumer outside a group
-    /// cannot change its assignment incrementally).
+    /// Partitions being re-read → the next offset to read (where the next
+    /// consumer starts them when the partitions change).
     next: HashMap<(Arc<str>, i32), i64>,
     last_position_check: Instant,
 }
@@ -92,8 +92,8 @@ impl CatchUpReader {
         interned(&self.topic_names, name)
     }
 
-    /// Starts and stops re-reading partitions, then assigns the consumer
-    /// once. Partitions with nothing to re-read have reached their live
+    /// Starts and stops re-reading partitions, then assigns them once.
+    /// Partitions with nothing to re-read have reached their live
     /// offset at once.
     pub(super) fn apply(&mut self, changes: Vec<CatchUpChange>) -> anyhow::Result<Vec<Reached>> {
         let mut reached = Vec::new();
@@ -133,23 +133,19 @@ impl CatchUpReader {
         Ok(reached)
     }
 
-    /// Assigns the partitions being re-read, each at its next offset, in
-    /// one call (librdkafka asserts, and aborts the process, when a
-    /// partition is stopped before a previous assignment started it, as
-    /// quick successive assignments do).
+    /// Assigns the partitions being re-read, each at its next offset, to a
+    /// new consumer. A consumer is assigned once and never changes its
+    /// assignment: librdkafka (2.12 to 2.15, issue #5573) can queue two
+    /// stops for one partition when an assignment changes while an earlier
+    /// change is still stopping partitions, and then aborts the process on
+    /// an assertion — seen here with a few assignments in a row.
     fn assign(&mut self) -> anyhow::Result<()> {
-        if self.consumer.is_none() {
-            if self.next.is_empty() {
-                return Ok(());
-            }
-            self.consumer = Some(
-                create_client(&self.config)
-                    .map_err(|e| anyhow::anyhow!("creating the catch-up consumer: {e}"))?,
-            );
-        }
-        let Some(consumer) = &self.consumer else {
+        self.consumer = None;
+        if self.next.is_empty() {
             return Ok(());
-        };
+        }
+        let consumer: BaseConsumer = create_client(&self.config)
+            .map_err(|e| anyhow::anyhow!("creating the catch-up consumer: {e}"))?;
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), next) in &self.next {
             tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))?;
@@ -157,14 +153,12 @@ impl CatchUpReader {
         consumer
             .assign(&tpl)
             .map_err(|e| anyhow::anyhow!("assigning the partitions to re-read: {e}"))?;
-        // A partition let go of (paused) earlier may be re-read again.
-        consumer
-            .resume(&tpl)
-            .map_err(|e| anyhow::anyhow!("resuming the partitions to re-read: {e}"))
+        self.consumer = Some(consumer);
+        Ok(())
     }
 
-    /// Lets go of a partition whose re-reading is done: paused rather than
-    /// unassigned (see `assign`); the next assignment drops it.
+    /// Lets go of a partition whose re-reading is done: paused, not
+    /// unassigned (see `assign`); the next consumer leaves it out.
     fn let_go(&mut self, topic: &Arc<str>, partition: i32) {
         self.live.remove(&(topic.clone(), partition));
         self.next.remove(&(topic.clone(), partition));
