@@ -526,13 +526,7 @@ fn catching_up(wagg: &Wagg) -> BTreeMap<String, usize> {
 #[test]
 fn an_aggregation_added_to_a_running_deployment_catches_up_while_the_others_stay_live() {
     let setup = Setup::new(&["purchases"]);
-    let count_only = setup.config(
-        &["purchases"],
-        &format!(
-            "[[aggregation]]\nname = \"count\"\nplugin = {:?}\n",
-            plugin("count")
-        ),
-    );
+    let count_only = setup.config(&["purchases"], &common::count_toml());
     let first = purchases(0, 100_000, 5_000);
     setup.broker.produce("purchases", &records(&first));
     let mut wagg = setup.start(&count_only);
@@ -692,13 +686,7 @@ fn reset_rebuilds_one_aggregation_from_a_time_or_the_beginning_and_drop_deletes_
     drop(wagg);
 
     // Removed from the config, its state stays until dropped.
-    let count_only = setup.config(
-        &["purchases"],
-        &format!(
-            "[[aggregation]]\nname = \"count\"\nplugin = {:?}\n",
-            plugin("count")
-        ),
-    );
+    let count_only = setup.config(&["purchases"], &common::count_toml());
     let (ok, output) = wagg_command(dir, &config, &["state", "drop", "--aggregation", "stats"]);
     assert!(!ok && output.contains("still in the config"), "{output}");
     let (ok, output) = wagg_command(
@@ -736,13 +724,7 @@ fn kill_9_in_the_middle_of_a_catch_up_loses_nothing_and_counts_nothing_twice() {
                 "max_delay_ms = 50\ncommit_interval_ms = 200",
             )
     };
-    let count_only = setup.config(
-        &["purchases"],
-        &format!(
-            "[[aggregation]]\nname = \"count\"\nplugin = {:?}\n",
-            plugin("count")
-        ),
-    );
+    let count_only = setup.config(&["purchases"], &common::count_toml());
     let first = purchases(0, 150_000, 5_000);
     setup.broker.produce("purchases", &records(&first));
     let mut wagg = setup.start(&in_group(&count_only, 0));

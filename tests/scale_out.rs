@@ -1089,10 +1089,7 @@ fn forged_member_announcements_are_ignored_and_route_nothing() {
 fn an_aggregation_added_to_a_cluster_catches_up_on_every_partition_wherever_it_moves() {
     let (_serial, mut rng, mut cluster) = start("aggregation added", 1);
     // Two instances (one standby copy each) run `count` alone...
-    cluster.aggregations = format!(
-        "[[aggregation]]\nname = \"count\"\nplugin = {:?}\n",
-        common::plugin("count")
-    );
+    cluster.aggregations = common::count_toml();
     cluster.stats = false;
     cluster.add_instance();
     cluster.add_instance();

@@ -106,6 +106,16 @@ max_delay_ms = 20
     )
 }
 
+/// The `[[aggregation]]` table of `count` alone (a deployment before
+/// another aggregation is added).
+#[allow(dead_code)]
+pub fn count_toml() -> String {
+    format!(
+        "[[aggregation]]\nname = \"count\"\nplugin = {:?}\n",
+        plugin("count")
+    )
+}
+
 /// `[[aggregation]]` tables for `count` and `stats` (of `/amount`), as
 /// most end-to-end tests configure them.
 #[allow(dead_code)]
