@@ -685,8 +685,24 @@ fn reset_rebuilds_one_aggregation_from_a_time_or_the_beginning_and_drop_deletes_
     assert!(wagg.terminate().success());
     drop(wagg);
 
-    // Removed from the config, its state stays until dropped.
+    // Removed from the config for a while, then added back: it misses
+    // what was consumed meanwhile, so it starts over (and is exact).
     let count_only = setup.config(&["purchases"], &common::count_toml());
+    let meanwhile = purchases(25_000, 3_000, 2_000);
+    let mut wagg = setup.start(&count_only);
+    setup.broker.produce("purchases", &records(&meanwhile));
+    wait_current(&wagg, &[("count".to_owned(), 28_000)].into());
+    assert!(wagg.terminate().success());
+    drop(wagg);
+    let everything: Vec<Purchase> = everything.into_iter().chain(meanwhile).collect();
+    let mut wagg = setup.start(&config);
+    wait_current(&wagg, &common::count_and_stats_applied(28_000));
+    assert_states(&wagg, "count", &expected_counts(&everything));
+    assert_states(&wagg, "stats", &expected_stats(&everything));
+    assert!(wagg.terminate().success());
+    drop(wagg);
+
+    // Removed from the config, its state stays until dropped.
     let (ok, output) = wagg_command(dir, &config, &["state", "drop", "--aggregation", "stats"]);
     assert!(!ok && output.contains("still in the config"), "{output}");
     let (ok, output) = wagg_command(
@@ -702,7 +718,7 @@ fn reset_rebuilds_one_aggregation_from_a_time_or_the_beginning_and_drop_deletes_
     );
     assert!(!ok && output.contains("holds no state"), "{output}");
     let wagg = setup.start(&count_only);
-    wait_current(&wagg, &[("count".to_owned(), 25_000)].into());
+    wait_current(&wagg, &[("count".to_owned(), 28_000)].into());
     assert_states(&wagg, "count", &expected_counts(&everything));
 }
 

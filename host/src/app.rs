@@ -71,6 +71,17 @@ pub fn open_aggregations(
     plugins: Vec<LoadedPlugin>,
 ) -> anyhow::Result<(Arc<StateStore>, Vec<Aggregation>, Vec<QueryableAggregation>)> {
     let store = Arc::new(open_store(config)?);
+    let configured: Vec<&str> = config
+        .aggregations
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect();
+    for removed in store.mark_removed(&configured)? {
+        tracing::warn!(
+            aggregation = %removed,
+            "aggregation no longer in the config: its stored state is kept (`wagg state drop` deletes it) but misses the records consumed from now on; if it is added back, it is rebuilt from `source.start_from`"
+        );
+    }
     let cache_entries = config.state.cache_entries / config.aggregations.len().max(1);
     let mut aggregations = Vec::new();
     let mut queryable = Vec::new();
@@ -81,6 +92,7 @@ pub fn open_aggregations(
             plugin_version: metadata.version.clone(),
             state_format: metadata.state_format,
             content_hash: plugin.content_hash().to_owned(),
+            removed: false,
         };
         if store.check_aggregation_meta(&aggregation.name, &meta)? == Registration::New {
             register_new(&store, config, aggregation, &meta)?;

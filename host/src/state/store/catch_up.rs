@@ -55,18 +55,17 @@ impl StateStore {
     /// Records an aggregation new to this store (its plugin) together with
     /// where it starts on the partitions the store has consumed already:
     /// one write, so a crash leaves it either unknown or registered with
-    /// its catch-up.
+    /// its catch-up. Whatever an earlier aggregation of that name left
+    /// (it was removed from the config, then added back) is cleared in
+    /// the same write.
     pub fn register_aggregation(
         &self,
         aggregation: &str,
         meta: &AggregationMeta,
         start: &BTreeMap<(String, i32), i64>,
     ) -> Result<(), StoreError> {
-        let mut batch = self.begin_write();
+        let mut batch = self.restart(aggregation, start)?;
         batch.set_aggregation_meta(aggregation, meta)?;
-        for ((topic, partition), next) in start {
-            batch.set_catch_up(self.topic_id(topic)?, *partition, aggregation, Some(*next));
-        }
         self.write(batch)
     }
 
@@ -78,6 +77,47 @@ impl StateStore {
         aggregation: &str,
         start: &BTreeMap<(String, i32), i64>,
     ) -> Result<(), StoreError> {
+        let batch = self.restart(aggregation, start)?;
+        self.write(batch)
+    }
+
+    /// Marks the stored aggregations left out of `configured` as removed
+    /// (once); returns them. Their states stay until `wagg state drop`,
+    /// but they miss what is consumed from now on, so one that comes back
+    /// starts over instead of being taken for current.
+    pub fn mark_removed(&self, configured: &[&str]) -> Result<Vec<String>, StoreError> {
+        let mut marked = Vec::new();
+        let mut batch = self.begin_write();
+        let catch_ups = self.all_catch_ups()?;
+        for aggregation in self.stored_aggregations() {
+            if configured.contains(&aggregation.as_str()) {
+                continue;
+            }
+            if let Some(mut meta) = self.aggregation_meta(&aggregation)?
+                && !meta.removed
+            {
+                meta.removed = true;
+                batch.set_aggregation_meta(&aggregation, &meta)?;
+                // Nothing re-reads the topic for it any more.
+                for ((topic, partition), entries) in &catch_ups {
+                    if entries.contains_key(&aggregation) {
+                        batch.set_catch_up(self.topic_id(topic)?, *partition, &aggregation, None);
+                    }
+                }
+                marked.push(aggregation);
+            }
+        }
+        self.write(batch)?;
+        Ok(marked)
+    }
+
+    /// A write that clears an aggregation and gives it catch-up entries
+    /// from `start`.
+    fn restart(
+        &self,
+        aggregation: &str,
+        start: &BTreeMap<(String, i32), i64>,
+    ) -> Result<StateWrite<'_>, StoreError> {
         let mut batch = self.begin_write();
         batch.clear_aggregation(aggregation)?;
         for ((topic, partition), entries) in self.all_catch_ups()? {
@@ -88,7 +128,7 @@ impl StateStore {
         for ((topic, partition), next) in start {
             batch.set_catch_up(self.topic_id(topic)?, *partition, aggregation, Some(*next));
         }
-        self.write(batch)
+        Ok(batch)
     }
 
     pub(super) fn offset_value(&self, value: &[u8]) -> Result<i64, StoreError> {

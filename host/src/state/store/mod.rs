@@ -88,6 +88,11 @@ pub struct AggregationMeta {
     pub plugin_version: String,
     pub state_format: u32,
     pub content_hash: String,
+    /// The aggregation was left out of the config of a run: the records
+    /// consumed since are not in its state, so if it comes back it starts
+    /// over (see [`StateStore::mark_removed`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
 }
 
 /// Whether the store knew an aggregation before.
@@ -368,7 +373,8 @@ impl StateStore {
 
     /// Checks the plugin of `aggregation` against the one that wrote its
     /// state: it must have the same name and state format (a new version
-    /// is recorded). An aggregation the store does not know yet is
+    /// is recorded). An aggregation the store does not know yet, or one
+    /// that was removed from the config meanwhile, is
     /// [`Registration::New`] and nothing is written: see
     /// [`StateStore::register_aggregation`].
     pub fn check_aggregation_meta(
@@ -379,6 +385,10 @@ impl StateStore {
         let Some(stored) = self.aggregation_meta(aggregation)? else {
             return Ok(Registration::New);
         };
+        if stored.removed {
+            // Whatever it is now, its old state is discarded.
+            return Ok(Registration::New);
+        }
         if stored.state_format != meta.state_format || stored.plugin_name != meta.plugin_name {
             return Err(StoreError::IncompatibleState(Box::new(Incompatibility {
                 aggregation: aggregation.to_owned(),

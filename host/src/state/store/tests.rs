@@ -11,6 +11,7 @@ fn meta(format: u32) -> AggregationMeta {
         plugin_version: "0.1.0".into(),
         state_format: format,
         content_hash: "abc".into(),
+        removed: false,
     }
 }
 
@@ -201,9 +202,17 @@ fn dropping_an_aggregation_deletes_all_of_it_and_only_it() {
         );
         store.write(write).unwrap();
     }
-    // Reopened without `a` in the config: its state is still there.
+    // Reopened without `a` in the config: its state is still there, and
+    // it is marked removed (once), so that adding it back starts it over.
     let mut store = StateStore::open(dir.path(), &["b"], &StoreOptions::default()).unwrap();
     assert_eq!(store.stored_aggregations(), ["a", "b"]);
+    assert_eq!(store.mark_removed(&["b"]).unwrap(), ["a"]);
+    assert!(store.mark_removed(&["b"]).unwrap().is_empty());
+    assert_eq!(
+        store.check_aggregation_meta("a", &meta(2)).unwrap(),
+        Registration::New,
+        "a removed aggregation starts over, whatever its format now"
+    );
     assert!(store.drop_aggregation("a").unwrap());
     assert!(
         !store.drop_aggregation("a").unwrap(),
