@@ -22,11 +22,7 @@ impl StateStore {
             return Ok(false);
         }
         let mut batch = self.begin_write();
-        for ((topic, partition), entries) in self.all_catch_ups()? {
-            if entries.contains_key(aggregation) {
-                batch.set_catch_up(self.topic_id(&topic)?, partition, aggregation, None);
-            }
-        }
+        self.forget_catch_up(&mut batch, &self.all_catch_ups()?, aggregation)?;
         for prefix in [
             AGG_META_PREFIX,
             APPLIED_PREFIX,

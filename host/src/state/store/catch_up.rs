@@ -99,11 +99,7 @@ impl StateStore {
                 meta.removed = true;
                 batch.set_aggregation_meta(&aggregation, &meta)?;
                 // Nothing re-reads the topic for it any more.
-                for ((topic, partition), entries) in &catch_ups {
-                    if entries.contains_key(&aggregation) {
-                        batch.set_catch_up(self.topic_id(topic)?, *partition, &aggregation, None);
-                    }
-                }
+                self.forget_catch_up(&mut batch, &catch_ups, &aggregation)?;
                 marked.push(aggregation);
             }
         }
@@ -120,15 +116,27 @@ impl StateStore {
     ) -> Result<StateWrite<'_>, StoreError> {
         let mut batch = self.begin_write();
         batch.clear_aggregation(aggregation)?;
-        for ((topic, partition), entries) in self.all_catch_ups()? {
-            if entries.contains_key(aggregation) {
-                batch.set_catch_up(self.topic_id(&topic)?, partition, aggregation, None);
-            }
-        }
+        self.forget_catch_up(&mut batch, &self.all_catch_ups()?, aggregation)?;
         for ((topic, partition), next) in start {
             batch.set_catch_up(self.topic_id(topic)?, *partition, aggregation, Some(*next));
         }
         Ok(batch)
+    }
+
+    /// Adds the deletion of every catch-up entry of `aggregation` (among
+    /// `catch_ups`) to `batch`.
+    pub(super) fn forget_catch_up(
+        &self,
+        batch: &mut StateWrite<'_>,
+        catch_ups: &CatchUps,
+        aggregation: &str,
+    ) -> Result<(), StoreError> {
+        for ((topic, partition), entries) in catch_ups {
+            if entries.contains_key(aggregation) {
+                batch.set_catch_up(self.topic_id(topic)?, *partition, aggregation, None);
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn offset_value(&self, value: &[u8]) -> Result<i64, StoreError> {

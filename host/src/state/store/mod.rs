@@ -312,11 +312,7 @@ impl StateStore {
     /// The next offset stored for a partition.
     pub fn offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
         self.partition_meta(OFFSET_PREFIX, topic, partition)?
-            .map(|v| {
-                <[u8; 8]>::try_from(v.as_slice())
-                    .map(i64::from_be_bytes)
-                    .map_err(|_| self.corrupt("offset value is malformed".into()))
-            })
+            .map(|v| self.offset_value(&v))
             .transpose()
     }
 
@@ -432,10 +428,7 @@ impl StateStore {
                 ),
                 _ => return Err(self.corrupt("offset key is malformed".into())),
             };
-            let offset = value
-                .try_into()
-                .map(i64::from_be_bytes)
-                .map_err(|_| self.corrupt("offset value is malformed".into()))?;
+            let offset = self.offset_value(&value)?;
             let topic = self
                 .topic_name(topic_id)
                 .ok_or_else(|| self.corrupt(format!("offset for unknown topic id {topic_id}")))?;
