@@ -100,13 +100,17 @@ fn fixture_of(plugin_name: &str, params: &str, max_response_bytes: usize) -> Fix
     let state = Arc::new(ApiState {
         store,
         status,
-        aggregations: vec![QueryableAggregation::new(
-            config.aggregations[0].clone(),
-            loaded,
-        )],
+        aggregations: Arc::new(
+            vec![QueryableAggregation::new(
+                config.aggregations[0].clone(),
+                loaded,
+            )]
+            .into(),
+        ),
         max_page: 100,
         max_response_bytes,
         routing: None,
+        admin: None,
     });
     Fixture { _dir: dir, state }
 }

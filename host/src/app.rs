@@ -1,6 +1,5 @@
 //! Wiring: config → plugins → state store → consumer thread + HTTP server.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,20 +8,23 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::apply::dead_letter::DeadLetterSink;
-use crate::apply::{Aggregation, BatchApplier, Pipeline};
+use crate::apply::{Aggregation, BatchApplier, Control, Pipeline, StartAt};
 use crate::cluster::membership::Membership;
 use crate::cluster::secret::ClusterSecret;
 use crate::cluster::{Cluster, ClusterTopics};
-use crate::config::{AggregationConfig, ClusterConfig, Config, HttpConfig, StartFrom};
+use crate::config::{AggregationConfig, ClusterConfig, Config, HttpConfig};
 use crate::ingest::KafkaSource;
 use crate::kafka::ClientProperties;
+use crate::lifecycle::Lifecycle;
 use crate::ops::panics::PanicWatch;
 use crate::ops::status::Status;
 use crate::plugin::{LoadedPlugin, PluginRuntime, RuntimeConfig};
+use crate::serve::admin::Admin;
 use crate::serve::routing::Routing;
-use crate::serve::{ApiState, ConnectionLimits, HttpPolicy, QueryableAggregation};
+use crate::serve::{Aggregations, ApiState, ConnectionLimits, HttpPolicy, QueryableAggregation};
 use crate::state::flush::FlushPublisher;
 use crate::state::store::{AggregationMeta, Registration, StateStore, StoreOptions};
+use std::sync::mpsc;
 
 /// How often progress is logged while catching up (without a terminal).
 const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -86,14 +88,7 @@ pub fn open_aggregations(
     let mut aggregations = Vec::new();
     let mut queryable = Vec::new();
     for (aggregation, plugin) in config.aggregations.iter().zip(plugins) {
-        let metadata = plugin.metadata();
-        let meta = AggregationMeta {
-            plugin_name: metadata.name.clone(),
-            plugin_version: metadata.version.clone(),
-            state_format: metadata.state_format,
-            content_hash: plugin.content_hash().to_owned(),
-            removed: false,
-        };
+        let meta = crate::lifecycle::meta_of(&plugin);
         if store.check_aggregation_meta(&aggregation.name, &meta)? == Registration::New {
             register_new(&store, config, aggregation, &meta)?;
         }
@@ -121,15 +116,8 @@ fn register_new(
     aggregation: &AggregationConfig,
     meta: &AggregationMeta,
 ) -> anyhow::Result<()> {
-    let start: BTreeMap<(String, i32), i64> = match config.source.start_from {
-        StartFrom::Latest => BTreeMap::new(),
-        StartFrom::Earliest => store
-            .offsets()?
-            .into_keys()
-            .filter(|(topic, _)| aggregation.applies_to(topic))
-            .map(|partition| (partition, 0))
-            .collect(),
-    };
+    let consumed = crate::tools::state_admin::consumed_by(store, aggregation)?;
+    let start = StartAt::from(config.source.start_from).entries(&consumed);
     if !start.is_empty() {
         tracing::info!(
             aggregation = %aggregation.name,
@@ -208,6 +196,7 @@ pub fn run(
         )?),
     };
     let cluster = scale_out.as_ref().map(|s| s.cluster.clone());
+    let (controls, control_feed) = mpsc::channel::<Control>();
     let pipeline = start_pipeline(
         &config,
         &store,
@@ -215,7 +204,16 @@ pub fn run(
         aggregations,
         dead_letters,
         cluster,
-    )?;
+    )?
+    .with_controls(control_feed);
+    let served = Arc::new(Aggregations::from(queryable));
+    let admin: Arc<dyn Admin> = Arc::new(Lifecycle::new(
+        config.clone(),
+        runtime,
+        store.clone(),
+        controls,
+        served.clone(),
+    ));
 
     let (routing, cluster_threads) = match scale_out {
         None => (None, Vec::new()),
@@ -224,12 +222,14 @@ pub fn run(
     let api = Arc::new(ApiState {
         store: store.clone(),
         status: status.clone(),
-        aggregations: queryable,
+        aggregations: served,
         max_page: config.http.max_page,
         max_response_bytes: config.http.max_response_bytes,
         routing,
+        admin: Some(admin.clone()),
     });
     let (http, server, address) = serve_http(&config.http, api, &http_policy, &shutdown)?;
+    http.spawn(reload_on_sighup(admin));
     tracing::info!(%address, "serving queries");
     on_listening(address);
 
@@ -410,6 +410,28 @@ fn start_cluster(
         routing,
         threads,
     })
+}
+
+/// Reloads the config file on every `SIGHUP` (the outcome is logged).
+async fn reload_on_sighup(admin: Arc<dyn Admin>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: reload through the HTTP API instead");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the config file");
+        let admin = admin.clone();
+        match tokio::task::spawn_blocking(move || admin.reload()).await {
+            Ok(Ok(report)) if report.changed() => tracing::info!(?report, "reload done"),
+            Ok(Ok(_)) => tracing::info!("reload: nothing changed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "reload refused; the running config stays"),
+            Err(e) => tracing::error!(error = %e, "reload task failed"),
+        }
+    }
 }
 
 type ServerTask = tokio::task::JoinHandle<()>;

@@ -91,14 +91,21 @@ pub(crate) enum Command {
         config: PathBuf,
     },
     /// Clear one aggregation's state and have it rebuilt from a point of
-    /// its topics while the others go on (wagg must be stopped).
+    /// its topics while the others go on: on a running instance (`--url`),
+    /// or on a stopped one's store (`--config`).
     #[command(
-        after_help = "Examples:\n  wagg reset --config wagg.toml --aggregation spend_per_user --to earliest\n  wagg reset --config wagg.toml --aggregation spend_per_user --to 2026-11-29T00:00:00Z"
+        after_help = "Examples:\n  wagg reset --url http://127.0.0.1:8080 --aggregation spend_per_user --to earliest\n  wagg reset --config wagg.toml --aggregation spend_per_user --to 2026-11-29T00:00:00Z"
     )]
     Reset {
-        /// The TOML config file.
-        #[arg(long, short)]
-        config: PathBuf,
+        /// The TOML config file of a stopped instance.
+        #[arg(long, short, required_unless_present = "url", conflicts_with = "url")]
+        config: Option<PathBuf>,
+        /// A running instance's HTTP address (`POST /v1/admin/reset`).
+        #[arg(long, env = "WAGG_URL")]
+        url: Option<String>,
+        /// Bearer token, when `[http.auth]` is configured.
+        #[arg(long, env = "WAGG_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         /// The aggregation to reset.
         #[arg(long)]
         aggregation: String,
@@ -107,6 +114,28 @@ pub(crate) enum Command {
         /// record at or after it).
         #[arg(long)]
         to: wagg::tools::state_admin::ResetTo,
+    },
+    /// Have a running instance re-read its config file (`POST
+    /// /v1/admin/reload`; `SIGHUP` does the same) and print what changed.
+    #[command(after_help = "Example:\n  wagg reload --url http://127.0.0.1:8080")]
+    Reload {
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+    },
+    /// List the keys whose states differ between two aggregations of a
+    /// running instance (e.g. a new plugin version run beside the old one
+    /// on the same topic); exits with status 1 when some differ.
+    #[command(after_help = "Example:\n  wagg diff spend spend_v2 --url http://127.0.0.1:8080")]
+    Diff {
+        /// The first aggregation.
+        a: String,
+        /// The second aggregation.
+        b: String,
+        /// How many differences to show.
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+        #[command(flatten)]
+        endpoint: EndpointArgs,
     },
     /// Manage the stored state (wagg must be stopped).
     #[command(subcommand)]

@@ -14,6 +14,7 @@ pub mod config;
 pub(crate) mod fault_injection;
 pub(crate) mod ingest;
 pub mod kafka;
+pub mod lifecycle;
 pub mod ops;
 pub mod plugin;
 pub mod record;

@@ -102,14 +102,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Reset {
             config,
+            url,
+            token,
             aggregation,
             to,
         } => {
-            let config = Config::load(&config)?;
-            println!(
-                "{}",
-                wagg::tools::state_admin::reset(&config, &aggregation, to)?
-            );
+            let message = match (config, url) {
+                (Some(config), _) => {
+                    let config = Config::load(&config)?;
+                    wagg::tools::state_admin::reset(&config, &aggregation, to)?
+                }
+                (None, url) => {
+                    let endpoint = wagg::tools::client::Endpoint {
+                        url: wagg::tools::client::parse_url(url.as_deref().unwrap_or_default())?,
+                        token,
+                    };
+                    wagg::tools::client::reset(&endpoint, &aggregation, &to.as_arg())?
+                }
+            };
+            println!("{message}");
+            Ok(())
+        }
+        Command::Reload { endpoint } => {
+            print!("{}", wagg::tools::client::reload(&endpoint.endpoint()?)?);
+            Ok(())
+        }
+        Command::Diff {
+            a,
+            b,
+            limit,
+            endpoint,
+        } => {
+            let summary = wagg::tools::diff::diff(&endpoint.endpoint()?, &a, &b, limit)?;
+            print!("{}", summary.report(&a, &b));
+            if summary.differing > 0 {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::State(StateCommand::Drop {

@@ -94,6 +94,16 @@ impl Aggregation {
         }
     }
 
+    /// Takes over what `old` (the same aggregation, with another plugin
+    /// build or settings) has applied: its states (same state format), its
+    /// counters, its metrics and where it is catching up.
+    pub(super) fn take_over(&mut self, old: &mut Aggregation) {
+        std::mem::swap(&mut self.states, &mut old.states);
+        self.applied = old.applied;
+        self.instruments = old.instruments.clone();
+        self.catch_up = std::mem::take(&mut old.catch_up);
+    }
+
     /// Whether a record of `feed` is this aggregation's to apply: a live
     /// record where it is current, a re-read one where it is catching up
     /// and has not applied it yet.

@@ -110,6 +110,61 @@ impl BatchApplier {
         }
     }
 
+    /// The aggregation called `name`.
+    pub(super) fn aggregation_mut(&mut self, name: &str) -> Option<&mut Aggregation> {
+        self.aggregations.iter_mut().find(|a| a.config.name == name)
+    }
+
+    /// The names of the aggregations applied.
+    pub(super) fn names(&self) -> Vec<String> {
+        self.aggregations
+            .iter()
+            .map(|a| a.config.name.clone())
+            .collect()
+    }
+
+    /// Starts applying an aggregation (registered in the store already),
+    /// with the counters the store holds for it.
+    pub(super) fn add(&mut self, mut aggregation: Aggregation) -> Result<(), StoreError> {
+        let name = aggregation.config.name.clone();
+        aggregation.applied = self.store.counters(&name)?;
+        aggregation.instruments = Instruments::new(self.status.metrics(), &name);
+        self.status.set_counters(&name, aggregation.applied);
+        self.aggregations.push(aggregation);
+        Ok(())
+    }
+
+    /// Puts `aggregation` in the place of the one of the same name, which
+    /// hands it its states, counters and catch-up progress. Call with
+    /// nothing unwritten (after [`BatchApplier::flush`]).
+    pub(super) fn replace(&mut self, mut aggregation: Aggregation) {
+        if let Some(old) = self.aggregation_mut(&aggregation.config.name) {
+            aggregation.take_over(old);
+            *old = aggregation;
+        }
+    }
+
+    /// Stops applying an aggregation. Call with nothing unwritten.
+    pub(super) fn remove(&mut self, name: &str) {
+        self.aggregations.retain(|a| a.config.name != name);
+        self.status.remove_aggregation(name);
+    }
+
+    /// Forgets an aggregation's states and counters (cleared in the store
+    /// by the caller) and where it was catching up. Call with nothing
+    /// unwritten.
+    pub(super) fn reset(&mut self, name: &str) {
+        let Some(aggregation) = self.aggregations.iter_mut().find(|a| a.config.name == name) else {
+            return;
+        };
+        aggregation.states.clear();
+        aggregation.applied = AggregationCounters::default();
+        self.status.set_counters(name, aggregation.applied);
+        for (topic, partition) in std::mem::take(&mut aggregation.catch_up).into_keys() {
+            self.status.set_catch_up(name, &topic, partition, None);
+        }
+    }
+
     /// Whether a flush is due (see [`Flusher`]).
     pub fn flush_due(&self) -> bool {
         self.flusher.due(&self.aggregations)

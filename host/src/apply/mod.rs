@@ -25,6 +25,7 @@
 
 mod aggregation;
 mod applier;
+pub mod control;
 pub mod dead_letter;
 mod flusher;
 pub mod group;
@@ -32,11 +33,12 @@ pub mod partition_map;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::RecvTimeoutError;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;
 
 pub use aggregation::Aggregation;
 pub use applier::BatchApplier;
+pub use control::{Control, ControlChange, Reconfigure, StartAt};
 
 use crate::ingest::{SourceEvent, SourceFeed};
 use crate::ops::status::Status;
@@ -83,6 +85,8 @@ pub struct Pipeline {
     status: Arc<Status>,
     /// Next offset to apply per partition, for partitions this member owns.
     next_offsets: PartitionMap<i64>,
+    /// Changes an operator asks for while consuming (see `control`).
+    controls: Option<mpsc::Receiver<Control>>,
 }
 
 /// How long the consumer waits for a batch before treating the source as
@@ -96,7 +100,14 @@ impl Pipeline {
             applier,
             status,
             next_offsets: PartitionMap::default(),
+            controls: None,
         }
+    }
+
+    /// Takes reloads and resets from `controls` between batches.
+    pub fn with_controls(mut self, controls: mpsc::Receiver<Control>) -> Self {
+        self.controls = Some(controls);
+        self
     }
 
     /// Consumes until `shutdown` is set (then finishes and writes the batch
@@ -134,6 +145,7 @@ impl Pipeline {
         while !shutdown.load(Ordering::Relaxed) {
             let written = self.applier.poll_flush()?;
             self.commit(&written);
+            self.take_controls()?;
             match self.source.recv_timeout(IDLE_AFTER) {
                 Ok(SourceEvent::Records(mut batch)) => {
                     self.drop_redelivered(&mut batch);

@@ -40,6 +40,14 @@ impl<V: Copy> PartitionMap<V> {
         self.map.insert((topic, partition), value);
     }
 
+    /// Every entry, in no particular order.
+    pub fn entries(&self) -> Vec<(Arc<str>, i32, V)> {
+        self.map
+            .iter()
+            .map(|((topic, partition), value)| (topic.clone(), *partition, *value))
+            .collect()
+    }
+
     pub fn remove(&mut self, topic: &str, partition: i32) {
         self.last = None;
         self.map.remove(&(Arc::from(topic), partition));

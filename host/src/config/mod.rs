@@ -52,6 +52,9 @@ pub struct Config {
     /// Directory of the config file; plugin paths are relative to it.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The file it was loaded from (what a reload reads again).
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
     /// How often progress is logged without a terminal (`wagg run
     /// --progress-interval-secs`; not a file setting).
     #[serde(skip)]
@@ -243,7 +246,9 @@ impl Config {
             message: format!("cannot read: {e}"),
         })?;
         let base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
-        Self::parse(&text, &file, &base_dir)
+        let mut config = Self::parse(&text, &file, &base_dir)?;
+        config.path = Some(path.to_owned());
+        Ok(config)
     }
 
     /// Parses and validates `text`; `file` names it in errors.

@@ -106,18 +106,24 @@ impl CatchUpReader {
                     from,
                     live,
                 } => {
-                    let topic = self.topic(&topic);
-                    if from >= live {
+                    let key = (self.topic(&topic), partition);
+                    // Already being re-read (for another aggregation): from
+                    // the lower offset to the higher live one; its `Reached`
+                    // is the one every aggregation there waits for.
+                    let being_read = self.live.contains_key(&key);
+                    let live = self.live.get(&key).map_or(live, |&l| l.max(live));
+                    let from = self.next.get(&key).map_or(from, |&n| n.min(from));
+                    if !being_read && from >= live {
                         reached.push(Reached {
-                            topic,
+                            topic: key.0,
                             partition,
                             at: live,
                         });
                         continue;
                     }
-                    tracing::info!(%topic, partition, from, live, "re-reading the partition for the aggregations catching up on it");
-                    self.live.insert((topic.clone(), partition), live);
-                    self.next.insert((topic, partition), from);
+                    tracing::info!(topic = %key.0, partition, from, live, "re-reading the partition for the aggregations catching up on it");
+                    self.live.insert(key.clone(), live);
+                    self.next.insert(key, from);
                     changed = true;
                 }
                 CatchUpChange::Stop { topic, partition } => {

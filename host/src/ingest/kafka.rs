@@ -24,7 +24,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::SourceEvent;
-use super::catch_up::CatchUpReader;
+use super::catch_up::{CatchUpChange, CatchUpReader};
 use super::rebalance::SourceContext;
 use crate::cluster::Cluster;
 use crate::config::{BatchConfig, SourceConfig};
@@ -228,15 +228,40 @@ impl Poller {
         }
     }
 
+    /// Raises the live offset of each partition to start re-reading to
+    /// the group consumer's position there: every record below it has been
+    /// handed on as live (the records of the last poll included, even when
+    /// the partition was assigned in that poll), so none of them is missed
+    /// by the aggregations starting to catch up.
+    fn raise_to_handed_on(&self, changes: &mut [CatchUpChange]) {
+        let Ok(positions) = self.consumer.position() else {
+            return;
+        };
+        for change in changes {
+            if let CatchUpChange::Start {
+                topic,
+                partition,
+                live,
+                ..
+            } = change
+                && let Some(element) = positions.find_partition(topic, *partition)
+                && let Offset::Offset(position) = element.offset()
+            {
+                *live = (*live).max(position);
+            }
+        }
+    }
+
     /// Starts and stops re-reading partitions as the last poll's
     /// rebalances said, then hands on a batch of re-read records (waiting a
     /// little for one when the live records are `idle`). `Err`: the
     /// pipeline is gone.
     fn catch_up(&mut self, idle: bool) -> Result<(), ()> {
         let context = self.consumer.context();
-        let changes = context.take_catch_up_changes();
+        let mut changes = context.take_catch_up_changes();
         let mut reached = Vec::new();
         if !changes.is_empty() {
+            self.raise_to_handed_on(&mut changes);
             match self.catch_up.apply(changes) {
                 Ok(done) => reached = done,
                 Err(e) => context.fail(format!("{e:#}")),
@@ -477,6 +502,24 @@ impl SourceFeed {
                 }
             }
         }
+    }
+
+    /// Has a partition this instance owns re-read from `from` for
+    /// aggregations that start catching up on it now (added by a reload,
+    /// or reset). `live`: the pipeline's next offset there; the source
+    /// thread raises it to what it has handed on since.
+    pub fn start_catch_up(&self, topic: &str, partition: i32, from: i64, live: i64) {
+        self.consumer
+            .context()
+            .catch_up_changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(CatchUpChange::Start {
+                topic: topic.to_owned(),
+                partition,
+                from,
+                live,
+            });
     }
 
     /// Tells the group how far this member got, for monitoring tools; the

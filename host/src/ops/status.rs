@@ -120,6 +120,13 @@ impl Status {
             .insert(aggregation.to_owned(), counters);
     }
 
+    /// Forgets an aggregation no longer applied (a reload removed it).
+    pub fn remove_aggregation(&self, aggregation: &str) {
+        let mut inner = self.write();
+        inner.aggregations.remove(aggregation);
+        inner.catch_up.retain(|(name, _, _), _| name != aggregation);
+    }
+
     pub fn counters(&self, aggregation: &str) -> AggregationCounters {
         self.read()
             .aggregations

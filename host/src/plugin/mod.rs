@@ -16,4 +16,4 @@ mod sandbox;
 pub use batch::{BatchOutcome, Change, Failure, GroupInput, GroupOutcome};
 pub use error::{CallError, PluginError};
 pub use instance::PluginInstance;
-pub use runtime::{LoadedPlugin, PluginMetadata, PluginRuntime, RuntimeConfig};
+pub use runtime::{LoadedPlugin, PluginMetadata, PluginRuntime, RuntimeConfig, content_hash};

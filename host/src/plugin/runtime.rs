@@ -72,6 +72,11 @@ pub struct PluginMetadata {
     pub state_format: u32,
 }
 
+/// The identity of a plugin build: the SHA-256 of its bytes, in hex.
+pub fn content_hash(wasm: &[u8]) -> String {
+    hex::encode(Sha256::digest(wasm))
+}
+
 /// Compiles and instantiates plugins. Cheap to clone; share one per process.
 #[derive(Clone)]
 pub struct PluginRuntime {
@@ -132,7 +137,7 @@ impl PluginRuntime {
     /// Like [`load`](Self::load) for bytes already in memory; `path` only
     /// names the plugin in messages.
     pub fn load_bytes(&self, path: &Path, wasm: &[u8]) -> Result<LoadedPlugin, PluginError> {
-        let content_hash = hex::encode(Sha256::digest(wasm));
+        let content_hash = content_hash(wasm);
         let component = self.compile(path, wasm, &content_hash)?;
         let component_type = component.component_type();
         let names = |items: &mut dyn Iterator<Item = &str>| items.map(str::to_owned).collect();

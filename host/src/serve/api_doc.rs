@@ -20,6 +20,8 @@ use super::openapi;
         super::listings::list_keys,
         super::keys::get_key,
         super::probes::metrics,
+        super::admin::reload,
+        super::admin::reset,
         openapi_json
     ),
     components(schemas(
@@ -32,6 +34,10 @@ use super::openapi;
         openapi::KeyState,
         openapi::KeyPage,
         openapi::Encoding,
+        openapi::ReloadReport,
+        openapi::AggregationUpdate,
+        openapi::ResetRequest,
+        openapi::ResetAnswer,
         crate::ops::status::PartitionProgress,
         crate::ops::status::Readiness
     ))
@@ -60,6 +66,8 @@ mod tests {
             "/v1/aggregations",
             "/v1/aggregations/{name}/keys",
             "/v1/aggregations/{name}/keys/{key}",
+            "/v1/admin/reload",
+            "/v1/admin/reset",
         ] {
             assert!(paths.contains(&route), "{route} missing from {paths:?}");
         }

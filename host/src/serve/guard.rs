@@ -21,8 +21,10 @@ use crate::ops::status::now_millis;
 /// checks work, and the dashboard page, which holds no data (its own
 /// requests carry the token).
 const PROBES: [&str; 3] = ["/healthz", "/readyz", "/"];
-/// Paths `scope = "admin"` protects.
+/// Paths `scope = "admin"` protects (and every path under [`ADMIN_PREFIX`]).
 const ADMIN: [&str; 3] = ["/v1/aggregations", "/metrics", "/openapi.json"];
+/// The endpoints that change the running instance.
+const ADMIN_PREFIX: &str = "/v1/admin/";
 
 pub struct Guard {
     /// SHA-256 of the token: comparing digests in constant time hides
@@ -56,7 +58,7 @@ impl Guard {
         }
         match self.scope {
             AuthScope::All => true,
-            AuthScope::Admin => ADMIN.contains(&path),
+            AuthScope::Admin => ADMIN.contains(&path) || path.starts_with(ADMIN_PREFIX),
         }
     }
 

@@ -57,6 +57,7 @@ pub async fn list_aggregations(
     }
     let aggregations = state
         .aggregations
+        .all()
         .iter()
         .map(|aggregation| aggregation_info(&state, aggregation, &partitions))
         .collect::<Result<_, ApiError>>()?;

@@ -3,7 +3,7 @@
 //! while consumption runs at full speed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -11,7 +11,7 @@ use axum::error_handling::HandleErrorLayer;
 use axum::extract::{MatchedPath, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde_json::Value;
 use tower::ServiceBuilder;
 use tower::limit::GlobalConcurrencyLimitLayer;
@@ -19,6 +19,7 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+pub mod admin;
 mod api_doc;
 mod encoding;
 mod error;
@@ -41,26 +42,61 @@ use crate::state::store::{Slot, StateStore};
 pub struct ApiState {
     pub store: Arc<StateStore>,
     pub status: Arc<Status>,
-    pub aggregations: Vec<QueryableAggregation>,
+    pub aggregations: Arc<Aggregations>,
     pub max_page: usize,
     /// `http.max_response_bytes`.
     pub max_response_bytes: usize,
     /// Cluster mode: where keys live and how to reach them.
     pub routing: Option<routing::Routing>,
+    /// Reload and reset (none: the admin endpoints answer 404).
+    pub admin: Option<Arc<dyn admin::Admin>>,
+}
+
+/// The aggregations served; a reload replaces them.
+#[derive(Default)]
+pub struct Aggregations(RwLock<Vec<Arc<QueryableAggregation>>>);
+
+impl From<Vec<QueryableAggregation>> for Aggregations {
+    fn from(aggregations: Vec<QueryableAggregation>) -> Self {
+        Self(RwLock::new(
+            aggregations.into_iter().map(Arc::new).collect(),
+        ))
+    }
+}
+
+impl Aggregations {
+    /// The aggregations served now.
+    pub fn all(&self) -> Vec<Arc<QueryableAggregation>> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<QueryableAggregation>> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|a| a.config.name == name)
+            .cloned()
+    }
+
+    /// Serves `aggregations` from now on.
+    pub fn replace(&self, aggregations: Vec<Arc<QueryableAggregation>>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = aggregations;
+    }
 }
 
 impl ApiState {
     /// The aggregation called `name`, or a 404.
-    fn aggregation(&self, name: &str) -> Result<&QueryableAggregation, ApiError> {
-        self.aggregations
-            .iter()
-            .find(|a| a.config.name == name)
-            .ok_or_else(|| {
-                ApiError::not_found(
-                    "unknown_aggregation",
-                    format!("no aggregation named {name:?}"),
-                )
-            })
+    fn aggregation(&self, name: &str) -> Result<Arc<QueryableAggregation>, ApiError> {
+        self.aggregations.get(name).ok_or_else(|| {
+            ApiError::not_found(
+                "unknown_aggregation",
+                format!("no aggregation named {name:?}"),
+            )
+        })
     }
 
     /// The slots this instance serves: all of them on a single instance,
@@ -176,8 +212,12 @@ impl QueryableAggregation {
 pub use encoding::MAX_KEY_BYTES;
 pub use error::ApiError;
 pub use server::{ConnectionLimits, serve};
-/// Largest request body accepted (the API only has GETs).
+/// Largest request body accepted (the only bodies are admin requests).
 const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// How long an admin request may take: a reload compiles new plugins,
+/// which can take longer than a query's `http.request_timeout_ms`.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Limits and authentication for the HTTP API, from `[http]`.
 #[derive(Debug, Clone)]
@@ -235,6 +275,13 @@ pub fn router(state: Arc<ApiState>, policy: &HttpPolicy) -> Router {
         .layer(GlobalConcurrencyLimitLayer::new(
             policy.max_concurrent_requests,
         ));
+    let admin = Router::new()
+        .route("/v1/admin/reload", post(admin::reload))
+        .route("/v1/admin/reset", post(admin::reset))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            ADMIN_TIMEOUT,
+        ));
     Router::new()
         .route("/", get(dashboard))
         .route("/healthz", get(probes::healthz))
@@ -244,21 +291,22 @@ pub fn router(state: Arc<ApiState>, policy: &HttpPolicy) -> Router {
         .route("/v1/aggregations/{name}/keys/{key}", get(keys::get_key))
         .route("/metrics", get(probes::metrics))
         .route("/openapi.json", get(api_doc::openapi_json))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            policy.request_timeout,
+        ))
+        .merge(admin)
         .fallback(|| async { ApiError::not_found("no_route", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
-                "only GET is supported",
+                "this endpoint does not take that method (queries are GET, admin requests POST)",
             )
         })
         .with_state(state.clone())
         .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(guard, guard::guard))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            policy.request_timeout,
-        ))
         .layer(shed_load)
         .layer(axum::middleware::from_fn_with_state(state, count_request))
         .layer(TraceLayer::new_for_http())

@@ -95,3 +95,52 @@ pub struct KeyPage {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing_instances: Vec<String>,
 }
+
+/// What a reload changed (`POST /v1/admin/reload`).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReloadReport {
+    /// Aggregations started (each catches up on the records consumed so
+    /// far, from `source.start_from`).
+    pub added: Vec<String>,
+    /// Aggregations no longer applied nor served; their stored state is
+    /// kept until `wagg state drop`.
+    pub removed: Vec<String>,
+    /// Aggregations changed in place, from the next batch on.
+    pub updated: Vec<AggregationUpdate>,
+    /// Aggregations left as they were.
+    pub unchanged: Vec<String>,
+}
+
+impl ReloadReport {
+    /// Whether the reload changed anything.
+    pub fn changed(&self) -> bool {
+        !(self.added.is_empty() && self.removed.is_empty() && self.updated.is_empty())
+    }
+}
+
+/// One aggregation a reload changed in place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AggregationUpdate {
+    pub name: String,
+    /// What changed, e.g. `plugin count 0.1.0 (sha256 1a2b3c4d…) → count
+    /// 0.1.0 (sha256 5e6f7a8b…)`, `params`, `on_error`.
+    pub changes: Vec<String>,
+}
+
+/// `POST /v1/admin/reset`'s body.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResetRequest {
+    /// The aggregation to rebuild.
+    pub aggregation: String,
+    /// `earliest`, `latest` or an RFC 3339 time (the broker's
+    /// offsets-for-times says where that is).
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ResetAnswer {
+    pub aggregation: String,
+    /// What happened, for a person.
+    pub message: String,
+}

@@ -24,7 +24,7 @@ pub async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, Api
             ready: state.status.readiness().ready,
             ..Snapshot::default()
         };
-        for aggregation in &state.aggregations {
+        for aggregation in state.aggregations.all() {
             let name = &aggregation.config.name;
             let keys = state.store.estimate_keys(name)?;
             snapshot

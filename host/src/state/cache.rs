@@ -51,6 +51,13 @@ impl StateCache {
         }
     }
 
+    /// Forgets every entry (the states were deleted from RocksDB). Call
+    /// with none dirty or in flight.
+    pub fn clear(&mut self) {
+        debug_assert_eq!(self.dirty + self.in_flight, 0);
+        self.entries.clear();
+    }
+
     /// The newest state of `key` if the map has it (marking it used);
     /// `None` means: read it from RocksDB.
     pub fn get(&mut self, key: &[u8]) -> Option<&State> {

@@ -1,5 +1,5 @@
-//! `wagg query` and `wagg lag`: a small blocking client of a running
-//! instance's HTTP API.
+//! `wagg query`, `wagg lag`, `wagg reload` and `wagg reset --url`: a small
+//! blocking client of a running instance's HTTP API.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::ops::status::PartitionProgress;
+use crate::serve::openapi::ReloadReport;
 
 /// Where a running instance answers, and how to authenticate.
 #[derive(Debug, Clone)]
@@ -20,27 +21,88 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+    pub(crate) fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        self.send(reqwest::Method::GET, path, None, Duration::from_secs(10))
+    }
+
+    /// POSTs `body` (JSON) to an admin endpoint, which may take a while (a
+    /// reload compiles new plugins).
+    fn post(&self, path: &str, body: Option<&Value>) -> anyhow::Result<(u16, Value)> {
+        self.send(reqwest::Method::POST, path, body, Duration::from_secs(300))
+    }
+
+    fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> anyhow::Result<(u16, Value)> {
         let url = format!("{}{path}", self.url.trim_end_matches('/'));
         let client = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(10))
+            .timeout(timeout)
             .build()?;
-        let mut request = client.get(&url);
+        let mut request = client.request(method.clone(), &url);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
         let response = request
             .send()
-            .with_context(|| format!("GET {url} (is wagg running there? see --url)"))?;
+            .with_context(|| format!("{method} {url} (is wagg running there? see --url)"))?;
         let status = response.status().as_u16();
         let body = response
             .json()
-            .with_context(|| format!("GET {url}: the answer is not JSON"))?;
+            .with_context(|| format!("{method} {url}: the answer is not JSON"))?;
         Ok((status, body))
     }
 }
 
-fn api_error(status: u16, body: &Value) -> anyhow::Error {
+/// Has the instance re-read its config file; what changed, for a person.
+pub fn reload(endpoint: &Endpoint) -> anyhow::Result<String> {
+    let report: ReloadReport = match endpoint.post("/v1/admin/reload", None)? {
+        (200, body) => serde_json::from_value(body).context("unexpected reload answer")?,
+        (status, body) => return Err(api_error(status, &body)),
+    };
+    if !report.changed() {
+        return Ok("reloaded: nothing changed\n".into());
+    }
+    let mut out = String::from("reloaded:\n");
+    for name in &report.added {
+        let _ = writeln!(out, "  added     {name} (catching up)");
+    }
+    for update in &report.updated {
+        let _ = writeln!(
+            out,
+            "  updated   {}: {}",
+            update.name,
+            update.changes.join("; ")
+        );
+    }
+    for name in &report.removed {
+        let _ = writeln!(
+            out,
+            "  removed   {name} (state kept until `wagg state drop`)"
+        );
+    }
+    for name in &report.unchanged {
+        let _ = writeln!(out, "  unchanged {name}");
+    }
+    Ok(out)
+}
+
+/// Has the instance reset an aggregation while it runs.
+pub fn reset(endpoint: &Endpoint, aggregation: &str, to: &str) -> anyhow::Result<String> {
+    let body = serde_json::json!({ "aggregation": aggregation, "to": to });
+    match endpoint.post("/v1/admin/reset", Some(&body))? {
+        (200, body) => Ok(body["message"].as_str().unwrap_or_default().to_owned()),
+        (status, body) => Err(api_error(status, &body)),
+    }
+}
+
+pub(crate) fn api_error(status: u16, body: &Value) -> anyhow::Error {
     match body["error"]["message"].as_str() {
         Some(message) => anyhow::anyhow!("{message} (HTTP {status})"),
         None => anyhow::anyhow!("HTTP {status}: {body}"),

@@ -6,6 +6,7 @@ pub mod author;
 pub mod bench;
 pub mod client;
 pub mod demo;
+pub mod diff;
 pub mod rng;
 pub mod state_admin;
 pub mod tansu;

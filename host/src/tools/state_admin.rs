@@ -13,8 +13,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::app::open_store;
+use crate::apply::StartAt;
 use crate::config::{AggregationConfig, Config};
 use crate::kafka::{ClientProperties, create_client};
+use crate::state::store::StateStore;
 
 /// Where a reset aggregation starts again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +48,18 @@ impl FromStr for ResetTo {
     }
 }
 
+impl ResetTo {
+    /// As `--to` takes it.
+    pub fn as_arg(&self) -> String {
+        match self {
+            ResetTo::Earliest => "earliest".into(),
+            ResetTo::Latest => "latest".into(),
+            ResetTo::Time(ms) => chrono::DateTime::from_timestamp_millis(*ms)
+                .map_or_else(|| ms.to_string(), |time| time.to_rfc3339()),
+        }
+    }
+}
+
 impl fmt::Display for ResetTo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -69,22 +83,41 @@ pub fn reset(config: &Config, aggregation: &str, to: ResetTo) -> anyhow::Result<
         );
     }
     let store = open_store(config)?;
-    let consumed: BTreeMap<(String, i32), i64> = store
-        .offsets()?
-        .into_iter()
-        .filter(|((topic, _), _)| configured.applies_to(topic))
-        .collect();
-    let start: BTreeMap<(String, i32), i64> = match to {
-        ResetTo::Earliest => consumed.keys().map(|p| (p.clone(), 0)).collect(),
-        ResetTo::Latest => BTreeMap::new(),
-        ResetTo::Time(ms) => offsets_at(config, &consumed, ms)?,
-    };
+    let consumed = consumed_by(&store, configured)?;
+    let start = start_at(config, &consumed, to)?.entries(&consumed);
     store.reset_aggregation(aggregation, &start)?;
     Ok(format!(
         "reset {aggregation:?}: its state is cleared; the next `wagg run` rebuilds it from {to} on {} of the {} partitions consumed so far (the others start with the other aggregations), while the other aggregations go on where they are",
         start.len(),
         consumed.len()
     ))
+}
+
+/// The partitions the store has consumed (with their stored next offsets)
+/// that an aggregation applies to.
+pub fn consumed_by(
+    store: &StateStore,
+    aggregation: &AggregationConfig,
+) -> anyhow::Result<BTreeMap<(String, i32), i64>> {
+    Ok(store
+        .offsets()?
+        .into_iter()
+        .filter(|((topic, _), _)| aggregation.applies_to(topic))
+        .collect())
+}
+
+/// Where a reset to `to` starts, on the `consumed` partitions (a time is
+/// asked of the broker).
+pub fn start_at(
+    config: &Config,
+    consumed: &BTreeMap<(String, i32), i64>,
+    to: ResetTo,
+) -> anyhow::Result<StartAt> {
+    Ok(match to {
+        ResetTo::Earliest => StartAt::Beginning,
+        ResetTo::Latest => StartAt::Here,
+        ResetTo::Time(ms) => StartAt::Offsets(offsets_at(config, consumed, ms)?),
+    })
 }
 
 /// Deletes what the store holds of an aggregation no longer in the config.
@@ -94,7 +127,7 @@ pub fn drop_state(config: &Config, aggregation: &str) -> anyhow::Result<String> 
             "aggregation {aggregation:?} is still in the config: remove its [[aggregation]] table first (wagg would start it again from scratch otherwise), or use `wagg reset` to rebuild it"
         );
     }
-    let mut store = open_store(config)?;
+    let store = open_store(config)?;
     if !store.drop_aggregation(aggregation)? {
         let stored = store.stored_aggregations();
         bail!(
@@ -123,9 +156,8 @@ fn configured<'c>(config: &'c Config, aggregation: &str) -> anyhow::Result<&'c A
         })
 }
 
-/// The first offset at or after `ms` of each consumed partition, where it
-/// is below the stored offset (a later one: the aggregation starts with the
-/// others there).
+/// The first offset at or after `ms` of each consumed partition (none
+/// where no record is that recent yet: it starts with the others there).
 fn offsets_at(
     config: &Config,
     consumed: &BTreeMap<(String, i32), i64>,
@@ -155,15 +187,9 @@ fn offsets_at(
                 element.partition()
             );
         }
-        let id = (element.topic().to_owned(), element.partition());
-        let Some(&stored) = consumed.get(&id) else {
-            continue;
-        };
         // `End`: no record at or after that time yet.
-        if let Offset::Offset(offset) = element.offset()
-            && offset < stored
-        {
-            start.insert(id, offset);
+        if let Offset::Offset(offset) = element.offset() {
+            start.insert((element.topic().to_owned(), element.partition()), offset);
         }
     }
     Ok(start)

@@ -169,8 +169,8 @@ impl StateWrite<'_> {
         match next {
             Some(next) => self
                 .batch
-                .put_cf(self.store.meta(), key, next.to_be_bytes()),
-            None => self.batch.delete_cf(self.store.meta(), key),
+                .put_cf(&self.store.meta(), key, next.to_be_bytes()),
+            None => self.batch.delete_cf(&self.store.meta(), key),
         }
     }
 }

@@ -18,11 +18,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options,
-    WriteBatch, WriteOptions,
+    BlockBasedOptions, BoundColumnFamily, Cache, ColumnFamilyDescriptor, DBWithThreadMode,
+    Direction, IteratorMode, MultiThreaded, Options, WriteBatch, WriteOptions,
 };
 use serde::{Deserialize, Serialize};
 
@@ -120,8 +120,12 @@ impl Default for StoreOptions {
     }
 }
 
+/// Multi-threaded mode: column families are created and dropped while
+/// the store is shared (an aggregation added or dropped by a reload).
+type Db = DBWithThreadMode<MultiThreaded>;
+
 pub struct StateStore {
-    db: DB,
+    db: Db,
     dir: PathBuf,
     write_options: WriteOptions,
     topic_ids: Mutex<HashMap<String, u16>>,
@@ -130,7 +134,9 @@ pub struct StateStore {
     /// point read per slot and no iterator (iterators over a memtable under
     /// heavy writes were most of a lookup's time while ingesting).
     known_slots: RwLock<HashMap<String, BTreeSet<Slot>>>,
-    column_families: Vec<String>,
+    /// The column families open, and the options a new one gets.
+    column_families: RwLock<BTreeSet<String>>,
+    block_cache: Cache,
 }
 
 impl StateStore {
@@ -152,41 +158,17 @@ impl StateStore {
         db_options.increase_parallelism(2);
         // Keep every existing column family open (aggregations removed from
         // the config keep their state until deleted on purpose).
-        let existing = DB::list_cf(&db_options, dir).unwrap_or_default();
+        let existing = Db::list_cf(&db_options, dir).unwrap_or_default();
         let cache = Cache::new_lru_cache(options.block_cache_bytes);
         let mut names: Vec<String> = existing;
         names.push(META_CF.into());
         names.extend(aggregations.iter().map(|a| format!("{AGG_CF_PREFIX}{a}")));
         names.sort();
         names.dedup();
-        let descriptors = names.iter().map(|name| {
-            let mut cf_options = Options::default();
-            let mut table = BlockBasedOptions::default();
-            table.set_block_cache(&cache);
-            // Point lookups of keys never seen before are the common case
-            // for new keys: a bloom filter answers most without a read.
-            table.set_bloom_filter(10.0, false);
-            // Index and filter blocks live in the block cache (memory stays
-            // bounded by `state.block_cache_mib`), partitioned so that a
-            // lookup reads one small partition, not a whole multi-megabyte
-            // filter: unpartitioned, 10 M keys thrashed the cache and spent
-            // most of the time copying and checksumming filter blocks.
-            table.set_cache_index_and_filter_blocks(true);
-            table.set_cache_index_and_filter_blocks_with_high_priority(true);
-            table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
-            table.set_partition_filters(true);
-            table.set_pin_top_level_index_and_filter(true);
-            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
-            cf_options.set_block_based_table_factory(&table);
-            // Most lookups of a large key space miss the memtable; a bloom
-            // filter over it answers those without walking the skip list
-            // (which was the top of the profile at 10 M keys).
-            cf_options.set_memtable_whole_key_filtering(true);
-            cf_options.set_memtable_prefix_bloom_ratio(0.1);
-            cf_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            ColumnFamilyDescriptor::new(name, cf_options)
-        });
-        let db = DB::open_cf_descriptors(&db_options, dir, descriptors).map_err(|source| {
+        let descriptors = names
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, column_family_options(&cache)));
+        let db = Db::open_cf_descriptors(&db_options, dir, descriptors).map_err(|source| {
             if source.to_string().contains("lock") {
                 StoreError::Locked {
                     dir: dir.to_owned(),
@@ -206,7 +188,8 @@ impl StateStore {
             write_options,
             topic_ids: Mutex::new(HashMap::new()),
             known_slots: RwLock::new(HashMap::new()),
-            column_families: names,
+            column_families: RwLock::new(names.into_iter().collect()),
+            block_cache: cache,
         };
         store.load_topic_ids()?;
         Ok(store)
@@ -226,13 +209,13 @@ impl StateStore {
         }
     }
 
-    fn meta(&self) -> &rocksdb::ColumnFamily {
+    fn meta(&self) -> Arc<BoundColumnFamily<'_>> {
         self.db
             .cf_handle(META_CF)
             .expect("meta column family is created at open")
     }
 
-    fn aggregation_cf(&self, aggregation: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {
+    fn aggregation_cf(&self, aggregation: &str) -> Result<Arc<BoundColumnFamily<'_>>, StoreError> {
         self.db
             .cf_handle(&format!("{AGG_CF_PREFIX}{aggregation}"))
             .ok_or_else(|| StoreError::UnknownAggregation(aggregation.to_owned()))
@@ -242,7 +225,7 @@ impl StateStore {
         let mut out = Vec::new();
         for item in self
             .db
-            .iterator_cf(self.meta(), IteratorMode::From(prefix, Direction::Forward))
+            .iterator_cf(&self.meta(), IteratorMode::From(prefix, Direction::Forward))
         {
             let (key, value) = item.map_err(|e| self.rocks(e))?;
             let Some(rest) = key.strip_prefix(prefix) else {
@@ -278,7 +261,7 @@ impl StateStore {
             .ok_or_else(|| self.corrupt("too many topics".into()))?;
         self.db
             .put_cf_opt(
-                self.meta(),
+                &self.meta(),
                 meta_key(TOPIC_PREFIX, topic.as_bytes()),
                 id.to_be_bytes(),
                 &self.write_options,
@@ -305,7 +288,7 @@ impl StateStore {
             return Ok(None);
         };
         self.db
-            .get_cf(self.meta(), partition_key(prefix, topic_id, partition))
+            .get_cf(&self.meta(), partition_key(prefix, topic_id, partition))
             .map_err(|e| self.rocks(e))
     }
 
@@ -342,20 +325,20 @@ impl StateStore {
         let start = slot.store_key(&[]);
         let end = next_prefix(&start).unwrap_or_else(|| vec![0xff; Slot::LEN + 1]);
         for aggregation in aggregations {
-            batch.delete_range_cf(self.aggregation_cf(aggregation)?, &start, &end);
+            batch.delete_range_cf(&self.aggregation_cf(aggregation)?, &start, &end);
         }
         let partition = slot.partition as i32;
         batch.delete_cf(
-            self.meta(),
+            &self.meta(),
             partition_key(OFFSET_PREFIX, slot.topic_id, partition),
         );
         batch.delete_cf(
-            self.meta(),
+            &self.meta(),
             partition_key(COMMIT_PREFIX, slot.topic_id, partition),
         );
         let catch_up = partition_key(CATCH_UP_PREFIX, slot.topic_id, partition);
         let catch_up_end = next_prefix(&catch_up).unwrap_or_else(|| vec![0xff; catch_up.len()]);
-        batch.delete_range_cf(self.meta(), &catch_up, &catch_up_end);
+        batch.delete_range_cf(&self.meta(), &catch_up, &catch_up_end);
         self.db
             .write_opt(batch, &self.write_options)
             .map_err(|e| self.rocks(e))
@@ -407,7 +390,7 @@ impl StateStore {
         let key = meta_key(AGG_META_PREFIX, aggregation.as_bytes());
         match self
             .db
-            .get_cf(self.meta(), key)
+            .get_cf(&self.meta(), key)
             .map_err(|e| self.rocks(e))?
         {
             None => Ok(None),
@@ -441,7 +424,7 @@ impl StateStore {
         let read = |prefix: &[u8]| -> Result<u64, StoreError> {
             let value = self
                 .db
-                .get_cf(self.meta(), meta_key(prefix, aggregation.as_bytes()))
+                .get_cf(&self.meta(), meta_key(prefix, aggregation.as_bytes()))
                 .map_err(|e| self.rocks(e))?;
             Ok(value
                 .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
@@ -471,3 +454,32 @@ fn write_lock<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 
 #[cfg(test)]
 mod tests;
+
+/// The options of every aggregation's column family (and `meta`'s).
+fn column_family_options(cache: &Cache) -> Options {
+    let mut cf_options = Options::default();
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    // Point lookups of keys never seen before are the common case for new
+    // keys: a bloom filter answers most without a read.
+    table.set_bloom_filter(10.0, false);
+    // Index and filter blocks live in the block cache (memory stays bounded
+    // by `state.block_cache_mib`), partitioned so that a lookup reads one
+    // small partition, not a whole multi-megabyte filter: unpartitioned,
+    // 10 M keys thrashed the cache and spent most of the time copying and
+    // checksumming filter blocks.
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_cache_index_and_filter_blocks_with_high_priority(true);
+    table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
+    table.set_partition_filters(true);
+    table.set_pin_top_level_index_and_filter(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    cf_options.set_block_based_table_factory(&table);
+    // Most lookups of a large key space miss the memtable; a bloom filter
+    // over it answers those without walking the skip list (which was the
+    // top of the profile at 10 M keys).
+    cf_options.set_memtable_whole_key_filtering(true);
+    cf_options.set_memtable_prefix_bloom_ratio(0.1);
+    cf_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    cf_options
+}

@@ -16,7 +16,7 @@ impl StateStore {
         let prefix = slot.store_key(&[]);
         for item in self
             .db
-            .iterator_cf(cf, IteratorMode::From(&prefix, Direction::Forward))
+            .iterator_cf(&cf, IteratorMode::From(&prefix, Direction::Forward))
         {
             let (key, value) = item.map_err(|e| self.rocks(e))?;
             if !key.starts_with(&prefix) || !each(&key[Slot::LEN..], &value) {
@@ -35,7 +35,7 @@ impl StateStore {
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let cf = self.aggregation_cf(aggregation)?;
         self.db
-            .get_cf(cf, slot.store_key(key))
+            .get_cf(&cf, slot.store_key(key))
             .map_err(|e| self.rocks(e))
     }
 
@@ -48,7 +48,7 @@ impl StateStore {
         let cf = self.aggregation_cf(aggregation)?;
         let encoded: Vec<Vec<u8>> = keys.iter().map(|(slot, key)| slot.store_key(key)).collect();
         self.db
-            .batched_multi_get_cf(cf, &encoded, false)
+            .batched_multi_get_cf(&cf, &encoded, false)
             .into_iter()
             .map(|r| r.map(|v| v.map(|v| v.to_vec())).map_err(|e| self.rocks(e)))
             .collect()
@@ -72,7 +72,7 @@ impl StateStore {
     fn scan_slots(&self, aggregation: &str) -> Result<Vec<Slot>, StoreError> {
         let cf = self.aggregation_cf(aggregation)?;
         let mut slots = Vec::new();
-        let mut iter = self.db.raw_iterator_cf(cf);
+        let mut iter = self.db.raw_iterator_cf(&cf);
         iter.seek_to_first();
         while let Some(key) = iter.key() {
             let Some((slot, _)) = Slot::decode(key) else {
@@ -128,7 +128,7 @@ impl StateStore {
         let cf = self.aggregation_cf(aggregation)?;
         // One cursor per slot, merged in key order: at most `limit` entries
         // are read (plus one look-ahead per slot), however many slots.
-        let mut cursors: Vec<(Vec<u8>, rocksdb::DBRawIteratorWithThreadMode<'_, DB>)> = slots
+        let mut cursors: Vec<(Vec<u8>, rocksdb::DBRawIteratorWithThreadMode<'_, Db>)> = slots
             .iter()
             .map(|&slot| {
                 let slot_prefix = slot.store_key(prefix);
@@ -140,7 +140,7 @@ impl StateStore {
                     }
                     _ => slot_prefix.clone(),
                 };
-                let mut cursor = self.db.raw_iterator_cf(cf);
+                let mut cursor = self.db.raw_iterator_cf(&cf);
                 cursor.seek(&start);
                 (slot_prefix, cursor)
             })
@@ -174,7 +174,7 @@ impl StateStore {
         let cf = self.aggregation_cf(aggregation)?;
         Ok(self
             .db
-            .property_int_value_cf(cf, "rocksdb.estimate-num-keys")
+            .property_int_value_cf(&cf, "rocksdb.estimate-num-keys")
             .map_err(|e| self.rocks(e))?
             .unwrap_or(0))
     }
@@ -182,7 +182,14 @@ impl StateStore {
     /// Bytes in live SST files plus memtables, over all column families.
     pub fn size_bytes(&self) -> Result<u64, StoreError> {
         let mut total = 0;
-        for name in &self.column_families {
+        let names: Vec<String> = self
+            .column_families
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect();
+        for name in &names {
             let Some(cf) = self.db.cf_handle(name) else {
                 continue;
             };
@@ -192,7 +199,7 @@ impl StateStore {
             ] {
                 total += self
                     .db
-                    .property_int_value_cf(cf, property)
+                    .property_int_value_cf(&cf, property)
                     .map_err(|e| self.rocks(e))?
                     .unwrap_or(0);
             }

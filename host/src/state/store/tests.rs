@@ -204,7 +204,7 @@ fn dropping_an_aggregation_deletes_all_of_it_and_only_it() {
     }
     // Reopened without `a` in the config: its state is still there, and
     // it is marked removed (once), so that adding it back starts it over.
-    let mut store = StateStore::open(dir.path(), &["b"], &StoreOptions::default()).unwrap();
+    let store = StateStore::open(dir.path(), &["b"], &StoreOptions::default()).unwrap();
     assert_eq!(store.stored_aggregations(), ["a", "b"]);
     assert_eq!(store.mark_removed(&["b"]).unwrap(), ["a"]);
     assert!(store.mark_removed(&["b"]).unwrap().is_empty());

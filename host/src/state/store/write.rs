@@ -51,7 +51,7 @@ impl StateWrite<'_> {
         state: &[u8],
     ) -> Result<(), StoreError> {
         let cf = self.store.aggregation_cf(aggregation)?;
-        self.batch.put_cf(cf, slot.store_key(key), state);
+        self.batch.put_cf(&cf, slot.store_key(key), state);
         self.note_slot(aggregation, slot);
         Ok(())
     }
@@ -75,7 +75,7 @@ impl StateWrite<'_> {
         state: &[u8],
     ) -> Result<(), StoreError> {
         let cf = self.store.aggregation_cf(aggregation)?;
-        self.batch.put_cf(cf, store_key, state);
+        self.batch.put_cf(&cf, store_key, state);
         if let Some((slot, _)) = Slot::decode(store_key) {
             self.note_slot(aggregation, slot);
         }
@@ -84,7 +84,7 @@ impl StateWrite<'_> {
 
     pub fn delete_raw(&mut self, aggregation: &str, store_key: &[u8]) -> Result<(), StoreError> {
         let cf = self.store.aggregation_cf(aggregation)?;
-        self.batch.delete_cf(cf, store_key);
+        self.batch.delete_cf(&cf, store_key);
         Ok(())
     }
 
@@ -95,7 +95,7 @@ impl StateWrite<'_> {
         key: &[u8],
     ) -> Result<(), StoreError> {
         let cf = self.store.aggregation_cf(aggregation)?;
-        self.batch.delete_cf(cf, slot.store_key(key));
+        self.batch.delete_cf(&cf, slot.store_key(key));
         Ok(())
     }
 
@@ -103,7 +103,7 @@ impl StateWrite<'_> {
     /// applied.
     pub fn set_offset(&mut self, topic_id: u16, partition: i32, next_offset: i64) {
         self.batch.put_cf(
-            self.store.meta(),
+            &self.store.meta(),
             partition_key(OFFSET_PREFIX, topic_id, partition),
             next_offset.to_be_bytes(),
         );
@@ -114,7 +114,7 @@ impl StateWrite<'_> {
         let mut value = epoch.to_be_bytes().to_vec();
         value.extend_from_slice(&seq.to_be_bytes());
         self.batch.put_cf(
-            self.store.meta(),
+            &self.store.meta(),
             partition_key(COMMIT_PREFIX, topic_id, partition),
             value,
         );
@@ -122,7 +122,7 @@ impl StateWrite<'_> {
 
     /// Sets the aggregation's counters to these totals.
     pub fn set_counters(&mut self, aggregation: &str, counters: &AggregationCounters) {
-        let meta = self.store.meta();
+        let meta = &self.store.meta();
         for (prefix, value) in [
             (APPLIED_PREFIX, counters.records_applied),
             (FAILED_PREFIX, counters.records_failed),
@@ -144,7 +144,7 @@ impl StateWrite<'_> {
     ) -> Result<(), StoreError> {
         let value = serde_json::to_vec(meta).map_err(|e| self.store.corrupt(e.to_string()))?;
         self.batch.put_cf(
-            self.store.meta(),
+            &self.store.meta(),
             meta_key(AGG_META_PREFIX, aggregation.as_bytes()),
             value,
         );
@@ -155,7 +155,7 @@ impl StateWrite<'_> {
     pub fn clear_aggregation(&mut self, aggregation: &str) -> Result<(), StoreError> {
         let cf = self.store.aggregation_cf(aggregation)?;
         self.batch
-            .delete_range_cf(cf, [].as_slice(), vec![0xff; Slot::LEN + 1].as_slice());
+            .delete_range_cf(&cf, [].as_slice(), vec![0xff; Slot::LEN + 1].as_slice());
         self.set_counters(aggregation, &AggregationCounters::default());
         Ok(())
     }
