@@ -66,7 +66,10 @@ fn demo_answers_its_printed_curl_commands_within_30_seconds() {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-    let _ = child.kill();
+    // SIGTERM, so the demo removes its temporary state directory.
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let _ = child.wait();
 }
 

@@ -523,6 +523,51 @@ fn catching_up(wagg: &Wagg) -> BTreeMap<String, usize> {
         .collect()
 }
 
+/// Watches aggregations catch up until every one has applied `applied`
+/// and none is behind: meanwhile `count` must have had every live record
+/// while `behind` was still catching up, and each `count` lookup on the way
+/// is answered and never above the truth of `all`.
+fn watch_catch_up(
+    wagg: &Wagg,
+    all: &[Purchase],
+    behind_one: &str,
+    applied_at_end: &BTreeMap<String, u64>,
+) {
+    let truth = expected_counts(all);
+    let live_total = all.len() as u64;
+    let started = std::time::Instant::now();
+    let mut seen_live_while_behind = false;
+    loop {
+        let behind = catching_up(wagg);
+        let applied = wagg.applied();
+        if behind.get(behind_one).copied().unwrap_or(0) > 0 && applied["count"] == live_total {
+            seen_live_while_behind = true;
+        }
+        for key in ["user-00001", "user-01000", "user-01999"] {
+            let (status, body) = wagg.get(&format!("/v1/aggregations/count/keys/{key}"));
+            assert_eq!(status, 200, "{key} while catching up: {body}");
+            assert!(
+                body["state"]["count"].as_u64() <= truth[key]["count"].as_u64(),
+                "{key}: {body} above the truth"
+            );
+        }
+        if behind.values().all(|n| *n == 0) && applied == *applied_at_end {
+            break;
+        }
+        assert!(
+            started.elapsed() < CATCH_UP,
+            "not caught up: {applied:?}, catching up: {behind:?}; log:\n{}",
+            wagg.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        seen_live_while_behind,
+        "`count` never had every live record while `{behind_one}` was still catching up; log:\n{}",
+        wagg.log()
+    );
+}
+
 #[test]
 fn an_aggregation_added_to_a_running_deployment_catches_up_while_the_others_stay_live() {
     let setup = Setup::new(&["purchases"]);
@@ -546,38 +591,7 @@ fn an_aggregation_added_to_a_running_deployment_catches_up_while_the_others_stay
     let third = purchases(120_000, 20_000, 5_000);
     setup.broker.produce("purchases", &records(&third));
     let all: Vec<Purchase> = first.iter().chain(&second).chain(&third).cloned().collect();
-    let truth = expected_counts(&all);
-    let started = std::time::Instant::now();
-    let mut seen_live_while_behind = false;
-    loop {
-        let behind = catching_up(&wagg);
-        let applied = wagg.applied();
-        if behind.get("stats").copied().unwrap_or(0) > 0 && applied["count"] == 140_000 {
-            seen_live_while_behind = true;
-        }
-        for key in ["user-00001", "user-02500", "user-04999"] {
-            let (status, body) = wagg.get(&format!("/v1/aggregations/count/keys/{key}"));
-            assert_eq!(status, 200, "{key} while catching up: {body}");
-            assert!(
-                body["state"]["count"].as_u64() <= truth[key]["count"].as_u64(),
-                "{key}: {body} above the truth"
-            );
-        }
-        if behind.values().all(|n| *n == 0) && applied == all_applied(140_000) {
-            break;
-        }
-        assert!(
-            started.elapsed() < CATCH_UP,
-            "not caught up: {applied:?}, catching up: {behind:?}; log:\n{}",
-            wagg.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        seen_live_while_behind,
-        "`count` never had every live record while `stats` was still catching up; log:\n{}",
-        wagg.log()
-    );
+    watch_catch_up(&wagg, &all, "stats", &all_applied(140_000));
     // The new aggregations hold the topic's whole history; the old one
     // took each record once.
     assert_purchase_states(&wagg, &all);
@@ -792,4 +806,231 @@ fn kill_9_in_the_middle_of_a_catch_up_loses_nothing_and_counts_nothing_twice() {
     eprintln!(
         "catch-up kills: {kills} while catching up (last written progress: {written} records)"
     );
+}
+
+/// `count`, `stats` and `top`, plus `count2` (the count plugin again, to
+/// compare with `wagg diff`).
+fn reloaded_aggregations(with_top: bool) -> String {
+    let mut tables = format!(
+        "{}\n[[aggregation]]\nname = \"count2\"\nplugin = {:?}\n",
+        common::count_and_stats_toml(),
+        plugin("count")
+    );
+    if with_top {
+        tables.push_str(&format!(
+            "\n[[aggregation]]\nname = \"top\"\nplugin = {:?}\nparams = {{ n = 3, field = \"/amount\", item = \"/item\" }}\n",
+            plugin("top-n")
+        ));
+    }
+    tables
+}
+
+fn applied_by(names: &[&str], total: u64) -> BTreeMap<String, u64> {
+    names.iter().map(|n| ((*n).to_owned(), total)).collect()
+}
+
+#[test]
+fn a_live_reload_adds_removes_and_refuses_while_queries_stay_answered_and_a_live_reset_rebuilds() {
+    let setup = Setup::new(&["purchases"]);
+    let first = purchases(0, 150_000, 2_000);
+    setup.broker.produce("purchases", &records(&first));
+    let wagg = setup.start(&setup.config(&["purchases"], &common::count_toml()));
+    wagg.wait_for(&applied_by(&["count"], 150_000), CATCH_UP);
+
+    // SIGHUP with three aggregations added: they catch up on the history
+    // while `count` goes on live with the records arriving meanwhile.
+    // The records keep coming across the reload, so some are on their way
+    // through the pipeline when the new aggregations start.
+    let second = purchases(150_000, 30_000, 2_000);
+    let producer = {
+        let chunks: Vec<Vec<(i32, String, String)>> = second.chunks(3_000).map(records).collect();
+        let producer = common::broker::ProducerOnly::new(&setup.broker.address);
+        std::thread::spawn(move || {
+            for chunk in chunks {
+                producer.produce("purchases", &chunk);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let with_top = setup.config(&["purchases"], &reloaded_aggregations(true));
+    wagg.rewrite_config(&with_top);
+    wagg.signal("HUP");
+    producer.join().expect("producer");
+    let mut all: Vec<Purchase> = first.iter().chain(&second).cloned().collect();
+    let four = ["count", "stats", "count2", "top"];
+    watch_catch_up(&wagg, &all, "stats", &applied_by(&four, 180_000));
+    assert_purchase_states(&wagg, &all);
+    assert_states(&wagg, "count2", &expected_counts(&all));
+    assert!(wagg.log().contains("reload done"), "{}", wagg.log());
+
+    // A config that fails `check-config` is refused with its error; one
+    // that changes more than the aggregations too; nothing changes.
+    let bad_params = with_top.replace("params = { field = \"/amount\" }", "params = {}");
+    assert_ne!(bad_params, with_top);
+    wagg.rewrite_config(&bad_params);
+    let (ok, output) = wagg.cli(&["reload"]);
+    assert!(
+        !ok && output.contains("field") && output.contains("422"),
+        "{output}"
+    );
+    wagg.rewrite_config(&with_top.replace("max_records = 1000", "max_records = 999"));
+    let (ok, output) = wagg.cli(&["reload"]);
+    assert!(!ok && output.contains("[batch]"), "{output}");
+    let rekeyed = with_top.replace("name = \"stats\"", "name = \"stats\"\nkey = \"/item\"");
+    assert_ne!(rekeyed, with_top);
+    wagg.rewrite_config(&rekeyed);
+    let (ok, output) = wagg.cli(&["reload"]);
+    assert!(!ok && output.contains("`topic` or `key`"), "{output}");
+    wagg.rewrite_config(&with_top);
+    let (ok, output) = wagg.cli(&["reload"]);
+    assert!(ok && output.contains("nothing changed"), "{output}");
+    assert_eq!(wagg.applied(), applied_by(&four, 180_000));
+
+    // Removed: no longer applied nor served (its stored state stays).
+    let without_top = setup.config(&["purchases"], &reloaded_aggregations(false));
+    wagg.rewrite_config(&without_top);
+    let (ok, output) = wagg.cli(&["reload"]);
+    assert!(ok && output.contains("removed   top"), "{output}");
+    let (status, _) = wagg.get("/v1/aggregations/top/keys/user-00001");
+    assert_eq!(status, 404);
+    let third = purchases(180_000, 5_000, 2_000);
+    setup.broker.produce("purchases", &records(&third));
+    all.extend(third);
+    wagg.wait_for(
+        &applied_by(&["count", "stats", "count2"], 185_000),
+        CATCH_UP,
+    );
+
+    // Added back it starts over (it missed `third`), and `stats` is reset
+    // to the beginning online while records keep coming.
+    wagg.rewrite_config(&with_top);
+    let (ok, output) = wagg.cli(&["reload"]);
+    assert!(ok && output.contains("added     top"), "{output}");
+    let (ok, output) = wagg.cli(&["reset", "--aggregation", "stats", "--to", "earliest"]);
+    assert!(ok && output.contains("reset \"stats\""), "{output}");
+    let fourth = purchases(185_000, 5_000, 2_000);
+    setup.broker.produce("purchases", &records(&fourth));
+    all.extend(fourth);
+    watch_catch_up(&wagg, &all, "top", &applied_by(&four, 190_000));
+    assert_purchase_states(&wagg, &all);
+    let (status, body) = wagg.post(
+        "/v1/admin/reset",
+        &json!({"aggregation": "nope", "to": "earliest"}),
+    );
+    assert_eq!(status, 404, "{body}");
+
+    // `wagg diff`: the two counts agree; count and stats differ on every
+    // key.
+    let (ok, output) = wagg.cli(&["diff", "count", "count2"]);
+    assert!(
+        ok && output.contains("2000 keys compared: 0 differ"),
+        "{output}"
+    );
+    let (ok, output) = wagg.cli(&["diff", "count", "stats", "--limit", "2"]);
+    assert!(
+        !ok && output.contains("2000 keys compared: 2000 differ"),
+        "{output}"
+    );
+    assert_eq!(output.matches("key \"user-").count(), 2, "{output}");
+}
+
+/// A copy of a plugin with a custom section appended: another build (its
+/// content hash differs) that behaves the same.
+fn rebuilt(plugin_path: &std::path::Path, dir: &std::path::Path, tag: &str) -> std::path::PathBuf {
+    let mut bytes = std::fs::read(plugin_path).expect("plugin");
+    let name = b"wagg-test-build";
+    let payload = tag.as_bytes();
+    let contents = 1 + name.len() + payload.len();
+    assert!(contents < 128 && name.len() < 128, "one-byte LEB128 sizes");
+    bytes.extend([0u8, contents as u8, name.len() as u8]);
+    bytes.extend(name);
+    bytes.extend(payload);
+    let path = dir.join(format!("count-{tag}.wasm"));
+    std::fs::write(&path, bytes).expect("write plugin");
+    path
+}
+
+#[test]
+fn a_plugin_swapped_by_reload_under_load_loses_and_repeats_nothing_and_new_params_apply_from_the_next_batch()
+ {
+    let setup = Setup::new(&["purchases"]);
+    let builds = [
+        plugin("count"),
+        rebuilt(&plugin("count"), setup.dir.path(), "b"),
+    ];
+    let config_with = |build: &std::path::Path, field: &str| {
+        setup.config(
+            &["purchases"],
+            &format!(
+                "[[aggregation]]\nname = \"count\"\nplugin = {build:?}\n\n[[aggregation]]\nname = \"stats\"\nplugin = {:?}\nparams = {{ field = \"{field}\" }}\n",
+                plugin("stats")
+            ),
+        )
+    };
+    let wagg = setup.start(&config_with(&builds[0], "/amount"));
+    // Records keep coming while the plugin is swapped back and forth.
+    let load = purchases(0, 40_000, 2_000);
+    let producer = {
+        let chunks: Vec<Vec<(i32, String, String)>> = load.chunks(2_000).map(records).collect();
+        let producer = common::broker::ProducerOnly::new(&setup.broker.address);
+        std::thread::spawn(move || {
+            for chunk in chunks {
+                producer.produce("purchases", &chunk);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    for swap in 1..=6 {
+        wagg.rewrite_config(&config_with(&builds[swap % 2], "/amount"));
+        let (status, report) = wagg.post("/v1/admin/reload", &json!(null));
+        assert_eq!(status, 200, "{report}");
+        assert_eq!(report["updated"][0]["name"], "count", "{report}");
+        assert!(
+            report["updated"][0]["changes"][0]
+                .as_str()
+                .is_some_and(|c| c.starts_with("plugin count")),
+            "{report}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    producer.join().expect("producer");
+    wagg.wait_for(&common::count_and_stats_applied(40_000), CATCH_UP);
+    assert_states(&wagg, "count", &expected_counts(&load));
+    assert_states(&wagg, "stats", &expected_stats(&load));
+
+    // New params from the next batch: the records after the reload are
+    // measured by a field of their own, `/tax`.
+    wagg.rewrite_config(&config_with(&builds[0], "/tax"));
+    let (status, report) = wagg.post("/v1/admin/reload", &json!(null));
+    assert_eq!(status, 200, "{report}");
+    let stats_update = report["updated"]
+        .as_array()
+        .and_then(|u| u.iter().find(|u| u["name"] == "stats"))
+        .cloned();
+    assert_eq!(
+        stats_update.map(|u| u["changes"].clone()),
+        Some(json!(["params"])),
+        "{report}"
+    );
+    let taxed: Vec<(i32, String, String)> = purchases(40_000, 4_000, 2_000)
+        .iter()
+        .map(|p| {
+            let value = json!({"user": p.user, "amount": p.amount, "tax": p.amount / 10.0});
+            (partition_of(&p.user), p.user.clone(), value.to_string())
+        })
+        .collect();
+    setup.broker.produce("purchases", &taxed);
+    wagg.wait_for(&common::count_and_stats_applied(44_000), CATCH_UP);
+    let mut measured: Vec<Purchase> = load.clone();
+    measured.extend(
+        purchases(40_000, 4_000, 2_000)
+            .into_iter()
+            .map(|p| Purchase {
+                amount: p.amount / 10.0,
+                ..p
+            }),
+    );
+    assert_states(&wagg, "stats", &expected_stats(&measured));
+    assert_states(&wagg, "count", &expected_counts(&measured));
 }

@@ -347,3 +347,57 @@ fn updates(
 fn short_hash(hash: &str) -> String {
     hash.chars().take(12).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    const BASE: &str = r#"
+[source]
+brokers = "127.0.0.1:9092"
+topics = ["purchases"]
+
+[batch]
+max_records = 1000
+
+[[aggregation]]
+name = "per_user"
+plugin = "count.wasm"
+"#;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(text, "wagg.toml", Path::new("/etc/wagg")).expect("valid config")
+    }
+
+    #[test]
+    fn only_sections_other_than_the_aggregations_count_as_changed_sections() {
+        let base = parse(BASE);
+        assert!(changed_sections(&base, &parse(BASE)).is_empty());
+        let more_aggregations = format!(
+            "{BASE}\n[[aggregation]]\nname = \"spend\"\nplugin = \"stats.wasm\"\nparams = {{ field = \"/amount\" }}\n"
+        );
+        assert!(changed_sections(&base, &parse(&more_aggregations)).is_empty());
+        let other_batch = BASE.replace("max_records = 1000", "max_records = 10");
+        assert_eq!(changed_sections(&base, &parse(&other_batch)), ["[batch]"]);
+        let other_brokers = other_batch.replace("127.0.0.1:9092", "127.0.0.1:9093");
+        assert_eq!(
+            changed_sections(&base, &parse(&other_brokers)),
+            ["[batch]", "[source]"]
+        );
+    }
+
+    #[test]
+    fn settings_compare_what_the_aggregation_does_not_its_name() {
+        let config = parse(BASE);
+        let current = &config.aggregations[0];
+        assert!(current_settings_equal(current, &current.clone()));
+        let mut params = current.clone();
+        params.params.insert("n".into(), 3.into());
+        assert!(!current_settings_equal(current, &params));
+        let mut rekeyed = current.clone();
+        rekeyed.key = Some("/user".into());
+        assert!(!current_settings_equal(current, &rekeyed));
+    }
+}

@@ -175,20 +175,46 @@ fn bench_command(command: BenchCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A flag set on SIGINT or SIGTERM; a second signal exits at once.
+/// A flag set on SIGINT or SIGTERM; a second signal exits at once. (Not
+/// on SIGHUP: `wagg run` reloads its config on that one.)
 fn shutdown_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
+    use tokio::signal::unix::{SignalKind, signal};
     let shutdown = Arc::new(AtomicBool::new(false));
     let flag = shutdown.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            tracing::warn!("second signal: exiting immediately");
-            std::process::exit(130);
-        }
-        // Through the log (not straight to stderr): in JSON logs too, and
-        // never on top of the live progress line.
-        tracing::info!("shutting down: finishing the batch in flight");
-    })
-    .context("installing the signal handler")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("starting the signal listener")?;
+    // Registered here, before returning: a signal that comes before the
+    // thread runs is not lost.
+    let (mut interrupts, mut terminations) = runtime
+        .block_on(async {
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::terminate())?,
+            ))
+        })
+        .context("installing the signal handlers")?;
+    std::thread::Builder::new()
+        .name("wagg-signals".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                loop {
+                    tokio::select! {
+                        _ = interrupts.recv() => {}
+                        _ = terminations.recv() => {}
+                    }
+                    if flag.swap(true, Ordering::SeqCst) {
+                        tracing::warn!("second signal: exiting immediately");
+                        std::process::exit(130);
+                    }
+                    // Through the log (not straight to stderr): in JSON
+                    // logs too, and never on top of the live progress line.
+                    tracing::info!("shutting down: finishing the batch in flight");
+                }
+            });
+        })
+        .context("starting the signal listener")?;
     Ok(shutdown)
 }
 

@@ -65,7 +65,20 @@ impl Demo {
 }
 
 impl Drop for Demo {
+    /// SIGTERM first, so the demo removes its temporary state directory
+    /// (≈ 80 MB; a SIGKILL left one behind per test run); SIGKILL if it
+    /// has not exited within 10 s.
     fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -138,6 +138,43 @@ impl Wagg {
             .collect()
     }
 
+    /// A POST with a JSON body (admin requests), answered or a panic.
+    #[allow(dead_code)]
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = reqwest::blocking::Client::new()
+            .post(format!("{}{path}", self.http))
+            .json(body)
+            .timeout(Duration::from_secs(120))
+            .send()
+            .unwrap_or_else(|e| panic!("POST {path} failed: {e}; log:\n{}", self.log()));
+        let status = response.status().as_u16();
+        (status, response.json().unwrap_or(Value::Null))
+    }
+
+    /// Runs the `wagg` CLI (`reload`, `reset`, `diff`, ...) against this
+    /// instance's HTTP address; its success and output.
+    #[allow(dead_code)]
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let output = Command::new(env!("CARGO_BIN_EXE_wagg"))
+            .args(args)
+            .args(["--url", &self.http])
+            .output()
+            .expect("run the wagg CLI");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
+    }
+
+    /// Rewrites the config file this instance was started with (for a
+    /// reload).
+    #[allow(dead_code)]
+    pub fn rewrite_config(&self, config: &str) {
+        std::fs::write(self.dir.join("wagg.toml"), config).expect("write config");
+    }
+
     fn try_get(&self, path: &str) -> Option<(u16, Value)> {
         let response = reqwest::blocking::Client::new()
             .get(format!("{}{path}", self.http))
