@@ -808,6 +808,24 @@ fn kill_9_in_the_middle_of_a_catch_up_loses_nothing_and_counts_nothing_twice() {
     );
 }
 
+/// Produces `purchases` to the topic from another thread, `chunk` at a
+/// time with a `pause` after each.
+fn produce_in_background(
+    setup: &Setup,
+    purchases: &[Purchase],
+    chunk: usize,
+    pause: Duration,
+) -> std::thread::JoinHandle<()> {
+    let chunks: Vec<Vec<(i32, String, String)>> = purchases.chunks(chunk).map(records).collect();
+    let producer = common::broker::ProducerOnly::new(&setup.broker.address);
+    std::thread::spawn(move || {
+        for chunk in chunks {
+            producer.produce("purchases", &chunk);
+            std::thread::sleep(pause);
+        }
+    })
+}
+
 /// `count`, `stats` and `top`, plus `count2` (the count plugin again, to
 /// compare with `wagg diff`).
 fn reloaded_aggregations(with_top: bool) -> String {
@@ -838,20 +856,10 @@ fn a_live_reload_adds_removes_and_refuses_while_queries_stay_answered_and_a_live
     wagg.wait_for(&applied_by(&["count"], 150_000), CATCH_UP);
 
     // SIGHUP with three aggregations added: they catch up on the history
-    // while `count` goes on live with the records arriving meanwhile.
-    // The records keep coming across the reload, so some are on their way
-    // through the pipeline when the new aggregations start.
+    // while `count` goes on live with the records that keep coming across
+    // the reload.
     let second = purchases(150_000, 30_000, 2_000);
-    let producer = {
-        let chunks: Vec<Vec<(i32, String, String)>> = second.chunks(3_000).map(records).collect();
-        let producer = common::broker::ProducerOnly::new(&setup.broker.address);
-        std::thread::spawn(move || {
-            for chunk in chunks {
-                producer.produce("purchases", &chunk);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
+    let producer = produce_in_background(&setup, &second, 3_000, Duration::from_millis(50));
     std::thread::sleep(Duration::from_millis(200));
     let with_top = setup.config(&["purchases"], &reloaded_aggregations(true));
     wagg.rewrite_config(&with_top);
@@ -971,16 +979,7 @@ fn a_plugin_swapped_by_reload_under_load_loses_and_repeats_nothing_and_new_param
     let wagg = setup.start(&config_with(&builds[0], "/amount"));
     // Records keep coming while the plugin is swapped back and forth.
     let load = purchases(0, 40_000, 2_000);
-    let producer = {
-        let chunks: Vec<Vec<(i32, String, String)>> = load.chunks(2_000).map(records).collect();
-        let producer = common::broker::ProducerOnly::new(&setup.broker.address);
-        std::thread::spawn(move || {
-            for chunk in chunks {
-                producer.produce("purchases", &chunk);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-    };
+    let producer = produce_in_background(&setup, &load, 2_000, Duration::from_millis(100));
     for swap in 1..=6 {
         wagg.rewrite_config(&config_with(&builds[swap % 2], "/amount"));
         let (status, report) = wagg.post("/v1/admin/reload", &json!(null));

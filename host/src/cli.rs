@@ -101,7 +101,9 @@ pub(crate) enum Command {
         #[arg(long, short, required_unless_present = "url", conflicts_with = "url")]
         config: Option<PathBuf>,
         /// A running instance's HTTP address (`POST /v1/admin/reset`).
-        #[arg(long, env = "WAGG_URL")]
+        /// Not taken from `WAGG_URL`: where the reset happens is said
+        /// explicitly.
+        #[arg(long)]
         url: Option<String>,
         /// Bearer token, when `[http.auth]` is configured.
         #[arg(long, env = "WAGG_TOKEN", hide_env_values = true)]

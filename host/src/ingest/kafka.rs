@@ -511,15 +511,7 @@ impl SourceFeed {
     pub fn start_catch_up(&self, topic: &str, partition: i32, from: i64, live: i64) {
         self.consumer
             .context()
-            .catch_up_changes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(CatchUpChange::Start {
-                topic: topic.to_owned(),
-                partition,
-                from,
-                live,
-            });
+            .start_reading_again(topic, partition, from, live);
     }
 
     /// Tells the group how far this member got, for monitoring tools; the

@@ -225,21 +225,27 @@ impl SourceContext {
         match self.store.catch_ups(topic, partition) {
             Ok(entries) => {
                 if let Some(&from) = entries.values().min() {
-                    self.catch_up_changes
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(CatchUpChange::Start {
-                            topic: topic.to_owned(),
-                            partition,
-                            from,
-                            live,
-                        });
+                    self.start_reading_again(topic, partition, from, live);
                 }
             }
             Err(e) => self.fail(format!(
                 "reading the catch-up progress of {topic}/{partition}: {e}"
             )),
         }
+    }
+
+    /// Has the re-reader read `topic`/`partition` from `from` up to (at
+    /// least) `live`.
+    pub(super) fn start_reading_again(&self, topic: &str, partition: i32, from: i64, live: i64) {
+        self.catch_up_changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(CatchUpChange::Start {
+                topic: topic.to_owned(),
+                partition,
+                from,
+                live,
+            });
     }
 
     pub(super) fn take_catch_up_changes(&self) -> Vec<CatchUpChange> {

@@ -20,7 +20,8 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable, machine-readable: `bad_request`, `unknown_aggregation`,
-    /// `unknown_key`, `no_route`, `unauthorized`, `overloaded`, ...
+    /// `unknown_key`, `no_route`, `unauthorized`, `overloaded`, `refused`
+    /// and `unavailable` (admin requests), ...
     pub code: String,
     pub message: String,
 }

@@ -76,28 +76,39 @@ fn display_key(key: &[u8]) -> String {
 /// Compares every key of aggregations `a` and `b`, keeping the first
 /// `limit` differences.
 pub fn diff(endpoint: &Endpoint, a: &str, b: &str, limit: usize) -> anyhow::Result<DiffSummary> {
-    let mut left = Listing::new(endpoint, a);
-    let mut right = Listing::new(endpoint, b);
+    compare(Listing::new(endpoint, a), Listing::new(endpoint, b), limit)
+}
+
+type Entry = (Vec<u8>, Value);
+
+/// Compares two listings in key order (a key may come more than once:
+/// once per partition that has it; the n-th of each side are compared).
+fn compare(
+    a: impl Iterator<Item = anyhow::Result<Entry>>,
+    b: impl Iterator<Item = anyhow::Result<Entry>>,
+    limit: usize,
+) -> anyhow::Result<DiffSummary> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
     let mut summary = DiffSummary::default();
     loop {
-        let order = match (left.peek()?, right.peek()?) {
+        let order = match (peek_key(&mut a)?, peek_key(&mut b)?) {
             (None, None) => break,
             (Some(_), None) => Ordering::Less,
             (None, Some(_)) => Ordering::Greater,
-            (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
+            (Some(ka), Some(kb)) => ka.cmp(&kb),
         };
         let (key, sa, sb) = match order {
             Ordering::Less => {
-                let (key, state) = left.next_entry()?;
+                let (key, state) = take_next(&mut a)?;
                 (key, Some(state), None)
             }
             Ordering::Greater => {
-                let (key, state) = right.next_entry()?;
+                let (key, state) = take_next(&mut b)?;
                 (key, None, Some(state))
             }
             Ordering::Equal => {
-                let (key, sa) = left.next_entry()?;
-                let (_, sb) = right.next_entry()?;
+                let (key, sa) = take_next(&mut a)?;
+                let (_, sb) = take_next(&mut b)?;
                 (key, Some(sa), Some(sb))
             }
         };
@@ -115,14 +126,49 @@ pub fn diff(endpoint: &Endpoint, a: &str, b: &str, limit: usize) -> anyhow::Resu
     Ok(summary)
 }
 
+/// The entry `peek_key` showed.
+fn take_next(
+    side: &mut std::iter::Peekable<impl Iterator<Item = anyhow::Result<Entry>>>,
+) -> anyhow::Result<Entry> {
+    side.next().context("listing ended unexpectedly")?
+}
+
+/// The next key of a listing; a failed fetch is the error.
+fn peek_key(
+    side: &mut std::iter::Peekable<impl Iterator<Item = anyhow::Result<Entry>>>,
+) -> anyhow::Result<Option<Vec<u8>>> {
+    match side.peek() {
+        None => Ok(None),
+        Some(Ok((key, _))) => Ok(Some(key.clone())),
+        Some(Err(_)) => match side.next() {
+            Some(Err(e)) => Err(e),
+            _ => Ok(None),
+        },
+    }
+}
+
 /// An aggregation's keys and states, fetched a page at a time.
 struct Listing<'e> {
     endpoint: &'e Endpoint,
     path: String,
-    buffered: VecDeque<(Vec<u8>, Value)>,
+    buffered: VecDeque<Entry>,
     /// `after` of the next page; `None` once the last page came.
     next: Option<String>,
     started: bool,
+}
+
+impl Iterator for Listing<'_> {
+    type Item = anyhow::Result<Entry>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.buffered.is_empty() && (!self.started || self.next.is_some()) {
+            if let Err(e) = self.fetch() {
+                self.next = None;
+                return Some(Err(e));
+            }
+        }
+        self.buffered.pop_front().map(Ok)
+    }
 }
 
 impl<'e> Listing<'e> {
@@ -137,21 +183,6 @@ impl<'e> Listing<'e> {
             next: None,
             started: false,
         }
-    }
-
-    fn peek(&mut self) -> anyhow::Result<Option<&(Vec<u8>, Value)>> {
-        while self.buffered.is_empty() && (!self.started || self.next.is_some()) {
-            self.fetch()?;
-        }
-        Ok(self.buffered.front())
-    }
-
-    /// The entry `peek` showed (call after it answered `Some`).
-    fn next_entry(&mut self) -> anyhow::Result<(Vec<u8>, Value)> {
-        self.peek()?;
-        self.buffered
-            .pop_front()
-            .context("listing ended unexpectedly")
     }
 
     fn fetch(&mut self) -> anyhow::Result<()> {
@@ -193,6 +224,39 @@ impl<'e> Listing<'e> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn listing(entries: &[(&str, i64)]) -> impl Iterator<Item = anyhow::Result<Entry>> {
+        entries
+            .iter()
+            .map(|(key, n)| Ok((key.as_bytes().to_vec(), serde_json::json!({ "n": n }))))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn listings_are_merged_by_key_with_repeated_keys_compared_in_turn() {
+        // "k" comes twice (two partitions); "a" and "b" only left, "z"
+        // only right.
+        let left = listing(&[("a", 1), ("b", 1), ("k", 1), ("k", 2), ("m", 5)]);
+        let right = listing(&[("k", 1), ("k", 3), ("m", 5), ("z", 9)]);
+        let summary = compare(left, right, 10).expect("compares");
+        assert_eq!(summary.compared, 6);
+        assert_eq!(
+            (summary.differing, summary.only_a, summary.only_b),
+            (4, 2, 1)
+        );
+        let keys: Vec<&[u8]> = summary.first.iter().map(|d| d.key.as_slice()).collect();
+        assert_eq!(keys, [b"a".as_slice(), b"b", b"k", b"z"]);
+        let limited = compare(listing(&[("a", 1), ("b", 1)]), listing(&[]), 1).expect("compares");
+        assert_eq!((limited.differing, limited.first.len()), (2, 1));
+    }
+
+    #[test]
+    fn a_failed_page_fails_the_comparison() {
+        let failing = vec![Err(anyhow::anyhow!("HTTP 502"))].into_iter();
+        let error = compare(listing(&[("a", 1)]), failing, 10).expect_err("must fail");
+        assert!(error.to_string().contains("502"), "{error}");
+    }
 
     #[test]
     fn the_report_counts_each_kind_of_difference_and_shows_binary_keys_as_base64() {
