@@ -141,13 +141,12 @@ fn write(
         // position for ascending keys instead of searching from the top
         // (random-order inserts were a third of the engine's time).
         aggregation.states.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        batch.put_raw_all(
-            &aggregation.name,
-            aggregation
-                .states
-                .iter()
-                .map(|(key, state)| (key.as_slice(), state.as_deref())),
-        )?;
+        for (store_key, state) in &aggregation.states {
+            match state {
+                Some(state) => batch.put_raw(&aggregation.name, store_key, state)?,
+                None => batch.delete_raw(&aggregation.name, store_key)?,
+            }
+        }
         batch.set_counters(&aggregation.name, &aggregation.counters);
     }
     for ((topic, partition), next) in &job.offsets {

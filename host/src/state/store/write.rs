@@ -82,29 +82,6 @@ impl StateWrite<'_> {
         Ok(())
     }
 
-    /// States by their encoded store keys (`None`: deleted), with the
-    /// aggregation's column family looked up once for all of them.
-    pub fn put_raw_all<'k>(
-        &mut self,
-        aggregation: &str,
-        states: impl IntoIterator<Item = (&'k [u8], Option<&'k [u8]>)>,
-    ) -> Result<(), StoreError> {
-        let store = self.store;
-        let cf = store.aggregation_cf(aggregation)?;
-        for (store_key, state) in states {
-            match state {
-                Some(state) => {
-                    self.batch.put_cf(&cf, store_key, state);
-                    if let Some((slot, _)) = Slot::decode(store_key) {
-                        self.note_slot(aggregation, slot);
-                    }
-                }
-                None => self.batch.delete_cf(&cf, store_key),
-            }
-        }
-        Ok(())
-    }
-
     pub fn delete_raw(&mut self, aggregation: &str, store_key: &[u8]) -> Result<(), StoreError> {
         let cf = self.store.aggregation_cf(aggregation)?;
         self.batch.delete_cf(&cf, store_key);
