@@ -10,13 +10,15 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use common::{count_and_stats_toml, json_approx_eq, stats_json};
-use wagg::apply::BatchApplier;
+use wagg::apply::{BatchApplier, EventFeed, Pipeline, SourceEvent};
 use wagg::config::Config;
 use wagg::ops::status::Status;
 use wagg::plugin::{PluginRuntime, RuntimeConfig};
@@ -256,6 +258,95 @@ fn applier_and_writer_are_exactly_once_across_crashes_between_flushes() {
             json_approx_eq(&stats, &stats_json(amounts)),
             "stats of {name}: {stats} != {}",
             stats_json(amounts)
+        );
+    }
+}
+
+/// A source that hands the pipeline a fixed list of events, in order, and
+/// then asks it to stop.
+struct Script {
+    events: Mutex<VecDeque<SourceEvent>>,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl EventFeed for Script {
+    fn recv_timeout(&self, _: Duration) -> Result<SourceEvent, RecvTimeoutError> {
+        let next = self.events.lock().expect("script").pop_front();
+        next.ok_or_else(|| {
+            self.shutdown.store(true, Ordering::Relaxed);
+            RecvTimeoutError::Timeout
+        })
+    }
+
+    fn start_catch_up(&self, _: &str, _: i32, _: i64, _: i64) {}
+
+    fn commit(&self, _: &[(&str, i32, i64)]) {}
+
+    fn close(self: Box<Self>) {}
+}
+
+/// Records fetched before a revocation reach the pipeline behind it (the
+/// source thread queues them; librdkafka may hand one over in the poll
+/// that ran the revocation). Applied, they gave a partition that moved
+/// away effects in the next flush: in cluster mode that flush failed
+/// ("covers a partition this instance has not taken over") and stopped
+/// consumption; alone, the state went past what the partition's next
+/// owner resumes from.
+#[test]
+fn records_and_catch_up_events_of_a_revoked_partition_queued_behind_the_revocation_are_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config(&dir.path().join("state"));
+    let input = input(0x5eed_0002);
+    let (p0, p1) = (&input[0], &input[1]);
+    let (done, acknowledged) = mpsc::channel();
+    let both = vec![("events".to_owned(), 0), ("events".to_owned(), 1)];
+    let events = VecDeque::from([
+        SourceEvent::Assigned(both.clone()),
+        SourceEvent::Records([&p0[..50], &p1[..50]].concat()),
+        SourceEvent::Revoked {
+            partitions: both,
+            done,
+        },
+        // Fetched before the revocation, queued behind it.
+        SourceEvent::Records([&p0[50..80], &p1[50..60]].concat()),
+        SourceEvent::CatchUp(p0[80..90].to_vec()),
+        SourceEvent::CaughtUp {
+            topic: Arc::from("events"),
+            partition: 0,
+            at: 90,
+        },
+        SourceEvent::Assigned(vec![("events".to_owned(), 1)]),
+        SourceEvent::Records(p1[50..100].to_vec()),
+    ]);
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let life = start(&config);
+    let script = Script {
+        events: Mutex::new(events),
+        shutdown: shutdown.clone(),
+    };
+    let pipeline = Pipeline::new(Box::new(script), life.applier, Arc::new(Status::default()));
+    pipeline
+        .run(&shutdown)
+        .expect("the pipeline runs the script");
+    assert!(
+        acknowledged.try_recv().is_err(),
+        "the revocation was acknowledged (its sender dropped)"
+    );
+
+    let stored = life.store.offsets().expect("offsets");
+    assert_eq!(stored.get(&("events".to_owned(), 0)), Some(&50));
+    assert_eq!(stored.get(&("events".to_owned(), 1)), Some(&100));
+    let applied = [&p0[..50], &p1[..100]].concat();
+    let expected = expected(&[applied]);
+    let counters = life.store.counters("count").expect("counters");
+    assert_eq!(counters.records_applied, 150);
+    let mut renderer = Renderer::new(&config);
+    for (key, amounts) in &expected {
+        assert_eq!(
+            renderer.render(&life.store, "count", key),
+            serde_json::json!({ "count": amounts.len() }),
+            "count of {}",
+            String::from_utf8_lossy(key)
         );
     }
 }

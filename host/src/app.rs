@@ -287,7 +287,7 @@ fn start_pipeline(
         cluster.map(|cluster| cluster as Arc<dyn FlushPublisher>),
     )
     .context("starting the state writer thread")?;
-    Ok(Pipeline::new(source, applier, status.clone()))
+    Ok(Pipeline::new(Box::new(source), applier, status.clone()))
 }
 
 /// Runs the pipeline on the `wagg-consumer` thread (with progress reports)

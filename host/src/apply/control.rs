@@ -185,7 +185,10 @@ impl Pipeline {
     /// Has an aggregation catch up on the owned partitions where the store
     /// says it is behind.
     fn catch_up_here(&mut self, aggregation: &str) -> Result<(), PipelineError> {
-        for (topic, partition, live) in self.next_offsets.entries() {
+        for (topic, partition, live) in self.owned.entries() {
+            let Some(live) = live else {
+                continue; // nothing consumed: nothing to catch up on
+            };
             let catch_ups = self.applier.store.catch_ups(&topic, partition)?;
             let Some(&from) = catch_ups.get(aggregation) else {
                 continue;

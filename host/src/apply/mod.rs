@@ -39,9 +39,9 @@ use std::time::Duration;
 pub use aggregation::Aggregation;
 pub use applier::BatchApplier;
 pub use control::{Control, ControlChange, Reconfigure, StartAt};
-
-use crate::ingest::{SourceEvent, SourceFeed};
-use crate::ops::status::Status;
+// What a pipeline is fed: public so that tests can script it.
+pub use crate::ingest::{EventFeed, SourceEvent};
+pub use crate::ops::status::Status;
 use crate::plugin::CallError;
 use crate::record::SourceRecord;
 use crate::state::flush::FlushOffsets;
@@ -80,11 +80,16 @@ pub enum PipelineError {
 }
 
 pub struct Pipeline {
-    source: SourceFeed,
+    source: Box<dyn EventFeed>,
     applier: BatchApplier,
     status: Arc<Status>,
-    /// Next offset to apply per partition, for partitions this member owns.
-    next_offsets: PartitionMap<i64>,
+    /// The partitions this member owns, with the next offset to apply
+    /// where one is known (`None`: owned, nothing consumed yet). Records,
+    /// re-read records and catch-up events of any other partition are
+    /// dropped: they were fetched before a revocation and queued behind it,
+    /// and applying them would give a partition that moved away effects
+    /// without an owner to write them.
+    owned: PartitionMap<Option<i64>>,
     /// Changes an operator asks for while consuming (see `control`).
     controls: Option<mpsc::Receiver<Control>>,
 }
@@ -94,12 +99,12 @@ pub struct Pipeline {
 const IDLE_AFTER: Duration = Duration::from_millis(100);
 
 impl Pipeline {
-    pub fn new(source: SourceFeed, applier: BatchApplier, status: Arc<Status>) -> Self {
+    pub fn new(source: Box<dyn EventFeed>, applier: BatchApplier, status: Arc<Status>) -> Self {
         Self {
             source,
             applier,
             status,
-            next_offsets: PartitionMap::default(),
+            owned: PartitionMap::default(),
             controls: None,
         }
     }
@@ -157,7 +162,8 @@ impl Pipeline {
                         self.commit(&written);
                     }
                 }
-                Ok(SourceEvent::CatchUp(batch)) => {
+                Ok(SourceEvent::CatchUp(mut batch)) => {
+                    self.drop_not_owned(&mut batch);
                     self.applier.apply_catch_up(&batch, shutdown)?;
                     if self.applier.flush_due() {
                         let written = self.applier.start_flush()?;
@@ -169,8 +175,9 @@ impl Pipeline {
                     partition,
                     at,
                 }) => {
-                    let live = self.next_offsets.get(&topic, partition);
-                    self.applier.catch_up_reached(&topic, partition, at, live);
+                    if let Some(live) = self.owned.get(&topic, partition) {
+                        self.applier.catch_up_reached(&topic, partition, at, live);
+                    }
                 }
                 Ok(SourceEvent::Assigned(partitions)) => self.assigned(partitions)?,
                 Ok(SourceEvent::Failed(reason)) => return Err(PipelineError::Source(reason)),
@@ -179,7 +186,7 @@ impl Pipeline {
                     // before their next owner reads the stored offsets.
                     self.flush()?;
                     for (topic, partition) in &partitions {
-                        self.next_offsets.remove(topic, *partition);
+                        self.owned.remove(topic, *partition);
                     }
                     self.applier.forget_partitions(&partitions);
                     drop(done);
@@ -211,24 +218,40 @@ impl Pipeline {
         }
     }
 
-    /// Drops records below their partition's next offset: applied
-    /// already, delivered again after a rebalance or a seek.
+    /// Drops records below their partition's next offset (applied
+    /// already, delivered again after a rebalance or a seek) and records of
+    /// partitions this member does not own.
     fn drop_redelivered(&mut self, batch: &mut Vec<SourceRecord>) {
         let before = batch.len();
-        let next_offsets = &mut self.next_offsets;
-        batch.retain(
-            |record| match next_offsets.get(&record.topic, record.partition) {
-                Some(next) => record.offset >= next,
-                None => true,
-            },
-        );
-        let redelivered = (before - batch.len()) as u64;
+        let owned = &mut self.owned;
+        let mut not_owned = 0usize;
+        batch.retain(|record| match owned.get(&record.topic, record.partition) {
+            Some(Some(next)) => record.offset >= next,
+            Some(None) => true,
+            None => {
+                not_owned += 1;
+                false
+            }
+        });
+        let redelivered = (before - batch.len() - not_owned) as u64;
         if redelivered > 0 {
             self.status
                 .metrics()
                 .records_redelivered
                 .inc_by(redelivered);
         }
+        if not_owned > 0 {
+            tracing::debug!(
+                records = not_owned,
+                "dropped records of partitions no longer owned"
+            );
+        }
+    }
+
+    /// Drops re-read records of partitions this member does not own.
+    fn drop_not_owned(&mut self, batch: &mut Vec<SourceRecord>) {
+        let owned = &mut self.owned;
+        batch.retain(|record| owned.get(&record.topic, record.partition).is_some());
     }
 
     /// Starts newly assigned partitions from their stored offsets, and
@@ -238,9 +261,10 @@ impl Pipeline {
         for (topic, partition) in partitions {
             let topic = Arc::<str>::from(topic.as_str());
             let catch_ups = self.applier.store.catch_ups(&topic, partition)?;
-            match stored.get(&(topic.to_string(), partition)) {
-                Some(&next) => {
-                    self.next_offsets.insert(topic.clone(), partition, next);
+            let next = stored.get(&(topic.to_string(), partition)).copied();
+            self.owned.insert(topic.clone(), partition, next);
+            match next {
+                Some(_) => {
                     self.applier.start_catch_up(&topic, partition, &catch_ups);
                 }
                 // Nothing consumed yet: every aggregation starts together.
@@ -263,7 +287,7 @@ impl Pipeline {
     ) -> Result<(), PipelineError> {
         let partitions = self.applier.apply(batch, shutdown)?;
         for ((topic, partition), next) in partitions {
-            self.next_offsets.insert(topic, partition, next);
+            self.owned.insert(topic, partition, Some(next));
         }
         Ok(())
     }

@@ -392,6 +392,13 @@ impl Poller {
                 }
                 record = self.poll(timeout);
             }
+            let got_one = record.is_some();
+            if let Some(record) = record {
+                deadline.get_or_insert_with(|| Instant::now() + self.max_delay);
+                batch.push(record);
+            }
+            // After the push: the poll that ran a revocation may return a
+            // record of a revoked partition too.
             let revoked = context.take_revoked();
             if !revoked.is_empty() {
                 batch.retain(|r: &SourceRecord| {
@@ -400,13 +407,8 @@ impl Poller {
                         .any(|(t, p)| **t == *r.topic && *p == r.partition)
                 });
             }
-            match record {
-                Some(record) => {
-                    deadline.get_or_insert_with(|| Instant::now() + self.max_delay);
-                    batch.push(record);
-                }
-                None if deadline.is_none() => break,
-                None => {}
+            if !got_one && deadline.is_none() {
+                break;
             }
         }
         if !batch.is_empty() {
@@ -461,12 +463,11 @@ pub struct SourceFeed {
     thread: Option<JoinHandle<()>>,
 }
 
-impl SourceFeed {
-    /// The next event; `Err(Disconnected)` means the source thread ended.
+impl super::EventFeed for SourceFeed {
     /// (The channel's sender lives in the consumer's context, which this
     /// feed shares, so a dead thread does not close the channel: a thread
     /// that panicked would otherwise look like an idle topic for ever.)
-    pub fn recv_timeout(&self, timeout: Duration) -> Result<SourceEvent, RecvTimeoutError> {
+    fn recv_timeout(&self, timeout: Duration) -> Result<SourceEvent, RecvTimeoutError> {
         match self.events.recv_timeout(timeout) {
             Err(RecvTimeoutError::Timeout)
                 if self.thread.as_ref().is_none_or(JoinHandle::is_finished) =>
@@ -477,13 +478,36 @@ impl SourceFeed {
         }
     }
 
-    /// Stops the source thread. Call once nothing more will be applied and
-    /// what was applied is written: batches still queued are dropped (their
-    /// records are read again from the stored offsets next time).
-    pub fn close(mut self) {
-        self.stop();
+    /// The source thread raises `live` to what it has handed on since.
+    fn start_catch_up(&self, topic: &str, partition: i32, from: i64, live: i64) {
+        self.consumer
+            .context()
+            .start_reading_again(topic, partition, from, live);
     }
 
+    /// The state store stays the source of truth; this is for monitoring
+    /// tools.
+    fn commit(&self, offsets: &[(&str, i32, i64)]) {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, next) in offsets {
+            if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
+                tracing::debug!(error = %e, "cannot build commit list");
+                return;
+            }
+        }
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "offset commit to the broker failed (monitoring only)");
+        }
+    }
+
+    /// Batches still queued are dropped (their records are read again from
+    /// the stored offsets next time).
+    fn close(mut self: Box<Self>) {
+        self.stop();
+    }
+}
+
+impl SourceFeed {
     fn stop(&mut self) {
         self.consumer
             .context()
@@ -501,31 +525,6 @@ impl SourceFeed {
                     }
                 }
             }
-        }
-    }
-
-    /// Has a partition this instance owns re-read from `from` for
-    /// aggregations that start catching up on it now (added by a reload,
-    /// or reset). `live`: the pipeline's next offset there; the source
-    /// thread raises it to what it has handed on since.
-    pub fn start_catch_up(&self, topic: &str, partition: i32, from: i64, live: i64) {
-        self.consumer
-            .context()
-            .start_reading_again(topic, partition, from, live);
-    }
-
-    /// Tells the group how far this member got, for monitoring tools; the
-    /// state store stays the source of truth.
-    pub fn commit(&self, offsets: &[(&str, i32, i64)]) {
-        let mut tpl = TopicPartitionList::new();
-        for (topic, partition, next) in offsets {
-            if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
-                tracing::debug!(error = %e, "cannot build commit list");
-                return;
-            }
-        }
-        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
-            tracing::debug!(error = %e, "offset commit to the broker failed (monitoring only)");
         }
     }
 }

@@ -7,11 +7,12 @@ pub mod kafka;
 mod rebalance;
 
 use std::sync::Arc;
-use std::sync::mpsc;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Duration;
 
 use crate::record::SourceRecord;
 
-pub use kafka::{KafkaSource, SourceFeed};
+pub use kafka::KafkaSource;
 
 /// What the source thread hands to the pipeline, in order.
 #[derive(Debug)]
@@ -41,4 +42,22 @@ pub enum SourceEvent {
     /// Consumption cannot go on without skipping or re-reading stored
     /// progress (an offset out of range); the reason, for the operator.
     Failed(String),
+}
+
+/// What the pipeline reads its events from and reports back to: the Kafka
+/// source thread ([`SourceFeed`]), or a script in tests.
+pub trait EventFeed: Send {
+    /// The next event; `Err(Disconnected)` when the source is gone.
+    fn recv_timeout(&self, timeout: Duration) -> Result<SourceEvent, RecvTimeoutError>;
+
+    /// Has an owned partition re-read from `from` up to (at least) `live`
+    /// for aggregations that start catching up on it now.
+    fn start_catch_up(&self, topic: &str, partition: i32, from: i64, live: i64);
+
+    /// Tells the group how far this member got (monitoring only).
+    fn commit(&self, offsets: &[(&str, i32, i64)]);
+
+    /// Stops the source. Called once, when nothing more will be applied
+    /// and what was applied is written.
+    fn close(self: Box<Self>);
 }
