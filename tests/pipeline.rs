@@ -1033,3 +1033,214 @@ fn a_plugin_swapped_by_reload_under_load_loses_and_repeats_nothing_and_new_param
     assert_states(&wagg, "stats", &expected_stats(&measured));
     assert_states(&wagg, "count", &expected_counts(&measured));
 }
+
+/// `stats` version 2 (state format 2, with `sum`) under the name `stats`,
+/// beside `count`.
+fn count_and_stats_v2() -> String {
+    common::count_and_stats_toml().replace(
+        &format!("{:?}", plugin("stats")),
+        &format!("{:?}", plugin("stats-v2")),
+    )
+}
+
+/// What `stats` 0.2.0 renders: the moments and the sum.
+fn expected_stats_v2(purchases: &[Purchase]) -> BTreeMap<String, Value> {
+    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+    for p in purchases {
+        *sums.entry(p.user.clone()).or_default() += p.amount;
+    }
+    expected_stats(purchases)
+        .into_iter()
+        .map(|(user, mut stats)| {
+            stats["sum"] = json!(sums[&user]);
+            (user, stats)
+        })
+        .collect()
+}
+
+/// The `migration` object of an aggregation in `/v1/aggregations`.
+fn migration_of(wagg: &Wagg, name: &str) -> Value {
+    let (_, body) = wagg.get("/v1/aggregations");
+    body["aggregations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["name"] == name)
+        .map_or(Value::Null, |a| a["migration"].clone())
+}
+
+/// Test (c) of the plugin lifecycle: `stats` is upgraded to a version
+/// with another state format that migrates from the old one, while
+/// records keep arriving. The first start after the upgrade dies (as
+/// abruptly as kill -9) right after the first chunk of migrated keys is
+/// written; the next one resumes the migration from there (its progress
+/// never starts over), answers every `stats` lookup in the new format
+/// meanwhile, keeps `count` live, then catches `stats` up on what arrived
+/// during the migration: every key exact, no record lost or applied
+/// twice.
+#[test]
+fn a_state_format_change_migrates_every_key_under_ingestion_and_survives_a_crash_mid_migration() {
+    let setup = Setup::new(&["purchases"]);
+    let in_group = |config: &str, run: usize| {
+        // A fresh group per run: tansu never hands a crashed member's
+        // partitions on (see tests/crash.rs); offsets come from the store.
+        config.replace(
+            "group_id = \"wagg-test\"",
+            &format!("group_id = \"wagg-migrate-{run}\""),
+        )
+    };
+    let keys = 5_000;
+    let first = purchases(0, 60_000, keys);
+    setup.broker.produce("purchases", &records(&first));
+    let v1 = setup.config(&["purchases"], &common::count_and_stats_toml());
+    let mut wagg = setup.start(&in_group(&v1, 0));
+    wagg.wait_for(&common::count_and_stats_applied(60_000), CATCH_UP);
+    assert!(wagg.terminate().success());
+    drop(wagg);
+
+    // The upgrade, with records arriving from now on.
+    let second = purchases(60_000, 30_000, keys);
+    let producing = produce_in_background(&setup, &second, 1_000, Duration::from_millis(100));
+    let v2 = setup.config(&["purchases"], &count_and_stats_v2());
+    let mut crashed = Wagg::start_with_env(
+        setup.dir.path(),
+        &in_group(&v2, 1),
+        setup.http_port,
+        // The delay lets the HTTP server come up before the crash.
+        &[
+            ("WAGG_FAULT_CRASH", "migration-chunk"),
+            ("WAGG_FAULT_DELAY", "migration-chunk:3000"),
+        ],
+    );
+    let exit = crashed.wait_exit(CATCH_UP).expect("the injected crash");
+    assert!(!exit.success());
+    assert!(
+        crashed.log().contains("injected crash"),
+        "{}",
+        crashed.log()
+    );
+    drop(crashed);
+
+    // Going back to the old plugin now is refused, naming both formats.
+    let (ok, output) = wagg_command(setup.dir.path(), &in_group(&v1, 2), &["run"]);
+    assert!(!ok, "the old plugin ran over a half-migrated state: {output}");
+    assert!(
+        output.contains("being migrated to state format 2") && output.contains("format 1"),
+        "{output}"
+    );
+
+    let wagg = Wagg::start_with_env(
+        setup.dir.path(),
+        &in_group(&v2, 3),
+        setup.http_port,
+        &[("WAGG_FAULT_DELAY", "migration-chunk:300")],
+    );
+    let all: Vec<Purchase> = first.iter().chain(&second).cloned().collect();
+    let counts = expected_counts(&all);
+    let started = std::time::Instant::now();
+    let mut progress = Vec::new();
+    loop {
+        let migration = migration_of(&wagg, "stats");
+        let Some(done) = migration["keys_migrated"].as_u64() else {
+            if !progress.is_empty() {
+                break; // done
+            }
+            assert!(started.elapsed() < CATCH_UP, "no migration seen: {}", wagg.log());
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        assert_eq!(migration["from_format"], 1, "{migration}");
+        assert_eq!(migration["to_format"], 2, "{migration}");
+        progress.push(done);
+        // Keys on both sides of the cursor answer in the new format, and
+        // `count` stays live.
+        for key in ["user-00000", "user-02500", "user-04999"] {
+            let (status, body) = wagg.get(&format!("/v1/aggregations/stats/keys/{key}"));
+            assert_eq!(status, 200, "{key} while migrating: {body}");
+            assert!(body["state"]["sum"].is_number(), "{key}: {body}");
+            assert!(body["state"]["count"].as_u64() <= counts[key]["count"].as_u64());
+        }
+        let page = wagg.get("/v1/aggregations/stats/keys?limit=1000").1;
+        let items = page["items"].as_array().expect("items");
+        assert!(items.iter().all(|i| i["state"]["sum"].is_number()), "{page}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        progress[0] >= 1_000,
+        "the migration resumed after the chunk written before the crash, not from the start: {progress:?}"
+    );
+    assert!(progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");
+    producing.join().expect("producer");
+    wait_current(&wagg, &common::count_and_stats_applied(90_000));
+    assert_states(&wagg, "count", &counts);
+    assert_states(&wagg, "stats", &expected_stats_v2(&all));
+    let (_, body) = wagg.get("/v1/aggregations");
+    let stats = body["aggregations"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["name"] == "stats"))
+        .expect("stats");
+    assert_eq!(stats["plugin"]["state_format"], 2);
+    assert!(stats.get("migration").is_none(), "{stats}");
+    eprintln!("migration progress seen: {progress:?}");
+}
+
+/// The same upgrade by a live reload: `stats` migrates (its counters and
+/// states carry over) while `count` goes on live and records keep
+/// arriving; a reload back to the old format while the migration runs, or
+/// to a plugin that cannot read the stored format, is refused with both
+/// formats named; afterwards every key is exact.
+#[test]
+fn a_reload_to_a_plugin_of_a_new_state_format_migrates_live_and_loses_nothing() {
+    let setup = Setup::new(&["purchases"]);
+    let keys = 4_000;
+    let first = purchases(0, 40_000, keys);
+    setup.broker.produce("purchases", &records(&first));
+    let v1 = setup.config(&["purchases"], &common::count_and_stats_toml());
+    let mut wagg = Wagg::start_with_env(
+        setup.dir.path(),
+        &v1,
+        setup.http_port,
+        &[("WAGG_FAULT_DELAY", "migration-chunk:250")],
+    );
+    wagg.wait_for(&common::count_and_stats_applied(40_000), CATCH_UP);
+
+    let second = purchases(40_000, 20_000, keys);
+    let producing = produce_in_background(&setup, &second, 1_000, Duration::from_millis(100));
+    wagg.rewrite_config(&setup.config(&["purchases"], &count_and_stats_v2()));
+    let (ok, report) = wagg.cli(&["reload"]);
+    assert!(ok, "{report}");
+    assert!(report.contains("state format 1 → 2"), "{report}");
+    // Migrating now (a chunk every 250 ms): going back is refused.
+    assert!(migration_of(&wagg, "stats")["keys_migrated"].is_u64());
+    wagg.rewrite_config(&v1);
+    let (status, refused) = wagg.post("/v1/admin/reload", &json!(null));
+    assert_eq!(status, 422, "{refused}");
+    assert!(
+        refused.to_string().contains("still being migrated"),
+        "{refused}"
+    );
+    wagg.rewrite_config(&setup.config(&["purchases"], &count_and_stats_v2()));
+
+    let all: Vec<Purchase> = first.iter().chain(&second).cloned().collect();
+    let started = std::time::Instant::now();
+    while migration_of(&wagg, "stats").is_object() {
+        let (status, body) = wagg.get("/v1/aggregations/stats/keys/user-03999");
+        assert_eq!(status, 200, "{body}");
+        assert!(body["state"]["sum"].is_number(), "{body}");
+        assert!(started.elapsed() < CATCH_UP, "migration not done");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    producing.join().expect("producer");
+    wait_current(&wagg, &common::count_and_stats_applied(60_000));
+    assert_states(&wagg, "count", &expected_counts(&all));
+    assert_states(&wagg, "stats", &expected_stats_v2(&all));
+    // The old plugin cannot read format 2.
+    wagg.rewrite_config(&v1);
+    let (status, refused) = wagg.post("/v1/admin/reload", &json!(null));
+    assert_eq!(status, 422, "{refused}");
+    assert!(
+        refused.to_string().contains("does not migrate from that format"),
+        "{refused}"
+    );
+    assert!(wagg.terminate().success());
+}

@@ -755,3 +755,87 @@ fn a_new_plugin_builds_and_passes_its_golden_test() {
         "{checked}"
     );
 }
+
+fn amount_records(amounts: &[f64]) -> Vec<SourceRecord> {
+    amounts
+        .iter()
+        .enumerate()
+        .map(|(i, amount)| SourceRecord {
+            topic: "t".into(),
+            partition: 0,
+            offset: i as i64,
+            key: Some(b"k".to_vec()),
+            value: Some(format!(r#"{{"amount": {amount}}}"#).into_bytes()),
+            timestamp: None,
+            headers: Vec::new(),
+        })
+        .collect()
+}
+
+/// World 0.2.0 adds `migrates-from` and `migrate`; a plugin built against
+/// 0.1.0 (a `count` component kept as a fixture, built before the change)
+/// loads, applies and renders as before, migrates from nothing, and a call
+/// to `migrate` is an error that says why.
+#[test]
+fn plugins_built_before_migrate_existed_still_load_and_say_they_cannot_migrate() {
+    let old = workspace_root().join("tests/fixtures/count-world-0.1.0.wasm");
+    let loaded = runtime().load(&old).expect("a 0.1.0 plugin loads");
+    assert_eq!(loaded.metadata().name, "count");
+    assert!(loaded.metadata().migrates_from.is_empty());
+    assert!(!loaded.exports().iter().any(|e| e.contains("migrate")));
+    let mut instance = loaded.instantiate("{}").expect("instance");
+    let records = amount_records(&[1.0, 2.0, 3.0]);
+    let mut states = StateMap::default();
+    offline::apply_chunk(&mut instance, &mut states, &records, OnError::Fail).expect("apply");
+    let state = &states[b"k".as_slice()];
+    assert_eq!(instance.render(state).expect("render"), r#"{"count":3}"#);
+    let refused = instance.migrate(0, state).expect_err("no migrate export");
+    assert!(
+        refused.to_string().contains("no `migrate` export"),
+        "{refused}"
+    );
+}
+
+/// `stats` 0.2.0 (state format 2, a running `sum` added) migrates the
+/// states `stats` 0.1.0 wrote: the moments carry over, the sum is
+/// recovered, and the migrated state goes on aggregating like a new one.
+#[test]
+fn a_plugin_migrates_the_state_an_older_version_wrote_and_refuses_formats_it_does_not_know() {
+    let runtime = runtime();
+    let v1 = runtime.load(&plugin("stats")).expect("stats");
+    let v2 = runtime.load(&plugin("stats-v2")).expect("stats v2");
+    assert_eq!(v2.metadata().state_format, 2);
+    assert_eq!(v2.metadata().migrates_from, vec![1]);
+    assert!(v1.metadata().migrates_from.is_empty());
+    let params = r#"{"field": "/amount"}"#;
+    let (first, later) = ([4.0, 8.0, 15.0], [16.0, 23.0, 42.0]);
+    let mut states = StateMap::default();
+    let mut old = v1.instantiate(params).expect("v1");
+    offline::apply_chunk(&mut old, &mut states, &amount_records(&first), OnError::Fail)
+        .expect("apply v1");
+
+    let mut new = v2.instantiate(params).expect("v2");
+    let v1_state = states[b"k".as_slice()].clone();
+    let migrated = new.migrate(1, &v1_state).expect("migrate");
+    let rendered: serde_json::Value =
+        serde_json::from_str(&new.render(&migrated).expect("render")).expect("json");
+    let mut want = common::stats_json(&first);
+    want["sum"] = serde_json::json!(27.0);
+    assert!(json_approx_eq(&rendered, &want), "{rendered} != {want}");
+
+    states.insert(b"k".to_vec(), migrated);
+    offline::apply_chunk(&mut new, &mut states, &amount_records(&later), OnError::Fail)
+        .expect("apply v2");
+    let all = [first, later].concat();
+    let mut want = common::stats_json(&all);
+    want["sum"] = serde_json::json!(all.iter().sum::<f64>());
+    let rendered: serde_json::Value =
+        serde_json::from_str(&new.render(&states[b"k".as_slice()]).expect("render")).expect("json");
+    assert!(json_approx_eq(&rendered, &want), "{rendered} != {want}");
+
+    let refused = new.migrate(7, &v1_state).expect_err("format 7 is unknown");
+    assert!(
+        refused.to_string().contains("does not migrate from state format 7"),
+        "{refused}"
+    );
+}

@@ -47,8 +47,11 @@
 //!   (by the aggregation's `on_error` policy) what happens to the record.
 //! - A plugin has no filesystem, network or environment access.
 //! - Bump [`Aggregation::STATE_FORMAT`] whenever a new version can no longer
-//!   read the `State` bytes an older version wrote; the host then refuses to
-//!   run the new plugin over the old state instead of misreading it.
+//!   read the `State` bytes an older version wrote. List the old format in
+//!   [`Aggregation::MIGRATES_FROM`] and implement [`Aggregation::migrate`]:
+//!   the host then migrates every stored key when the new version is
+//!   deployed; without a migration it refuses to run the new plugin over the
+//!   old state instead of misreading it.
 
 use std::fmt;
 use std::sync::Mutex;
@@ -208,6 +211,8 @@ pub trait Aggregation: 'static {
     const NAME: &'static str;
     /// Bump when `State`'s encoding changes incompatibly.
     const STATE_FORMAT: u32 = 1;
+    /// Older state formats [`Aggregation::migrate`] reads.
+    const MIGRATES_FROM: &'static [u32] = &[];
 
     /// Per-key state. A key seen for the first time starts from `Default`.
     type State: Default + Serialize + DeserializeOwned;
@@ -228,6 +233,18 @@ pub trait Aggregation: 'static {
     /// deletes the key (for example after a tombstone).
     fn keep(_state: &Self::State, _params: &Self::Params) -> bool {
         true
+    }
+
+    /// A state written by a version of this plugin whose `STATE_FORMAT` was
+    /// `from_format` (one of [`Aggregation::MIGRATES_FROM`]), as this
+    /// version's state. Decode the old bytes with [`decode_previous`] into
+    /// a copy of the old state type. An error stops the migration with its
+    /// message.
+    fn migrate(from_format: u32, _state: &[u8]) -> Result<Self::State> {
+        Err(Error::msg(format!(
+            "`{}` does not migrate state format {from_format}",
+            Self::NAME
+        )))
     }
 
     /// The JSON document a query for this key returns. Defaults to the state
@@ -365,6 +382,21 @@ impl<A: Aggregation> Runner<A> {
         Ok(out.finish())
     }
 
+    /// Turns a state of the older format `from_format` into an encoded
+    /// state of this one.
+    pub fn migrate(&self, from_format: u32, state: &[u8]) -> Result<Vec<u8>, String> {
+        if !A::MIGRATES_FROM.contains(&from_format) {
+            return Err(format!(
+                "`{}` (state format {}) does not migrate from state format {from_format} (MIGRATES_FROM: {:?})",
+                A::NAME,
+                A::STATE_FORMAT,
+                A::MIGRATES_FROM
+            ));
+        }
+        let state = A::migrate(from_format, state).map_err(|e| e.0)?;
+        postcard::to_allocvec(&state).map_err(|e| format!("state could not be encoded: {e}"))
+    }
+
     /// Renders one encoded state as JSON text.
     pub fn render(&self, state: &[u8]) -> Result<String, String> {
         let guard = self.lock();
@@ -373,6 +405,14 @@ impl<A: Aggregation> Runner<A> {
         let value = A::render(&state, params).map_err(|e| e.0)?;
         serde_json::to_string(&value).map_err(|e| e.to_string())
     }
+}
+
+/// Decodes state bytes an older version of the plugin wrote, into (a copy
+/// of) that version's state type: for [`Aggregation::migrate`]. The SDK
+/// encodes states with postcard, so the old type must keep the old
+/// fields, in their old order, with their old types.
+pub fn decode_previous<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    postcard::from_bytes(bytes).map_err(|e| Error::msg(format!("old state: {e}")))
 }
 
 fn decode_state<A: Aggregation>(stored: Option<&[u8]>) -> Result<A::State, String> {
@@ -423,6 +463,17 @@ macro_rules! export_aggregation {
                     state: ::std::vec::Vec<u8>,
                 ) -> ::core::result::Result<::std::string::String, ::std::string::String> {
                     RUNNER.render(&state)
+                }
+
+                fn migrates_from() -> ::std::vec::Vec<u32> {
+                    <$aggregation as $crate::Aggregation>::MIGRATES_FROM.to_vec()
+                }
+
+                fn migrate(
+                    from_format: u32,
+                    state: ::std::vec::Vec<u8>,
+                ) -> ::core::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
+                    RUNNER.migrate(from_format, &state)
                 }
             }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 
 use crate::apply::dead_letter::DeadLetterSink;
 use crate::apply::{Aggregation, BatchApplier, Control, Pipeline, StartAt};
@@ -89,21 +89,90 @@ pub fn open_aggregations(
     let mut queryable = Vec::new();
     for (aggregation, plugin) in config.aggregations.iter().zip(plugins) {
         let meta = crate::lifecycle::meta_of(&plugin);
+        begin_migration_if_needed(&store, config, aggregation, &plugin, &meta)?;
         if store.check_aggregation_meta(&aggregation.name, &meta)? == Registration::New {
             register_new(&store, config, aggregation, &meta)?;
         }
         let counters = store.counters(&aggregation.name)?;
         let instance = plugin.instantiate(&aggregation.params_json())?;
-        aggregations.push(Aggregation::new(
+        let mut consumer_side = Aggregation::new(
             aggregation.clone(),
             plugin.clone(),
             instance,
             cache_entries,
             counters,
-        ));
+        );
+        if let Some(stored) = store.aggregation_meta(&aggregation.name)?
+            && stored.migration.is_some()
+        {
+            consumer_side.migrate_first(stored);
+        }
+        aggregations.push(consumer_side);
         queryable.push(QueryableAggregation::new(aggregation.clone(), plugin));
     }
     Ok((store, aggregations, queryable))
+}
+
+/// Starts migrating an aggregation's stored states when its plugin has a
+/// new state format and migrates from the stored one (see
+/// `state::store::migration`); checks that a migration in progress can go
+/// on with the configured plugin.
+fn begin_migration_if_needed(
+    store: &StateStore,
+    config: &Config,
+    aggregation: &AggregationConfig,
+    plugin: &LoadedPlugin,
+    meta: &AggregationMeta,
+) -> anyhow::Result<()> {
+    let Some(stored) = store.aggregation_meta(&aggregation.name)? else {
+        return Ok(());
+    };
+    let migrates_from = &plugin.metadata().migrates_from;
+    if let Some(migration) = &stored.migration {
+        if stored.state_format == meta.state_format
+            && !migrates_from.contains(&migration.from_format)
+        {
+            bail!(
+                "aggregation {:?}: its state is being migrated from format {} ({} keys done), but the configured plugin {} does not migrate from format {} (it migrates from {:?}); configure a plugin that does, or `wagg reset` the aggregation",
+                aggregation.name,
+                migration.from_format,
+                migration.keys_migrated,
+                plugin.label(),
+                migration.from_format,
+                migrates_from
+            );
+        }
+        return Ok(());
+    }
+    if stored.removed
+        || stored.state_format == meta.state_format
+        || stored.plugin_name != meta.plugin_name
+        || !migrates_from.contains(&stored.state_format)
+    {
+        // Nothing to migrate, or refused by `check_aggregation_meta`.
+        return Ok(());
+    }
+    if config.cluster.is_some() {
+        bail!(
+            "aggregation {:?}: plugin {} would migrate the stored state from format {} to {}, but state migration is not supported in cluster mode yet (the changelogs and standby copies hold the old format); run the new plugin under a new aggregation name and compare with `wagg diff`",
+            aggregation.name,
+            plugin.label(),
+            stored.state_format,
+            meta.state_format
+        );
+    }
+    let resume = store.own_offsets(&aggregation.name, |topic| aggregation.applies_to(topic))?;
+    let migration = store.begin_migration(&aggregation.name, &stored, meta, &resume)?;
+    tracing::info!(
+        aggregation = %aggregation.name,
+        from = %migration.from_plugin,
+        from_format = migration.from_format,
+        to = %plugin.label(),
+        to_format = meta.state_format,
+        keys_estimate = migration.keys_estimate,
+        "migrating the stored state to the plugin's new state format; the aggregation applies records again (catching up) once every key is migrated"
+    );
+    Ok(())
 }
 
 /// Records an aggregation this store has not run before. On partitions
@@ -116,7 +185,7 @@ fn register_new(
     aggregation: &AggregationConfig,
     meta: &AggregationMeta,
 ) -> anyhow::Result<()> {
-    let consumed = crate::tools::state_admin::consumed_by(store, aggregation)?;
+    let consumed = store.consumed(|topic| aggregation.applies_to(topic))?;
     let start = StartAt::from(config.source.start_from).entries(&consumed);
     if !start.is_empty() {
         tracing::info!(

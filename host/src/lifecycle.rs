@@ -136,7 +136,14 @@ impl Lifecycle {
             ));
             match (current, served) {
                 (Some(current), Some(served)) => {
-                    let changes = updates(current, aggregation, &served.plugin, &plugin)?;
+                    let migrating = self
+                        .store
+                        .aggregation_meta(name)
+                        .map_err(|e| AdminError::Unavailable(e.to_string()))?
+                        .is_some_and(|stored| stored.migration.is_some());
+                    let changes =
+                        updates(current, aggregation, &served.plugin, &plugin, migrating)?;
+                    let migrate = meta.state_format != served.plugin.metadata().state_format;
                     plan.report.updated.push(AggregationUpdate {
                         name: name.clone(),
                         changes,
@@ -144,6 +151,7 @@ impl Lifecycle {
                     plan.changes.push(Reconfigure::Replace {
                         aggregation: prepared,
                         meta,
+                        migrate,
                     });
                 }
                 _ => {
@@ -246,6 +254,7 @@ pub fn meta_of(plugin: &LoadedPlugin) -> AggregationMeta {
         state_format: metadata.state_format,
         content_hash: plugin.content_hash().to_owned(),
         removed: false,
+        migration: None,
     }
 }
 
@@ -299,6 +308,7 @@ fn updates(
     new: &AggregationConfig,
     current_plugin: &LoadedPlugin,
     new_plugin: &LoadedPlugin,
+    migrating: bool,
 ) -> Result<Vec<String>, AdminError> {
     let name = &new.name;
     if current.topic != new.topic || current.key != new.key {
@@ -307,20 +317,36 @@ fn updates(
         )));
     }
     let (old_meta, new_meta) = (meta_of(current_plugin), meta_of(new_plugin));
+    let mut changes = Vec::new();
     if old_meta.plugin_name != new_meta.plugin_name
         || old_meta.state_format != new_meta.state_format
     {
-        return Err(AdminError::Refused(format!(
-            "aggregation {name:?}: the new plugin {} {} writes state format {}, the running {} {} format {}: its stored states cannot be read by it. Add it under a new name (it catches up on its own) or reset the aggregation",
-            new_meta.plugin_name,
-            new_meta.plugin_version,
-            new_meta.state_format,
-            old_meta.plugin_name,
-            old_meta.plugin_version,
-            old_meta.state_format
-        )));
+        let migrates = old_meta.plugin_name == new_meta.plugin_name
+            && new_plugin
+                .metadata()
+                .migrates_from
+                .contains(&old_meta.state_format);
+        if !migrates || migrating {
+            let why = if migrating {
+                "its stored states are still being migrated to the running plugin's format: wait until `/v1/aggregations` no longer shows a `migration` for it"
+            } else {
+                "its stored states cannot be read by it (it does not migrate from that format)"
+            };
+            return Err(AdminError::Refused(format!(
+                "aggregation {name:?}: the new plugin {} {} writes state format {}, the running {} {} format {}: {why}. Add it under a new name (it catches up on its own) or reset the aggregation",
+                new_meta.plugin_name,
+                new_meta.plugin_version,
+                new_meta.state_format,
+                old_meta.plugin_name,
+                old_meta.plugin_version,
+                old_meta.state_format
+            )));
+        }
+        changes.push(format!(
+            "state format {} → {}: every stored key is migrated, then the aggregation catches up on the records that arrived meanwhile",
+            old_meta.state_format, new_meta.state_format
+        ));
     }
-    let mut changes = Vec::new();
     if old_meta.content_hash != new_meta.content_hash || current.plugin != new.plugin {
         changes.push(format!(
             "plugin {} {} ({}) → {} {} ({})",

@@ -316,6 +316,7 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
                 "name": loaded.metadata().name,
                 "version": loaded.metadata().version,
                 "state_format": loaded.metadata().state_format,
+                "migrates_from": loaded.metadata().migrates_from,
                 "sha256": loaded.content_hash(),
                 "size_bytes": std::fs::metadata(&plugin).map(|m| m.len()).ok(),
                 "exports": loaded.exports(),

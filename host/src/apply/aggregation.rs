@@ -12,6 +12,7 @@ use crate::ops::status::AggregationCounters;
 use crate::plugin::{LoadedPlugin, PluginInstance};
 use crate::record::SourceRecord;
 use crate::state::cache::StateCache;
+use crate::state::store::AggregationMeta;
 
 /// One configured aggregation as the consumer loop runs it.
 pub struct Aggregation {
@@ -29,6 +30,10 @@ pub struct Aggregation {
     /// offset there: the live records of these partitions are not its
     /// (see `state::store::catch_up`).
     pub(super) catch_up: HashMap<(Arc<str>, i32), i64>,
+    /// The stored states are being migrated to this plugin's state format
+    /// (the aggregation's meta record, with the migration's progress):
+    /// no record is applied meanwhile (see `state::store::migration`).
+    pub(super) migrating: Option<AggregationMeta>,
 }
 
 /// An aggregation's metrics, looked up once (not per batch).
@@ -91,7 +96,14 @@ impl Aggregation {
             // Attached to the registry by `BatchApplier::new`.
             instruments: Instruments::default(),
             catch_up: HashMap::new(),
+            migrating: None,
         }
+    }
+
+    /// Has the aggregation migrate its stored states (recorded in `meta`
+    /// by `StateStore::begin_migration`) before it applies records again.
+    pub fn migrate_first(&mut self, meta: AggregationMeta) {
+        self.migrating = meta.migration.is_some().then_some(meta);
     }
 
     /// Takes over what `old` (the same aggregation, with another plugin
@@ -102,13 +114,17 @@ impl Aggregation {
         self.applied = old.applied;
         self.instruments = old.instruments.clone();
         self.catch_up = std::mem::take(&mut old.catch_up);
+        // A migration in progress goes on with the new build.
+        if self.migrating.is_none() {
+            self.migrating = old.migrating.take();
+        }
     }
 
     /// Whether a record of `feed` is this aggregation's to apply: a live
     /// record where it is current, a re-read one where it is catching up
     /// and has not applied it yet.
     pub(super) fn takes(&self, feed: Feed, record: &SourceRecord) -> bool {
-        if !self.config.applies_to(&record.topic) {
+        if self.migrating.is_some() || !self.config.applies_to(&record.topic) {
             return false;
         }
         if self.catch_up.is_empty() {

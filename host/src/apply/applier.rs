@@ -21,7 +21,7 @@ use crate::plugin::{Change, GroupInput};
 use crate::record::SourceRecord;
 use crate::state::cache::State;
 use crate::state::flush::{CatchUpOffsets, FlushOffsets, FlushPublisher};
-use crate::state::store::{Slot, StateStore, StoreError};
+use crate::state::store::{AggregationMeta, Slot, StateStore, StoreError};
 use crate::state::writer::{StateWriter, WriteInstruments};
 
 /// Applies batches of records to every aggregation and writes the results:
@@ -115,6 +115,11 @@ impl BatchApplier {
         self.aggregations.iter_mut().find(|a| a.config.name == name)
     }
 
+    /// The first aggregation migrating its stored states, if any.
+    pub(super) fn migrating_mut(&mut self) -> Option<&mut Aggregation> {
+        self.aggregations.iter_mut().find(|a| a.migrating.is_some())
+    }
+
     /// The names of the aggregations applied.
     pub(super) fn names(&self) -> Vec<String> {
         self.aggregations
@@ -142,6 +147,21 @@ impl BatchApplier {
             aggregation.take_over(old);
             *old = aggregation;
         }
+    }
+
+    /// Has an aggregation migrate its stored states (recorded in `meta`)
+    /// before it applies records again: what it cached (the old format)
+    /// and where it was catching up (it resumes from the migration's
+    /// record) are dropped. Call with nothing unwritten.
+    pub(super) fn pause_to_migrate(&mut self, name: &str, meta: AggregationMeta) {
+        let Some(aggregation) = self.aggregations.iter_mut().find(|a| a.config.name == name) else {
+            return;
+        };
+        aggregation.states.clear();
+        for (topic, partition) in std::mem::take(&mut aggregation.catch_up).into_keys() {
+            self.status.set_catch_up(name, &topic, partition, None);
+        }
+        aggregation.migrate_first(meta);
     }
 
     /// Stops applying an aggregation. Call with nothing unwritten.

@@ -33,12 +33,14 @@ pub enum Reconfigure {
         meta: AggregationMeta,
         start: StartAt,
     },
-    /// The same aggregation with another plugin build of the same state
-    /// format, or other settings: its states, counters and catch-up
-    /// progress carry over.
+    /// The same aggregation with another plugin build or other settings:
+    /// its states, counters and catch-up progress carry over. With
+    /// `migrate`, the new build has another state format and migrates from
+    /// the stored one: the states are migrated first (see `migrate`).
     Replace {
         aggregation: Box<Aggregation>,
         meta: AggregationMeta,
+        migrate: bool,
     },
     /// No longer applied; its stored state is kept, marked removed.
     Remove(String),
@@ -152,8 +154,15 @@ impl Pipeline {
                 tracing::info!(aggregation = %name, "reload: aggregation added");
                 self.catch_up_here(&name)
             }
-            Reconfigure::Replace { aggregation, meta } => {
+            Reconfigure::Replace {
+                aggregation,
+                meta,
+                migrate,
+            } => {
                 let name = aggregation.config.name.clone();
+                if migrate {
+                    return self.migrate_on_reload(*aggregation, &meta);
+                }
                 store.check_aggregation_meta(&name, &meta)?;
                 self.applier.replace(*aggregation);
                 tracing::info!(aggregation = %name, plugin = %meta.plugin_version, "reload: aggregation updated");
@@ -167,24 +176,45 @@ impl Pipeline {
         }
     }
 
+    /// Replaces an aggregation by a plugin build of another state format
+    /// that migrates from the stored one: records the migration (from
+    /// where the aggregation stands now: everything it applied is written)
+    /// and has the new build migrate the states before it applies records.
+    fn migrate_on_reload(
+        &mut self,
+        aggregation: Aggregation,
+        meta: &AggregationMeta,
+    ) -> Result<(), PipelineError> {
+        let store = self.applier.store.clone();
+        let config = aggregation.config.clone();
+        let name = config.name.clone();
+        let stored = store
+            .aggregation_meta(&name)?
+            .ok_or_else(|| StoreError::UnknownAggregation(name.clone()))?;
+        let resume = store.own_offsets(&name, |topic| config.applies_to(topic))?;
+        let migration = store.begin_migration(&name, &stored, meta, &resume)?;
+        self.applier.replace(aggregation);
+        let mut migrating = meta.clone();
+        migrating.migration = Some(migration);
+        self.applier.pause_to_migrate(&name, migrating);
+        tracing::info!(aggregation = %name, from_format = stored.state_format, to_format = meta.state_format, "reload: migrating the stored state to the new plugin's state format");
+        Ok(())
+    }
+
     /// The partitions consumed so far (stored next offsets) that an
     /// aggregation applies to.
-    fn consumed(
+    pub(super) fn consumed(
         &self,
         config: &AggregationConfig,
     ) -> Result<BTreeMap<(String, i32), i64>, StoreError> {
-        Ok(self
-            .applier
+        self.applier
             .store
-            .offsets()?
-            .into_iter()
-            .filter(|((topic, _), _)| config.applies_to(topic))
-            .collect())
+            .consumed(|topic| config.applies_to(topic))
     }
 
     /// Has an aggregation catch up on the owned partitions where the store
     /// says it is behind.
-    fn catch_up_here(&mut self, aggregation: &str) -> Result<(), PipelineError> {
+    pub(super) fn catch_up_here(&mut self, aggregation: &str) -> Result<(), PipelineError> {
         for (topic, partition, live) in self.owned.entries() {
             let Some(live) = live else {
                 continue; // nothing consumed: nothing to catch up on

@@ -29,6 +29,7 @@ pub mod control;
 pub mod dead_letter;
 mod flusher;
 pub mod group;
+mod migrate;
 pub mod partition_map;
 
 use std::sync::Arc;
@@ -73,6 +74,8 @@ pub enum PipelineError {
     Write(#[from] WriteError),
     #[error("{0}")]
     DeadLetter(#[from] DeadLetterError),
+    #[error("{0}")]
+    Migration(#[from] migrate::MigrationError),
     #[error("the Kafka source thread stopped unexpectedly")]
     SourceGone,
     #[error("{0}")]
@@ -151,7 +154,10 @@ impl Pipeline {
             let written = self.applier.poll_flush()?;
             self.commit(&written);
             self.take_controls()?;
-            match self.source.recv_timeout(IDLE_AFTER) {
+            // A migration goes on between batches, without waiting for one.
+            let migrating = self.migrate_step()?;
+            let wait = if migrating { Duration::ZERO } else { IDLE_AFTER };
+            match self.source.recv_timeout(wait) {
                 Ok(SourceEvent::Records(mut batch)) => {
                     self.drop_redelivered(&mut batch);
                     if !batch.is_empty() {

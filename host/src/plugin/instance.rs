@@ -1,6 +1,7 @@
 //! A live, configured plugin instance and the raw calls into it.
 
 use wasmtime::Store;
+use wasmtime::component::Instance;
 
 use super::bindings::Aggregator;
 use super::error::{CallError, PluginError};
@@ -19,7 +20,7 @@ const MAX_MESSAGE_BYTES: usize = 1024;
 pub struct PluginInstance {
     plugin: LoadedPlugin,
     params_json: String,
-    live: Option<(Store<PluginCtx>, Aggregator)>,
+    live: Option<(Store<PluginCtx>, Aggregator, Instance)>,
     pub(super) encoder: wagg_abi::BatchEncoder,
 }
 
@@ -43,7 +44,7 @@ impl PluginInstance {
         if self.live.is_some() {
             return Ok(());
         }
-        let (mut store, bindings) = self.plugin.instantiate_raw()?;
+        let (mut store, bindings, instance) = self.plugin.instantiate_raw()?;
         let params = self.params_json.clone();
         let configured = guarded_call(&self.plugin, &mut store, |store| {
             bindings.call_configure(store, &params)
@@ -52,19 +53,23 @@ impl PluginInstance {
             plugin: self.plugin.label(),
             message: truncate(message),
         })?;
-        self.live = Some((store, bindings));
+        self.live = Some((store, bindings, instance));
         Ok(())
     }
 
     fn call<T>(
         &mut self,
-        f: impl FnOnce(&Aggregator, &mut Store<PluginCtx>) -> wasmtime::Result<Result<T, String>>,
+        f: impl FnOnce(
+            &Aggregator,
+            &Instance,
+            &mut Store<PluginCtx>,
+        ) -> wasmtime::Result<Result<T, String>>,
     ) -> Result<T, CallError> {
         self.ensure_live()?;
-        let Some((store, bindings)) = self.live.as_mut() else {
+        let Some((store, bindings, instance)) = self.live.as_mut() else {
             unreachable!("ensure_live succeeded");
         };
-        match guarded_call(&self.plugin, store, |store| f(bindings, store)) {
+        match guarded_call(&self.plugin, store, |store| f(bindings, instance, store)) {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(message)) => Err(CallError::Rejected {
                 plugin: self.plugin.label(),
@@ -80,13 +85,42 @@ impl PluginInstance {
     /// Calls `apply` with an encoded batch; returns the encoded result,
     /// unchecked.
     pub fn apply_raw(&mut self, batch: &[u8]) -> Result<Vec<u8>, CallError> {
-        self.call(|bindings, store| bindings.call_apply(store, batch))
+        self.call(|bindings, _, store| bindings.call_apply(store, batch))
     }
 
     /// Renders one key's state as JSON text.
     pub fn render(&mut self, state: &[u8]) -> Result<String, CallError> {
-        self.call(|bindings, store| bindings.call_render(store, state))
+        self.call(|bindings, _, store| bindings.call_render(store, state))
     }
+
+    /// One key's state of the older format `from_format`, in this plugin's
+    /// state format (`migrate`, world 0.2.0). A plugin without `migrate`
+    /// answers with an error saying so.
+    pub fn migrate(&mut self, from_format: u32, state: &[u8]) -> Result<Vec<u8>, CallError> {
+        self.call(|_, instance, store| {
+            let Some(migrate) = instance.get_func(&mut *store, "migrate") else {
+                return Ok(Err(
+                    "the plugin has no `migrate` export (built before world 0.2.0)".to_owned(),
+                ));
+            };
+            let migrate = migrate.typed::<(u32, &[u8]), (Result<Vec<u8>, String>,)>(&*store)?;
+            let (migrated,) = migrate.call(&mut *store, (from_format, state))?;
+            Ok(migrated)
+        })
+    }
+}
+
+/// The plugin's `migrates-from` (world 0.2.0); empty when it has none.
+pub(super) fn call_migrates_from(
+    store: &mut Store<PluginCtx>,
+    instance: &Instance,
+) -> wasmtime::Result<Vec<u32>> {
+    let Some(func) = instance.get_func(&mut *store, "migrates-from") else {
+        return Ok(Vec::new());
+    };
+    let func = func.typed::<(), (Vec<u32>,)>(&*store)?;
+    let (formats,) = func.call(&mut *store, ())?;
+    Ok(formats)
 }
 
 /// Runs one call with a fresh time budget and turns traps into errors that

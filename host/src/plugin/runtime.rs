@@ -10,7 +10,7 @@ use std::thread;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::component::{Component, Instance, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -70,6 +70,9 @@ pub struct PluginMetadata {
     pub name: String,
     pub version: String,
     pub state_format: u32,
+    /// The older state formats the plugin migrates from (`migrates-from`,
+    /// world 0.2.0; empty for plugins without it).
+    pub migrates_from: Vec<u32>,
 }
 
 /// The identity of a plugin build: the SHA-256 of its bytes, in hex.
@@ -164,11 +167,14 @@ impl PluginRuntime {
             path: path.to_owned(),
             message,
         };
-        let (mut store, bindings) = instantiate(&self.inner.engine, &self.inner.config, &pre)
-            .map_err(|e| not_a_plugin(format!("{e:#}")))?;
+        let (mut store, bindings, instance) =
+            instantiate(&self.inner.engine, &self.inner.config, &pre)
+                .map_err(|e| not_a_plugin(format!("{e:#}")))?;
         let metadata = bindings
             .call_metadata(&mut store)
             .map_err(|e| not_a_plugin(format!("metadata() failed: {e:#}")))?;
+        let migrates_from = super::instance::call_migrates_from(&mut store, &instance)
+            .map_err(|e| not_a_plugin(format!("migrates-from() failed: {e:#}")))?;
         Ok(LoadedPlugin {
             inner: Arc::new(LoadedInner {
                 runtime: self.clone(),
@@ -179,6 +185,7 @@ impl PluginRuntime {
                     name: metadata.name,
                     version: metadata.version,
                     state_format: metadata.state_format,
+                    migrates_from,
                 },
                 imports,
                 exports,
@@ -362,7 +369,9 @@ impl LoadedPlugin {
         self.inner.runtime.config()
     }
 
-    pub(super) fn instantiate_raw(&self) -> Result<(Store<PluginCtx>, Aggregator), CallError> {
+    pub(super) fn instantiate_raw(
+        &self,
+    ) -> Result<(Store<PluginCtx>, Aggregator, Instance), CallError> {
         let runtime = &self.inner.runtime.inner;
         instantiate(&runtime.engine, &runtime.config, &self.inner.pre).map_err(|e| {
             CallError::Instantiate {
@@ -377,12 +386,14 @@ fn instantiate(
     engine: &Engine,
     limits: &RuntimeConfig,
     pre: &AggregatorPre<PluginCtx>,
-) -> wasmtime::Result<(Store<PluginCtx>, Aggregator)> {
+) -> wasmtime::Result<(Store<PluginCtx>, Aggregator, Instance)> {
     let mut store = new_store(engine, limits);
     // Instantiation runs guest start-up code: give it the same budget as a call.
     store.set_epoch_deadline(deadline_ticks(limits.call_timeout));
-    let bindings = pre.instantiate(&mut store)?;
-    Ok((store, bindings))
+    // The raw instance too: the exports added after 0.1.0 are looked up on it.
+    let instance = pre.instance_pre().instantiate(&mut store)?;
+    let bindings = Aggregator::new(&mut store, &instance)?;
+    Ok((store, bindings, instance))
 }
 
 /// Per-instance host state: the (empty) WASI context and the limits.

@@ -281,15 +281,16 @@ async fn lookup(
     let cancelled = cancel.flag();
     let found = tokio::task::spawn_blocking(move || {
         let aggregation = state.aggregation(&name)?;
-        let stored = match slot {
-            Some(slot) => state.store.get(&name, slot, &key)?,
-            None => state.store.find(&name, &key)?,
-        };
+        let (stored, behind) = state.store.reading(&name, |store| match slot {
+            Some(slot) => store.get(&name, slot, &key),
+            None => store.find(&name, &key),
+        })?;
         let Some(stored) = stored else {
             return Ok(None);
         };
+        let old_format = behind.and_then(|b| b.old_format_of(&key));
         let rendered = aggregation
-            .render_all(&[stored], &cancelled, state.status.metrics())?
+            .render_all(&[(stored, old_format)], &cancelled, state.status.metrics())?
             .pop()
             .unwrap_or(Value::Null);
         let bytes = entry_bytes(&key, &rendered);

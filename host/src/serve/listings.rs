@@ -91,6 +91,19 @@ fn aggregation_info(
         key: config.key.clone(),
         on_error: config.on_error,
         keys_estimate: state.store.estimate_keys(&config.name)?,
+        migration: state
+            .store
+            .aggregation_meta(&config.name)?
+            .and_then(|meta| {
+                let migration = meta.migration?;
+                Some(openapi::MigrationProgress {
+                    from_format: migration.from_format,
+                    from_plugin: migration.from_plugin,
+                    to_format: meta.state_format,
+                    keys_migrated: migration.keys_migrated,
+                    keys_estimate: migration.keys_estimate,
+                })
+            }),
         records_applied: counters.records_applied,
         records_failed: counters.records_failed,
         records_dead_lettered: counters.records_dead_lettered,
@@ -297,13 +310,18 @@ async fn local_page(
         let aggregation = state.aggregation(&name)?;
         let slots = state.served_slots(&name)?;
         // One more than asked: whether keys follow the page.
-        let mut entries =
-            state
-                .store
-                .list_in_slots(&name, &slots, &prefix, after.as_deref(), limit + 1)?;
+        let (mut entries, behind) = state.store.reading(&name, |store| {
+            store.list_in_slots(&name, &slots, &prefix, after.as_deref(), limit + 1)
+        })?;
         let more = entries.len() > limit;
         entries.truncate(limit);
-        let states: Vec<Vec<u8>> = entries.iter().map(|(_, s)| s.clone()).collect();
+        let states: Vec<(Vec<u8>, Option<u32>)> = entries
+            .iter()
+            .map(|(key, s)| {
+                let old_format = behind.as_ref().and_then(|b| b.old_format_of(key));
+                (s.clone(), old_format)
+            })
+            .collect();
         let rendered = aggregation.render_all(&states, &cancelled, state.status.metrics())?;
         let items = entries
             .into_iter()

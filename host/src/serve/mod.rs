@@ -167,10 +167,13 @@ impl QueryableAggregation {
     }
 
     /// Renders states with a pooled instance (created on demand); stops
-    /// early once the request is `cancelled` (its client timed out).
+    /// early once the request is `cancelled` (its client timed out). A
+    /// state with an old format (its aggregation is migrating and has not
+    /// reached it) is migrated first, in memory: queries see every key in
+    /// the new format, whether the migration wrote it yet or not.
     fn render_all(
         &self,
-        states: &[Vec<u8>],
+        states: &[(Vec<u8>, Option<u32>)],
         cancelled: &AtomicBool,
         metrics: &crate::ops::metrics::Metrics,
     ) -> Result<Vec<Value>, ApiError> {
@@ -187,13 +190,24 @@ impl QueryableAggregation {
                 .map_err(|e| ApiError::internal(format!("cannot instantiate the plugin: {e}")))?,
         };
         let mut rendered = Vec::with_capacity(states.len());
-        for state in states {
+        for (state, old_format) in states {
             if cancelled.load(Ordering::Relaxed) {
                 break;
             }
             metrics.states_rendered.inc();
+            // (A plugin of the old format itself, still served for an
+            // instant while a reload swaps it, reads the old states.)
+            let native = self.plugin.metadata().state_format;
+            let migrated = match old_format.filter(|&format| format != native) {
+                Some(format) => Some(instance.migrate(format, state).map_err(|e| {
+                    ApiError::internal(format!(
+                        "migrating the state from format {format} failed: {e}"
+                    ))
+                })?),
+                None => None,
+            };
             let json = instance
-                .render(state)
+                .render(migrated.as_deref().unwrap_or(state))
                 .map_err(|e| ApiError::internal(format!("rendering failed: {e}")))?;
             rendered.push(
                 serde_json::from_str(&json).map_err(|e| {

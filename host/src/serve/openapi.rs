@@ -54,10 +54,29 @@ pub struct AggregationInfo {
     #[schema(value_type = String)]
     pub on_error: OnError,
     pub keys_estimate: u64,
+    /// Present while the stored state is being migrated to the plugin's
+    /// new state format (queries answer in the new format meanwhile; the
+    /// aggregation applies records again, catching up, once it is done).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationProgress>,
     pub records_applied: u64,
     pub records_failed: u64,
     pub records_dead_lettered: u64,
     pub partitions: Vec<PartitionProgress>,
+}
+
+/// How far an aggregation's state migration is.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MigrationProgress {
+    /// The state format being migrated from.
+    pub from_format: u32,
+    /// The plugin that wrote the old states ("stats 0.1.0").
+    pub from_plugin: String,
+    /// The plugin's state format, being migrated to.
+    pub to_format: u32,
+    pub keys_migrated: u64,
+    /// RocksDB's estimate of the keys to migrate, when it started.
+    pub keys_estimate: u64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

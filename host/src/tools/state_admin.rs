@@ -99,11 +99,7 @@ pub fn consumed_by(
     store: &StateStore,
     aggregation: &AggregationConfig,
 ) -> anyhow::Result<BTreeMap<(String, i32), i64>> {
-    Ok(store
-        .offsets()?
-        .into_iter()
-        .filter(|((topic, _), _)| aggregation.applies_to(topic))
-        .collect())
+    Ok(store.consumed(|topic| aggregation.applies_to(topic))?)
 }
 
 /// Where a reset to `to` starts, on the `consumed` partitions (a time is

@@ -29,12 +29,14 @@ use serde::{Deserialize, Serialize};
 mod admin;
 mod catch_up;
 mod layout;
+mod migration;
 mod reads;
 mod write;
 
 pub use catch_up::CatchUps;
 use layout::*;
 pub use layout::{KeyStates, Slot};
+pub use migration::{Behind, Migration, MigrationChunk};
 pub use write::StateWrite;
 
 /// Per-aggregation record counters, stored with the state they describe.
@@ -61,11 +63,20 @@ pub enum StoreError {
         source: rocksdb::Error,
     },
     #[error(
-        "aggregation {:?}: the stored state was written by plugin {} {} in state format {}, but the configured plugin {} {} uses format {}; use a compatible plugin or a new aggregation name",
+        "aggregation {:?}: the stored state was written by plugin {} {} in state format {}, but the configured plugin {} {} uses format {}; use a compatible plugin (or one that migrates from format {}: see `migrate` in the plugin guide) or a new aggregation name",
         .0.aggregation, .0.stored.plugin_name, .0.stored.plugin_version, .0.stored.state_format,
-        .0.configured.plugin_name, .0.configured.plugin_version, .0.configured.state_format
+        .0.configured.plugin_name, .0.configured.plugin_version, .0.configured.state_format,
+        .0.stored.state_format
     )]
     IncompatibleState(Box<Incompatibility>),
+    #[error(
+        "aggregation {:?}: its state is being migrated to state format {} of plugin {} (from format {}), but the configured plugin {} {} uses format {}; configure a plugin of format {} to finish the migration, or `wagg reset` the aggregation",
+        .0.aggregation, .0.stored.state_format, .0.stored.plugin_name,
+        .0.stored.migration.as_ref().map_or(0, |m| m.from_format),
+        .0.configured.plugin_name, .0.configured.plugin_version, .0.configured.state_format,
+        .0.stored.state_format
+    )]
+    MigrationInProgress(Box<Incompatibility>),
     #[error("state store {dir}: corrupt metadata: {message}")]
     Corrupt { dir: PathBuf, message: String },
     #[error("unknown aggregation {0:?}")]
@@ -93,6 +104,10 @@ pub struct AggregationMeta {
     /// over (see [`StateStore::mark_removed`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub removed: bool,
+    /// The stored states are being migrated to `state_format` (see
+    /// `migration`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
 }
 
 /// Whether the store knew an aggregation before.
@@ -137,6 +152,8 @@ pub struct StateStore {
     /// The column families open, and the options a new one gets.
     column_families: RwLock<BTreeSet<String>>,
     block_cache: Cache,
+    /// Aggregations being migrated → how far (see `migration`).
+    migrating: RwLock<HashMap<String, Behind>>,
 }
 
 impl StateStore {
@@ -190,8 +207,10 @@ impl StateStore {
             known_slots: RwLock::new(HashMap::new()),
             column_families: RwLock::new(names.into_iter().collect()),
             block_cache: cache,
+            migrating: RwLock::new(HashMap::new()),
         };
         store.load_topic_ids()?;
+        store.load_migrations()?;
         Ok(store)
     }
 
@@ -369,15 +388,24 @@ impl StateStore {
             return Ok(Registration::New);
         }
         if stored.state_format != meta.state_format || stored.plugin_name != meta.plugin_name {
-            return Err(StoreError::IncompatibleState(Box::new(Incompatibility {
+            let incompatibility = Box::new(Incompatibility {
                 aggregation: aggregation.to_owned(),
                 stored,
                 configured: meta.clone(),
-            })));
+            });
+            return Err(match incompatibility.stored.migration {
+                Some(_) => StoreError::MigrationInProgress(incompatibility),
+                None => StoreError::IncompatibleState(incompatibility),
+            });
         }
-        if stored != *meta {
+        // A migration in progress goes on with the new build.
+        let meta = AggregationMeta {
+            migration: stored.migration.clone(),
+            ..meta.clone()
+        };
+        if stored != meta {
             let mut batch = self.begin_write();
-            batch.set_aggregation_meta(aggregation, meta)?;
+            batch.set_aggregation_meta(aggregation, &meta)?;
             self.write(batch)?;
         }
         Ok(Registration::Known)
@@ -398,6 +426,17 @@ impl StateStore {
                 .map(Some)
                 .map_err(|e| self.corrupt(format!("metadata of aggregation {aggregation:?}: {e}"))),
         }
+    }
+
+    /// The stored next offsets of the partitions of topics `applies_to`
+    /// accepts (the partitions consumed so far that an aggregation reads).
+    pub fn consumed(
+        &self,
+        applies_to: impl Fn(&str) -> bool,
+    ) -> Result<BTreeMap<(String, i32), i64>, StoreError> {
+        let mut offsets = self.offsets()?;
+        offsets.retain(|(topic, _), _| applies_to(topic));
+        Ok(offsets)
     }
 
     /// Next offset to consume for every partition with stored progress.

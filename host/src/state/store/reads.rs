@@ -125,6 +125,23 @@ impl StateStore {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<KeyStates, StoreError> {
+        Ok(self
+            .entries_in_slots(aggregation, slots, prefix, after, limit)?
+            .into_iter()
+            .map(|(_, key, state)| (key, state))
+            .collect())
+    }
+
+    /// [`StateStore::list_in_slots`], with the slot of each entry (a key
+    /// may be in several slots: one entry each, in slot order).
+    pub(super) fn entries_in_slots(
+        &self,
+        aggregation: &str,
+        slots: &[Slot],
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Slot, Vec<u8>, Vec<u8>)>, StoreError> {
         let cf = self.aggregation_cf(aggregation)?;
         // One cursor per slot, merged in key order: at most `limit` entries
         // are read (plus one look-ahead per slot), however many slots.
@@ -145,7 +162,7 @@ impl StateStore {
                 (slot_prefix, cursor)
             })
             .collect();
-        let mut found: KeyStates = Vec::new();
+        let mut found = Vec::new();
         while found.len() < limit {
             let next = cursors
                 .iter()
@@ -159,7 +176,7 @@ impl StateStore {
             let Some(i) = next else { break };
             let cursor = &mut cursors[i].1;
             if let (Some(key), Some(value)) = (cursor.key(), cursor.value()) {
-                found.push((key[Slot::LEN..].to_vec(), value.to_vec()));
+                found.push((slots[i], key[Slot::LEN..].to_vec(), value.to_vec()));
             }
             cursor.next();
         }

@@ -12,6 +12,7 @@ fn meta(format: u32) -> AggregationMeta {
         state_format: format,
         content_hash: "abc".into(),
         removed: false,
+        migration: None,
     }
 }
 

@@ -128,7 +128,7 @@ pub fn build_example_plugins(
 ) -> anyhow::Result<BTreeMap<String, PathBuf>> {
     let mut packages = EXAMPLE_PLUGINS.to_vec();
     if include_testing {
-        packages.push("wagg-plugin-hostile");
+        packages.extend(["wagg-plugin-hostile", "wagg-plugin-stats-v2"]);
     }
     let built = build_components(
         &workspace_root.join("Cargo.toml"),

@@ -1,0 +1,116 @@
+//! Migrating an aggregation's stored states to its plugin's new state
+//! format, a chunk of keys at a time between two batches, on the consumer
+//! thread (which owns the plugin instances). The other aggregations go on
+//! live meanwhile; the migrating one applies nothing, and once every key is
+//! migrated it catches up from where it stopped (see
+//! `state::store::migration`).
+
+use std::collections::BTreeMap;
+
+use super::{Pipeline, PipelineError};
+use crate::plugin::CallError;
+
+/// Keys migrated per step (one RocksDB write each).
+const CHUNK_KEYS: usize = 1000;
+
+/// Why a migration stopped.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "aggregation {aggregation:?}: migrating the state of key {key:?} from state format {from_format} failed: {error}. Keys before it are migrated; the migration resumes at this key when wagg starts again (fix the plugin's `migrate`, or `wagg reset` the aggregation)"
+)]
+pub struct MigrationError {
+    aggregation: String,
+    key: String,
+    from_format: u32,
+    #[source]
+    error: CallError,
+}
+
+impl Pipeline {
+    /// Migrates the next chunk of keys of the first migrating aggregation,
+    /// or ends its migration; `false` when none is migrating.
+    pub(super) fn migrate_step(&mut self) -> Result<bool, PipelineError> {
+        let store = self.applier.store.clone();
+        let Some(aggregation) = self.applier.migrating_mut() else {
+            return Ok(false);
+        };
+        let name = aggregation.config.name.clone();
+        let Some(meta) = aggregation.migrating.as_mut() else {
+            return Ok(false);
+        };
+        let Some(migration) = meta.migration.as_mut() else {
+            return Ok(false);
+        };
+        let chunk = store.migration_chunk(&name, migration, CHUNK_KEYS)?;
+        let Some(last) = chunk.last().map(|(_, key, _)| key.clone()) else {
+            return self.finish_migration(&name).map(|()| true);
+        };
+        let from_format = migration.from_format;
+        let mut migrated = Vec::with_capacity(chunk.len());
+        let mut keys = 0u64;
+        for (i, (slot, key, old)) in chunk.iter().enumerate() {
+            let state = aggregation
+                .instance
+                .migrate(from_format, old)
+                .map_err(|error| MigrationError {
+                    aggregation: name.clone(),
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    from_format,
+                    error,
+                })?;
+            if i == 0 || chunk[i - 1].1 != *key {
+                keys += 1;
+            }
+            migrated.push((*slot, key.as_slice(), state));
+        }
+        migration.through = Some(last);
+        migration.keys_migrated += keys;
+        store.write_migrated(&name, meta, &migrated)?;
+        crate::fault_injection::delay_point("migration-chunk");
+        crate::fault_injection::crash_point("migration-chunk");
+        Ok(true)
+    }
+
+    /// Every key is migrated: records it, and has the aggregation catch up
+    /// from where it stopped applying records.
+    fn finish_migration(&mut self, name: &str) -> Result<(), PipelineError> {
+        // The stored offsets become the live ones: the catch-up below
+        // starts from them.
+        self.flush()?;
+        let store = self.applier.store.clone();
+        let Some(aggregation) = self.applier.aggregation_mut(name) else {
+            return Ok(());
+        };
+        let Some(meta) = aggregation.migrating.take() else {
+            return Ok(());
+        };
+        let config = aggregation.config.clone();
+        let Some(migration) = &meta.migration else {
+            return Ok(());
+        };
+        let resume: BTreeMap<(String, i32), i64> = migration
+            .resume
+            .iter()
+            .map(|(topic, partition, next)| ((topic.clone(), *partition), *next))
+            .collect();
+        let mut catch_up = BTreeMap::new();
+        for (partition, live) in self.consumed(&config)? {
+            // A partition first consumed during the migration: from the
+            // beginning, as a new aggregation would start there.
+            let from = resume.get(&partition).copied().unwrap_or(0);
+            if from < live {
+                catch_up.insert(partition, from);
+            }
+        }
+        store.finish_migration(name, &meta, &catch_up)?;
+        tracing::info!(
+            aggregation = name,
+            keys = migration.keys_migrated,
+            from_format = migration.from_format,
+            to_format = meta.state_format,
+            partitions_behind = catch_up.len(),
+            "state migrated; catching up on the records consumed meanwhile"
+        );
+        self.catch_up_here(name)
+    }
+}
