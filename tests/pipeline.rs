@@ -1123,7 +1123,10 @@ fn a_state_format_change_migrates_every_key_under_ingestion_and_survives_a_crash
 
     // Going back to the old plugin now is refused, naming both formats.
     let (ok, output) = wagg_command(setup.dir.path(), &in_group(&v1, 2), &["run"]);
-    assert!(!ok, "the old plugin ran over a half-migrated state: {output}");
+    assert!(
+        !ok,
+        "the old plugin ran over a half-migrated state: {output}"
+    );
     assert!(
         output.contains("being migrated to state format 2") && output.contains("format 1"),
         "{output}"
@@ -1145,7 +1148,11 @@ fn a_state_format_change_migrates_every_key_under_ingestion_and_survives_a_crash
             if !progress.is_empty() {
                 break; // done
             }
-            assert!(started.elapsed() < CATCH_UP, "no migration seen: {}", wagg.log());
+            assert!(
+                started.elapsed() < CATCH_UP,
+                "no migration seen: {}",
+                wagg.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
             continue;
         };
@@ -1162,7 +1169,10 @@ fn a_state_format_change_migrates_every_key_under_ingestion_and_survives_a_crash
         }
         let page = wagg.get("/v1/aggregations/stats/keys?limit=1000").1;
         let items = page["items"].as_array().expect("items");
-        assert!(items.iter().all(|i| i["state"]["sum"].is_number()), "{page}");
+        assert!(
+            items.iter().all(|i| i["state"]["sum"].is_number()),
+            "{page}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
@@ -1239,7 +1249,9 @@ fn a_reload_to_a_plugin_of_a_new_state_format_migrates_live_and_loses_nothing() 
     let (status, refused) = wagg.post("/v1/admin/reload", &json!(null));
     assert_eq!(status, 422, "{refused}");
     assert!(
-        refused.to_string().contains("does not migrate from that format"),
+        refused
+            .to_string()
+            .contains("does not migrate from that format"),
         "{refused}"
     );
     assert!(wagg.terminate().success());

@@ -811,8 +811,13 @@ fn a_plugin_migrates_the_state_an_older_version_wrote_and_refuses_formats_it_doe
     let (first, later) = ([4.0, 8.0, 15.0], [16.0, 23.0, 42.0]);
     let mut states = StateMap::default();
     let mut old = v1.instantiate(params).expect("v1");
-    offline::apply_chunk(&mut old, &mut states, &amount_records(&first), OnError::Fail)
-        .expect("apply v1");
+    offline::apply_chunk(
+        &mut old,
+        &mut states,
+        &amount_records(&first),
+        OnError::Fail,
+    )
+    .expect("apply v1");
 
     let mut new = v2.instantiate(params).expect("v2");
     let v1_state = states[b"k".as_slice()].clone();
@@ -824,8 +829,13 @@ fn a_plugin_migrates_the_state_an_older_version_wrote_and_refuses_formats_it_doe
     assert!(json_approx_eq(&rendered, &want), "{rendered} != {want}");
 
     states.insert(b"k".to_vec(), migrated);
-    offline::apply_chunk(&mut new, &mut states, &amount_records(&later), OnError::Fail)
-        .expect("apply v2");
+    offline::apply_chunk(
+        &mut new,
+        &mut states,
+        &amount_records(&later),
+        OnError::Fail,
+    )
+    .expect("apply v2");
     let all = [first, later].concat();
     let mut want = common::stats_json(&all);
     want["sum"] = serde_json::json!(all.iter().sum::<f64>());
@@ -835,7 +845,9 @@ fn a_plugin_migrates_the_state_an_older_version_wrote_and_refuses_formats_it_doe
 
     let refused = new.migrate(7, &v1_state).expect_err("format 7 is unknown");
     assert!(
-        refused.to_string().contains("does not migrate from state format 7"),
+        refused
+            .to_string()
+            .contains("does not migrate from state format 7"),
         "{refused}"
     );
 }

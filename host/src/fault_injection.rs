@@ -38,7 +38,8 @@ pub fn crash_point(point: &str) {
 /// Sleeps if `WAGG_FAULT_DELAY` names `point` (`<point>:<milliseconds>`).
 pub fn delay_point(point: &str) {
     static TARGET: OnceLock<Option<String>> = OnceLock::new();
-    if let Some((target, ms)) = injected(&TARGET, "WAGG_FAULT_DELAY").and_then(|v| v.split_once(':'))
+    if let Some((target, ms)) =
+        injected(&TARGET, "WAGG_FAULT_DELAY").and_then(|v| v.split_once(':'))
         && target == point
         && let Ok(ms) = ms.parse::<u64>()
     {

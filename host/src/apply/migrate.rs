@@ -52,11 +52,13 @@ impl Pipeline {
             let state = aggregation
                 .instance
                 .migrate(from_format, old)
-                .map_err(|error| MigrationError {
-                    aggregation: name.clone(),
-                    key: String::from_utf8_lossy(key).into_owned(),
-                    from_format,
-                    error,
+                .map_err(|error| {
+                    Box::new(MigrationError {
+                        aggregation: name.clone(),
+                        key: String::from_utf8_lossy(key).into_owned(),
+                        from_format,
+                        error,
+                    })
                 })?;
             if i == 0 || chunk[i - 1].1 != *key {
                 keys += 1;

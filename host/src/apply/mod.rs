@@ -75,7 +75,7 @@ pub enum PipelineError {
     #[error("{0}")]
     DeadLetter(#[from] DeadLetterError),
     #[error("{0}")]
-    Migration(#[from] migrate::MigrationError),
+    Migration(#[from] Box<migrate::MigrationError>),
     #[error("the Kafka source thread stopped unexpectedly")]
     SourceGone,
     #[error("{0}")]
@@ -156,7 +156,11 @@ impl Pipeline {
             self.take_controls()?;
             // A migration goes on between batches, without waiting for one.
             let migrating = self.migrate_step()?;
-            let wait = if migrating { Duration::ZERO } else { IDLE_AFTER };
+            let wait = if migrating {
+                Duration::ZERO
+            } else {
+                IDLE_AFTER
+            };
             match self.source.recv_timeout(wait) {
                 Ok(SourceEvent::Records(mut batch)) => {
                     self.drop_redelivered(&mut batch);

@@ -17,6 +17,9 @@ pub(super) const CATCH_UP_PREFIX: &[u8] = b"catch-up\0";
 
 /// Keys with their states.
 pub type KeyStates = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Keys and states with the slot each is in (a key may be in several).
+pub type SlottedStates = Vec<(Slot, Vec<u8>, Vec<u8>)>;
 /// Which source partition a state belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Slot {

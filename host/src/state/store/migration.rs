@@ -54,7 +54,7 @@ impl Behind {
 }
 
 /// One chunk of states to migrate: (slot, key, old state), in key order.
-pub type MigrationChunk = Vec<(Slot, Vec<u8>, Vec<u8>)>;
+pub type MigrationChunk = SlottedStates;
 
 impl StateStore {
     /// The aggregations being migrated, from their meta records (at open).
@@ -147,8 +147,13 @@ impl StateStore {
         let slots = self.slots(aggregation)?;
         // A key has at most one entry per slot: room for a whole key.
         let limit = limit.max(slots.len() + 1);
-        let mut entries =
-            self.entries_in_slots(aggregation, &slots, &[], migration.through.as_deref(), limit)?;
+        let mut entries = self.entries_in_slots(
+            aggregation,
+            &slots,
+            &[],
+            migration.through.as_deref(),
+            limit,
+        )?;
         if entries.len() == limit
             && let Some(last) = entries.last().map(|(_, key, _)| key.clone())
         {

@@ -141,7 +141,7 @@ impl StateStore {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Slot, Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<SlottedStates, StoreError> {
         let cf = self.aggregation_cf(aggregation)?;
         // One cursor per slot, merged in key order: at most `limit` entries
         // are read (plus one look-ahead per slot), however many slots.
