@@ -273,3 +273,59 @@ fn state_evolution_follows_the_plugin_guide() {
         Versioned2::V1 { total: 1.5 }
     );
 }
+
+/// `Sum` with its total widened to a float and a count added: state
+/// format 2, migrating from `Sum`'s format 1.
+struct SumV2;
+
+#[derive(Default, Serialize, serde::Deserialize, Debug, PartialEq)]
+struct TotalV2 {
+    sum: f64,
+    records: u64,
+}
+
+impl Aggregation for SumV2 {
+    const NAME: &'static str = "sum-test";
+    const STATE_FORMAT: u32 = 2;
+    const MIGRATES_FROM: &'static [u32] = &[1];
+    type State = TotalV2;
+    type Params = NoParams;
+
+    fn migrate(_from_format: u32, state: &[u8]) -> Result<TotalV2> {
+        let old: Total = decode_previous(state)?;
+        Ok(TotalV2 {
+            sum: old.sum as f64,
+            records: 0,
+        })
+    }
+
+    fn aggregate(state: &mut TotalV2, _record: &Record<'_>, _params: &NoParams) -> Result<()> {
+        state.records += 1;
+        Ok(())
+    }
+}
+
+#[test]
+fn migrate_turns_a_listed_old_format_into_the_new_state_and_refuses_the_rest() {
+    let runner = Runner::<SumV2>::new();
+    runner.configure("{}").unwrap();
+    let old = postcard::to_allocvec(&Total { sum: 42 }).unwrap();
+    let migrated = runner.migrate(1, &old).unwrap();
+    assert_eq!(
+        postcard::from_bytes::<TotalV2>(&migrated).unwrap(),
+        TotalV2 {
+            sum: 42.0,
+            records: 0
+        }
+    );
+    let unknown = runner.migrate(3, &old).unwrap_err();
+    assert!(
+        unknown.contains("does not migrate from state format 3"),
+        "{unknown}"
+    );
+    let garbage = runner.migrate(1, &[0xff; 12]).unwrap_err();
+    assert!(garbage.contains("old state"), "{garbage}");
+    // A plugin that lists nothing migrates nothing.
+    let plain = Runner::<Sum>::new();
+    assert!(plain.migrate(1, &old).is_err());
+}
