@@ -350,3 +350,58 @@ fn records_and_catch_up_events_of_a_revoked_partition_queued_behind_the_revocati
         );
     }
 }
+
+/// A plugin upgrade with a new state format, as `wagg run` opens it: with
+/// a plugin that migrates from the stored format, the aggregation is
+/// recorded as migrating (and applies nothing until it is done); in
+/// cluster mode the same start is refused with a message naming what to
+/// do instead; going back to the old plugin mid-migration is refused.
+#[test]
+fn opening_a_store_with_a_plugin_of_a_new_format_starts_a_migration_only_where_it_can() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v1 = config(&dir.path().join("state"));
+    let mut life = start(&v1);
+    let input = input(0x5eed_0003);
+    let never = AtomicBool::new(false);
+    life.applier.apply(&input[0][..100], &never).expect("apply");
+    life.applier.flush().expect("flush");
+    drop(life);
+
+    let with = |extra: &str, stats_plugin: &str| {
+        let toml = format!(
+            "[source]\nbrokers = \"unused:9092\"\ntopics = [\"events\"]\n\n[state]\ndir = {:?}\n{extra}\n{}",
+            dir.path().join("state"),
+            count_and_stats_toml().replace(
+                &format!("{:?}", common::plugin("stats")),
+                &format!("{:?}", common::plugin(stats_plugin))
+            )
+        );
+        Config::parse(&toml, "<apply test>", Path::new("/")).expect("config")
+    };
+    let open = |config: &Config| {
+        let runtime = PluginRuntime::new(RuntimeConfig::default()).expect("runtime");
+        let plugins = wagg::app::load_plugins(config, &runtime).expect("plugins");
+        wagg::app::open_aggregations(config, plugins).map(|(store, _, _)| store)
+    };
+    let cluster = "[cluster]\nadvertised_http = \"http://127.0.0.1:1\"\n";
+    let refused = open(&with(cluster, "stats-v2"))
+        .err()
+        .expect("refused in cluster mode");
+    assert!(
+        format!("{refused:#}").contains("not supported in cluster mode"),
+        "{refused:#}"
+    );
+    let store = open(&with("", "stats-v2")).expect("migration starts");
+    let meta = store.aggregation_meta("stats").unwrap().expect("meta");
+    assert_eq!(meta.state_format, 2);
+    let migration = meta.migration.expect("migrating");
+    assert_eq!(migration.from_format, 1);
+    assert_eq!(migration.resume, vec![("events".to_owned(), 0, 100)]);
+    drop(store);
+    // Back to the old plugin: refused, naming both formats.
+    let back = open(&v1).err().expect("refused while migrating");
+    assert!(
+        format!("{back:#}").contains("being migrated to state format 2"),
+        "{back:#}"
+    );
+}

@@ -1222,6 +1222,8 @@ fn a_reload_to_a_plugin_of_a_new_state_format_migrates_live_and_loses_nothing() 
     assert!(report.contains("state format 1 → 2"), "{report}");
     // Migrating now (a chunk every 250 ms): going back is refused.
     assert!(migration_of(&wagg, "stats")["keys_migrated"].is_u64());
+    let migrating = "wagg_aggregation_migrating{aggregation=\"stats\"}";
+    assert_eq!(wagg.metrics().get(migrating), Some(&1.0));
     wagg.rewrite_config(&v1);
     let (status, refused) = wagg.post("/v1/admin/reload", &json!(null));
     assert_eq!(status, 422, "{refused}");
@@ -1244,6 +1246,7 @@ fn a_reload_to_a_plugin_of_a_new_state_format_migrates_live_and_loses_nothing() 
     wait_current(&wagg, &common::count_and_stats_applied(60_000));
     assert_states(&wagg, "count", &expected_counts(&all));
     assert_states(&wagg, "stats", &expected_stats_v2(&all));
+    assert_eq!(wagg.metrics().get(migrating), Some(&0.0));
     // The old plugin cannot read format 2.
     wagg.rewrite_config(&v1);
     let (status, refused) = wagg.post("/v1/admin/reload", &json!(null));

@@ -714,9 +714,17 @@ fn a_new_plugin_builds_and_passes_its_golden_test() {
     assert_eq!(inspected["state_format"], 1);
     assert_eq!(
         inspected["exports"],
-        serde_json::json!(["metadata", "configure", "apply", "render"]),
+        serde_json::json!([
+            "migrates-from",
+            "migrate",
+            "metadata",
+            "configure",
+            "apply",
+            "render"
+        ]),
         "the wagg:aggregator world's exports"
     );
+    assert_eq!(inspected["migrates_from"], serde_json::json!([]));
 
     // A wrong expectation fails, naming the case.
     std::fs::write(

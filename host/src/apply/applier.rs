@@ -179,6 +179,8 @@ impl BatchApplier {
         };
         aggregation.states.clear();
         aggregation.applied = AggregationCounters::default();
+        // Cleared states: nothing left to migrate (the store ended it).
+        aggregation.migrating = None;
         self.status.set_counters(name, aggregation.applied);
         for (topic, partition) in std::mem::take(&mut aggregation.catch_up).into_keys() {
             self.status.set_catch_up(name, &topic, partition, None);

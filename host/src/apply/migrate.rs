@@ -6,6 +6,7 @@
 //! `state::store::migration`).
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use super::{Pipeline, PipelineError};
 use crate::plugin::CallError;
@@ -41,6 +42,9 @@ impl Pipeline {
         let Some(migration) = meta.migration.as_mut() else {
             return Ok(false);
         };
+        let keys_before = migration.keys_migrated;
+        self.migration_clock
+            .get_or_insert_with(|| (Instant::now(), keys_before));
         let chunk = store.migration_chunk(&name, migration, CHUNK_KEYS)?;
         let Some(last) = chunk.last().map(|(_, key, _)| key.clone()) else {
             return self.finish_migration(&name).map(|()| true);
@@ -105,9 +109,16 @@ impl Pipeline {
             }
         }
         store.finish_migration(name, &meta, &catch_up)?;
+        let (started, keys_before) = self
+            .migration_clock
+            .take()
+            .unwrap_or((Instant::now(), migration.keys_migrated));
+        let here = migration.keys_migrated.saturating_sub(keys_before);
+        let seconds = started.elapsed().as_secs_f64();
         tracing::info!(
             aggregation = name,
             keys = migration.keys_migrated,
+            keys_per_second = (here as f64 / seconds.max(1e-6)) as u64,
             from_format = migration.from_format,
             to_format = meta.state_format,
             partitions_behind = catch_up.len(),

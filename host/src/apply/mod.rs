@@ -95,6 +95,9 @@ pub struct Pipeline {
     owned: PartitionMap<Option<i64>>,
     /// Changes an operator asks for while consuming (see `control`).
     controls: Option<mpsc::Receiver<Control>>,
+    /// When this process started migrating keys, and how many were
+    /// migrated then (for the rate it logs at the end).
+    migration_clock: Option<(std::time::Instant, u64)>,
 }
 
 /// How long the consumer waits for a batch before treating the source as
@@ -109,6 +112,7 @@ impl Pipeline {
             status,
             owned: PartitionMap::default(),
             controls: None,
+            migration_clock: None,
         }
     }
 

@@ -19,6 +19,9 @@ pub struct Snapshot {
     /// Records between the live offsets and those of aggregations catching
     /// up, per aggregation (absent: current).
     pub catch_up_lag: std::collections::BTreeMap<String, i64>,
+    /// Keys migrated so far, per aggregation migrating its stored state to
+    /// a new state format (absent: not migrating).
+    pub migrated_keys: std::collections::BTreeMap<String, u64>,
     pub store_bytes: u64,
     pub ready: bool,
 }
@@ -84,6 +87,32 @@ impl Collector for Snapshot {
             };
             let lag = self.catch_up_lag.get(aggregation).copied().unwrap_or(0);
             ConstGauge::new(lag).encode(behind.encode_family(&label)?)?;
+        }
+        let mut migrating = encoder.encode_descriptor(
+            "aggregation_migrating",
+            "1 while an aggregation migrates its stored state to its plugin's new state format (it applies records again, catching up, once done)",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (aggregation, _, _) in &self.aggregations {
+            let label = AggregationLabel {
+                aggregation: aggregation.clone(),
+            };
+            let on = self.migrated_keys.contains_key(aggregation);
+            ConstGauge::new(i64::from(on)).encode(migrating.encode_family(&label)?)?;
+        }
+        let mut migrated = encoder.encode_descriptor(
+            "aggregation_migrated_keys",
+            "Keys migrated so far by the state migration in progress (0: none)",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (aggregation, _, _) in &self.aggregations {
+            let label = AggregationLabel {
+                aggregation: aggregation.clone(),
+            };
+            let keys = self.migrated_keys.get(aggregation).copied().unwrap_or(0);
+            ConstGauge::new(keys as i64).encode(migrated.encode_family(&label)?)?;
         }
         type PickPartition = fn(&PartitionProgress) -> Option<i64>;
         let per_partition: [(&str, &str, PickPartition); 3] = [

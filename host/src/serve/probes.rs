@@ -30,6 +30,15 @@ pub async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, Api
             snapshot
                 .aggregations
                 .push((name.clone(), state.status.counters(name), keys));
+            if let Some(migration) = state
+                .store
+                .aggregation_meta(name)?
+                .and_then(|meta| meta.migration)
+            {
+                snapshot
+                    .migrated_keys
+                    .insert(name.clone(), migration.keys_migrated);
+            }
         }
         snapshot.store_bytes = state.store.size_bytes()?;
         let text = state

@@ -40,10 +40,7 @@ impl StateStore {
                 .batch
                 .delete_cf(&self.meta(), meta_key(prefix, aggregation.as_bytes()));
         }
-        let batch = batch.batch;
-        self.db
-            .write_opt(batch, &self.write_options)
-            .map_err(|e| self.rocks(e))?;
+        self.write_ending_migration(aggregation, batch)?;
         self.db.drop_cf(&cf).map_err(|e| self.rocks(e))?;
         column_families.remove(&cf);
         Ok(true)

@@ -66,7 +66,7 @@ impl StateStore {
     ) -> Result<(), StoreError> {
         let mut batch = self.restart(aggregation, start)?;
         batch.set_aggregation_meta(aggregation, meta)?;
-        self.write(batch)
+        self.write_ending_migration(aggregation, batch)
     }
 
     /// Clears an aggregation — its states, counters and catch-up progress —
@@ -77,8 +77,14 @@ impl StateStore {
         aggregation: &str,
         start: &BTreeMap<(String, i32), i64>,
     ) -> Result<(), StoreError> {
-        let batch = self.restart(aggregation, start)?;
-        self.write(batch)
+        let mut batch = self.restart(aggregation, start)?;
+        // Its states are gone: a migration of them is over too.
+        if let Some(mut meta) = self.aggregation_meta(aggregation)?
+            && meta.migration.take().is_some()
+        {
+            batch.set_aggregation_meta(aggregation, &meta)?;
+        }
+        self.write_ending_migration(aggregation, batch)
     }
 
     /// Marks the stored aggregations left out of `configured` as removed

@@ -211,6 +211,22 @@ impl StateStore {
     }
 }
 
+impl StateStore {
+    /// Writes `batch`, which leaves the aggregation without a migration
+    /// (cleared, registered anew, dropped), and forgets its migration for
+    /// queries in the same step.
+    pub(super) fn write_ending_migration(
+        &self,
+        aggregation: &str,
+        batch: StateWrite<'_>,
+    ) -> Result<(), StoreError> {
+        let mut migrating = write_lock(&self.migrating);
+        self.write(batch)?;
+        migrating.remove(aggregation);
+        Ok(())
+    }
+}
+
 fn behind(migration: &Migration) -> Behind {
     Behind {
         from_format: migration.from_format,

@@ -313,3 +313,118 @@ fn lookups_find_keys_in_slots_written_after_the_first_scan() {
     assert_eq!(store.find("b", b"k4").unwrap(), Some(b"s4".to_vec()));
     assert_eq!(store.slots("a").unwrap(), vec![slot(1), slot(5), slot(7)]);
 }
+
+/// A migration walks every key once, whole keys per chunk (a key in two
+/// slots is never split), keeps its cursor across a reopen (a crash), tells
+/// queries which keys are still old, and ends with catch-up entries; a
+/// reset ends it too.
+#[test]
+fn a_migration_walks_whole_keys_in_order_survives_reopen_and_ends_with_catch_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys: Vec<Vec<u8>> = (0..25).map(|i| format!("k{i:02}").into_bytes()).collect();
+    let (p0, p1);
+    {
+        let store = open(dir.path());
+        let t = store.topic_id("orders").unwrap();
+        (p0, p1) = (
+            Slot {
+                topic_id: t,
+                partition: 0,
+            },
+            Slot {
+                topic_id: t,
+                partition: 1,
+            },
+        );
+        let mut batch = store.begin_write();
+        for key in &keys {
+            batch.put_state("a", p0, key, b"old").unwrap();
+        }
+        // "k04" also lives in partition 1 (a null key does, for one).
+        batch.put_state("a", p1, b"k04", b"old").unwrap();
+        batch.set_offset(t, 0, 100);
+        batch.set_offset(t, 1, 50);
+        batch.set_catch_up(t, 1, "a", Some(20));
+        batch.set_aggregation_meta("a", &meta(1)).unwrap();
+        store.write(batch).unwrap();
+        let resume = store.own_offsets("a", |_| true).unwrap();
+        assert_eq!(
+            resume,
+            BTreeMap::from([(("orders".into(), 0), 100), (("orders".into(), 1), 20)])
+        );
+        let migration = store
+            .begin_migration("a", &meta(1), &meta(2), &resume)
+            .unwrap();
+        assert!(store.catch_ups("orders", 1).unwrap().is_empty());
+        let mut target = meta(2);
+        target.migration = Some(migration);
+        // The first chunk: 5 entries asked, the 5th ("k04" in p0) has a
+        // twin in p1 beyond the page, so it waits for the next chunk.
+        let chunk = store
+            .migration_chunk("a", target.migration.as_ref().unwrap(), 5)
+            .unwrap();
+        let got: Vec<&[u8]> = chunk.iter().map(|(_, k, _)| k.as_slice()).collect();
+        assert_eq!(got, [b"k00", b"k01", b"k02", b"k03"]);
+        let states: Vec<(Slot, &[u8], Vec<u8>)> = chunk
+            .iter()
+            .map(|(slot, key, _)| (*slot, key.as_slice(), b"new".to_vec()))
+            .collect();
+        let migration = target.migration.as_mut().unwrap();
+        migration.through = Some(b"k03".to_vec());
+        migration.keys_migrated = 4;
+        store.write_migrated("a", &target, &states).unwrap();
+        let (state, behind) = store.reading("a", |s| s.get("a", p0, b"k03")).unwrap();
+        assert_eq!(state.as_deref(), Some(b"new".as_slice()));
+        let behind = behind.expect("migrating");
+        assert_eq!(behind.old_format_of(b"k03"), None);
+        assert_eq!(behind.old_format_of(b"k04"), Some(1));
+    }
+    // Reopened (a crash): the cursor is where the last chunk left it.
+    let store = open(dir.path());
+    let stored = store.aggregation_meta("a").unwrap().unwrap();
+    assert_eq!(stored.state_format, 2);
+    let mut migration = stored.migration.clone().expect("still migrating");
+    assert_eq!(migration.through.as_deref(), Some(b"k03".as_slice()));
+    let (_, behind) = store.reading("a", |_| Ok(())).unwrap();
+    assert_eq!(behind.unwrap().old_format_of(b"k10"), Some(1));
+    let next = store.migration_chunk("a", &migration, 5).unwrap();
+    let got: Vec<(u32, &[u8])> = next
+        .iter()
+        .map(|(slot, k, _)| (slot.partition, k.as_slice()))
+        .collect();
+    assert_eq!(got[..2], [(0, b"k04".as_slice()), (1, b"k04".as_slice())]);
+    // The rest, to the end; then an empty chunk.
+    migration.through = Some(b"k24".to_vec());
+    let mut done = stored.clone();
+    done.migration = Some(migration.clone());
+    store.write_migrated("a", &done, &[]).unwrap();
+    assert!(
+        store
+            .migration_chunk("a", &migration, 5)
+            .unwrap()
+            .is_empty()
+    );
+    let catch_up = BTreeMap::from([(("orders".to_owned(), 1), 20)]);
+    store.finish_migration("a", &done, &catch_up).unwrap();
+    assert_eq!(
+        store.aggregation_meta("a").unwrap().unwrap().migration,
+        None
+    );
+    assert_eq!(
+        store.catch_ups("orders", 1).unwrap(),
+        BTreeMap::from([("a".to_owned(), 20)])
+    );
+    assert_eq!(store.reading("a", |_| Ok(())).unwrap().1, None);
+
+    // A reset of a migrating aggregation ends the migration.
+    let again = store
+        .begin_migration("a", &meta(2), &meta(3), &BTreeMap::new())
+        .unwrap();
+    assert_eq!(again.from_format, 2);
+    store.reset_aggregation("a", &BTreeMap::new()).unwrap();
+    assert_eq!(
+        store.aggregation_meta("a").unwrap().unwrap().migration,
+        None
+    );
+    assert_eq!(store.reading("a", |_| Ok(())).unwrap().1, None);
+}
