@@ -38,16 +38,23 @@ fn golden_outputs_match_through_the_runtime() {
         let results = offline::run_golden(&loaded, &golden)
             .unwrap_or_else(|e| panic!("{}: {e:#}", golden.display()));
         assert!(!results.is_empty(), "{name} has no golden cases");
+        assert!(loaded.metadata().merges, "{name} merges");
         for result in &results {
             if let Some((got, want)) = &result.mismatch {
                 panic!(
-                    "{} at batch size {}:\n got {got}\nwant {want}",
+                    "{} at batch size {} (halves merged: {}):\n got {got}\nwant {want}",
                     result.case.display(),
-                    result.batch_size
+                    result.batch_size,
+                    result.merged
                 );
             }
         }
-        cases += results.len() / offline::GOLDEN_BATCH_SIZES.len();
+        let merged = results.iter().filter(|r| r.merged).count();
+        assert_eq!(
+            merged * offline::GOLDEN_BATCH_SIZES.len(),
+            results.len() - merged
+        );
+        cases += merged;
     }
     assert!(cases >= 8, "only {cases} golden cases ran");
 }
@@ -715,6 +722,8 @@ fn a_new_plugin_builds_and_passes_its_golden_test() {
     assert_eq!(
         inspected["exports"],
         serde_json::json!([
+            "merges",
+            "merge",
             "migrates-from",
             "migrate",
             "metadata",
@@ -725,6 +734,7 @@ fn a_new_plugin_builds_and_passes_its_golden_test() {
         "the wagg:aggregator world's exports"
     );
     assert_eq!(inspected["migrates_from"], serde_json::json!([]));
+    assert_eq!(inspected["merges"], false);
 
     // A wrong expectation fails, naming the case.
     std::fs::write(
@@ -790,6 +800,7 @@ fn plugins_built_before_migrate_existed_still_load_and_say_they_cannot_migrate()
     let loaded = runtime().load(&old).expect("a 0.1.0 plugin loads");
     assert_eq!(loaded.metadata().name, "count");
     assert!(loaded.metadata().migrates_from.is_empty());
+    assert!(!loaded.metadata().merges);
     assert!(!loaded.exports().iter().any(|e| e.contains("migrate")));
     let mut instance = loaded.instantiate("{}").expect("instance");
     let records = amount_records(&[1.0, 2.0, 3.0]);
@@ -858,4 +869,79 @@ fn a_plugin_migrates_the_state_an_older_version_wrote_and_refuses_formats_it_doe
             .contains("does not migrate from state format 7"),
         "{refused}"
     );
+}
+
+/// For every example plugin, aggregating records A then B equals merging
+/// the state of A with the state of B (what session windows rely on), over
+/// random inputs: keys, amounts, items, timestamps, tombstones.
+#[test]
+fn merging_the_states_of_two_halves_equals_aggregating_them_all() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let runtime = runtime();
+    let cases: [(&str, &str); 8] = [
+        ("count", "{}"),
+        ("sum", r#"{"field": "/amount"}"#),
+        ("stats", r#"{"field": "/amount"}"#),
+        ("latest", "{}"),
+        ("latest", r#"{"timestamp": "/ts"}"#),
+        ("top-n", r#"{"n": 3, "field": "/amount", "item": "/item"}"#),
+        ("top-n", r#"{"n": 2, "field": "/amount"}"#),
+        ("distinct", r#"{"field": "/item", "precision": 6}"#),
+    ];
+    let record = (
+        0u8..4,
+        -50i32..50,
+        0u8..6,
+        0i64..20,
+        prop::bool::weighted(0.05),
+    );
+    for (name, params) in cases {
+        // A runner per case: one runner's case budget is shared by its runs.
+        let mut runner = TestRunner::new(Config {
+            cases: 40,
+            ..Config::default()
+        });
+        let plugin = runtime.load(&plugin(name)).expect("load");
+        let instance = std::cell::RefCell::new(plugin.instantiate(params).expect("instance"));
+        runner
+            .run(&prop::collection::vec(record.clone(), 0..60), |generated| {
+                let records: Vec<SourceRecord> =
+                    generated
+                        .iter()
+                        .enumerate()
+                        .map(|(offset, (key, amount, item, ts, tombstone))| {
+                            SourceRecord {
+                        topic: "t".into(),
+                        partition: 0,
+                        offset: offset as i64,
+                        key: Some(format!("k{key}").into_bytes()),
+                        // Only `latest` accepts tombstones; with timestamps
+                        // a tombstone resets the ordering, which no state
+                        // carries (see `latest`'s `merge`).
+                        value: (!(*tombstone && name == "latest" && params == "{}")).then(|| {
+                            format!(r#"{{"amount": {amount}, "item": "i{item}", "ts": {ts}}}"#)
+                                .into_bytes()
+                        }),
+                        timestamp: None,
+                        headers: Vec::new(),
+                    }
+                        })
+                        .collect();
+                let instance = &mut *instance.borrow_mut();
+                let all = offline::run(instance, &records, 1000, OnError::Fail, |_, _| {})
+                    .expect("aggregate");
+                let merged = offline::run_merged(instance, &records).expect("merge");
+                let (all, merged) = (
+                    offline::to_json_object(all),
+                    offline::to_json_object(merged),
+                );
+                prop_assert!(
+                    json_approx_eq(&all, &merged),
+                    "{name} {params}: all {all} != merged halves {merged}"
+                );
+                Ok(())
+            })
+            .unwrap_or_else(|e| panic!("{name} {params}: {e}"));
+    }
 }

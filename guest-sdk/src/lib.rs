@@ -247,6 +247,20 @@ pub trait Aggregation: 'static {
         )))
     }
 
+    /// Whether [`Aggregation::merge`] is implemented (session windows need
+    /// it).
+    const MERGES: bool = false;
+
+    /// One state holding the records of `a` and then those of `b`: folding
+    /// records A then B into a state must give the same as merging the
+    /// state of A with the state of B.
+    fn merge(_a: Self::State, _b: Self::State, _params: &Self::Params) -> Result<Self::State> {
+        Err(Error::msg(format!(
+            "`{}` does not merge states",
+            Self::NAME
+        )))
+    }
+
     /// The JSON document a query for this key returns. Defaults to the state
     /// serialized as JSON.
     fn render(state: &Self::State, _params: &Self::Params) -> Result<serde_json::Value> {
@@ -397,6 +411,22 @@ impl<A: Aggregation> Runner<A> {
         postcard::to_allocvec(&state).map_err(|e| format!("state could not be encoded: {e}"))
     }
 
+    /// Merges two encoded states of one key (`a`'s records first).
+    pub fn merge(&self, a: &[u8], b: &[u8]) -> Result<Vec<u8>, String> {
+        if !A::MERGES {
+            return Err(format!("`{}` does not merge states", A::NAME));
+        }
+        let guard = self.lock();
+        let params = guard.as_ref().ok_or("merge called before configure")?;
+        let merged = A::merge(
+            decode_state::<A>(Some(a))?,
+            decode_state::<A>(Some(b))?,
+            params,
+        )
+        .map_err(|e| e.0)?;
+        postcard::to_allocvec(&merged).map_err(|e| format!("state could not be encoded: {e}"))
+    }
+
     /// Renders one encoded state as JSON text.
     pub fn render(&self, state: &[u8]) -> Result<String, String> {
         let guard = self.lock();
@@ -463,6 +493,17 @@ macro_rules! export_aggregation {
                     state: ::std::vec::Vec<u8>,
                 ) -> ::core::result::Result<::std::string::String, ::std::string::String> {
                     RUNNER.render(&state)
+                }
+
+                fn merges() -> bool {
+                    <$aggregation as $crate::Aggregation>::MERGES
+                }
+
+                fn merge(
+                    a: ::std::vec::Vec<u8>,
+                    b: ::std::vec::Vec<u8>,
+                ) -> ::core::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
+                    RUNNER.merge(&a, &b)
                 }
 
                 fn migrates_from() -> ::std::vec::Vec<u32> {

@@ -288,8 +288,16 @@ impl Aggregation for SumV2 {
     const NAME: &'static str = "sum-test";
     const STATE_FORMAT: u32 = 2;
     const MIGRATES_FROM: &'static [u32] = &[1];
+    const MERGES: bool = true;
     type State = TotalV2;
     type Params = NoParams;
+
+    fn merge(a: TotalV2, b: TotalV2, _params: &NoParams) -> Result<TotalV2> {
+        Ok(TotalV2 {
+            sum: a.sum + b.sum,
+            records: a.records + b.records,
+        })
+    }
 
     fn migrate(_from_format: u32, state: &[u8]) -> Result<TotalV2> {
         let old: Total = decode_previous(state)?;
@@ -328,4 +336,39 @@ fn migrate_turns_a_listed_old_format_into_the_new_state_and_refuses_the_rest() {
     // A plugin that lists nothing migrates nothing.
     let plain = Runner::<Sum>::new();
     assert!(plain.migrate(1, &old).is_err());
+}
+
+#[test]
+fn merge_combines_two_encoded_states_and_is_refused_by_plugins_that_do_not_merge() {
+    let runner = Runner::<SumV2>::new();
+    assert!(runner.merge(&[], &[]).is_err(), "before configure");
+    runner.configure("{}").unwrap();
+    let a = postcard::to_allocvec(&TotalV2 {
+        sum: 1.5,
+        records: 2,
+    })
+    .unwrap();
+    let b = postcard::to_allocvec(&TotalV2 {
+        sum: 2.0,
+        records: 3,
+    })
+    .unwrap();
+    let merged = runner.merge(&a, &b).unwrap();
+    assert_eq!(
+        postcard::from_bytes::<TotalV2>(&merged).unwrap(),
+        TotalV2 {
+            sum: 3.5,
+            records: 5
+        }
+    );
+    assert!(
+        runner
+            .merge(&a, &[0xff; 3])
+            .unwrap_err()
+            .contains("could not be decoded")
+    );
+    let plain = Runner::<Sum>::new();
+    plain.configure(r#"{"delete_at": 5}"#).unwrap();
+    let refused = plain.merge(&a, &b).unwrap_err();
+    assert!(refused.contains("does not merge"), "{refused}");
 }

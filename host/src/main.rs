@@ -231,18 +231,18 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             let results = offline::run_golden(&loaded, &golden)?;
             let mut failed = 0;
             for result in &results {
+                let how = if result.merged {
+                    "two halves merged".to_owned()
+                } else {
+                    format!("batch size {}", result.batch_size)
+                };
                 match &result.mismatch {
-                    None => println!(
-                        "ok    {} (batch size {})",
-                        result.case.display(),
-                        result.batch_size
-                    ),
+                    None => println!("ok    {} ({how})", result.case.display()),
                     Some((got, want)) => {
                         failed += 1;
                         println!(
-                            "FAIL  {} (batch size {})\n  got  {got}\n  want {want}",
-                            result.case.display(),
-                            result.batch_size
+                            "FAIL  {} ({how})\n  got  {got}\n  want {want}",
+                            result.case.display()
                         );
                     }
                 }
@@ -317,6 +317,7 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
                 "version": loaded.metadata().version,
                 "state_format": loaded.metadata().state_format,
                 "migrates_from": loaded.metadata().migrates_from,
+                "merges": loaded.metadata().merges,
                 "sha256": loaded.content_hash(),
                 "size_bytes": std::fs::metadata(&plugin).map(|m| m.len()).ok(),
                 "exports": loaded.exports(),

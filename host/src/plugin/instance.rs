@@ -93,11 +93,43 @@ impl PluginInstance {
         self.call(|bindings, _, store| bindings.call_render(store, state))
     }
 
+    /// One state of a key holding the records of `a` and then those of `b`
+    /// (`merge`, world 0.2.0). A plugin without `merge` answers with an
+    /// error saying so.
+    pub fn merge(&mut self, a: &[u8], b: &[u8]) -> Result<Vec<u8>, CallError> {
+        let max = self.plugin.limits().max_state_bytes;
+        let merged = self.call(|_, instance, store| {
+            let Some(merge) = instance.get_func(&mut *store, "merge") else {
+                return Ok(Err(
+                    "the plugin has no `merge` export (built before world 0.2.0)".to_owned(),
+                ));
+            };
+            let merge = merge.typed::<(&[u8], &[u8]), (Result<Vec<u8>, String>,)>(&*store)?;
+            let (merged,) = merge.call(&mut *store, (a, b))?;
+            Ok(merged)
+        })?;
+        self.within_state_limit(merged, max)
+    }
+
+    /// `state` if it is within `plugins.max_state_bytes`, as for states
+    /// `apply` returns.
+    fn within_state_limit(&self, state: Vec<u8>, limit: usize) -> Result<Vec<u8>, CallError> {
+        if state.len() > limit {
+            return Err(CallError::StateTooLarge {
+                plugin: self.plugin.label(),
+                size: state.len(),
+                limit,
+            });
+        }
+        Ok(state)
+    }
+
     /// One key's state of the older format `from_format`, in this plugin's
     /// state format (`migrate`, world 0.2.0). A plugin without `migrate`
     /// answers with an error saying so.
     pub fn migrate(&mut self, from_format: u32, state: &[u8]) -> Result<Vec<u8>, CallError> {
-        self.call(|_, instance, store| {
+        let max = self.plugin.limits().max_state_bytes;
+        let migrated = self.call(|_, instance, store| {
             let Some(migrate) = instance.get_func(&mut *store, "migrate") else {
                 return Ok(Err(
                     "the plugin has no `migrate` export (built before world 0.2.0)".to_owned(),
@@ -106,8 +138,21 @@ impl PluginInstance {
             let migrate = migrate.typed::<(u32, &[u8]), (Result<Vec<u8>, String>,)>(&*store)?;
             let (migrated,) = migrate.call(&mut *store, (from_format, state))?;
             Ok(migrated)
-        })
+        })?;
+        self.within_state_limit(migrated, max)
     }
+}
+
+/// The plugin's `merges` (world 0.2.0); false when it has none.
+pub(super) fn call_merges(
+    store: &mut Store<PluginCtx>,
+    instance: &Instance,
+) -> wasmtime::Result<bool> {
+    let Some(func) = instance.get_func(&mut *store, "merges") else {
+        return Ok(false);
+    };
+    let (merges,) = func.typed::<(), (bool,)>(&*store)?.call(&mut *store, ())?;
+    Ok(merges)
 }
 
 /// The plugin's `migrates-from` (world 0.2.0); empty when it has none.

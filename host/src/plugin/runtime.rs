@@ -73,6 +73,9 @@ pub struct PluginMetadata {
     /// The older state formats the plugin migrates from (`migrates-from`,
     /// world 0.2.0; empty for plugins without it).
     pub migrates_from: Vec<u32>,
+    /// Whether the plugin merges two states of a key (`merges`, world
+    /// 0.2.0; session windows need it).
+    pub merges: bool,
 }
 
 /// The identity of a plugin build: the SHA-256 of its bytes, in hex.
@@ -175,6 +178,8 @@ impl PluginRuntime {
             .map_err(|e| not_a_plugin(format!("metadata() failed: {e:#}")))?;
         let migrates_from = super::instance::call_migrates_from(&mut store, &instance)
             .map_err(|e| not_a_plugin(format!("migrates-from() failed: {e:#}")))?;
+        let merges = super::instance::call_merges(&mut store, &instance)
+            .map_err(|e| not_a_plugin(format!("merges() failed: {e:#}")))?;
         Ok(LoadedPlugin {
             inner: Arc::new(LoadedInner {
                 runtime: self.clone(),
@@ -186,6 +191,7 @@ impl PluginRuntime {
                     version: metadata.version,
                     state_format: metadata.state_format,
                     migrates_from,
+                    merges,
                 },
                 imports,
                 exports,

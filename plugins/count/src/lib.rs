@@ -14,10 +14,17 @@ impl Aggregation for Count {
     const NAME: &'static str = "count";
     type State = Total;
     type Params = NoParams;
+    const MERGES: bool = true;
 
     fn aggregate(state: &mut Total, _record: &Record<'_>, _params: &NoParams) -> Result<()> {
         state.count += 1;
         Ok(())
+    }
+
+    fn merge(a: Total, b: Total, _params: &NoParams) -> Result<Total> {
+        Ok(Total {
+            count: a.count + b.count,
+        })
     }
 }
 

@@ -75,6 +75,7 @@ impl Aggregation for Distinct {
     const NAME: &'static str = "distinct";
     type State = Sketch;
     type Params = Params;
+    const MERGES: bool = true;
 
     fn validate(params: &Params) -> Result<()> {
         if !(MIN_PRECISION..=MAX_PRECISION).contains(&params.precision) {
@@ -111,6 +112,30 @@ impl Aggregation for Distinct {
         };
         state.insert(hash, params.precision);
         Ok(())
+    }
+
+    /// Register-wise maximum: the sketch of the union.
+    fn merge(a: Sketch, b: Sketch, _params: &Params) -> Result<Sketch> {
+        if a.registers.is_empty() {
+            return Ok(b);
+        }
+        if b.registers.is_empty() {
+            return Ok(a);
+        }
+        if a.registers.len() != b.registers.len() {
+            bail!(
+                "sketches of {} and {} registers cannot be merged",
+                a.registers.len(),
+                b.registers.len()
+            );
+        }
+        let registers = a
+            .registers
+            .iter()
+            .zip(&b.registers)
+            .map(|(x, y)| *x.max(y))
+            .collect();
+        Ok(Sketch { registers })
     }
 
     fn render(state: &Sketch, params: &Params) -> Result<serde_json::Value> {

@@ -31,6 +31,7 @@ impl Aggregation for Latest {
     const NAME: &'static str = "latest";
     type State = Last;
     type Params = Params;
+    const MERGES: bool = true;
 
     fn validate(params: &Params) -> Result<()> {
         match &params.timestamp {
@@ -59,6 +60,19 @@ impl Aggregation for Latest {
         state.offset = record.offset();
         state.timestamp = timestamp;
         Ok(())
+    }
+
+    /// The later of the two: by timestamp when there is one (ties: `b`,
+    /// consumed after `a`), else `b`. (With `timestamp`, a tombstone in
+    /// `b`'s records followed by a record older than `a`'s is merged as
+    /// that older record losing to `a`: the reset a tombstone makes is not
+    /// part of any state.)
+    fn merge(a: Last, b: Last, _params: &Params) -> Result<Last> {
+        let b_is_later = match (a.timestamp, b.timestamp) {
+            (Some(ta), Some(tb)) => tb >= ta,
+            _ => true,
+        };
+        Ok(if b_is_later { b } else { a })
     }
 
     fn keep(state: &Last, _params: &Params) -> bool {

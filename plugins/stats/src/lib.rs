@@ -31,6 +31,7 @@ impl Aggregation for Stats {
     const NAME: &'static str = "stats";
     type State = Moments;
     type Params = Params;
+    const MERGES: bool = true;
 
     fn validate(params: &Params) -> Result<()> {
         validate_pointer("field", &params.field)
@@ -50,6 +51,26 @@ impl Aggregation for Stats {
         state.mean += delta / state.count as f64;
         state.m2 += delta * (x - state.mean);
         Ok(())
+    }
+
+    /// Chan et al.'s parallel combination of two sets of moments.
+    fn merge(a: Moments, b: Moments, _params: &Params) -> Result<Moments> {
+        if a.count == 0 {
+            return Ok(b);
+        }
+        if b.count == 0 {
+            return Ok(a);
+        }
+        let count = a.count + b.count;
+        let (na, nb, n) = (a.count as f64, b.count as f64, count as f64);
+        let delta = b.mean - a.mean;
+        Ok(Moments {
+            count,
+            min: a.min.min(b.min),
+            max: a.max.max(b.max),
+            mean: a.mean + delta * nb / n,
+            m2: a.m2 + b.m2 + delta * delta * na * nb / n,
+        })
     }
 
     fn render(state: &Moments, _params: &Params) -> Result<serde_json::Value> {

@@ -17,10 +17,15 @@ impl Aggregation for Sum {
     const NAME: &'static str = "sum";
     type State = Total;
     type Params = FieldParams;
+    const MERGES: bool = true;
 
     fn aggregate(state: &mut Total, record: &Record<'_>, params: &FieldParams) -> Result<()> {
         state.sum += record.value_number(&params.field)?;
         Ok(())
+    }
+
+    fn merge(a: Total, b: Total, _params: &FieldParams) -> Result<Total> {
+        Ok(Total { sum: a.sum + b.sum })
     }
 }
 

@@ -47,6 +47,7 @@ impl Aggregation for TopN {
     const NAME: &'static str = "top-n";
     type State = Top;
     type Params = Params;
+    const MERGES: bool = true;
 
     fn validate(params: &Params) -> Result<()> {
         if params.n == 0 || params.n > MAX_N {
@@ -85,6 +86,34 @@ impl Aggregation for TopN {
             entries.truncate(params.n as usize);
         }
         Ok(())
+    }
+
+    /// The best `n` of both lists (each item once, with its best score,
+    /// when items have an identity): exact, because an item missing from
+    /// one list ranks below that list's `n` kept ones there.
+    fn merge(a: Top, b: Top, params: &Params) -> Result<Top> {
+        let mut entries = a.entries;
+        for candidate in b.entries {
+            match entries.iter_mut().find(|e| e.item == candidate.item) {
+                Some(existing) if params.item.is_some() => {
+                    existing.score = existing.score.max(candidate.score);
+                }
+                _ => entries.push(candidate),
+            }
+        }
+        // Stable: equal entries keep `a`'s before `b`'s, as aggregating
+        // would have.
+        entries.sort_by(|x, y| {
+            if ranks_before(x, y) {
+                std::cmp::Ordering::Less
+            } else if ranks_before(y, x) {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        });
+        entries.truncate(params.n as usize);
+        Ok(Top { entries })
     }
 
     fn render(state: &Top, _params: &Params) -> Result<serde_json::Value> {

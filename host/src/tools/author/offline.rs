@@ -145,6 +145,14 @@ pub fn run(
             report(record, &message);
         }
     }
+    render_states(instance, states)
+}
+
+/// Every state rendered, keys in byte order.
+fn render_states(
+    instance: &mut PluginInstance,
+    states: StateMap,
+) -> anyhow::Result<BTreeMap<Vec<u8>, serde_json::Value>> {
     let mut rendered = BTreeMap::new();
     for (key, state) in states {
         let json = instance
@@ -176,6 +184,9 @@ pub const GOLDEN_BATCH_SIZES: [usize; 3] = [1, 3, 1000];
 pub struct GoldenResult {
     pub case: PathBuf,
     pub batch_size: usize,
+    /// The input was split in two halves, each aggregated on its own, and
+    /// every key's two states merged (plugins that merge).
+    pub merged: bool,
     /// `None` when the output matched `expected.json`.
     pub mismatch: Option<(serde_json::Value, serde_json::Value)>,
 }
@@ -223,11 +234,70 @@ pub fn run_golden(plugin: &LoadedPlugin, dir: &Path) -> anyhow::Result<Vec<Golde
             results.push(GoldenResult {
                 case: case.clone(),
                 batch_size,
+                merged: false,
+                mismatch,
+            });
+        }
+        if plugin.metadata().merges {
+            let mut instance = plugin.instantiate(&params.to_string())?;
+            let states = run_merged(&mut instance, &records)
+                .with_context(|| format!("{} merging halves", case.display()))?;
+            let got = to_json_object(states);
+            let mismatch = (!json_approx_eq(&got, &expected)).then(|| (got, expected.clone()));
+            results.push(GoldenResult {
+                case: case.clone(),
+                batch_size: GOLDEN_BATCH_SIZES[2],
+                merged: true,
                 mismatch,
             });
         }
     }
     Ok(results)
+}
+
+/// Aggregates the first and the second half of `records` apart and merges
+/// each key's two states (`a` then `b`), the way session windows combine:
+/// the result must be what aggregating them all gives. A key the second
+/// half deleted stays deleted (a deletion is not a state to merge).
+pub fn run_merged(
+    instance: &mut PluginInstance,
+    records: &[SourceRecord],
+) -> anyhow::Result<BTreeMap<Vec<u8>, serde_json::Value>> {
+    let (first, second) = records.split_at(records.len() / 2);
+    let mut halves = [StateMap::default(), StateMap::default()];
+    for (half, states) in [first, second].into_iter().zip(&mut halves) {
+        for batch in half.chunks(GOLDEN_BATCH_SIZES[2]) {
+            if let Some((record, message)) =
+                apply_chunk(instance, states, batch, OnError::Fail)?.first()
+            {
+                bail!(
+                    "line {}: plugin rejected the record: {message}",
+                    record.offset
+                );
+            }
+        }
+    }
+    let [a, mut b] = halves;
+    let deleted_by_b: Vec<&[u8]> = second
+        .iter()
+        .map(|r| r.key.as_deref().unwrap_or_default())
+        .filter(|key| !b.contains_key(*key))
+        .collect();
+    let mut merged = StateMap::default();
+    for (key, state_a) in a {
+        if deleted_by_b.contains(&key.as_slice()) {
+            continue;
+        }
+        let state = match b.remove(&key) {
+            Some(state_b) => instance
+                .merge(&state_a, &state_b)
+                .with_context(|| format!("merging key {:?}", String::from_utf8_lossy(&key)))?,
+            None => state_a,
+        };
+        merged.insert(key, state);
+    }
+    merged.extend(b);
+    render_states(instance, merged)
 }
 
 /// JSON equality with numbers compared to a relative 1e-9 (floating-point
