@@ -1259,3 +1259,34 @@ fn a_reload_to_a_plugin_of_a_new_state_format_migrates_live_and_loses_nothing() 
     );
     assert!(wagg.terminate().success());
 }
+
+/// Measurement, not a check (run by hand: `cargo test --release --test
+/// pipeline migration_rate -- --ignored --nocapture`): how fast a restart
+/// migrates 100,000 `stats` keys to format 2 (BENCHMARKS.md).
+#[test]
+#[ignore]
+fn migration_rate() {
+    let setup = Setup::new(&["purchases"]);
+    let keys = 100_000;
+    let data = purchases(0, 200_000, keys);
+    setup.broker.produce("purchases", &records(&data));
+    let v1 = setup.config(&["purchases"], &common::count_and_stats_toml());
+    let mut wagg = setup.start(&v1);
+    wagg.wait_for(&common::count_and_stats_applied(200_000), CATCH_UP);
+    assert!(wagg.terminate().success());
+    drop(wagg);
+    let started = std::time::Instant::now();
+    let wagg = setup.start(&setup.config(&["purchases"], &count_and_stats_v2()));
+    while !wagg.log().contains("state migrated") {
+        assert!(started.elapsed() < CATCH_UP, "{}", wagg.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let line = wagg
+        .log()
+        .lines()
+        .find(|l| l.contains("state migrated"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    eprintln!("migration of {keys} keys: {line}");
+    assert_states(&wagg, "stats", &expected_stats_v2(&data));
+}

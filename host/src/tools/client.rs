@@ -132,6 +132,17 @@ struct AggregationSummary {
     name: String,
     records_applied: u64,
     partitions: Vec<PartitionProgress>,
+    /// Present while its stored state migrates to a new state format.
+    #[serde(default)]
+    migration: Option<MigrationSummary>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MigrationSummary {
+    from_format: u32,
+    to_format: u32,
+    keys_migrated: u64,
+    keys_estimate: u64,
 }
 
 /// Per-partition progress and per-aggregation totals, as a table.
@@ -194,7 +205,12 @@ fn lag_table(aggregations: &[AggregationSummary]) -> String {
             .iter()
             .filter(|p| p.catching_up)
             .collect();
-        let catching_up = if behind.is_empty() {
+        let catching_up = if let Some(m) = &aggregation.migration {
+            format!(
+                "migrating state format {} → {}: {} of ~{} keys, then catching up",
+                m.from_format, m.to_format, m.keys_migrated, m.keys_estimate
+            )
+        } else if behind.is_empty() {
             "-".to_owned()
         } else {
             let lag: i64 = behind.iter().filter_map(|p| p.lag).sum();
@@ -239,11 +255,18 @@ mod tests {
                 name: "count".into(),
                 records_applied: 30,
                 partitions: vec![progress(0, 10, 15), progress(1, 20, 20)],
+                migration: None,
             },
             AggregationSummary {
                 name: "stats".into(),
                 records_applied: 30,
                 partitions: vec![progress(0, 10, 15), progress(1, 20, 20)],
+                migration: Some(MigrationSummary {
+                    from_format: 1,
+                    to_format: 2,
+                    keys_migrated: 3000,
+                    keys_estimate: 5000,
+                }),
             },
             AggregationSummary {
                 name: "added".into(),
@@ -255,6 +278,7 @@ mod tests {
                     },
                     progress(1, 20, 20),
                 ],
+                migration: None,
             },
         ];
         let table = lag_table(&summaries);
@@ -262,6 +286,10 @@ mod tests {
         assert!(table.contains("total lag: 5"), "{table}");
         assert!(
             table.contains("1 partition(s), 13 records behind"),
+            "{table}"
+        );
+        assert!(
+            table.contains("migrating state format 1 → 2: 3000 of ~5000 keys"),
             "{table}"
         );
         assert!(
