@@ -171,18 +171,12 @@ impl Pipeline {
                     if !batch.is_empty() {
                         self.process(&batch, shutdown)?;
                     }
-                    if self.applier.flush_due() {
-                        let written = self.applier.start_flush()?;
-                        self.commit(&written);
-                    }
+                    self.flush_if_due()?;
                 }
                 Ok(SourceEvent::CatchUp(mut batch)) => {
                     self.drop_not_owned(&mut batch);
                     self.applier.apply_catch_up(&batch, shutdown)?;
-                    if self.applier.flush_due() {
-                        let written = self.applier.start_flush()?;
-                        self.commit(&written);
-                    }
+                    self.flush_if_due()?;
                 }
                 Ok(SourceEvent::CaughtUp {
                     topic,
@@ -205,10 +199,25 @@ impl Pipeline {
                     self.applier.forget_partitions(&partitions);
                     drop(done);
                 }
+                // Nothing queued while migrating: back to the migration,
+                // flushing only when due (this is not idleness).
+                Err(RecvTimeoutError::Timeout) if migrating => {
+                    self.flush_if_due()?;
+                }
                 // Idle (caught up, or no partitions): write what waits.
                 Err(RecvTimeoutError::Timeout) => self.flush()?,
                 Err(RecvTimeoutError::Disconnected) => return Err(PipelineError::SourceGone),
             }
+        }
+        Ok(())
+    }
+
+    /// Hands the applied effects to the writer if a flush is due (without
+    /// waiting for the write).
+    fn flush_if_due(&mut self) -> Result<(), PipelineError> {
+        if self.applier.flush_due() {
+            let written = self.applier.start_flush()?;
+            self.commit(&written);
         }
         Ok(())
     }
