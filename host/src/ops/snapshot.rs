@@ -63,56 +63,39 @@ impl Collector for Snapshot {
                 ConstCounter::new(pick(counters)).encode(family.encode_family(&label)?)?;
             }
         }
-        let mut keys = encoder.encode_descriptor(
-            "state_keys_estimate",
-            "RocksDB's estimate of the number of keys per aggregation",
-            None,
-            ConstGauge::new(0i64).metric_type(),
-        )?;
-        for (aggregation, _, estimate) in &self.aggregations {
-            let label = AggregationLabel {
-                aggregation: aggregation.clone(),
-            };
-            ConstGauge::new(*estimate as i64).encode(keys.encode_family(&label)?)?;
-        }
-        let mut behind = encoder.encode_descriptor(
-            "aggregation_catch_up_lag",
-            "Records an aggregation added (or reset) after its partitions were consumed has still to apply before it is current (0: current)",
-            None,
-            ConstGauge::new(0i64).metric_type(),
-        )?;
-        for (aggregation, _, _) in &self.aggregations {
-            let label = AggregationLabel {
-                aggregation: aggregation.clone(),
-            };
-            let lag = self.catch_up_lag.get(aggregation).copied().unwrap_or(0);
-            ConstGauge::new(lag).encode(behind.encode_family(&label)?)?;
-        }
-        let mut migrating = encoder.encode_descriptor(
-            "aggregation_migrating",
-            "1 while an aggregation migrates its stored state to its plugin's new state format (it applies records again, catching up, once done)",
-            None,
-            ConstGauge::new(0i64).metric_type(),
-        )?;
-        for (aggregation, _, _) in &self.aggregations {
-            let label = AggregationLabel {
-                aggregation: aggregation.clone(),
-            };
-            let on = self.migrated_keys.contains_key(aggregation);
-            ConstGauge::new(i64::from(on)).encode(migrating.encode_family(&label)?)?;
-        }
-        let mut migrated = encoder.encode_descriptor(
-            "aggregation_migrated_keys",
-            "Keys migrated so far by the state migration in progress (0: none)",
-            None,
-            ConstGauge::new(0i64).metric_type(),
-        )?;
-        for (aggregation, _, _) in &self.aggregations {
-            let label = AggregationLabel {
-                aggregation: aggregation.clone(),
-            };
-            let keys = self.migrated_keys.get(aggregation).copied().unwrap_or(0);
-            ConstGauge::new(keys as i64).encode(migrated.encode_family(&label)?)?;
+        type PickGauge = fn(&Snapshot, &str, u64) -> i64;
+        let per_aggregation: [(&str, &str, PickGauge); 4] = [
+            (
+                "state_keys_estimate",
+                "RocksDB's estimate of the number of keys per aggregation",
+                |_, _, estimate| estimate as i64,
+            ),
+            (
+                "aggregation_catch_up_lag",
+                "Records an aggregation added (or reset) after its partitions were consumed has still to apply before it is current (0: current)",
+                |s, name, _| s.catch_up_lag.get(name).copied().unwrap_or(0),
+            ),
+            (
+                "aggregation_migrating",
+                "1 while an aggregation migrates its stored state to its plugin's new state format (it applies records again, catching up, once done)",
+                |s, name, _| i64::from(s.migrated_keys.contains_key(name)),
+            ),
+            (
+                "aggregation_migrated_keys",
+                "Keys migrated so far by the state migration in progress (0: none)",
+                |s, name, _| s.migrated_keys.get(name).map_or(0, |&keys| keys as i64),
+            ),
+        ];
+        for (name, help, pick) in per_aggregation {
+            let mut family =
+                encoder.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
+            for (aggregation, _, estimate) in &self.aggregations {
+                let label = AggregationLabel {
+                    aggregation: aggregation.clone(),
+                };
+                ConstGauge::new(pick(self, aggregation, *estimate))
+                    .encode(family.encode_family(&label)?)?;
+            }
         }
         type PickPartition = fn(&PartitionProgress) -> Option<i64>;
         let per_partition: [(&str, &str, PickPartition); 3] = [
