@@ -14,10 +14,12 @@ use serde::{Deserialize, Serialize};
 mod aggregation;
 mod cluster;
 mod http;
+mod window;
 
 pub use aggregation::{AggregationConfig, OnError, PluginLimits};
 pub use cluster::{ClusterConfig, Forwarding, KeyPartitioner};
 pub use http::{AuthConfig, AuthScope, HttpConfig};
+pub use window::{Span, Window, WindowConfig};
 
 /// A configuration problem, with the file and field it is about.
 #[derive(Debug, thiserror::Error)]
