@@ -267,13 +267,31 @@ fn applier_and_writer_are_exactly_once_across_crashes_between_flushes() {
 struct Script {
     events: Mutex<VecDeque<SourceEvent>>,
     shutdown: Arc<AtomicBool>,
+    /// Empty polls answered after the events before asking to stop (the
+    /// loop does work between batches, such as a migration).
+    linger: std::sync::atomic::AtomicUsize,
+}
+
+impl Script {
+    fn new(events: VecDeque<SourceEvent>, shutdown: Arc<AtomicBool>, linger: usize) -> Self {
+        Self {
+            events: Mutex::new(events),
+            shutdown,
+            linger: linger.into(),
+        }
+    }
 }
 
 impl EventFeed for Script {
     fn recv_timeout(&self, _: Duration) -> Result<SourceEvent, RecvTimeoutError> {
         let next = self.events.lock().expect("script").pop_front();
         next.ok_or_else(|| {
-            self.shutdown.store(true, Ordering::Relaxed);
+            let left = self.linger.load(Ordering::Relaxed);
+            if left == 0 {
+                self.shutdown.store(true, Ordering::Relaxed);
+            } else {
+                self.linger.store(left - 1, Ordering::Relaxed);
+            }
             RecvTimeoutError::Timeout
         })
     }
@@ -320,10 +338,7 @@ fn records_and_catch_up_events_of_a_revoked_partition_queued_behind_the_revocati
     ]);
     let shutdown = Arc::new(AtomicBool::new(false));
     let life = start(&config);
-    let script = Script {
-        events: Mutex::new(events),
-        shutdown: shutdown.clone(),
-    };
+    let script = Script::new(events, shutdown.clone(), 0);
     let pipeline = Pipeline::new(Box::new(script), life.applier, Arc::new(Status::default()));
     pipeline
         .run(&shutdown)
@@ -404,4 +419,104 @@ fn opening_a_store_with_a_plugin_of_a_new_format_starts_a_migration_only_where_i
         format!("{back:#}").contains("being migrated to state format 2"),
         "{back:#}"
     );
+}
+
+/// A `migrate` that fails on one key (here: a state the old plugin could
+/// not have written, put there by hand) stops consumption with the key and
+/// the plugin's message; the keys before it stay migrated and the
+/// migration resumes at that key once the cause is gone, then finishes.
+#[test]
+fn a_failing_migrate_stops_at_the_key_with_its_message_and_resumes_there() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v1 = config(&dir.path().join("state"));
+    let input = input(0x5eed_0004);
+    let mut life = start(&v1);
+    let never = AtomicBool::new(false);
+    life.applier.apply(&input[0], &never).expect("apply");
+    life.applier.flush().expect("flush");
+    let slot = wagg::state::store::Slot {
+        topic_id: life.store.topic_id("events").expect("topic"),
+        partition: 0,
+    };
+    let mut write = life.store.begin_write();
+    write
+        .put_state("stats", slot, b"key-bad", &[0xff; 3])
+        .expect("corrupt state");
+    life.store.write(write).expect("write");
+    drop(life);
+
+    let v2_toml = format!(
+        "[source]\nbrokers = \"unused:9092\"\ntopics = [\"events\"]\n\n[state]\ndir = {:?}\n{}",
+        dir.path().join("state"),
+        count_and_stats_toml().replace(
+            &format!("{:?}", common::plugin("stats")),
+            &format!("{:?}", common::plugin("stats-v2"))
+        )
+    );
+    let v2 = Config::parse(&v2_toml, "<apply test>", Path::new("/")).expect("config");
+    let run = |config: &Config| {
+        let runtime = PluginRuntime::new(RuntimeConfig::default()).expect("runtime");
+        let plugins = wagg::app::load_plugins(config, &runtime).expect("plugins");
+        let (store, aggregations, _) = wagg::app::open_aggregations(config, plugins).expect("open");
+        let applier = BatchApplier::new(
+            store.clone(),
+            Arc::new(Status::default()),
+            aggregations,
+            None,
+            &config.batch,
+            None,
+        )
+        .expect("writer thread");
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let script = Script::new(VecDeque::new(), shutdown.clone(), 50);
+        let outcome =
+            Pipeline::new(Box::new(script), applier, Arc::new(Status::default())).run(&shutdown);
+        (store, outcome)
+    };
+    let (store, outcome) = run(&v2);
+    let error = outcome
+        .expect_err("the bad key stops the migration")
+        .to_string();
+    assert!(
+        error.contains("\"key-bad\"") && error.contains("from state format 1"),
+        "{error}"
+    );
+    let migration = store
+        .aggregation_meta("stats")
+        .expect("meta")
+        .and_then(|meta| meta.migration)
+        .expect("still migrating");
+    assert!(
+        migration.through.as_deref() < Some(b"key-bad".as_slice()),
+        "{migration:?}"
+    );
+    // The keys before it are migrated already.
+    let (state, behind) = store
+        .reading("stats", |s| s.get("stats", slot, b"key-000"))
+        .expect("read");
+    assert!(state.is_some());
+    assert_eq!(behind.expect("migrating").old_format_of(b"key-000"), None);
+
+    let mut write = store.begin_write();
+    write
+        .delete_state("stats", slot, b"key-bad")
+        .expect("remove the bad state");
+    store.write(write).expect("write");
+    drop(store);
+    let (store, outcome) = run(&v2);
+    outcome.expect("the migration finishes");
+    let meta = store
+        .aggregation_meta("stats")
+        .expect("meta")
+        .expect("stats");
+    assert_eq!((meta.state_format, meta.migration), (2, None));
+    drop(store);
+    let mut renderer = Renderer::new(&v2);
+    let life = start(&v2);
+    for (key, amounts) in expected(&input[..1]) {
+        let mut want = stats_json(&amounts);
+        want["sum"] = serde_json::json!(amounts.iter().sum::<f64>());
+        let got = renderer.render(&life.store, "stats", &key);
+        assert!(json_approx_eq(&got, &want), "{got} != {want}");
+    }
 }

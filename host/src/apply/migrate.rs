@@ -27,6 +27,12 @@ pub struct MigrationError {
     error: CallError,
 }
 
+/// The number of keys among chunk entries (a key in several slots has an
+/// entry per slot, next to each other).
+fn distinct_keys(entries: &[(crate::state::store::Slot, Vec<u8>, Vec<u8>)]) -> u64 {
+    entries.chunk_by(|a, b| a.1 == b.1).count() as u64
+}
+
 impl Pipeline {
     /// Migrates the next chunk of keys of the first migrating aggregation,
     /// or ends its migration; `false` when none is migrating.
@@ -51,30 +57,41 @@ impl Pipeline {
         };
         let from_format = migration.from_format;
         let mut migrated = Vec::with_capacity(chunk.len());
-        let mut keys = 0u64;
+        let mut failed = None;
         for (i, (slot, key, old)) in chunk.iter().enumerate() {
-            let state = aggregation
-                .instance
-                .migrate(from_format, old)
-                .map_err(|error| {
-                    Box::new(MigrationError {
-                        aggregation: name.clone(),
-                        key: String::from_utf8_lossy(key).into_owned(),
-                        from_format,
-                        error,
-                    })
-                })?;
-            if i == 0 || chunk[i - 1].1 != *key {
-                keys += 1;
+            match aggregation.instance.migrate(from_format, old) {
+                Ok(state) => migrated.push((*slot, key.as_slice(), state)),
+                Err(error) => {
+                    failed = Some((i, error));
+                    break;
+                }
             }
-            migrated.push((*slot, key.as_slice(), state));
         }
-        migration.through = Some(last);
-        migration.keys_migrated += keys;
-        store.write_migrated(&name, meta, &migrated)?;
-        crate::fault_injection::delay_point("migration-chunk");
-        crate::fault_injection::crash_point("migration-chunk");
-        Ok(true)
+        let Some((i, error)) = failed else {
+            migration.through = Some(last);
+            migration.keys_migrated += distinct_keys(&chunk);
+            store.write_migrated(&name, meta, &migrated)?;
+            crate::fault_injection::delay_point("migration-chunk");
+            crate::fault_injection::crash_point("migration-chunk");
+            return Ok(true);
+        };
+        // The keys before the failing one stay migrated (whole keys: not
+        // the failing key's entries in other slots); it resumes there.
+        let key = &chunk[i].1;
+        let first = chunk.iter().position(|(_, k, _)| k == key).unwrap_or(i);
+        if first > 0 {
+            migrated.truncate(first);
+            migration.through = Some(chunk[first - 1].1.clone());
+            migration.keys_migrated += distinct_keys(&chunk[..first]);
+            store.write_migrated(&name, meta, &migrated)?;
+        }
+        Err(Box::new(MigrationError {
+            aggregation: name,
+            key: String::from_utf8_lossy(key).into_owned(),
+            from_format,
+            error,
+        })
+        .into())
     }
 
     /// Every key is migrated: records it, and has the aggregation catch up
