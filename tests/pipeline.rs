@@ -902,6 +902,12 @@ fn a_live_reload_adds_removes_and_refuses_while_queries_stay_answered_and_a_live
     assert!(ok && output.contains("removed   top"), "{output}");
     let (status, _) = wagg.get("/v1/aggregations/top/keys/user-00001");
     assert_eq!(status, 404);
+    let series_of_top: Vec<String> = wagg
+        .metrics()
+        .into_keys()
+        .filter(|series| series.contains("aggregation=\"top\""))
+        .collect();
+    assert!(series_of_top.is_empty(), "{series_of_top:?}");
     let third = purchases(180_000, 5_000, 2_000);
     setup.broker.produce("purchases", &records(&third));
     all.extend(third);

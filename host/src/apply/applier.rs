@@ -168,6 +168,7 @@ impl BatchApplier {
     pub(super) fn remove(&mut self, name: &str) {
         self.aggregations.retain(|a| a.config.name != name);
         self.status.remove_aggregation(name);
+        self.status.metrics().forget_aggregation(name);
     }
 
     /// Forgets an aggregation's states and counters (cleared in the store

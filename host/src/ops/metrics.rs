@@ -83,6 +83,20 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Drops the series of an aggregation no longer applied (a reload
+    /// removed it): a scrape should not show it frozen.
+    pub fn forget_aggregation(&self, aggregation: &str) {
+        self.plugin_call_seconds.remove(&AggregationLabel {
+            aggregation: aggregation.to_owned(),
+        });
+        for result in ["hit", "miss"] {
+            self.state_lookups.remove(&CacheLabel {
+                aggregation: aggregation.to_owned(),
+                result,
+            });
+        }
+    }
+
     /// The text exposition (OpenMetrics) of the live instruments and
     /// `snapshot` (the totals read at scrape time).
     // A list of registrations, one per instrument.
