@@ -79,6 +79,19 @@ fn config(state_dir: &Path) -> Config {
     Config::parse(&text, "<apply test>", Path::new("/")).expect("config")
 }
 
+/// `count` and `stats` on `state_dir`, with `stats` run by the plugin
+/// `stats_plugin` (`stats`, or `stats-v2`: the upgrade) and `extra` config.
+fn upgraded(state_dir: &Path, extra: &str, stats_plugin: &str) -> Config {
+    let toml = format!(
+        "[source]\nbrokers = \"unused:9092\"\ntopics = [\"events\"]\n\n[state]\ndir = {state_dir:?}\n{extra}\n{}",
+        count_and_stats_toml().replace(
+            &format!("{:?}", common::plugin("stats")),
+            &format!("{:?}", common::plugin(stats_plugin))
+        )
+    );
+    Config::parse(&toml, "<apply test>", Path::new("/")).expect("config")
+}
+
 fn start(config: &Config) -> Life {
     let runtime = PluginRuntime::new(RuntimeConfig::new(
         &config.plugins,
@@ -382,17 +395,8 @@ fn opening_a_store_with_a_plugin_of_a_new_format_starts_a_migration_only_where_i
     life.applier.flush().expect("flush");
     drop(life);
 
-    let with = |extra: &str, stats_plugin: &str| {
-        let toml = format!(
-            "[source]\nbrokers = \"unused:9092\"\ntopics = [\"events\"]\n\n[state]\ndir = {:?}\n{extra}\n{}",
-            dir.path().join("state"),
-            count_and_stats_toml().replace(
-                &format!("{:?}", common::plugin("stats")),
-                &format!("{:?}", common::plugin(stats_plugin))
-            )
-        );
-        Config::parse(&toml, "<apply test>", Path::new("/")).expect("config")
-    };
+    let with =
+        |extra: &str, stats_plugin: &str| upgraded(&dir.path().join("state"), extra, stats_plugin);
     let open = |config: &Config| {
         let runtime = PluginRuntime::new(RuntimeConfig::default()).expect("runtime");
         let plugins = wagg::app::load_plugins(config, &runtime).expect("plugins");
@@ -445,33 +449,14 @@ fn a_failing_migrate_stops_at_the_key_with_its_message_and_resumes_there() {
     life.store.write(write).expect("write");
     drop(life);
 
-    let v2_toml = format!(
-        "[source]\nbrokers = \"unused:9092\"\ntopics = [\"events\"]\n\n[state]\ndir = {:?}\n{}",
-        dir.path().join("state"),
-        count_and_stats_toml().replace(
-            &format!("{:?}", common::plugin("stats")),
-            &format!("{:?}", common::plugin("stats-v2"))
-        )
-    );
-    let v2 = Config::parse(&v2_toml, "<apply test>", Path::new("/")).expect("config");
+    let v2 = upgraded(&dir.path().join("state"), "", "stats-v2");
     let run = |config: &Config| {
-        let runtime = PluginRuntime::new(RuntimeConfig::default()).expect("runtime");
-        let plugins = wagg::app::load_plugins(config, &runtime).expect("plugins");
-        let (store, aggregations, _) = wagg::app::open_aggregations(config, plugins).expect("open");
-        let applier = BatchApplier::new(
-            store.clone(),
-            Arc::new(Status::default()),
-            aggregations,
-            None,
-            &config.batch,
-            None,
-        )
-        .expect("writer thread");
+        let life = start(config);
         let shutdown = Arc::new(AtomicBool::new(false));
         let script = Script::new(VecDeque::new(), shutdown.clone(), 50);
-        let outcome =
-            Pipeline::new(Box::new(script), applier, Arc::new(Status::default())).run(&shutdown);
-        (store, outcome)
+        let outcome = Pipeline::new(Box::new(script), life.applier, Arc::new(Status::default()))
+            .run(&shutdown);
+        (life.store, outcome)
     };
     let (store, outcome) = run(&v2);
     let error = outcome

@@ -161,8 +161,9 @@ fn begin_migration_if_needed(
             meta.state_format
         );
     }
-    let resume = store.own_offsets(&aggregation.name, |topic| aggregation.applies_to(topic))?;
-    let migration = store.begin_migration(&aggregation.name, &stored, meta, &resume)?;
+    let migration = store.begin_migration(&aggregation.name, &stored, meta, |topic| {
+        aggregation.applies_to(topic)
+    })?;
     tracing::info!(
         aggregation = %aggregation.name,
         from = %migration.from_plugin,

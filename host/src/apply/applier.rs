@@ -158,9 +158,7 @@ impl BatchApplier {
             return;
         };
         aggregation.states.clear();
-        for (topic, partition) in std::mem::take(&mut aggregation.catch_up).into_keys() {
-            self.status.set_catch_up(name, &topic, partition, None);
-        }
+        stop_catching_up(aggregation, &self.status);
         aggregation.migrate_first(meta);
     }
 
@@ -183,9 +181,7 @@ impl BatchApplier {
         // Cleared states: nothing left to migrate (the store ended it).
         aggregation.migrating = None;
         self.status.set_counters(name, aggregation.applied);
-        for (topic, partition) in std::mem::take(&mut aggregation.catch_up).into_keys() {
-            self.status.set_catch_up(name, &topic, partition, None);
-        }
+        stop_catching_up(aggregation, &self.status);
     }
 
     /// Whether a flush is due (see [`Flusher`]).
@@ -376,6 +372,14 @@ impl BatchApplier {
             );
         }
         Ok(slots)
+    }
+}
+
+/// Forgets where an aggregation was catching up (its state was cleared,
+/// or it migrates first), in `status` too.
+fn stop_catching_up(aggregation: &mut Aggregation, status: &Status) {
+    for (topic, partition) in std::mem::take(&mut aggregation.catch_up).into_keys() {
+        status.set_catch_up(&aggregation.config.name, &topic, partition, None);
     }
 }
 

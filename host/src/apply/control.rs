@@ -191,8 +191,8 @@ impl Pipeline {
         let stored = store
             .aggregation_meta(&name)?
             .ok_or_else(|| StoreError::UnknownAggregation(name.clone()))?;
-        let resume = store.own_offsets(&name, |topic| config.applies_to(topic))?;
-        let migration = store.begin_migration(&name, &stored, meta, &resume)?;
+        let migration =
+            store.begin_migration(&name, &stored, meta, |topic| config.applies_to(topic))?;
         self.applier.replace(aggregation);
         let mut migrating = meta.clone();
         migrating.migration = Some(migration);

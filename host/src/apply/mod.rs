@@ -42,7 +42,7 @@ pub use applier::BatchApplier;
 pub use control::{Control, ControlChange, Reconfigure, StartAt};
 // What a pipeline is fed: public so that tests can script it.
 pub use crate::ingest::{EventFeed, SourceEvent};
-pub use crate::ops::status::Status;
+use crate::ops::status::Status;
 use crate::plugin::CallError;
 use crate::record::SourceRecord;
 use crate::state::flush::FlushOffsets;

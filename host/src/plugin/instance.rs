@@ -1,7 +1,7 @@
 //! A live, configured plugin instance and the raw calls into it.
 
 use wasmtime::Store;
-use wasmtime::component::Instance;
+use wasmtime::component::{ComponentNamedList, ComponentType, Instance, Lift, Lower};
 
 use super::bindings::Aggregator;
 use super::error::{CallError, PluginError};
@@ -97,23 +97,34 @@ impl PluginInstance {
     /// (`merge`, world 0.2.0). A plugin without `merge` answers with an
     /// error saying so.
     pub fn merge(&mut self, a: &[u8], b: &[u8]) -> Result<Vec<u8>, CallError> {
-        let max = self.plugin.limits().max_state_bytes;
-        let merged = self.call(|_, instance, store| {
-            let Some(merge) = instance.get_func(&mut *store, "merge") else {
-                return Ok(Err(
-                    "the plugin has no `merge` export (built before world 0.2.0)".to_owned(),
-                ));
-            };
-            let merge = merge.typed::<(&[u8], &[u8]), (Result<Vec<u8>, String>,)>(&*store)?;
-            let (merged,) = merge.call(&mut *store, (a, b))?;
-            Ok(merged)
-        })?;
-        self.within_state_limit(merged, max)
+        self.call_state_export("merge", (a, b))
     }
 
-    /// `state` if it is within `plugins.max_state_bytes`, as for states
-    /// `apply` returns.
-    fn within_state_limit(&self, state: Vec<u8>, limit: usize) -> Result<Vec<u8>, CallError> {
+    /// One key's state of the older format `from_format`, in this plugin's
+    /// state format (`migrate`, world 0.2.0). A plugin without `migrate`
+    /// answers with an error saying so.
+    pub fn migrate(&mut self, from_format: u32, state: &[u8]) -> Result<Vec<u8>, CallError> {
+        self.call_state_export("migrate", (from_format, state))
+    }
+
+    /// Calls an export added after world 0.1.0 (looked up by name) that
+    /// returns a state, capped by `plugins.max_state_bytes` as `apply`'s
+    /// states are.
+    fn call_state_export<P>(&mut self, name: &str, params: P) -> Result<Vec<u8>, CallError>
+    where
+        P: ComponentNamedList + Lower + Send + Sync,
+    {
+        let state = self.call(|_, instance, store| {
+            let Some(func) = instance.get_func(&mut *store, name) else {
+                return Ok(Err(format!(
+                    "the plugin has no `{name}` export (built before world 0.2.0)"
+                )));
+            };
+            let func = func.typed::<P, (Result<Vec<u8>, String>,)>(&*store)?;
+            let (state,) = func.call(&mut *store, params)?;
+            Ok(state)
+        })?;
+        let limit = self.plugin.limits().max_state_bytes;
         if state.len() > limit {
             return Err(CallError::StateTooLarge {
                 plugin: self.plugin.label(),
@@ -123,24 +134,6 @@ impl PluginInstance {
         }
         Ok(state)
     }
-
-    /// One key's state of the older format `from_format`, in this plugin's
-    /// state format (`migrate`, world 0.2.0). A plugin without `migrate`
-    /// answers with an error saying so.
-    pub fn migrate(&mut self, from_format: u32, state: &[u8]) -> Result<Vec<u8>, CallError> {
-        let max = self.plugin.limits().max_state_bytes;
-        let migrated = self.call(|_, instance, store| {
-            let Some(migrate) = instance.get_func(&mut *store, "migrate") else {
-                return Ok(Err(
-                    "the plugin has no `migrate` export (built before world 0.2.0)".to_owned(),
-                ));
-            };
-            let migrate = migrate.typed::<(u32, &[u8]), (Result<Vec<u8>, String>,)>(&*store)?;
-            let (migrated,) = migrate.call(&mut *store, (from_format, state))?;
-            Ok(migrated)
-        })?;
-        self.within_state_limit(migrated, max)
-    }
 }
 
 /// The plugin's `merges` (world 0.2.0); false when it has none.
@@ -148,11 +141,7 @@ pub(super) fn call_merges(
     store: &mut Store<PluginCtx>,
     instance: &Instance,
 ) -> wasmtime::Result<bool> {
-    let Some(func) = instance.get_func(&mut *store, "merges") else {
-        return Ok(false);
-    };
-    let (merges,) = func.typed::<(), (bool,)>(&*store)?.call(&mut *store, ())?;
-    Ok(merges)
+    call_optional_query(store, instance, "merges")
 }
 
 /// The plugin's `migrates-from` (world 0.2.0); empty when it has none.
@@ -160,12 +149,24 @@ pub(super) fn call_migrates_from(
     store: &mut Store<PluginCtx>,
     instance: &Instance,
 ) -> wasmtime::Result<Vec<u32>> {
-    let Some(func) = instance.get_func(&mut *store, "migrates-from") else {
-        return Ok(Vec::new());
+    call_optional_query(store, instance, "migrates-from")
+}
+
+/// Calls an export without parameters added after world 0.1.0; the
+/// default value when the plugin has none.
+fn call_optional_query<R>(
+    store: &mut Store<PluginCtx>,
+    instance: &Instance,
+    name: &str,
+) -> wasmtime::Result<R>
+where
+    R: ComponentType + Lift + Default + Send + Sync + 'static,
+{
+    let Some(func) = instance.get_func(&mut *store, name) else {
+        return Ok(R::default());
     };
-    let func = func.typed::<(), (Vec<u32>,)>(&*store)?;
-    let (formats,) = func.call(&mut *store, ())?;
-    Ok(formats)
+    let (value,) = func.typed::<(), (R,)>(&*store)?.call(&mut *store, ())?;
+    Ok(value)
 }
 
 /// Runs one call with a fresh time budget and turns traps into errors that

@@ -190,14 +190,14 @@ impl QueryableAggregation {
                 .map_err(|e| ApiError::internal(format!("cannot instantiate the plugin: {e}")))?,
         };
         let mut rendered = Vec::with_capacity(states.len());
+        // (A plugin of the old format itself, still served for an instant
+        // while a reload swaps it, reads the old states as they are.)
+        let native = self.plugin.metadata().state_format;
         for (state, old_format) in states {
             if cancelled.load(Ordering::Relaxed) {
                 break;
             }
             metrics.states_rendered.inc();
-            // (A plugin of the old format itself, still served for an
-            // instant while a reload swaps it, reads the old states.)
-            let native = self.plugin.metadata().state_format;
             let migrated = match old_format.filter(|&format| format != native) {
                 Some(format) => Some(instance.migrate(format, state).map_err(|e| {
                     ApiError::internal(format!(

@@ -84,35 +84,19 @@ impl StateStore {
         Ok((read(self)?, behind))
     }
 
-    /// Where an aggregation stands on each partition consumed so far (of
-    /// the topics `applies_to` accepts): its catch-up entry if it is
-    /// behind, else the partition's stored offset.
-    pub fn own_offsets(
-        &self,
-        aggregation: &str,
-        applies_to: impl Fn(&str) -> bool,
-    ) -> Result<BTreeMap<(String, i32), i64>, StoreError> {
-        let mut own = self.consumed(applies_to)?;
-        for (partition, entries) in self.all_catch_ups()? {
-            if let (Some(next), Some(&behind)) = (own.get_mut(&partition), entries.get(aggregation))
-            {
-                *next = behind;
-            }
-        }
-        Ok(own)
-    }
-
-    /// Starts migrating `aggregation` from the format `from` describes to
-    /// the one `to` describes: one write records the migration and removes
-    /// the aggregation's catch-up entries (it applies nothing until it is
-    /// migrated, then resumes from `resume`).
+    /// Starts migrating `aggregation` (which reads the topics `applies_to`
+    /// accepts) from the format `from` describes to the one `to` describes:
+    /// one write records the migration, with where the aggregation stands on
+    /// each partition (it resumes there once migrated), and removes its
+    /// catch-up entries (it applies nothing meanwhile).
     pub fn begin_migration(
         &self,
         aggregation: &str,
         from: &AggregationMeta,
         to: &AggregationMeta,
-        resume: &BTreeMap<(String, i32), i64>,
+        applies_to: impl Fn(&str) -> bool,
     ) -> Result<Migration, StoreError> {
+        let resume = self.own_offsets(aggregation, applies_to)?;
         let migration = Migration {
             from_format: from.state_format,
             from_plugin: format!("{} {}", from.plugin_name, from.plugin_version),
@@ -212,6 +196,24 @@ impl StateStore {
 }
 
 impl StateStore {
+    /// Where an aggregation stands on each partition consumed so far (of
+    /// the topics `applies_to` accepts): its catch-up entry if it is
+    /// behind, else the partition's stored offset.
+    fn own_offsets(
+        &self,
+        aggregation: &str,
+        applies_to: impl Fn(&str) -> bool,
+    ) -> Result<BTreeMap<(String, i32), i64>, StoreError> {
+        let mut own = self.consumed(applies_to)?;
+        for (partition, entries) in self.all_catch_ups()? {
+            if let (Some(next), Some(&behind)) = (own.get_mut(&partition), entries.get(aggregation))
+            {
+                *next = behind;
+            }
+        }
+        Ok(own)
+    }
+
     /// Writes `batch`, which leaves the aggregation without a migration
     /// (cleared, registered anew, dropped), and forgets its migration for
     /// queries in the same step.
