@@ -99,7 +99,8 @@ fn start(config: &Config) -> Life {
     ))
     .expect("runtime");
     let plugins = wagg::app::load_plugins(config, &runtime).expect("plugins");
-    let (store, aggregations, _) = wagg::app::open_aggregations(config, plugins).expect("store");
+    let (store, aggregations, _) =
+        wagg::app::open_aggregations(config, plugins, &AtomicBool::new(false)).expect("store");
     let applier = BatchApplier::new(
         store.clone(),
         Arc::new(Status::default()),
@@ -400,7 +401,8 @@ fn opening_a_store_with_a_plugin_of_a_new_format_starts_a_migration_only_where_i
     let open = |config: &Config| {
         let runtime = PluginRuntime::new(RuntimeConfig::default()).expect("runtime");
         let plugins = wagg::app::load_plugins(config, &runtime).expect("plugins");
-        wagg::app::open_aggregations(config, plugins).map(|(store, _, _)| store)
+        wagg::app::open_aggregations(config, plugins, &AtomicBool::new(false))
+            .map(|(store, _, _)| store)
     };
     let cluster = "[cluster]\nadvertised_http = \"http://127.0.0.1:1\"\n";
     let refused = open(&with(cluster, "stats-v2"))

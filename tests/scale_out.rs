@@ -70,6 +70,8 @@ struct Cluster {
     /// `stats` (checked with `count` when they do).
     aggregations: String,
     stats: bool,
+    /// `stats` is version 2 (state format 2): its states also have `sum`.
+    stats_v2: bool,
     /// Each instance's HTTP port (kept for restarts).
     ports: Vec<u16>,
 }
@@ -89,6 +91,7 @@ impl Cluster {
             env: Vec::new(),
             aggregations: common::count_and_stats_toml(),
             stats: true,
+            stats_v2: false,
             ports: Vec::new(),
         }
     }
@@ -363,7 +366,10 @@ standby_replicas = {standby}
                 mismatches.push(format!("{key}: stats not answered by {}", wagg.http));
                 continue;
             };
-            let want = stats_json(&data.amounts[key]);
+            let mut want = stats_json(&data.amounts[key]);
+            if self.stats_v2 {
+                want["sum"] = json!(data.amounts[key].iter().sum::<f64>());
+            }
             if !json_approx_eq(&got_stats, &want) {
                 mismatches.push(format!("{key}: stats {got_stats} != {want}"));
             }
@@ -1120,6 +1126,122 @@ fn an_aggregation_added_to_a_cluster_catches_up_on_every_partition_wherever_it_m
     );
     // And after the partitions move again (the second instance leaves),
     // from the changelog and the copies.
+    if let Some(mut leaving) = cluster.instances[1].take() {
+        assert!(leaving.terminate().success());
+    }
+    cluster.wait_exact(&data, &mut rng, Duration::from_secs(180));
+}
+
+/// `count` and `stats` version 2 (state format 2, migrates from 1).
+fn count_and_stats_v2_toml() -> String {
+    common::count_and_stats_toml().replace(
+        &format!("{:?}", common::plugin("stats")),
+        &format!("{:?}", common::plugin("stats-v2")),
+    )
+}
+
+/// Produces `records` from another thread, 200 every 300 ms, so an
+/// instance starts and joins while they arrive.
+fn produce_during(address: &str, records: &[(i32, String, String)]) -> std::thread::JoinHandle<()> {
+    let address = address.to_owned();
+    let records = records.to_vec();
+    std::thread::spawn(move || {
+        let producer = ProducerOnly::new(&address);
+        for chunk in records.chunks(200) {
+            producer.produce(TOPIC, chunk);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    })
+}
+
+#[test]
+fn a_rolling_upgrade_to_a_new_state_format_migrates_every_copy_and_survives_a_crash_mid_migration()
+{
+    let (_serial, mut rng, mut cluster) = start("rolling upgrade", 1);
+    // Two instances (one standby copy each) run `count` and `stats` 0.1.0.
+    cluster.add_instance();
+    cluster.add_instance();
+    let data = DataSet::new(14_000);
+    let upto = |n: usize| DataSet::new(n);
+    let records = &data.records;
+    cluster.broker.produce(TOPIC, &records[..6_000]);
+    cluster.wait_exact(&upto(6_000), &mut rng, Duration::from_secs(120));
+    let settled = |c: &Cluster| c.owned_by(0) + c.owned_by(1) == PARTITIONS as usize;
+
+    // Instance 0 stops for its upgrade; instance 1 takes every partition
+    // and writes states of format 1 to all of them.
+    if let Some(mut wagg) = cluster.instances[0].take() {
+        assert!(wagg.terminate().success());
+    }
+    cluster.broker.produce(TOPIC, &records[6_000..8_000]);
+    cluster.wait_exact(&upto(8_000), &mut rng, Duration::from_secs(120));
+
+    // Instance 0 comes back with `stats` 0.2.0 (state format 2), records
+    // arriving: it migrates its copy before joining — killed once in the
+    // middle — then takes partitions over from the changelog (format 1
+    // records, migrated as they are restored).
+    let producing = produce_during(&cluster.broker.address, &records[8_000..10_000]);
+    cluster.aggregations = count_and_stats_v2_toml();
+    let port = cluster.ports[0];
+    let config = cluster.config(port);
+    let mut crashed = Wagg::spawn_with_env(
+        cluster.dirs[0].path(),
+        &config,
+        port,
+        &[("WAGG_FAULT_CRASH", "migration-chunk")],
+    );
+    let exit = crashed
+        .wait_exit(Duration::from_secs(60))
+        .expect("the injected crash");
+    assert!(!exit.success());
+    let log = crashed.log();
+    assert!(log.contains("injected crash"), "{}", tail(&log, 40));
+    drop(crashed);
+    cluster.instances[0] = Some(Wagg::start(cluster.dirs[0].path(), &config, port));
+    cluster.wait_until(
+        "the upgraded instance owns partitions",
+        Duration::from_secs(90),
+        |c| c.owned_by(0) > 0 && settled(c),
+    );
+    producing.join().expect("producer");
+
+    // Instance 1 stops for its upgrade; instance 0 takes every partition
+    // and writes states of format 2 to all of them.
+    if let Some(mut wagg) = cluster.instances[1].take() {
+        let exit = wagg.terminate();
+        assert!(
+            exit.success(),
+            "{exit}: {}\nthe others:\n{}",
+            tail(&wagg.log(), 40),
+            cluster.logs()
+        );
+    }
+    cluster.broker.produce(TOPIC, &records[10_000..12_000]);
+    cluster.stats_v2 = true;
+    cluster.wait_exact(&upto(12_000), &mut rng, Duration::from_secs(120));
+
+    // Instance 1 comes back upgraded, records arriving: it migrates its
+    // copy (format 1) and reads format 2 back from the changelogs.
+    let producing = produce_during(&cluster.broker.address, &records[12_000..]);
+    let port = cluster.ports[1];
+    let config = cluster.config(port);
+    cluster.instances[1] = Some(Wagg::start(cluster.dirs[1].path(), &config, port));
+    cluster.wait_until(
+        "both upgraded instances own partitions",
+        Duration::from_secs(90),
+        |c| c.owned_by(1) > 0 && settled(c),
+    );
+    producing.join().expect("producer");
+    let unanswered = cluster.wait_exact(&data, &mut rng, Duration::from_secs(180));
+    eprintln!("rolling upgrade: every key exact ({unanswered} lookups unanswered on the way)");
+    let migrated = cluster
+        .live()
+        .iter()
+        .filter(|w| w.log().contains("local state migrated"))
+        .count();
+    assert_eq!(migrated, 2, "{}", cluster.logs());
+    // And after the partitions move again (instance 1 leaves), from the
+    // changelogs and instance 0's copies.
     if let Some(mut leaving) = cluster.instances[1].take() {
         assert!(leaving.terminate().success());
     }

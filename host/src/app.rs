@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::apply::dead_letter::DeadLetterSink;
-use crate::apply::{Aggregation, BatchApplier, Control, Pipeline, StartAt};
+use crate::apply::{
+    Aggregation, BatchApplier, Control, Pipeline, PluginMigrator, StartAt, migrate_before_consuming,
+};
 use crate::cluster::membership::Membership;
 use crate::cluster::secret::ClusterSecret;
 use crate::cluster::{Cluster, ClusterTopics};
@@ -23,7 +25,7 @@ use crate::serve::admin::Admin;
 use crate::serve::routing::Routing;
 use crate::serve::{Aggregations, ApiState, ConnectionLimits, HttpPolicy, QueryableAggregation};
 use crate::state::flush::FlushPublisher;
-use crate::state::store::{AggregationMeta, Registration, StateStore, StoreOptions};
+use crate::state::store::{AggregationMeta, Registration, StateMigrator, StateStore, StoreOptions};
 use std::sync::mpsc;
 
 /// How often progress is logged while catching up (without a terminal).
@@ -71,6 +73,7 @@ pub fn open_store(config: &Config) -> anyhow::Result<StateStore> {
 pub fn open_aggregations(
     config: &Config,
     plugins: Vec<LoadedPlugin>,
+    shutdown: &AtomicBool,
 ) -> anyhow::Result<(Arc<StateStore>, Vec<Aggregation>, Vec<QueryableAggregation>)> {
     let store = Arc::new(open_store(config)?);
     let configured: Vec<&str> = config
@@ -89,12 +92,15 @@ pub fn open_aggregations(
     let mut queryable = Vec::new();
     for (aggregation, plugin) in config.aggregations.iter().zip(plugins) {
         let meta = crate::lifecycle::meta_of(&plugin);
-        begin_migration_if_needed(&store, config, aggregation, &plugin, &meta)?;
+        begin_migration_if_needed(&store, aggregation, &plugin, &meta)?;
         if store.check_aggregation_meta(&aggregation.name, &meta)? == Registration::New {
             register_new(&store, config, aggregation, &meta)?;
         }
         let counters = store.counters(&aggregation.name)?;
-        let instance = plugin.instantiate(&aggregation.params_json())?;
+        let mut instance = plugin.instantiate(&aggregation.params_json())?;
+        if config.cluster.is_some() {
+            migrate_before_joining(&store, aggregation, &mut instance, shutdown)?;
+        }
         let mut consumer_side = Aggregation::new(
             aggregation.clone(),
             plugin.clone(),
@@ -119,7 +125,6 @@ pub fn open_aggregations(
 /// on with the configured plugin.
 fn begin_migration_if_needed(
     store: &StateStore,
-    config: &Config,
     aggregation: &AggregationConfig,
     plugin: &LoadedPlugin,
     meta: &AggregationMeta,
@@ -152,15 +157,6 @@ fn begin_migration_if_needed(
         // Nothing to migrate, or refused by `check_aggregation_meta`.
         return Ok(());
     }
-    if config.cluster.is_some() {
-        bail!(
-            "aggregation {:?}: plugin {} would migrate the stored state from format {} to {}, but state migration is not supported in cluster mode yet (the changelogs and standby copies hold the old format); run the new plugin under a new aggregation name and compare with `wagg diff`",
-            aggregation.name,
-            plugin.label(),
-            stored.state_format,
-            meta.state_format
-        );
-    }
     let migration = store.begin_migration(&aggregation.name, &stored, meta, |topic| {
         aggregation.applies_to(topic)
     })?;
@@ -173,6 +169,35 @@ fn begin_migration_if_needed(
         keys_estimate = migration.keys_estimate,
         "migrating the stored state to the plugin's new state format; the aggregation applies records again (catching up) once every key is migrated"
     );
+    Ok(())
+}
+
+/// In a cluster, an instance migrates its copy of an aggregation's state
+/// (the partitions it owned and its standby copies) before it joins the
+/// group, while the other instances consume and answer: a take-over or a
+/// standby copy then only ever writes states of the plugin's format into
+/// this store (see `cluster::log::FORMAT_HEADER`).
+fn migrate_before_joining(
+    store: &StateStore,
+    aggregation: &AggregationConfig,
+    instance: &mut crate::plugin::PluginInstance,
+    shutdown: &AtomicBool,
+) -> anyhow::Result<()> {
+    let Some(stored) = store.aggregation_meta(&aggregation.name)? else {
+        return Ok(());
+    };
+    if stored.migration.is_none() {
+        return Ok(());
+    }
+    migrate_before_consuming(store, aggregation, instance, stored, shutdown)?;
+    if let Some(stored) = store.aggregation_meta(&aggregation.name)?
+        && stored.migration.is_some()
+    {
+        bail!(
+            "stopped while migrating the state of aggregation {:?}; the migration goes on where it stopped when wagg starts again",
+            aggregation.name
+        );
+    }
     Ok(())
 }
 
@@ -198,6 +223,25 @@ fn register_new(
     store
         .register_aggregation(&aggregation.name, meta, &start)
         .with_context(|| format!("registering aggregation {:?}", aggregation.name))
+}
+
+/// Each aggregation with its plugin's migration of other state formats
+/// (for changelog records written by instances with another plugin
+/// version).
+fn migrators(
+    config: &Config,
+    plugins: &[LoadedPlugin],
+) -> Vec<(AggregationConfig, Arc<dyn StateMigrator>)> {
+    config
+        .aggregations
+        .iter()
+        .zip(plugins)
+        .map(|(aggregation, plugin)| {
+            let migrator: Arc<dyn StateMigrator> =
+                Arc::new(PluginMigrator::new(plugin.clone(), aggregation));
+            (aggregation.clone(), migrator)
+        })
+        .collect()
 }
 
 /// Once `shutdown` is set, gives the process `deadline` to finish, then
@@ -245,10 +289,11 @@ pub fn run(
         config.plugin_cache_dir(),
     ))?;
     let plugins = load_plugins(&config, &runtime)?;
+    let migrators = migrators(&config, &plugins);
 
     let status = Arc::new(Status::default());
     let panics = PanicWatch::start(status.clone(), shutdown.clone());
-    let (store, aggregations, queryable) = open_aggregations(&config, plugins)?;
+    let (store, aggregations, queryable) = open_aggregations(&config, plugins, &shutdown)?;
     for ((topic, partition), next) in store.offsets()? {
         status.set_next_offset(&topic, partition, next);
     }
@@ -259,6 +304,7 @@ pub fn run(
         Some(cluster) => Some(start_cluster(
             &config,
             cluster,
+            migrators,
             cluster_secret.clone(),
             &store,
             &status,
@@ -427,6 +473,7 @@ struct ScaleOut {
 fn start_cluster(
     config: &Config,
     cluster_config: &ClusterConfig,
+    aggregations: Vec<(AggregationConfig, Arc<dyn StateMigrator>)>,
     cluster_secret: Option<Arc<ClusterSecret>>,
     store: &Arc<StateStore>,
     status: &Arc<Status>,
@@ -436,7 +483,7 @@ fn start_cluster(
         cluster_config,
         ClusterTopics::new(cluster_config, &config.source.group_id)
             .with_record_max_bytes(config.changelog_record_max_bytes()),
-        &config.aggregations,
+        &aggregations,
         config.source.start_from,
         &ClientProperties::new(&config.source.brokers, config.connection_properties()),
         status.clone(),

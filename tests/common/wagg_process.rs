@@ -22,11 +22,18 @@ impl Wagg {
     /// Like [`Wagg::start`], with extra environment variables.
     #[allow(dead_code)]
     pub fn start_with_env(dir: &Path, config: &str, http_port: u16, env: &[(&str, &str)]) -> Wagg {
+        Self::spawn_with_env(dir, config, http_port, env).serving()
+    }
+
+    /// Starts `wagg run` with extra environment variables, without waiting
+    /// for it to serve (for a process expected to stop before it does).
+    #[allow(dead_code)]
+    pub fn spawn_with_env(dir: &Path, config: &str, http_port: u16, env: &[(&str, &str)]) -> Wagg {
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        Self::start_with(dir, config, http_port, move |command| {
+        Self::spawn(dir, config, http_port, move |command| {
             command.envs(env);
         })
     }
@@ -82,6 +89,29 @@ impl Wagg {
         http_port: u16,
         customize: impl FnOnce(&mut Command),
     ) -> Wagg {
+        Self::spawn(dir, config, http_port, customize).serving()
+    }
+
+    /// Waits until `/healthz` answers.
+    fn serving(self) -> Wagg {
+        let started = Instant::now();
+        while self.try_get("/healthz").is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "wagg did not start; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self
+    }
+
+    fn spawn(
+        dir: &Path,
+        config: &str,
+        http_port: u16,
+        customize: impl FnOnce(&mut Command),
+    ) -> Wagg {
         std::fs::write(dir.join("wagg.toml"), config).expect("write config");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -98,21 +128,11 @@ impl Wagg {
             .stderr(log);
         customize(&mut command);
         let child = command.spawn().expect("start wagg");
-        let wagg = Wagg {
+        Wagg {
             child: Some(child),
             http: format!("http://127.0.0.1:{http_port}"),
             dir: dir.to_owned(),
-        };
-        let started = Instant::now();
-        while wagg.try_get("/healthz").is_none() {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "wagg did not start; log:\n{}",
-                wagg.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
         }
-        wagg
     }
 
     pub fn log(&self) -> String {

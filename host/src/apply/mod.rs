@@ -40,6 +40,7 @@ use std::time::Duration;
 pub use aggregation::Aggregation;
 pub use applier::BatchApplier;
 pub use control::{Control, ControlChange, Reconfigure, StartAt};
+pub use migrate::{PluginMigrator, migrate_before_consuming};
 // What a pipeline is fed: public so that tests can script it.
 pub use crate::ingest::{EventFeed, SourceEvent};
 use crate::ops::status::Status;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use rdkafka::producer::Producer;
 
 use super::log::{self, Commit};
-use super::{Cluster, ClusterError, is_transient};
+use super::{Cluster, ClusterError, changelog_headers, is_transient};
 use crate::kafka::DeliveredEnds;
 use crate::state::flush::{FlushJob, FlushPublisher, PartitionCommit, PublishError};
 use crate::state::store::{Slot, StateStore};
@@ -119,6 +119,7 @@ impl Cluster {
         let mut sent = 0u64;
         for aggregation in &job.aggregations {
             let changelog = self.topics.changelog(&aggregation.name);
+            let format = self.state_format_of(&aggregation.name);
             for (store_key, state) in &aggregation.states {
                 let Some((slot, key)) = Slot::decode(store_key) else {
                     continue;
@@ -142,7 +143,7 @@ impl Cluster {
                     partition,
                     &log::changelog_key(topic, partition, key),
                     state.as_deref(),
-                    Some(commit),
+                    Some(changelog_headers(commit, state.as_ref().and(format))),
                 )?;
                 sent += 1;
             }
@@ -232,7 +233,10 @@ impl Cluster {
                     partition,
                     &log::changelog_key(topic, partition, key),
                     Some(state),
-                    Some(&commit),
+                    Some(changelog_headers(
+                        &commit,
+                        Some(aggregation.migrator.state_format()),
+                    )),
                 );
                 result.is_ok()
             })?;

@@ -23,6 +23,13 @@ pub const EPOCH_HEADER: &str = "wagg.epoch";
 pub const SEQ_HEADER: &str = "wagg.seq";
 /// Header of a changelog record: the source offset its flush reached.
 pub const OFFSET_HEADER: &str = "wagg.source.offset";
+/// Header of a changelog record with a state: the plugin's state format
+/// the state is in. Instances running another version of the plugin
+/// migrate it when they restore or copy it; a record without it was
+/// written before formats were recorded, in the format the aggregation
+/// has on the instance that reads it (clusters could not change formats
+/// then).
+pub const FORMAT_HEADER: &str = "wagg.format";
 
 /// The key of a changelog record: source topic, source partition and the
 /// aggregation key, so a compacted changelog keeps one state per key and

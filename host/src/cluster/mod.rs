@@ -29,6 +29,7 @@ pub mod standby;
 mod takeover;
 pub mod topics;
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -46,7 +47,7 @@ use crate::kafka::{
     create_client_with_context, read_headers,
 };
 use crate::ops::status::Status;
-use crate::state::store::{Slot, StateWrite, StoreError};
+use crate::state::store::{Slot, StateMigrator, StateWrite, StoreError};
 use log::Commit;
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +83,16 @@ pub enum ClusterError {
     },
     #[error("this instance was deposed by a newer owner and publishes nothing more")]
     Fenced,
+    #[error(
+        "aggregation {aggregation:?}: the changelog {changelog:?} holds states of format {found}, written by an instance with another version of the plugin, and this instance's plugin (format {here}) cannot read them: {reason}. Run the same plugin on every instance (upgrade this one: its plugin migrates the older formats)"
+    )]
+    Format {
+        aggregation: String,
+        changelog: String,
+        found: u32,
+        here: u32,
+        reason: String,
+    },
 }
 
 impl ClusterError {
@@ -140,11 +151,50 @@ fn is_transient(error: &KafkaError) -> bool {
 }
 
 /// An aggregation as the changelog sees it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct ChangelogAggregation {
     name: String,
     topic: Option<String>,
     changelog: String,
+    /// Its plugin's migration of states of other formats (and the format
+    /// its states are in here).
+    migrator: Arc<dyn StateMigrator>,
+}
+
+impl ChangelogAggregation {
+    /// A changelog record's state (`format`: its format header) in the
+    /// format this instance's plugin reads, migrated if it is another.
+    fn state_here<'a>(
+        &self,
+        format: Option<u32>,
+        state: &'a [u8],
+    ) -> Result<Cow<'a, [u8]>, ClusterError> {
+        let here = self.migrator.state_format();
+        match format {
+            None => Ok(Cow::Borrowed(state)),
+            Some(format) if format == here => Ok(Cow::Borrowed(state)),
+            Some(format) => self
+                .migrator
+                .migrate(format, state)
+                .map(Cow::Owned)
+                .map_err(|reason| ClusterError::Format {
+                    aggregation: self.name.clone(),
+                    changelog: self.changelog.clone(),
+                    found: format,
+                    here,
+                    reason,
+                }),
+        }
+    }
+}
+
+/// What a changelog record's headers say: the flush it belongs to and the
+/// state format of its state.
+#[derive(Debug, Clone, Copy)]
+struct RecordMark {
+    epoch: u64,
+    seq: u64,
+    format: Option<u32>,
 }
 
 /// This instance's part of the cluster: the changelog producer, the
@@ -188,15 +238,15 @@ pub struct Cluster {
 
 impl Cluster {
     /// This instance's part of the cluster `config` describes, for the
-    /// `aggregations` (`changelog`: their changelog topics' names);
-    /// `client` holds the brokers and `[source.kafka]`'s connection
+    /// `aggregations` (each with its plugin's migration of other state
+    /// formats); `client` holds the brokers and `[source.kafka]`'s connection
     /// settings.
     // A constructor: each argument is a distinct part the cluster is made of.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &ClusterConfig,
         topics: ClusterTopics,
-        aggregations: &[AggregationConfig],
+        aggregations: &[(AggregationConfig, Arc<dyn StateMigrator>)],
         start_from: StartFrom,
         client: &ClientProperties,
         status: Arc<Status>,
@@ -216,10 +266,11 @@ impl Cluster {
         .map_err(|e| anyhow::anyhow!("creating the changelog producer: {e}"))?;
         let aggregations = aggregations
             .iter()
-            .map(|a| ChangelogAggregation {
+            .map(|(a, migrator)| ChangelogAggregation {
                 name: a.name.clone(),
                 topic: a.topic.clone(),
                 changelog: topics.changelog(&a.name),
+                migrator: migrator.clone(),
             })
             .collect();
         Ok(Arc::new(Self {
@@ -292,6 +343,15 @@ impl Cluster {
         self.applying_to(topic).map(|a| a.name.clone()).collect()
     }
 
+    /// The state format `aggregation`'s states are written in here
+    /// (`None`: not an aggregation this instance runs).
+    fn state_format_of(&self, aggregation: &str) -> Option<u32> {
+        self.aggregations
+            .iter()
+            .find(|a| a.name == aggregation)
+            .map(|a| a.migrator.state_format())
+    }
+
     fn applying_to<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a ChangelogAggregation> {
         self.aggregations
             .iter()
@@ -304,7 +364,7 @@ impl Cluster {
         partition: i32,
         key: &[u8],
         value: Option<&[u8]>,
-        commit: Option<&Commit>,
+        headers: Option<OwnedHeaders>,
     ) -> Result<(), ClusterError> {
         let mut record = BaseRecord::with_opaque_to(topic, 0)
             .partition(partition)
@@ -312,23 +372,7 @@ impl Cluster {
         if let Some(value) = value {
             record = record.payload(value);
         }
-        let numbers;
-        if let Some(commit) = commit {
-            numbers = [
-                commit.epoch.to_string(),
-                commit.seq.to_string(),
-                commit.next_offset.unwrap_or(-1).to_string(),
-            ];
-            let mut headers = OwnedHeaders::new_with_capacity(3);
-            for (name, value) in [log::EPOCH_HEADER, log::SEQ_HEADER, log::OFFSET_HEADER]
-                .into_iter()
-                .zip(&numbers)
-            {
-                headers = headers.insert(Header {
-                    key: name,
-                    value: Some(value),
-                });
-            }
+        if let Some(headers) = headers {
             record = record.headers(headers);
         }
         loop {
@@ -394,9 +438,32 @@ impl Cluster {
     }
 }
 
-/// The flush a changelog record belongs to: its epoch and sequence number
-/// headers.
-fn flush_of(message: &BorrowedMessage<'_>) -> Option<(u64, u64)> {
+/// The headers of a changelog record of flush `commit` (with a state of
+/// `format`; `None` for a deletion).
+fn changelog_headers(commit: &Commit, format: Option<u32>) -> OwnedHeaders {
+    let numbers = [
+        (log::EPOCH_HEADER, Some(commit.epoch.to_string())),
+        (log::SEQ_HEADER, Some(commit.seq.to_string())),
+        (
+            log::OFFSET_HEADER,
+            Some(commit.next_offset.unwrap_or(-1).to_string()),
+        ),
+        (log::FORMAT_HEADER, format.map(|f| f.to_string())),
+    ];
+    let mut headers = OwnedHeaders::new_with_capacity(numbers.len());
+    for (name, value) in &numbers {
+        if let Some(value) = value {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value),
+            });
+        }
+    }
+    headers
+}
+
+/// What a changelog record's headers say (`None` without a flush).
+fn mark_of(message: &BorrowedMessage<'_>) -> Option<RecordMark> {
     // Read without rdkafka's `Headers::iter`, which panics on a name that
     // is not UTF-8: whoever can write the topic could stop this instance.
     let headers = read_headers(message);
@@ -406,5 +473,9 @@ fn flush_of(message: &BorrowedMessage<'_>) -> Option<(u64, u64)> {
             .find(|(n, _)| n == name)
             .and_then(|(_, value)| log::parse_number_header(value.as_deref()))
     };
-    Some((header(log::EPOCH_HEADER)?, header(log::SEQ_HEADER)?))
+    Some(RecordMark {
+        epoch: header(log::EPOCH_HEADER)?,
+        seq: header(log::SEQ_HEADER)?,
+        format: header(log::FORMAT_HEADER).and_then(|f| u32::try_from(f).ok()),
+    })
 }

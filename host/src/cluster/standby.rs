@@ -26,7 +26,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::log::{self, Commit};
 use super::membership::Membership;
 use super::takeover::COMMIT_WINDOW;
-use super::{Cluster, ClusterError, flush_of};
+use super::{Cluster, ClusterError, RecordMark, mark_of};
 use crate::state::store::{Slot, StateStore};
 
 /// How often the set of copies is re-planned from the membership table.
@@ -73,8 +73,7 @@ struct Pending {
     offset: i64,
     key: Vec<u8>,
     state: Option<Vec<u8>>,
-    epoch: u64,
-    seq: u64,
+    mark: RecordMark,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -352,7 +351,7 @@ impl Cluster {
             {
                 return Ok(());
             }
-            let Some((epoch, seq)) = flush_of(message) else {
+            let Some(mark) = mark_of(message) else {
                 return Ok(());
             };
             follow.pending.push(Pending {
@@ -360,8 +359,7 @@ impl Cluster {
                 offset: message.offset(),
                 key: key.to_vec(),
                 state: message.payload().map(<[u8]>::to_vec),
-                epoch,
-                seq,
+                mark,
             });
         } else {
             return Ok(());
@@ -424,11 +422,14 @@ impl Cluster {
                 kept.push(record);
                 continue;
             }
-            if !target.accepts(record.epoch, record.seq) {
+            if !target.accepts(record.mark.epoch, record.mark.seq) {
                 continue;
             }
             match &record.state {
-                Some(state) => batch.put_state(&aggregation.name, slot, &record.key, state)?,
+                Some(state) => {
+                    let state = aggregation.state_here(record.mark.format, state)?;
+                    batch.put_state(&aggregation.name, slot, &record.key, &state)?
+                }
                 None => batch.delete_state(&aggregation.name, slot, &record.key)?,
             }
             applied += 1;

@@ -12,7 +12,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::log::{self, Commit};
-use super::{Cluster, ClusterError, flush_of};
+use super::{Cluster, ClusterError, mark_of};
 use crate::state::store::{Slot, StateStore};
 
 /// Per partition: its newest commit, and the highest epoch seen.
@@ -368,14 +368,17 @@ impl Cluster {
                 if aggregation.topic.as_deref().is_some_and(|t| t != topic) {
                     return Ok(());
                 }
-                let Some((epoch, seq)) = flush_of(message) else {
+                let Some(mark) = mark_of(message) else {
                     return Ok(());
                 };
-                if !commit.accepts(epoch, seq) {
+                if !commit.accepts(mark.epoch, mark.seq) {
                     return Ok(());
                 }
                 match message.payload() {
-                    Some(state) => batch.put_state(&aggregation.name, slot, key, state)?,
+                    Some(state) => {
+                        let state = aggregation.state_here(mark.format, state)?;
+                        batch.put_state(&aggregation.name, slot, key, &state)?
+                    }
                     None => batch.delete_state(&aggregation.name, slot, key)?,
                 }
                 applied += 1;

@@ -53,6 +53,20 @@ impl Behind {
     }
 }
 
+/// Converts states of another format into the one an aggregation's plugin
+/// writes now (its `migrate`), for states that arrive from elsewhere:
+/// changelog records written by an instance that ran another version of
+/// the plugin. Implemented over a plugin instance (`apply::migrate`), so
+/// that the layers below the plugin runtime need not know it.
+pub trait StateMigrator: Send + Sync {
+    /// The state format the aggregation's states are in here.
+    fn state_format(&self) -> u32;
+
+    /// `state`, of format `from_format`, in [`Self::state_format`]; the
+    /// error says why not (e.g. the plugin does not migrate from it).
+    fn migrate(&self, from_format: u32, state: &[u8]) -> Result<Vec<u8>, String>;
+}
+
 /// One chunk of states to migrate: (slot, key, old state), in key order.
 pub type MigrationChunk = SlottedStates;
 

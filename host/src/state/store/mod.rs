@@ -36,7 +36,7 @@ mod write;
 pub use catch_up::CatchUps;
 use layout::*;
 pub use layout::{KeyStates, Slot};
-pub use migration::{Behind, Migration, MigrationChunk};
+pub use migration::{Behind, Migration, MigrationChunk, StateMigrator};
 pub use write::StateWrite;
 
 /// Per-aggregation record counters, stored with the state they describe.

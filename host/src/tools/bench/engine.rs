@@ -117,7 +117,8 @@ fn run_one(
         config.plugin_cache_dir(),
     ))?;
     let plugins = crate::app::load_plugins(&config, &runtime)?;
-    let (store, aggregations, _) = crate::app::open_aggregations(&config, plugins)?;
+    let (store, aggregations, _) =
+        crate::app::open_aggregations(&config, plugins, &AtomicBool::new(false))?;
     let status = Arc::new(Status::default());
     let mut applier = BatchApplier::new(store, status, aggregations, None, &config.batch, None)
         .context("starting the state writer thread")?;
