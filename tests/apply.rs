@@ -23,7 +23,7 @@ use wagg::config::Config;
 use wagg::ops::status::Status;
 use wagg::plugin::{PluginRuntime, RuntimeConfig};
 use wagg::record::SourceRecord;
-use wagg::state::store::StateStore;
+use wagg::state::store::{Slot, StateStore};
 
 const PARTITIONS: i32 = 4;
 const KEYS: u64 = 150;
@@ -382,9 +382,9 @@ fn records_and_catch_up_events_of_a_revoked_partition_queued_behind_the_revocati
 
 /// A plugin upgrade with a new state format, as `wagg run` opens it: with
 /// a plugin that migrates from the stored format, the aggregation is
-/// recorded as migrating (and applies nothing until it is done); in
-/// cluster mode the same start is refused with a message naming what to
-/// do instead; going back to the old plugin mid-migration is refused.
+/// recorded as migrating (and applies nothing until it is done); going
+/// back to the old plugin mid-migration is refused; in cluster mode the
+/// start migrates every key before it returns (before joining the group).
 #[test]
 fn opening_a_store_with_a_plugin_of_a_new_format_starts_a_migration_only_where_it_can() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -404,15 +404,22 @@ fn opening_a_store_with_a_plugin_of_a_new_format_starts_a_migration_only_where_i
         wagg::app::open_aggregations(config, plugins, &AtomicBool::new(false))
             .map(|(store, _, _)| store)
     };
-    let cluster = "[cluster]\nadvertised_http = \"http://127.0.0.1:1\"\n";
-    let refused = open(&with(cluster, "stats-v2"))
-        .err()
-        .expect("refused in cluster mode");
-    assert!(
-        format!("{refused:#}").contains("not supported in cluster mode"),
-        "{refused:#}"
-    );
+    let stored_sizes = |store: &StateStore| {
+        let slot = Slot {
+            topic_id: store.topic_id("events").expect("topic"),
+            partition: 0,
+        };
+        let mut sizes = BTreeMap::new();
+        store
+            .scan_slot("stats", slot, &mut |key, state| {
+                sizes.insert(key.to_vec(), state.len());
+                true
+            })
+            .expect("scan");
+        sizes
+    };
     let store = open(&with("", "stats-v2")).expect("migration starts");
+    let v1_sizes = stored_sizes(&store);
     let meta = store.aggregation_meta("stats").unwrap().expect("meta");
     assert_eq!(meta.state_format, 2);
     let migration = meta.migration.expect("migrating");
@@ -425,6 +432,19 @@ fn opening_a_store_with_a_plugin_of_a_new_format_starts_a_migration_only_where_i
         format!("{back:#}").contains("being migrated to state format 2"),
         "{back:#}"
     );
+    // In cluster mode the start migrates every key before it returns:
+    // each state is format 2, a `sum` (8 bytes) longer.
+    let cluster = "[cluster]\nadvertised_http = \"http://127.0.0.1:1\"\n";
+    let store = open(&with(cluster, "stats-v2")).expect("migrated in cluster mode");
+    let meta = store.aggregation_meta("stats").unwrap().expect("meta");
+    assert_eq!((meta.state_format, meta.migration), (2, None));
+    let v2_sizes = stored_sizes(&store);
+    assert!(!v1_sizes.is_empty());
+    let expected: BTreeMap<Vec<u8>, usize> = v1_sizes
+        .into_iter()
+        .map(|(key, size)| (key, size + 8))
+        .collect();
+    assert_eq!(v2_sizes, expected);
 }
 
 /// A `migrate` that fails on one key (here: a state the old plugin could

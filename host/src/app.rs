@@ -108,6 +108,7 @@ pub fn open_aggregations(
             cache_entries,
             counters,
         );
+        consumer_side.restore_stream_times(&store)?;
         if let Some(stored) = store.aggregation_meta(&aggregation.name)?
             && stored.migration.is_some()
         {

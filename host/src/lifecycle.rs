@@ -311,9 +311,13 @@ fn updates(
     migrating: bool,
 ) -> Result<Vec<String>, AdminError> {
     let name = &new.name;
-    if current.topic != new.topic || current.key != new.key {
+    if current.topic != new.topic
+        || current.key != new.key
+        || current.window != new.window
+        || current.time != new.time
+    {
         return Err(AdminError::Refused(format!(
-            "aggregation {name:?}: a reload cannot change `topic` or `key` (the stored states would mean something else): add it under a new name (it catches up on its own) and remove the old one"
+            "aggregation {name:?}: a reload cannot change `topic`, `key`, `window` or `time` (the stored states would mean something else): add it under a new name (it catches up on its own) and remove the old one"
         )));
     }
     let (old_meta, new_meta) = (meta_of(current_plugin), meta_of(new_plugin));

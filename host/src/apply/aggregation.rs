@@ -8,11 +8,13 @@ use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 
 use crate::config::AggregationConfig;
 use crate::ops::metrics::{AggregationLabel, CacheLabel, Metrics};
-use crate::ops::status::AggregationCounters;
+use crate::ops::status::{AggregationCounters, Status};
 use crate::plugin::{LoadedPlugin, PluginInstance};
 use crate::record::SourceRecord;
 use crate::state::cache::StateCache;
-use crate::state::store::AggregationMeta;
+use crate::state::store::{AggregationMeta, StateStore, StoreError};
+
+use super::window::Windowing;
 
 /// One configured aggregation as the consumer loop runs it.
 pub struct Aggregation {
@@ -34,6 +36,8 @@ pub struct Aggregation {
     /// (the aggregation's meta record, with the migration's progress):
     /// no record is applied meanwhile (see `state::store::migration`).
     pub(super) migrating: Option<AggregationMeta>,
+    /// Windowed aggregations: the window spec and stream times.
+    pub(super) windowing: Option<Windowing>,
 }
 
 /// An aggregation's metrics, looked up once (not per batch).
@@ -88,7 +92,6 @@ impl Aggregation {
         counters: AggregationCounters,
     ) -> Self {
         Self {
-            config,
             plugin,
             instance,
             states: StateCache::new(cache_entries),
@@ -97,7 +100,36 @@ impl Aggregation {
             instruments: Instruments::default(),
             catch_up: HashMap::new(),
             migrating: None,
+            windowing: config
+                .window
+                .clone()
+                .map(|spec| Windowing::new(spec, config.time.clone(), [])),
+            config,
         }
+    }
+
+    /// Tells `status` the stream times loaded from the store.
+    pub(super) fn report_stream_times(&self, status: &Status) {
+        if let Some(windowing) = &self.windowing {
+            for ((topic, partition), time) in windowing.stream_times() {
+                status.set_stream_time(&self.config.name, topic, *partition, *time);
+            }
+        }
+    }
+
+    /// Loads a windowed aggregation's stream times from the store.
+    pub fn restore_stream_times(&mut self, store: &StateStore) -> Result<(), StoreError> {
+        if let Some(windowing) = &mut self.windowing {
+            let stored = store.stream_times(&self.config.name)?;
+            *windowing = Windowing::new(
+                windowing.spec.clone(),
+                self.config.time.clone(),
+                stored
+                    .into_iter()
+                    .map(|((topic, partition), time)| ((Arc::from(topic), partition), time)),
+            );
+        }
+        Ok(())
     }
 
     /// Has the aggregation migrate its stored states (recorded in `meta`
@@ -117,6 +149,10 @@ impl Aggregation {
         // A migration in progress goes on with the new build.
         if self.migrating.is_none() {
             self.migrating = old.migrating.take();
+        }
+        // The same windows (a reload refuses to change them).
+        if self.windowing.is_some() {
+            self.windowing = old.windowing.take();
         }
     }
 

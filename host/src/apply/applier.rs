@@ -4,6 +4,7 @@
 //! kept; a batch that succeeds joins the unwritten effects the
 //! [`Flusher`](super::flusher::Flusher) writes.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -15,13 +16,14 @@ use super::dead_letter::{DeadLetter, DeadLetterError, DeadLetterSink};
 use super::flusher::Flusher;
 use super::group::{GroupKey, group_by_key, group_key};
 use super::partition_map::PartitionMap;
+use super::window::{Partition, WindowedBatch};
 use crate::config::{BatchConfig, OnError};
 use crate::ops::status::{AggregationCounters, Status};
 use crate::plugin::{Change, GroupInput};
 use crate::record::SourceRecord;
 use crate::state::cache::State;
 use crate::state::flush::{CatchUpOffsets, FlushOffsets, FlushPublisher};
-use crate::state::store::{AggregationMeta, Slot, StateStore, StoreError};
+use crate::state::store::{AggregationMeta, Slot, StateStore, StoreError, split_window_key};
 use crate::state::writer::{StateWriter, WriteInstruments};
 
 /// Applies batches of records to every aggregation and writes the results:
@@ -55,6 +57,7 @@ struct CacheUpdate {
 struct Staged<'b> {
     counters: AggregationCounters,
     letters: Vec<DeadLetter<'b>>,
+    windowed: WindowedBatch,
 }
 
 impl BatchApplier {
@@ -71,6 +74,7 @@ impl BatchApplier {
         for aggregation in &mut aggregations {
             status.set_counters(&aggregation.config.name, aggregation.applied);
             aggregation.instruments = Instruments::new(status.metrics(), &aggregation.config.name);
+            aggregation.report_stream_times(&status);
         }
         let metrics = status.metrics();
         let instruments = WriteInstruments {
@@ -133,6 +137,8 @@ impl BatchApplier {
     pub(super) fn add(&mut self, mut aggregation: Aggregation) -> Result<(), StoreError> {
         let name = aggregation.config.name.clone();
         aggregation.applied = self.store.counters(&name)?;
+        aggregation.restore_stream_times(&self.store)?;
+        aggregation.report_stream_times(&self.status);
         aggregation.instruments = Instruments::new(self.status.metrics(), &name);
         self.status.set_counters(&name, aggregation.applied);
         self.aggregations.push(aggregation);
@@ -177,6 +183,9 @@ impl BatchApplier {
             return;
         };
         aggregation.states.clear();
+        if let Some(windowing) = &mut aggregation.windowing {
+            windowing.clear();
+        }
         aggregation.applied = AggregationCounters::default();
         // Cleared states: nothing left to migrate (the store ended it).
         aggregation.migrating = None;
@@ -309,6 +318,7 @@ impl BatchApplier {
         let mut slots = self.slots(&partitions)?;
         let mut cache_updates = Vec::new();
         let mut counters = Vec::with_capacity(self.aggregations.len());
+        let mut windowed = Vec::with_capacity(self.aggregations.len());
         let mut letters = Vec::new();
         for (index, aggregation) in self.aggregations.iter_mut().enumerate() {
             let mut staged = apply_aggregation(
@@ -326,6 +336,7 @@ impl BatchApplier {
                 },
             )?;
             counters.push(staged.counters);
+            windowed.push(staged.windowed);
             letters.append(&mut staged.letters);
         }
         if !letters.is_empty() {
@@ -342,8 +353,15 @@ impl BatchApplier {
                 .states
                 .set(update.store_key, update.state);
         }
-        for (aggregation, counters) in self.aggregations.iter_mut().zip(counters) {
+        for ((aggregation, counters), windowed) in
+            self.aggregations.iter_mut().zip(counters).zip(windowed)
+        {
             aggregation.applied = counters;
+            if let Some(windowing) = &mut aggregation.windowing {
+                let moved: Vec<Partition> = windowed.stream_times.keys().cloned().collect();
+                windowing.keep(windowed);
+                delete_expired_windows(aggregation, &moved, &mut slots, &self.store)?;
+            }
             aggregation.states.evict_if_over();
         }
         if feed == Feed::Live {
@@ -424,21 +442,36 @@ fn apply_aggregation<'b>(
     mut stage: impl FnMut((Vec<u8>, State)),
 ) -> Result<Staged<'b>, PipelineError> {
     let mut counters = aggregation.applied;
-    let (keyed, mut rejected) = key_records(aggregation, feed, batch, slots);
-    let considered = keyed.len() + rejected.len();
-    if considered == 0 {
+    let Keyed {
+        keyed,
+        mut rejected,
+        late,
+        windowed,
+        considered,
+    } = key_records(aggregation, feed, batch, slots);
+    counters.records_late += late.len() as u64;
+    let mut letters = late_letters(aggregation, &late);
+    if keyed.is_empty() && rejected.is_empty() {
+        counters.records_dead_lettered += letters.len() as u64;
+        counters.records_applied += (considered - late.len()) as u64;
         return Ok(Staged {
             counters,
-            letters: Vec::new(),
+            letters,
+            windowed,
         });
     }
     let groups = group_by_key(keyed);
     let store_keys = load_states(aggregation, &groups, store)?;
+    let plugin_keys: Vec<Cow<'_, [u8]>> = groups
+        .iter()
+        .map(|((_, key), _)| plugin_key(aggregation, key))
+        .collect();
     let cached = &aggregation.states;
     let inputs: Vec<GroupInput<'_>> = groups
         .iter()
         .zip(&store_keys)
-        .map(|(((_, key), records), store_key)| GroupInput {
+        .zip(&plugin_keys)
+        .map(|(((_, records), store_key), key)| GroupInput {
             key,
             state: cached.peek(store_key).and_then(|state| state.as_deref()),
             records,
@@ -459,7 +492,12 @@ fn apply_aggregation<'b>(
     for (group, failure) in &outcome.failures {
         rejected.push((groups[*group].1[failure.index], failure.message.clone()));
     }
-    let letters = route_rejected(aggregation, &rejected)?;
+    if aggregation.windowing.is_some() {
+        // A record in several windows is rejected once.
+        let mut seen = std::collections::HashSet::new();
+        rejected.retain(|(record, _)| seen.insert(std::ptr::from_ref(*record)));
+    }
+    letters.extend(route_rejected(aggregation, &rejected)?);
     for (store_key, change) in store_keys.into_iter().zip(outcome.changes) {
         match change {
             Change::Unchanged => {}
@@ -469,33 +507,120 @@ fn apply_aggregation<'b>(
     }
     counters.records_dead_lettered += letters.len() as u64;
     counters.records_failed += rejected.len() as u64;
-    counters.records_applied += (considered - rejected.len()) as u64;
-    Ok(Staged { counters, letters })
+    counters.records_applied += (considered - rejected.len() - late.len()) as u64;
+    Ok(Staged {
+        counters,
+        letters,
+        windowed,
+    })
 }
 
 type Rejected<'b> = Vec<(&'b SourceRecord, String)>;
 
+/// The records of a batch an aggregation consumes, sorted out.
+struct Keyed<'b> {
+    /// Each record with its group key (windowed: once per open window).
+    keyed: Vec<(GroupKey<'b>, &'b SourceRecord)>,
+    /// Records without a group key (a re-keying field or an event time
+    /// missing).
+    rejected: Rejected<'b>,
+    /// Windowed: records whose windows had all closed.
+    late: Vec<&'b SourceRecord>,
+    windowed: WindowedBatch,
+    /// How many records the aggregation consumes in the batch.
+    considered: usize,
+}
+
 /// The group key of each record the aggregation consumes, and the records
-/// that have none (a re-keying field missing).
+/// that have none.
 fn key_records<'b>(
     aggregation: &Aggregation,
     feed: Feed,
     batch: &'b [SourceRecord],
     slots: &mut PartitionMap<Slot>,
-) -> (Vec<(GroupKey<'b>, &'b SourceRecord)>, Rejected<'b>) {
-    let mut rejected = Vec::new();
-    let mut keyed = Vec::new();
+) -> Keyed<'b> {
+    let mut out = Keyed {
+        keyed: Vec::new(),
+        rejected: Vec::new(),
+        late: Vec::new(),
+        windowed: WindowedBatch::default(),
+        considered: 0,
+    };
     for record in batch.iter().filter(|r| aggregation.takes(feed, r)) {
+        out.considered += 1;
         let Some(slot) = slots.get(&record.topic, record.partition) else {
             // Every record's partition has a slot (`BatchApplier::slots`).
             continue;
         };
-        match group_key(&aggregation.config, record, slot) {
-            Ok(key) => keyed.push((key, record)),
-            Err(message) => rejected.push((record, message)),
+        let key = match group_key(&aggregation.config, record, slot) {
+            Ok(key) => key,
+            Err(message) => {
+                out.rejected.push((record, message));
+                continue;
+            }
+        };
+        let Some(windowing) = &aggregation.windowing else {
+            out.keyed.push((key, record));
+            continue;
+        };
+        match windowing.place(&mut out.windowed, record, key.0, &key.1) {
+            Ok(windows) if windows.is_empty() => out.late.push(record),
+            Ok(windows) => out.keyed.extend(windows.into_iter().map(|w| (w, record))),
+            Err(message) => out.rejected.push((record, message)),
         }
     }
-    (keyed, rejected)
+    out
+}
+
+/// The key the plugin sees for a group: the aggregation key, without the
+/// window of a windowed aggregation.
+fn plugin_key<'k>(aggregation: &Aggregation, key: &'k [u8]) -> Cow<'k, [u8]> {
+    match &aggregation.windowing {
+        Some(_) => split_window_key(key).map_or(Cow::Borrowed(key), |(key, _)| Cow::Owned(key)),
+        None => Cow::Borrowed(key),
+    }
+}
+
+/// The dead letters of late records (`on_error = "dead-letter"`; else
+/// they are only counted). Late records never stop consumption.
+fn late_letters<'b>(aggregation: &Aggregation, late: &[&'b SourceRecord]) -> Vec<DeadLetter<'b>> {
+    if aggregation.config.on_error != OnError::DeadLetter {
+        return Vec::new();
+    }
+    let metadata = aggregation.plugin.metadata();
+    late.iter()
+        .map(|record| DeadLetter {
+            aggregation: aggregation.config.name.clone(),
+            plugin: metadata.name.clone(),
+            plugin_version: metadata.version.clone(),
+            error: "late: every window of the record's event time had closed (stream time passed window end + grace)".into(),
+            record,
+        })
+        .collect()
+}
+
+/// Stages the deletion of the windows past retention on the partitions
+/// whose stream time moved (see `Windowing::sweep`).
+fn delete_expired_windows(
+    aggregation: &mut Aggregation,
+    moved: &[Partition],
+    slots: &mut PartitionMap<Slot>,
+    store: &StateStore,
+) -> Result<(), StoreError> {
+    let Some(windowing) = &mut aggregation.windowing else {
+        return Ok(());
+    };
+    for partition in moved {
+        let Some(slot) = slots.get(&partition.0, partition.1) else {
+            continue;
+        };
+        if let Some(expired) = windowing.sweep(store, &aggregation.config.name, partition, slot)? {
+            for store_key in expired {
+                aggregation.states.set(store_key, None);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Makes every group's current state peekable in the aggregation's cache:

@@ -13,6 +13,7 @@
 //!
 //! [`StateCache`]: crate::state::cache::StateCache
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::aggregation::Aggregation;
@@ -42,6 +43,7 @@ struct InFlight {
     offsets: FlushOffsets,
     catch_up: CatchUpOffsets,
     counters: Vec<AggregationCounters>,
+    stream_times: Vec<Vec<((Arc<str>, i32), i64)>>,
 }
 
 impl Flusher {
@@ -106,6 +108,11 @@ impl Flusher {
                     name: aggregation.config.name.clone(),
                     states: aggregation.states.take_dirty(),
                     counters: aggregation.applied,
+                    stream_times: aggregation
+                        .windowing
+                        .as_mut()
+                        .map(|w| w.take_unwritten())
+                        .unwrap_or_default(),
                 })
                 .collect(),
             offsets: self.unwritten.clone(),
@@ -115,6 +122,11 @@ impl Flusher {
             offsets: std::mem::take(&mut self.unwritten),
             catch_up: std::mem::take(&mut self.unwritten_catch_up),
             counters: job.aggregations.iter().map(|a| a.counters).collect(),
+            stream_times: job
+                .aggregations
+                .iter()
+                .map(|a| a.stream_times.clone())
+                .collect(),
         });
         self.unwritten_since = None;
         if let Err(e) = self.writer.submit(job) {
@@ -176,9 +188,16 @@ impl Flusher {
             return Ok(FlushOffsets::new());
         };
         // Durable: now the views may move forward.
-        for (aggregation, counters) in aggregations.iter_mut().zip(written.counters) {
+        for ((aggregation, counters), stream_times) in aggregations
+            .iter_mut()
+            .zip(written.counters)
+            .zip(written.stream_times)
+        {
             aggregation.states.write_completed();
             status.set_counters(&aggregation.config.name, counters);
+            for ((topic, partition), time) in stream_times {
+                status.set_stream_time(&aggregation.config.name, &topic, partition, time);
+            }
         }
         for ((topic, partition), next) in &written.offsets {
             status.set_next_offset(topic, *partition, *next);
@@ -195,8 +214,11 @@ impl Flusher {
         let Some(failed) = self.in_flight.take() else {
             return;
         };
-        for aggregation in aggregations {
+        for (aggregation, stream_times) in aggregations.iter_mut().zip(&failed.stream_times) {
             aggregation.states.write_failed();
+            if let Some(windowing) = &mut aggregation.windowing {
+                windowing.unwritten_again(stream_times);
+            }
         }
         for (partition, next) in failed.offsets {
             let entry = self.unwritten.entry(partition).or_insert(next);

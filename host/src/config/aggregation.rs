@@ -53,6 +53,14 @@ pub struct AggregationConfig {
     /// Passed to the plugin's `configure` as JSON.
     #[serde(default)]
     pub params: toml::Table,
+    /// Aggregate per time window of each key instead of over all time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<super::window::WindowConfig>,
+    /// Where a windowed aggregation reads a record's event time: a JSON
+    /// pointer into the value (epoch ms or RFC 3339); default: the Kafka
+    /// record timestamp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
 }
 
 impl AggregationConfig {

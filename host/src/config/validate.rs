@@ -4,7 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{ClusterConfig, Config, OnError, kafka_value};
+use super::window::WindowConfig;
+use super::{AggregationConfig, ClusterConfig, Config, OnError, kafka_value};
 
 impl Config {
     // One check per rule, in the order the file reads; each is two or three
@@ -125,6 +126,7 @@ impl Config {
                     "{at}.key {key:?} (aggregation {name:?}) must be a JSON pointer such as \"/user_id\""
                 ));
             }
+            check_window(aggregation).map_err(|e| format!("{at} (aggregation {name:?}): {e}"))?;
         }
         Ok(())
     }
@@ -170,6 +172,12 @@ impl Config {
                     .into(),
             );
         }
+        if let Some(aggregation) = self.aggregations.iter().find(|a| a.window.is_some()) {
+            return Err(format!(
+                "aggregation {:?} is windowed, which cluster mode does not support yet (stream times do not move with the partitions): run it on a single instance",
+                aggregation.name
+            ));
+        }
         if let Some(aggregation) = self.aggregations.iter().find(|a| a.key.is_some()) {
             return Err(format!(
                 "aggregation {:?} re-keys records (`key`), which a cluster cannot split by partition yet: one key's records come from every partition. Key the records by that field when producing them, or run it on a single instance",
@@ -200,6 +208,39 @@ impl Config {
             .max_state_bytes
             .saturating_add(CHANGELOG_KEY_ALLOWANCE)
     }
+}
+
+/// The `window` and `time` settings of an aggregation.
+fn check_window(aggregation: &AggregationConfig) -> Result<(), String> {
+    let Some(window) = &aggregation.window else {
+        return match &aggregation.time {
+            Some(_) => Err(
+                "`time` applies only to windowed aggregations: add a `window`, or remove `time`"
+                    .into(),
+            ),
+            None => Ok(()),
+        };
+    };
+    window.check()?;
+    if matches!(window, WindowConfig::Session { .. }) {
+        return Err(
+            "`window.kind = \"session\"` is not supported yet: use \"tumbling\" or \"hopping\""
+                .into(),
+        );
+    }
+    if aggregation.key.is_some() {
+        return Err(
+            "a windowed aggregation cannot re-key records (`key`) yet: a window's stream time is kept per source partition; key the records by that field when producing them".into(),
+        );
+    }
+    if let Some(time) = &aggregation.time
+        && !time.starts_with('/')
+    {
+        return Err(format!(
+            "`time` {time:?} must be a JSON pointer such as \"/ts\" (or left out: the Kafka record timestamp)"
+        ));
+    }
+    Ok(())
 }
 
 /// Room for a changelog record's key (the slot and the aggregation key)

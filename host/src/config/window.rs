@@ -2,9 +2,6 @@
 //! spec, its validation and its arithmetic — which windows a record's event
 //! time falls in, when a window closes, when it may be deleted.
 //!
-//! Groundwork for windowed aggregations: the pipeline does not use it yet
-//! (an aggregation has no `window` setting so far).
-//!
 //! Windows follow Kafka Streams' semantics: tumbling and hopping windows are
 //! aligned to the Unix epoch and cover `[start, end)` in milliseconds; a
 //! partition's *stream time* is the largest event time seen in it; a window
@@ -142,6 +139,14 @@ impl WindowConfig {
             ));
         }
         Ok(())
+    }
+
+    /// A window's length: `size`, or a session's `gap`.
+    pub fn length(&self) -> i64 {
+        match *self {
+            Self::Tumbling { size, .. } | Self::Hopping { size, .. } => size.millis(),
+            Self::Session { gap, .. } => gap.millis(),
+        }
     }
 
     pub fn grace(&self) -> Span {

@@ -36,7 +36,7 @@ impl Collector for Snapshot {
     // A list of metric families, each a few declarative lines.
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         type Pick = fn(&AggregationCounters) -> u64;
-        let totals: [(&str, &str, Pick); 3] = [
+        let totals: [(&str, &str, Pick); 4] = [
             (
                 "records_applied",
                 "Records applied to the aggregation's state (written, as of the last state write)",
@@ -51,6 +51,11 @@ impl Collector for Snapshot {
                 "records_dead_lettered",
                 "Rejected records delivered to the dead-letter topic",
                 |c| c.records_dead_lettered,
+            ),
+            (
+                "records_late",
+                "Records of a windowed aggregation that arrived after all their windows had closed (not applied)",
+                |c| c.records_late,
             ),
         ];
         for (name, help, pick) in totals {

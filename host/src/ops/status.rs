@@ -28,6 +28,8 @@ struct Inner {
     /// Own next offsets of aggregations catching up: (aggregation, topic,
     /// partition) → next offset.
     catch_up: BTreeMap<(String, String, i32), i64>,
+    /// (aggregation, topic, partition) → stream time, as written.
+    stream_times: BTreeMap<(String, String, i32), i64>,
 }
 
 pub use crate::state::store::AggregationCounters;
@@ -57,6 +59,10 @@ pub struct PartitionProgress {
     /// consumed); `next_offset` and `lag` are then its own.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub catching_up: bool,
+    /// In a windowed aggregation's list: the partition's stream time (the
+    /// largest event time seen, ms since the epoch), as last written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_time: Option<i64>,
 }
 
 /// Why the instance is not ready, if it is not.
@@ -125,6 +131,9 @@ impl Status {
         let mut inner = self.write();
         inner.aggregations.remove(aggregation);
         inner.catch_up.retain(|(name, _, _), _| name != aggregation);
+        inner
+            .stream_times
+            .retain(|(name, _, _), _| name != aggregation);
     }
 
     pub fn counters(&self, aggregation: &str) -> AggregationCounters {
@@ -184,6 +193,12 @@ impl Status {
         };
     }
 
+    /// A windowed aggregation's stream time on a partition, as written.
+    pub fn set_stream_time(&self, aggregation: &str, topic: &str, partition: i32, time: i64) {
+        let key = (aggregation.to_owned(), topic.to_owned(), partition);
+        self.write().stream_times.insert(key, time);
+    }
+
     /// An aggregation's view of the partitions: the shared progress, with
     /// its own offsets and lag where it is catching up.
     pub fn partitions_of(
@@ -203,6 +218,7 @@ impl Status {
                 progress.next_offset = Some(next);
                 progress.lag = progress.high_watermark.map(|high| (high - next).max(0));
             }
+            progress.stream_time = inner.stream_times.get(&key).copied();
         }
         partitions
     }

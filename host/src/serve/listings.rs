@@ -89,6 +89,8 @@ fn aggregation_info(
         },
         topic: config.topic.clone(),
         key: config.key.clone(),
+        window: config.window.clone(),
+        time: config.time.clone(),
         on_error: config.on_error,
         keys_estimate: state.store.estimate_keys(&config.name)?,
         migration: state
@@ -107,6 +109,7 @@ fn aggregation_info(
         records_applied: counters.records_applied,
         records_failed: counters.records_failed,
         records_dead_lettered: counters.records_dead_lettered,
+        records_late: counters.records_late,
         partitions: state.status.partitions_of(
             &config.name,
             partitions

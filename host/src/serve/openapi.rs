@@ -50,6 +50,15 @@ pub struct AggregationInfo {
     pub topic: Option<String>,
     /// The JSON pointer it re-keys by (the Kafka key when absent).
     pub key: Option<String>,
+    /// Windowed aggregations: the window spec as configured (`kind`,
+    /// `size`, `advance`, `grace`, `retention` as duration texts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub window: Option<crate::config::WindowConfig>,
+    /// Windowed aggregations: the JSON pointer of the event time (the
+    /// Kafka timestamp when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
     /// `fail`, `skip` or `dead-letter`.
     #[schema(value_type = String)]
     pub on_error: OnError,
@@ -62,6 +71,9 @@ pub struct AggregationInfo {
     pub records_applied: u64,
     pub records_failed: u64,
     pub records_dead_lettered: u64,
+    /// Windowed aggregations: records that came after all their windows
+    /// had closed (not applied).
+    pub records_late: u64,
     pub partitions: Vec<PartitionProgress>,
 }
 

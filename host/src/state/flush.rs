@@ -34,6 +34,8 @@ pub struct FlushedAggregation {
     pub states: Vec<(Vec<u8>, State)>,
     /// The aggregation's totals including these states.
     pub counters: AggregationCounters,
+    /// Windowed: the stream times that moved, per (topic, partition).
+    pub stream_times: Vec<((Arc<str>, i32), i64)>,
 }
 
 /// A partition's commit (its owner's epoch and the flush's sequence number

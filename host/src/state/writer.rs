@@ -148,6 +148,14 @@ fn write(
             }
         }
         batch.set_counters(&aggregation.name, &aggregation.counters);
+        for ((topic, partition), time) in &aggregation.stream_times {
+            batch.set_stream_time(
+                store.topic_id(topic)?,
+                *partition,
+                &aggregation.name,
+                Some(*time),
+            );
+        }
     }
     for ((topic, partition), next) in &job.offsets {
         // Known since the batch was applied: a lookup in the store's map.

@@ -35,9 +35,21 @@ impl StateStore {
 
     /// Every catch-up entry: partition → aggregation → next offset.
     pub fn all_catch_ups(&self) -> Result<CatchUps, StoreError> {
+        self.partition_entries(CATCH_UP_PREFIX)
+    }
+
+    /// Every entry of a per-partition, per-aggregation number under
+    /// `prefix` (catch-up offsets, stream times): partition → aggregation
+    /// → value.
+    pub(super) fn partition_entries(&self, prefix: &[u8]) -> Result<CatchUps, StoreError> {
         let mut out = CatchUps::new();
-        for (key, value) in self.meta_scan(CATCH_UP_PREFIX)? {
-            let malformed = || self.corrupt("catch-up key is malformed".into());
+        for (key, value) in self.meta_scan(prefix)? {
+            let malformed = || {
+                self.corrupt(format!(
+                    "meta key {:?} is malformed",
+                    String::from_utf8_lossy(prefix)
+                ))
+            };
             let (slot, name) = key.split_at_checked(Slot::LEN).ok_or_else(malformed)?;
             let topic_id = u16::from_be_bytes([slot[0], slot[1]]);
             let partition = i32::from_be_bytes([slot[2], slot[3], slot[4], slot[5]]);
@@ -123,6 +135,9 @@ impl StateStore {
         let mut batch = self.begin_write();
         batch.clear_aggregation(aggregation)?;
         self.forget_catch_up(&mut batch, &self.all_catch_ups()?, aggregation)?;
+        for (topic, partition) in self.stream_times(aggregation)?.keys() {
+            batch.set_stream_time(self.topic_id(topic)?, *partition, aggregation, None);
+        }
         for ((topic, partition), next) in start {
             batch.set_catch_up(self.topic_id(topic)?, *partition, aggregation, Some(*next));
         }
@@ -156,7 +171,12 @@ impl StateStore {
 pub type CatchUps = BTreeMap<(String, i32), BTreeMap<String, i64>>;
 
 fn catch_up_key(topic_id: u16, partition: i32, aggregation: &str) -> Vec<u8> {
-    let mut key = partition_key(CATCH_UP_PREFIX, topic_id, partition);
+    aggregation_key(CATCH_UP_PREFIX, topic_id, partition, aggregation)
+}
+
+/// The key of an aggregation's entry under `prefix` for a partition.
+fn aggregation_key(prefix: &[u8], topic_id: u16, partition: i32, aggregation: &str) -> Vec<u8> {
+    let mut key = partition_key(prefix, topic_id, partition);
     key.extend_from_slice(aggregation.as_bytes());
     key
 }
@@ -176,6 +196,41 @@ impl StateWrite<'_> {
             Some(next) => self
                 .batch
                 .put_cf(&self.store.meta(), key, next.to_be_bytes()),
+            None => self.batch.delete_cf(&self.store.meta(), key),
+        }
+    }
+}
+
+impl StateStore {
+    /// The stream time of a windowed aggregation on each partition it has
+    /// seen records of: the largest event time there (ms).
+    pub fn stream_times(
+        &self,
+        aggregation: &str,
+    ) -> Result<BTreeMap<(String, i32), i64>, StoreError> {
+        Ok(self
+            .partition_entries(STREAM_TIME_PREFIX)?
+            .into_iter()
+            .filter_map(|(partition, mut entries)| Some((partition, entries.remove(aggregation)?)))
+            .collect())
+    }
+}
+
+impl StateWrite<'_> {
+    /// Sets (or, with `None`, deletes) a windowed aggregation's stream time
+    /// on a partition.
+    pub fn set_stream_time(
+        &mut self,
+        topic_id: u16,
+        partition: i32,
+        aggregation: &str,
+        time: Option<i64>,
+    ) {
+        let key = aggregation_key(STREAM_TIME_PREFIX, topic_id, partition, aggregation);
+        match time {
+            Some(time) => self
+                .batch
+                .put_cf(&self.store.meta(), key, time.to_be_bytes()),
             None => self.batch.delete_cf(&self.store.meta(), key),
         }
     }

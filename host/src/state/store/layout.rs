@@ -9,6 +9,10 @@ pub(super) const AGG_META_PREFIX: &[u8] = b"aggregation\0";
 pub(super) const APPLIED_PREFIX: &[u8] = b"applied\0";
 pub(super) const FAILED_PREFIX: &[u8] = b"failed\0";
 pub(super) const DEAD_LETTERED_PREFIX: &[u8] = b"dead-lettered\0";
+pub(super) const LATE_PREFIX: &[u8] = b"late\0";
+/// `stream-time\0` + topic id + partition + aggregation name → the largest
+/// event time a windowed aggregation has seen in the partition (ms).
+pub(super) const STREAM_TIME_PREFIX: &[u8] = b"stream-time\0";
 pub(super) const COMMIT_PREFIX: &[u8] = b"commit\0";
 /// `catch-up\0` + topic id + partition + aggregation name → the next offset
 /// of an aggregation that is behind the partition's offset (see

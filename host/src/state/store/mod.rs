@@ -31,12 +31,14 @@ mod catch_up;
 mod layout;
 mod migration;
 mod reads;
+mod windowed;
 mod write;
 
 pub use catch_up::CatchUps;
 use layout::*;
 pub use layout::{KeyStates, Slot};
 pub use migration::{Behind, Migration, MigrationChunk, StateMigrator};
+pub use windowed::{split_window_key, window_key, window_prefix};
 pub use write::StateWrite;
 
 /// Per-aggregation record counters, stored with the state they describe.
@@ -48,6 +50,11 @@ pub struct AggregationCounters {
     pub records_failed: u64,
     /// Of `records_failed`, those sent to the dead-letter topic.
     pub records_dead_lettered: u64,
+    /// Records of a windowed aggregation that came after every window
+    /// they belong to had closed: not applied (and not in
+    /// `records_failed`; dead-lettered, and counted there too, under
+    /// `on_error = "dead-letter"`).
+    pub records_late: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -355,9 +362,11 @@ impl StateStore {
             &self.meta(),
             partition_key(COMMIT_PREFIX, slot.topic_id, partition),
         );
-        let catch_up = partition_key(CATCH_UP_PREFIX, slot.topic_id, partition);
-        let catch_up_end = next_prefix(&catch_up).unwrap_or_else(|| vec![0xff; catch_up.len()]);
-        batch.delete_range_cf(&self.meta(), &catch_up, &catch_up_end);
+        for prefix in [CATCH_UP_PREFIX, STREAM_TIME_PREFIX] {
+            let start = partition_key(prefix, slot.topic_id, partition);
+            let end = next_prefix(&start).unwrap_or_else(|| vec![0xff; start.len()]);
+            batch.delete_range_cf(&self.meta(), &start, &end);
+        }
         self.db
             .write_opt(batch, &self.write_options)
             .map_err(|e| self.rocks(e))
@@ -473,6 +482,7 @@ impl StateStore {
             records_applied: read(APPLIED_PREFIX)?,
             records_failed: read(FAILED_PREFIX)?,
             records_dead_lettered: read(DEAD_LETTERED_PREFIX)?,
+            records_late: read(LATE_PREFIX)?,
         })
     }
 

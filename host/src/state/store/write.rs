@@ -127,6 +127,7 @@ impl StateWrite<'_> {
             (APPLIED_PREFIX, counters.records_applied),
             (FAILED_PREFIX, counters.records_failed),
             (DEAD_LETTERED_PREFIX, counters.records_dead_lettered),
+            (LATE_PREFIX, counters.records_late),
         ] {
             self.batch.put_cf(
                 meta,

@@ -1,0 +1,177 @@
+//! Windowed aggregations on the consumer thread: which windows a record
+//! goes to, which records are late, each partition's stream time, and the
+//! deletion of windows past retention (see `config::window` for the
+//! arithmetic and `state::store::windowed` for the keys).
+//!
+//! A windowed aggregation keeps one state per key *and window*, under the
+//! window key `escape(key) ‖ 00 00 ‖ start` in the record's partition slot;
+//! the plugin sees the plain key and knows nothing of windows. Stream time
+//! (the largest event time seen, per partition) moves record by record, so
+//! whether a record is late depends only on the records before it in its
+//! partition — the same after a crash and a replay. Stream times are
+//! written with the states and offsets of the same flush; expired windows
+//! are deleted by staging deletes, so the deletes travel the same way
+//! (one write, the changelog).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::{Window, WindowConfig};
+use crate::record::SourceRecord;
+use crate::state::store::{Slot, StateStore, StoreError, split_window_key, window_key};
+
+use super::group::GroupKey;
+
+/// A partition: (topic, partition).
+pub(super) type Partition = (Arc<str>, i32);
+
+/// A windowed aggregation's window spec and stream times.
+#[derive(Debug)]
+pub(super) struct Windowing {
+    pub(super) spec: WindowConfig,
+    /// JSON pointer of the event time (`time`); the Kafka timestamp when
+    /// `None`.
+    time: Option<String>,
+    /// Stream time per partition, applied records included.
+    stream_times: HashMap<Partition, i64>,
+    /// The stream times as last handed to the writer.
+    written: HashMap<Partition, i64>,
+    /// Stream time at each partition's last retention sweep (in memory:
+    /// after a restart the first batch sweeps).
+    swept: HashMap<Partition, i64>,
+}
+
+/// What one batch does to a windowed aggregation, before it is kept.
+#[derive(Default)]
+pub(super) struct WindowedBatch {
+    /// Stream times the batch moved.
+    pub(super) stream_times: HashMap<Partition, i64>,
+}
+
+impl Windowing {
+    pub(super) fn new(
+        spec: WindowConfig,
+        time: Option<String>,
+        stored: impl IntoIterator<Item = (Partition, i64)>,
+    ) -> Self {
+        let stream_times: HashMap<Partition, i64> = stored.into_iter().collect();
+        Self {
+            spec,
+            time,
+            written: stream_times.clone(),
+            stream_times,
+            swept: HashMap::new(),
+        }
+    }
+
+    /// Every partition's stream time.
+    pub(super) fn stream_times(&self) -> impl Iterator<Item = (&Partition, &i64)> {
+        self.stream_times.iter()
+    }
+
+    /// A partition's stream time, with the batch's moves.
+    fn stream_time(&self, batch: &WindowedBatch, partition: &Partition) -> Option<i64> {
+        batch
+            .stream_times
+            .get(partition)
+            .or_else(|| self.stream_times.get(partition))
+            .copied()
+    }
+
+    /// The group keys of `record` (key `key` in `slot`): one per window it
+    /// belongs to that is still open. `Ok(empty)`: the record is late.
+    /// `Err`: it has no usable event time.
+    pub(super) fn place<'r>(
+        &self,
+        batch: &mut WindowedBatch,
+        record: &'r SourceRecord,
+        slot: Slot,
+        key: &[u8],
+    ) -> Result<Vec<GroupKey<'r>>, String> {
+        let time = record.event_time(self.time.as_deref())?;
+        let partition = (record.topic.clone(), record.partition);
+        let stream_time = self
+            .stream_time(batch, &partition)
+            .map_or(time, |t| t.max(time));
+        batch.stream_times.insert(partition, stream_time);
+        Ok(self
+            .spec
+            .windows_of(time)
+            .into_iter()
+            .filter(|window| !self.spec.closed(*window, stream_time))
+            .map(|window| (slot, Cow::Owned(window_key(key, window.start))))
+            .collect())
+    }
+
+    /// Keeps the stream times of a batch that succeeded.
+    pub(super) fn keep(&mut self, batch: WindowedBatch) {
+        self.stream_times.extend(batch.stream_times);
+    }
+
+    /// The stream times moved since the last flush, marked as handed on.
+    pub(super) fn take_unwritten(&mut self) -> Vec<(Partition, i64)> {
+        let moved: Vec<(Partition, i64)> = self
+            .stream_times
+            .iter()
+            .filter(|(partition, time)| self.written.get(*partition) != Some(*time))
+            .map(|(partition, time)| (partition.clone(), *time))
+            .collect();
+        self.written.extend(moved.iter().cloned());
+        moved
+    }
+
+    /// A write of these stream times failed: they are written again with
+    /// the next flush.
+    pub(super) fn unwritten_again(&mut self, failed: &[(Partition, i64)]) {
+        for (partition, _) in failed {
+            self.written.remove(partition);
+        }
+    }
+
+    /// Forgets every stream time (the aggregation was reset).
+    pub(super) fn clear(&mut self) {
+        self.stream_times.clear();
+        self.written.clear();
+        self.swept.clear();
+    }
+
+    /// The stored window keys of the partition's slot past retention at
+    /// its stream time, when it has moved on by a window since the last
+    /// sweep (`None` otherwise). Deleting them is up to the caller.
+    pub(super) fn sweep(
+        &mut self,
+        store: &StateStore,
+        aggregation: &str,
+        partition: &Partition,
+        slot: Slot,
+    ) -> Result<Option<Vec<Vec<u8>>>, StoreError> {
+        let Some(&stream_time) = self.stream_times.get(partition) else {
+            return Ok(None);
+        };
+        let every = self.spec.length().max(1000);
+        if self
+            .swept
+            .get(partition)
+            .is_some_and(|&last| stream_time < last.saturating_add(every))
+        {
+            return Ok(None);
+        }
+        self.swept.insert(partition.clone(), stream_time);
+        let length = self.spec.length();
+        let mut expired = Vec::new();
+        store.scan_slot(aggregation, slot, &mut |key, _| {
+            if let Some((_, start)) = split_window_key(key) {
+                let window = Window {
+                    start,
+                    end: start.saturating_add(length),
+                };
+                if self.spec.expired(window, stream_time) {
+                    expired.push(slot.store_key(key));
+                }
+            }
+            true
+        })?;
+        Ok(Some(expired))
+    }
+}
