@@ -1296,3 +1296,266 @@ fn migration_rate() {
     eprintln!("migration of {keys} keys: {line}");
     assert_states(&wagg, "stats", &expected_stats_v2(&data));
 }
+
+/// One windowed aggregation as the test computes it: per (key, window
+/// start) the count, per partition the stream time, and the late records.
+struct WindowTruth {
+    size: i64,
+    advance: i64,
+    grace: i64,
+    counts: BTreeMap<(String, i64), u64>,
+    stream_times: BTreeMap<i32, i64>,
+    late: u64,
+    applied: u64,
+}
+
+impl WindowTruth {
+    fn new(size: i64, advance: i64, grace: i64) -> Self {
+        WindowTruth {
+            size,
+            advance,
+            grace,
+            counts: BTreeMap::new(),
+            stream_times: BTreeMap::new(),
+            late: 0,
+            applied: 0,
+        }
+    }
+
+    /// A record of `partition` (in offset order): stream time moves to it,
+    /// then it counts in every window covering it that is still open.
+    fn add(&mut self, partition: i32, key: &str, time: i64) {
+        let stream_time = self.stream_times.entry(partition).or_insert(time);
+        *stream_time = (*stream_time).max(time);
+        let stream_time = *stream_time;
+        let mut open = 0;
+        let mut start = time - time.rem_euclid(self.advance);
+        while start + self.size > time {
+            if stream_time < start + self.size + self.grace {
+                *self.counts.entry((key.to_owned(), start)).or_default() += 1;
+                open += 1;
+            }
+            start -= self.advance;
+        }
+        if open == 0 {
+            self.late += 1;
+        } else {
+            self.applied += 1;
+        }
+    }
+}
+
+#[test]
+fn tumbling_and_hopping_windows_are_exact_with_late_records_counted_and_old_windows_deleted() {
+    const T0: i64 = 1_700_000_040_000 - 1_700_000_040_000 % 3_600_000;
+    let setup = Setup::new(&["clicks"]);
+    let aggregations = format!(
+        r#"
+[[aggregation]]
+name = "per_minute"
+plugin = {count:?}
+time = "/ts"
+window = {{ kind = "tumbling", size = "1m", grace = "10s", retention = "10m" }}
+
+[[aggregation]]
+name = "five_minutes"
+plugin = {count:?}
+time = "/ts"
+window = {{ kind = "hopping", size = "5m", advance = "1m", grace = "30s" }}
+"#,
+        count = plugin("count")
+    );
+    let mut tumbling = WindowTruth::new(60_000, 60_000, 10_000);
+    let mut hopping = WindowTruth::new(300_000, 60_000, 30_000);
+    // 3,000 records over 25 minutes of event time on 2 partitions, up to
+    // 20 s out of order, and every 40th record 3 minutes behind (late for
+    // the minute windows, not always for the five-minute ones).
+    let mut rng = wagg::tools::rng::Rng(0x3171_d0e5);
+    let records: Vec<(i32, String, String)> = (0..3_000i64)
+        .map(|i| {
+            let key = format!("user-{}", rng.next_u64() % 12);
+            let partition = (key.len() as i32 + key.as_bytes()[key.len() - 1] as i32) % 2;
+            let jitter = (rng.next_u64() % 25_000) as i64 - 20_000;
+            let behind = if i % 40 == 39 { 180_000 } else { 0 };
+            let ts = T0 + i * 500 + jitter - behind;
+            (partition, key, json!({ "ts": ts }).to_string())
+        })
+        .collect();
+    for (partition, key, value) in &records {
+        let ts = serde_json::from_str::<Value>(value).unwrap()["ts"]
+            .as_i64()
+            .unwrap();
+        tumbling.add(*partition, key, ts);
+        hopping.add(*partition, key, ts);
+    }
+    assert!(
+        tumbling.late > 20 && hopping.late < tumbling.late,
+        "{} {}",
+        tumbling.late,
+        hopping.late
+    );
+
+    // In two halves, the first written before the second arrives, so the
+    // sweeps find old windows on disk to delete.
+    let wagg = setup.start(&setup.config(&["clicks"], &aggregations));
+    let (first, second) = records.split_at(1_500);
+    setup.broker.produce("clicks", first);
+    let mut half_tumbling = WindowTruth::new(60_000, 60_000, 10_000);
+    let mut half_hopping = WindowTruth::new(300_000, 60_000, 30_000);
+    for (partition, key, value) in first {
+        let ts = serde_json::from_str::<Value>(value).unwrap()["ts"]
+            .as_i64()
+            .unwrap();
+        half_tumbling.add(*partition, key, ts);
+        half_hopping.add(*partition, key, ts);
+    }
+    wagg.wait_for(
+        &BTreeMap::from([
+            ("per_minute".to_owned(), half_tumbling.applied),
+            ("five_minutes".to_owned(), half_hopping.applied),
+        ]),
+        CATCH_UP,
+    );
+    setup.broker.produce("clicks", second);
+    wagg.wait_for(
+        &BTreeMap::from([
+            ("per_minute".to_owned(), tumbling.applied),
+            ("five_minutes".to_owned(), hopping.applied),
+        ]),
+        CATCH_UP,
+    );
+
+    // Late records counted, stream times per partition.
+    let (_, body) = wagg.get("/v1/aggregations");
+    for (name, truth) in [("per_minute", &tumbling), ("five_minutes", &hopping)] {
+        let info = body["aggregations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == name)
+            .unwrap();
+        assert_eq!(info["records_late"], json!(truth.late), "{name}");
+        assert_eq!(info["records_applied"], json!(truth.applied), "{name}");
+        assert_eq!(
+            info["window"]["kind"],
+            json!(if name == "per_minute" {
+                "tumbling"
+            } else {
+                "hopping"
+            })
+        );
+        let stream_times: BTreeMap<i32, i64> = info["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| Some((p["partition"].as_i64()? as i32, p["stream_time"].as_i64()?)))
+            .collect();
+        assert_eq!(stream_times, truth.stream_times, "{name}");
+    }
+
+    // Every key's windows, exact; the minute windows past retention gone.
+    let retention = 600_000;
+    for (name, truth) in [("per_minute", &tumbling), ("five_minutes", &hopping)] {
+        for key in (0..12).map(|k| format!("user-{k}")) {
+            let (status, answer) = wagg.get(&format!("/v1/aggregations/{name}/keys/{key}"));
+            assert_eq!(status, 200, "{name} {key}: {answer}");
+            assert_eq!(answer["key"], json!(key));
+            let partition = (key.len() as i32 + key.as_bytes()[key.len() - 1] as i32) % 2;
+            let stream_time = truth.stream_times[&partition];
+            let got: BTreeMap<i64, (u64, bool)> = answer["windows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| {
+                    assert_eq!(
+                        w["end"].as_i64().unwrap() - w["start"].as_i64().unwrap(),
+                        truth.size
+                    );
+                    (
+                        w["start"].as_i64().unwrap(),
+                        (
+                            w["state"]["count"].as_u64().unwrap(),
+                            w["closed"].as_bool().unwrap(),
+                        ),
+                    )
+                })
+                .collect();
+            let starts: Vec<i64> = got.keys().copied().collect();
+            assert!(
+                starts.windows(2).all(|w| w[0] < w[1]),
+                "{name} {key}: not in start order"
+            );
+            for ((k, start), count) in truth
+                .counts
+                .range((key.clone(), i64::MIN)..=(key.clone(), i64::MAX))
+            {
+                assert_eq!(k, &key);
+                let end = start + truth.size;
+                let closed = stream_time >= end + truth.grace;
+                let kept = name == "five_minutes" || end > stream_time - retention;
+                let surely_deleted =
+                    name == "per_minute" && end <= stream_time - retention - 60_000;
+                match got.get(start) {
+                    Some(answered) => {
+                        assert!(
+                            !surely_deleted,
+                            "{name} {key} window {start}: kept past retention"
+                        );
+                        assert_eq!(*answered, (*count, closed), "{name} {key} window {start}");
+                    }
+                    None => assert!(!kept, "{name} {key} window {start} missing"),
+                }
+            }
+            assert!(
+                got.keys()
+                    .all(|start| truth.counts.contains_key(&(key.clone(), *start))),
+                "{name} {key}: windows without records"
+            );
+        }
+    }
+    let deleted = tumbling
+        .counts
+        .keys()
+        .filter(|(key, start)| {
+            let partition = (key.len() as i32 + key.as_bytes()[key.len() - 1] as i32) % 2;
+            start + 60_000 <= tumbling.stream_times[&partition] - retention - 60_000
+        })
+        .count();
+    assert!(deleted > 50, "the test should delete windows ({deleted})");
+
+    // A range: the windows overlapping it only.
+    let from = T0 + 600_000;
+    let to = T0 + 720_000;
+    let (status, answer) = wagg.get(&format!(
+        "/v1/aggregations/five_minutes/keys/user-3/windows?from={from}&to={to}"
+    ));
+    assert_eq!(status, 200, "{answer}");
+    let starts: Vec<i64> = answer["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["start"].as_i64().unwrap())
+        .collect();
+    let expected: Vec<i64> = hopping
+        .counts
+        .keys()
+        .filter(|(key, start)| key == "user-3" && *start < to && start + 300_000 > from)
+        .map(|(_, start)| *start)
+        .collect();
+    assert_eq!(starts, expected);
+    // Listings show each key once, with its windows.
+    let (_, page) = wagg.get("/v1/aggregations/five_minutes/keys?limit=5");
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 5, "{page}");
+    assert_eq!(items[0]["key"], json!("user-0"));
+    assert!(
+        items[0]["state"]["windows"]
+            .as_array()
+            .is_some_and(|w| !w.is_empty())
+    );
+    let (_, page) = wagg.get(&format!(
+        "/v1/aggregations/five_minutes/keys?limit=100&after={}",
+        page["next"].as_str().unwrap()
+    ));
+    assert_eq!(page["items"].as_array().unwrap().len(), 7, "{page}");
+}

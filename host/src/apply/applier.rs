@@ -614,7 +614,14 @@ fn delete_expired_windows(
         let Some(slot) = slots.get(&partition.0, partition.1) else {
             continue;
         };
-        if let Some(expired) = windowing.sweep(store, &aggregation.config.name, partition, slot)? {
+        let swept = windowing.sweep(
+            store,
+            &aggregation.states,
+            &aggregation.config.name,
+            partition,
+            slot,
+        )?;
+        if let Some(expired) = swept {
             for store_key in expired {
                 aggregation.states.set(store_key, None);
             }

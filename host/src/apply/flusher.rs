@@ -13,13 +13,14 @@
 //!
 //! [`StateCache`]: crate::state::cache::StateCache
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::aggregation::Aggregation;
 use crate::config::BatchConfig;
 use crate::ops::status::{AggregationCounters, Status};
-use crate::state::flush::{CatchUpOffsets, FlushJob, FlushOffsets, FlushedAggregation};
+use crate::state::flush::{
+    CatchUpOffsets, FlushJob, FlushOffsets, FlushedAggregation, StreamTimes,
+};
 use crate::state::writer::{StateWriter, WriteError};
 
 pub(super) struct Flusher {
@@ -43,7 +44,7 @@ struct InFlight {
     offsets: FlushOffsets,
     catch_up: CatchUpOffsets,
     counters: Vec<AggregationCounters>,
-    stream_times: Vec<Vec<((Arc<str>, i32), i64)>>,
+    stream_times: Vec<StreamTimes>,
 }
 
 impl Flusher {

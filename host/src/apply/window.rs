@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use crate::config::{Window, WindowConfig};
 use crate::record::SourceRecord;
+use crate::state::cache::StateCache;
 use crate::state::store::{Slot, StateStore, StoreError, split_window_key, window_key};
 
 use super::group::GroupKey;
@@ -136,12 +137,14 @@ impl Windowing {
         self.swept.clear();
     }
 
-    /// The stored window keys of the partition's slot past retention at
-    /// its stream time, when it has moved on by a window since the last
-    /// sweep (`None` otherwise). Deleting them is up to the caller.
+    /// The store keys of the partition's windows past retention at its
+    /// stream time — stored ones, and `cache`'s not yet written — when it
+    /// has moved on by a window since the last sweep (`None` otherwise).
+    /// Deleting them is up to the caller.
     pub(super) fn sweep(
         &mut self,
         store: &StateStore,
+        cache: &StateCache,
         aggregation: &str,
         partition: &Partition,
         slot: Slot,
@@ -158,6 +161,7 @@ impl Windowing {
             return Ok(None);
         }
         self.swept.insert(partition.clone(), stream_time);
+        let unwritten = cache.unwritten_keys(&slot.store_key(&[]));
         let length = self.spec.length();
         let mut expired = Vec::new();
         store.scan_slot(aggregation, slot, &mut |key, _| {
@@ -172,6 +176,19 @@ impl Windowing {
             }
             true
         })?;
+        // Windows made since the last write are not on disk yet.
+        let slot_prefix = slot.store_key(&[]);
+        for store_key in unwritten {
+            if let Some((_, start)) = split_window_key(&store_key[slot_prefix.len()..]) {
+                let window = Window {
+                    start,
+                    end: start.saturating_add(length),
+                };
+                if self.spec.expired(window, stream_time) {
+                    expired.push(store_key);
+                }
+            }
+        }
         Ok(Some(expired))
     }
 }

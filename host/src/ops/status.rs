@@ -199,6 +199,12 @@ impl Status {
         self.write().stream_times.insert(key, time);
     }
 
+    /// A windowed aggregation's stream time on a partition, as written.
+    pub fn stream_time(&self, aggregation: &str, topic: &str, partition: i32) -> Option<i64> {
+        let key = (aggregation.to_owned(), topic.to_owned(), partition);
+        self.read().stream_times.get(&key).copied()
+    }
+
     /// An aggregation's view of the partitions: the shared progress, with
     /// its own offsets and lag where it is catching up.
     pub fn partitions_of(

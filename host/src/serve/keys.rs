@@ -15,7 +15,7 @@ use super::encoding::{KeyEncoding, check_query_utf8};
 use super::error::ApiError;
 use super::openapi::{self, KeyState};
 use super::routing::{self, Routing};
-use super::{ApiState, CancelOnDrop, entry_bytes};
+use super::{ApiState, CancelOnDrop, entry_bytes, windows};
 use crate::cluster::membership::Owner;
 use crate::config::Forwarding;
 use crate::state::store::Slot;
@@ -65,6 +65,19 @@ pub async fn get_key(
             format!("aggregation {name:?} has no key {key_text:?}"),
         )
     };
+    if state.aggregation(&name)?.config.window.is_some() {
+        // Windowed: every retained window of the key (single instance:
+        // cluster mode refuses windows).
+        let found = windows::key_windows(
+            state.clone(),
+            name.clone(),
+            key,
+            encoding,
+            Default::default(),
+        )
+        .await?;
+        return found.map(|w| Json(w).into_response()).ok_or_else(not_found);
+    }
     let Some(routing) = &state.routing else {
         let found = lookup(state.clone(), name.clone(), None, key, encoding).await?;
         return found.map(IntoResponse::into_response).ok_or_else(not_found);

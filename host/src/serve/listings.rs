@@ -14,8 +14,11 @@ use super::encoding::{KeyEncoding, check_query_utf8, decode_base64};
 use super::error::ApiError;
 use super::openapi::{self, AggregationInfo, AggregationList, KeyPage, KeyState, PluginInfo};
 use super::routing::Routing;
+use super::windows::{TimeRange, render_windows};
 use super::{ApiState, CancelOnDrop, QueryableAggregation, entry_bytes};
 use crate::ops::status::PartitionProgress;
+use crate::state::store::Slot;
+use std::sync::atomic::AtomicBool;
 
 /// Every aggregation: plugin, counters, key estimate and partition progress.
 #[utoipa::path(get, path = "/v1/aggregations", tag = "aggregations", responses(
@@ -312,6 +315,17 @@ async fn local_page(
     let page = tokio::task::spawn_blocking(move || {
         let aggregation = state.aggregation(&name)?;
         let slots = state.served_slots(&name)?;
+        if aggregation.config.window.is_some() {
+            return windowed_page(
+                &state,
+                &aggregation,
+                &slots,
+                &prefix,
+                after,
+                limit,
+                &cancelled,
+            );
+        }
         // One more than asked: whether keys follow the page.
         let (mut entries, behind) = state.store.reading(&name, |store| {
             store.list_in_slots(&name, &slots, &prefix, after.as_deref(), limit + 1)
@@ -337,3 +351,54 @@ async fn local_page(
     drop(cancel);
     page.map_err(|e| ApiError::internal(format!("query task failed: {e}")))?
 }
+
+/// A windowed aggregation's page: up to `limit` keys, each with its
+/// windows (`{"windows": [...]}`, as the key lookup answers them).
+fn windowed_page(
+    state: &ApiState,
+    aggregation: &QueryableAggregation,
+    slots: &[Slot],
+    prefix: &[u8],
+    after: Option<Vec<u8>>,
+    limit: usize,
+    cancelled: &AtomicBool,
+) -> Result<Page, ApiError> {
+    // Windows, not keys, are stored: read a key's worth more than a page
+    // of windows per key would need, then keep whole keys.
+    let windows_wanted = limit.saturating_mul(WINDOWS_PER_KEY_READ).saturating_add(1);
+    let (entries, behind) = state.store.reading(&aggregation.config.name, |store| {
+        store.windows_in_slots(
+            &aggregation.config.name,
+            slots,
+            prefix,
+            after.as_deref(),
+            windows_wanted,
+        )
+    })?;
+    let read_all = entries.len() < windows_wanted;
+    let mut grouped = render_windows(
+        state,
+        aggregation,
+        entries,
+        behind,
+        TimeRange::default(),
+        cancelled,
+    )?;
+    // The last key's windows may go on past what was read.
+    let mut more = !read_all;
+    if more && grouped.len() > 1 {
+        grouped.pop();
+    }
+    if grouped.len() > limit {
+        grouped.truncate(limit);
+        more = true;
+    }
+    let items = grouped
+        .into_iter()
+        .map(|(key, windows)| (key, serde_json::json!({ "windows": windows })))
+        .collect();
+    Ok(Page::new(items, more))
+}
+
+/// How many windows per key a windowed listing reads for each key asked.
+const WINDOWS_PER_KEY_READ: usize = 64;

@@ -30,6 +30,7 @@ pub mod openapi;
 mod probes;
 pub mod routing;
 mod server;
+mod windows;
 
 use crate::cluster::secret::ClusterSecret;
 use crate::config::{AggregationConfig, AuthScope, HttpConfig};
@@ -303,6 +304,10 @@ pub fn router(state: Arc<ApiState>, policy: &HttpPolicy) -> Router {
         .route("/v1/aggregations", get(listings::list_aggregations))
         .route("/v1/aggregations/{name}/keys", get(listings::list_keys))
         .route("/v1/aggregations/{name}/keys/{key}", get(keys::get_key))
+        .route(
+            "/v1/aggregations/{name}/keys/{key}/windows",
+            get(windows::get_windows),
+        )
         .route("/metrics", get(probes::metrics))
         .route("/openapi.json", get(api_doc::openapi_json))
         .layer(TimeoutLayer::with_status_code(

@@ -109,6 +109,30 @@ pub struct KeyState {
     pub state: serde_json::Value,
 }
 
+/// One key's windows (a windowed aggregation's answer to a key lookup).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyWindows {
+    /// The key: UTF-8 text, or base64 with `encoding=base64`.
+    pub key: String,
+    /// Its retained windows (in the range asked), in start order.
+    pub windows: Vec<WindowState>,
+}
+
+/// One window of a key.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WindowState {
+    /// Window start, ms since the Unix epoch (inclusive).
+    pub start: i64,
+    /// Window end, ms since the Unix epoch (exclusive).
+    pub end: i64,
+    /// Whether the window takes no more records: its partition's stream
+    /// time has passed `end` + grace.
+    pub closed: bool,
+    /// The state, as the plugin renders it.
+    #[schema(value_type = Object)]
+    pub state: serde_json::Value,
+}
+
 /// How keys are written in paths, query parameters and answers.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]

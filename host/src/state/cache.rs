@@ -167,6 +167,20 @@ impl StateCache {
     /// that moved away: its next owner may change those states, so a copy
     /// here would be stale if the partition came back). Dirty and in-flight
     /// entries stay: they are not written yet.
+    /// The keys starting with `prefix` whose newest state here is not yet
+    /// in RocksDB (dirty or in flight) and is not a deletion.
+    pub fn unwritten_keys(&self, prefix: &[u8]) -> Vec<Vec<u8>> {
+        self.entries
+            .iter()
+            .filter(|(key, entry)| {
+                entry.flags & (DIRTY | IN_FLIGHT) != 0
+                    && entry.state.is_some()
+                    && key.starts_with(prefix)
+            })
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
     pub fn forget_clean(&mut self, prefix: &[u8]) {
         self.entries.retain(|key, entry| {
             entry.flags & (DIRTY | IN_FLIGHT) != 0 || !key.starts_with(prefix)

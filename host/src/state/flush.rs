@@ -16,6 +16,9 @@ pub type FlushOffsets = BTreeMap<(Arc<str>, i32), i64>;
 /// (topic, partition, aggregation).
 pub type CatchUpOffsets = BTreeMap<(Arc<str>, i32, String), Option<i64>>;
 
+/// Stream times of a windowed aggregation: ((topic, partition), time).
+pub type StreamTimes = Vec<((Arc<str>, i32), i64)>;
+
 /// Everything one flush makes durable together.
 #[derive(Debug)]
 pub struct FlushJob {
@@ -35,7 +38,7 @@ pub struct FlushedAggregation {
     /// The aggregation's totals including these states.
     pub counters: AggregationCounters,
     /// Windowed: the stream times that moved, per (topic, partition).
-    pub stream_times: Vec<((Arc<str>, i32), i64)>,
+    pub stream_times: StreamTimes,
 }
 
 /// A partition's commit (its owner's epoch and the flush's sequence number

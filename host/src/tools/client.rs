@@ -249,6 +249,7 @@ mod tests {
             lag: Some(high - next),
             assigned: true,
             catching_up: false,
+            stream_time: None,
         };
         let summaries = vec![
             AggregationSummary {

@@ -103,6 +103,36 @@ impl StateStore {
             .next())
     }
 
+    /// Up to `limit` stored windows of a windowed aggregation's `key`, in
+    /// every slot: (slot, window key, state), in start order per slot.
+    pub fn windows_of_key(
+        &self,
+        aggregation: &str,
+        key: &[u8],
+        limit: usize,
+    ) -> Result<SlottedStates, StoreError> {
+        let slots = self.slots(aggregation)?;
+        self.entries_in_slots(aggregation, &slots, &window_prefix(key), None, limit)
+    }
+
+    /// Windowed listings: up to `limit` window entries in `slots` whose key
+    /// starts with `prefix` (a plain key prefix), after every window of the
+    /// plain key `after`.
+    pub fn windows_in_slots(
+        &self,
+        aggregation: &str,
+        slots: &[Slot],
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<SlottedStates, StoreError> {
+        // The escaped prefix without the end-of-key marker.
+        let mut escaped = window_prefix(prefix);
+        escaped.truncate(escaped.len() - 2);
+        let after = after.map(|key| window_key(key, i64::MAX));
+        self.entries_in_slots(aggregation, slots, &escaped, after.as_deref(), limit)
+    }
+
     /// Up to `limit` keys starting with `prefix` and greater than `after`, in
     /// byte order across all slots, with their states.
     pub fn list(

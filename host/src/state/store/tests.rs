@@ -36,6 +36,7 @@ fn states_offsets_and_counters_commit_together_and_survive_reopen() {
                 records_applied: 10,
                 records_failed: 1,
                 records_dead_lettered: 1,
+                records_late: 0,
             },
         );
         // Nothing is visible before the write.
@@ -61,6 +62,7 @@ fn states_offsets_and_counters_commit_together_and_survive_reopen() {
             records_applied: 10,
             records_failed: 1,
             records_dead_lettered: 1,
+            records_late: 0,
         }
     );
     assert_eq!(store.counters("b").unwrap(), AggregationCounters::default());
