@@ -41,5 +41,5 @@ fn responses_conform_to_the_served_openapi_document() {
         String::from_utf8_lossy(&output.stderr)
     );
     // It did test every operation.
-    assert!(stdout.contains("Tested: 8"), "{stdout}");
+    assert!(stdout.contains("Tested: 9"), "{stdout}");
 }

@@ -1345,11 +1345,10 @@ impl WindowTruth {
     }
 }
 
-#[test]
-fn tumbling_and_hopping_windows_are_exact_with_late_records_counted_and_old_windows_deleted() {
-    const T0: i64 = 1_700_000_040_000 - 1_700_000_040_000 % 3_600_000;
-    let setup = Setup::new(&["clicks"]);
-    let aggregations = format!(
+/// Two windowed `count`s over `/ts`: minute windows (10 s grace, 10 min
+/// retention) and five-minute windows every minute (30 s grace).
+fn windowed_counts() -> String {
+    format!(
         r#"
 [[aggregation]]
 name = "per_minute"
@@ -1364,70 +1363,56 @@ time = "/ts"
 window = {{ kind = "hopping", size = "5m", advance = "1m", grace = "30s" }}
 "#,
         count = plugin("count")
-    );
-    let mut tumbling = WindowTruth::new(60_000, 60_000, 10_000);
-    let mut hopping = WindowTruth::new(300_000, 60_000, 30_000);
-    // 3,000 records over 25 minutes of event time on 2 partitions, up to
-    // 20 s out of order, and every 40th record 3 minutes behind (late for
-    // the minute windows, not always for the five-minute ones).
-    let mut rng = wagg::tools::rng::Rng(0x3171_d0e5);
-    let records: Vec<(i32, String, String)> = (0..3_000i64)
+    )
+}
+
+/// The start of the test's event times: an hour boundary.
+const T0: i64 = 1_700_000_040_000 - 1_700_000_040_000 % 3_600_000;
+
+/// `n` records of 12 keys on 2 partitions, half a second of event time
+/// apart, up to 20 s out of order, and every 40th 3 minutes behind (late
+/// for the minute windows, not always for the five-minute ones).
+fn click_records(n: i64, seed: u64) -> Vec<(i32, String, String)> {
+    let mut rng = wagg::tools::rng::Rng(seed);
+    (0..n)
         .map(|i| {
             let key = format!("user-{}", rng.next_u64() % 12);
-            let partition = (key.len() as i32 + key.as_bytes()[key.len() - 1] as i32) % 2;
             let jitter = (rng.next_u64() % 25_000) as i64 - 20_000;
             let behind = if i % 40 == 39 { 180_000 } else { 0 };
             let ts = T0 + i * 500 + jitter - behind;
-            (partition, key, json!({ "ts": ts }).to_string())
+            (click_partition(&key), key, json!({ "ts": ts }).to_string())
         })
-        .collect();
-    for (partition, key, value) in &records {
+        .collect()
+}
+
+fn click_partition(key: &str) -> i32 {
+    (key.len() as i32 + key.as_bytes()[key.len() - 1] as i32) % 2
+}
+
+/// The truth of both windowed aggregations over `records`.
+fn window_truths(records: &[(i32, String, String)]) -> (WindowTruth, WindowTruth) {
+    let mut tumbling = WindowTruth::new(60_000, 60_000, 10_000);
+    let mut hopping = WindowTruth::new(300_000, 60_000, 30_000);
+    for (partition, key, value) in records {
         let ts = serde_json::from_str::<Value>(value).unwrap()["ts"]
             .as_i64()
             .unwrap();
         tumbling.add(*partition, key, ts);
         hopping.add(*partition, key, ts);
     }
-    assert!(
-        tumbling.late > 20 && hopping.late < tumbling.late,
-        "{} {}",
-        tumbling.late,
-        hopping.late
-    );
+    (tumbling, hopping)
+}
 
-    // In two halves, the first written before the second arrives, so the
-    // sweeps find old windows on disk to delete.
-    let wagg = setup.start(&setup.config(&["clicks"], &aggregations));
-    let (first, second) = records.split_at(1_500);
-    setup.broker.produce("clicks", first);
-    let mut half_tumbling = WindowTruth::new(60_000, 60_000, 10_000);
-    let mut half_hopping = WindowTruth::new(300_000, 60_000, 30_000);
-    for (partition, key, value) in first {
-        let ts = serde_json::from_str::<Value>(value).unwrap()["ts"]
-            .as_i64()
-            .unwrap();
-        half_tumbling.add(*partition, key, ts);
-        half_hopping.add(*partition, key, ts);
-    }
-    wagg.wait_for(
-        &BTreeMap::from([
-            ("per_minute".to_owned(), half_tumbling.applied),
-            ("five_minutes".to_owned(), half_hopping.applied),
-        ]),
-        CATCH_UP,
-    );
-    setup.broker.produce("clicks", second);
-    wagg.wait_for(
-        &BTreeMap::from([
-            ("per_minute".to_owned(), tumbling.applied),
-            ("five_minutes".to_owned(), hopping.applied),
-        ]),
-        CATCH_UP,
-    );
+/// The minute windows' retention.
+const RETENTION: i64 = 600_000;
 
-    // Late records counted, stream times per partition.
+/// Checks both aggregations' counters, stream times and every key's
+/// windows against the truth: exact counts and `closed` flags; the minute
+/// windows ending before stream time − retention − one window deleted,
+/// the ones after it kept. Returns how many minute windows had to go.
+fn assert_windows_exact(wagg: &Wagg, tumbling: &WindowTruth, hopping: &WindowTruth) -> usize {
     let (_, body) = wagg.get("/v1/aggregations");
-    for (name, truth) in [("per_minute", &tumbling), ("five_minutes", &hopping)] {
+    for (name, truth) in [("per_minute", tumbling), ("five_minutes", hopping)] {
         let info = body["aggregations"]
             .as_array()
             .unwrap()
@@ -1436,14 +1421,12 @@ window = {{ kind = "hopping", size = "5m", advance = "1m", grace = "30s" }}
             .unwrap();
         assert_eq!(info["records_late"], json!(truth.late), "{name}");
         assert_eq!(info["records_applied"], json!(truth.applied), "{name}");
-        assert_eq!(
-            info["window"]["kind"],
-            json!(if name == "per_minute" {
-                "tumbling"
-            } else {
-                "hopping"
-            })
-        );
+        let kind = if name == "per_minute" {
+            "tumbling"
+        } else {
+            "hopping"
+        };
+        assert_eq!(info["window"]["kind"], json!(kind));
         let stream_times: BTreeMap<i32, i64> = info["partitions"]
             .as_array()
             .unwrap()
@@ -1452,27 +1435,21 @@ window = {{ kind = "hopping", size = "5m", advance = "1m", grace = "30s" }}
             .collect();
         assert_eq!(stream_times, truth.stream_times, "{name}");
     }
-
-    // Every key's windows, exact; the minute windows past retention gone.
-    let retention = 600_000;
-    for (name, truth) in [("per_minute", &tumbling), ("five_minutes", &hopping)] {
+    for (name, truth) in [("per_minute", tumbling), ("five_minutes", hopping)] {
         for key in (0..12).map(|k| format!("user-{k}")) {
             let (status, answer) = wagg.get(&format!("/v1/aggregations/{name}/keys/{key}"));
             assert_eq!(status, 200, "{name} {key}: {answer}");
             assert_eq!(answer["key"], json!(key));
-            let partition = (key.len() as i32 + key.as_bytes()[key.len() - 1] as i32) % 2;
-            let stream_time = truth.stream_times[&partition];
+            let stream_time = truth.stream_times[&click_partition(&key)];
             let got: BTreeMap<i64, (u64, bool)> = answer["windows"]
                 .as_array()
                 .unwrap()
                 .iter()
                 .map(|w| {
-                    assert_eq!(
-                        w["end"].as_i64().unwrap() - w["start"].as_i64().unwrap(),
-                        truth.size
-                    );
+                    let (start, end) = (w["start"].as_i64().unwrap(), w["end"].as_i64().unwrap());
+                    assert_eq!(end - start, truth.size);
                     (
-                        w["start"].as_i64().unwrap(),
+                        start,
                         (
                             w["state"]["count"].as_u64().unwrap(),
                             w["closed"].as_bool().unwrap(),
@@ -1485,16 +1462,15 @@ window = {{ kind = "hopping", size = "5m", advance = "1m", grace = "30s" }}
                 starts.windows(2).all(|w| w[0] < w[1]),
                 "{name} {key}: not in start order"
             );
-            for ((k, start), count) in truth
+            for ((_, start), count) in truth
                 .counts
                 .range((key.clone(), i64::MIN)..=(key.clone(), i64::MAX))
             {
-                assert_eq!(k, &key);
                 let end = start + truth.size;
                 let closed = stream_time >= end + truth.grace;
-                let kept = name == "five_minutes" || end > stream_time - retention;
+                let kept = name == "five_minutes" || end > stream_time - RETENTION;
                 let surely_deleted =
-                    name == "per_minute" && end <= stream_time - retention - 60_000;
+                    name == "per_minute" && end <= stream_time - RETENTION - 60_000;
                 match got.get(start) {
                     Some(answered) => {
                         assert!(
@@ -1513,14 +1489,46 @@ window = {{ kind = "hopping", size = "5m", advance = "1m", grace = "30s" }}
             );
         }
     }
-    let deleted = tumbling
+    tumbling
         .counts
         .keys()
         .filter(|(key, start)| {
-            let partition = (key.len() as i32 + key.as_bytes()[key.len() - 1] as i32) % 2;
-            start + 60_000 <= tumbling.stream_times[&partition] - retention - 60_000
+            start + 60_000 <= tumbling.stream_times[&click_partition(key)] - RETENTION - 60_000
         })
-        .count();
+        .count()
+}
+
+/// What `wait_for` expects of the two windowed aggregations.
+fn windows_applied(tumbling: &WindowTruth, hopping: &WindowTruth) -> BTreeMap<String, u64> {
+    BTreeMap::from([
+        ("per_minute".to_owned(), tumbling.applied),
+        ("five_minutes".to_owned(), hopping.applied),
+    ])
+}
+
+#[test]
+fn tumbling_and_hopping_windows_are_exact_with_late_records_counted_and_old_windows_deleted() {
+    let setup = Setup::new(&["clicks"]);
+    let records = click_records(3_000, 0x3171_d0e5);
+    let (tumbling, hopping) = window_truths(&records);
+    assert!(
+        tumbling.late > 20 && hopping.late < tumbling.late,
+        "{} {}",
+        tumbling.late,
+        hopping.late
+    );
+
+    // In two halves, the first written before the second arrives, so the
+    // sweeps find old windows on disk to delete.
+    let wagg = setup.start(&setup.config(&["clicks"], &windowed_counts()));
+    let (first, second) = records.split_at(1_500);
+    setup.broker.produce("clicks", first);
+    let (half_tumbling, half_hopping) = window_truths(first);
+    wagg.wait_for(&windows_applied(&half_tumbling, &half_hopping), CATCH_UP);
+    setup.broker.produce("clicks", second);
+    wagg.wait_for(&windows_applied(&tumbling, &hopping), CATCH_UP);
+
+    let deleted = assert_windows_exact(&wagg, &tumbling, &hopping);
     assert!(deleted > 50, "the test should delete windows ({deleted})");
 
     // A range: the windows overlapping it only.
@@ -1558,4 +1566,72 @@ window = {{ kind = "hopping", size = "5m", advance = "1m", grace = "30s" }}
         page["next"].as_str().unwrap()
     ));
     assert_eq!(page["items"].as_array().unwrap().len(), 7, "{page}");
+}
+
+/// kill -9 while windowed records flow (windows closing, late records
+/// sorted out, old windows deleted), three times: after the last restart
+/// every window, counter and stream time is exactly what one clean run
+/// gives — the stream times and deletes are written with the offsets.
+#[test]
+fn windows_stay_exact_across_kill_9_during_window_closes_and_deletes() {
+    let setup = Setup::new(&["clicks"]);
+    let records = click_records(8_000, 0x3171_d0e6);
+    let (tumbling, hopping) = window_truths(&records);
+    let address = setup.broker.address.clone();
+    let to_produce = records.clone();
+    let producer = std::thread::spawn(move || {
+        let producer = common::broker::ProducerOnly::new(&address);
+        for chunk in to_produce.chunks(100) {
+            producer.produce("clicks", chunk);
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    });
+    let config = setup.config(&["clicks"], &windowed_counts());
+    // A commit every 100 ms: many writes of stream times and deletes for
+    // the kills to fall between.
+    let config = config.replace(
+        "max_delay_ms = 50",
+        "max_delay_ms = 50\ncommit_interval_ms = 100",
+    );
+    let mut rng = wagg::tools::rng::Rng(0x6b11_1009);
+    for kill in 0..3 {
+        // tansu never expires a SIGKILLed member: each start joins anew.
+        let config = config.replace("wagg-test", &format!("wagg-test-{kill}"));
+        let mut wagg = setup.start(&config);
+        let started = std::time::Instant::now();
+        while wagg.applied().get("per_minute").copied().unwrap_or(0) == 0 {
+            assert!(
+                started.elapsed() < CATCH_UP,
+                "nothing applied: {}",
+                wagg.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(300 + rng.next_u64() % 1_200));
+        wagg.kill();
+    }
+    producer.join().expect("producer");
+    let mut wagg = setup.start(&config.replace("wagg-test", "wagg-test-3"));
+    wagg.wait_for(&windows_applied(&tumbling, &hopping), CATCH_UP);
+    let deleted = assert_windows_exact(&wagg, &tumbling, &hopping);
+    assert!(deleted > 100, "the test should delete windows ({deleted})");
+
+    // Stopped with everything written, then 40 records 3 minutes behind
+    // each partition's stream time: late for the minute windows only if
+    // the stream times came back from the store.
+    assert!(wagg.terminate().success());
+    drop(wagg);
+    let mut all = records.clone();
+    for i in 0..40 {
+        let key = format!("user-{}", i % 12);
+        let partition = click_partition(&key);
+        let ts = tumbling.stream_times[&partition] - 180_000 + i;
+        all.push((partition, key, json!({ "ts": ts }).to_string()));
+    }
+    let (tumbling, hopping) = window_truths(&all);
+    assert!(tumbling.late >= 40, "{}", tumbling.late);
+    let wagg = setup.start(&config.replace("wagg-test", "wagg-test-4"));
+    setup.broker.produce("clicks", &all[records.len()..]);
+    wagg.wait_for(&windows_applied(&tumbling, &hopping), CATCH_UP);
+    assert_windows_exact(&wagg, &tumbling, &hopping);
 }

@@ -114,6 +114,32 @@ impl BatchApplier {
         }
     }
 
+    /// Reads the windowed aggregations' stream times on `partitions` from
+    /// the store again (a take-over may have restored them).
+    pub(super) fn reload_stream_times(
+        &mut self,
+        partitions: &[(String, i32)],
+    ) -> Result<(), StoreError> {
+        for (topic, partition) in partitions {
+            let stored = self.store.stream_times_of(topic, *partition)?;
+            for aggregation in &mut self.aggregations {
+                if let Some(windowing) = &mut aggregation.windowing {
+                    let time = stored.get(&aggregation.config.name).copied();
+                    windowing.load((Arc::from(topic.as_str()), *partition), time);
+                    if let Some(time) = time {
+                        self.status.set_stream_time(
+                            &aggregation.config.name,
+                            topic,
+                            *partition,
+                            time,
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The aggregation called `name`.
     pub(super) fn aggregation_mut(&mut self, name: &str) -> Option<&mut Aggregation> {
         self.aggregations.iter_mut().find(|a| a.config.name == name)

@@ -282,6 +282,8 @@ impl Pipeline {
     /// Starts newly assigned partitions from their stored offsets, and
     /// their aggregations that are catching up from their own.
     fn assigned(&mut self, partitions: Vec<(String, i32)>) -> Result<(), PipelineError> {
+        // A take-over may have restored them (cluster mode).
+        self.applier.reload_stream_times(&partitions)?;
         let stored = self.applier.store.offsets()?;
         for (topic, partition) in partitions {
             let topic = Arc::<str>::from(topic.as_str());

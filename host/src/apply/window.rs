@@ -105,6 +105,21 @@ impl Windowing {
             .collect())
     }
 
+    /// Sets a partition's stream time as stored (`None`: none yet).
+    pub(super) fn load(&mut self, partition: Partition, stored: Option<i64>) {
+        self.swept.remove(&partition);
+        match stored {
+            Some(time) => {
+                self.stream_times.insert(partition.clone(), time);
+                self.written.insert(partition, time);
+            }
+            None => {
+                self.stream_times.remove(&partition);
+                self.written.remove(&partition);
+            }
+        }
+    }
+
     /// Keeps the stream times of a batch that succeeded.
     pub(super) fn keep(&mut self, batch: WindowedBatch) {
         self.stream_times.extend(batch.stream_times);

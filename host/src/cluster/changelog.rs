@@ -28,6 +28,29 @@ impl FlushPublisher for Cluster {
     }
 }
 
+/// The flush's commit of a partition: the one made already, or (a
+/// partition whose live offset did not move: only an aggregation catching
+/// up on it, or a stream time) the next after the one it is at (`owned`).
+fn commit_of<'c>(
+    commits: &'c mut HashMap<(String, i32), Commit>,
+    owned: &HashMap<(String, i32), Commit>,
+    topic: &str,
+    partition: i32,
+) -> Result<&'c mut Commit, ClusterError> {
+    Ok(match commits.entry((topic.to_owned(), partition)) {
+        Entry::Occupied(entry) => entry.into_mut(),
+        Entry::Vacant(entry) => {
+            let at = owned
+                .get(entry.key())
+                .ok_or_else(|| ClusterError::NotOwned {
+                    topic: topic.to_owned(),
+                    partition,
+                })?;
+            entry.insert(at.next_flush(at.next_offset))
+        }
+    })
+}
+
 impl Cluster {
     pub(super) fn publish(
         &self,
@@ -88,18 +111,17 @@ impl Cluster {
             commits.insert(key, commit);
         }
         for ((topic, partition, aggregation), own) in &job.catch_up {
-            let key = (topic.to_string(), *partition);
-            let commit = match commits.entry(key) {
-                Entry::Occupied(entry) => entry.into_mut(),
-                Entry::Vacant(entry) => {
-                    let at = current(entry.key())?;
-                    entry.insert(at.next_flush(at.next_offset))
-                }
-            };
+            let commit = commit_of(&mut commits, &owned, topic, *partition)?;
             match own {
                 Some(own) => commit.catch_up.insert(aggregation.clone(), *own),
                 None => commit.catch_up.remove(aggregation),
             };
+        }
+        for aggregation in &job.aggregations {
+            for ((topic, partition), time) in &aggregation.stream_times {
+                let commit = commit_of(&mut commits, &owned, topic, *partition)?;
+                commit.stream_times.insert(aggregation.name.clone(), *time);
+            }
         }
         for ((topic, _), commit) in commits.iter_mut() {
             commit.aggregations = Some(self.described(topic));

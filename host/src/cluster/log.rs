@@ -106,6 +106,10 @@ pub struct Commit {
     /// One configured now and not named here is new to the partition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregations: Option<BTreeSet<String>>,
+    /// Windowed aggregations → their stream time on the partition (the
+    /// largest event time applied), which decides what is late next.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub stream_times: BTreeMap<String, i64>,
 }
 
 impl Commit {
@@ -146,6 +150,7 @@ impl Commit {
             snapshot_pending: false,
             catch_up: self.catch_up.clone(),
             aggregations: self.aggregations.clone(),
+            stream_times: self.stream_times.clone(),
         }
     }
 
@@ -164,6 +169,7 @@ impl Commit {
             snapshot_pending: false,
             catch_up: self.catch_up.clone(),
             aggregations: self.aggregations.clone(),
+            stream_times: self.stream_times.clone(),
         }
     }
 
@@ -195,6 +201,7 @@ impl Commit {
             snapshot_pending: false,
             catch_up: BTreeMap::new(),
             aggregations: None,
+            stream_times: BTreeMap::new(),
         }
     }
 }
@@ -343,6 +350,20 @@ mod commit_validation {
         let later = commit.claim(2).next_flush(Some(120));
         assert_eq!(later.catch_up_of("stats", Some(0)), Some(40));
         assert_eq!(later.catch_up_of("top", Some(0)), Some(0));
+    }
+
+    #[test]
+    fn stream_times_travel_with_claims_flushes_and_the_record() {
+        let mut commit = Commit::empty().claim(1).next_flush(Some(100));
+        commit.stream_times = [("per_minute".to_owned(), 1_700_000_000_000)].into();
+        let later = commit.claim(2).next_flush(Some(120));
+        assert_eq!(later.stream_times, commit.stream_times);
+        let json = serde_json::to_vec(&later).expect("json");
+        assert_eq!(parse_commit(Some(&json)).expect("parses"), later);
+        // Commits without windows do not carry the field.
+        let plain = Commit::empty().claim(1).next_flush(Some(5));
+        let text = serde_json::to_string(&plain).expect("json");
+        assert!(!text.contains("stream_times"), "{text}");
     }
 }
 

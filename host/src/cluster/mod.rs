@@ -333,6 +333,8 @@ impl Cluster {
         for aggregation in self.applying_to(topic) {
             let own = commit.catch_up_of(&aggregation.name, self.new_from);
             batch.set_catch_up(slot.topic_id, partition, &aggregation.name, own);
+            let stream_time = commit.stream_times.get(&aggregation.name).copied();
+            batch.set_stream_time(slot.topic_id, partition, &aggregation.name, stream_time);
         }
         batch.set_commit(slot.topic_id, partition, commit.epoch, commit.seq);
     }

@@ -153,8 +153,11 @@ impl Cluster {
             let base = &bases[&id];
             let mut claim = match base {
                 Some(commit) => commit.clone(),
+                // A single instance's store becoming a cluster's: its own
+                // offset and stream times.
                 None => Commit {
                     next_offset: store.offset(topic, *partition)?,
+                    stream_times: store.stream_times_of(topic, *partition)?,
                     ..Commit::empty()
                 },
             };

@@ -19,6 +19,28 @@ use super::Cluster;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How many times a metadata read that timed out is tried at start (a
+/// busy broker can take longer than one timeout).
+const METADATA_ATTEMPTS: u32 = 4;
+
+/// [`partition_count`], tried again while the broker does not answer in
+/// time or refuses for now.
+fn partition_count_patiently<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+) -> KafkaResult<Option<i32>> {
+    let mut attempt = 1;
+    loop {
+        match partition_count(client, topic, METADATA_TIMEOUT) {
+            Err(error) if attempt < METADATA_ATTEMPTS && crate::kafka::is_transient(&error) => {
+                tracing::warn!(%error, topic, attempt, "reading a topic's metadata failed; trying again");
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// A topic's partition count as the broker reports it (`None`: no such
 /// topic, or none of its partitions known yet).
 pub(super) fn partition_count<C: ClientContext>(
@@ -45,7 +67,7 @@ pub fn ensure_topics(
     let admin: AdminClient<DefaultClientContext> =
         create_client(&cluster.client_config()).context("creating the Kafka admin client")?;
     let partitions_of = |topic: &str| -> anyhow::Result<Option<i32>> {
-        partition_count(admin.inner(), topic, METADATA_TIMEOUT)
+        partition_count_patiently(admin.inner(), topic)
             .with_context(|| format!("reading the metadata of {topic:?}"))
     };
     let mut sources = BTreeMap::new();

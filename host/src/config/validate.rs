@@ -172,12 +172,6 @@ impl Config {
                     .into(),
             );
         }
-        if let Some(aggregation) = self.aggregations.iter().find(|a| a.window.is_some()) {
-            return Err(format!(
-                "aggregation {:?} is windowed, which cluster mode does not support yet (stream times do not move with the partitions): run it on a single instance",
-                aggregation.name
-            ));
-        }
         if let Some(aggregation) = self.aggregations.iter().find(|a| a.key.is_some()) {
             return Err(format!(
                 "aggregation {:?} re-keys records (`key`), which a cluster cannot split by partition yet: one key's records come from every partition. Key the records by that field when producing them, or run it on a single instance",

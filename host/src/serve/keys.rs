@@ -65,22 +65,9 @@ pub async fn get_key(
             format!("aggregation {name:?} has no key {key_text:?}"),
         )
     };
-    if state.aggregation(&name)?.config.window.is_some() {
-        // Windowed: every retained window of the key (single instance:
-        // cluster mode refuses windows).
-        let found = windows::key_windows(
-            state.clone(),
-            name.clone(),
-            key,
-            encoding,
-            Default::default(),
-        )
-        .await?;
-        return found.map(|w| Json(w).into_response()).ok_or_else(not_found);
-    }
     let Some(routing) = &state.routing else {
         let found = lookup(state.clone(), name.clone(), None, key, encoding).await?;
-        return found.map(IntoResponse::into_response).ok_or_else(not_found);
+        return found.ok_or_else(not_found);
     };
     let aggregation = state.aggregation(&name)?;
     let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
@@ -144,7 +131,7 @@ async fn ask_partition(
             };
             Ok(
                 match lookup_in_slot(state, name, slot, key, encoding).await? {
-                    Some(found) => Answer::Found(found.into_response()),
+                    Some(found) => Answer::Found(found),
                     None => Answer::Absent,
                 },
             )
@@ -227,7 +214,7 @@ async fn from_standby(
         let Some(found) = found else {
             return Ok(FromStandby::Absent);
         };
-        let mut response = found.into_response();
+        let mut response = found;
         let staleness = if copy.at_ms > 0 {
             (crate::ops::status::now_millis() - copy.at_ms).max(0)
         } else {
@@ -270,7 +257,7 @@ async fn lookup_in_slot(
     slot: Slot,
     key: &[u8],
     encoding: KeyEncoding,
-) -> Result<Option<Json<KeyState>>, ApiError> {
+) -> Result<Option<Response>, ApiError> {
     lookup(
         state.clone(),
         name.to_owned(),
@@ -281,9 +268,27 @@ async fn lookup_in_slot(
     .await
 }
 
-/// A key's rendered state from this instance's store: in `slot`, or in
-/// whichever slot has it.
+/// A key's answer from this instance's store (in `slot`, or in whichever
+/// slot has it): its rendered state, or a windowed aggregation's windows.
 async fn lookup(
+    state: Arc<ApiState>,
+    name: String,
+    slot: Option<Slot>,
+    key: Vec<u8>,
+    encoding: KeyEncoding,
+) -> Result<Option<Response>, ApiError> {
+    if state.aggregation(&name)?.config.window.is_some() {
+        let found =
+            windows::key_windows(state, name, slot, key, encoding, Default::default()).await?;
+        return Ok(found.map(|windows| Json(windows).into_response()));
+    }
+    Ok(lookup_state(state, name, slot, key, encoding)
+        .await?
+        .map(IntoResponse::into_response))
+}
+
+/// A key's rendered state from this instance's store.
+async fn lookup_state(
     state: Arc<ApiState>,
     name: String,
     slot: Option<Slot>,

@@ -70,7 +70,7 @@ pub async fn get_windows(
             "aggregation {name:?} is not windowed: look the key up at /v1/aggregations/{name}/keys/{{key}}"
         )));
     }
-    key_windows(state, name.clone(), key, encoding, range)
+    key_windows(state, name.clone(), None, key, encoding, range)
         .await?
         .map(Json)
         .ok_or_else(|| {
@@ -108,10 +108,12 @@ fn parse_time(name: &str, text: &str) -> Result<i64, ApiError> {
         })
 }
 
-/// A key's windows in `range` from this instance's store (`None`: none).
+/// A key's windows in `range` from this instance's store, in `slot` or
+/// any (`None`: none).
 pub(super) async fn key_windows(
     state: Arc<ApiState>,
     name: String,
+    slot: Option<Slot>,
     key: Vec<u8>,
     encoding: KeyEncoding,
     range: TimeRange,
@@ -122,7 +124,7 @@ pub(super) async fn key_windows(
         let aggregation = state.aggregation(&name)?;
         let (entries, behind) = state
             .store
-            .reading(&name, |store| store.windows_of_key(&name, &key, MAX_WINDOWS))?;
+            .reading(&name, |store| store.windows_of_key(&name, slot, &key, MAX_WINDOWS))?;
         let mut grouped = render_windows(&state, &aggregation, entries, behind, range, &cancelled)?;
         let Some((_, windows)) = grouped.pop() else {
             return Ok(None);

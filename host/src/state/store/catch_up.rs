@@ -202,6 +202,18 @@ impl StateWrite<'_> {
 }
 
 impl StateStore {
+    /// Every windowed aggregation's stream time on one partition.
+    pub fn stream_times_of(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<BTreeMap<String, i64>, StoreError> {
+        Ok(self
+            .partition_entries(STREAM_TIME_PREFIX)?
+            .remove(&(topic.to_owned(), partition))
+            .unwrap_or_default())
+    }
+
     /// The stream time of a windowed aggregation on each partition it has
     /// seen records of: the largest event time there (ms).
     pub fn stream_times(

@@ -104,14 +104,19 @@ impl StateStore {
     }
 
     /// Up to `limit` stored windows of a windowed aggregation's `key`, in
-    /// every slot: (slot, window key, state), in start order per slot.
+    /// `slot` or every slot: (slot, window key, state), in start order per
+    /// slot.
     pub fn windows_of_key(
         &self,
         aggregation: &str,
+        slot: Option<Slot>,
         key: &[u8],
         limit: usize,
     ) -> Result<SlottedStates, StoreError> {
-        let slots = self.slots(aggregation)?;
+        let slots = match slot {
+            Some(slot) => vec![slot],
+            None => self.slots(aggregation)?,
+        };
         self.entries_in_slots(aggregation, &slots, &window_prefix(key), None, limit)
     }
 
