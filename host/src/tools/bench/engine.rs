@@ -31,6 +31,11 @@ pub struct EngineOptions {
     pub records: u64,
     #[arg(long, default_value_t = 1000)]
     pub batch_size: usize,
+    /// Windows to run each plugin with, comma-separated: `none`,
+    /// `tumbling:SIZE` or `hopping:SIZE/ADVANCE` (e.g. `tumbling:1m`,
+    /// `hopping:5m/1m`). Event times advance 1 ms per record.
+    #[arg(long, value_delimiter = ',', default_value = "none")]
+    pub windows: Vec<String>,
     /// `state.cache_entries` for the runs.
     #[arg(long, default_value_t = 200_000)]
     pub cache_entries: usize,
@@ -54,6 +59,8 @@ pub struct EngineOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct EngineRow {
     pub plugin: String,
+    /// `none`, or the window as given (`tumbling:1m`).
+    pub window: String,
     pub keys: u64,
     pub records: u64,
     pub seconds: f64,
@@ -73,14 +80,24 @@ pub fn run(options: &EngineOptions) -> anyhow::Result<Vec<EngineRow>> {
     let plugins_dir = example_plugins_dir(options.plugins_dir.as_deref())?;
     let mut rows = Vec::new();
     for plugin in &options.plugins {
-        for &keys in &options.keys {
-            let row = run_one(options, &example_plugin(&plugins_dir, plugin), plugin, keys)
-                .with_context(|| format!("engine run: {plugin} at {keys} keys"))?;
-            eprintln!(
-                "engine: {plugin} at {keys} keys: {:.0} records/s",
-                row.records_per_sec
-            );
-            rows.push(row);
+        for window in &options.windows {
+            let window_toml = window_toml(window)?;
+            for &keys in &options.keys {
+                let run = Run {
+                    plugin: &example_plugin(&plugins_dir, plugin),
+                    name: plugin,
+                    keys,
+                    window,
+                    window_toml: &window_toml,
+                };
+                let row = run_one(options, &run)
+                    .with_context(|| format!("engine run: {plugin} ({window}) at {keys} keys"))?;
+                eprintln!(
+                    "engine: {plugin} ({window}) at {keys} keys: {:.0} records/s",
+                    row.records_per_sec
+                );
+                rows.push(row);
+            }
         }
     }
     report(
@@ -91,13 +108,42 @@ pub fn run(options: &EngineOptions) -> anyhow::Result<Vec<EngineRow>> {
     Ok(rows)
 }
 
-// One measurement from set-up to numbers; the steps share the timers.
-fn run_one(
-    options: &EngineOptions,
-    plugin: &Path,
-    name: &str,
+/// One run's plugin, key space and window.
+struct Run<'a> {
+    plugin: &'a Path,
+    name: &'a str,
     keys: u64,
-) -> anyhow::Result<EngineRow> {
+    window: &'a str,
+    /// The `window = ...` line (empty for `none`).
+    window_toml: &'a str,
+}
+
+/// The `window = ...` line of `--windows` entry `spec`.
+fn window_toml(spec: &str) -> anyhow::Result<String> {
+    let bad = || {
+        anyhow::anyhow!(
+            "--windows {spec:?}: expected none, tumbling:SIZE or hopping:SIZE/ADVANCE (e.g. tumbling:1m)"
+        )
+    };
+    Ok(match spec.split_once(':') {
+        None if spec == "none" => String::new(),
+        Some(("tumbling", size)) => {
+            format!("window = {{ kind = \"tumbling\", size = {size:?} }}\n")
+        }
+        Some(("hopping", spans)) => {
+            let (size, advance) = spans.split_once('/').ok_or_else(bad)?;
+            format!("window = {{ kind = \"hopping\", size = {size:?}, advance = {advance:?} }}\n")
+        }
+        _ => return Err(bad()),
+    })
+}
+
+/// Event time of the first generated record (ms); one more per record.
+const EVENT_TIME_START: i64 = 1_700_000_000_000;
+
+// One measurement from set-up to numbers; the steps share the timers.
+fn run_one(options: &EngineOptions, run: &Run<'_>) -> anyhow::Result<EngineRow> {
+    let (plugin, name, keys) = (run.plugin, run.name, run.keys);
     let work = match &options.work_dir {
         Some(dir) => tempfile::tempdir_in(dir),
         None => tempfile::tempdir(),
@@ -109,7 +155,7 @@ fn run_one(
         options.cache_entries,
         options.block_cache_mib,
         options.commit_interval_ms,
-        aggregation_toml(name, plugin)
+        aggregation_toml(name, plugin) + run.window_toml
     );
     let config = Config::parse(&text, "<bench config>", Path::new("/"))?;
     let runtime = PluginRuntime::new(RuntimeConfig::new(
@@ -145,7 +191,7 @@ fn run_one(
         let generated = Instant::now();
         let n = batch_size.min(records - done);
         let batch: Vec<SourceRecord> = (0..n)
-            .map(|_| {
+            .map(|i| {
                 let k = rng.next_u64() % keys;
                 let partition = (k % PARTITIONS) as usize;
                 let offset = offsets[partition];
@@ -159,7 +205,7 @@ fn run_one(
                     offset,
                     key: Some(key),
                     value: Some(value),
-                    timestamp: Some(offset),
+                    timestamp: Some(EVENT_TIME_START + (done + i) as i64),
                     headers: Vec::new(),
                 }
             })
@@ -177,6 +223,7 @@ fn run_one(
     drop(applier);
     Ok(EngineRow {
         plugin: name.to_owned(),
+        window: run.window.to_owned(),
         keys,
         records,
         seconds,
