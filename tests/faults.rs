@@ -695,3 +695,96 @@ fn shutdown_finishes_within_the_deadline_even_with_the_broker_gone() {
     );
     assert!(wagg.log().contains("shutdown deadline passed"));
 }
+
+/// A windowed aggregation on the Kafka record timestamp (no `time`), with
+/// `on_error = "dead-letter"`: records that come after their window closed
+/// are counted as late, not applied, and sent to the dead-letter topic
+/// with `wagg.error` saying "late"; the others are in their windows.
+#[test]
+fn late_records_of_a_windowed_aggregation_go_to_the_dead_letter_topic() {
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let broker = Broker::start();
+    broker.create_topic("events", 1);
+    broker.create_topic("dead-letters", 1);
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &broker.address)
+        .create()
+        .expect("producer");
+    let minute = 60_000i64;
+    let t = 1_600_000_000_000 - 1_600_000_000_000 % minute;
+    // (key, timestamp, late?): stream time reaches t + 61 s with the
+    // second record, which closes the window [t, t + 1 min) (no grace).
+    let records = [
+        ("k-a", t, false),
+        ("k-a", t + 61_000, false),
+        ("k-a", t + 1_000, true),
+        ("k-b", t + 30_000, true),
+        ("k-b", t + 90_000, false),
+    ];
+    for (key, timestamp, _) in &records {
+        producer
+            .send(
+                BaseRecord::to("events")
+                    .partition(0)
+                    .key(*key)
+                    .payload("{}")
+                    .timestamp(*timestamp),
+            )
+            .map_err(|(e, _)| e)
+            .expect("produce");
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let aggregations = format!(
+        "[[aggregation]]\nname = \"per_minute\"\nplugin = {:?}\nwindow = {{ kind = \"tumbling\", size = \"1m\" }}\n",
+        plugin("count")
+    );
+    let wagg = Wagg::start(
+        dir.path(),
+        &config(
+            &broker,
+            port,
+            "[dead_letter]\ntopic = \"dead-letters\"\n",
+            &aggregations,
+        ),
+        port,
+    );
+    wagg.wait_for(&[("per_minute".to_owned(), 3)].into(), CATCH_UP);
+    let mut letters = read_dead_letters(&broker, "dead-letters", 2);
+    letters.sort_by_key(|l| l.source_offset);
+    let late: Vec<(i64, String)> = letters
+        .iter()
+        .map(|l| (l.source_offset, l.key.clone()))
+        .collect();
+    assert_eq!(late, vec![(2, "k-a".to_owned()), (3, "k-b".to_owned())]);
+    for letter in &letters {
+        assert!(letter.error.starts_with("late"), "{letter:?}");
+        assert_eq!(letter.aggregation, "per_minute");
+    }
+    let (_, body) = wagg.get("/v1/aggregations");
+    let info = &body["aggregations"][0];
+    assert_eq!(info["records_late"], json!(2));
+    assert_eq!(info["records_dead_lettered"], json!(2));
+    assert_eq!(info["records_failed"], json!(0));
+    assert_eq!(info["partitions"][0]["stream_time"], json!(t + 90_000));
+    let windows = |key: &str| {
+        let (status, answer) = wagg.get(&format!("/v1/aggregations/per_minute/keys/{key}"));
+        assert_eq!(status, 200, "{answer}");
+        answer["windows"]
+            .as_array()
+            .expect("windows")
+            .iter()
+            .map(|w| {
+                (
+                    w["start"].as_i64().unwrap(),
+                    w["state"]["count"].as_u64().unwrap(),
+                    w["closed"].as_bool().unwrap(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(windows("k-a"), vec![(t, 1, true), (t + minute, 1, false)]);
+    assert_eq!(windows("k-b"), vec![(t + minute, 1, false)]);
+}

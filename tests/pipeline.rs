@@ -889,7 +889,18 @@ fn a_live_reload_adds_removes_and_refuses_while_queries_stay_answered_and_a_live
     assert_ne!(rekeyed, with_top);
     wagg.rewrite_config(&rekeyed);
     let (ok, output) = wagg.cli(&["reload"]);
-    assert!(!ok && output.contains("`topic` or `key`"), "{output}");
+    assert!(
+        !ok && output.contains("cannot change `topic`, `key`"),
+        "{output}"
+    );
+    let windowed = with_top.replace(
+        "name = \"stats\"",
+        "name = \"stats\"\nwindow = { kind = \"tumbling\", size = \"1m\" }",
+    );
+    assert_ne!(windowed, with_top);
+    wagg.rewrite_config(&windowed);
+    let (ok, output) = wagg.cli(&["reload"]);
+    assert!(!ok && output.contains("`window` or `time`"), "{output}");
     wagg.rewrite_config(&with_top);
     let (ok, output) = wagg.cli(&["reload"]);
     assert!(ok && output.contains("nothing changed"), "{output}");

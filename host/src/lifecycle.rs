@@ -300,6 +300,8 @@ fn current_settings_equal(a: &AggregationConfig, b: &AggregationConfig) -> bool 
         && a.key == b.key
         && a.on_error == b.on_error
         && a.params == b.params
+        && a.window == b.window
+        && a.time == b.time
 }
 
 /// What changes in place, or why it cannot.
