@@ -76,6 +76,18 @@ fn assert_exact(wagg: &Wagg, data: &[(i32, String, String)]) {
     }
 }
 
+/// `wagg run` with `aggregations` and `[dead_letter]` on topic
+/// `dead-letters`.
+fn start_dead_lettering(
+    broker: &Broker,
+    dir: &tempfile::TempDir,
+    port: u16,
+    aggregations: &str,
+) -> Wagg {
+    let extra = "[dead_letter]\ntopic = \"dead-letters\"\n";
+    Wagg::start(dir.path(), &config(broker, port, extra, aggregations), port)
+}
+
 /// One dead letter as the test reads it back.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Letter {
@@ -179,16 +191,7 @@ fn poison_records_go_to_the_dead_letter_topic_and_the_rest_is_applied_once() {
         plugin("hostile"),
         plugin("stats")
     );
-    let wagg = Wagg::start(
-        dir.path(),
-        &config(
-            &broker,
-            port,
-            "[dead_letter]\ntopic = \"dead-letters\"\n",
-            &aggregations,
-        ),
-        port,
-    );
+    let wagg = start_dead_lettering(&broker, &dir, port, &aggregations);
     let bad: Vec<usize> = (0..data.len()).filter(|&i| poison(i)).collect();
     let total = data.len() as u64;
     let good = total - bad.len() as u64;
@@ -334,16 +337,7 @@ fn a_dead_letter_keeps_the_records_headers_and_timestamp_and_an_oversize_one_is_
         "[[aggregation]]\nname = \"stats\"\nplugin = {:?}\nparams = {{ field = \"/amount\" }}\n",
         plugin("stats")
     );
-    let wagg = Wagg::start(
-        dir.path(),
-        &config(
-            &broker,
-            port,
-            "[dead_letter]\ntopic = \"dead-letters\"\n",
-            &aggregations,
-        ),
-        port,
-    );
+    let wagg = start_dead_lettering(&broker, &dir, port, &aggregations);
     wagg.wait_for(&[("stats".to_owned(), 1)].into(), CATCH_UP);
     let mut letters = read_dead_letters(&broker, "dead-letters", 2);
     letters.sort_by_key(|l| l.source_offset);
@@ -406,16 +400,7 @@ fn on_error_fail_stops_before_the_bad_record_and_says_where() {
         common::count_and_stats_toml(),
         plugin("stats")
     );
-    let wagg = Wagg::start(
-        dir.path(),
-        &config(
-            &broker,
-            port,
-            "[dead_letter]\ntopic = \"dead-letters\"\n",
-            &aggregations,
-        ),
-        port,
-    );
+    let wagg = start_dead_lettering(&broker, &dir, port, &aggregations);
     let started = Instant::now();
     let reasons = loop {
         let (code, body) = wagg.get("/readyz");
@@ -741,16 +726,7 @@ fn late_records_of_a_windowed_aggregation_go_to_the_dead_letter_topic() {
         "[[aggregation]]\nname = \"per_minute\"\nplugin = {:?}\nwindow = {{ kind = \"tumbling\", size = \"1m\" }}\n",
         plugin("count")
     );
-    let wagg = Wagg::start(
-        dir.path(),
-        &config(
-            &broker,
-            port,
-            "[dead_letter]\ntopic = \"dead-letters\"\n",
-            &aggregations,
-        ),
-        port,
-    );
+    let wagg = start_dead_lettering(&broker, &dir, port, &aggregations);
     wagg.wait_for(&[("per_minute".to_owned(), 3)].into(), CATCH_UP);
     let mut letters = read_dead_letters(&broker, "dead-letters", 2);
     letters.sort_by_key(|l| l.source_offset);
