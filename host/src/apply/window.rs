@@ -11,7 +11,8 @@
 //! partition — the same after a crash and a replay. Stream times are
 //! written with the states and offsets of the same flush; expired windows
 //! are deleted by staging deletes, so the deletes travel the same way
-//! (one write, the changelog).
+//! (one write, the changelog). A partition is scanned for expired windows
+//! only once retention reaches the oldest window end it may hold.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -38,9 +39,11 @@ pub(super) struct Windowing {
     stream_times: HashMap<Partition, i64>,
     /// The stream times as last handed to the writer.
     written: HashMap<Partition, i64>,
-    /// Stream time at each partition's last retention sweep (in memory:
-    /// after a restart the first batch sweeps).
-    swept: HashMap<Partition, i64>,
+    /// Per partition, the earliest end of a window that may still be
+    /// stored (the last sweep's oldest survivor, or a window opened since):
+    /// no sweep is needed before retention reaches it. In memory: after a
+    /// restart, the first batch of a partition sweeps to learn it.
+    oldest_end: HashMap<Partition, i64>,
 }
 
 /// What one batch does to a windowed aggregation, before it is kept.
@@ -48,6 +51,8 @@ pub(super) struct Windowing {
 pub(super) struct WindowedBatch {
     /// Stream times the batch moved.
     pub(super) stream_times: HashMap<Partition, i64>,
+    /// The earliest end of the windows the batch opened, per partition.
+    oldest_end: HashMap<Partition, i64>,
 }
 
 impl Windowing {
@@ -62,7 +67,7 @@ impl Windowing {
             time,
             written: stream_times.clone(),
             stream_times,
-            swept: HashMap::new(),
+            oldest_end: HashMap::new(),
         }
     }
 
@@ -95,19 +100,26 @@ impl Windowing {
         let stream_time = self
             .stream_time(batch, &partition)
             .map_or(time, |t| t.max(time));
-        batch.stream_times.insert(partition, stream_time);
-        Ok(self
+        batch.stream_times.insert(partition.clone(), stream_time);
+        let open: Vec<Window> = self
             .spec
             .windows_of(time)
             .into_iter()
             .filter(|window| !self.spec.closed(*window, stream_time))
+            .collect();
+        if let Some(first) = open.first() {
+            let oldest = batch.oldest_end.entry(partition).or_insert(first.end);
+            *oldest = (*oldest).min(first.end);
+        }
+        Ok(open
+            .into_iter()
             .map(|window| (slot, Cow::Owned(window_key(key, window.start))))
             .collect())
     }
 
     /// Sets a partition's stream time as stored (`None`: none yet).
     pub(super) fn load(&mut self, partition: Partition, stored: Option<i64>) {
-        self.swept.remove(&partition);
+        self.oldest_end.remove(&partition);
         match stored {
             Some(time) => {
                 self.stream_times.insert(partition.clone(), time);
@@ -123,6 +135,12 @@ impl Windowing {
     /// Keeps the stream times of a batch that succeeded.
     pub(super) fn keep(&mut self, batch: WindowedBatch) {
         self.stream_times.extend(batch.stream_times);
+        for (partition, end) in batch.oldest_end {
+            // Unknown (not swept since the start): stays unknown.
+            if let Some(oldest) = self.oldest_end.get_mut(&partition) {
+                *oldest = (*oldest).min(end);
+            }
+        }
     }
 
     /// The stream times moved since the last flush, marked as handed on.
@@ -149,13 +167,13 @@ impl Windowing {
     pub(super) fn clear(&mut self) {
         self.stream_times.clear();
         self.written.clear();
-        self.swept.clear();
+        self.oldest_end.clear();
     }
 
     /// The store keys of the partition's windows past retention at its
-    /// stream time — stored ones, and `cache`'s not yet written — when it
-    /// has moved on by a window since the last sweep (`None` otherwise).
-    /// Deleting them is up to the caller.
+    /// stream time — stored ones, and `cache`'s not yet written — once
+    /// retention has reached the oldest window that may be there (`None`
+    /// before that). Deleting them is up to the caller.
     pub(super) fn sweep(
         &mut self,
         store: &StateStore,
@@ -167,43 +185,41 @@ impl Windowing {
         let Some(&stream_time) = self.stream_times.get(partition) else {
             return Ok(None);
         };
-        let every = self.spec.length().max(1000);
+        let cutoff = stream_time.saturating_sub(self.spec.retention().millis());
         if self
-            .swept
+            .oldest_end
             .get(partition)
-            .is_some_and(|&last| stream_time < last.saturating_add(every))
+            .is_some_and(|&oldest| oldest > cutoff)
         {
             return Ok(None);
         }
-        self.swept.insert(partition.clone(), stream_time);
-        let unwritten = cache.unwritten_keys(&slot.store_key(&[]));
         let length = self.spec.length();
+        let slot_prefix = slot.store_key(&[]);
         let mut expired = Vec::new();
-        store.scan_slot(aggregation, slot, &mut |key, _| {
-            if let Some((_, start)) = split_window_key(key) {
-                let window = Window {
-                    start,
-                    end: start.saturating_add(length),
-                };
-                if self.spec.expired(window, stream_time) {
-                    expired.push(slot.store_key(key));
-                }
+        let mut oldest_kept = i64::MAX;
+        let mut sort = |store_key: Vec<u8>| {
+            let Some((_, start)) = split_window_key(&store_key[slot_prefix.len()..]) else {
+                return;
+            };
+            let window = Window {
+                start,
+                end: start.saturating_add(length),
+            };
+            if self.spec.expired(window, stream_time) {
+                expired.push(store_key);
+            } else {
+                oldest_kept = oldest_kept.min(window.end);
             }
+        };
+        store.scan_slot(aggregation, slot, &mut |key, _| {
+            sort(slot.store_key(key));
             true
         })?;
         // Windows made since the last write are not on disk yet.
-        let slot_prefix = slot.store_key(&[]);
-        for store_key in unwritten {
-            if let Some((_, start)) = split_window_key(&store_key[slot_prefix.len()..]) {
-                let window = Window {
-                    start,
-                    end: start.saturating_add(length),
-                };
-                if self.spec.expired(window, stream_time) {
-                    expired.push(store_key);
-                }
-            }
+        for store_key in cache.unwritten_keys(&slot_prefix) {
+            sort(store_key);
         }
+        self.oldest_end.insert(partition.clone(), oldest_kept);
         Ok(Some(expired))
     }
 }

@@ -33,9 +33,13 @@ pub struct EngineOptions {
     pub batch_size: usize,
     /// Windows to run each plugin with, comma-separated: `none`,
     /// `tumbling:SIZE` or `hopping:SIZE/ADVANCE` (e.g. `tumbling:1m`,
-    /// `hopping:5m/1m`). Event times advance 1 ms per record.
+    /// `hopping:5m/1m`).
     #[arg(long, value_delimiter = ',', default_value = "none")]
     pub windows: Vec<String>,
+    /// Records per second of event time (record timestamps advance
+    /// evenly): with `--keys`, how many records a key has per window.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub event_rate: u64,
     /// `state.cache_entries` for the runs.
     #[arg(long, default_value_t = 200_000)]
     pub cache_entries: usize,
@@ -61,6 +65,8 @@ pub struct EngineRow {
     pub plugin: String,
     /// `none`, or the window as given (`tumbling:1m`).
     pub window: String,
+    /// Records per second of event time.
+    pub event_rate: u64,
     pub keys: u64,
     pub records: u64,
     pub seconds: f64,
@@ -138,7 +144,7 @@ fn window_toml(spec: &str) -> anyhow::Result<String> {
     })
 }
 
-/// Event time of the first generated record (ms); one more per record.
+/// Event time of the first generated record (ms).
 const EVENT_TIME_START: i64 = 1_700_000_000_000;
 
 // One measurement from set-up to numbers; the steps share the timers.
@@ -205,7 +211,9 @@ fn run_one(options: &EngineOptions, run: &Run<'_>) -> anyhow::Result<EngineRow> 
                     offset,
                     key: Some(key),
                     value: Some(value),
-                    timestamp: Some(EVENT_TIME_START + (done + i) as i64),
+                    timestamp: Some(
+                        EVENT_TIME_START + ((done + i) * 1000 / options.event_rate) as i64,
+                    ),
                     headers: Vec::new(),
                 }
             })
@@ -224,6 +232,7 @@ fn run_one(options: &EngineOptions, run: &Run<'_>) -> anyhow::Result<EngineRow> 
     Ok(EngineRow {
         plugin: name.to_owned(),
         window: run.window.to_owned(),
+        event_rate: options.event_rate,
         keys,
         records,
         seconds,
