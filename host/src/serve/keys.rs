@@ -34,7 +34,7 @@ pub(super) struct KeyQuery {
         ("encoding" = Option<openapi::Encoding>, Query, description = "`utf8` (default) or `base64`"),
     ),
     responses(
-        (status = 200, description = "The key's state", body = openapi::KeyState, headers(
+        (status = 200, description = "The key's state (a windowed aggregation answers `KeyWindows`, as `/windows` does)", body = openapi::KeyState, headers(
             ("x-wagg-served-by" = String, description = "Cluster: the owner that answered a proxied lookup"),
             ("x-wagg-standby" = String, description = "Cluster: the instance whose standby copy answered (the owner did not)"),
             ("x-wagg-staleness-ms" = i64, description = "Cluster, with x-wagg-standby: how long ago the owner wrote the commit the copy is at"),
