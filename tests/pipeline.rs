@@ -1646,3 +1646,238 @@ fn windows_stay_exact_across_kill_9_during_window_closes_and_deletes() {
     wagg.wait_for(&windows_applied(&tumbling, &hopping), CATCH_UP);
     assert_windows_exact(&wagg, &tumbling, &hopping);
 }
+
+/// Session windows as the test computes them, record by record in each
+/// partition's order (Kafka Streams' rules): per key its sessions
+/// `(start, end)` with their records' amounts.
+struct SessionTruth {
+    gap: i64,
+    grace: i64,
+    sessions: BTreeMap<String, Vec<(i64, i64, Vec<i64>)>>,
+    stream_times: BTreeMap<i32, i64>,
+    late: u64,
+    applied: u64,
+    /// Records that joined two or more sessions into one.
+    bridges: u64,
+}
+
+impl SessionTruth {
+    fn new(gap: i64, grace: i64) -> Self {
+        SessionTruth {
+            gap,
+            grace,
+            sessions: BTreeMap::new(),
+            stream_times: BTreeMap::new(),
+            late: 0,
+            applied: 0,
+            bridges: 0,
+        }
+    }
+
+    /// A record joins every session of its key within `gap` of it; it is
+    /// late if the session it would make has closed (stream time > end +
+    /// gap + grace).
+    fn add(&mut self, partition: i32, key: &str, time: i64, amount: i64) {
+        let stream_time = self.stream_times.entry(partition).or_insert(time);
+        *stream_time = (*stream_time).max(time);
+        let stream_time = *stream_time;
+        let sessions = self.sessions.entry(key.to_owned()).or_default();
+        let (joining, rest): (Vec<_>, Vec<_>) = sessions
+            .drain(..)
+            .partition(|(start, end, _)| *end >= time - self.gap && *start <= time + self.gap);
+        let start = joining.iter().map(|s| s.0).fold(time, i64::min);
+        let end = joining.iter().map(|s| s.1).fold(time, i64::max);
+        *sessions = rest;
+        if stream_time > end + self.gap + self.grace {
+            self.late += 1;
+            sessions.extend(joining);
+            return;
+        }
+        if joining.len() >= 2 {
+            self.bridges += 1;
+        }
+        let mut amounts: Vec<i64> = joining.into_iter().flat_map(|s| s.2).collect();
+        amounts.push(amount);
+        sessions.push((start, end, amounts));
+        sessions.sort();
+        self.applied += 1;
+    }
+}
+
+/// `n` records of 8 keys on 2 partitions, 400 ms of event time apart;
+/// each key is quiet for 90 s every 270 s (so its sessions, gap 1 min,
+/// end); every 25th record lands in the middle of the quiet time its key
+/// just had — between two sessions, within the gap of both: it merges
+/// them — and every 40th is 5 minutes behind (late).
+fn visit_records(n: i64, seed: u64) -> Vec<(i32, String, String)> {
+    const PHASE: i64 = 90_000;
+    let quiet = |k: i64, at: i64| ((at - T0).div_euclid(PHASE) + k) % 3 == 0;
+    let mut rng = wagg::tools::rng::Rng(seed);
+    let mut out = Vec::new();
+    for i in 0..n {
+        let base = T0 + i * 400;
+        let amount = (rng.next_u64() % 100) as i64;
+        let (k, ts) = if i % 25 == 24 {
+            // A key whose quiet time ended 10–60 s ago: its middle.
+            let Some(k) = (0..8).find(|&k| {
+                let ended = base - (base - T0).rem_euclid(PHASE);
+                quiet(k, ended - 1) && !quiet(k, base) && base - ended >= 10_000 && base - ended <= 60_000
+            }) else {
+                continue;
+            };
+            let ended = base - (base - T0).rem_euclid(PHASE);
+            (k, ended - PHASE / 2)
+        } else {
+            let active: Vec<i64> = (0..8).filter(|&k| !quiet(k, base)).collect();
+            let k = active[(rng.next_u64() % active.len() as u64) as usize];
+            let behind = if i % 40 == 39 { 300_000 } else { 0 };
+            (k, base - (rng.next_u64() % 5_000) as i64 - behind)
+        };
+        let key = format!("visitor-{k}");
+        let value = json!({ "ts": ts, "amount": amount }).to_string();
+        out.push((click_partition(&key), key, value));
+    }
+    out
+}
+
+fn session_truth(records: &[(i32, String, String)]) -> SessionTruth {
+    let mut truth = SessionTruth::new(60_000, 30_000);
+    for (partition, key, value) in records {
+        let value: Value = serde_json::from_str(value).unwrap();
+        let (ts, amount) = (value["ts"].as_i64().unwrap(), value["amount"].as_i64().unwrap());
+        truth.add(*partition, key, ts, amount);
+    }
+    truth
+}
+
+/// Session retention in the test (`retention = "10m"`).
+const SESSION_RETENTION: i64 = 600_000;
+
+/// Checks both session aggregations against the truth: counters, stream
+/// times, and every key's sessions — bounds, `count`, `stats`, `closed` —
+/// with the sessions past retention deleted. Returns how many were.
+fn assert_sessions_exact(wagg: &Wagg, truth: &SessionTruth) -> usize {
+    let (_, body) = wagg.get("/v1/aggregations");
+    for name in ["visits", "visit_spend"] {
+        let info = body["aggregations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == name)
+            .unwrap();
+        assert_eq!(info["window"]["kind"], json!("session"));
+        assert_eq!(info["records_late"], json!(truth.late), "{name}");
+        assert_eq!(info["records_applied"], json!(truth.applied), "{name}");
+    }
+    let mut deleted = 0;
+    for (key, sessions) in &truth.sessions {
+        let stream_time = truth.stream_times[&click_partition(key)];
+        let mut expected_counts = BTreeMap::new();
+        let mut expected_stats = BTreeMap::new();
+        for (start, end, amounts) in sessions {
+            if *end < stream_time - SESSION_RETENTION {
+                deleted += 1;
+                continue;
+            }
+            let closed = stream_time > end + truth.gap + truth.grace;
+            let n = amounts.len() as f64;
+            let mean = amounts.iter().sum::<i64>() as f64 / n;
+            let variance = amounts.iter().map(|a| (*a as f64 - mean).powi(2)).sum::<f64>() / n;
+            expected_counts.insert((*start, *end), (json!({ "count": amounts.len() }), closed));
+            let stats = json!({
+                "count": amounts.len(),
+                "min": *amounts.iter().min().unwrap() as f64,
+                "max": *amounts.iter().max().unwrap() as f64,
+                "mean": mean,
+                "variance": variance,
+            });
+            expected_stats.insert((*start, *end), (stats, closed));
+        }
+        for (name, expected) in [("visits", &expected_counts), ("visit_spend", &expected_stats)] {
+            let (status, answer) = wagg.get(&format!("/v1/aggregations/{name}/keys/{key}"));
+            assert_eq!(status, 200, "{name} {key}: {answer}");
+            let got: Vec<((i64, i64), (Value, bool))> = answer["windows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| {
+                    let bounds = (w["start"].as_i64().unwrap(), w["end"].as_i64().unwrap());
+                    (bounds, (w["state"].clone(), w["closed"].as_bool().unwrap()))
+                })
+                .collect();
+            let bounds: Vec<(i64, i64)> = got.iter().map(|(b, _)| *b).collect();
+            let want: Vec<(i64, i64)> = expected.keys().copied().collect();
+            assert_eq!(bounds, want, "{name} {key}: sessions");
+            for (bounds, (state, closed)) in got {
+                let (want_state, want_closed) = &expected[&bounds];
+                assert!(json_approx_eq(&state, want_state), "{name} {key} {bounds:?}: {state} ≠ {want_state}");
+                assert_eq!(closed, *want_closed, "{name} {key} {bounds:?}: closed");
+            }
+        }
+    }
+    deleted
+}
+
+/// Session windows over `count` and `stats` (which merge): records that
+/// bridge two sessions — stored ones and ones of the same batch — merge
+/// them; late records are counted; sessions past retention are deleted;
+/// a range query picks the overlapping sessions. Exact against a
+/// record-at-a-time model of Kafka Streams' rules.
+#[test]
+fn session_windows_merge_on_bridging_records_and_are_exact() {
+    let setup = Setup::new(&["visits"]);
+    let records = visit_records(6_000, 0x5e55_1011);
+    let truth = session_truth(&records);
+    assert!(truth.bridges >= 20, "the test should bridge sessions ({})", truth.bridges);
+    assert!(truth.late >= 50, "the test should have late records ({})", truth.late);
+    let aggregations = format!(
+        r#"
+[[aggregation]]
+name = "visits"
+plugin = {count:?}
+time = "/ts"
+window = {{ kind = "session", gap = "1m", grace = "30s", retention = "10m" }}
+
+[[aggregation]]
+name = "visit_spend"
+plugin = {stats:?}
+params = {{ field = "/amount" }}
+time = "/ts"
+window = {{ kind = "session", gap = "1m", grace = "30s", retention = "10m" }}
+"#,
+        count = plugin("count"),
+        stats = plugin("stats")
+    );
+    let applied = |truth: &SessionTruth| {
+        BTreeMap::from([
+            ("visits".to_owned(), truth.applied),
+            ("visit_spend".to_owned(), truth.applied),
+        ])
+    };
+    let wagg = setup.start(&setup.config(&["visits"], &aggregations));
+    // In two halves, the first written before the second arrives, so
+    // bridging records merge stored sessions too.
+    let (first, second) = records.split_at(3_000);
+    setup.broker.produce("visits", first);
+    wagg.wait_for(&applied(&session_truth(first)), CATCH_UP);
+    setup.broker.produce("visits", second);
+    wagg.wait_for(&applied(&truth), CATCH_UP);
+    let deleted = assert_sessions_exact(&wagg, &truth);
+    assert!(deleted >= 20, "the test should delete sessions ({deleted})");
+
+    // A range: the sessions overlapping it (a session covers its end).
+    let key = "visitor-3";
+    let (start, end, _) = truth.sessions[key]
+        .iter()
+        .rev()
+        .nth(1)
+        .expect("two sessions")
+        .clone();
+    let (status, answer) = wagg.get(&format!(
+        "/v1/aggregations/visits/keys/{key}/windows?from={end}&to={}",
+        end + 1
+    ));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["windows"][0]["start"], json!(start), "{answer}");
+    assert_eq!(answer["windows"].as_array().unwrap().len(), 1, "{answer}");
+}

@@ -94,7 +94,12 @@ impl Aggregation {
         Self {
             plugin,
             instance,
-            states: StateCache::new(cache_entries),
+            states: match &config.window {
+                // Placing a record in a session looks up the key's
+                // unwritten sessions by prefix.
+                Some(window) if window.is_session() => StateCache::new(cache_entries).ordered(),
+                _ => StateCache::new(cache_entries),
+            },
             applied: counters,
             // Attached to the registry by `BatchApplier::new`.
             instruments: Instruments::default(),

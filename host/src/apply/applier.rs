@@ -16,6 +16,7 @@ use super::dead_letter::{DeadLetter, DeadLetterError, DeadLetterSink};
 use super::flusher::Flusher;
 use super::group::{GroupKey, group_by_key, group_key};
 use super::partition_map::PartitionMap;
+use super::session::{self, Arrival, StoredSession};
 use super::window::{Partition, WindowedBatch};
 use crate::config::{BatchConfig, OnError};
 use crate::ops::status::{AggregationCounters, Status};
@@ -23,7 +24,9 @@ use crate::plugin::{Change, GroupInput};
 use crate::record::SourceRecord;
 use crate::state::cache::State;
 use crate::state::flush::{CatchUpOffsets, FlushOffsets, FlushPublisher};
-use crate::state::store::{AggregationMeta, Slot, StateStore, StoreError, split_window_key};
+use crate::state::store::{
+    AggregationMeta, Slot, StateStore, StoreError, session_key, split_window_key, window_prefix,
+};
 use crate::state::writer::{StateWriter, WriteInstruments};
 
 /// Applies batches of records to every aggregation and writes the results:
@@ -469,12 +472,16 @@ fn apply_aggregation<'b>(
 ) -> Result<Staged<'b>, PipelineError> {
     let mut counters = aggregation.applied;
     let Keyed {
-        keyed,
+        mut keyed,
         mut rejected,
-        late,
-        windowed,
+        mut late,
+        mut windowed,
         considered,
+        arrivals,
     } = key_records(aggregation, feed, batch, slots);
+    let mut sessions = plan_sessions(aggregation, store, arrivals, &mut windowed)?;
+    keyed.append(&mut sessions.keyed);
+    late.append(&mut sessions.late);
     counters.records_late += late.len() as u64;
     let mut letters = late_letters(aggregation, &late);
     if keyed.is_empty() && rejected.is_empty() {
@@ -499,7 +506,10 @@ fn apply_aggregation<'b>(
         .zip(&plugin_keys)
         .map(|(((_, records), store_key), key)| GroupInput {
             key,
-            state: cached.peek(store_key).and_then(|state| state.as_deref()),
+            state: match sessions.merged.get(store_key) {
+                Some(merged) => merged.as_deref(),
+                None => cached.peek(store_key).and_then(|state| state.as_deref()),
+            },
             records,
         })
         .collect();
@@ -525,11 +535,21 @@ fn apply_aggregation<'b>(
     }
     letters.extend(route_rejected(aggregation, &rejected)?);
     for (store_key, change) in store_keys.into_iter().zip(outcome.changes) {
+        let merged = sessions.merged.remove(&store_key);
         match change {
-            Change::Unchanged => {}
+            // A session made of others is a new key: its state is written
+            // even if the records left it as merged.
+            Change::Unchanged => {
+                if let Some(Some(state)) = merged {
+                    stage((store_key, Some(state)));
+                }
+            }
             Change::Set(state) => stage((store_key, Some(state))),
             Change::Delete => stage((store_key, None)),
         }
+    }
+    for store_key in sessions.absorbed {
+        stage((store_key, None));
     }
     counters.records_dead_lettered += letters.len() as u64;
     counters.records_failed += rejected.len() as u64;
@@ -555,6 +575,9 @@ struct Keyed<'b> {
     windowed: WindowedBatch,
     /// How many records the aggregation consumes in the batch.
     considered: usize,
+    /// Session windows: the records of each key, placed by
+    /// [`plan_sessions`].
+    arrivals: Vec<(GroupKey<'b>, Vec<Arrival<&'b SourceRecord>>)>,
 }
 
 /// The group key of each record the aggregation consumes, and the records
@@ -571,7 +594,9 @@ fn key_records<'b>(
         late: Vec::new(),
         windowed: WindowedBatch::default(),
         considered: 0,
+        arrivals: Vec::new(),
     };
+    let mut arrivals = Vec::new();
     for record in batch.iter().filter(|r| aggregation.takes(feed, r)) {
         out.considered += 1;
         let Some(slot) = slots.get(&record.topic, record.partition) else {
@@ -589,20 +614,155 @@ fn key_records<'b>(
             out.keyed.push((key, record));
             continue;
         };
+        if windowing.spec.is_session() {
+            match windowing.advance(&mut out.windowed, record) {
+                Ok((time, stream_time)) => arrivals.push((
+                    key,
+                    Arrival {
+                        record,
+                        time,
+                        stream_time,
+                    },
+                )),
+                Err(message) => out.rejected.push((record, message)),
+            }
+            continue;
+        }
         match windowing.place(&mut out.windowed, record, key.0, &key.1) {
             Ok(windows) if windows.is_empty() => out.late.push(record),
             Ok(windows) => out.keyed.extend(windows.into_iter().map(|w| (w, record))),
             Err(message) => out.rejected.push((record, message)),
         }
     }
+    out.arrivals = group_by_key(arrivals);
     out
+}
+
+/// What the records of a batch do to a session-windowed aggregation's
+/// sessions.
+#[derive(Default)]
+struct SessionBatch<'b> {
+    /// Each record with the key of the session it is in.
+    keyed: Vec<(GroupKey<'b>, &'b SourceRecord)>,
+    /// Records whose session had closed.
+    late: Vec<&'b SourceRecord>,
+    /// Store key → the state a session made of stored ones starts from
+    /// (their states merged); sessions updated in place are not here.
+    merged: HashMap<Vec<u8>, State>,
+    /// Store keys of the stored sessions that became part of another.
+    absorbed: Vec<Vec<u8>>,
+}
+
+/// The most sessions of one key read to place its records (retention
+/// over gap bounds how many there can be).
+const MAX_SESSIONS_PER_KEY: usize = 1_000_000;
+
+/// Places each key's records in its sessions (see `apply::session`):
+/// reads the key's sessions (unwritten ones first), plans, and merges the
+/// states of stored sessions that become one with the plugin's `merge`.
+fn plan_sessions<'b>(
+    aggregation: &mut Aggregation,
+    store: &StateStore,
+    arrivals: Vec<(GroupKey<'b>, Vec<Arrival<&'b SourceRecord>>)>,
+    windowed: &mut WindowedBatch,
+) -> Result<SessionBatch<'b>, PipelineError> {
+    let mut out = SessionBatch::default();
+    let Some(spec) = aggregation.windowing.as_ref().map(|w| w.spec.clone()) else {
+        return Ok(out);
+    };
+    for ((slot, key), arrivals) in arrivals {
+        let mut stored = stored_sessions(aggregation, store, slot, &key)?;
+        let windows = stored.values().map(|(session, _)| session.clone()).collect();
+        let plan = session::plan(&spec, windows, &arrivals);
+        out.late.extend(plan.late);
+        for planned in plan.sessions {
+            if let Some(first) = planned.records.first() {
+                windowed.opened(first, planned.window.end);
+            }
+            let in_slot = session_key(&key, planned.window.start, planned.window.end);
+            if !planned.in_place() {
+                let mut states = planned
+                    .absorbed
+                    .iter()
+                    .filter_map(|s| stored.remove(&s.key).map(|(_, state)| state));
+                let merged = merge_states(aggregation, &mut states)?;
+                out.merged.insert(slot.store_key(&in_slot), merged);
+                out.absorbed
+                    .extend(planned.absorbed.iter().map(|s| slot.store_key(&s.key)));
+            }
+            let group = (slot, Cow::<[u8]>::Owned(in_slot));
+            out.keyed
+                .extend(planned.records.iter().map(|&record| (group.clone(), record)));
+        }
+    }
+    Ok(out)
+}
+
+/// The sessions of `key` in `slot` with their states: the newest ones,
+/// unwritten changes (in the cache) over what RocksDB holds.
+fn stored_sessions(
+    aggregation: &Aggregation,
+    store: &StateStore,
+    slot: Slot,
+    key: &[u8],
+) -> Result<BTreeMap<Vec<u8>, (StoredSession, Vec<u8>)>, StoreError> {
+    let Some(windowing) = &aggregation.windowing else {
+        return Ok(Default::default());
+    };
+    let cache = &aggregation.states;
+    let name = &aggregation.config.name;
+    let mut found: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    for (_, in_slot, state) in store.windows_of_key(name, Some(slot), key, MAX_SESSIONS_PER_KEY)? {
+        match cache.peek(&slot.store_key(&in_slot)) {
+            Some(None) => {}
+            Some(Some(newer)) => {
+                found.insert(in_slot, newer.clone());
+            }
+            None => {
+                found.insert(in_slot, state);
+            }
+        }
+    }
+    for store_key in cache.unwritten_keys(&slot.store_key(&window_prefix(key))) {
+        if let Some(Some(state)) = cache.peek(&store_key) {
+            found.insert(store_key[Slot::LEN..].to_vec(), state.clone());
+        }
+    }
+    Ok(found
+        .into_iter()
+        .filter_map(|(in_slot, state)| {
+            let split = split_window_key(&in_slot)?;
+            let window = windowing.spec.window_at(split.start, split.session_end);
+            Some((in_slot.clone(), (StoredSession { key: in_slot, window }, state)))
+        })
+        .collect())
+}
+
+/// The plugin's `merge` of `states` in order (`None`: there were none).
+fn merge_states(
+    aggregation: &mut Aggregation,
+    states: &mut dyn Iterator<Item = Vec<u8>>,
+) -> Result<State, PipelineError> {
+    let Some(mut merged) = states.next() else {
+        return Ok(None);
+    };
+    for next in states {
+        merged = aggregation
+            .instance
+            .merge(&merged, &next)
+            .map_err(|error| PipelineError::Plugin {
+                aggregation: aggregation.config.name.clone(),
+                error,
+            })?;
+    }
+    Ok(Some(merged))
 }
 
 /// The key the plugin sees for a group: the aggregation key, without the
 /// window of a windowed aggregation.
 fn plugin_key<'k>(aggregation: &Aggregation, key: &'k [u8]) -> Cow<'k, [u8]> {
     match &aggregation.windowing {
-        Some(_) => split_window_key(key).map_or(Cow::Borrowed(key), |(key, _)| Cow::Owned(key)),
+        Some(_) => split_window_key(key).map_or(Cow::Borrowed(key), |split| Cow::Owned(split.key)),
         None => Cow::Borrowed(key),
     }
 }
@@ -614,12 +774,16 @@ fn late_letters<'b>(aggregation: &Aggregation, late: &[&'b SourceRecord]) -> Vec
         return Vec::new();
     }
     let metadata = aggregation.plugin.metadata();
+    let error = match &aggregation.windowing {
+        Some(windowing) if windowing.spec.is_session() => "late: the record's session had closed (stream time passed the session's last record + gap + grace)",
+        _ => "late: every window of the record's event time had closed (stream time passed window end + grace)",
+    };
     late.iter()
         .map(|record| DeadLetter {
             aggregation: aggregation.config.name.clone(),
             plugin: metadata.name.clone(),
             plugin_version: metadata.version.clone(),
-            error: "late: every window of the record's event time had closed (stream time passed window end + grace)".into(),
+            error: error.into(),
             record,
         })
         .collect()

@@ -31,6 +31,7 @@ mod flusher;
 pub mod group;
 mod migrate;
 pub mod partition_map;
+mod session;
 mod window;
 
 use std::sync::Arc;

@@ -3,8 +3,8 @@
 //! deletion of windows past retention (see `config::window` for the
 //! arithmetic and `state::store::windowed` for the keys).
 //!
-//! A windowed aggregation keeps one state per key *and window*, under the
-//! window key `escape(key) ‖ 00 00 ‖ start` in the record's partition slot;
+//! A windowed aggregation keeps one state per key *and window*, under a
+//! window key (`state::store::windowed`) in the record's partition slot;
 //! the plugin sees the plain key and knows nothing of windows. Stream time
 //! (the largest event time seen, per partition) moves record by record, so
 //! whether a record is late depends only on the records before it in its
@@ -55,6 +55,15 @@ pub(super) struct WindowedBatch {
     oldest_end: HashMap<Partition, i64>,
 }
 
+impl WindowedBatch {
+    /// The batch writes a window ending at `end` in `record`'s partition.
+    pub(super) fn opened(&mut self, record: &SourceRecord, end: i64) {
+        let partition = (record.topic.clone(), record.partition);
+        let oldest = self.oldest_end.entry(partition).or_insert(end);
+        *oldest = (*oldest).min(end);
+    }
+}
+
 impl Windowing {
     pub(super) fn new(
         spec: WindowConfig,
@@ -85,9 +94,26 @@ impl Windowing {
             .copied()
     }
 
-    /// The group keys of `record` (key `key` in `slot`): one per window it
-    /// belongs to that is still open. `Ok(empty)`: the record is late.
-    /// `Err`: it has no usable event time.
+    /// Moves the stream time of `record`'s partition to its event time if
+    /// later: `(event time, stream time)`. `Err`: it has no usable event
+    /// time.
+    pub(super) fn advance(
+        &self,
+        batch: &mut WindowedBatch,
+        record: &SourceRecord,
+    ) -> Result<(i64, i64), String> {
+        let time = record.event_time(self.time.as_deref())?;
+        let partition = (record.topic.clone(), record.partition);
+        let stream_time = self
+            .stream_time(batch, &partition)
+            .map_or(time, |t| t.max(time));
+        batch.stream_times.insert(partition, stream_time);
+        Ok((time, stream_time))
+    }
+
+    /// The group keys of `record` (key `key` in `slot`) for a tumbling or
+    /// hopping window: one per window it belongs to that is still open.
+    /// `Ok(empty)`: the record is late. `Err`: it has no usable event time.
     pub(super) fn place<'r>(
         &self,
         batch: &mut WindowedBatch,
@@ -95,12 +121,7 @@ impl Windowing {
         slot: Slot,
         key: &[u8],
     ) -> Result<Vec<GroupKey<'r>>, String> {
-        let time = record.event_time(self.time.as_deref())?;
-        let partition = (record.topic.clone(), record.partition);
-        let stream_time = self
-            .stream_time(batch, &partition)
-            .map_or(time, |t| t.max(time));
-        batch.stream_times.insert(partition.clone(), stream_time);
+        let (time, stream_time) = self.advance(batch, record)?;
         let open: Vec<Window> = self
             .spec
             .windows_of(time)
@@ -108,8 +129,7 @@ impl Windowing {
             .filter(|window| !self.spec.closed(*window, stream_time))
             .collect();
         if let Some(first) = open.first() {
-            let oldest = batch.oldest_end.entry(partition).or_insert(first.end);
-            *oldest = (*oldest).min(first.end);
+            batch.opened(record, first.end);
         }
         Ok(open
             .into_iter()
@@ -193,18 +213,14 @@ impl Windowing {
         {
             return Ok(None);
         }
-        let length = self.spec.length();
         let slot_prefix = slot.store_key(&[]);
         let mut expired = Vec::new();
         let mut oldest_kept = i64::MAX;
         let mut sort = |store_key: Vec<u8>| {
-            let Some((_, start)) = split_window_key(&store_key[slot_prefix.len()..]) else {
+            let Some(split) = split_window_key(&store_key[slot_prefix.len()..]) else {
                 return;
             };
-            let window = Window {
-                start,
-                end: start.saturating_add(length),
-            };
+            let window = self.spec.window_at(split.start, split.session_end);
             if self.spec.expired(window, stream_time) {
                 expired.push(store_key);
             } else {

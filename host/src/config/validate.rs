@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::window::WindowConfig;
 use super::{AggregationConfig, ClusterConfig, Config, OnError, kafka_value};
 
 impl Config {
@@ -216,12 +215,6 @@ fn check_window(aggregation: &AggregationConfig) -> Result<(), String> {
         };
     };
     window.check()?;
-    if matches!(window, WindowConfig::Session { .. }) {
-        return Err(
-            "`window.kind = \"session\"` is not supported yet: use \"tumbling\" or \"hopping\""
-                .into(),
-        );
-    }
     if aggregation.key.is_some() {
         return Err(
             "a windowed aggregation cannot re-key records (`key`) yet: a window's stream time is kept per source partition; key the records by that field when producing them".into(),

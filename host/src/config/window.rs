@@ -6,7 +6,9 @@
 //! aligned to the Unix epoch and cover `[start, end)` in milliseconds; a
 //! partition's *stream time* is the largest event time seen in it; a window
 //! is closed once stream time ≥ end + grace, and a record whose windows are
-//! all closed is late.
+//! all closed is late. A session is per key: records less than `gap` apart
+//! share one, `[first record, last record]`; it closes once stream time >
+//! its last record + gap + grace.
 
 use std::fmt;
 use std::time::Duration;
@@ -193,34 +195,68 @@ impl WindowConfig {
         windows
     }
 
-    /// Whether `window` no longer takes records at this stream time.
+    /// The window of a stored state: a tumbling or hopping window from its
+    /// start, a session from its start and end.
+    pub fn window_at(&self, start: i64, session_end: Option<i64>) -> Window {
+        match (self, session_end) {
+            (Self::Session { .. }, end) => Window {
+                start,
+                end: end.unwrap_or(start),
+            },
+            _ => Window {
+                start,
+                end: start.saturating_add(self.length()),
+            },
+        }
+    }
+
+    /// Whether `window` no longer takes records at this stream time: a
+    /// tumbling or hopping window once stream time ≥ end + grace; a
+    /// session (whose `end` is its last record's time) once stream time >
+    /// end + gap + grace, as in Kafka Streams — no record could join it.
     pub fn closed(&self, window: Window, stream_time: i64) -> bool {
-        stream_time >= window.end.saturating_add(self.grace().millis())
+        let grace = self.grace().millis();
+        match *self {
+            Self::Session { gap, .. } => {
+                stream_time > window.end.saturating_add(gap.millis()).saturating_add(grace)
+            }
+            _ => stream_time >= window.end.saturating_add(grace),
+        }
     }
 
     /// Whether `window` is past retention at this stream time (its state
     /// may be deleted).
     pub fn expired(&self, window: Window, stream_time: i64) -> bool {
-        window.end <= stream_time.saturating_sub(self.retention().millis())
+        let cutoff = stream_time.saturating_sub(self.retention().millis());
+        match self {
+            Self::Session { .. } => window.end < cutoff,
+            _ => window.end <= cutoff,
+        }
     }
 
-    /// Whether an event at `time` is late: every window it belongs to is
-    /// closed (`stream_time` includes it). For sessions: its own would-be
-    /// session `[time, time + gap)` is closed.
+    /// Whether `window` overlaps the times `[from, to)` (either side open
+    /// when `None`); a session covers its end.
+    pub fn overlaps(&self, window: Window, from: Option<i64>, to: Option<i64>) -> bool {
+        let last = match self {
+            Self::Session { .. } => window.end,
+            _ => window.end.saturating_sub(1),
+        };
+        from.is_none_or(|from| last >= from) && to.is_none_or(|to| window.start < to)
+    }
+
+    /// Whether an event at `time` is late for a tumbling or hopping window:
+    /// every window it belongs to is closed (`stream_time` includes it).
+    /// Sessions decide per key (`apply::session`): a record is late when
+    /// the session it would make or join is closed.
     pub fn late(&self, time: i64, stream_time: i64) -> bool {
-        match *self {
-            Self::Session { gap, .. } => self.closed(
-                Window {
-                    start: time,
-                    end: time.saturating_add(gap.millis()),
-                },
-                stream_time,
-            ),
-            _ => self
-                .windows_of(time)
-                .into_iter()
-                .all(|window| self.closed(window, stream_time)),
-        }
+        self.windows_of(time)
+            .into_iter()
+            .all(|window| self.closed(window, stream_time))
+    }
+
+    /// Whether this is a session window.
+    pub fn is_session(&self) -> bool {
+        matches!(self, Self::Session { .. })
     }
 }
 

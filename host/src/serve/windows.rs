@@ -88,11 +88,6 @@ pub(super) struct TimeRange {
     to: Option<i64>,
 }
 
-impl TimeRange {
-    fn overlaps(self, window: Window) -> bool {
-        self.from.is_none_or(|from| window.end > from) && self.to.is_none_or(|to| window.start < to)
-    }
-}
 
 /// Epoch milliseconds or an RFC 3339 time.
 fn parse_time(name: &str, text: &str) -> Result<i64, ApiError> {
@@ -171,16 +166,14 @@ pub(super) fn render_windows(
     let mut placed = Vec::new();
     let mut states = Vec::new();
     for (slot, window_key, stored) in entries {
-        let Some((key, start)) = split_window_key(&window_key) else {
+        let Some(split) = split_window_key(&window_key) else {
             continue;
         };
-        let window = Window {
-            start,
-            end: start.saturating_add(spec.length()),
-        };
-        if !range.overlaps(window) {
+        let window = spec.window_at(split.start, split.session_end);
+        if !spec.overlaps(window, range.from, range.to) {
             continue;
         }
+        let key = split.key;
         let old_format = behind.as_ref().and_then(|b| b.old_format_of(&window_key));
         placed.push((
             key,

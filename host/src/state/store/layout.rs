@@ -37,7 +37,7 @@ impl Slot {
         topic_id: u16::MAX,
         partition: u32::MAX,
     };
-    pub(super) const LEN: usize = 6;
+    pub const LEN: usize = 6;
 
     /// The RocksDB key of `key` in this slot.
     pub fn store_key(self, key: &[u8]) -> Vec<u8> {

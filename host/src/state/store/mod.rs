@@ -38,7 +38,9 @@ pub use catch_up::CatchUps;
 use layout::*;
 pub use layout::{KeyStates, Slot};
 pub use migration::{Behind, Migration, MigrationChunk, StateMigrator};
-pub use windowed::{split_window_key, window_key, window_prefix};
+pub use windowed::{
+    WindowedKey, after_windows_of, session_key, split_window_key, window_key, window_prefix,
+};
 pub use write::StateWrite;
 
 /// Per-aggregation record counters, stored with the state they describe.

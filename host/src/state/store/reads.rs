@@ -134,7 +134,7 @@ impl StateStore {
         // The escaped prefix without the end-of-key marker.
         let mut escaped = window_prefix(prefix);
         escaped.truncate(escaped.len() - 2);
-        let after = after.map(|key| window_key(key, i64::MAX));
+        let after = after.map(after_windows_of);
         self.entries_in_slots(aggregation, slots, &escaped, after.as_deref(), limit)
     }
 
