@@ -1356,8 +1356,9 @@ impl WindowTruth {
     }
 }
 
-/// Two windowed `count`s over `/ts`: minute windows (10 s grace, 10 min
-/// retention) and five-minute windows every minute (30 s grace).
+/// Three windowed `count`s over `/ts`: minute windows (10 s grace, 10 min
+/// retention), five-minute windows every minute (30 s grace) and sessions
+/// (5 s gap, 10 s grace, 10 min retention).
 fn windowed_counts() -> String {
     format!(
         r#"
@@ -1372,6 +1373,12 @@ name = "five_minutes"
 plugin = {count:?}
 time = "/ts"
 window = {{ kind = "hopping", size = "5m", advance = "1m", grace = "30s" }}
+
+[[aggregation]]
+name = "sessions"
+plugin = {count:?}
+time = "/ts"
+window = {{ kind = "session", gap = "5s", grace = "10s", retention = "10m" }}
 "#,
         count = plugin("count")
     )
@@ -1509,12 +1516,27 @@ fn assert_windows_exact(wagg: &Wagg, tumbling: &WindowTruth, hopping: &WindowTru
         .count()
 }
 
-/// What `wait_for` expects of the two windowed aggregations.
-fn windows_applied(tumbling: &WindowTruth, hopping: &WindowTruth) -> BTreeMap<String, u64> {
+/// What `wait_for` expects of the three windowed aggregations over
+/// `records`.
+fn windows_applied(records: &[(i32, String, String)]) -> BTreeMap<String, u64> {
+    let (tumbling, hopping) = window_truths(records);
     BTreeMap::from([
         ("per_minute".to_owned(), tumbling.applied),
         ("five_minutes".to_owned(), hopping.applied),
+        ("sessions".to_owned(), click_sessions(records).applied),
     ])
+}
+
+/// The truth of the `sessions` aggregation over click records.
+fn click_sessions(records: &[(i32, String, String)]) -> SessionTruth {
+    let mut truth = SessionTruth::new(5_000, 10_000);
+    for (partition, key, value) in records {
+        let ts = serde_json::from_str::<Value>(value).unwrap()["ts"]
+            .as_i64()
+            .unwrap();
+        truth.add(*partition, key, ts, 0);
+    }
+    truth
 }
 
 #[test]
@@ -1534,13 +1556,16 @@ fn tumbling_and_hopping_windows_are_exact_with_late_records_counted_and_old_wind
     let wagg = setup.start(&setup.config(&["clicks"], &windowed_counts()));
     let (first, second) = records.split_at(1_500);
     setup.broker.produce("clicks", first);
-    let (half_tumbling, half_hopping) = window_truths(first);
-    wagg.wait_for(&windows_applied(&half_tumbling, &half_hopping), CATCH_UP);
+    wagg.wait_for(&windows_applied(first), CATCH_UP);
     setup.broker.produce("clicks", second);
-    wagg.wait_for(&windows_applied(&tumbling, &hopping), CATCH_UP);
+    wagg.wait_for(&windows_applied(&records), CATCH_UP);
 
     let deleted = assert_windows_exact(&wagg, &tumbling, &hopping);
     assert!(deleted > 50, "the test should delete windows ({deleted})");
+    let sessions = click_sessions(&records);
+    assert!(sessions.bridges > 20 && sessions.late > 20, "{} {}", sessions.bridges, sessions.late);
+    let deleted = assert_sessions_exact(&wagg, &sessions, "sessions", None);
+    assert!(deleted > 50, "the test should delete sessions ({deleted})");
 
     // A range: the windows overlapping it only.
     let from = T0 + 600_000;
@@ -1623,9 +1648,11 @@ fn windows_stay_exact_across_kill_9_during_window_closes_and_deletes() {
     }
     producer.join().expect("producer");
     let mut wagg = setup.start(&config.replace("wagg-test", "wagg-test-3"));
-    wagg.wait_for(&windows_applied(&tumbling, &hopping), CATCH_UP);
+    wagg.wait_for(&windows_applied(&records), CATCH_UP);
     let deleted = assert_windows_exact(&wagg, &tumbling, &hopping);
     assert!(deleted > 100, "the test should delete windows ({deleted})");
+    let deleted = assert_sessions_exact(&wagg, &click_sessions(&records), "sessions", None);
+    assert!(deleted > 100, "the test should delete sessions ({deleted})");
 
     // Stopped with everything written, then 40 records 3 minutes behind
     // each partition's stream time: late for the minute windows only if
@@ -1643,8 +1670,11 @@ fn windows_stay_exact_across_kill_9_during_window_closes_and_deletes() {
     assert!(tumbling.late >= 40, "{}", tumbling.late);
     let wagg = setup.start(&config.replace("wagg-test", "wagg-test-4"));
     setup.broker.produce("clicks", &all[records.len()..]);
-    wagg.wait_for(&windows_applied(&tumbling, &hopping), CATCH_UP);
+    wagg.wait_for(&windows_applied(&all), CATCH_UP);
     assert_windows_exact(&wagg, &tumbling, &hopping);
+    let sessions = click_sessions(&all);
+    assert!(sessions.late >= click_sessions(&records).late + 40);
+    assert_sessions_exact(&wagg, &sessions, "sessions", None);
 }
 
 /// Session windows as the test computes them, record by record in each
@@ -1753,12 +1783,19 @@ fn session_truth(records: &[(i32, String, String)]) -> SessionTruth {
 /// Session retention in the test (`retention = "10m"`).
 const SESSION_RETENTION: i64 = 600_000;
 
-/// Checks both session aggregations against the truth: counters, stream
-/// times, and every key's sessions — bounds, `count`, `stats`, `closed` —
-/// with the sessions past retention deleted. Returns how many were.
-fn assert_sessions_exact(wagg: &Wagg, truth: &SessionTruth) -> usize {
+/// Checks a session-windowed `count` (and `stats` over `/amount`) against
+/// the truth: counters and every key's sessions — bounds, states,
+/// `closed` — with the sessions past retention deleted. Returns how many
+/// were.
+fn assert_sessions_exact(
+    wagg: &Wagg,
+    truth: &SessionTruth,
+    counts: &str,
+    stats: Option<&str>,
+) -> usize {
+    let names: Vec<&str> = std::iter::once(counts).chain(stats).collect();
     let (_, body) = wagg.get("/v1/aggregations");
-    for name in ["visits", "visit_spend"] {
+    for &name in &names {
         let info = body["aggregations"]
             .as_array()
             .unwrap()
@@ -1793,7 +1830,9 @@ fn assert_sessions_exact(wagg: &Wagg, truth: &SessionTruth) -> usize {
             });
             expected_stats.insert((*start, *end), (stats, closed));
         }
-        for (name, expected) in [("visits", &expected_counts), ("visit_spend", &expected_stats)] {
+        let checks = std::iter::once((counts, &expected_counts))
+            .chain(stats.map(|name| (name, &expected_stats)));
+        for (name, expected) in checks {
             let (status, answer) = wagg.get(&format!("/v1/aggregations/{name}/keys/{key}"));
             assert_eq!(status, 200, "{name} {key}: {answer}");
             let got: Vec<((i64, i64), (Value, bool))> = answer["windows"]
@@ -1862,7 +1901,7 @@ window = {{ kind = "session", gap = "1m", grace = "30s", retention = "10m" }}
     wagg.wait_for(&applied(&session_truth(first)), CATCH_UP);
     setup.broker.produce("visits", second);
     wagg.wait_for(&applied(&truth), CATCH_UP);
-    let deleted = assert_sessions_exact(&wagg, &truth);
+    let deleted = assert_sessions_exact(&wagg, &truth, "visits", Some("visit_spend"));
     assert!(deleted >= 20, "the test should delete sessions ({deleted})");
 
     // A range: the sessions overlapping it (a session covers its end).
