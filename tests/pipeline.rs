@@ -1563,7 +1563,12 @@ fn tumbling_and_hopping_windows_are_exact_with_late_records_counted_and_old_wind
     let deleted = assert_windows_exact(&wagg, &tumbling, &hopping);
     assert!(deleted > 50, "the test should delete windows ({deleted})");
     let sessions = click_sessions(&records);
-    assert!(sessions.bridges > 20 && sessions.late > 20, "{} {}", sessions.bridges, sessions.late);
+    assert!(
+        sessions.bridges > 20 && sessions.late > 20,
+        "{} {}",
+        sessions.bridges,
+        sessions.late
+    );
     let deleted = assert_sessions_exact(&wagg, &sessions, "sessions", None);
     assert!(deleted > 50, "the test should delete sessions ({deleted})");
 
@@ -1751,7 +1756,10 @@ fn visit_records(n: i64, seed: u64) -> Vec<(i32, String, String)> {
             // A key whose quiet time ended 10–60 s ago: its middle.
             let Some(k) = (0..8).find(|&k| {
                 let ended = base - (base - T0).rem_euclid(PHASE);
-                quiet(k, ended - 1) && !quiet(k, base) && base - ended >= 10_000 && base - ended <= 60_000
+                quiet(k, ended - 1)
+                    && !quiet(k, base)
+                    && base - ended >= 10_000
+                    && base - ended <= 60_000
             }) else {
                 continue;
             };
@@ -1774,7 +1782,10 @@ fn session_truth(records: &[(i32, String, String)]) -> SessionTruth {
     let mut truth = SessionTruth::new(60_000, 30_000);
     for (partition, key, value) in records {
         let value: Value = serde_json::from_str(value).unwrap();
-        let (ts, amount) = (value["ts"].as_i64().unwrap(), value["amount"].as_i64().unwrap());
+        let (ts, amount) = (
+            value["ts"].as_i64().unwrap(),
+            value["amount"].as_i64().unwrap(),
+        );
         truth.add(*partition, key, ts, amount);
     }
     truth
@@ -1819,7 +1830,11 @@ fn assert_sessions_exact(
             let closed = stream_time > end + truth.gap + truth.grace;
             let n = amounts.len() as f64;
             let mean = amounts.iter().sum::<i64>() as f64 / n;
-            let variance = amounts.iter().map(|a| (*a as f64 - mean).powi(2)).sum::<f64>() / n;
+            let variance = amounts
+                .iter()
+                .map(|a| (*a as f64 - mean).powi(2))
+                .sum::<f64>()
+                / n;
             expected_counts.insert((*start, *end), (json!({ "count": amounts.len() }), closed));
             let stats = json!({
                 "count": amounts.len(),
@@ -1849,7 +1864,10 @@ fn assert_sessions_exact(
             assert_eq!(bounds, want, "{name} {key}: sessions");
             for (bounds, (state, closed)) in got {
                 let (want_state, want_closed) = &expected[&bounds];
-                assert!(json_approx_eq(&state, want_state), "{name} {key} {bounds:?}: {state} ≠ {want_state}");
+                assert!(
+                    json_approx_eq(&state, want_state),
+                    "{name} {key} {bounds:?}: {state} ≠ {want_state}"
+                );
                 assert_eq!(closed, *want_closed, "{name} {key} {bounds:?}: closed");
             }
         }
@@ -1867,8 +1885,16 @@ fn session_windows_merge_on_bridging_records_and_are_exact() {
     let setup = Setup::new(&["visits"]);
     let records = visit_records(6_000, 0x5e55_1011);
     let truth = session_truth(&records);
-    assert!(truth.bridges >= 20, "the test should bridge sessions ({})", truth.bridges);
-    assert!(truth.late >= 50, "the test should have late records ({})", truth.late);
+    assert!(
+        truth.bridges >= 20,
+        "the test should bridge sessions ({})",
+        truth.bridges
+    );
+    assert!(
+        truth.late >= 50,
+        "the test should have late records ({})",
+        truth.late
+    );
     let aggregations = format!(
         r#"
 [[aggregation]]

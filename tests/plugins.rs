@@ -671,6 +671,43 @@ fn check_config_loads_every_plugin_and_checks_its_params() {
     );
 }
 
+/// A session window merges states when a record bridges two sessions:
+/// over a plugin without `merge` (a `count` built against world 0.1.0) it
+/// is refused before anything runs, naming the plugin; the same window
+/// over today's `count` passes.
+#[test]
+fn a_session_window_over_a_plugin_that_cannot_merge_is_refused_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("wagg.toml");
+    let check = |plugin: &std::path::Path| {
+        let text = format!(
+            "[source]\nbrokers = \"127.0.0.1:9\"\ntopics = [\"t\"]\n\n[[aggregation]]\nname = \"visits\"\nplugin = {plugin:?}\nwindow = {{ kind = \"session\", gap = \"30m\", grace = \"1m\" }}\n"
+        );
+        std::fs::write(&path, text).expect("write");
+        Command::new(env!("CARGO_BIN_EXE_wagg"))
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .expect("run wagg")
+    };
+    let old = check(&workspace_root().join("tests/fixtures/count-world-0.1.0.wasm"));
+    let stderr = String::from_utf8_lossy(&old.stderr);
+    assert!(!old.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("aggregation \"visits\"")
+            && stderr.contains("a session window needs a plugin that merges")
+            && stderr.contains("plugin \"count\" 0.1.0")
+            && stderr.contains("count-world-0.1.0.wasm"),
+        "{stderr}"
+    );
+    let merging = check(&plugin("count"));
+    assert!(
+        merging.status.success(),
+        "{}",
+        String::from_utf8_lossy(&merging.stderr)
+    );
+}
+
 /// `wagg plugin new` → `build` → `test --golden` → `inspect` → a config that
 /// uses it passes `check-config`: the documented path for a plugin author.
 #[test]

@@ -44,30 +44,13 @@ pub fn load_plugins(config: &Config, runtime: &PluginRuntime) -> anyhow::Result<
             plugin
                 .instantiate(&aggregation.params_json())
                 .with_context(context)?;
-            check_merges(aggregation, &plugin, &path).with_context(context)?;
+            plugin
+                .check_fits(aggregation)
+                .map_err(anyhow::Error::msg)
+                .with_context(context)?;
             Ok(plugin)
         })
         .collect()
-}
-
-/// A session window merges two sessions' states when a record bridges
-/// them: its plugin must export `merge`.
-fn check_merges(
-    aggregation: &AggregationConfig,
-    plugin: &LoadedPlugin,
-    path: &std::path::Path,
-) -> anyhow::Result<()> {
-    let session = aggregation.window.as_ref().is_some_and(|w| w.is_session());
-    let metadata = plugin.metadata();
-    if session && !metadata.merges {
-        bail!(
-            "a session window needs a plugin that merges states, and plugin {:?} {} ({}) does not (`wagg plugin inspect` shows `merges`): implement `merge` in it (plugin guide, \"Windows\"), or use a tumbling or hopping window",
-            metadata.name,
-            metadata.version,
-            path.display()
-        );
-    }
-    Ok(())
 }
 
 /// Opens the state store of `config` (every configured aggregation gets a

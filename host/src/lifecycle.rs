@@ -123,6 +123,9 @@ impl Lifecycle {
                 continue;
             }
             let plugin = self.load(new, aggregation)?;
+            plugin
+                .check_fits(aggregation)
+                .map_err(|e| AdminError::Refused(format!("aggregation {name:?}: {e}")))?;
             let instance = plugin
                 .instantiate(&aggregation.params_json())
                 .map_err(|e| AdminError::Refused(format!("aggregation {name:?}: {e:#}")))?;

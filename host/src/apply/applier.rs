@@ -18,7 +18,7 @@ use super::group::{GroupKey, group_by_key, group_key};
 use super::partition_map::PartitionMap;
 use super::session::{self, Arrival, StoredSession};
 use super::window::{Partition, WindowedBatch};
-use crate::config::{BatchConfig, OnError};
+use crate::config::{BatchConfig, OnError, Window};
 use crate::ops::status::{AggregationCounters, Status};
 use crate::plugin::{Change, GroupInput};
 use crate::record::SourceRecord;
@@ -672,7 +672,13 @@ fn plan_sessions<'b>(
     };
     for ((slot, key), arrivals) in arrivals {
         let mut stored = stored_sessions(aggregation, store, slot, &key)?;
-        let windows = stored.values().map(|(session, _)| session.clone()).collect();
+        let windows = stored
+            .iter()
+            .map(|(key, (window, _))| StoredSession {
+                key: key.clone(),
+                window: *window,
+            })
+            .collect();
         let plan = session::plan(&spec, windows, &arrivals);
         out.late.extend(plan.late);
         for planned in plan.sessions {
@@ -691,12 +697,19 @@ fn plan_sessions<'b>(
                     .extend(planned.absorbed.iter().map(|s| slot.store_key(&s.key)));
             }
             let group = (slot, Cow::<[u8]>::Owned(in_slot));
-            out.keyed
-                .extend(planned.records.iter().map(|&record| (group.clone(), record)));
+            out.keyed.extend(
+                planned
+                    .records
+                    .iter()
+                    .map(|&record| (group.clone(), record)),
+            );
         }
     }
     Ok(out)
 }
+
+/// A key's sessions: key within the slot → (window, state).
+type KeySessions = BTreeMap<Vec<u8>, (Window, Vec<u8>)>;
 
 /// The sessions of `key` in `slot` with their states: the newest ones,
 /// unwritten changes (in the cache) over what RocksDB holds.
@@ -705,7 +718,7 @@ fn stored_sessions(
     store: &StateStore,
     slot: Slot,
     key: &[u8],
-) -> Result<BTreeMap<Vec<u8>, (StoredSession, Vec<u8>)>, StoreError> {
+) -> Result<KeySessions, StoreError> {
     let Some(windowing) = &aggregation.windowing else {
         return Ok(Default::default());
     };
@@ -733,7 +746,7 @@ fn stored_sessions(
         .filter_map(|(in_slot, state)| {
             let split = split_window_key(&in_slot)?;
             let window = windowing.spec.window_at(split.start, split.session_end);
-            Some((in_slot.clone(), (StoredSession { key: in_slot, window }, state)))
+            Some((in_slot, (window, state)))
         })
         .collect())
 }
@@ -775,8 +788,12 @@ fn late_letters<'b>(aggregation: &Aggregation, late: &[&'b SourceRecord]) -> Vec
     }
     let metadata = aggregation.plugin.metadata();
     let error = match &aggregation.windowing {
-        Some(windowing) if windowing.spec.is_session() => "late: the record's session had closed (stream time passed the session's last record + gap + grace)",
-        _ => "late: every window of the record's event time had closed (stream time passed window end + grace)",
+        Some(windowing) if windowing.spec.is_session() => {
+            "late: the record's session had closed (stream time passed the session's last record + gap + grace)"
+        }
+        _ => {
+            "late: every window of the record's event time had closed (stream time passed window end + grace)"
+        }
     };
     late.iter()
         .map(|record| DeadLetter {

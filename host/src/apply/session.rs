@@ -93,13 +93,13 @@ pub(super) fn plan<R: Copy>(
         let joins = |window: &Window| {
             window.end >= t.saturating_sub(gap) && window.start <= t.saturating_add(gap)
         };
-        let merged = sessions
-            .iter()
-            .filter(|s| joins(&s.window))
-            .fold(Window { start: t, end: t }, |w, s| Window {
+        let merged = sessions.iter().filter(|s| joins(&s.window)).fold(
+            Window { start: t, end: t },
+            |w, s| Window {
                 start: w.start.min(s.window.start),
                 end: w.end.max(s.window.end),
-            });
+            },
+        );
         if spec.closed(merged, arrival.stream_time) {
             late.push(arrival.record);
             continue;

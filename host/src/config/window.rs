@@ -218,7 +218,11 @@ impl WindowConfig {
         let grace = self.grace().millis();
         match *self {
             Self::Session { gap, .. } => {
-                stream_time > window.end.saturating_add(gap.millis()).saturating_add(grace)
+                stream_time
+                    > window
+                        .end
+                        .saturating_add(gap.millis())
+                        .saturating_add(grace)
             }
             _ => stream_time >= window.end.saturating_add(grace),
         }
@@ -379,6 +383,38 @@ mod tests {
             },
             minute + 24 * 60 * minute
         ));
+    }
+
+    #[test]
+    fn sessions_close_after_their_last_record_plus_gap_and_grace_and_cover_their_end() {
+        let session =
+            parse(r#"window = { kind = "session", gap = "10s", grace = "5s", retention = "1m" }"#)
+                .unwrap();
+        // Stored with start 1 000 and end 2 000 (its last record).
+        let window = session.window_at(1_000, Some(2_000));
+        assert_eq!(
+            window,
+            Window {
+                start: 1_000,
+                end: 2_000
+            }
+        );
+        assert!(
+            !session.closed(window, 17_000),
+            "a record at 12 000 could still join"
+        );
+        assert!(session.closed(window, 17_001));
+        assert!(!session.expired(window, 62_000));
+        assert!(session.expired(window, 62_001));
+        // A session covers its end; a tumbling window does not.
+        assert!(session.overlaps(window, Some(2_000), None));
+        assert!(!session.overlaps(window, Some(2_001), None));
+        assert!(!session.overlaps(window, None, Some(1_000)));
+        let tumbling = parse(r#"window = { kind = "tumbling", size = "1s" }"#).unwrap();
+        let second = tumbling.window_at(1_000, None);
+        assert_eq!(second.end, 2_000);
+        assert!(!tumbling.overlaps(second, Some(2_000), None));
+        assert!(tumbling.overlaps(second, Some(1_999), Some(1_001)));
     }
 
     proptest! {

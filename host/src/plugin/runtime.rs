@@ -15,7 +15,7 @@ use wasmtime::{Config, Engine, Store};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::config::PluginLimits;
+use crate::config::{AggregationConfig, PluginLimits};
 
 use super::bindings::{Aggregator, AggregatorPre};
 use super::error::{CallError, PluginError};
@@ -350,7 +350,6 @@ impl LoadedPlugin {
         &self.inner.path
     }
 
-    /// SHA-256 of the component's bytes, hex.
     /// The component's imports (WASI interfaces it was linked against).
     pub fn imports(&self) -> &[String] {
         &self.inner.imports
@@ -361,8 +360,26 @@ impl LoadedPlugin {
         &self.inner.exports
     }
 
+    /// SHA-256 of the component's bytes, hex.
     pub fn content_hash(&self) -> &str {
         &self.inner.content_hash
+    }
+
+    /// Whether the plugin can serve `aggregation` as configured: a session
+    /// window merges two sessions' states when a record bridges them, so
+    /// its plugin must export `merge`.
+    pub fn check_fits(&self, aggregation: &AggregationConfig) -> Result<(), String> {
+        let session = aggregation.window.as_ref().is_some_and(|w| w.is_session());
+        let metadata = self.metadata();
+        if session && !metadata.merges {
+            return Err(format!(
+                "a session window needs a plugin that merges states, and plugin {:?} {} ({}) does not (`wagg plugin inspect` shows `merges`): implement `merge` in it (plugin guide, \"Windows\"), or use a tumbling or hopping window",
+                metadata.name,
+                metadata.version,
+                self.path().display()
+            ));
+        }
+        Ok(())
     }
 
     /// Name for messages: the plugin's own name and version.

@@ -88,7 +88,6 @@ pub(super) struct TimeRange {
     to: Option<i64>,
 }
 
-
 /// Epoch milliseconds or an RFC 3339 time.
 fn parse_time(name: &str, text: &str) -> Result<i64, ApiError> {
     if let Ok(ms) = text.parse::<i64>() {

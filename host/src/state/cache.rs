@@ -198,7 +198,10 @@ impl StateCache {
     pub fn unwritten_keys(&self, prefix: &[u8]) -> Vec<Vec<u8>> {
         if let Some(unwritten) = &self.unwritten {
             return unwritten
-                .range::<[u8], _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+                .range::<[u8], _>((
+                    std::ops::Bound::Included(prefix),
+                    std::ops::Bound::Unbounded,
+                ))
                 .take_while(|key| key.starts_with(prefix))
                 .filter(|key| self.entries.get(*key).is_some_and(|e| e.state.is_some()))
                 .cloned()

@@ -32,8 +32,8 @@ pub struct EngineOptions {
     #[arg(long, default_value_t = 1000)]
     pub batch_size: usize,
     /// Windows to run each plugin with, comma-separated: `none`,
-    /// `tumbling:SIZE` or `hopping:SIZE/ADVANCE` (e.g. `tumbling:1m`,
-    /// `hopping:5m/1m`).
+    /// `tumbling:SIZE`, `hopping:SIZE/ADVANCE` or `session:GAP` (e.g.
+    /// `tumbling:1m`, `hopping:5m/1m`, `session:30s`).
     #[arg(long, value_delimiter = ',', default_value = "none")]
     pub windows: Vec<String>,
     /// Records per second of event time (record timestamps advance
@@ -128,7 +128,7 @@ struct Run<'a> {
 fn window_toml(spec: &str) -> anyhow::Result<String> {
     let bad = || {
         anyhow::anyhow!(
-            "--windows {spec:?}: expected none, tumbling:SIZE or hopping:SIZE/ADVANCE (e.g. tumbling:1m)"
+            "--windows {spec:?}: expected none, tumbling:SIZE, hopping:SIZE/ADVANCE or session:GAP (e.g. tumbling:1m)"
         )
     };
     Ok(match spec.split_once(':') {
@@ -139,6 +139,9 @@ fn window_toml(spec: &str) -> anyhow::Result<String> {
         Some(("hopping", spans)) => {
             let (size, advance) = spans.split_once('/').ok_or_else(bad)?;
             format!("window = {{ kind = \"hopping\", size = {size:?}, advance = {advance:?} }}\n")
+        }
+        Some(("session", gap)) => {
+            format!("window = {{ kind = \"session\", gap = {gap:?} }}\n")
         }
         _ => return Err(bad()),
     })
