@@ -121,12 +121,14 @@ pub struct KeyWindows {
 /// One window of a key.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct WindowState {
-    /// Window start, ms since the Unix epoch (inclusive).
+    /// Window start, ms since the Unix epoch (inclusive); a session's
+    /// first record's time.
     pub start: i64,
-    /// Window end, ms since the Unix epoch (exclusive).
+    /// Window end, ms since the Unix epoch (exclusive); a session's last
+    /// record's time (inclusive).
     pub end: i64,
     /// Whether the window takes no more records: its partition's stream
-    /// time has passed `end` + grace.
+    /// time has passed `end` + grace (sessions: `end` + gap + grace).
     pub closed: bool,
     /// The state, as the plugin renders it.
     #[schema(value_type = Object)]
