@@ -108,7 +108,7 @@ impl Aggregation {
             windowing: config
                 .window
                 .clone()
-                .map(|spec| Windowing::new(spec, config.time.clone(), [])),
+                .map(|spec| Windowing::new(spec, config.time.clone(), cache_entries)),
             config,
         }
     }
@@ -126,9 +126,7 @@ impl Aggregation {
     pub fn restore_stream_times(&mut self, store: &StateStore) -> Result<(), StoreError> {
         if let Some(windowing) = &mut self.windowing {
             let stored = store.stream_times(&self.config.name)?;
-            *windowing = Windowing::new(
-                windowing.spec.clone(),
-                self.config.time.clone(),
+            windowing.restore(
                 stored
                     .into_iter()
                     .map(|((topic, partition), time)| ((Arc::from(topic), partition), time)),

@@ -5,7 +5,7 @@
 //! [`Flusher`](super::flusher::Flusher) writes.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -18,7 +18,7 @@ use super::group::{GroupKey, group_by_key, group_key};
 use super::partition_map::PartitionMap;
 use super::session::{self, Arrival, StoredSession};
 use super::window::{Partition, WindowedBatch};
-use crate::config::{BatchConfig, OnError, Window};
+use crate::config::{BatchConfig, OnError};
 use crate::ops::status::{AggregationCounters, Status};
 use crate::plugin::{Change, GroupInput};
 use crate::record::SourceRecord;
@@ -108,6 +108,9 @@ impl BatchApplier {
             .store_key(&[]);
             for aggregation in &mut self.aggregations {
                 aggregation.states.forget_clean(&prefix);
+                if let Some(windowing) = &mut aggregation.windowing {
+                    windowing.sessions.forget_prefix(&prefix);
+                }
                 let key = (Arc::<str>::from(topic.as_str()), *partition);
                 if aggregation.catch_up.remove(&key).is_some() {
                     self.status
@@ -494,7 +497,7 @@ fn apply_aggregation<'b>(
         });
     }
     let groups = group_by_key(keyed);
-    let store_keys = load_states(aggregation, &groups, store)?;
+    let store_keys = load_states(aggregation, &groups, &sessions.merged, store)?;
     let plugin_keys: Vec<Cow<'_, [u8]>> = groups
         .iter()
         .map(|((_, key), _)| plugin_key(aggregation, key))
@@ -530,22 +533,48 @@ fn apply_aggregation<'b>(
     }
     if aggregation.windowing.is_some() {
         // A record in several windows is rejected once.
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         rejected.retain(|(record, _)| seen.insert(std::ptr::from_ref(*record)));
     }
     letters.extend(route_rejected(aggregation, &rejected)?);
+    // Sessions left without a state (every record rejected, or deleted by
+    // the plugin) are not stored: the session index must not have them.
+    let mut stateless = HashSet::new();
     for (store_key, change) in store_keys.into_iter().zip(outcome.changes) {
         let merged = sessions.merged.remove(&store_key);
-        match change {
+        let has_state = match change {
             // A session made of others is a new key: its state is written
             // even if the records left it as merged.
-            Change::Unchanged => {
-                if let Some(Some(state)) = merged {
-                    stage((store_key, Some(state)));
+            Change::Unchanged => match merged {
+                Some(Some(state)) => {
+                    stage((store_key.clone(), Some(state)));
+                    true
                 }
+                Some(None) => false,
+                None => matches!(aggregation.states.peek(&store_key), Some(Some(_))),
+            },
+            Change::Set(state) => {
+                stage((store_key.clone(), Some(state)));
+                true
             }
-            Change::Set(state) => stage((store_key, Some(state))),
-            Change::Delete => stage((store_key, None)),
+            Change::Delete => {
+                stage((store_key.clone(), None));
+                false
+            }
+        };
+        if !has_state
+            && aggregation
+                .windowing
+                .as_ref()
+                .is_some_and(|w| w.spec.is_session())
+        {
+            stateless.insert(store_key);
+        }
+    }
+    if !stateless.is_empty() {
+        for (slot_key, sessions) in &mut windowed.sessions {
+            let slot = &slot_key[..Slot::LEN];
+            sessions.retain(|s| !stateless.contains(&[slot, &s.key].concat()));
         }
     }
     for store_key in sessions.absorbed {
@@ -658,8 +687,9 @@ struct SessionBatch<'b> {
 const MAX_SESSIONS_PER_KEY: usize = 1_000_000;
 
 /// Places each key's records in its sessions (see `apply::session`):
-/// reads the key's sessions (unwritten ones first), plans, and merges the
-/// states of stored sessions that become one with the plugin's `merge`.
+/// takes the key's sessions from the index (else the store and the
+/// cache's unwritten ones), plans, and merges the states of stored
+/// sessions that become one with the plugin's `merge`.
 fn plan_sessions<'b>(
     aggregation: &mut Aggregation,
     store: &StateStore,
@@ -667,35 +697,49 @@ fn plan_sessions<'b>(
     windowed: &mut WindowedBatch,
 ) -> Result<SessionBatch<'b>, PipelineError> {
     let mut out = SessionBatch::default();
-    let Some(spec) = aggregation.windowing.as_ref().map(|w| w.spec.clone()) else {
+    let Some(windowing) = &aggregation.windowing else {
         return Ok(out);
     };
+    let spec = windowing.spec.clone();
     for ((slot, key), arrivals) in arrivals {
-        let mut stored = stored_sessions(aggregation, store, slot, &key)?;
-        let windows = stored
-            .iter()
-            .map(|(key, (window, _))| StoredSession {
-                key: key.clone(),
-                window: *window,
-            })
-            .collect();
-        let plan = session::plan(&spec, windows, &arrivals);
+        let slot_key = slot.store_key(&key);
+        let indexed = aggregation
+            .windowing
+            .as_ref()
+            .and_then(|w| w.sessions.get(&slot_key))
+            .map(<[StoredSession]>::to_vec);
+        let stored = match indexed {
+            Some(stored) => stored,
+            None => stored_sessions(aggregation, store, slot, &key)?,
+        };
+        let plan = session::plan(&spec, stored.clone(), &arrivals);
         out.late.extend(plan.late);
-        for planned in plan.sessions {
+        let absorbed: Vec<&StoredSession> =
+            plan.sessions.iter().flat_map(|s| &s.absorbed).collect();
+        let mut after: Vec<StoredSession> = stored
+            .iter()
+            .filter(|s| !absorbed.contains(s))
+            .cloned()
+            .collect();
+        for planned in &plan.sessions {
             if let Some(first) = planned.records.first() {
                 windowed.opened(first, planned.window.end);
             }
             let in_slot = session_key(&key, planned.window.start, planned.window.end);
             if !planned.in_place() {
-                let mut states = planned
-                    .absorbed
-                    .iter()
-                    .filter_map(|s| stored.remove(&s.key).map(|(_, state)| state));
-                let merged = merge_states(aggregation, &mut states)?;
+                let mut states = Vec::with_capacity(planned.absorbed.len());
+                for session in &planned.absorbed {
+                    states.extend(session_state(aggregation, store, slot, &session.key)?);
+                }
+                let merged = merge_states(aggregation, &mut states.into_iter())?;
                 out.merged.insert(slot.store_key(&in_slot), merged);
                 out.absorbed
                     .extend(planned.absorbed.iter().map(|s| slot.store_key(&s.key)));
             }
+            after.push(StoredSession {
+                key: in_slot.clone(),
+                window: planned.window,
+            });
             let group = (slot, Cow::<[u8]>::Owned(in_slot));
             out.keyed.extend(
                 planned
@@ -704,51 +748,63 @@ fn plan_sessions<'b>(
                     .map(|&record| (group.clone(), record)),
             );
         }
+        after.sort_by_key(|s| s.window.start);
+        windowed.sessions.push((slot_key, after));
     }
     Ok(out)
 }
 
-/// A key's sessions: key within the slot → (window, state).
-type KeySessions = BTreeMap<Vec<u8>, (Window, Vec<u8>)>;
-
-/// The sessions of `key` in `slot` with their states: the newest ones,
-/// unwritten changes (in the cache) over what RocksDB holds.
+/// The sessions of `key` in `slot`: the cache's unwritten changes over
+/// what RocksDB holds, in start order.
 fn stored_sessions(
     aggregation: &Aggregation,
     store: &StateStore,
     slot: Slot,
     key: &[u8],
-) -> Result<KeySessions, StoreError> {
+) -> Result<Vec<StoredSession>, StoreError> {
     let Some(windowing) = &aggregation.windowing else {
-        return Ok(Default::default());
+        return Ok(Vec::new());
     };
     let cache = &aggregation.states;
     let name = &aggregation.config.name;
-    let mut found: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-    for (_, in_slot, state) in store.windows_of_key(name, Some(slot), key, MAX_SESSIONS_PER_KEY)? {
-        match cache.peek(&slot.store_key(&in_slot)) {
-            Some(None) => {}
-            Some(Some(newer)) => {
-                found.insert(in_slot, newer.clone());
-            }
-            None => {
-                found.insert(in_slot, state);
-            }
+    let mut found: BTreeSet<Vec<u8>> = BTreeSet::new();
+    for (_, in_slot, _) in store.windows_of_key(name, Some(slot), key, MAX_SESSIONS_PER_KEY)? {
+        // A deletion not yet written hides it.
+        if !matches!(cache.peek(&slot.store_key(&in_slot)), Some(None)) {
+            found.insert(in_slot);
         }
     }
     for store_key in cache.unwritten_keys(&slot.store_key(&window_prefix(key))) {
-        if let Some(Some(state)) = cache.peek(&store_key) {
-            found.insert(store_key[Slot::LEN..].to_vec(), state.clone());
-        }
+        found.insert(store_key[Slot::LEN..].to_vec());
     }
     Ok(found
         .into_iter()
-        .filter_map(|(in_slot, state)| {
+        .filter_map(|in_slot| {
             let split = split_window_key(&in_slot)?;
             let window = windowing.spec.window_at(split.start, split.session_end);
-            Some((in_slot, (window, state)))
+            Some(StoredSession {
+                key: in_slot,
+                window,
+            })
         })
         .collect())
+}
+
+/// The newest state of a stored session (`None`: it has none).
+fn session_state(
+    aggregation: &mut Aggregation,
+    store: &StateStore,
+    slot: Slot,
+    in_slot: &[u8],
+) -> Result<State, StoreError> {
+    if let Some(state) = aggregation.states.get(&slot.store_key(in_slot)) {
+        return Ok(state.clone());
+    }
+    Ok(store
+        .multi_get(&aggregation.config.name, &[(slot, in_slot)])?
+        .into_iter()
+        .next()
+        .flatten())
 }
 
 /// The plugin's `merge` of `states` in order (`None`: there were none).
@@ -838,11 +894,13 @@ fn delete_expired_windows(
 }
 
 /// Makes every group's current state peekable in the aggregation's cache:
-/// cached ones as they are, the rest from RocksDB in one lookup. Returns
-/// the groups' store keys.
+/// cached ones as they are, the rest from RocksDB in one lookup — except
+/// the groups whose state is `starting` (new sessions). Returns the
+/// groups' store keys.
 fn load_states(
     aggregation: &mut Aggregation,
     groups: &[(GroupKey<'_>, Vec<&SourceRecord>)],
+    starting: &HashMap<Vec<u8>, State>,
     store: &StateStore,
 ) -> Result<Vec<Vec<u8>>, StoreError> {
     let store_keys: Vec<Vec<u8>> = groups
@@ -850,7 +908,10 @@ fn load_states(
         .map(|((slot, key), _)| slot.store_key(key))
         .collect();
     let misses: Vec<usize> = (0..groups.len())
-        .filter(|&i| aggregation.states.get(&store_keys[i]).is_none())
+        .filter(|&i| {
+            !starting.contains_key(&store_keys[i])
+                && aggregation.states.get(&store_keys[i]).is_none()
+        })
         .collect();
     if !misses.is_empty() {
         let lookups: Vec<(Slot, &[u8])> = misses

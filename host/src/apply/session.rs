@@ -14,6 +14,10 @@
 //! those of sessions that became one with the plugin's `merge`, and hands
 //! each planned session's records to the plugin in one call.
 
+use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
+
 use crate::config::{Window, WindowConfig};
 
 /// A record of the batch for a session-windowed key.
@@ -135,6 +139,57 @@ pub(super) fn plan<R: Copy>(
     KeyPlan {
         sessions: planned,
         late,
+    }
+}
+
+/// The sessions of recently used keys, so that placing a record need not
+/// read RocksDB: the key in its slot (`slot ‖ key`) → its sessions as of
+/// the batches applied so far. The applier keeps it in step (a batch's
+/// sessions once the batch succeeded; a sweep forgets the keys it deletes
+/// from); any entry may be dropped at any time, as it is read again from
+/// the store and the cache's unwritten states.
+#[derive(Debug)]
+pub(super) struct SessionIndex {
+    entries: HashMap<Vec<u8>, Vec<StoredSession>, RandomState>,
+    capacity: usize,
+}
+
+impl SessionIndex {
+    pub(super) fn new(capacity: usize) -> Self {
+        Self {
+            entries: HashMap::default(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub(super) fn get(&self, slot_key: &[u8]) -> Option<&[StoredSession]> {
+        self.entries.get(slot_key).map(Vec::as_slice)
+    }
+
+    /// Records a key's sessions; over capacity, a quarter of the entries
+    /// (arbitrary ones: the map's order) make room.
+    pub(super) fn set(&mut self, slot_key: Vec<u8>, sessions: Vec<StoredSession>) {
+        if self.entries.len() >= self.capacity && !self.entries.contains_key(&slot_key) {
+            let mut drop = self.capacity / 4 + 1;
+            self.entries.retain(|_, _| {
+                drop = drop.saturating_sub(1);
+                drop == 0
+            });
+        }
+        self.entries.insert(slot_key, sessions);
+    }
+
+    pub(super) fn forget(&mut self, slot_key: &[u8]) {
+        self.entries.remove(slot_key);
+    }
+
+    /// Forgets the keys of a slot (`prefix`: the slot's store-key prefix).
+    pub(super) fn forget_prefix(&mut self, prefix: &[u8]) {
+        self.entries.retain(|key, _| !key.starts_with(prefix));
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.entries.clear();
     }
 }
 

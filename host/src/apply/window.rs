@@ -24,6 +24,7 @@ use crate::state::cache::StateCache;
 use crate::state::store::{Slot, StateStore, StoreError, split_window_key, window_key};
 
 use super::group::GroupKey;
+use super::session::{SessionIndex, StoredSession};
 
 /// A partition: (topic, partition).
 pub(super) type Partition = (Arc<str>, i32);
@@ -44,6 +45,8 @@ pub(super) struct Windowing {
     /// no sweep is needed before retention reaches it. In memory: after a
     /// restart, the first batch of a partition sweeps to learn it.
     oldest_end: HashMap<Partition, i64>,
+    /// Session windows: recently used keys' sessions.
+    pub(super) sessions: SessionIndex,
 }
 
 /// What one batch does to a windowed aggregation, before it is kept.
@@ -53,6 +56,9 @@ pub(super) struct WindowedBatch {
     pub(super) stream_times: HashMap<Partition, i64>,
     /// The earliest end of the windows the batch opened, per partition.
     oldest_end: HashMap<Partition, i64>,
+    /// Session windows: the sessions of each key the batch placed records
+    /// of (`slot ‖ key` → all its sessions after the batch).
+    pub(super) sessions: Vec<(Vec<u8>, Vec<StoredSession>)>,
 }
 
 impl WindowedBatch {
@@ -65,19 +71,25 @@ impl WindowedBatch {
 }
 
 impl Windowing {
-    pub(super) fn new(
-        spec: WindowConfig,
-        time: Option<String>,
-        stored: impl IntoIterator<Item = (Partition, i64)>,
-    ) -> Self {
-        let stream_times: HashMap<Partition, i64> = stored.into_iter().collect();
+    /// No stream times yet; session windows index the sessions of up to
+    /// `session_keys` keys.
+    pub(super) fn new(spec: WindowConfig, time: Option<String>, session_keys: usize) -> Self {
         Self {
             spec,
             time,
-            written: stream_times.clone(),
-            stream_times,
+            written: HashMap::new(),
+            stream_times: HashMap::new(),
             oldest_end: HashMap::new(),
+            sessions: SessionIndex::new(session_keys),
         }
+    }
+
+    /// Starts over from the stream times the store holds.
+    pub(super) fn restore(&mut self, stored: impl IntoIterator<Item = (Partition, i64)>) {
+        self.stream_times = stored.into_iter().collect();
+        self.written = self.stream_times.clone();
+        self.oldest_end.clear();
+        self.sessions.clear();
     }
 
     /// Every partition's stream time.
@@ -155,6 +167,9 @@ impl Windowing {
     /// Keeps the stream times of a batch that succeeded.
     pub(super) fn keep(&mut self, batch: WindowedBatch) {
         self.stream_times.extend(batch.stream_times);
+        for (slot_key, sessions) in batch.sessions {
+            self.sessions.set(slot_key, sessions);
+        }
         for (partition, end) in batch.oldest_end {
             // Unknown (not swept since the start): stays unknown.
             if let Some(oldest) = self.oldest_end.get_mut(&partition) {
@@ -185,6 +200,7 @@ impl Windowing {
 
     /// Forgets every stream time (the aggregation was reset).
     pub(super) fn clear(&mut self) {
+        self.sessions.clear();
         self.stream_times.clear();
         self.written.clear();
         self.oldest_end.clear();
@@ -222,6 +238,9 @@ impl Windowing {
             };
             let window = self.spec.window_at(split.start, split.session_end);
             if self.spec.expired(window, stream_time) {
+                let mut slot_key = slot_prefix.clone();
+                slot_key.extend_from_slice(&split.key);
+                self.sessions.forget(&slot_key);
                 expired.push(store_key);
             } else {
                 oldest_kept = oldest_kept.min(window.end);

@@ -102,13 +102,13 @@ impl StateCache {
 
     /// An applied change: newer than anything written.
     pub fn set(&mut self, key: Vec<u8>, state: State) {
-        if let Some(unwritten) = &mut self.unwritten
-            && !unwritten.contains(&key)
-        {
-            unwritten.insert(key.clone());
-        }
         match self.entries.get_mut(&key) {
             Some(entry) => {
+                if let Some(unwritten) = &mut self.unwritten
+                    && entry.flags & (DIRTY | IN_FLIGHT) == 0
+                {
+                    unwritten.insert(key);
+                }
                 if entry.flags & DIRTY == 0 {
                     self.dirty += 1;
                 }
@@ -117,6 +117,9 @@ impl StateCache {
             }
             None => {
                 self.dirty += 1;
+                if let Some(unwritten) = &mut self.unwritten {
+                    unwritten.insert(key.clone());
+                }
                 self.entries.insert(
                     key,
                     Entry {
