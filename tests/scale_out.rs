@@ -591,27 +591,18 @@ fn a_killed_instances_partitions_move_and_every_key_stays_exact() {
     );
 }
 
+/// Two instances, a third joining mid-ingest, with `count`, `stats` and
+/// a windowed `count` (10-minute windows over `/ts`): every key exact
+/// after, windows included — window states and stream times move with
+/// their partitions.
 #[test]
-fn scaling_from_two_to_three_instances_mid_ingest_keeps_every_key_exact() {
+fn scaling_from_two_to_three_instances_mid_ingest_keeps_every_key_and_window_exact() {
     let (_serial, mut rng, mut cluster) = start("scale 2 → 3 test", 1);
-    scale_from_two_to_three(&mut cluster, &mut rng);
-}
-
-/// The same with a windowed `count` beside `count` (instead of `stats`):
-/// window states and stream times move with the partitions. Ignored: with
-/// it, tansu 0.6 intermittently stalls (one core busy, metadata requests
-/// unanswered for 40 s+, so the third instance cannot start) — it passed
-/// 2 runs of 4 here; see docs/scale-out.md. Run it with `--ignored`.
-#[test]
-#[ignore = "tansu stalls intermittently under this load; run with --ignored"]
-fn windows_move_with_their_partitions_when_scaling_from_two_to_three() {
-    let (_serial, mut rng, mut cluster) = start("scale 2 → 3 windows test", 1);
     cluster.aggregations = format!(
         "{}\n[[aggregation]]\nname = \"per10m\"\nplugin = {:?}\ntime = \"/ts\"\nwindow = {{ kind = \"tumbling\", size = \"10m\" }}\n",
-        common::count_toml(),
+        common::count_and_stats_toml(),
         common::plugin("count")
     );
-    cluster.stats = false;
     cluster.windowed = true;
     scale_from_two_to_three(&mut cluster, &mut rng);
 }

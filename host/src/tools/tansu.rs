@@ -5,7 +5,11 @@
 //! Storage: `memory://` loses records when a fetch starts mid-batch and
 //! reports wrong high watermarks, so anything that seeks, restarts or
 //! rebalances needs `sqlite://` (BENCHMARKS.md and ARCHITECTURE.md list
-//! how tansu differs from Apache Kafka).
+//! how tansu differs from Apache Kafka). tansu 0.6's SQLite schema has no
+//! index on the record headers, so every fetched record scans them all:
+//! fetches slow down with the square of the records with headers (the
+//! changelogs), until the broker answers nothing else for a minute. The
+//! broker started here gets that index.
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -16,6 +20,11 @@ use anyhow::{Context, bail};
 
 /// How long a starting broker may take to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The index tansu's `header` table lacks (its rows are looked up by
+/// record).
+const HEADER_INDEX: &str =
+    "CREATE INDEX IF NOT EXISTS wagg_header_record ON header (topition, offset_id)";
 
 /// The tansu binary: `explicit`, `$WAGG_TANSU`, the cache
 /// `scripts/setup.sh --broker` installs into, or `tansu` on the PATH.
@@ -130,5 +139,40 @@ fn spawn(binary: &Path, address: &str, dir: &Path, storage: &str) -> anyhow::Res
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    if let Some(db) = sqlite_path(dir, storage) {
+        index_headers(&db).with_context(|| {
+            format!(
+                "adding the header index to the test broker's database {}",
+                db.display()
+            )
+        })?;
+    }
     Ok(child)
+}
+
+/// The database file of a `sqlite://` storage URL (relative to `dir`;
+/// `sqlite:////abs/path` is absolute).
+fn sqlite_path(dir: &Path, storage: &str) -> Option<PathBuf> {
+    let rest = storage.strip_prefix("sqlite://")?;
+    let path = rest.strip_prefix('/').unwrap_or(rest);
+    Some(dir.join(path))
+}
+
+/// Adds [`HEADER_INDEX`] once tansu has made its schema (before it
+/// listens, as far as seen; waited for anyway).
+fn index_headers(db: &Path) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let connection = rusqlite::Connection::open(db)?;
+        connection.busy_timeout(Duration::from_secs(10))?;
+        match connection.execute(HEADER_INDEX, []) {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if e.to_string().contains("no such table") && started.elapsed() < START_TIMEOUT =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
