@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::apply::dead_letter::DeadLetterSink;
+use crate::apply::emit::EmitSink;
 use crate::apply::{
     Aggregation, BatchApplier, Control, Pipeline, PluginMigrator, StartAt, migrate_before_consuming,
 };
@@ -24,7 +25,7 @@ use crate::plugin::{LoadedPlugin, PluginRuntime, RuntimeConfig};
 use crate::serve::admin::Admin;
 use crate::serve::routing::Routing;
 use crate::serve::{Aggregations, ApiState, ConnectionLimits, HttpPolicy, QueryableAggregation};
-use crate::state::flush::FlushPublisher;
+use crate::state::flush::{FlushPublisher, PublisherChain};
 use crate::state::store::{AggregationMeta, Registration, StateMigrator, StateStore, StoreOptions};
 use std::sync::mpsc;
 
@@ -304,6 +305,7 @@ pub fn run(
     }
 
     let dead_letters = open_dead_letters(&config, &status)?;
+    let emit = open_emit(&config, &status, &shutdown)?;
     let scale_out = match &config.cluster {
         None => None,
         Some(cluster) => Some(start_cluster(
@@ -324,6 +326,7 @@ pub fn run(
         &status,
         aggregations,
         dead_letters,
+        emit,
         cluster,
     )?
     .with_controls(control_feed);
@@ -387,6 +390,7 @@ fn start_pipeline(
     status: &Arc<Status>,
     aggregations: Vec<Aggregation>,
     dead_letters: Option<DeadLetterSink>,
+    emit: Option<Arc<EmitSink>>,
     cluster: Option<Arc<Cluster>>,
 ) -> anyhow::Result<Pipeline> {
     let source_client = ClientProperties::new(&config.source.brokers, config.kafka_properties());
@@ -399,13 +403,26 @@ fn start_pipeline(
     )?
     .start(&config.batch)
     .context("starting the source thread")?;
+    // Emitted changes, then the changelog: both before the local write.
+    let publishers: Vec<Arc<dyn FlushPublisher>> = [
+        emit.map(|sink| sink as Arc<dyn FlushPublisher>),
+        cluster.map(|cluster| cluster as Arc<dyn FlushPublisher>),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let publisher: Option<Arc<dyn FlushPublisher>> = match publishers.len() {
+        0 => None,
+        1 => publishers.into_iter().next(),
+        _ => Some(Arc::new(PublisherChain(publishers))),
+    };
     let applier = BatchApplier::new(
         store.clone(),
         status.clone(),
         aggregations,
         dead_letters,
         &config.batch,
-        cluster.map(|cluster| cluster as Arc<dyn FlushPublisher>),
+        publisher,
     )
     .context("starting the state writer thread")?;
     Ok(Pipeline::new(Box::new(source), applier, status.clone()))
@@ -465,6 +482,24 @@ fn open_dead_letters(
         "rejected records go to the dead-letter topic"
     );
     Ok(Some(sink))
+}
+
+/// The producer of emitted changes, checked to reach its topics, when an
+/// aggregation emits.
+fn open_emit(
+    config: &Config,
+    status: &Arc<Status>,
+    shutdown: &Arc<AtomicBool>,
+) -> anyhow::Result<Option<Arc<EmitSink>>> {
+    let topics = config.emit_topics();
+    if topics.is_empty() {
+        return Ok(None);
+    }
+    let client = ClientProperties::new(&config.source.brokers, config.emit_properties());
+    let sink = EmitSink::new(&client, status.clone(), shutdown.clone())?;
+    sink.check_topics(&topics, Duration::from_secs(10))?;
+    tracing::info!(?topics, "aggregations emit their changes");
+    Ok(Some(Arc::new(sink)))
 }
 
 /// Cluster mode's parts: the changelog side, query routing, and the

@@ -122,6 +122,11 @@ impl Lifecycle {
                 plan.served.push(served.clone());
                 continue;
             }
+            if current.is_none() && aggregation.emit.is_some() {
+                return Err(AdminError::Refused(format!(
+                    "aggregation {name:?}: a reload cannot add an aggregation that emits (its producer is set up at start): restart wagg"
+                )));
+            }
             let plugin = self.load(new, aggregation)?;
             plugin
                 .check_fits(aggregation)
@@ -305,6 +310,7 @@ fn current_settings_equal(a: &AggregationConfig, b: &AggregationConfig) -> bool 
         && a.params == b.params
         && a.window == b.window
         && a.time == b.time
+        && a.emit == b.emit
 }
 
 /// What changes in place, or why it cannot.
@@ -316,6 +322,11 @@ fn updates(
     migrating: bool,
 ) -> Result<Vec<String>, AdminError> {
     let name = &new.name;
+    if current.emit != new.emit {
+        return Err(AdminError::Refused(format!(
+            "aggregation {name:?}: a reload cannot change `emit` (its producer is set up at start): restart wagg"
+        )));
+    }
     if current.topic != new.topic
         || current.key != new.key
         || current.window != new.window

@@ -243,7 +243,9 @@ impl BatchApplier {
     /// after waiting for the write before it (if still running). Returns
     /// the offsets made durable meanwhile.
     pub fn start_flush(&mut self) -> Result<FlushOffsets, PipelineError> {
-        Ok(self.flusher.start(&mut self.aggregations, &self.status)?)
+        Ok(self
+            .flusher
+            .start(&mut self.aggregations, &self.status, &self.store)?)
     }
 
     /// The offsets of the write in flight if it has completed (without

@@ -16,11 +16,13 @@
 use std::time::{Duration, Instant};
 
 use super::aggregation::Aggregation;
+use super::emit::{FlushIds, emitted};
 use crate::config::BatchConfig;
 use crate::ops::status::{AggregationCounters, Status};
 use crate::state::flush::{
     CatchUpOffsets, FlushJob, FlushOffsets, FlushedAggregation, StreamTimes,
 };
+use crate::state::store::StateStore;
 use crate::state::writer::{StateWriter, WriteError};
 
 pub(super) struct Flusher {
@@ -97,27 +99,36 @@ impl Flusher {
         &mut self,
         aggregations: &mut [Aggregation],
         status: &Status,
+        store: &StateStore,
     ) -> Result<FlushOffsets, WriteError> {
         let written = self.wait(aggregations, status)?;
         if self.unwritten.is_empty() && self.unwritten_catch_up.is_empty() {
             return Ok(written);
         }
-        let job = FlushJob {
-            aggregations: aggregations
-                .iter_mut()
-                .map(|aggregation| FlushedAggregation {
+        let ids = FlushIds::new(store, &self.unwritten, &self.unwritten_catch_up);
+        let mut emits = Vec::new();
+        let flushed = aggregations
+            .iter_mut()
+            .map(|aggregation| {
+                let states = aggregation.states.take_dirty();
+                emits.append(&mut emitted(aggregation, &states, &ids));
+                FlushedAggregation {
                     name: aggregation.config.name.clone(),
-                    states: aggregation.states.take_dirty(),
+                    states,
                     counters: aggregation.applied,
                     stream_times: aggregation
                         .windowing
                         .as_mut()
                         .map(|w| w.take_unwritten())
                         .unwrap_or_default(),
-                })
-                .collect(),
+                }
+            })
+            .collect();
+        let job = FlushJob {
+            aggregations: flushed,
             offsets: self.unwritten.clone(),
             catch_up: self.unwritten_catch_up.clone(),
+            emits,
         };
         self.in_flight = Some(InFlight {
             offsets: std::mem::take(&mut self.unwritten),

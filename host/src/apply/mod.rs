@@ -27,6 +27,7 @@ mod aggregation;
 mod applier;
 pub mod control;
 pub mod dead_letter;
+pub mod emit;
 mod flusher;
 pub mod group;
 mod migrate;

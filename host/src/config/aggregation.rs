@@ -61,6 +61,45 @@ pub struct AggregationConfig {
     /// record timestamp.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<String>,
+    /// Produce the aggregation's changes to a Kafka topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emit: Option<EmitConfig>,
+}
+
+/// `emit = { topic = ..., mode = ..., format = ... }`: an aggregation's
+/// changes, produced to a topic before each flush is written.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmitConfig {
+    /// The topic the changes go to. It must exist and must not be a source
+    /// topic.
+    pub topic: String,
+    #[serde(default)]
+    pub mode: EmitMode,
+    #[serde(default)]
+    pub format: EmitFormat,
+}
+
+/// Which changes are emitted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmitMode {
+    /// After each flush, one record per key whose state changed in it.
+    #[default]
+    Changes,
+    /// Windowed aggregations: one record per window, when it closes.
+    Final,
+}
+
+/// What an emitted record's value holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmitFormat {
+    /// The state as the plugin renders it (JSON).
+    #[default]
+    Json,
+    /// The plugin's state bytes.
+    State,
 }
 
 impl AggregationConfig {

@@ -16,7 +16,7 @@ mod cluster;
 mod http;
 mod window;
 
-pub use aggregation::{AggregationConfig, OnError, PluginLimits};
+pub use aggregation::{AggregationConfig, EmitConfig, EmitFormat, EmitMode, OnError, PluginLimits};
 pub use cluster::{ClusterConfig, Forwarding, KeyPartitioner};
 pub use http::{AuthConfig, AuthScope, HttpConfig};
 pub use window::{Span, Window, WindowConfig};
@@ -44,6 +44,9 @@ pub struct Config {
     /// Where records that a plugin rejects go, for aggregations whose
     /// `on_error` is `dead-letter` (the default when this is set).
     pub dead_letter: Option<DeadLetterConfig>,
+    /// The producer of the aggregations' `emit`ted changes.
+    #[serde(default)]
+    pub emit: EmitSection,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
     /// Several instances sharing the source topics (changelogs, query
@@ -231,6 +234,25 @@ pub struct DeadLetterConfig {
     pub kafka: BTreeMap<String, toml::Value>,
 }
 
+/// `[emit]`: settings of the producer every aggregation's `emit` goes
+/// through.
+#[derive(Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmitSection {
+    /// librdkafka producer properties, on top of the `security.*`,
+    /// `sasl.*` and `ssl.*` ones of `[source.kafka]`.
+    #[serde(default)]
+    pub kafka: BTreeMap<String, toml::Value>,
+}
+
+impl fmt::Debug for EmitSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmitSection")
+            .field("kafka", &self.kafka.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
 impl fmt::Debug for DeadLetterConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DeadLetterConfig")
@@ -351,6 +373,29 @@ impl Config {
                 .filter_map(|(k, v)| kafka_value(v).map(|v| (k.as_str(), v)))
         });
         inherited.chain(own).collect()
+    }
+
+    /// Properties of the producer of emitted changes: the security
+    /// settings of `[source.kafka]`, then `[emit.kafka]`.
+    pub fn emit_properties(&self) -> Vec<(&str, String)> {
+        let own = self
+            .emit
+            .kafka
+            .iter()
+            .filter_map(|(k, v)| kafka_value(v).map(|v| (k.as_str(), v)));
+        self.connection_properties().chain(own).collect()
+    }
+
+    /// The topics aggregations emit to, each once.
+    pub fn emit_topics(&self) -> Vec<&str> {
+        let mut topics: Vec<&str> = self
+            .aggregations
+            .iter()
+            .filter_map(|a| a.emit.as_ref().map(|e| e.topic.as_str()))
+            .collect();
+        topics.sort_unstable();
+        topics.dedup();
+        topics
     }
 
     /// The `[source.kafka]` properties every client of the source brokers

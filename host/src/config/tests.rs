@@ -499,3 +499,40 @@ fn a_cluster_secret_is_read_checked_and_required_with_auth() {
     assert_eq!(config.cluster_secret().unwrap().as_deref(), Some(secret));
     assert!(parse(MINIMAL).unwrap().cluster_secret().unwrap().is_none());
 }
+
+#[test]
+fn emit_settings_are_checked_naming_the_field() {
+    let with_emit = |emit: &str, window: &str| format!("{MINIMAL}emit = {emit}\n{window}");
+    let ok = parse(&with_emit(r#"{ topic = "changes" }"#, "")).expect("valid");
+    let emit = ok.aggregations[0].emit.as_ref().expect("emit");
+    assert_eq!(
+        (emit.mode, emit.format),
+        (EmitMode::Changes, EmitFormat::Json)
+    );
+    assert_eq!(ok.emit_topics(), ["changes"]);
+    let state = parse(&with_emit(r#"{ topic = "changes", format = "state" }"#, "")).expect("valid");
+    assert_eq!(
+        state.aggregations[0].emit.as_ref().map(|e| e.format),
+        Some(EmitFormat::State)
+    );
+    let cases = [
+        (r#"{ topic = "purchases" }"#, "", "also in `source.topics`"),
+        (r#"{ topic = " " }"#, "", "`emit.topic` is empty"),
+        (
+            r#"{ topic = "t", mode = "final" }"#,
+            "",
+            "applies to windowed aggregations",
+        ),
+        (
+            r#"{ topic = "t", mode = "final" }"#,
+            r#"window = { kind = "tumbling", size = "1m" }"#,
+            "not supported yet",
+        ),
+        (r#"{ topic = "t", mode = "sometimes" }"#, "", "sometimes"),
+        (r#"{ topic = "t", partition = 1 }"#, "", "partition"),
+    ];
+    for (emit, window, wanted) in cases {
+        let message = error(&with_emit(emit, window));
+        assert!(message.contains(wanted), "{emit} {window}: {message}");
+    }
+}

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::aggregation::EmitMode;
 use super::{AggregationConfig, ClusterConfig, Config, OnError, kafka_value};
 
 impl Config {
@@ -126,6 +127,8 @@ impl Config {
                 ));
             }
             check_window(aggregation).map_err(|e| format!("{at} (aggregation {name:?}): {e}"))?;
+            check_emit(aggregation, &source.topics)
+                .map_err(|e| format!("{at} (aggregation {name:?}): {e}"))?;
         }
         Ok(())
     }
@@ -200,6 +203,31 @@ impl Config {
         self.plugins
             .max_state_bytes
             .saturating_add(CHANGELOG_KEY_ALLOWANCE)
+    }
+}
+
+/// The `emit` setting of an aggregation.
+fn check_emit(aggregation: &AggregationConfig, source_topics: &[String]) -> Result<(), String> {
+    let Some(emit) = &aggregation.emit else {
+        return Ok(());
+    };
+    if emit.topic.trim().is_empty() {
+        return Err("`emit.topic` is empty".into());
+    }
+    if source_topics.contains(&emit.topic) {
+        return Err(format!(
+            "`emit.topic` {:?} is also in `source.topics`: the changes would be consumed again as records",
+            emit.topic
+        ));
+    }
+    match (emit.mode, &aggregation.window) {
+        (EmitMode::Final, None) => Err(
+            "`emit.mode = \"final\"` applies to windowed aggregations (one record per window when it closes): add a `window`, or use mode \"changes\"".into(),
+        ),
+        (EmitMode::Final, Some(_)) => Err(
+            "`emit.mode = \"final\"` is not supported yet: use \"changes\" (a window's last change before it closes is its final state)".into(),
+        ),
+        (EmitMode::Changes, _) => Ok(()),
     }
 }
 

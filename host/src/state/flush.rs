@@ -28,6 +28,20 @@ pub struct FlushJob {
     /// The progress of aggregations catching up (see
     /// `state::store::catch_up`).
     pub catch_up: CatchUpOffsets,
+    /// The aggregations' changes to produce before the flush is written
+    /// (`emit`).
+    pub emits: Vec<EmitRecord>,
+}
+
+/// A record to produce before its flush is written: a change of an
+/// aggregation that emits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmitRecord {
+    pub topic: Arc<str>,
+    pub key: Vec<u8>,
+    /// `None`: a tombstone (the key was deleted).
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(&'static str, Vec<u8>)>,
 }
 
 #[derive(Debug)]
@@ -54,8 +68,8 @@ pub struct PartitionCommit {
 /// An error of a [`FlushPublisher`], kept whole for the log.
 pub type PublishError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Publishes a flush before it is written locally (in cluster mode, the
-/// changelog and commit records). Called on the writer thread, one flush at
+/// Publishes a flush before it is written locally (emitted changes; in
+/// cluster mode, the changelog and commit records). Called on the writer thread, one flush at
 /// a time; the flush is written only once this returns `Ok`, with the
 /// commits it returns.
 pub trait FlushPublisher: Send + Sync {
@@ -64,4 +78,22 @@ pub trait FlushPublisher: Send + Sync {
         store: &StateStore,
         job: &FlushJob,
     ) -> Result<Vec<PartitionCommit>, PublishError>;
+}
+
+/// Several publishers, one after the other (the flush is written once all
+/// of them succeeded); their commits together.
+pub struct PublisherChain(pub Vec<Arc<dyn FlushPublisher>>);
+
+impl FlushPublisher for PublisherChain {
+    fn publish_flush(
+        &self,
+        store: &StateStore,
+        job: &FlushJob,
+    ) -> Result<Vec<PartitionCommit>, PublishError> {
+        let mut commits = Vec::new();
+        for publisher in &self.0 {
+            commits.append(&mut publisher.publish_flush(store, job)?);
+        }
+        Ok(commits)
+    }
 }

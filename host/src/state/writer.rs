@@ -32,8 +32,8 @@ pub struct WriteInstruments {
 pub enum WriteError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("changelog: {0}")]
-    Changelog(PublishError),
+    #[error("publishing the flush: {0}")]
+    Publish(PublishError),
     #[error("the state writer thread stopped unexpectedly")]
     WriterGone,
 }
@@ -127,9 +127,14 @@ fn write(
     // owner (this instance included) notices and restores; the other order
     // would leave local state the changelog cannot reproduce.
     let commits = match publisher {
-        Some(publisher) => publisher
-            .publish_flush(store, &job)
-            .map_err(WriteError::Changelog)?,
+        Some(publisher) => {
+            let commits = publisher
+                .publish_flush(store, &job)
+                .map_err(WriteError::Publish)?;
+            // Published (emitted changes, changelog) but not written.
+            crate::fault_injection::crash_point("flush-published");
+            commits
+        }
         None => Vec::new(),
     };
     let mut batch = store.begin_write();

@@ -1,0 +1,302 @@
+//! Emitted changes (`emit = { topic = ... }`): after each flush, one record
+//! per key whose state changed in it goes to the aggregation's emit topic,
+//! produced and acknowledged before the flush is written locally.
+//!
+//! Delivery is at least once, in order per key: records are keyed by the
+//! aggregation key (the default partitioner keeps a key on one partition),
+//! a flush's records are acknowledged before the next flush is produced
+//! (one flush in flight), and the producer is idempotent. A crash between
+//! the acknowledgement and the local write applies the flush's records
+//! again after the restart, and the same changes are emitted again, with
+//! the same `wagg.flush` header: the source partition and the next offset
+//! written with the flush, which identify it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+use super::aggregation::Aggregation;
+use crate::config::EmitFormat;
+use crate::kafka::{
+    ClientProperties, DeliveryContext, PRODUCER_DEFAULTS, create_client_with_context, is_transient,
+};
+use crate::ops::status::Status;
+use crate::state::cache::State;
+use crate::state::flush::{
+    CatchUpOffsets, EmitRecord, FlushJob, FlushOffsets, FlushPublisher, PartitionCommit,
+    PublishError,
+};
+use crate::state::store::{Slot, StateStore, split_window_key};
+
+/// Header names of emitted records.
+pub mod headers {
+    pub const AGGREGATION: &str = "wagg.aggregation";
+    /// The flush that produced the record: `topic/partition@next-offset`
+    /// of the key's source partition (re-keyed aggregations: of every
+    /// partition the flush covers, comma-separated).
+    pub const FLUSH: &str = "wagg.flush";
+    /// Windowed aggregations: the window, ms since the Unix epoch.
+    pub const WINDOW_START: &str = "wagg.window.start";
+    pub const WINDOW_END: &str = "wagg.window.end";
+}
+
+/// The producer of every aggregation's emitted changes.
+pub struct EmitSink {
+    producer: BaseProducer<DeliveryContext>,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl EmitSink {
+    /// A producer with the security settings of `[source.kafka]`, then
+    /// `[emit.kafka]` (`client`); transient failures are retried until
+    /// `shutdown`.
+    pub fn new(
+        client: &ClientProperties,
+        status: Arc<Status>,
+        shutdown: Arc<AtomicBool>,
+    ) -> anyhow::Result<Self> {
+        let producer = create_client_with_context(
+            &client.client_config(PRODUCER_DEFAULTS),
+            DeliveryContext::new("emit producer", status),
+        )
+        .context("creating the producer of emitted changes (check `[emit.kafka]`)")?;
+        Ok(Self { producer, shutdown })
+    }
+
+    /// Refuses to start against a broker that says a topic does not exist;
+    /// an unreachable broker is only a warning (the outage may end).
+    pub fn check_topics(&self, topics: &[&str], timeout: Duration) -> anyhow::Result<()> {
+        for &topic in topics {
+            match self.producer.client().fetch_metadata(Some(topic), timeout) {
+                Ok(metadata) => {
+                    let found = metadata.topics().iter().find(|t| t.name() == topic);
+                    if !found.is_some_and(|t| t.error().is_none() && !t.partitions().is_empty()) {
+                        anyhow::bail!(
+                            "the emit topic {topic:?} (`emit.topic`) does not exist on the broker; create it first"
+                        );
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(topic, %error, "cannot check the emit topic yet");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Produces `records` and returns once the broker has acknowledged
+    /// all of them; transient failures are retried (all of the
+    /// unacknowledged ones, in order) until shutdown.
+    fn deliver(&self, records: &[EmitRecord]) -> Result<(), PublishError> {
+        let mut pending: Vec<usize> = (0..records.len()).collect();
+        let mut backoff = Duration::from_millis(200);
+        while !pending.is_empty() {
+            for &index in &pending {
+                self.send(&records[index], index)?;
+            }
+            while self.producer.in_flight_count() > 0 {
+                self.check_shutdown()?;
+                let _ = self.producer.flush(Duration::from_millis(200));
+            }
+            let mut failures = self.producer.context().take_failures();
+            if let Some((index, error)) = failures.iter().find(|(_, e)| !is_transient(e)) {
+                return Err(format!(
+                    "emit topic {:?}: {error} (not retried: fix the topic or its permissions)",
+                    records[*index].topic
+                )
+                .into());
+            }
+            failures.sort_by_key(|(index, _)| *index);
+            pending = failures.iter().map(|(index, _)| *index).collect();
+            if let Some((_, error)) = failures.first() {
+                tracing::warn!(%error, unacknowledged = pending.len(), "emitted changes not acknowledged; retrying");
+                self.producer
+                    .context()
+                    .status()
+                    .broker_error(format!("emit: {error}"));
+                self.check_shutdown()?;
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&self, record: &EmitRecord, index: usize) -> Result<(), PublishError> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (key, value) in &record.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_slice()),
+            });
+        }
+        let mut message = BaseRecord::with_opaque_to(&record.topic, index)
+            .key(&record.key)
+            .headers(headers);
+        if let Some(value) = &record.value {
+            message = message.payload(value);
+        }
+        loop {
+            match self.producer.send(message) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    self.check_shutdown()?;
+                    message = returned;
+                    self.producer.poll(Duration::from_millis(50));
+                }
+                Err((error, _)) => {
+                    return Err(format!("emit topic {:?}: {error}", record.topic).into());
+                }
+            }
+        }
+    }
+
+    fn check_shutdown(&self) -> Result<(), PublishError> {
+        if self.shutdown.load(Ordering::Relaxed) {
+            return Err(format!(
+                "shutting down with {} emitted change(s) unacknowledged; the flush is applied and emitted again after the restart",
+                self.producer.in_flight_count().max(0)
+            )
+            .into());
+        }
+        Ok(())
+    }
+}
+
+impl FlushPublisher for EmitSink {
+    fn publish_flush(
+        &self,
+        _store: &StateStore,
+        job: &FlushJob,
+    ) -> Result<Vec<PartitionCommit>, PublishError> {
+        self.deliver(&job.emits)?;
+        Ok(Vec::new())
+    }
+}
+
+/// The `wagg.flush` identity of each slot's changes in one flush.
+pub(super) struct FlushIds<'a> {
+    store: &'a StateStore,
+    offsets: &'a FlushOffsets,
+    catch_up: &'a CatchUpOffsets,
+}
+
+impl<'a> FlushIds<'a> {
+    pub(super) fn new(
+        store: &'a StateStore,
+        offsets: &'a FlushOffsets,
+        catch_up: &'a CatchUpOffsets,
+    ) -> Self {
+        Self {
+            store,
+            offsets,
+            catch_up,
+        }
+    }
+
+    /// `topic/partition@next` for a partition's slot (the aggregation's own
+    /// next offset where it is catching up); every partition of the flush
+    /// for the re-keyed slot.
+    fn of(&self, aggregation: &str, slot: Slot) -> String {
+        if slot == Slot::REKEYED {
+            return self
+                .offsets
+                .iter()
+                .map(|((topic, partition), next)| format!("{topic}/{partition}@{next}"))
+                .collect::<Vec<_>>()
+                .join(",");
+        }
+        let topic = self
+            .store
+            .topic_name(slot.topic_id)
+            .unwrap_or_else(|| format!("#{}", slot.topic_id));
+        let partition = slot.partition as i32;
+        let key = (Arc::<str>::from(topic.as_str()), partition);
+        let own = self
+            .catch_up
+            .get(&(key.0.clone(), partition, aggregation.to_owned()))
+            .copied()
+            .flatten();
+        match own.or_else(|| self.offsets.get(&key).copied()) {
+            Some(next) => format!("{topic}/{partition}@{next}"),
+            None => format!("{topic}/{partition}"),
+        }
+    }
+}
+
+/// The records `aggregation` emits for the states of one flush (`states`:
+/// store key → newest state, each key once): the key's rendered state (or
+/// its bytes), a tombstone for a deleted key (windowed: each changed
+/// window's state; deleted windows are not emitted). A state the plugin
+/// cannot render is logged and not emitted (queries of it fail the same
+/// way).
+pub(super) fn emitted(
+    aggregation: &mut Aggregation,
+    states: &[(Vec<u8>, State)],
+    ids: &FlushIds<'_>,
+) -> Vec<EmitRecord> {
+    let Some(emit) = aggregation.config.emit.clone() else {
+        return Vec::new();
+    };
+    let topic: Arc<str> = Arc::from(emit.topic.as_str());
+    let name = aggregation.config.name.clone();
+    let windowed = aggregation.windowing.as_ref().map(|w| w.spec.clone());
+    // One identity per slot, not per key.
+    let mut flush_ids: BTreeMap<Slot, Vec<u8>> = BTreeMap::new();
+    let mut records = Vec::with_capacity(states.len());
+    for (store_key, state) in states {
+        // A window deleted past retention, or a session merged into
+        // another (whose record follows), is not a change of the key's
+        // aggregate: only live windows are emitted.
+        if windowed.is_some() && state.is_none() {
+            continue;
+        }
+        let Some((slot, in_slot)) = Slot::decode(store_key) else {
+            continue;
+        };
+        let flush_id = flush_ids
+            .entry(slot)
+            .or_insert_with(|| ids.of(&name, slot).into_bytes())
+            .clone();
+        let mut headers = vec![
+            (headers::AGGREGATION, name.clone().into_bytes()),
+            (headers::FLUSH, flush_id),
+        ];
+        let key = match &windowed {
+            Some(spec) => {
+                let Some(split) = split_window_key(in_slot) else {
+                    continue;
+                };
+                let window = spec.window_at(split.start, split.session_end);
+                headers.push((headers::WINDOW_START, window.start.to_string().into_bytes()));
+                headers.push((headers::WINDOW_END, window.end.to_string().into_bytes()));
+                split.key
+            }
+            None => in_slot.to_vec(),
+        };
+        let value = match (state, emit.format) {
+            (None, _) => None,
+            (Some(state), EmitFormat::State) => Some(state.clone()),
+            (Some(state), EmitFormat::Json) => match aggregation.instance.render(state) {
+                Ok(json) => Some(json.into_bytes()),
+                Err(error) => {
+                    tracing::error!(aggregation = %name, key = %String::from_utf8_lossy(&key), %error, "a changed state could not be rendered; not emitted");
+                    continue;
+                }
+            },
+        };
+        records.push(EmitRecord {
+            topic: topic.clone(),
+            key,
+            value,
+            headers,
+        });
+    }
+    records
+}
