@@ -228,6 +228,10 @@ pub(crate) struct E2eArgs {
     /// (`[source.kafka]`), e.g. `fetch.max.bytes=104857600`; repeatable.
     #[arg(long = "consumer-property", value_name = "KEY=VALUE", value_parser = parse_property)]
     pub(crate) consumer_properties: Vec<(String, String)>,
+    /// Have the aggregation emit its changes (`emit`) to a topic the run
+    /// creates beside the source topic.
+    #[arg(long)]
+    pub(crate) emit: bool,
     /// Write the results as JSON here (`.query.json` beside it for lookups).
     #[arg(long)]
     pub(crate) out: Option<PathBuf>,
@@ -260,6 +264,7 @@ impl E2eArgs {
             max_rate_seconds,
             commit_interval_ms: self.commit_interval_ms,
             consumer_properties: self.consumer_properties,
+            emit: self.emit,
             out: self.out,
         }
     }

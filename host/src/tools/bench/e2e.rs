@@ -41,12 +41,16 @@ pub struct E2eOptions {
     pub commit_interval_ms: u64,
     /// librdkafka properties for both consumers (wagg's `[source.kafka]`).
     pub consumer_properties: Vec<(String, String)>,
+    /// The aggregation emits its changes to `<topic>-changes`.
+    pub emit: bool,
     pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct E2eRow {
     pub plugin: String,
+    /// Whether the aggregation emitted its changes.
+    pub emit: bool,
     pub records: u64,
     pub partitions: i32,
     pub keys: u64,
@@ -218,10 +222,16 @@ pub fn run(options: &E2eOptions) -> anyhow::Result<(E2eRow, Vec<LoadResult>)> {
         .iter()
         .map(|(key, value)| format!("{key:?} = {value:?}\n"))
         .collect();
+    let mut aggregation =
+        aggregation_toml(&options.plugin, &example_plugin(&plugins, &options.plugin));
+    if options.emit {
+        let changes = format!("{topic}-changes");
+        create_topic(&brokers, &changes, options.partitions)?;
+        aggregation.push_str(&format!("emit = {{ topic = {changes:?} }}\n"));
+    }
     let config = format!(
-        "[source]\nbrokers = \"{brokers}\"\ngroup_id = \"{topic}-wagg\"\ntopics = [\"{topic}\"]\n\n[source.kafka]\n{kafka}\n[state]\ndir = \"state\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[batch]\ncommit_interval_ms = {}\n\n{}",
+        "[source]\nbrokers = \"{brokers}\"\ngroup_id = \"{topic}-wagg\"\ntopics = [\"{topic}\"]\n\n[source.kafka]\n{kafka}\n[state]\ndir = \"state\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[batch]\ncommit_interval_ms = {}\n\n{aggregation}",
         options.commit_interval_ms,
-        aggregation_toml(&options.plugin, &example_plugin(&plugins, &options.plugin))
     );
     let config_path = work.path().join("wagg.toml");
     std::fs::write(&config_path, config)?;
@@ -305,6 +315,7 @@ pub fn run(options: &E2eOptions) -> anyhow::Result<(E2eRow, Vec<LoadResult>)> {
     }
     let row = E2eRow {
         plugin: options.plugin.clone(),
+        emit: options.emit,
         records: options.records,
         partitions: options.partitions,
         keys: options.keys,
