@@ -13,11 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::broker::{Broker, ProducerOnly, free_port};
 use common::wagg_process::Wagg;
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Value, json};
 use wagg::tools::rng::Rng;
 
@@ -87,66 +83,27 @@ emit = {{ topic = "changes" }}
 
 /// Every record of the emit topic, in each partition's order.
 fn read_emitted(broker: &Broker) -> Vec<Emitted> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &broker.address)
-        .set("group.id", "emit-reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let mut assignment = TopicPartitionList::new();
-    let mut ends = BTreeMap::new();
-    for partition in 0..PARTITIONS as i32 {
-        assignment
-            .add_partition_offset("changes", partition, Offset::Beginning)
-            .expect("partition");
-        let (_, high) = consumer
-            .fetch_watermarks("changes", partition, Duration::from_secs(10))
-            .expect("watermarks");
-        ends.insert(partition, high);
-    }
-    consumer.assign(&assignment).expect("assign");
-    let mut read: BTreeMap<i32, i64> = BTreeMap::new();
-    let mut out = Vec::new();
-    let started = Instant::now();
-    while ends
-        .iter()
-        .any(|(p, end)| read.get(p).copied().unwrap_or(0) < *end)
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "emit topic not read to its end: {read:?} of {ends:?}"
-        );
-        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let message = message.expect("emit topic readable");
-        read.insert(message.partition(), message.offset() + 1);
-        let mut headers = BTreeMap::new();
-        if let Some(list) = message.headers() {
-            for header in list.iter() {
-                let value = header
+    broker
+        .read_all("changes", PARTITIONS)
+        .into_iter()
+        .map(|record| {
+            let flush = &record.headers["wagg.flush"];
+            let (source, next) = flush.split_once('@').expect("partition@offset");
+            let partition = source
+                .strip_prefix("events/")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("wagg.flush {flush:?}"));
+            Emitted {
+                aggregation: record.headers["wagg.aggregation"].clone(),
+                key: String::from_utf8_lossy(&record.key).into_owned(),
+                value: record
                     .value
-                    .map(|v| String::from_utf8_lossy(v).into_owned());
-                headers.insert(header.key.to_owned(), value.unwrap_or_default());
+                    .map(|v| serde_json::from_slice(&v).expect("a JSON state")),
+                flush: (partition, next.parse().expect("an offset")),
+                at: (record.partition, record.offset),
             }
-        }
-        let flush = &headers["wagg.flush"];
-        let (source, next) = flush.split_once('@').expect("partition@offset");
-        let partition = source
-            .strip_prefix("events/")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("wagg.flush {flush:?}"));
-        out.push(Emitted {
-            aggregation: headers["wagg.aggregation"].clone(),
-            key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-            value: message
-                .payload()
-                .map(|p| serde_json::from_slice(p).expect("a JSON state")),
-            flush: (partition, next.parse().expect("an offset")),
-            at: (message.partition(), message.offset()),
-        });
-    }
-    out
+        })
+        .collect()
 }
 
 /// A crash right after a flush's changes were acknowledged (before its

@@ -591,24 +591,39 @@ fn a_killed_instances_partitions_move_and_every_key_stays_exact() {
     );
 }
 
-/// Two instances, a third joining mid-ingest, with `count`, `stats` and
-/// a windowed `count` (10-minute windows over `/ts`): every key exact
-/// after, windows included — window states and stream times move with
-/// their partitions.
+/// Two instances, a third joining mid-ingest, with `count` (emitting its
+/// changes), `stats` and a windowed `count` (10-minute windows over
+/// `/ts`): every key exact after, windows included — window states and
+/// stream times move with their partitions — and each key's last emitted
+/// `count` is its final count, whichever instances owned it.
 #[test]
 fn scaling_from_two_to_three_instances_mid_ingest_keeps_every_key_and_window_exact() {
     let (_serial, mut rng, mut cluster) = start("scale 2 → 3 test", 1);
+    cluster.broker.create_topic("scale-changes", PARTITIONS);
+    let emitting = common::count_and_stats_toml().replacen(
+        "name = \"count\"\n",
+        "name = \"count\"\nemit = { topic = \"scale-changes\" }\n",
+        1,
+    );
     cluster.aggregations = format!(
-        "{}\n[[aggregation]]\nname = \"per10m\"\nplugin = {:?}\ntime = \"/ts\"\nwindow = {{ kind = \"tumbling\", size = \"10m\" }}\n",
-        common::count_and_stats_toml(),
+        "{emitting}\n[[aggregation]]\nname = \"per10m\"\nplugin = {:?}\ntime = \"/ts\"\nwindow = {{ kind = \"tumbling\", size = \"10m\" }}\n",
         common::plugin("count")
     );
     cluster.windowed = true;
-    scale_from_two_to_three(&mut cluster, &mut rng);
+    let data = scale_from_two_to_three(&mut cluster, &mut rng);
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    for record in cluster.broker.read_all("scale-changes", PARTITIONS) {
+        let state: Value =
+            serde_json::from_slice(&record.value.unwrap_or_default()).expect("an emitted count");
+        let key = String::from_utf8_lossy(&record.key).into_owned();
+        last.insert(key, state["count"].as_u64().expect("count"));
+    }
+    assert_eq!(last, data.counts, "the last emitted count of every key");
 }
 
 /// Two instances, a third joining mid-ingest: every key exact after.
-fn scale_from_two_to_three(cluster: &mut Cluster, rng: &mut Rng) {
+/// Returns what was produced.
+fn scale_from_two_to_three(cluster: &mut Cluster, rng: &mut Rng) -> DataSet {
     // With a standby copy of every partition, following it while partitions
     // move: copies must never disturb an owner's state.
     cluster.add_instance();
@@ -632,6 +647,7 @@ fn scale_from_two_to_three(cluster: &mut Cluster, rng: &mut Rng) {
         (0..3).map(|i| cluster.owned_by(i)).sum::<usize>(),
         PARTITIONS as usize
     );
+    data
 }
 
 #[test]

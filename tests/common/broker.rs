@@ -120,3 +120,77 @@ fn send_all(
     }
     producer.flush(Duration::from_secs(60)).expect("flush");
 }
+
+/// A record read back from a topic.
+#[allow(dead_code)]
+#[derive(Debug, Clone)]
+pub struct ReadRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+impl Broker {
+    /// Every record of `topic` (of `partitions` partitions) up to its high
+    /// watermarks as they are now, in each partition's order.
+    #[allow(dead_code)]
+    pub fn read_all(&self, topic: &str, partitions: u32) -> Vec<ReadRecord> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::{Headers, Message};
+        use rdkafka::{Offset, TopicPartitionList};
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.address)
+            .set("group.id", format!("{topic}-reader"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut assignment = TopicPartitionList::new();
+        let mut ends = std::collections::BTreeMap::new();
+        for partition in 0..partitions as i32 {
+            assignment
+                .add_partition_offset(topic, partition, Offset::Beginning)
+                .expect("partition");
+            let (_, high) = consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(10))
+                .expect("watermarks");
+            ends.insert(partition, high);
+        }
+        consumer.assign(&assignment).expect("assign");
+        let mut read = std::collections::BTreeMap::new();
+        let mut out = Vec::new();
+        let started = std::time::Instant::now();
+        while ends
+            .iter()
+            .any(|(p, end)| read.get(p).copied().unwrap_or(0) < *end)
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{topic} not read to its end: {read:?} of {ends:?}"
+            );
+            let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let message = message.expect("topic readable");
+            read.insert(message.partition(), message.offset() + 1);
+            let mut headers = std::collections::BTreeMap::new();
+            if let Some(list) = message.headers() {
+                for header in list.iter() {
+                    let value = header
+                        .value
+                        .map(|v| String::from_utf8_lossy(v).into_owned());
+                    headers.insert(header.key.to_owned(), value.unwrap_or_default());
+                }
+            }
+            out.push(ReadRecord {
+                partition: message.partition(),
+                offset: message.offset(),
+                key: message.key().unwrap_or_default().to_vec(),
+                value: message.payload().map(<[u8]>::to_vec),
+                headers,
+            });
+        }
+        out
+    }
+}
