@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 use common::broker::{Broker, free_port};
 use common::wagg_process::Wagg;
 use common::{json_approx_eq, plugin, stats_json};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
 use serde_json::{Value, json};
 
 const CATCH_UP: Duration = Duration::from_secs(120);
@@ -105,57 +103,42 @@ struct Letter {
 
 /// Reads `want` dead letters (or fails after 30 s).
 fn read_dead_letters(broker: &Broker, topic: &str, want: usize) -> Vec<Letter> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &broker.address)
-        .set("group.id", "dead-letter-reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let mut assignment = TopicPartitionList::new();
-    assignment
-        .add_partition_offset(topic, 0, Offset::Beginning)
-        .expect("partition");
-    consumer.assign(&assignment).expect("assign");
-    let mut letters = Vec::new();
     let started = Instant::now();
-    while letters.len() < want {
+    let records = loop {
+        let records = broker.read_all(topic, 1);
+        if records.len() >= want {
+            break records;
+        }
         assert!(
             started.elapsed() < Duration::from_secs(30),
-            "only {} of {want} dead letters arrived: {letters:?}",
-            letters.len()
+            "only {} of {want} dead letters arrived",
+            records.len()
         );
-        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let message = message.expect("dead-letter topic readable");
-        let mut headers = BTreeMap::new();
-        if let Some(list) = message.headers() {
-            for header in list.iter() {
-                let value = header
-                    .value
-                    .map(|v| String::from_utf8_lossy(v).into_owned());
-                headers.insert(header.key.to_owned(), value.unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    records
+        .into_iter()
+        .map(|record| {
+            let header = |name: &str| record.headers.get(name).cloned().unwrap_or_default();
+            assert_eq!(header("wagg.source.topic"), "events");
+            Letter {
+                aggregation: header("wagg.aggregation"),
+                source_partition: header("wagg.source.partition").parse().unwrap_or(-1),
+                source_offset: header("wagg.source.offset").parse().unwrap_or(-1),
+                key: String::from_utf8_lossy(&record.key).into_owned(),
+                value: String::from_utf8_lossy(&record.value.clone().unwrap_or_default())
+                    .into_owned(),
+                error: header("wagg.error"),
+                plugin: format!(
+                    "{} {}",
+                    header("wagg.plugin"),
+                    header("wagg.plugin.version")
+                ),
+                timestamp: record.timestamp,
+                headers: record.headers.clone(),
             }
-        }
-        let header = |name: &str| headers.get(name).cloned().unwrap_or_default();
-        letters.push(Letter {
-            aggregation: header("wagg.aggregation"),
-            source_partition: header("wagg.source.partition").parse().unwrap_or(-1),
-            source_offset: header("wagg.source.offset").parse().unwrap_or(-1),
-            key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-            value: String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
-            error: header("wagg.error"),
-            plugin: format!(
-                "{} {}",
-                header("wagg.plugin"),
-                header("wagg.plugin.version")
-            ),
-            timestamp: message.timestamp().to_millis(),
-            headers: headers.clone(),
-        });
-        assert_eq!(header("wagg.source.topic"), "events");
-    }
-    letters
+        })
+        .collect()
 }
 
 /// Where each produced record landed: `(partition, offset)` by index,

@@ -129,6 +129,7 @@ pub struct ReadRecord {
     pub offset: i64,
     pub key: Vec<u8>,
     pub value: Option<Vec<u8>>,
+    pub timestamp: Option<i64>,
     pub headers: std::collections::BTreeMap<String, String>,
 }
 
@@ -188,6 +189,7 @@ impl Broker {
                 offset: message.offset(),
                 key: message.key().unwrap_or_default().to_vec(),
                 value: message.payload().map(<[u8]>::to_vec),
+                timestamp: message.timestamp().to_millis(),
                 headers,
             });
         }
