@@ -1551,9 +1551,16 @@ fn tumbling_and_hopping_windows_are_exact_with_late_records_counted_and_old_wind
         hopping.late
     );
 
+    // The minute windows also emit their changes.
+    setup.broker.create_topic("minute-changes", PARTITIONS);
+    let aggregations = windowed_counts().replacen(
+        "name = \"per_minute\"\n",
+        "name = \"per_minute\"\nemit = { topic = \"minute-changes\" }\n",
+        1,
+    );
     // In two halves, the first written before the second arrives, so the
     // sweeps find old windows on disk to delete.
-    let wagg = setup.start(&setup.config(&["clicks"], &windowed_counts()));
+    let wagg = setup.start(&setup.config(&["clicks"], &aggregations));
     let (first, second) = records.split_at(1_500);
     setup.broker.produce("clicks", first);
     wagg.wait_for(&windows_applied(first), CATCH_UP);
@@ -1562,6 +1569,22 @@ fn tumbling_and_hopping_windows_are_exact_with_late_records_counted_and_old_wind
 
     let deleted = assert_windows_exact(&wagg, &tumbling, &hopping);
     assert!(deleted > 50, "the test should delete windows ({deleted})");
+    // Each window's last emitted record is its final count (windows
+    // deleted past retention included: they were emitted while alive; a
+    // deletion emits nothing).
+    let mut emitted: BTreeMap<(String, i64), u64> = BTreeMap::new();
+    for record in setup.broker.read_all("minute-changes", PARTITIONS) {
+        let start: i64 = record.headers["wagg.window.start"].parse().unwrap();
+        let end: i64 = record.headers["wagg.window.end"].parse().unwrap();
+        assert_eq!(end - start, 60_000, "{:?}", record.headers);
+        let state: Value = serde_json::from_slice(&record.value.expect("no tombstones")).unwrap();
+        let key = String::from_utf8(record.key).unwrap();
+        emitted.insert((key, start), state["count"].as_u64().unwrap());
+    }
+    assert_eq!(
+        emitted, tumbling.counts,
+        "last emitted count of every minute window"
+    );
     let sessions = click_sessions(&records);
     assert!(
         sessions.bridges > 20 && sessions.late > 20,

@@ -38,6 +38,10 @@ pub struct Aggregation {
     pub(super) migrating: Option<AggregationMeta>,
     /// Windowed aggregations: the window spec and stream times.
     pub(super) windowing: Option<Windowing>,
+    /// Aggregations that emit: the last states of windows deleted past
+    /// retention before a flush handed them on (store key, state), emitted
+    /// with the next flush.
+    pub(super) emit_expired: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// An aggregation's metrics, looked up once (not per batch).
@@ -105,6 +109,7 @@ impl Aggregation {
             instruments: Instruments::default(),
             catch_up: HashMap::new(),
             migrating: None,
+            emit_expired: Vec::new(),
             windowing: config
                 .window
                 .clone()

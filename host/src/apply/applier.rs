@@ -888,6 +888,16 @@ fn delete_expired_windows(
         )?;
         if let Some(expired) = swept {
             for store_key in expired {
+                // Changed since the last flush: its last state was never
+                // emitted (a burst of old records opens and expires
+                // windows between two flushes).
+                if aggregation.config.emit.is_some()
+                    && aggregation.states.is_dirty(&store_key)
+                    && let Some(Some(state)) = aggregation.states.peek(&store_key)
+                {
+                    let last = (store_key.clone(), state.clone());
+                    aggregation.emit_expired.push(last);
+                }
                 aggregation.states.set(store_key, None);
             }
         }

@@ -19,6 +19,7 @@ use super::aggregation::Aggregation;
 use super::emit::{FlushIds, emitted};
 use crate::config::BatchConfig;
 use crate::ops::status::{AggregationCounters, Status};
+use crate::state::cache::State;
 use crate::state::flush::{
     CatchUpOffsets, FlushJob, FlushOffsets, FlushedAggregation, StreamTimes,
 };
@@ -47,6 +48,9 @@ struct InFlight {
     catch_up: CatchUpOffsets,
     counters: Vec<AggregationCounters>,
     stream_times: Vec<StreamTimes>,
+    /// Per aggregation, the last states of expired windows the job emits
+    /// (emitted again with the next flush if this one fails).
+    emit_expired: Vec<Vec<(Vec<u8>, Vec<u8>)>>,
 }
 
 impl Flusher {
@@ -107,10 +111,18 @@ impl Flusher {
         }
         let ids = FlushIds::new(store, &self.unwritten, &self.unwritten_catch_up);
         let mut emits = Vec::new();
+        let mut emit_expired = Vec::with_capacity(aggregations.len());
         let flushed = aggregations
             .iter_mut()
             .map(|aggregation| {
                 let states = aggregation.states.take_dirty();
+                let last_states = std::mem::take(&mut aggregation.emit_expired);
+                let expired: Vec<(Vec<u8>, State)> = last_states
+                    .iter()
+                    .map(|(key, state)| (key.clone(), Some(state.clone())))
+                    .collect();
+                emits.append(&mut emitted(aggregation, &expired, &ids));
+                emit_expired.push(last_states);
                 emits.append(&mut emitted(aggregation, &states, &ids));
                 FlushedAggregation {
                     name: aggregation.config.name.clone(),
@@ -139,6 +151,7 @@ impl Flusher {
                 .iter()
                 .map(|a| a.stream_times.clone())
                 .collect(),
+            emit_expired,
         });
         self.unwritten_since = None;
         if let Err(e) = self.writer.submit(job) {
@@ -226,7 +239,13 @@ impl Flusher {
         let Some(failed) = self.in_flight.take() else {
             return;
         };
-        for (aggregation, stream_times) in aggregations.iter_mut().zip(&failed.stream_times) {
+        for ((aggregation, stream_times), mut expired) in aggregations
+            .iter_mut()
+            .zip(&failed.stream_times)
+            .zip(failed.emit_expired)
+        {
+            expired.append(&mut aggregation.emit_expired);
+            aggregation.emit_expired = expired;
             aggregation.states.write_failed();
             if let Some(windowing) = &mut aggregation.windowing {
                 windowing.unwritten_again(stream_times);

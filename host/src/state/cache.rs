@@ -131,6 +131,11 @@ impl StateCache {
         }
     }
 
+    /// Whether `key` changed since the last hand-over.
+    pub fn is_dirty(&self, key: &[u8]) -> bool {
+        self.entries.get(key).is_some_and(|e| e.flags & DIRTY != 0)
+    }
+
     /// States changed since the last hand-over.
     pub fn dirty_len(&self) -> usize {
         self.dirty
