@@ -19,15 +19,26 @@ impl StateStore {
         topic: &str,
         partition: i32,
     ) -> Result<BTreeMap<String, i64>, StoreError> {
+        self.partition_numbers(CATCH_UP_PREFIX, topic, partition)
+    }
+
+    /// One partition's per-aggregation numbers under `prefix` (catch-up
+    /// offsets, stream times): aggregation → number. Reads that
+    /// partition's entries only.
+    fn partition_numbers(
+        &self,
+        prefix: &[u8],
+        topic: &str,
+        partition: i32,
+    ) -> Result<BTreeMap<String, i64>, StoreError> {
         let Some(topic_id) = self.known_topic_id(topic) else {
             return Ok(BTreeMap::new());
         };
-        let prefix = partition_key(CATCH_UP_PREFIX, topic_id, partition);
-        self.meta_scan(&prefix)?
+        self.meta_scan(&partition_key(prefix, topic_id, partition))?
             .into_iter()
             .map(|(name, value)| {
                 let name = String::from_utf8(name)
-                    .map_err(|_| self.corrupt("catch-up key is malformed".into()))?;
+                    .map_err(|_| self.corrupt("a per-partition entry's key is malformed".into()))?;
                 Ok((name, self.offset_value(&value)?))
             })
             .collect()
@@ -208,10 +219,7 @@ impl StateStore {
         topic: &str,
         partition: i32,
     ) -> Result<BTreeMap<String, i64>, StoreError> {
-        Ok(self
-            .partition_entries(STREAM_TIME_PREFIX)?
-            .remove(&(topic.to_owned(), partition))
-            .unwrap_or_default())
+        self.partition_numbers(STREAM_TIME_PREFIX, topic, partition)
     }
 
     /// The stream time of a windowed aggregation on each partition it has

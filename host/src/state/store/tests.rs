@@ -430,3 +430,43 @@ fn a_migration_walks_whole_keys_in_order_survives_reopen_and_ends_with_catch_up(
     );
     assert_eq!(store.reading("a", |_| Ok(())).unwrap().1, None);
 }
+
+#[test]
+fn stream_times_are_read_per_partition_and_per_aggregation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let t = store.topic_id("t").unwrap();
+    let u = store.topic_id("u").unwrap();
+    let mut write = store.begin_write();
+    write.set_stream_time(t, 0, "a", Some(-5));
+    write.set_stream_time(t, 0, "b", Some(7));
+    write.set_stream_time(t, 1, "a", Some(9));
+    write.set_stream_time(u, 0, "a", Some(11));
+    store.write(write).unwrap();
+    assert_eq!(
+        store.stream_times_of("t", 0).unwrap(),
+        [("a".to_owned(), -5), ("b".to_owned(), 7)].into()
+    );
+    assert_eq!(
+        store.stream_times_of("t", 1).unwrap(),
+        [("a".to_owned(), 9)].into()
+    );
+    assert_eq!(store.stream_times_of("v", 0).unwrap(), BTreeMap::new());
+    assert_eq!(
+        store.stream_times("a").unwrap(),
+        [
+            (("t".to_owned(), 0), -5),
+            (("t".to_owned(), 1), 9),
+            (("u".to_owned(), 0), 11)
+        ]
+        .into()
+    );
+    // Deleting one leaves the others.
+    let mut write = store.begin_write();
+    write.set_stream_time(t, 0, "a", None);
+    store.write(write).unwrap();
+    assert_eq!(
+        store.stream_times_of("t", 0).unwrap(),
+        [("b".to_owned(), 7)].into()
+    );
+}
