@@ -299,6 +299,14 @@ fn emitted_changes_are_exact_as_of_their_flush_across_kill_9_and_end_in_the_fina
             }
         }
     }
+    let (_, body) = wagg.get("/v1/aggregations");
+    for info in body["aggregations"].as_array().expect("aggregations") {
+        assert_eq!(
+            info["emit"],
+            json!({ "topic": "changes", "mode": "changes", "format": "json" }),
+            "{info}"
+        );
+    }
     for key in &deleted {
         assert_eq!(
             last[&("latest".to_owned(), key.clone())],

@@ -94,6 +94,7 @@ fn aggregation_info(
         key: config.key.clone(),
         window: config.window.clone(),
         time: config.time.clone(),
+        emit: config.emit.clone(),
         on_error: config.on_error,
         keys_estimate: state.store.estimate_keys(&config.name)?,
         migration: state

@@ -59,6 +59,11 @@ pub struct AggregationInfo {
     /// Kafka timestamp when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<String>,
+    /// Where its changes are emitted (`topic`, `mode`, `format`), if
+    /// anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub emit: Option<crate::config::EmitConfig>,
     /// `fail`, `skip` or `dead-letter`.
     #[schema(value_type = String)]
     pub on_error: OnError,
