@@ -8,17 +8,18 @@
 //! restart, so the same record may be dead-lettered twice, but never lost.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 use crate::config::DeadLetterConfig;
 use crate::kafka::{
-    ClientProperties, DeliveryContext, PRODUCER_DEFAULTS, create_client_with_context, is_transient,
+    ClientProperties, DeliveryContext, PRODUCER_DEFAULTS, Unacknowledged,
+    create_client_with_context, deliver_all, send_patiently,
 };
 use crate::ops::status::Status;
 use crate::record::SourceRecord;
@@ -136,40 +137,22 @@ impl DeadLetterSink {
         letters: &[DeadLetter<'_>],
         shutdown: &AtomicBool,
     ) -> Result<(), DeadLetterError> {
-        let mut pending: Vec<usize> = (0..letters.len()).collect();
-        let mut backoff = Duration::from_millis(200);
-        while !pending.is_empty() {
-            for &index in &pending {
-                self.send(&letters[index], index, shutdown)?;
+        deliver_all(
+            &self.producer,
+            letters.len(),
+            shutdown,
+            "dead-letter delivery",
+            |index| self.send(&letters[index], index, shutdown),
+        )
+        .map_err(|failure| match failure {
+            Unacknowledged::Permanent { error, .. } => DeadLetterError::Permanent {
+                topic: self.topic.clone(),
+                error,
+            },
+            Unacknowledged::Interrupted { undelivered } => {
+                DeadLetterError::Interrupted { undelivered }
             }
-            while self.producer.in_flight_count() > 0 {
-                if shutdown.load(Ordering::Relaxed) {
-                    return Err(DeadLetterError::Interrupted {
-                        undelivered: self.producer.in_flight_count().max(0) as usize,
-                    });
-                }
-                // Flush returns early once everything is acknowledged.
-                let _ = self.producer.flush(Duration::from_millis(200));
-            }
-            let failures = self.producer.context().take_failures();
-            if let Some((_, error)) = failures.iter().find(|(_, e)| !is_transient(e)) {
-                return Err(DeadLetterError::Permanent {
-                    topic: self.topic.clone(),
-                    error: error.clone(),
-                });
-            }
-            pending = failures.iter().map(|(index, _)| *index).collect();
-            if let Some((_, error)) = failures.first() {
-                tracing::warn!(%error, undelivered = pending.len(), "dead letters not delivered; retrying");
-                self.producer
-                    .context()
-                    .status()
-                    .broker_error(format!("dead-letter delivery: {error}"));
-                sleep_unless(shutdown, backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-        Ok(())
+        })
     }
 
     // The record, its headers (the failure's context) and the retry on
@@ -179,7 +162,7 @@ impl DeadLetterSink {
         letter: &DeadLetter<'_>,
         index: usize,
         shutdown: &AtomicBool,
-    ) -> Result<(), DeadLetterError> {
+    ) -> Result<(), Unacknowledged> {
         let record = letter.record;
         let partition = record.partition.to_string();
         let offset = record.offset.to_string();
@@ -223,26 +206,7 @@ impl DeadLetterSink {
         if let Some(timestamp) = record.timestamp {
             message = message.timestamp(timestamp);
         }
-        loop {
-            match self.producer.send(message) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                    if shutdown.load(Ordering::Relaxed) {
-                        return Err(DeadLetterError::Interrupted {
-                            undelivered: self.producer.in_flight_count().max(0) as usize + 1,
-                        });
-                    }
-                    message = returned;
-                    self.producer.poll(Duration::from_millis(50));
-                }
-                Err((error, _)) => {
-                    return Err(DeadLetterError::Permanent {
-                        topic: self.topic.clone(),
-                        error,
-                    });
-                }
-            }
-        }
+        send_patiently(&self.producer, message, shutdown)
     }
 }
 
@@ -285,13 +249,6 @@ fn fit_letter<'r>(record: &'r SourceRecord, context: &[(&str, &str)], max_bytes:
         value: value.map(|v| &v[..v.len().min(room)]),
         keep_headers,
         truncated_from: Some(value_len),
-    }
-}
-
-fn sleep_unless(shutdown: &AtomicBool, duration: Duration) {
-    let until = Instant::now() + duration;
-    while Instant::now() < until && !shutdown.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -13,18 +13,18 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 use super::aggregation::Aggregation;
 use crate::config::EmitFormat;
 use crate::kafka::{
-    ClientProperties, DeliveryContext, PRODUCER_DEFAULTS, create_client_with_context, is_transient,
+    ClientProperties, DeliveryContext, PRODUCER_DEFAULTS, Unacknowledged,
+    create_client_with_context, deliver_all, send_patiently,
 };
 use crate::ops::status::Status;
 use crate::state::cache::State;
@@ -91,44 +91,25 @@ impl EmitSink {
     }
 
     /// Produces `records` and returns once the broker has acknowledged
-    /// all of them; transient failures are retried (all of the
-    /// unacknowledged ones, in order) until shutdown.
+    /// all of them; transient failures are retried until shutdown.
     fn deliver(&self, records: &[EmitRecord]) -> Result<(), PublishError> {
-        let mut pending: Vec<usize> = (0..records.len()).collect();
-        let mut backoff = Duration::from_millis(200);
-        while !pending.is_empty() {
-            for &index in &pending {
-                self.send(&records[index], index)?;
-            }
-            while self.producer.in_flight_count() > 0 {
-                self.check_shutdown()?;
-                let _ = self.producer.flush(Duration::from_millis(200));
-            }
-            let mut failures = self.producer.context().take_failures();
-            if let Some((index, error)) = failures.iter().find(|(_, e)| !is_transient(e)) {
-                return Err(format!(
-                    "emit topic {:?}: {error} (not retried: fix the topic or its permissions)",
-                    records[*index].topic
-                )
-                .into());
-            }
-            failures.sort_by_key(|(index, _)| *index);
-            pending = failures.iter().map(|(index, _)| *index).collect();
-            if let Some((_, error)) = failures.first() {
-                tracing::warn!(%error, unacknowledged = pending.len(), "emitted changes not acknowledged; retrying");
-                self.producer
-                    .context()
-                    .status()
-                    .broker_error(format!("emit: {error}"));
-                self.check_shutdown()?;
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-        Ok(())
+        deliver_all(&self.producer, records.len(), &self.shutdown, "emit", |index| {
+            self.send(&records[index], index)
+        })
+        .map_err(|failure| match failure {
+            Unacknowledged::Permanent { index, error } => format!(
+                "emit topic {:?}: {error} (not retried: fix the topic or its permissions)",
+                records[index].topic
+            )
+            .into(),
+            Unacknowledged::Interrupted { undelivered } => format!(
+                "shutting down with {undelivered} emitted change(s) unacknowledged; the flush is applied and emitted again after the restart"
+            )
+            .into(),
+        })
     }
 
-    fn send(&self, record: &EmitRecord, index: usize) -> Result<(), PublishError> {
+    fn send(&self, record: &EmitRecord, index: usize) -> Result<(), Unacknowledged> {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in &record.headers {
             headers = headers.insert(Header {
@@ -142,30 +123,7 @@ impl EmitSink {
         if let Some(value) = &record.value {
             message = message.payload(value);
         }
-        loop {
-            match self.producer.send(message) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                    self.check_shutdown()?;
-                    message = returned;
-                    self.producer.poll(Duration::from_millis(50));
-                }
-                Err((error, _)) => {
-                    return Err(format!("emit topic {:?}: {error}", record.topic).into());
-                }
-            }
-        }
-    }
-
-    fn check_shutdown(&self) -> Result<(), PublishError> {
-        if self.shutdown.load(Ordering::Relaxed) {
-            return Err(format!(
-                "shutting down with {} emitted change(s) unacknowledged; the flush is applied and emitted again after the restart",
-                self.producer.in_flight_count().max(0)
-            )
-            .into());
-        }
-        Ok(())
+        send_patiently(&self.producer, message, &self.shutdown)
     }
 }
 

@@ -7,15 +7,18 @@
 //! [`Status`] (where client errors are reported).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::{
     ClientConfig, FromClientConfig, FromClientConfigAndContext, RDKafkaLogLevel,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::ToBytes;
 use rdkafka::message::{DeliveryResult, Message};
-use rdkafka::producer::ProducerContext;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 
 use crate::ops::status::Status;
 
@@ -275,5 +278,104 @@ mod tests {
         // rdkafka's own message shows it: the redaction is what hides it.
         let raw = config.create::<BaseProducer>().err().expect("refused");
         assert!(raw.to_string().contains(secret), "{raw}");
+    }
+}
+
+/// Why a producer's records were not all acknowledged.
+#[derive(Debug)]
+pub enum Unacknowledged {
+    /// A failure no retry gets past, of the record with opaque `index`.
+    Permanent { index: usize, error: KafkaError },
+    /// Shutting down with this many records unacknowledged.
+    Interrupted { undelivered: usize },
+}
+
+/// Queues `record` (its opaque is its index), waiting while the queue is
+/// full, until `shutdown`.
+pub fn send_patiently<K, P>(
+    producer: &BaseProducer<DeliveryContext>,
+    mut record: BaseRecord<'_, K, P, usize>,
+    shutdown: &AtomicBool,
+) -> Result<(), Unacknowledged>
+where
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                if shutdown.load(Ordering::Relaxed) {
+                    return Err(Unacknowledged::Interrupted {
+                        undelivered: producer.in_flight_count().max(0) as usize + 1,
+                    });
+                }
+                record = returned;
+                producer.poll(Duration::from_millis(50));
+            }
+            Err((error, returned)) => {
+                return Err(Unacknowledged::Permanent {
+                    index: returned.delivery_opaque,
+                    error,
+                });
+            }
+        }
+    }
+}
+
+/// Sends records `0..count` (`send` queues record `i`, e.g. with
+/// [`send_patiently`]) and returns once the broker has acknowledged all of
+/// them. Transient failures are retried — the failed records, in order —
+/// with backoff until `shutdown`, each round logged and reported to the
+/// status as `what`.
+pub fn deliver_all(
+    producer: &BaseProducer<DeliveryContext>,
+    count: usize,
+    shutdown: &AtomicBool,
+    what: &str,
+    mut send: impl FnMut(usize) -> Result<(), Unacknowledged>,
+) -> Result<(), Unacknowledged> {
+    let mut pending: Vec<usize> = (0..count).collect();
+    let mut backoff = Duration::from_millis(200);
+    while !pending.is_empty() {
+        for &index in &pending {
+            send(index)?;
+        }
+        while producer.in_flight_count() > 0 {
+            if shutdown.load(Ordering::Relaxed) {
+                return Err(Unacknowledged::Interrupted {
+                    undelivered: producer.in_flight_count().max(0) as usize,
+                });
+            }
+            // Flush returns early once everything is acknowledged.
+            let _ = producer.flush(Duration::from_millis(200));
+        }
+        let mut failures = producer.context().take_failures();
+        if let Some((index, error)) = failures.iter().find(|(_, e)| !is_transient(e)) {
+            return Err(Unacknowledged::Permanent {
+                index: *index,
+                error: error.clone(),
+            });
+        }
+        failures.sort_by_key(|(index, _)| *index);
+        pending = failures.iter().map(|(index, _)| *index).collect();
+        if let Some((_, error)) = failures.first() {
+            tracing::warn!(%error, unacknowledged = pending.len(), what, "records not acknowledged; retrying");
+            producer
+                .context()
+                .status()
+                .broker_error(format!("{what}: {error}"));
+            sleep_unless(shutdown, backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+    Ok(())
+}
+
+/// Sleeps for `duration`, or less if `shutdown` is set meanwhile.
+pub fn sleep_unless(shutdown: &AtomicBool, duration: Duration) {
+    let until = Instant::now() + duration;
+    while Instant::now() < until && !shutdown.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
