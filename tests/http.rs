@@ -111,6 +111,7 @@ fn fixture_of(plugin_name: &str, params: &str, max_response_bytes: usize) -> Fix
         max_response_bytes,
         routing: None,
         admin: None,
+        feed: wagg::state::feed::ChangeFeed::new(16, 16),
     });
     Fixture { _dir: dir, state }
 }

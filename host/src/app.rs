@@ -25,6 +25,7 @@ use crate::plugin::{LoadedPlugin, PluginRuntime, RuntimeConfig};
 use crate::serve::admin::Admin;
 use crate::serve::routing::Routing;
 use crate::serve::{Aggregations, ApiState, ConnectionLimits, HttpPolicy, QueryableAggregation};
+use crate::state::feed::ChangeFeed;
 use crate::state::flush::{FlushPublisher, PublisherChain};
 use crate::state::store::{AggregationMeta, Registration, StateMigrator, StateStore, StoreOptions};
 use std::sync::mpsc;
@@ -320,14 +321,18 @@ pub fn run(
     };
     let cluster = scale_out.as_ref().map(|s| s.cluster.clone());
     let (controls, control_feed) = mpsc::channel::<Control>();
+    let feed = ChangeFeed::new(config.http.max_watchers, config.http.watch_buffer);
     let pipeline = start_pipeline(
         &config,
         &store,
         &status,
         aggregations,
         dead_letters,
-        emit,
-        cluster,
+        Publishers {
+            emit,
+            cluster,
+            feed: feed.clone(),
+        },
     )?
     .with_controls(control_feed);
     let served = Arc::new(Aggregations::from(queryable));
@@ -351,6 +356,7 @@ pub fn run(
         max_response_bytes: config.http.max_response_bytes,
         routing,
         admin: Some(admin.clone()),
+        feed,
     });
     let (http, server, address) = serve_http(&config.http, api, &http_policy, &shutdown)?;
     http.spawn(reload_on_sighup(admin));
@@ -383,6 +389,13 @@ pub fn run(
     }
 }
 
+/// What hears of each flush besides the store.
+struct Publishers {
+    emit: Option<Arc<EmitSink>>,
+    cluster: Option<Arc<Cluster>>,
+    feed: Arc<ChangeFeed>,
+}
+
 /// The source thread and the applier (with its writer thread), joined.
 fn start_pipeline(
     config: &Config,
@@ -390,9 +403,13 @@ fn start_pipeline(
     status: &Arc<Status>,
     aggregations: Vec<Aggregation>,
     dead_letters: Option<DeadLetterSink>,
-    emit: Option<Arc<EmitSink>>,
-    cluster: Option<Arc<Cluster>>,
+    publishers: Publishers,
 ) -> anyhow::Result<Pipeline> {
+    let Publishers {
+        emit,
+        cluster,
+        feed,
+    } = publishers;
     let source_client = ClientProperties::new(&config.source.brokers, config.kafka_properties());
     let source = KafkaSource::new(
         &config.source,
@@ -403,19 +420,17 @@ fn start_pipeline(
     )?
     .start(&config.batch)
     .context("starting the source thread")?;
-    // Emitted changes, then the changelog: both before the local write.
+    // Emitted changes, then the changelog: both before the local write;
+    // the watchers after it.
     let publishers: Vec<Arc<dyn FlushPublisher>> = [
         emit.map(|sink| sink as Arc<dyn FlushPublisher>),
         cluster.map(|cluster| cluster as Arc<dyn FlushPublisher>),
+        Some(feed as Arc<dyn FlushPublisher>),
     ]
     .into_iter()
     .flatten()
     .collect();
-    let publisher: Option<Arc<dyn FlushPublisher>> = match publishers.len() {
-        0 => None,
-        1 => publishers.into_iter().next(),
-        _ => Some(Arc::new(PublisherChain(publishers))),
-    };
+    let publisher: Option<Arc<dyn FlushPublisher>> = Some(Arc::new(PublisherChain(publishers)));
     let applier = BatchApplier::new(
         store.clone(),
         status.clone(),
@@ -614,6 +629,16 @@ fn serve_http(
         .local_addr()
         .context("reading the listen address")?;
     let status = api.status.clone();
+    // Live subscriptions end as shutdown begins: the server's drain waits
+    // for open responses, and theirs would never finish.
+    let feed = api.feed.clone();
+    let stopping = shutdown.clone();
+    http.spawn(async move {
+        while !stopping.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        feed.close();
+    });
     let router = crate::serve::router(api, policy);
     let limits = ConnectionLimits {
         max_connections: http_config.max_connections,

@@ -29,8 +29,7 @@ use crate::kafka::{
 use crate::ops::status::Status;
 use crate::state::cache::State;
 use crate::state::flush::{
-    CatchUpOffsets, EmitRecord, FlushJob, FlushOffsets, FlushPublisher, PartitionCommit,
-    PublishError,
+    EmitRecord, FlushIds, FlushJob, FlushPublisher, PartitionCommit, PublishError,
 };
 use crate::state::store::{Slot, StateStore, split_window_key};
 
@@ -135,56 +134,6 @@ impl FlushPublisher for EmitSink {
     ) -> Result<Vec<PartitionCommit>, PublishError> {
         self.deliver(&job.emits)?;
         Ok(Vec::new())
-    }
-}
-
-/// The `wagg.flush` identity of each slot's changes in one flush.
-pub(super) struct FlushIds<'a> {
-    store: &'a StateStore,
-    offsets: &'a FlushOffsets,
-    catch_up: &'a CatchUpOffsets,
-}
-
-impl<'a> FlushIds<'a> {
-    pub(super) fn new(
-        store: &'a StateStore,
-        offsets: &'a FlushOffsets,
-        catch_up: &'a CatchUpOffsets,
-    ) -> Self {
-        Self {
-            store,
-            offsets,
-            catch_up,
-        }
-    }
-
-    /// `topic/partition@next` for a partition's slot (the aggregation's own
-    /// next offset where it is catching up); every partition of the flush
-    /// for the re-keyed slot.
-    fn of(&self, aggregation: &str, slot: Slot) -> String {
-        if slot == Slot::REKEYED {
-            return self
-                .offsets
-                .iter()
-                .map(|((topic, partition), next)| format!("{topic}/{partition}@{next}"))
-                .collect::<Vec<_>>()
-                .join(",");
-        }
-        let topic = self
-            .store
-            .topic_name(slot.topic_id)
-            .unwrap_or_else(|| format!("#{}", slot.topic_id));
-        let partition = slot.partition as i32;
-        let key = (Arc::<str>::from(topic.as_str()), partition);
-        let own = self
-            .catch_up
-            .get(&(key.0.clone(), partition, aggregation.to_owned()))
-            .copied()
-            .flatten();
-        match own.or_else(|| self.offsets.get(&key).copied()) {
-            Some(next) => format!("{topic}/{partition}@{next}"),
-            None => format!("{topic}/{partition}"),
-        }
     }
 }
 

@@ -16,12 +16,12 @@
 use std::time::{Duration, Instant};
 
 use super::aggregation::Aggregation;
-use super::emit::{FlushIds, emitted};
+use super::emit::emitted;
 use crate::config::BatchConfig;
 use crate::ops::status::{AggregationCounters, Status};
 use crate::state::cache::State;
 use crate::state::flush::{
-    CatchUpOffsets, FlushJob, FlushOffsets, FlushedAggregation, StreamTimes,
+    CatchUpOffsets, FlushIds, FlushJob, FlushOffsets, FlushedAggregation, StreamTimes,
 };
 use crate::state::store::StateStore;
 use crate::state::writer::{StateWriter, WriteError};
@@ -133,6 +133,7 @@ impl Flusher {
                         .as_mut()
                         .map(|w| w.take_unwritten())
                         .unwrap_or_default(),
+                    windowed: aggregation.windowing.is_some(),
                 }
             })
             .collect();

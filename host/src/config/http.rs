@@ -34,6 +34,14 @@ pub struct HttpConfig {
     /// it; one state rendered larger is an error.
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
+    /// Live subscriptions (`/watch`, `/changes`) open at once; more are
+    /// answered 503.
+    #[serde(default = "default_max_watchers")]
+    pub max_watchers: usize,
+    /// Flushes whose changes one subscription may have waiting to be sent;
+    /// a subscriber further behind is sent `event: lagged` and closed.
+    #[serde(default = "default_watch_buffer")]
+    pub watch_buffer: usize,
     /// Bearer-token authentication; none when absent.
     pub auth: Option<AuthConfig>,
 }
@@ -65,6 +73,12 @@ pub enum AuthScope {
     Admin,
 }
 
+fn default_max_watchers() -> usize {
+    1024
+}
+fn default_watch_buffer() -> usize {
+    16
+}
 fn default_max_connections() -> usize {
     4096
 }
@@ -102,6 +116,8 @@ impl Default for HttpConfig {
             max_connections: default_max_connections(),
             header_read_timeout_ms: default_header_read_timeout_ms(),
             max_response_bytes: default_max_response_bytes(),
+            max_watchers: default_max_watchers(),
+            watch_buffer: default_watch_buffer(),
             auth: None,
         }
     }

@@ -69,6 +69,7 @@ impl Config {
             ("max_concurrent_requests", self.http.max_concurrent_requests),
             ("request_timeout_ms", self.http.request_timeout_ms as usize),
             ("max_uri_bytes", self.http.max_uri_bytes),
+            ("watch_buffer", self.http.watch_buffer),
         ] {
             if value == 0 {
                 return Err(format!("`http.{field}` must be at least 1"));

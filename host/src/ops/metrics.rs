@@ -6,6 +6,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -51,6 +52,10 @@ pub struct Metrics {
     pub forwarded_requests: Counter,
     pub standby_records: Counter,
     pub standby_lookups: Counter,
+    /// Seconds from a flush's write to its event for a watcher.
+    pub watch_delivery_seconds: Histogram,
+    pub watch_lagged: Counter,
+    pub watchers: Gauge,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -78,6 +83,9 @@ impl Default for Metrics {
             forwarded_requests: Counter::default(),
             standby_records: Counter::default(),
             standby_lookups: Counter::default(),
+            watch_delivery_seconds: seconds_histogram(),
+            watch_lagged: Counter::default(),
+            watchers: Gauge::default(),
         }
     }
 }
@@ -186,6 +194,21 @@ impl Metrics {
             "standby_lookups",
             "Lookups answered from a standby copy because the owner was not answering (cluster mode)",
             self.standby_lookups.clone(),
+        );
+        registry.register(
+            "watch_delivery_seconds",
+            "Seconds from a flush's write to its event for a live subscriber (rendered, handed to the connection)",
+            self.watch_delivery_seconds.clone(),
+        );
+        registry.register(
+            "watch_lagged",
+            "Live subscriptions closed because their subscriber fell behind (`http.watch_buffer`)",
+            self.watch_lagged.clone(),
+        );
+        registry.register(
+            "watchers",
+            "Open live subscriptions (`/watch`, `/changes`)",
+            self.watchers.clone(),
         );
         registry.register_collector(Box::new(snapshot));
         let mut text = String::new();

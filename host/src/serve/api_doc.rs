@@ -20,6 +20,8 @@ use super::openapi;
         super::listings::list_keys,
         super::keys::get_key,
         super::windows::get_windows,
+        super::watch::watch_key,
+        super::watch::watch_changes,
         super::probes::metrics,
         super::admin::reload,
         super::admin::reset,
@@ -69,6 +71,9 @@ mod tests {
             "/v1/aggregations",
             "/v1/aggregations/{name}/keys",
             "/v1/aggregations/{name}/keys/{key}",
+            "/v1/aggregations/{name}/keys/{key}/windows",
+            "/v1/aggregations/{name}/keys/{key}/watch",
+            "/v1/aggregations/{name}/changes",
             "/v1/admin/reload",
             "/v1/admin/reset",
         ] {

@@ -288,7 +288,7 @@ async fn lookup(
 }
 
 /// A key's rendered state from this instance's store.
-async fn lookup_state(
+pub(super) async fn lookup_state(
     state: Arc<ApiState>,
     name: String,
     slot: Option<Slot>,

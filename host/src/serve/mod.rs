@@ -30,6 +30,7 @@ pub mod openapi;
 mod probes;
 pub mod routing;
 mod server;
+mod watch;
 mod windows;
 
 use crate::cluster::secret::ClusterSecret;
@@ -37,6 +38,7 @@ use crate::config::{AggregationConfig, AuthScope, HttpConfig};
 use crate::ops::metrics::HttpLabel;
 use crate::ops::status::Status;
 use crate::plugin::{LoadedPlugin, PluginInstance};
+use crate::state::feed::ChangeFeed;
 use crate::state::store::{Slot, StateStore};
 
 /// Everything the handlers need.
@@ -51,6 +53,8 @@ pub struct ApiState {
     pub routing: Option<routing::Routing>,
     /// Reload and reset (none: the admin endpoints answer 404).
     pub admin: Option<Arc<dyn admin::Admin>>,
+    /// Written changes, for live subscriptions.
+    pub feed: Arc<ChangeFeed>,
 }
 
 /// The aggregations served; a reload replaces them.
@@ -308,6 +312,11 @@ pub fn router(state: Arc<ApiState>, policy: &HttpPolicy) -> Router {
             "/v1/aggregations/{name}/keys/{key}/windows",
             get(windows::get_windows),
         )
+        .route(
+            "/v1/aggregations/{name}/keys/{key}/watch",
+            get(watch::watch_key),
+        )
+        .route("/v1/aggregations/{name}/changes", get(watch::watch_changes))
         .route("/metrics", get(probes::metrics))
         .route("/openapi.json", get(api_doc::openapi_json))
         .layer(TimeoutLayer::with_status_code(

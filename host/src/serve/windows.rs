@@ -203,7 +203,7 @@ pub(super) fn render_windows(
 
 /// Whether the window no longer takes records: its partition's stream time
 /// (as last written) is past its end + grace.
-fn closed(
+pub(super) fn closed(
     state: &ApiState,
     spec: &WindowConfig,
     aggregation: &str,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::cache::State;
-use super::store::{AggregationCounters, StateStore};
+use super::store::{AggregationCounters, Slot, StateStore};
 
 /// The next offset of each partition a flush covers.
 pub type FlushOffsets = BTreeMap<(Arc<str>, i32), i64>;
@@ -53,6 +53,8 @@ pub struct FlushedAggregation {
     pub counters: AggregationCounters,
     /// Windowed: the stream times that moved, per (topic, partition).
     pub stream_times: StreamTimes,
+    /// Whether the store keys are window keys.
+    pub windowed: bool,
 }
 
 /// A partition's commit (its owner's epoch and the flush's sequence number
@@ -69,7 +71,8 @@ pub struct PartitionCommit {
 pub type PublishError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Publishes a flush before it is written locally (emitted changes; in
-/// cluster mode, the changelog and commit records). Called on the writer thread, one flush at
+/// cluster mode, the changelog and commit records), and hears when it was
+/// written (the change feed). Called on the writer thread, one flush at
 /// a time; the flush is written only once this returns `Ok`, with the
 /// commits it returns.
 pub trait FlushPublisher: Send + Sync {
@@ -78,6 +81,9 @@ pub trait FlushPublisher: Send + Sync {
         store: &StateStore,
         job: &FlushJob,
     ) -> Result<Vec<PartitionCommit>, PublishError>;
+
+    /// Told once the flush is durable (the change feed's moment).
+    fn written(&self, _store: &StateStore, _job: &FlushJob) {}
 }
 
 /// Several publishers, one after the other (the flush is written once all
@@ -95,5 +101,61 @@ impl FlushPublisher for PublisherChain {
             commits.append(&mut publisher.publish_flush(store, job)?);
         }
         Ok(commits)
+    }
+
+    fn written(&self, store: &StateStore, job: &FlushJob) {
+        for publisher in &self.0 {
+            publisher.written(store, job);
+        }
+    }
+}
+
+/// The `wagg.flush` identity of each slot's changes in one flush.
+pub struct FlushIds<'a> {
+    store: &'a StateStore,
+    offsets: &'a FlushOffsets,
+    catch_up: &'a CatchUpOffsets,
+}
+
+impl<'a> FlushIds<'a> {
+    pub fn new(
+        store: &'a StateStore,
+        offsets: &'a FlushOffsets,
+        catch_up: &'a CatchUpOffsets,
+    ) -> Self {
+        Self {
+            store,
+            offsets,
+            catch_up,
+        }
+    }
+
+    /// `topic/partition@next` for a partition's slot (the aggregation's own
+    /// next offset where it is catching up); every partition of the flush
+    /// for the re-keyed slot.
+    pub fn of(&self, aggregation: &str, slot: Slot) -> String {
+        if slot == Slot::REKEYED {
+            return self
+                .offsets
+                .iter()
+                .map(|((topic, partition), next)| format!("{topic}/{partition}@{next}"))
+                .collect::<Vec<_>>()
+                .join(",");
+        }
+        let topic = self
+            .store
+            .topic_name(slot.topic_id)
+            .unwrap_or_else(|| format!("#{}", slot.topic_id));
+        let partition = slot.partition as i32;
+        let key = (Arc::<str>::from(topic.as_str()), partition);
+        let own = self
+            .catch_up
+            .get(&(key.0.clone(), partition, aggregation.to_owned()))
+            .copied()
+            .flatten();
+        match own.or_else(|| self.offsets.get(&key).copied()) {
+            Some(next) => format!("{topic}/{partition}@{next}"),
+            None => format!("{topic}/{partition}"),
+        }
     }
 }

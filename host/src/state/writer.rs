@@ -62,7 +62,13 @@ impl StateWriter {
                     crate::fault_injection::fault_point("wagg-writer");
                     let started = std::time::Instant::now();
                     let states: usize = job.aggregations.iter().map(|a| a.states.len()).sum();
-                    let result = write(&store, publisher.as_deref(), job);
+                    let mut job = job;
+                    let result = write(&store, publisher.as_deref(), &mut job);
+                    if result.is_ok()
+                        && let Some(publisher) = &publisher
+                    {
+                        publisher.written(&store, &job);
+                    }
                     metrics
                         .write_seconds
                         .observe(started.elapsed().as_secs_f64());
@@ -120,7 +126,7 @@ impl Drop for StateWriter {
 fn write(
     store: &StateStore,
     publisher: Option<&dyn FlushPublisher>,
-    job: FlushJob,
+    job: &mut FlushJob,
 ) -> Result<(), WriteError> {
     // The changelog first: a crash after it and before the local write
     // leaves the local state one flush behind the changelog, which the next
@@ -129,7 +135,7 @@ fn write(
     let commits = match publisher {
         Some(publisher) => {
             let commits = publisher
-                .publish_flush(store, &job)
+                .publish_flush(store, job)
                 .map_err(WriteError::Publish)?;
             // Published (emitted changes, changelog) but not written.
             crate::fault_injection::crash_point("flush-published");
@@ -141,7 +147,7 @@ fn write(
     for commit in &commits {
         batch.set_commit(commit.topic_id, commit.partition, commit.epoch, commit.seq);
     }
-    for mut aggregation in job.aggregations {
+    for aggregation in &mut job.aggregations {
         // In key order: the memtable's skip list reuses its last insert
         // position for ascending keys instead of searching from the top
         // (random-order inserts were a third of the engine's time).
