@@ -129,13 +129,14 @@ struct Sent {
     ts: Option<i64>,
 }
 
-fn config(broker: &str, port: u16, extra: &str) -> String {
+/// `http` holds lines of `[http]`.
+fn config(broker: &str, port: u16, http: &str) -> String {
     common::single_instance_toml(
         broker,
         "wagg-watch",
         port,
         100,
-        &format!("commit_interval_ms = 100\n{extra}"),
+        "commit_interval_ms = 100\n",
         &format!(
             r#"
 [[aggregation]]
@@ -158,6 +159,10 @@ on_error = "skip"
             latest = common::plugin("latest")
         ),
     )
+    .replace(
+        &format!("listen = \"127.0.0.1:{port}\""),
+        &format!("listen = \"127.0.0.1:{port}\"\n{http}"),
+    )
 }
 
 /// Watches opened before the first record: `count`, `latest` and the
@@ -171,7 +176,11 @@ fn watched_keys_see_each_flush_in_order_as_of_its_offset_ending_in_the_final_sta
     broker.create_topic("events", PARTITIONS as u32);
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
-    let wagg = Wagg::start(dir.path(), &config(&broker.address, port, ""), port);
+    let mut wagg = Wagg::start(
+        dir.path(),
+        &config(&broker.address, port, "max_watchers = 4"),
+        port,
+    );
     let base = format!("http://127.0.0.1:{port}");
     let watched = "k07";
     let count_watch = subscribe(
@@ -187,6 +196,12 @@ fn watched_keys_see_each_flush_in_order_as_of_its_offset_ending_in_the_final_sta
         &format!("/v1/aggregations/per_minute/keys/{watched}/watch"),
     );
     let changes = subscribe(&base, "/v1/aggregations/count/changes?prefix=k0");
+    let (status, refused) = wagg.get("/v1/aggregations/count/changes");
+    assert_eq!(
+        status, 503,
+        "a fifth watch over `http.max_watchers`: {refused}"
+    );
+    assert_eq!(refused["error"]["code"], "too_many_watchers", "{refused}");
 
     let mut sent: Vec<Sent> = Vec::new();
     let mut next_offset = [0i64; PARTITIONS as usize];
@@ -351,6 +366,17 @@ fn watched_keys_see_each_flush_in_order_as_of_its_offset_ending_in_the_final_sta
         .collect();
     assert_eq!(last_of_key, final_counts);
     assert_eq!(final_counts.len(), 10);
+
+    // Shutdown ends every stream, and the process exits cleanly.
+    let exit = wagg.terminate();
+    assert!(exit.success(), "{exit:?}: {}", wagg.log());
+    for stream in [&count_watch, &latest_watch, &window_watch, &changes] {
+        assert_eq!(
+            stream.recv_timeout(Duration::from_secs(5)).err(),
+            Some(mpsc::RecvTimeoutError::Disconnected),
+            "a stream still open after shutdown"
+        );
+    }
     eprintln!(
         "watch: {} changes under k0 checked, {} windows",
         events.len(),
@@ -370,10 +396,7 @@ fn a_subscriber_that_stops_reading_is_cut_with_lagged_and_does_not_hold_ingestio
     let port = free_port();
     let wagg = Wagg::start(
         dir.path(),
-        &config(&broker.address, port, "").replace(
-            &format!("listen = \"127.0.0.1:{port}\""),
-            &format!("listen = \"127.0.0.1:{port}\"\nwatch_buffer = 16"),
-        ),
+        &config(&broker.address, port, "watch_buffer = 16"),
         port,
     );
     let mut sleeper = TcpStream::connect(("127.0.0.1", port)).expect("connect");
@@ -466,4 +489,124 @@ fn a_subscriber_that_stops_reading_is_cut_with_lagged_and_does_not_hold_ingestio
         events.len(),
         body.len()
     );
+}
+
+/// 1,000 watchers (10 on each of 100 keys) on the demo for 10 s: each
+/// sees its key's state first, then changes with growing counts; the
+/// delivery latency (flush written → event handed to the connection) is
+/// read from `wagg_watch_delivery_seconds` and reported.
+#[test]
+fn a_thousand_watchers_on_the_demo_each_follow_their_key() {
+    const WATCHERS: usize = 1_000;
+    let demo = common::demo::Demo::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio");
+    let seen: Vec<(usize, Vec<u64>)> = runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let until = tokio::time::Instant::now() + Duration::from_secs(15);
+        let watchers: Vec<_> = (0..WATCHERS)
+            .map(|i| {
+                let url = format!(
+                    "{}/v1/aggregations/purchases_per_user/keys/user-{:04}/watch",
+                    demo.base,
+                    i % 100 + 1
+                );
+                let client = client.clone();
+                tokio::spawn(async move { follow(&client, &url, until).await })
+            })
+            .collect();
+        let mut seen = Vec::new();
+        for watcher in watchers {
+            seen.push(watcher.await.expect("a watcher task"));
+        }
+        seen
+    });
+    let mut changes = 0;
+    for (i, (first, counts)) in seen.iter().enumerate() {
+        assert_eq!(*first, 1, "watcher {i}: no first state");
+        assert!(!counts.is_empty(), "watcher {i} saw no change in 10 s");
+        assert!(
+            counts.windows(2).all(|w| w[0] < w[1]),
+            "watcher {i}: counts not growing: {counts:?}"
+        );
+        changes += counts.len();
+    }
+    let metrics = demo_metrics(&demo.base);
+    let (p50, p99, delivered) = quantiles(&metrics, "wagg_watch_delivery_seconds");
+    assert!(delivered >= changes as f64, "{delivered} < {changes}");
+    eprintln!(
+        "{WATCHERS} watchers: {changes} change events in 10 s; delivery (flush written → event) p50 ≤ {:.1} ms, p99 ≤ {:.1} ms over {delivered} events",
+        p50 * 1e3,
+        p99 * 1e3
+    );
+}
+
+/// Reads one watch until `until`: (first-state events, each change's count).
+async fn follow(
+    client: &reqwest::Client,
+    url: &str,
+    until: tokio::time::Instant,
+) -> (usize, Vec<u64>) {
+    let mut response = client.get(url).send().await.expect("watch");
+    assert_eq!(response.status(), 200, "{url}");
+    let (mut text, mut first, mut counts) = (String::new(), 0, Vec::new());
+    // Started: from now on, 10 s of changes.
+    let until = until.min(tokio::time::Instant::now() + Duration::from_secs(10));
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(until, response.chunk()).await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some((event, rest)) = text.split_once("\n\n") {
+            let data = event.lines().find_map(|l| l.strip_prefix("data: "));
+            let count = data
+                .and_then(|d| serde_json::from_str::<Value>(d).ok())
+                .and_then(|v| v["state"]["count"].as_u64());
+            let has_id = event.lines().any(|l| l.starts_with("id: "));
+            match (has_id, count) {
+                // The state, or `event: absent`.
+                (false, _) if data.is_some() => first += 1,
+                (true, Some(count)) => counts.push(count),
+                _ => {}
+            }
+            text = rest.to_owned();
+        }
+    }
+    (first, counts)
+}
+
+fn demo_metrics(base: &str) -> BTreeMap<String, f64> {
+    let text = reqwest::blocking::get(format!("{base}/metrics"))
+        .and_then(|r| r.text())
+        .expect("metrics");
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Upper bounds of the p50 and p99 of a histogram (its buckets' `le`), and
+/// its count.
+fn quantiles(metrics: &BTreeMap<String, f64>, name: &str) -> (f64, f64, f64) {
+    let mut buckets: Vec<(f64, f64)> = metrics
+        .iter()
+        .filter_map(|(series, count)| {
+            let le = series
+                .strip_prefix(&format!("{name}_bucket{{le=\""))?
+                .strip_suffix("\"}")?;
+            Some((le.parse().ok()?, *count))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    let at = |q: f64| {
+        buckets
+            .iter()
+            .find(|(_, count)| *count >= q * total)
+            .map_or(f64::INFINITY, |b| b.0)
+    };
+    (at(0.5), at(0.99), total)
 }

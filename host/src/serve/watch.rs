@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, RawQuery, State};
@@ -119,7 +119,7 @@ pub async fn watch_key(
         encoding,
         subscription,
         queued: VecDeque::new(),
-        pending: VecDeque::from([first]),
+        pending: VecDeque::from([(first, None)]),
         owned,
         ended: false,
     };
@@ -284,8 +284,9 @@ struct Watch {
     subscription: Subscription,
     /// Received changes not rendered yet.
     queued: VecDeque<Arc<Change>>,
-    /// Events ready to send.
-    pending: VecDeque<Event>,
+    /// Events ready to send, with when their flush was written (for the
+    /// delivery-latency histogram).
+    pending: VecDeque<(Event, Option<Instant>)>,
     /// Cluster mode, a key's watch: the key's partitions, which this
     /// instance must keep owning.
     owned: Option<Vec<(String, i32)>>,
@@ -301,7 +302,11 @@ impl Drop for Watch {
 impl Watch {
     async fn next_event(&mut self) -> Option<Event> {
         loop {
-            if let Some(event) = self.pending.pop_front() {
+            if let Some((event, written_at)) = self.pending.pop_front() {
+                if let Some(written_at) = written_at {
+                    let delivery = &self.state.status.metrics().watch_delivery_seconds;
+                    delivery.observe(written_at.elapsed().as_secs_f64());
+                }
                 return Some(event);
             }
             if !self.queued.is_empty() {
@@ -313,8 +318,8 @@ impl Watch {
                     Ok(events) => self.pending.extend(events),
                     Err(error) => {
                         tracing::warn!(aggregation = %self.name, %error, "a watched change could not be rendered");
-                        self.pending
-                            .push_back(message_event("error", &error.to_string()));
+                        let event = message_event("error", &error.to_string());
+                        self.pending.push_back((event, None));
                     }
                 }
                 continue;
@@ -344,11 +349,23 @@ impl Watch {
         }
     }
 
-    /// The events of `changes`, rendered on a blocking thread.
-    async fn render(&self, changes: Vec<Arc<Change>>) -> Result<Vec<Event>, ApiError> {
+    /// The events of `changes`, rendered on a blocking thread (plugin
+    /// calls) unless that is done already.
+    async fn render(
+        &self,
+        changes: Vec<Arc<Change>>,
+    ) -> Result<Vec<(Event, Option<Instant>)>, ApiError> {
         let state = self.state.clone();
         let name = self.name.clone();
         let encoding = self.encoding;
+        // Already rendered for another subscriber: no plugin call, no
+        // blocking thread.
+        if changes
+            .iter()
+            .all(|c| c.state.is_none() || c.rendered.get().is_some())
+        {
+            return render_changes(&state, &name, encoding, &changes);
+        }
         tokio::task::spawn_blocking(move || render_changes(&state, &name, encoding, &changes))
             .await
             .map_err(|e| ApiError::internal(format!("render task failed: {e}")))?
@@ -396,17 +413,24 @@ fn render_changes(
     name: &str,
     encoding: KeyEncoding,
     changes: &[Arc<Change>],
-) -> Result<Vec<Event>, ApiError> {
+) -> Result<Vec<(Event, Option<Instant>)>, ApiError> {
     let aggregation = state.aggregation(name)?;
-    let never = AtomicBool::new(false);
-    let live: Vec<(Vec<u8>, Option<u32>)> = changes
+    // Rendered once per change, whoever watches it first: the other
+    // subscribers of the key reuse it.
+    let unrendered: Vec<&Arc<Change>> = changes
+        .iter()
+        .filter(|c| c.state.is_some() && c.rendered.get().is_none())
+        .collect();
+    let states: Vec<(Vec<u8>, Option<u32>)> = unrendered
         .iter()
         .filter_map(|c| Some((c.state.clone()?, None)))
         .collect();
-    let mut rendered = aggregation
-        .render_all(&live, &never, state.status.metrics())?
-        .into_iter();
-    let delivery = &state.status.metrics().watch_delivery_seconds;
+    let never = AtomicBool::new(false);
+    let rendered = aggregation.render_all(&states, &never, state.status.metrics())?;
+    for (change, json) in unrendered.into_iter().zip(rendered) {
+        let _ = change.rendered.set(json);
+    }
+    let rendered_state = |change: &Change| change.rendered.get().cloned().unwrap_or_default();
     let mut events = Vec::with_capacity(changes.len());
     for change in changes {
         let key = encoding.encode(&change.key);
@@ -425,7 +449,7 @@ fn render_changes(
             }),
             (true, None) => Event::default().json_data(KeyState {
                 key,
-                state: rendered.next().unwrap_or_default(),
+                state: rendered_state(change),
             }),
             (true, Some((spec, window))) => Event::default().json_data(KeyWindows {
                 key,
@@ -433,13 +457,12 @@ fn render_changes(
                     start: window.start,
                     end: window.end,
                     closed: windows::closed(state, spec, name, change.slot, window),
-                    state: rendered.next().unwrap_or_default(),
+                    state: rendered_state(change),
                 }],
             }),
         }
         .map_err(|e| ApiError::internal(format!("encoding an event: {e}")))?;
-        delivery.observe(change.written_at.elapsed().as_secs_f64());
-        events.push(event.id(&*change.flush));
+        events.push((event.id(&*change.flush), Some(change.written_at)));
     }
     Ok(events)
 }

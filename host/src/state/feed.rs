@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
@@ -44,6 +44,9 @@ pub struct Change {
     pub state: Option<Vec<u8>>,
     /// When the write completed (delivery latency is measured from here).
     pub written_at: Instant,
+    /// The state as the plugin renders it, once a subscriber has: the
+    /// other subscribers of the key reuse it.
+    pub rendered: OnceLock<serde_json::Value>,
 }
 
 /// What a subscription watches in one aggregation.
@@ -262,6 +265,7 @@ impl ChangeFeed {
                     window_key,
                     state: state.clone(),
                     written_at,
+                    rendered: OnceLock::new(),
                 });
                 for subscriber in subscribers {
                     batches
