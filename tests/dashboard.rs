@@ -73,12 +73,7 @@ fn a_person_can_look_a_key_up_and_see_its_state() {
     std::fs::create_dir_all(&artifacts).expect("artifact dir");
     let screenshot = artifacts.join("dashboard.png");
     let _ = std::fs::remove_file(&screenshot);
-    let node_path = std::env::var("WAGG_PLAYWRIGHT").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/wagg/playwright/node_modules",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
+    let node_path = playwright_path();
     let script = common::workspace_root().join("tests/support/dashboard-lookup.js");
     let output = Command::new("node")
         .arg(&script)
@@ -121,6 +116,52 @@ fn a_person_can_look_a_key_up_and_see_its_state() {
         png.len()
     );
     eprintln!("dashboard screenshot: {}", screenshot.display());
+}
+
+/// The key view follows the key live: the count on the page rises while
+/// the demo produces, with no reload (the page reads the key's watch
+/// stream).
+#[test]
+fn the_key_view_updates_live_without_a_reload() {
+    let demo = common::demo::Demo::start();
+    let (base, key) = (&demo.base, &demo.first_key);
+    let output = Command::new("node")
+        .arg(common::workspace_root().join("tests/support/dashboard-live.js"))
+        .args([base.as_str(), "purchases_per_user", key.as_str()])
+        .env("NODE_PATH", playwright_path())
+        .env("WAGG_CHROMIUM", chromium_path())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run node ({e}); ./scripts/setup.sh --tests installs it")
+        });
+    assert!(
+        output.status.success(),
+        "the browser session failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("the script reports JSON");
+    let (before, after) = (
+        report["before"].as_u64().expect("a count shown first"),
+        report["after"].as_u64().expect("a count shown later"),
+    );
+    assert!(after > before, "{report}");
+    assert!(report["updates"].as_u64() >= Some(2), "{report}");
+    assert_eq!(report["navigations"], 1, "the page was reloaded: {report}");
+    assert_eq!(report["live"], "● live", "{report}");
+    // What the page shows is what the API serves, or older.
+    assert!(after <= demo.count("purchases_per_user", key), "{report}");
+    eprintln!("dashboard live: {report}");
+}
+
+fn playwright_path() -> String {
+    std::env::var("WAGG_PLAYWRIGHT").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/wagg/playwright/node_modules",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    })
 }
 
 /// The browser executable itself: playwright passes it flags directly.

@@ -17,6 +17,8 @@
 //!   `wagg ...` line must be accepted by wagg's own argument parser.
 //! - `toml`: a complete config file; `wagg check-config` must accept it.
 //! - `json` / `jsonl`: must parse (every line, for `jsonl`).
+//! - `sse`: server-sent events: every line a `field: value` of `event`,
+//!   `id` or `data` (whose value must be JSON), a `:` comment, or blank.
 //! - `prometheus`: sample metrics; every metric name must be one the demo's
 //!   `/metrics` exposes.
 //!
@@ -124,6 +126,25 @@ impl Walkthrough<'_> {
                 for line in block.text.lines().filter(|l| !l.trim().is_empty()) {
                     serde_json::from_str::<serde_json::Value>(line)
                         .unwrap_or_else(|e| panic!("{at}: {line:?} is not JSON: {e}"));
+                }
+            }
+            ("sse", _) => {
+                for line in block
+                    .text
+                    .lines()
+                    .filter(|l| !l.is_empty() && !l.starts_with(':'))
+                {
+                    let (field, value) = line
+                        .split_once(": ")
+                        .unwrap_or_else(|| panic!("{at}: {line:?} is not `field: value`"));
+                    match field {
+                        "event" | "id" => {}
+                        "data" => {
+                            serde_json::from_str::<serde_json::Value>(value)
+                                .unwrap_or_else(|e| panic!("{at}: {value:?} is not JSON: {e}"));
+                        }
+                        other => panic!("{at}: {other:?} is not an event field"),
+                    }
                 }
             }
             ("prometheus", _) => {
