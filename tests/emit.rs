@@ -20,6 +20,8 @@ use wagg::tools::rng::Rng;
 const PARTITIONS: u32 = 4;
 const KEYS: usize = 500;
 const CATCH_UP: Duration = Duration::from_secs(120);
+/// A minute boundary (2026-01-01T00:00:00Z): event times of the final-mode test.
+const T0: i64 = 1_767_225_600_000;
 
 /// A record as the test produced it: partition, offset, key, value
 /// (`None`: a tombstone).
@@ -329,5 +331,193 @@ fn emitted_changes_are_exact_as_of_their_flush_across_kill_9_and_end_in_the_fina
     eprintln!(
         "emit: {checked} records checked ({} before the injected crash), {again} older than one already emitted",
         before_the_crash.len()
+    );
+}
+
+/// `mode = "final"`: one record per tumbling window when its partition's
+/// stream time closes it (end + grace), with the window's exact final
+/// count. Records arrive out of order (within the grace) and some late
+/// (dropped); first a clean run — every window closed so far emitted
+/// exactly once — then two kill -9 while records flow: every closed
+/// window emitted (again, at most, after a crash), none still open, every
+/// record its window's truth.
+#[test]
+fn final_mode_emits_each_closed_window_once_with_its_exact_count() {
+    const GRACE: i64 = 10_000;
+    const SIZE: i64 = 60_000;
+    let broker = Broker::start();
+    broker.create_topic("events", PARTITIONS);
+    broker.create_topic("finals", PARTITIONS);
+    let mut rng = Rng(0xf1a1_0001);
+    // (partition, key, event time), in production order.
+    let records: Vec<(i32, String, i64)> = (0..6_000i64)
+        .map(|i| {
+            let k = rng.next_u64() % 40;
+            let behind = match i % 50 {
+                0 => 120_000,                         // late
+                _ => (rng.next_u64() % 8_000) as i64, // within the grace
+            };
+            (
+                (k % PARTITIONS as u64) as i32,
+                format!("k{k:02}"),
+                T0 + i * 100 - behind,
+            )
+        })
+        .collect();
+    let produce = |records: &[(i32, String, i64)]| {
+        let batch: Vec<(i32, String, String)> = records
+            .iter()
+            .map(|(p, k, ts)| (*p, k.clone(), json!({ "ts": ts }).to_string()))
+            .collect();
+        ProducerOnly::new(&broker.address).produce("events", &batch);
+    };
+    // The truth: each partition's stream time record by record; a record
+    // counts in its window unless that had closed when it came.
+    let truth = |records: &[(i32, String, i64)]| {
+        let mut stream_time: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut counts: BTreeMap<(String, i64), u64> = BTreeMap::new();
+        let mut late = 0;
+        for (partition, key, ts) in records {
+            let st = stream_time.entry(*partition).or_insert(*ts);
+            *st = (*st).max(*ts);
+            let start = ts - ts.rem_euclid(SIZE);
+            if *st >= start + SIZE + GRACE {
+                late += 1;
+                continue;
+            }
+            *counts.entry((key.clone(), start)).or_default() += 1;
+        }
+        // Closed at the end: (key, start) → count.
+        let closed: BTreeMap<(String, i64), u64> = counts
+            .into_iter()
+            .filter(|((key, start), _)| {
+                let k: u64 = key[1..].parse().expect("key number");
+                stream_time[&((k % PARTITIONS as u64) as i32)] >= start + SIZE + GRACE
+            })
+            .collect();
+        (closed, late)
+    };
+    let finals = |broker: &Broker| -> Vec<((String, i64), Value)> {
+        broker
+            .read_all("finals", PARTITIONS)
+            .into_iter()
+            .map(|r| {
+                let start: i64 = r.headers["wagg.window.start"].parse().expect("start");
+                let end: i64 = r.headers["wagg.window.end"].parse().expect("end");
+                assert_eq!(end - start, SIZE);
+                assert_eq!(r.headers["wagg.aggregation"], "per_minute");
+                let key = String::from_utf8_lossy(&r.key).into_owned();
+                let value = serde_json::from_slice(&r.value.expect("a state")).expect("JSON");
+                ((key, start), value)
+            })
+            .collect()
+    };
+    let config = |run: usize, port: u16| {
+        common::single_instance_toml(
+            &broker.address,
+            &format!("wagg-final-{run}"),
+            port,
+            200,
+            "commit_interval_ms = 100\n",
+            &format!(
+                r#"
+[[aggregation]]
+name = "per_minute"
+plugin = {count:?}
+time = "/ts"
+window = {{ kind = "tumbling", size = "1m", grace = "10s", retention = "1h" }}
+emit = {{ topic = "finals", mode = "final" }}
+"#,
+                count = common::plugin("count")
+            ),
+        )
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let caught_up = |wagg: &Wagg, total: usize| {
+        let started = Instant::now();
+        loop {
+            let (_, body) = wagg.get("/v1/aggregations");
+            let a = &body["aggregations"][0];
+            let seen = a["records_applied"].as_u64().unwrap_or(0)
+                + a["records_late"].as_u64().unwrap_or(0);
+            if seen == total as u64 {
+                return;
+            }
+            assert!(started.elapsed() < CATCH_UP, "not caught up: {a}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    // A clean run, records arriving over ~2 s (a flush every 100 ms):
+    // exactly once.
+    let (first, rest) = records.split_at(2_000);
+    let wagg = Wagg::start(dir.path(), &config(0, port), port);
+    for chunk in first.chunks(100) {
+        produce(chunk);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    caught_up(&wagg, first.len());
+    let (closed, _) = truth(first);
+    let emitted = finals(&broker);
+    let once: BTreeMap<(String, i64), Value> = emitted.iter().cloned().collect();
+    assert_eq!(
+        once.len(),
+        emitted.len(),
+        "a window emitted twice without a crash"
+    );
+    let want: BTreeMap<(String, i64), Value> = closed
+        .iter()
+        .map(|(window, count)| (window.clone(), json!({ "count": count })))
+        .collect();
+    assert_eq!(once, want, "the closed windows and their counts");
+    assert!(want.len() >= 100, "{} windows closed", want.len());
+    drop(wagg);
+
+    // Two kill -9 while the rest arrives.
+    let producer = {
+        let (address, rest) = (broker.address.clone(), rest.to_vec());
+        std::thread::spawn(move || {
+            let producer = ProducerOnly::new(&address);
+            for chunk in rest.chunks(250) {
+                let batch: Vec<(i32, String, String)> = chunk
+                    .iter()
+                    .map(|(p, k, ts)| (*p, k.clone(), json!({ "ts": ts }).to_string()))
+                    .collect();
+                producer.produce("events", &batch);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    for run in 1..3 {
+        let mut wagg = Wagg::start(dir.path(), &config(run, port), port);
+        std::thread::sleep(Duration::from_millis(700 + rng.next_u64() % 700));
+        wagg.kill();
+    }
+    producer.join().expect("producer");
+    let wagg = Wagg::start(dir.path(), &config(3, port), port);
+    caught_up(&wagg, records.len());
+    let (closed, late) = truth(&records);
+    let emitted = finals(&broker);
+    let want: BTreeMap<(String, i64), Value> = closed
+        .iter()
+        .map(|(window, count)| (window.clone(), json!({ "count": count })))
+        .collect();
+    for (window, value) in &emitted {
+        assert_eq!(
+            Some(value),
+            want.get(window),
+            "{window:?}: emitted, not its truth (or still open)"
+        );
+    }
+    let distinct: BTreeMap<(String, i64), Value> = emitted.iter().cloned().collect();
+    assert_eq!(distinct, want, "every closed window emitted");
+    let (_, body) = wagg.get("/v1/aggregations");
+    assert_eq!(body["aggregations"][0]["records_late"], json!(late));
+    eprintln!(
+        "final: {} windows closed, {} records emitted ({} again after a crash), {late} late records",
+        want.len(),
+        emitted.len(),
+        emitted.len() - distinct.len()
     );
 }

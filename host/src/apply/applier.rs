@@ -17,12 +17,12 @@ use super::flusher::Flusher;
 use super::group::{GroupKey, group_by_key, group_key};
 use super::partition_map::PartitionMap;
 use super::session::{self, Arrival, StoredSession};
-use super::window::{Partition, WindowedBatch};
-use crate::config::{BatchConfig, OnError};
+use super::window::{Partition, WindowedBatch, Windowing};
+use crate::config::{BatchConfig, EmitMode, OnError};
 use crate::ops::status::{AggregationCounters, Status};
 use crate::plugin::{Change, GroupInput};
 use crate::record::SourceRecord;
-use crate::state::cache::State;
+use crate::state::cache::{State, StateCache};
 use crate::state::flush::{CatchUpOffsets, FlushOffsets, FlushPublisher};
 use crate::state::store::{
     AggregationMeta, Slot, StateStore, StoreError, session_key, split_window_key, window_prefix,
@@ -888,21 +888,57 @@ fn delete_expired_windows(
         )?;
         if let Some(expired) = swept {
             for store_key in expired {
-                // Changed since the last flush: its last state was never
-                // emitted (a burst of old records opens and expires
-                // windows between two flushes).
-                if aggregation.config.emit.is_some()
-                    && aggregation.states.is_dirty(&store_key)
-                    && let Some(Some(state)) = aggregation.states.peek(&store_key)
-                {
-                    let last = (store_key.clone(), state.clone());
-                    aggregation.emit_expired.push(last);
+                if let Some(last) = unemitted_last_state(
+                    aggregation.config.emit.as_ref().map(|e| e.mode),
+                    windowing,
+                    &aggregation.states,
+                    store,
+                    (&aggregation.config.name, partition, slot),
+                    &store_key,
+                )? {
+                    aggregation.emit_expired.push((store_key.clone(), last));
                 }
                 aggregation.states.set(store_key, None);
             }
         }
     }
     Ok(())
+}
+
+/// The last state of a window being deleted past retention that its
+/// aggregation has yet to emit: in `changes` mode, one changed since the
+/// last flush (a burst of old records opens and expires windows between
+/// two flushes); in `final` mode, one that had not closed as of the last
+/// flush (it closes and expires in this one).
+fn unemitted_last_state(
+    mode: Option<EmitMode>,
+    windowing: &Windowing,
+    states: &StateCache,
+    store: &StateStore,
+    (aggregation, partition, slot): (&str, &Partition, Slot),
+    store_key: &[u8],
+) -> Result<Option<Vec<u8>>, StoreError> {
+    match mode {
+        None => Ok(None),
+        Some(EmitMode::Changes) => Ok(states
+            .is_dirty(store_key)
+            .then(|| states.peek(store_key).cloned().flatten())
+            .flatten()),
+        Some(EmitMode::Final) => {
+            let in_slot = &store_key[slot.store_key(&[]).len()..];
+            let Some(split) = split_window_key(in_slot) else {
+                return Ok(None);
+            };
+            let window = windowing.spec.window_at(split.start, split.session_end);
+            if windowing.closed_as_written(partition, window) {
+                return Ok(None);
+            }
+            match states.peek(store_key) {
+                Some(cached) => Ok(cached.clone()),
+                None => store.get(aggregation, slot, in_slot),
+            }
+        }
+    }
 }
 
 /// Makes every group's current state peekable in the aggregation's cache:

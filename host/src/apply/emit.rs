@@ -21,7 +21,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 use super::aggregation::Aggregation;
-use crate::config::EmitFormat;
+use crate::config::{EmitFormat, EmitMode};
 use crate::kafka::{
     ClientProperties, DeliveryContext, PRODUCER_DEFAULTS, Unacknowledged,
     create_client_with_context, deliver_all, send_patiently,
@@ -31,7 +31,7 @@ use crate::state::cache::State;
 use crate::state::flush::{
     EmitRecord, FlushIds, FlushJob, FlushPublisher, PartitionCommit, PublishError,
 };
-use crate::state::store::{Slot, StateStore, split_window_key};
+use crate::state::store::{Slot, StateStore, StoreError, split_window_key};
 
 /// Header names of emitted records.
 pub mod headers {
@@ -206,4 +206,40 @@ pub(super) fn emitted(
         });
     }
     records
+}
+
+/// `emit.mode = "final"`: the windows that closed since the last flush
+/// (as the stream times handed on with this flush moved), with their final
+/// states; none in other modes.
+pub(super) fn closed_windows(
+    aggregation: &mut Aggregation,
+    store: &StateStore,
+) -> Result<Vec<(Vec<u8>, State)>, StoreError> {
+    let final_mode = aggregation
+        .config
+        .emit
+        .as_ref()
+        .is_some_and(|e| e.mode == EmitMode::Final);
+    let Some(windowing) = aggregation.windowing.as_mut().filter(|_| final_mode) else {
+        return Ok(Vec::new());
+    };
+    let mut closed = Vec::new();
+    for (partition, from, to) in windowing.moving() {
+        let Some(topic_id) = store.known_topic_id(&partition.0) else {
+            continue;
+        };
+        let slot = Slot {
+            topic_id,
+            partition: partition.1 as u32,
+        };
+        let windows = windowing.closing(
+            store,
+            &aggregation.states,
+            &aggregation.config.name,
+            (&partition, slot),
+            (from, to),
+        )?;
+        closed.extend(windows.into_iter().map(|(key, state)| (key, Some(state))));
+    }
+    Ok(closed)
 }

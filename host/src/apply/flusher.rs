@@ -16,8 +16,9 @@
 use std::time::{Duration, Instant};
 
 use super::aggregation::Aggregation;
-use super::emit::emitted;
+use super::emit::{closed_windows, emitted};
 use crate::config::BatchConfig;
+use crate::config::EmitMode;
 use crate::ops::status::{AggregationCounters, Status};
 use crate::state::cache::State;
 use crate::state::flush::{
@@ -112,31 +113,38 @@ impl Flusher {
         let ids = FlushIds::new(store, &self.unwritten, &self.unwritten_catch_up);
         let mut emits = Vec::new();
         let mut emit_expired = Vec::with_capacity(aggregations.len());
-        let flushed = aggregations
+        let mut flushed = Vec::with_capacity(aggregations.len());
+        // First, as it can fail: before any state goes in flight.
+        let closed = aggregations
             .iter_mut()
-            .map(|aggregation| {
-                let states = aggregation.states.take_dirty();
-                let last_states = std::mem::take(&mut aggregation.emit_expired);
-                let expired: Vec<(Vec<u8>, State)> = last_states
-                    .iter()
-                    .map(|(key, state)| (key.clone(), Some(state.clone())))
-                    .collect();
-                emits.append(&mut emitted(aggregation, &expired, &ids));
-                emit_expired.push(last_states);
-                emits.append(&mut emitted(aggregation, &states, &ids));
-                FlushedAggregation {
-                    name: aggregation.config.name.clone(),
-                    states,
-                    counters: aggregation.applied,
-                    stream_times: aggregation
-                        .windowing
-                        .as_mut()
-                        .map(|w| w.take_unwritten())
-                        .unwrap_or_default(),
-                    windowed: aggregation.windowing.is_some(),
-                }
-            })
-            .collect();
+            .map(|aggregation| closed_windows(aggregation, store))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (aggregation, closed) in aggregations.iter_mut().zip(closed) {
+            let states = aggregation.states.take_dirty();
+            let last_states = std::mem::take(&mut aggregation.emit_expired);
+            let expired: Vec<(Vec<u8>, State)> = last_states
+                .iter()
+                .map(|(key, state)| (key.clone(), Some(state.clone())))
+                .collect();
+            emits.append(&mut emitted(aggregation, &expired, &ids));
+            emit_expired.push(last_states);
+            let changes = match aggregation.config.emit.as_ref().map(|e| e.mode) {
+                Some(EmitMode::Final) => &closed,
+                _ => &states,
+            };
+            emits.append(&mut emitted(aggregation, changes, &ids));
+            flushed.push(FlushedAggregation {
+                name: aggregation.config.name.clone(),
+                states,
+                counters: aggregation.applied,
+                stream_times: aggregation
+                    .windowing
+                    .as_mut()
+                    .map(|w| w.take_unwritten())
+                    .unwrap_or_default(),
+                windowed: aggregation.windowing.is_some(),
+            });
+        }
         let job = FlushJob {
             aggregations: flushed,
             offsets: self.unwritten.clone(),

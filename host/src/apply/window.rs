@@ -29,6 +29,9 @@ use super::session::{SessionIndex, StoredSession};
 /// A partition: (topic, partition).
 pub(super) type Partition = (Arc<str>, i32);
 
+/// A window's store key and state.
+pub(super) type StoredWindow = (Vec<u8>, Vec<u8>);
+
 /// A windowed aggregation's window spec and stream times.
 #[derive(Debug)]
 pub(super) struct Windowing {
@@ -45,6 +48,11 @@ pub(super) struct Windowing {
     /// no sweep is needed before retention reaches it. In memory: after a
     /// restart, the first batch of a partition sweeps to learn it.
     oldest_end: HashMap<Partition, i64>,
+    /// `emit.mode = "final"`: per partition, the earliest end of a window
+    /// that may still be open (the last closing scan's earliest open one,
+    /// or a window opened since): no window closes before stream time
+    /// passes it. Unknown after a restart: the first flush scans.
+    open_end: HashMap<Partition, i64>,
     /// Session windows: recently used keys' sessions.
     pub(super) sessions: SessionIndex,
 }
@@ -80,6 +88,7 @@ impl Windowing {
             written: HashMap::new(),
             stream_times: HashMap::new(),
             oldest_end: HashMap::new(),
+            open_end: HashMap::new(),
             sessions: SessionIndex::new(session_keys),
         }
     }
@@ -89,6 +98,7 @@ impl Windowing {
         self.stream_times = stored.into_iter().collect();
         self.written = self.stream_times.clone();
         self.oldest_end.clear();
+        self.open_end.clear();
         self.sessions.clear();
     }
 
@@ -152,6 +162,7 @@ impl Windowing {
     /// Sets a partition's stream time as stored (`None`: none yet).
     pub(super) fn load(&mut self, partition: Partition, stored: Option<i64>) {
         self.oldest_end.remove(&partition);
+        self.open_end.remove(&partition);
         match stored {
             Some(time) => {
                 self.stream_times.insert(partition.clone(), time);
@@ -171,11 +182,38 @@ impl Windowing {
             self.sessions.set(slot_key, sessions);
         }
         for (partition, end) in batch.oldest_end {
-            // Unknown (not swept since the start): stays unknown.
-            if let Some(oldest) = self.oldest_end.get_mut(&partition) {
-                *oldest = (*oldest).min(end);
+            // Unknown (not swept or scanned since the start): stays
+            // unknown.
+            for known in [&mut self.oldest_end, &mut self.open_end] {
+                if let Some(oldest) = known.get_mut(&partition) {
+                    *oldest = (*oldest).min(end);
+                }
             }
         }
+    }
+
+    /// The partitions whose stream time moved since the last flush: their
+    /// stream time as last handed on (`None`: never) and now.
+    pub(super) fn moving(&self) -> Vec<(Partition, Option<i64>, i64)> {
+        self.stream_times
+            .iter()
+            .filter(|(partition, time)| self.written.get(*partition) != Some(*time))
+            .map(|(partition, &time)| {
+                (
+                    partition.clone(),
+                    self.written.get(partition).copied(),
+                    time,
+                )
+            })
+            .collect()
+    }
+
+    /// Whether `window` of `partition` had closed at the stream time last
+    /// handed on (so a flush already emitted it, in final mode).
+    pub(super) fn closed_as_written(&self, partition: &Partition, window: Window) -> bool {
+        self.written
+            .get(partition)
+            .is_some_and(|&time| self.spec.closed(window, time))
     }
 
     /// The stream times moved since the last flush, marked as handed on.
@@ -204,6 +242,61 @@ impl Windowing {
         self.stream_times.clear();
         self.written.clear();
         self.oldest_end.clear();
+        self.open_end.clear();
+    }
+
+    /// `emit.mode = "final"`: the windows of a partition that closed while
+    /// its stream time moved from `from` (as last handed on; `None`: never)
+    /// to `to` — stored ones and `cache`'s unwritten ones — with their
+    /// states (deleted ones left out), in key order. No scan before `to`
+    /// reaches the earliest end of a window that may be open.
+    pub(super) fn closing(
+        &mut self,
+        store: &StateStore,
+        cache: &StateCache,
+        aggregation: &str,
+        (partition, slot): (&Partition, Slot),
+        (from, to): (Option<i64>, i64),
+    ) -> Result<Vec<StoredWindow>, StoreError> {
+        let spec = &self.spec;
+        if let Some(&end) = self.open_end.get(partition)
+            && !spec.closed(Window { start: end, end }, to)
+        {
+            return Ok(Vec::new());
+        }
+        let slot_prefix = slot.store_key(&[]);
+        let mut closing: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>> = Default::default();
+        let mut open_end = i64::MAX;
+        let mut sort = |store_key: Vec<u8>, stored: Option<&[u8]>| {
+            let Some(split) = split_window_key(&store_key[slot_prefix.len()..]) else {
+                return;
+            };
+            let window = spec.window_at(split.start, split.session_end);
+            if !spec.closed(window, to) {
+                open_end = open_end.min(window.end);
+            } else if !from.is_some_and(|from| spec.closed(window, from)) {
+                closing.insert(store_key, stored.map(<[u8]>::to_vec));
+            }
+        };
+        store.scan_slot(aggregation, slot, &mut |key, value| {
+            sort(slot.store_key(key), Some(value));
+            true
+        })?;
+        for store_key in cache.unwritten_keys(&slot_prefix) {
+            sort(store_key, None);
+        }
+        self.open_end.insert(partition.clone(), open_end);
+        // The newest state: the cache's (applied, maybe unwritten) first.
+        Ok(closing
+            .into_iter()
+            .filter_map(|(store_key, stored)| {
+                let state = match cache.peek(&store_key) {
+                    Some(cached) => cached.clone()?,
+                    None => stored?,
+                };
+                Some((store_key, state))
+            })
+            .collect())
     }
 
     /// The store keys of the partition's windows past retention at its

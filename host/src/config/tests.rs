@@ -515,6 +515,15 @@ fn emit_settings_are_checked_naming_the_field() {
         state.aggregations[0].emit.as_ref().map(|e| e.format),
         Some(EmitFormat::State)
     );
+    let windowed = parse(&with_emit(
+        r#"{ topic = "t", mode = "final" }"#,
+        r#"window = { kind = "tumbling", size = "1m" }"#,
+    ))
+    .expect("final mode on a windowed aggregation");
+    assert_eq!(
+        windowed.aggregations[0].emit.as_ref().map(|e| e.mode),
+        Some(EmitMode::Final)
+    );
     let cases = [
         (r#"{ topic = "purchases" }"#, "", "also in `source.topics`"),
         (r#"{ topic = " " }"#, "", "`emit.topic` is empty"),
@@ -522,11 +531,6 @@ fn emit_settings_are_checked_naming_the_field() {
             r#"{ topic = "t", mode = "final" }"#,
             "",
             "applies to windowed aggregations",
-        ),
-        (
-            r#"{ topic = "t", mode = "final" }"#,
-            r#"window = { kind = "tumbling", size = "1m" }"#,
-            "not supported yet",
         ),
         (r#"{ topic = "t", mode = "sometimes" }"#, "", "sometimes"),
         (r#"{ topic = "t", partition = 1 }"#, "", "partition"),

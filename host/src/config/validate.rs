@@ -225,10 +225,7 @@ fn check_emit(aggregation: &AggregationConfig, source_topics: &[String]) -> Resu
         (EmitMode::Final, None) => Err(
             "`emit.mode = \"final\"` applies to windowed aggregations (one record per window when it closes): add a `window`, or use mode \"changes\"".into(),
         ),
-        (EmitMode::Final, Some(_)) => Err(
-            "`emit.mode = \"final\"` is not supported yet: use \"changes\" (a window's last change before it closes is its final state)".into(),
-        ),
-        (EmitMode::Changes, _) => Ok(()),
+        (EmitMode::Final, Some(_)) | (EmitMode::Changes, _) => Ok(()),
     }
 }
 
