@@ -525,6 +525,48 @@ fn three_instances_answer_every_key_exactly_from_any_instance() {
             owner.as_deref()
         );
     }
+    // A watch of a key owned elsewhere is redirected to the same watch on
+    // its owner, whose stream starts with the key's state.
+    let (key, count) = data
+        .counts
+        .iter()
+        .find(|(key, _)| {
+            let partition = i64::from(partition_for_key(key.as_bytes(), PARTITIONS));
+            ownership[&partition].as_deref() != Some(&live[0].http)
+        })
+        .expect("a key another instance owns");
+    let owner = ownership[&i64::from(partition_for_key(key.as_bytes(), PARTITIONS))]
+        .clone()
+        .expect("an owner");
+    let path = format!("/v1/aggregations/count/keys/{}/watch", urlencode(key));
+    let no_redirects = reqwest::blocking::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(None)
+        .build()
+        .expect("client");
+    let redirected = no_redirects
+        .get(format!("{}{path}", live[0].http))
+        .send()
+        .expect("watch");
+    assert_eq!(redirected.status(), 307);
+    assert_eq!(
+        redirected.headers()["location"].to_str().ok(),
+        Some(format!("{owner}{path}").as_str())
+    );
+    let stream = no_redirects
+        .get(format!("{owner}{path}"))
+        .send()
+        .expect("watch on the owner");
+    assert_eq!(stream.status(), 200);
+    let first = std::io::BufRead::lines(std::io::BufReader::new(stream))
+        .map_while(Result::ok)
+        .find_map(|line| line.strip_prefix("data: ").map(str::to_owned))
+        .expect("a first event");
+    assert_eq!(
+        serde_json::from_str::<Value>(&first).expect("JSON"),
+        json!({ "key": key, "state": { "count": count } })
+    );
+
     // `wagg lag` shows the owners.
     let lag = std::process::Command::new(env!("CARGO_BIN_EXE_wagg"))
         .args(["lag", "--url", &live[0].http])

@@ -26,6 +26,35 @@ pub(super) struct KeyQuery {
     encoding: Option<String>,
 }
 
+/// The aggregation and key a `/keys/{key}` request names.
+pub(super) struct KeyRequest {
+    pub(super) name: String,
+    /// The key as written in the path.
+    pub(super) key_text: String,
+    pub(super) key: Vec<u8>,
+    pub(super) encoding: KeyEncoding,
+}
+
+impl KeyRequest {
+    pub(super) fn parse(
+        path: Result<Path<(String, String)>, PathRejection>,
+        raw_query: Option<String>,
+        query: Result<Query<KeyQuery>, QueryRejection>,
+    ) -> Result<Self, ApiError> {
+        let Path((name, key_text)) = path?;
+        check_query_utf8(raw_query.as_deref())?;
+        let Query(query) = query?;
+        let encoding = KeyEncoding::parse(query.encoding.as_deref())?;
+        let key = encoding.decode("key", &key_text)?;
+        Ok(Self {
+            name,
+            key_text,
+            key,
+            encoding,
+        })
+    }
+}
+
 /// One key's state.
 #[utoipa::path(get, path = "/v1/aggregations/{name}/keys/{key}", tag = "aggregations",
     params(
@@ -54,11 +83,12 @@ pub async fn get_key(
     RawQuery(raw_query): RawQuery,
     query: Result<Query<KeyQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Path((name, key_text)) = path?;
-    check_query_utf8(raw_query.as_deref())?;
-    let Query(query) = query?;
-    let encoding = KeyEncoding::parse(query.encoding.as_deref())?;
-    let key = encoding.decode("key", &key_text)?;
+    let KeyRequest {
+        name,
+        key_text,
+        key,
+        encoding,
+    } = KeyRequest::parse(path, raw_query, query)?;
     let not_found = || {
         ApiError::not_found(
             "unknown_key",

@@ -7,7 +7,8 @@
 //! handshake), only a subscription (`http.max_watchers`) and its buffer
 //! (`http.watch_buffer` flushes' changes). It ends when its subscriber lagged
 //! (`event: lagged`), when the key's partition moved to another instance
-//! (`event: moved`), on shutdown, or when the client goes away.
+//! (`event: moved`), when a reload removed its aggregation (`event:
+//! removed`), on shutdown, or when the client goes away.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -24,26 +25,22 @@ use serde::{Deserialize, Serialize};
 
 use super::encoding::{KeyEncoding, check_query_utf8};
 use super::error::ApiError;
+use super::keys::{self, KeyQuery, KeyRequest};
 use super::openapi::{self, KeyState, KeyWindows, WindowState};
 use super::routing::Routing;
-use super::{ApiState, keys, windows};
+use super::{ApiState, windows};
 use crate::cluster::membership::Owner;
 use crate::state::feed::{Change, Interest, Subscription, WatchError};
 use crate::state::store::split_window_key;
 
 /// A comment line this often keeps proxies from closing a quiet stream.
 const HEARTBEAT: Duration = Duration::from_secs(15);
-/// Cluster mode: how often a key's watch checks that this instance still
-/// owns the key's partition.
-const OWNERSHIP_CHECK: Duration = Duration::from_secs(1);
+/// How often a stream checks that its aggregation is still served and
+/// (cluster mode, a key's watch) that this instance still owns the key's
+/// partition.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Changes rendered in one blocking task.
 const RENDER_BATCH: usize = 256;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct WatchQuery {
-    encoding: Option<String>,
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,7 +73,7 @@ struct WindowBounds {
         ("encoding" = Option<openapi::Encoding>, Query, description = "`utf8` (default) or `base64`"),
     ),
     responses(
-        (status = 200, description = "`text/event-stream`: first the key's state as a lookup answers it (or `event: absent`), then one event per written flush that changed the key (`id:` the flush, `data:` the lookup's body; windowed: the changed window), `event: delete` when it is deleted, `: heartbeat` every 15 s; ends with `event: lagged` (the client fell behind), `event: moved` (cluster: the key's partition moved), or on shutdown", content_type = "text/event-stream", body = String),
+        (status = 200, description = "`text/event-stream`: first the key's state as a lookup answers it (or `event: absent`), then one event per written flush that changed the key (`id:` the flush, `data:` the lookup's body; windowed: the changed window), `event: delete` when it is deleted, `: heartbeat` every 15 s; ends with `event: lagged` (the client fell behind), `event: moved` (cluster: the key's partition moved), `event: removed` (a reload removed the aggregation), or on shutdown", content_type = "text/event-stream", body = String),
         (status = 307, description = "Cluster: another instance owns the key (`Location`: the same watch there)"),
         (status = 400, description = "Bad key or query", body = openapi::ErrorBody),
         (status = 404, description = "No such aggregation", body = openapi::ErrorBody),
@@ -87,13 +84,14 @@ pub async fn watch_key(
     uri: Uri,
     path: Result<Path<(String, String)>, PathRejection>,
     RawQuery(raw_query): RawQuery,
-    query: Result<Query<WatchQuery>, QueryRejection>,
+    query: Result<Query<KeyQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Path((name, key_text)) = path?;
-    check_query_utf8(raw_query.as_deref())?;
-    let Query(query) = query?;
-    let encoding = KeyEncoding::parse(query.encoding.as_deref())?;
-    let key = encoding.decode("key", &key_text)?;
+    let KeyRequest {
+        name,
+        key,
+        encoding,
+        ..
+    } = KeyRequest::parse(path, raw_query, query)?;
     let aggregation = state.aggregation(&name)?;
     let owned = match &state.routing {
         None => None,
@@ -113,17 +111,9 @@ pub async fn watch_key(
     };
     let subscription = subscribe(&state, &name, Interest::Key(key.clone()))?;
     let first = current_state(&state, &name, &key, encoding).await?;
-    let stream = Watch {
-        state,
-        name,
-        encoding,
-        subscription,
-        queued: VecDeque::new(),
-        pending: VecDeque::from([(first, None)]),
-        owned,
-        ended: false,
-    };
-    Ok(sse(stream))
+    Ok(Watch::new(state, name, encoding, subscription, owned)
+        .starting_with(first)
+        .sse())
 }
 
 /// Every changed key under a prefix, live.
@@ -134,7 +124,7 @@ pub async fn watch_key(
         ("encoding" = Option<openapi::Encoding>, Query, description = "`utf8` (default) or `base64`, for the prefix and the keys sent"),
     ),
     responses(
-        (status = 200, description = "`text/event-stream`: one event per key per written flush that changed it (`id:` the flush, `data:` the key lookup's body; windowed: the changed window), `event: delete` for a deleted key, `: heartbeat` every 15 s; ends with `event: lagged` or on shutdown. Cluster: this instance's partitions only", content_type = "text/event-stream", body = String),
+        (status = 200, description = "`text/event-stream`: one event per key per written flush that changed it (`id:` the flush, `data:` the key lookup's body; windowed: the changed window), `event: delete` for a deleted key, `: heartbeat` every 15 s; ends with `event: lagged`, `event: removed` or on shutdown. Cluster: this instance's partitions only", content_type = "text/event-stream", body = String),
         (status = 400, description = "Bad query", body = openapi::ErrorBody),
         (status = 404, description = "No such aggregation", body = openapi::ErrorBody),
         (status = 503, description = "`http.max_watchers` subscriptions are open, or shutting down", body = openapi::ErrorBody),
@@ -151,34 +141,7 @@ pub async fn watch_changes(
     let prefix = encoding.decode("prefix", query.prefix.as_deref().unwrap_or_default())?;
     state.aggregation(&name)?;
     let subscription = subscribe(&state, &name, Interest::Prefix(prefix))?;
-    let stream = Watch {
-        state,
-        name,
-        encoding,
-        subscription,
-        queued: VecDeque::new(),
-        pending: VecDeque::new(),
-        owned: None,
-        ended: false,
-    };
-    Ok(sse(stream))
-}
-
-fn sse(watch: Watch) -> Response {
-    watch.state.status.metrics().watchers.inc();
-    let events = futures_util::stream::unfold(watch, |mut watch| async move {
-        let event = watch.next_event().await?;
-        Some((Ok::<_, Infallible>(event), watch))
-    });
-    let mut response = Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(HEARTBEAT).text("heartbeat"))
-        .into_response();
-    // Reverse proxies (nginx) buffer responses unless told otherwise.
-    response.headers_mut().insert(
-        "x-accel-buffering",
-        axum::http::HeaderValue::from_static("no"),
-    );
-    response
+    Ok(Watch::new(state, name, encoding, subscription, None).sse())
 }
 
 fn subscribe(state: &ApiState, name: &str, interest: Interest) -> Result<Subscription, ApiError> {
@@ -300,6 +263,49 @@ impl Drop for Watch {
 }
 
 impl Watch {
+    fn new(
+        state: Arc<ApiState>,
+        name: String,
+        encoding: KeyEncoding,
+        subscription: Subscription,
+        owned: Option<Vec<(String, i32)>>,
+    ) -> Self {
+        state.status.metrics().watchers.inc();
+        Self {
+            state,
+            name,
+            encoding,
+            subscription,
+            queued: VecDeque::new(),
+            pending: VecDeque::new(),
+            owned,
+            ended: false,
+        }
+    }
+
+    /// Sends `first` before any change.
+    fn starting_with(mut self, first: Event) -> Self {
+        self.pending.push_front((first, None));
+        self
+    }
+
+    /// The streamed response.
+    fn sse(self) -> Response {
+        let events = futures_util::stream::unfold(self, |mut watch| async move {
+            let event = watch.next_event().await?;
+            Some((Ok::<_, Infallible>(event), watch))
+        });
+        let mut response = Sse::new(events)
+            .keep_alive(KeepAlive::new().interval(HEARTBEAT).text("heartbeat"))
+            .into_response();
+        // Reverse proxies (nginx) buffer responses unless told otherwise.
+        response.headers_mut().insert(
+            "x-accel-buffering",
+            axum::http::HeaderValue::from_static("no"),
+        );
+        response
+    }
+
     async fn next_event(&mut self) -> Option<Event> {
         loop {
             if let Some((event, written_at)) = self.pending.pop_front() {
@@ -329,9 +335,9 @@ impl Watch {
             }
             let flush = tokio::select! {
                 changes = self.subscription.changes.recv() => changes,
-                owner = moved(&self.state, self.owned.as_deref()) => {
+                last = interrupted(&self.state, &self.name, self.owned.as_deref()) => {
                     self.ended = true;
-                    return Some(moved_event(owner));
+                    return Some(last);
                 }
             };
             let Some(changes) = flush else {
@@ -372,18 +378,25 @@ impl Watch {
     }
 }
 
-/// Resolves (with the new owner, if known) once this instance no longer
-/// owns one of `owned`; never without them.
-async fn moved(state: &ApiState, owned: Option<&[(String, i32)]>) -> Option<String> {
-    let (Some(routing), Some(owned)) = (&state.routing, owned) else {
-        return std::future::pending().await;
-    };
+/// Resolves with the stream's last event once it must end: its
+/// aggregation was removed (by a reload), or (cluster mode, `owned`) this
+/// instance no longer owns one of the key's partitions.
+async fn interrupted(state: &ApiState, name: &str, owned: Option<&[(String, i32)]>) -> Event {
     loop {
-        tokio::time::sleep(OWNERSHIP_CHECK).await;
+        tokio::time::sleep(CHECK_INTERVAL).await;
+        if state.aggregations.get(name).is_none() {
+            return message_event(
+                "removed",
+                &format!("aggregation {name:?} is no longer served (a reload removed it)"),
+            );
+        }
+        let (Some(routing), Some(owned)) = (&state.routing, owned) else {
+            continue;
+        };
         match owner_of(routing, owned) {
             KeyOwner::Local => {}
-            KeyOwner::Remote(owner) => return Some(owner),
-            KeyOwner::Unknown(_) => return None,
+            KeyOwner::Remote(owner) => return moved_event(Some(owner)),
+            KeyOwner::Unknown(_) => return moved_event(None),
         }
     }
 }
