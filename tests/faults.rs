@@ -484,6 +484,7 @@ fn a_broker_outage_is_reported_and_survived_exactly() {
 
     broker.stop();
     let down = Instant::now();
+    let logged_before = wagg.log().lines().count();
     let report = wait_for_readiness(&wagg, false, "broker", Duration::from_secs(15));
     eprintln!("during the outage /readyz says {report}");
     // Queries keep being answered from the state store.
@@ -491,6 +492,27 @@ fn a_broker_outage_is_reported_and_survived_exactly() {
     assert_eq!(code, 200);
     std::thread::sleep(Duration::from_secs(12).saturating_sub(down.elapsed()));
     wait_for_readiness(&wagg, false, "broker", Duration::from_secs(1));
+    // Every client says the broker is down, many times a second: alike
+    // lines are logged once per 10 s, with how many were left out.
+    let outage_lines: Vec<String> = wagg
+        .log()
+        .lines()
+        .skip(logged_before)
+        .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        outage_lines.len() <= 40,
+        "{} warnings in {:?} of outage:\n{}",
+        outage_lines.len(),
+        down.elapsed(),
+        outage_lines.join("\n")
+    );
+    eprintln!(
+        "{} warning lines in {:?} of outage",
+        outage_lines.len(),
+        down.elapsed()
+    );
     broker.restart();
     eprintln!("broker down for {:?}", down.elapsed());
 
@@ -746,4 +768,39 @@ fn late_records_of_a_windowed_aggregation_go_to_the_dead_letter_topic() {
     };
     assert_eq!(windows("k-a"), vec![(t, 1, true), (t + minute, 1, false)]);
     assert_eq!(windows("k-b"), vec![(t + minute, 1, false)]);
+}
+
+/// No broker reachable from the start: every client says so many times a
+/// second (160 warning lines in 8 s before alike lines were limited);
+/// alike lines are logged once per 10 s, and `/readyz` says why.
+#[test]
+fn an_unreachable_broker_is_reported_in_a_few_log_lines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let wagg = Wagg::start(
+        dir.path(),
+        &common::single_instance_toml(&nobody, "flood", port, 100, "", &common::count_toml()),
+        port,
+    );
+    let started = Instant::now();
+    wait_for_readiness(&wagg, false, "broker", Duration::from_secs(15));
+    std::thread::sleep(Duration::from_secs(8).saturating_sub(started.elapsed()));
+    let log = wagg.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+        .collect();
+    assert!(
+        warnings.len() <= 20,
+        "{} warning lines in {:?}:\n{}",
+        warnings.len(),
+        started.elapsed(),
+        warnings.join("\n")
+    );
+    eprintln!(
+        "{} warning lines in {:?} without a broker",
+        warnings.len(),
+        started.elapsed()
+    );
 }

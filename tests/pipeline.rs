@@ -429,17 +429,58 @@ params = {{ field = "/amount" }}
         plugin("count"),
         plugin("sum"),
     );
+    // Records without a Kafka key on every partition of both topics: not
+    // aggregated by the Kafka key (dropped, counted), re-keyed by `/item`
+    // like any other.
+    let keyless = purchases(900_000, 40, 10);
+    let producer = setup.broker.producer();
+    for (i, purchase) in keyless.iter().enumerate() {
+        let value =
+            json!({"user": purchase.user, "item": purchase.item, "amount": purchase.amount})
+                .to_string();
+        for topic in ["clicks", "orders"] {
+            producer
+                .send(
+                    rdkafka::producer::BaseRecord::<(), String>::to(topic)
+                        .partition((i % PARTITIONS as usize) as i32)
+                        .payload(&value),
+                )
+                .expect("queue a record without a key");
+        }
+    }
+    rdkafka::producer::Producer::flush(&producer, std::time::Duration::from_secs(30))
+        .expect("keyless records acknowledged");
     let wagg = setup.start(&setup.config(&["clicks", "orders"], &aggregations));
     wagg.wait_for(
         &BTreeMap::from([
             ("clicks_per_user".to_owned(), 20_000),
-            ("order_value_per_item".to_owned(), 30_000),
+            ("order_value_per_item".to_owned(), 30_040),
         ]),
         CATCH_UP,
     );
     assert_states(&wagg, "clicks_per_user", &expected_counts(&clicks));
+    let (_, body) = wagg.get("/v1/aggregations");
+    let dropped: BTreeMap<&str, u64> = body["aggregations"]
+        .as_array()
+        .expect("aggregations")
+        .iter()
+        .map(|a| {
+            (
+                a["name"].as_str().expect("name"),
+                a["records_dropped"].as_u64().expect("records_dropped"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        dropped,
+        BTreeMap::from([("clicks_per_user", 40), ("order_value_per_item", 0)])
+    );
+    assert_eq!(
+        wagg.metrics()[r#"wagg_records_dropped_total{aggregation="clicks_per_user"}"#],
+        40.0
+    );
     let mut sums: BTreeMap<String, f64> = BTreeMap::new();
-    for order in &orders {
+    for order in orders.iter().chain(&keyless) {
         *sums.entry(order.item.clone()).or_default() += order.amount;
     }
     let sums = sums

@@ -480,10 +480,13 @@ fn apply_aggregation<'b>(
         mut keyed,
         mut rejected,
         mut late,
+        null_keys,
         mut windowed,
         considered,
         arrivals,
     } = key_records(aggregation, feed, batch, slots);
+    counters.records_dropped += null_keys as u64;
+    let considered = considered - null_keys;
     let mut sessions = plan_sessions(aggregation, store, arrivals, &mut windowed)?;
     keyed.append(&mut sessions.keyed);
     late.append(&mut sessions.late);
@@ -603,6 +606,9 @@ struct Keyed<'b> {
     rejected: Rejected<'b>,
     /// Windowed: records whose windows had all closed.
     late: Vec<&'b SourceRecord>,
+    /// Records without a Kafka key in an aggregation keyed by it: not
+    /// aggregated (as Kafka Streams), counted in `records_dropped`.
+    null_keys: usize,
     windowed: WindowedBatch,
     /// How many records the aggregation consumes in the batch.
     considered: usize,
@@ -623,6 +629,7 @@ fn key_records<'b>(
         keyed: Vec::new(),
         rejected: Vec::new(),
         late: Vec::new(),
+        null_keys: 0,
         windowed: WindowedBatch::default(),
         considered: 0,
         arrivals: Vec::new(),
@@ -634,6 +641,10 @@ fn key_records<'b>(
             // Every record's partition has a slot (`BatchApplier::slots`).
             continue;
         };
+        if record.key.is_none() && aggregation.config.key.is_none() {
+            out.null_keys += 1;
+            continue;
+        }
         let key = match group_key(&aggregation.config, record, slot) {
             Ok(key) => key,
             Err(message) => {

@@ -208,7 +208,10 @@ impl CatchUpReader {
             let message = match consumer.poll(wait) {
                 None => break,
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "catch-up consume error");
+                    let line = format!("catch-up consume error {e}");
+                    if let Some(repeated) = crate::kafka::REPEATS.admit(&line) {
+                        tracing::warn!(error = %e, repeated, "catch-up consume error");
+                    }
                     break;
                 }
                 Some(Ok(message)) => message,

@@ -430,7 +430,9 @@ impl Poller {
                 interned(&self.topic_names, message.topic()),
             )),
             Err(e) => {
-                tracing::warn!(error = %e, "consume error");
+                if let Some(repeated) = crate::kafka::REPEATS.admit(&format!("consume error {e}")) {
+                    tracing::warn!(error = %e, repeated, "consume error");
+                }
                 self.consumer.context().status.broker_error(e.to_string());
                 None
             }

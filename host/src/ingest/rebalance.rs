@@ -65,7 +65,9 @@ impl ClientContext for SourceContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, "kafka client error");
+        if let Some(repeated) = crate::kafka::REPEATS.admit(&format!("client {error} {reason}")) {
+            tracing::warn!(%error, reason, repeated, "kafka client error");
+        }
         self.status.broker_error(format!("{error}: {reason}"));
     }
 

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
@@ -178,7 +178,9 @@ impl DeliveryContext {
 
 impl ClientContext for DeliveryContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, producer = self.name, "producer error");
+        if let Some(repeated) = REPEATS.admit(&format!("{} {error} {reason}", self.name)) {
+            tracing::warn!(%error, reason, producer = self.name, repeated, "producer error");
+        }
         self.status
             .broker_error(format!("{}: {error}: {reason}", self.name));
     }
@@ -237,17 +239,84 @@ pub fn is_transient(error: &KafkaError) -> bool {
     )
 }
 
-/// librdkafka's log lines, through `tracing` at the matching level.
+/// librdkafka's log lines, through `tracing` at the matching level;
+/// warnings and errors that repeat are rate-limited ([`Repeats`]).
 pub fn log_librdkafka(level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-    match level {
+    let error = match level {
         RDKafkaLogLevel::Emerg
         | RDKafkaLogLevel::Alert
         | RDKafkaLogLevel::Critical
-        | RDKafkaLogLevel::Error => {
-            tracing::error!(target: "librdkafka", fac, "{log_message}")
+        | RDKafkaLogLevel::Error => true,
+        RDKafkaLogLevel::Warning => false,
+        _ => {
+            tracing::debug!(target: "librdkafka", fac, "{log_message}");
+            return;
         }
-        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{log_message}"),
-        _ => tracing::debug!(target: "librdkafka", fac, "{log_message}"),
+    };
+    let Some(repeated) = REPEATS.admit(&format!("{fac} {log_message}")) else {
+        return;
+    };
+    if error {
+        tracing::error!(target: "librdkafka", fac, repeated, "{log_message}");
+    } else {
+        tracing::warn!(target: "librdkafka", fac, repeated, "{log_message}");
+    }
+}
+
+/// Every broker warning and error of the process goes through this one
+/// limiter.
+pub static REPEATS: Repeats = Repeats::new(Duration::from_secs(10));
+
+/// A limiter of repeated log lines: a broker that is down makes every
+/// client say the same thing many times a second. A line is logged the
+/// first time, then at most once per `every` with how many like it were
+/// left out meanwhile (`repeated`). Lines are alike when they differ only
+/// in digits (times, ports, counts).
+pub struct Repeats {
+    every: Duration,
+    seen: Mutex<Option<HashMap<String, (Instant, u64)>>>,
+}
+
+/// Distinct lines remembered; past it the memory starts over (a flood of
+/// distinct lines is logged, never held).
+const MAX_REMEMBERED_LINES: usize = 1024;
+
+impl Repeats {
+    pub const fn new(every: Duration) -> Self {
+        Self {
+            every,
+            seen: Mutex::new(None),
+        }
+    }
+
+    /// `Some(left out since the last time it was logged)` when `line`
+    /// should be logged now; `None` when it is left out.
+    pub fn admit(&self, line: &str) -> Option<u64> {
+        let shape: String = line
+            .chars()
+            .filter(|c| !c.is_ascii_digit())
+            .take(200)
+            .collect();
+        let now = Instant::now();
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let seen = seen.get_or_insert_with(HashMap::new);
+        if seen.len() >= MAX_REMEMBERED_LINES && !seen.contains_key(&shape) {
+            seen.clear();
+        }
+        match seen.get_mut(&shape) {
+            Some((last, left_out)) if now.duration_since(*last) < self.every => {
+                *left_out += 1;
+                None
+            }
+            Some((last, left_out)) => {
+                *last = now;
+                Some(std::mem::take(left_out))
+            }
+            None => {
+                seen.insert(shape, (now, 0));
+                Some(0)
+            }
+        }
     }
 }
 
@@ -256,6 +325,25 @@ mod tests {
     use rdkafka::producer::BaseProducer;
 
     use super::*;
+
+    #[test]
+    fn repeated_lines_are_logged_once_per_period_with_the_count_left_out() {
+        let repeats = Repeats::new(Duration::from_millis(200));
+        let line =
+            |ms: u32| format!("Connect to 127.0.0.1:9 failed (after {ms}ms in state CONNECT)");
+        assert_eq!(repeats.admit(&line(1)), Some(0));
+        for ms in 2..12 {
+            assert_eq!(
+                repeats.admit(&line(ms)),
+                None,
+                "alike: differs in digits only"
+            );
+        }
+        assert_eq!(repeats.admit("another line"), Some(0));
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(repeats.admit(&line(99)), Some(10));
+        assert_eq!(repeats.admit(&line(100)), None);
+    }
 
     #[test]
     fn a_rejected_property_is_named_but_its_value_is_never_shown() {

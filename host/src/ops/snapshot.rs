@@ -36,7 +36,7 @@ impl Collector for Snapshot {
     // A list of metric families, each a few declarative lines.
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         type Pick = fn(&AggregationCounters) -> u64;
-        let totals: [(&str, &str, Pick); 4] = [
+        let totals: [(&str, &str, Pick); 5] = [
             (
                 "records_applied",
                 "Records applied to the aggregation's state (written, as of the last state write)",
@@ -56,6 +56,11 @@ impl Collector for Snapshot {
                 "records_late",
                 "Records of a windowed aggregation that arrived after all their windows had closed (not applied)",
                 |c| c.records_late,
+            ),
+            (
+                "records_dropped",
+                "Records not aggregated by rule: no Kafka key (null key) in an aggregation keyed by it",
+                |c| c.records_dropped,
             ),
         ];
         for (name, help, pick) in totals {

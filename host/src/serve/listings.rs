@@ -114,6 +114,7 @@ fn aggregation_info(
         records_failed: counters.records_failed,
         records_dead_lettered: counters.records_dead_lettered,
         records_late: counters.records_late,
+        records_dropped: counters.records_dropped,
         partitions: state.status.partitions_of(
             &config.name,
             partitions

@@ -79,6 +79,9 @@ pub struct AggregationInfo {
     /// Windowed aggregations: records that came after all their windows
     /// had closed (not applied).
     pub records_late: u64,
+    /// Records not aggregated by rule: without a Kafka key (null key) in
+    /// an aggregation keyed by it (not in `records_failed`).
+    pub records_dropped: u64,
     pub partitions: Vec<PartitionProgress>,
 }
 

@@ -18,6 +18,7 @@
 //! before is in what it read (it may also arrive as a change: an event
 //! can repeat the state the subscriber started from, never skip one).
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -242,18 +243,21 @@ impl ChangeFeed {
                 let Some((slot, in_slot)) = Slot::decode(store_key) else {
                     continue;
                 };
-                let (key, window_key) = if aggregation.windowed {
+                // Borrowed until a subscriber wants it: most changed keys
+                // have none.
+                let key: Cow<'_, [u8]> = if aggregation.windowed {
                     match split_window_key(in_slot) {
-                        Some(split) => (split.key, Some(in_slot.to_vec())),
+                        Some(split) => Cow::Owned(split.key),
                         None => continue,
                     }
                 } else {
-                    (in_slot.to_vec(), None)
+                    Cow::Borrowed(in_slot)
                 };
                 let subscribers = matching(watched, &key);
                 if subscribers.is_empty() {
                     continue;
                 }
+                let window_key = aggregation.windowed.then(|| in_slot.to_vec());
                 let flush = flush_ids
                     .entry(slot)
                     .or_insert_with(|| ids.of(&aggregation.name, slot).into())
@@ -261,7 +265,7 @@ impl ChangeFeed {
                 let change = Arc::new(Change {
                     flush,
                     slot,
-                    key,
+                    key: key.into_owned(),
                     window_key,
                     state: state.clone(),
                     written_at,
@@ -341,5 +345,126 @@ impl FlushPublisher for ChangeFeed {
 
     fn written(&self, store: &StateStore, job: &FlushJob) {
         self.publish(store, job);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::flush::FlushedAggregation;
+    use crate::state::store::StoreOptions;
+
+    fn job(store: &StateStore, states: &[(&[u8], Option<&[u8]>)], next: i64) -> FlushJob {
+        let slot = Slot {
+            topic_id: store.topic_id("events").expect("a topic id"),
+            partition: 1,
+        };
+        FlushJob {
+            aggregations: vec![FlushedAggregation {
+                name: "count".into(),
+                states: states
+                    .iter()
+                    .map(|(key, state)| (slot.store_key(key), state.map(<[u8]>::to_vec)))
+                    .collect(),
+                counters: Default::default(),
+                stream_times: Vec::new(),
+                windowed: false,
+            }],
+            offsets: [((Arc::from("events"), 1), next)].into(),
+            catch_up: Default::default(),
+            emits: Vec::new(),
+        }
+    }
+
+    /// A change as the test compares it: key, state, flush.
+    type Seen = (String, Option<Vec<u8>>, String);
+
+    fn received(subscription: &mut Subscription) -> Vec<Vec<Seen>> {
+        let mut flushes = Vec::new();
+        while let Ok(changes) = subscription.changes.try_recv() {
+            flushes.push(
+                changes
+                    .iter()
+                    .map(|c| {
+                        let key = String::from_utf8_lossy(&c.key).into_owned();
+                        (key, c.state.clone(), c.flush.to_string())
+                    })
+                    .collect(),
+            );
+        }
+        flushes
+    }
+
+    #[test]
+    fn subscribers_get_their_keys_changes_per_flush_and_a_full_buffer_cuts_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store =
+            StateStore::open(dir.path(), &["count"], &StoreOptions::default()).expect("a store");
+        let feed = ChangeFeed::new(3, 2);
+        let mut key = feed
+            .subscribe("count", Interest::Key(b"ab".to_vec()))
+            .expect("a key watch");
+        let mut prefix = feed
+            .subscribe("count", Interest::Prefix(b"a".to_vec()))
+            .expect("a prefix watch");
+        let mut everything = feed
+            .subscribe("count", Interest::Prefix(Vec::new()))
+            .expect("an everything watch");
+        assert_eq!(
+            feed.subscribe("count", Interest::Key(b"x".to_vec())).err(),
+            Some(WatchError::TooMany(3))
+        );
+
+        feed.publish(
+            &store,
+            &job(&store, &[(b"ab", Some(b"1")), (b"b", Some(b"2"))], 10),
+        );
+        feed.publish(
+            &store,
+            &job(&store, &[(b"abc", None), (b"ab", Some(b"3"))], 12),
+        );
+        let change = |key: &str, state: Option<&[u8]>, next: i64| {
+            (
+                key.to_owned(),
+                state.map(<[u8]>::to_vec),
+                format!("events/1@{next}"),
+            )
+        };
+        assert_eq!(
+            received(&mut key),
+            [
+                vec![change("ab", Some(b"1"), 10)],
+                vec![change("ab", Some(b"3"), 12)]
+            ]
+        );
+        assert_eq!(
+            received(&mut prefix),
+            [
+                vec![change("ab", Some(b"1"), 10)],
+                vec![change("abc", None, 12), change("ab", Some(b"3"), 12)]
+            ]
+        );
+        assert!(!everything.lagged());
+
+        // `everything` has read nothing: two flushes fill its buffer, the
+        // third cuts it; the others (drained above) go on.
+        feed.publish(&store, &job(&store, &[(b"ab", Some(b"4"))], 13));
+        assert!(everything.lagged());
+        assert_eq!(received(&mut everything).len(), 2);
+        assert!(
+            everything.changes.try_recv().is_err(),
+            "cut: no more changes"
+        );
+        assert_eq!(received(&mut key), [vec![change("ab", Some(b"4"), 13)]]);
+
+        drop(everything);
+        assert_eq!(feed.watchers(), 2);
+        feed.close();
+        assert_eq!(
+            feed.subscribe("count", Interest::Key(b"x".to_vec())).err(),
+            Some(WatchError::Closed)
+        );
+        assert!(key.changes.try_recv().is_err());
+        assert!(!key.lagged(), "closed, not lagged");
     }
 }

@@ -10,6 +10,7 @@ pub(super) const APPLIED_PREFIX: &[u8] = b"applied\0";
 pub(super) const FAILED_PREFIX: &[u8] = b"failed\0";
 pub(super) const DEAD_LETTERED_PREFIX: &[u8] = b"dead-lettered\0";
 pub(super) const LATE_PREFIX: &[u8] = b"late\0";
+pub(super) const DROPPED_PREFIX: &[u8] = b"dropped\0";
 /// `stream-time\0` + topic id + partition + aggregation name → the largest
 /// event time a windowed aggregation has seen in the partition (ms).
 pub(super) const STREAM_TIME_PREFIX: &[u8] = b"stream-time\0";

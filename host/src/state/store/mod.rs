@@ -57,6 +57,9 @@ pub struct AggregationCounters {
     /// `records_failed`; dead-lettered, and counted there too, under
     /// `on_error = "dead-letter"`).
     pub records_late: u64,
+    /// Records not aggregated by rule: a record without a Kafka key (null
+    /// key) in an aggregation keyed by it, as Kafka Streams drops them.
+    pub records_dropped: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -485,6 +488,7 @@ impl StateStore {
             records_failed: read(FAILED_PREFIX)?,
             records_dead_lettered: read(DEAD_LETTERED_PREFIX)?,
             records_late: read(LATE_PREFIX)?,
+            records_dropped: read(DROPPED_PREFIX)?,
         })
     }
 

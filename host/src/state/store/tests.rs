@@ -37,6 +37,7 @@ fn states_offsets_and_counters_commit_together_and_survive_reopen() {
                 records_failed: 1,
                 records_dead_lettered: 1,
                 records_late: 0,
+                records_dropped: 0,
             },
         );
         // Nothing is visible before the write.
@@ -63,6 +64,7 @@ fn states_offsets_and_counters_commit_together_and_survive_reopen() {
             records_failed: 1,
             records_dead_lettered: 1,
             records_late: 0,
+            records_dropped: 0,
         }
     );
     assert_eq!(store.counters("b").unwrap(), AggregationCounters::default());

@@ -128,6 +128,7 @@ impl StateWrite<'_> {
             (FAILED_PREFIX, counters.records_failed),
             (DEAD_LETTERED_PREFIX, counters.records_dead_lettered),
             (LATE_PREFIX, counters.records_late),
+            (DROPPED_PREFIX, counters.records_dropped),
         ] {
             self.batch.put_cf(
                 meta,
