@@ -95,6 +95,25 @@ fn a_person_can_look_a_key_up_and_see_its_state() {
         serde_json::from_slice(&output.stdout).expect("the script reports JSON");
     assert_eq!(report["aggregations"], 5, "{report}");
     assert_eq!(report["external"], serde_json::json!([]), "{report}");
+    assert_eq!(report["failed"], serde_json::json!([]), "{report}");
+    // The chart has a line per aggregation, named with its current rate;
+    // the demo applies records to every one of them.
+    let legend: Vec<&str> = report["legend"]
+        .as_array()
+        .expect("legend entries")
+        .iter()
+        .filter_map(|entry| entry.as_str())
+        .collect();
+    assert_eq!(legend.len(), 5, "{report}");
+    for entry in &legend {
+        let rate: f64 = entry
+            .strip_suffix(" /s")
+            .and_then(|rest| rest.rsplit(' ').next())
+            .map(|n| n.replace(',', ""))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{entry:?} is not `NAME RATE /s`"));
+        assert!(rate > 0.0, "{entry:?}: the demo is producing");
+    }
     let shown: serde_json::Value =
         serde_json::from_str(report["shown"].as_str().expect("the state box's text"))
             .unwrap_or_else(|e| panic!("the state box does not hold JSON ({e}): {report}"));

@@ -637,6 +637,15 @@ fn check_config_loads_every_plugin_and_checks_its_params() {
             .output()
             .expect("run wagg")
     };
+    // `--config FILE` is the same as `FILE`, for every command that reads
+    // a config.
+    let check_with_flag = || {
+        Command::new(env!("CARGO_BIN_EXE_wagg"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run wagg")
+    };
 
     std::fs::write(&path, config(r#"{ field = "/amount" }"#)).expect("write");
     let ok = check();
@@ -646,6 +655,41 @@ fn check_config_loads_every_plugin_and_checks_its_params() {
         String::from_utf8_lossy(&ok.stderr)
     );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("aggregation \"spend\": stats"));
+    assert!(check_with_flag().status.success());
+
+    // Each error names the file, the aggregation and the field; the
+    // params' own JSON (which nobody wrote) has no line and column.
+    std::fs::write(&path, config("{}")).expect("write");
+    let missing_field = check_with_flag();
+    let stderr = String::from_utf8_lossy(&missing_field.stderr);
+    assert!(!missing_field.status.success());
+    assert!(
+        stderr.contains("wagg.toml: aggregation \"spend\", params")
+            && stderr.contains("missing field `field`")
+            && !stderr.contains("line 1"),
+        "{stderr}"
+    );
+    std::fs::write(
+        &path,
+        config(r#"{ field = "/amount" }"#).replace(
+            &format!("{:?}", plugin("stats")),
+            "\"plugins/nowhere.wasm\"",
+        ),
+    )
+    .expect("write");
+    let no_plugin = check();
+    let stderr = String::from_utf8_lossy(&no_plugin.stderr);
+    assert!(!no_plugin.status.success());
+    assert!(
+        stderr.contains("wagg.toml: aggregation \"spend\", plugin = \"plugins/nowhere.wasm\"")
+            && stderr.contains("nowhere.wasm"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "the OS error once: {stderr}"
+    );
 
     std::fs::write(&path, config(r#"{ field = "amount" }"#)).expect("write");
     let bad = check();
@@ -710,12 +754,15 @@ fn a_session_window_over_a_plugin_that_cannot_merge_is_refused_naming_it() {
 
 /// `wagg plugin new` → `build` → `test --golden` → `inspect` → a config that
 /// uses it passes `check-config`: the documented path for a plugin author.
+/// The crate is moved elsewhere before it is built, offline: it carries
+/// its own copy of the guest SDK, not a path into this checkout.
 #[test]
 fn a_new_plugin_builds_and_passes_its_golden_test() {
     let work = tempfile::tempdir().expect("tempdir");
     let wagg = |args: &[&str]| {
         let output = Command::new(env!("CARGO_BIN_EXE_wagg"))
             .args(args)
+            .env("CARGO_NET_OFFLINE", "true")
             .output()
             .expect("run wagg");
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -729,7 +776,13 @@ fn a_new_plugin_builds_and_passes_its_golden_test() {
     let dir = work.path().to_str().expect("utf-8 temp path");
     let created = wagg(&["plugin", "new", "spend-total", "--dir", dir]);
     assert!(created.contains("created"), "{created}");
-    let crate_dir = work.path().join("spend-total");
+    let manifest =
+        std::fs::read_to_string(work.path().join("spend-total/Cargo.toml")).expect("manifest");
+    let checkout = workspace_root().display().to_string();
+    assert!(!manifest.contains(&checkout), "{manifest}");
+    let crate_dir = work.path().join("elsewhere/deeper/spend-total");
+    std::fs::create_dir_all(crate_dir.parent().expect("parent")).expect("mkdir");
+    std::fs::rename(work.path().join("spend-total"), &crate_dir).expect("move the crate");
     // The shared wasm target dir keeps the dependencies' builds warm.
     let target = common::target_dir().join("wasm-plugins");
     let built = wagg(&[
@@ -808,6 +861,26 @@ fn a_new_plugin_builds_and_passes_its_golden_test() {
     assert!(
         checked.contains("spend-total") && checked.contains("ok"),
         "{checked}"
+    );
+
+    // A compile error is cargo's to explain: no hint about a missing
+    // target, which is installed.
+    let lib = crate_dir.join("src/lib.rs");
+    let source = std::fs::read_to_string(&lib).expect("lib.rs");
+    std::fs::write(&lib, source.replace("Ok(())", "Ok(()) +")).expect("break lib.rs");
+    let broken = Command::new(env!("CARGO_BIN_EXE_wagg"))
+        .args(["plugin", "build", crate_dir.to_str().expect("utf-8")])
+        .args(["--target-dir", target.to_str().expect("utf-8")])
+        .env("CARGO_NET_OFFLINE", "true")
+        .output()
+        .expect("run wagg");
+    let stderr = String::from_utf8_lossy(&broken.stderr);
+    assert!(!broken.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("error")
+            && stderr.contains("failed")
+            && !stderr.contains("rustup target add"),
+        "{stderr}"
     );
 }
 

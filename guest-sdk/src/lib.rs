@@ -292,7 +292,7 @@ impl<A: Aggregation> Runner<A> {
     /// Parses and validates `params_json`; on success later calls use it.
     pub fn configure(&self, params_json: &str) -> Result<(), String> {
         let params: A::Params = serde_json::from_str(params_json)
-            .map_err(|e| format!("invalid params for `{}`: {e}", A::NAME))?;
+            .map_err(|e| format!("invalid params for `{}`: {}", A::NAME, without_position(&e)))?;
         A::validate(&params).map_err(|e| format!("invalid params for `{}`: {e}", A::NAME))?;
         *self.lock() = Some(params);
         Ok(())
@@ -434,6 +434,17 @@ impl<A: Aggregation> Runner<A> {
         let state = decode_state::<A>(Some(state))?;
         let value = A::render(&state, params).map_err(|e| e.0)?;
         serde_json::to_string(&value).map_err(|e| e.to_string())
+    }
+}
+
+/// `e`'s message without "at line 1 column 2": the position is in the JSON
+/// the host made from the config's `params` table, which nobody sees.
+fn without_position(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    let position = format!(" at line {} column {}", e.line(), e.column());
+    match message.strip_suffix(&position) {
+        Some(bare) => bare.to_owned(),
+        None => message,
     }
 }
 

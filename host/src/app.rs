@@ -41,15 +41,17 @@ pub fn load_plugins(config: &Config, runtime: &PluginRuntime) -> anyhow::Result<
         .iter()
         .map(|aggregation| {
             let path = config.plugin_path(aggregation);
-            let context = || format!("aggregation {:?}", aggregation.name);
-            let plugin = runtime.load(&path).with_context(context)?;
+            let at = |field: &str| config.locate(&aggregation.name, field);
+            let plugin = runtime
+                .load(&path)
+                .with_context(|| at(&format!("plugin = {:?}", aggregation.plugin)))?;
             plugin
                 .instantiate(&aggregation.params_json())
-                .with_context(context)?;
+                .with_context(|| at("params"))?;
             plugin
                 .check_fits(aggregation)
                 .map_err(anyhow::Error::msg)
-                .with_context(context)?;
+                .with_context(|| at("window"))?;
             Ok(plugin)
         })
         .collect()

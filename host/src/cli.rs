@@ -13,7 +13,7 @@ use wagg::config::OnError;
 #[command(after_help = "Examples:
   wagg demo                                  # everything on an embedded broker, no setup
   wagg check-config wagg.toml
-  wagg run --config wagg.toml
+  wagg run wagg.toml                         # or: wagg run --config wagg.toml
   wagg query spend_per_user alice            # a key's state, from a running instance
   wagg lag                                   # per-partition progress of a running instance
   wagg completions bash > /etc/bash_completion.d/wagg")]
@@ -35,6 +35,26 @@ pub(crate) struct Cli {
 pub(crate) enum LogFormat {
     Human,
     Json,
+}
+
+/// The config file, given either way: `wagg run wagg.toml` or `wagg run
+/// --config wagg.toml` (every command that reads a config takes both).
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub(crate) struct ConfigFile {
+    /// The TOML config file.
+    #[arg(value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// The TOML config file (the same as FILE).
+    #[arg(long = "config", short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigFile {
+    pub(crate) fn path(self) -> PathBuf {
+        // clap's group makes exactly one of them present.
+        self.file.or(self.config).unwrap_or_default()
+    }
 }
 
 /// How `query` and `lag` reach a running instance.
@@ -60,11 +80,10 @@ impl EndpointArgs {
 #[derive(Subcommand)]
 pub(crate) enum Command {
     /// Consume the configured topics and serve the aggregations over HTTP.
-    #[command(after_help = "Example:\n  wagg run --config wagg.toml")]
+    #[command(after_help = "Example:\n  wagg run wagg.toml")]
     Run {
-        /// The TOML config file.
-        #[arg(long, short)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         /// Seconds between progress log lines while catching up (when
         /// stderr is not a terminal; a terminal gets a live line).
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
@@ -86,19 +105,24 @@ pub(crate) enum Command {
     },
     /// Validate a config file, including loading every plugin and checking
     /// its params, without starting.
+    #[command(after_help = "Example:\n  wagg check-config wagg.toml")]
     CheckConfig {
-        /// The TOML config file.
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Clear one aggregation's state and have it rebuilt from a point of
     /// its topics while the others go on: on a running instance (`--url`),
     /// or on a stopped one's store (`--config`).
     #[command(
-        after_help = "Examples:\n  wagg reset --url http://127.0.0.1:8080 --aggregation spend_per_user --to earliest\n  wagg reset --config wagg.toml --aggregation spend_per_user --to 2026-11-29T00:00:00Z"
+        after_help = "Examples:\n  wagg reset --url http://127.0.0.1:8080 --aggregation spend_per_user --to earliest\n  wagg reset wagg.toml --aggregation spend_per_user --to 2026-11-29T00:00:00Z"
     )]
+    #[command(group(clap::ArgGroup::new("where").args(["file", "config", "url"]).required(true)))]
     Reset {
         /// The TOML config file of a stopped instance.
-        #[arg(long, short, required_unless_present = "url", conflicts_with = "url")]
+        #[arg(value_name = "FILE", conflicts_with_all = ["config", "url"])]
+        file: Option<PathBuf>,
+        /// The TOML config file of a stopped instance (the same as FILE).
+        #[arg(long, short, value_name = "FILE", conflicts_with = "url")]
         config: Option<PathBuf>,
         /// A running instance's HTTP address (`POST /v1/admin/reset`).
         /// Not taken from `WAGG_URL`: where the reset happens is said
@@ -273,13 +297,11 @@ impl E2eArgs {
 #[derive(Subcommand)]
 pub(crate) enum StateCommand {
     /// Delete the stored state of an aggregation removed from the config.
-    #[command(
-        after_help = "Example:\n  wagg state drop --config wagg.toml --aggregation old_totals"
-    )]
+    #[command(after_help = "Example:\n  wagg state drop wagg.toml --aggregation old_totals")]
     Drop {
-        /// The TOML config file (without the aggregation).
-        #[arg(long, short)]
-        config: PathBuf,
+        /// The config (without the aggregation).
+        #[command(flatten)]
+        config: ConfigFile,
         /// The aggregation whose state to delete.
         #[arg(long)]
         aggregation: String,
@@ -336,8 +358,9 @@ pub(crate) enum PluginCommand {
         /// Where to create it.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
-        /// The wagg guest SDK crate (default: the one in the workspace this
-        /// binary was built from).
+        /// Use this guest SDK crate, by path (SDK development). By default
+        /// the crate gets its own copy of the SDK embedded in wagg
+        /// (`wagg-sdk/`), so it builds wherever it is copied.
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
@@ -356,4 +379,49 @@ pub(crate) enum PluginCommand {
         /// The plugin component (.wasm).
         plugin: PathBuf,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    fn config_of(args: &[&str]) -> Result<PathBuf, clap::Error> {
+        let cli = Cli::try_parse_from(args)?;
+        Ok(match cli.command {
+            Command::Run { config, .. } | Command::CheckConfig { config } => config.path(),
+            Command::State(StateCommand::Drop { config, .. }) => config.path(),
+            Command::Reset { file, config, .. } => file.or(config).unwrap_or_default(),
+            _ => panic!("not a command with a config"),
+        })
+    }
+
+    #[test]
+    fn every_command_that_reads_a_config_takes_it_either_way() {
+        Cli::command().debug_assert();
+        for command in [
+            &["wagg", "run"][..],
+            &["wagg", "check-config"],
+            &["wagg", "state", "drop", "--aggregation", "a"],
+            &["wagg", "reset", "--aggregation", "a", "--to", "earliest"],
+        ] {
+            for form in [&["w.toml"][..], &["--config", "w.toml"], &["-c", "w.toml"]] {
+                let args: Vec<&str> = command.iter().chain(form).copied().collect();
+                assert_eq!(
+                    config_of(&args).map_err(|e| e.to_string()),
+                    Ok(PathBuf::from("w.toml")),
+                    "{args:?}"
+                );
+            }
+            let both: Vec<&str> = command
+                .iter()
+                .chain(&["a.toml", "--config", "b.toml"])
+                .copied()
+                .collect();
+            assert!(config_of(&both).is_err(), "{both:?}");
+            let neither: Vec<&str> = command.to_vec();
+            assert!(config_of(&neither).is_err(), "{neither:?}");
+        }
+    }
 }

@@ -130,10 +130,12 @@ impl Lifecycle {
             let plugin = self.load(new, aggregation)?;
             plugin
                 .check_fits(aggregation)
-                .map_err(|e| AdminError::Refused(format!("aggregation {name:?}: {e}")))?;
+                .map_err(|e| AdminError::Refused(format!("{}: {e}", new.locate(name, "window"))))?;
             let instance = plugin
                 .instantiate(&aggregation.params_json())
-                .map_err(|e| AdminError::Refused(format!("aggregation {name:?}: {e:#}")))?;
+                .map_err(|e| {
+                    AdminError::Refused(format!("{}: {e:#}", new.locate(name, "params")))
+                })?;
             let meta = meta_of(&plugin);
             let prepared = Box::new(Aggregation::new(
                 aggregation.clone(),
@@ -192,7 +194,13 @@ impl Lifecycle {
     ) -> Result<LoadedPlugin, AdminError> {
         self.runtime
             .load(&config.plugin_path(aggregation))
-            .map_err(|e| AdminError::Refused(format!("aggregation {:?}: {e:#}", aggregation.name)))
+            .map_err(|e| {
+                let field = format!("plugin = {:?}", aggregation.plugin);
+                AdminError::Refused(format!(
+                    "{}: {e:#}",
+                    config.locate(&aggregation.name, &field)
+                ))
+            })
     }
 
     fn reset_locked(

@@ -49,7 +49,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             progress_interval_secs,
         } => {
-            let mut config = Config::load(&config)?;
+            let mut config = Config::load(&config.path())?;
             config.progress_interval = Some(std::time::Duration::from_secs(progress_interval_secs));
             wagg::app::run(config, shutdown_on_signal()?, |_| {})
         }
@@ -66,6 +66,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             shutdown_on_signal()?,
         ),
         Command::CheckConfig { config: path } => {
+            let path = path.path();
             let config = Config::load(&path)?;
             let runtime = PluginRuntime::new(RuntimeConfig::new(
                 &config.plugins,
@@ -101,13 +102,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Reset {
+            file,
             config,
             url,
             token,
             aggregation,
             to,
         } => {
-            let message = match (config, url) {
+            let message = match (file.or(config), url) {
                 (Some(config), _) => {
                     let config = Config::load(&config)?;
                     wagg::tools::state_admin::reset(&config, &aggregation, to)?
@@ -144,7 +146,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             aggregation,
         }) => {
-            let config = Config::load(&config)?;
+            let config = Config::load(&config.path())?;
             println!(
                 "{}",
                 wagg::tools::state_admin::drop_state(&config, &aggregation)?
@@ -288,13 +290,9 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             Ok(())
         }
         PluginCommand::New { name, dir, sdk } => {
-            let sdk = match sdk {
-                Some(sdk) => sdk,
-                None => wagg::tools::author::scaffold::default_sdk_path().context(
-                    "the guest SDK of the workspace this binary was built from is gone; pass --sdk PATH/guest-sdk",
-                )?,
-            };
-            let created = wagg::tools::author::scaffold::new_plugin(&dir, &name, &sdk)?;
+            use wagg::tools::author::scaffold::{Sdk, new_plugin};
+            let sdk = sdk.as_deref().map_or(Sdk::Vendored, Sdk::Path);
+            let created = new_plugin(&dir, &name, sdk)?;
             println!("created {}", created.display());
             println!(
                 "next: cd {} && wagg plugin build . && wagg plugin test target/wasm32-wasip2/release/{}.wasm --golden golden",

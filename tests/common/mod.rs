@@ -71,6 +71,7 @@ pub use wagg::tools::author::offline::json_approx_eq;
 pub mod broker;
 #[allow(dead_code)]
 pub mod demo;
+pub mod markdown;
 pub mod wagg_process;
 
 /// The config most single-instance end-to-end tests run: topic `events` on

@@ -1,7 +1,8 @@
 // Drives the dashboard the way a person does: waits for the aggregations
 // table, picks an aggregation, types a key into the lookup box and presses
 // Enter, then reports what the page shows (and any request that left the
-// wagg instance: the page must need nothing external).
+// wagg instance: the page must need nothing external; and any answered
+// with an error, such as a missing favicon).
 //
 // node dashboard-lookup.js BASE_URL AGGREGATION KEY SCREENSHOT.png
 // (playwright-core on NODE_PATH; the browser from $WAGG_CHROMIUM.)
@@ -17,7 +18,12 @@ async function main() {
     const page = await browser.newPage({ viewport: { width: 1200, height: 1000 } });
     const external = [];
     page.on('request', (request) => {
-      if (!request.url().startsWith(base)) external.push(request.url());
+      const url = request.url();
+      if (!url.startsWith(base) && !url.startsWith('data:')) external.push(url);
+    });
+    const failed = [];
+    page.on('response', (response) => {
+      if (response.status() >= 400) failed.push(`${response.status()} ${response.url()}`);
     });
     await page.goto(`${base}/`, { timeout: 20000 });
     await page.waitForSelector('#aggregations tr', { timeout: 20000 });
@@ -36,7 +42,9 @@ async function main() {
     const result = {
       shown: await page.textContent('#state'),
       aggregations: await page.$$eval('#aggregations tr', (rows) => rows.length),
+      legend: await page.$$eval('#legend span', (items) => items.map((i) => i.textContent)),
       external,
+      failed,
     };
     console.log(JSON.stringify(result));
   } finally {

@@ -295,6 +295,16 @@ impl Config {
         Ok(config)
     }
 
+    /// Where a setting of an aggregation is, for messages:
+    /// `wagg.toml: aggregation "spend", params`.
+    pub fn locate(&self, aggregation: &str, field: &str) -> String {
+        let file = self
+            .path
+            .as_deref()
+            .map_or_else(|| "the config".to_owned(), |p| p.display().to_string());
+        format!("{file}: aggregation {aggregation:?}, {field}")
+    }
+
     pub fn plugin_path(&self, aggregation: &AggregationConfig) -> PathBuf {
         self.base_dir.join(&aggregation.plugin)
     }

@@ -76,8 +76,8 @@ impl Collector for Snapshot {
         type PickGauge = fn(&Snapshot, &str, u64) -> i64;
         let per_aggregation: [(&str, &str, PickGauge); 4] = [
             (
-                "state_keys_estimate",
-                "RocksDB's estimate of the number of keys per aggregation",
+                "state_keys",
+                "States stored per aggregation: keys (one per key and window for windowed aggregations), exact",
                 |_, _, estimate| estimate as i64,
             ),
             (

@@ -6,11 +6,12 @@ use std::time::Duration;
 pub enum PluginError {
     #[error("cannot start the plugin engine: {0}")]
     Engine(String),
-    #[error("cannot read plugin {path}: {source}")]
+    // The I/O error is part of the message, not a `source`: chained
+    // displays (`{:#}`) would print the OS error twice.
+    #[error("cannot read plugin {path}: {error}{}", read_hint(error))]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path} is not a wagg plugin component: {message}")]
     NotAPlugin { path: PathBuf, message: String },
@@ -18,6 +19,15 @@ pub enum PluginError {
     Params { plugin: String, message: String },
     #[error("cannot instantiate plugin {plugin}: {message}")]
     Instantiate { plugin: String, message: String },
+}
+
+fn read_hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::NotFound => {
+            " (a relative path is relative to the config file's directory; `wagg plugin build` prints where a plugin crate's .wasm is)"
+        }
+        _ => "",
+    }
 }
 
 /// One call into a plugin failed. Everything but [`CallError::Instantiate`]

@@ -133,9 +133,9 @@ impl PluginRuntime {
     /// Loads the component at `path`: compiles it (or reuses the cached
     /// compilation) and reads its metadata.
     pub fn load(&self, path: &Path) -> Result<LoadedPlugin, PluginError> {
-        let wasm = fs::read(path).map_err(|source| PluginError::Read {
+        let wasm = fs::read(path).map_err(|error| PluginError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         self.load_bytes(path, &wasm)
     }

@@ -96,7 +96,7 @@ fn aggregation_info(
         time: config.time.clone(),
         emit: config.emit.clone(),
         on_error: config.on_error,
-        keys_estimate: state.store.estimate_keys(&config.name)?,
+        keys: state.store.count_keys(&config.name)?,
         migration: state
             .store
             .aggregation_meta(&config.name)?

@@ -67,7 +67,10 @@ pub struct AggregationInfo {
     /// `fail`, `skip` or `dead-letter`.
     #[schema(value_type = String)]
     pub on_error: OnError,
-    pub keys_estimate: u64,
+    /// States stored on this instance, exactly: keys, or one per key and
+    /// window for a windowed aggregation (counted in the same write as
+    /// the states; in a cluster, its partitions' and its standby copies').
+    pub keys: u64,
     /// Present while the stored state is being migrated to the plugin's
     /// new state format (queries answer in the new format meanwhile; the
     /// aggregation applies records again, catching up, once it is done).

@@ -26,7 +26,7 @@ pub async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, Api
         };
         for aggregation in state.aggregations.all() {
             let name = &aggregation.config.name;
-            let keys = state.store.estimate_keys(name)?;
+            let keys = state.store.count_keys(name)?;
             snapshot
                 .aggregations
                 .push((name.clone(), state.status.counters(name), keys));

@@ -183,6 +183,9 @@ pub fn run(options: DemoOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()
                 sent += 1;
             }
             let _ = producer.flush(Duration::from_secs(2));
+            // Handed back, not dropped: it owns the cluster, which the
+            // consumer still uses while it shuts down.
+            producer
         })
         .context("starting the generator")?;
 
@@ -201,6 +204,8 @@ pub fn run(options: DemoOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()
         );
     });
     shutdown.store(true, Ordering::Relaxed);
-    let _ = generator.join();
+    // The cluster goes last, once nothing uses it.
+    let cluster = generator.join();
+    drop(cluster);
     result
 }

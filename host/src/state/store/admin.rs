@@ -35,11 +35,15 @@ impl StateStore {
             APPLIED_PREFIX,
             FAILED_PREFIX,
             DEAD_LETTERED_PREFIX,
+            LATE_PREFIX,
+            DROPPED_PREFIX,
+            KEYS_COUNTED_PREFIX,
         ] {
             batch
                 .batch
                 .delete_cf(&self.meta(), meta_key(prefix, aggregation.as_bytes()));
         }
+        batch.delete_counts(aggregation);
         self.write_ending_migration(aggregation, batch)?;
         self.db.drop_cf(&cf).map_err(|e| self.rocks(e))?;
         column_families.remove(&cf);
@@ -61,6 +65,7 @@ impl StateStore {
             .create_cf(&cf, &column_family_options(&self.block_cache))
             .map_err(|e| self.rocks(e))?;
         column_families.insert(cf);
-        Ok(())
+        drop(column_families);
+        self.count_if_uncounted(aggregation)
     }
 }

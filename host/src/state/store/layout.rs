@@ -11,6 +11,11 @@ pub(super) const FAILED_PREFIX: &[u8] = b"failed\0";
 pub(super) const DEAD_LETTERED_PREFIX: &[u8] = b"dead-lettered\0";
 pub(super) const LATE_PREFIX: &[u8] = b"late\0";
 pub(super) const DROPPED_PREFIX: &[u8] = b"dropped\0";
+/// `keys\0` + aggregation name + `\0` + slot → how many states the
+/// aggregation holds in the slot (see `key_count.rs`).
+pub(super) const KEYS_PREFIX: &[u8] = b"keys\0";
+/// `keys-counted\0` + aggregation name: its counts are kept.
+pub(super) const KEYS_COUNTED_PREFIX: &[u8] = b"keys-counted\0";
 /// `stream-time\0` + topic id + partition + aggregation name → the largest
 /// event time a windowed aggregation has seen in the partition (ms).
 pub(super) const STREAM_TIME_PREFIX: &[u8] = b"stream-time\0";

@@ -116,7 +116,7 @@ impl StateStore {
             from_plugin: format!("{} {}", from.plugin_name, from.plugin_version),
             through: None,
             keys_migrated: 0,
-            keys_estimate: self.estimate_keys(aggregation)?,
+            keys_estimate: self.count_keys(aggregation)?,
             resume: resume
                 .iter()
                 .map(|((topic, partition), next)| (topic.clone(), *partition, *next))

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 mod admin;
 mod catch_up;
+mod key_count;
 mod layout;
 mod migration;
 mod reads;
@@ -68,12 +69,9 @@ pub enum StoreError {
         "state directory {dir} is in use by another wagg process (RocksDB lock held); stop it or use another `state.dir`"
     )]
     Locked { dir: PathBuf },
-    #[error("state store {dir}: {source}")]
-    Rocks {
-        dir: PathBuf,
-        #[source]
-        source: rocksdb::Error,
-    },
+    // The RocksDB error is in the message only (see PluginError::Read).
+    #[error("state store {dir}: {error}")]
+    Rocks { dir: PathBuf, error: rocksdb::Error },
     #[error(
         "aggregation {:?}: the stored state was written by plugin {} {} in state format {}, but the configured plugin {} {} uses format {}; use a compatible plugin (or one that migrates from format {}: see `migrate` in the plugin guide) or a new aggregation name",
         .0.aggregation, .0.stored.plugin_name, .0.stored.plugin_version, .0.stored.state_format,
@@ -194,9 +192,13 @@ impl StateStore {
         names.extend(aggregations.iter().map(|a| format!("{AGG_CF_PREFIX}{a}")));
         names.sort();
         names.dedup();
-        let descriptors = names
-            .iter()
-            .map(|name| ColumnFamilyDescriptor::new(name, column_family_options(&cache)));
+        let descriptors = names.iter().map(|name| {
+            let mut options = column_family_options(&cache);
+            if name == META_CF {
+                options.set_merge_operator_associative(key_count::ADD_I64, key_count::add_i64);
+            }
+            ColumnFamilyDescriptor::new(name, options)
+        });
         let db = Db::open_cf_descriptors(&db_options, dir, descriptors).map_err(|source| {
             if source.to_string().contains("lock") {
                 StoreError::Locked {
@@ -205,7 +207,7 @@ impl StateStore {
             } else {
                 StoreError::Rocks {
                     dir: dir.to_owned(),
-                    source,
+                    error: source,
                 }
             }
         })?;
@@ -223,13 +225,16 @@ impl StateStore {
         };
         store.load_topic_ids()?;
         store.load_migrations()?;
+        for aggregation in store.stored_aggregations() {
+            store.count_if_uncounted(&aggregation)?;
+        }
         Ok(store)
     }
 
     fn rocks(&self, source: rocksdb::Error) -> StoreError {
         StoreError::Rocks {
             dir: self.dir.clone(),
-            source,
+            error: source,
         }
     }
 
@@ -357,6 +362,7 @@ impl StateStore {
         let end = next_prefix(&start).unwrap_or_else(|| vec![0xff; Slot::LEN + 1]);
         for aggregation in aggregations {
             batch.delete_range_cf(&self.aggregation_cf(aggregation)?, &start, &end);
+            batch.delete_cf(&self.meta(), key_count::count_key(aggregation, slot));
         }
         let partition = slot.partition as i32;
         batch.delete_cf(

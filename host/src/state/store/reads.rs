@@ -221,16 +221,6 @@ impl StateStore {
         Ok(found)
     }
 
-    /// RocksDB's estimate of the number of keys of an aggregation.
-    pub fn estimate_keys(&self, aggregation: &str) -> Result<u64, StoreError> {
-        let cf = self.aggregation_cf(aggregation)?;
-        Ok(self
-            .db
-            .property_int_value_cf(&cf, "rocksdb.estimate-num-keys")
-            .map_err(|e| self.rocks(e))?
-            .unwrap_or(0))
-    }
-
     /// Bytes in live SST files plus memtables, over all column families.
     pub fn size_bytes(&self) -> Result<u64, StoreError> {
         let mut total = 0;

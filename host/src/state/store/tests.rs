@@ -472,3 +472,106 @@ fn stream_times_are_read_per_partition_and_per_aggregation() {
         [("b".to_owned(), 7)].into()
     );
 }
+
+/// One step of the key-count property test.
+#[derive(Debug, Clone)]
+enum CountOp {
+    Put(u8, u32),
+    Delete(u8, u32),
+    RawPut(u8, u32),
+    ClearSlot(u32),
+    ClearAggregation,
+    Write,
+}
+
+fn count_op() -> impl Strategy<Value = CountOp> {
+    prop_oneof![
+        6 => (0u8..12, 0u32..3).prop_map(|(k, p)| CountOp::Put(k, p)),
+        3 => (0u8..12, 0u32..3).prop_map(|(k, p)| CountOp::Delete(k, p)),
+        2 => (0u8..12, 0u32..3).prop_map(|(k, p)| CountOp::RawPut(k, p)),
+        1 => (0u32..3).prop_map(CountOp::ClearSlot),
+        1 => Just(CountOp::ClearAggregation),
+        4 => Just(CountOp::Write),
+    ]
+}
+
+proptest! {
+    /// The kept count of an aggregation's states equals the number of
+    /// states it holds after any mix of puts, deletes (of present and
+    /// absent keys), repeated writes of a key in one batch, cleared slots
+    /// and cleared aggregations, and after a reopen.
+    #[test]
+    fn key_counts_equal_the_states_held(ops in proptest::collection::vec(count_op(), 1..60)) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let slot = |partition| Slot { topic_id: 0, partition };
+        // A key lives in one slot (its partition's), as with Kafka keys.
+        let mut batch = store.begin_write();
+        for op in ops {
+            match op {
+                CountOp::Put(key, partition) => {
+                    batch.put_state("a", slot(partition), &[key, partition as u8], b"s").unwrap();
+                    batch.put_state("b", slot(partition), &[key, partition as u8], b"s").unwrap();
+                }
+                CountOp::Delete(key, partition) => {
+                    batch.delete_state("a", slot(partition), &[key, partition as u8]).unwrap();
+                }
+                CountOp::RawPut(key, partition) => {
+                    batch.put_raw("a", &slot(partition).store_key(&[key, partition as u8]), b"r").unwrap();
+                }
+                CountOp::ClearAggregation => batch.clear_aggregation("a").unwrap(),
+                CountOp::ClearSlot(partition) => {
+                    store.write(std::mem::replace(&mut batch, store.begin_write())).unwrap();
+                    store.clear_slot(&["a", "b"], slot(partition)).unwrap();
+                }
+                CountOp::Write => {
+                    store.write(std::mem::replace(&mut batch, store.begin_write())).unwrap();
+                }
+            }
+        }
+        store.write(batch).unwrap();
+        for aggregation in ["a", "b"] {
+            let held = store.list(aggregation, b"", None, 10_000).unwrap().len() as u64;
+            prop_assert_eq!(store.count_keys(aggregation).unwrap(), held, "{}", aggregation);
+        }
+        drop(store);
+        let store = open(dir.path());
+        let held = store.list("a", b"", None, 10_000).unwrap().len() as u64;
+        prop_assert_eq!(store.count_keys("a").unwrap(), held);
+    }
+}
+
+/// A store written before key counts existed (no counts, no marker) is
+/// counted once when opened; a dropped aggregation's counts go with it.
+#[test]
+fn a_store_without_key_counts_is_counted_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = open(dir.path());
+        let mut batch = store.begin_write();
+        for (partition, key) in [(0, b"x"), (1, b"y"), (1, b"z")] {
+            let slot = Slot {
+                topic_id: 0,
+                partition,
+            };
+            batch.put_state("a", slot, key, b"s").unwrap();
+        }
+        store.write(batch).unwrap();
+        assert_eq!(store.count_keys("a").unwrap(), 3);
+        // What an older wagg left: states only.
+        let meta = store.meta();
+        let start = key_count::counts_prefix("a");
+        let end = next_prefix(&start).unwrap();
+        store.db.delete_range_cf(&meta, &start, &end).unwrap();
+        store
+            .db
+            .delete_cf(&meta, meta_key(KEYS_COUNTED_PREFIX, b"a"))
+            .unwrap();
+        assert_eq!(store.count_keys("a").unwrap(), 0);
+    }
+    let store = open(dir.path());
+    assert_eq!(store.count_keys("a").unwrap(), 3);
+    assert!(store.drop_aggregation("a").unwrap());
+    store.add_aggregation("a").unwrap();
+    assert_eq!(store.count_keys("a").unwrap(), 0);
+}

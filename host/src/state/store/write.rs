@@ -1,11 +1,13 @@
 //! Writes: every change to states, offsets, commits and counters goes
 //! through a [`StateWrite`], applied atomically by [`StateStore::write`].
 
+use super::key_count::{Touched, counts_prefix};
 use super::*;
 
 impl StateStore {
-    /// Writes a batch atomically.
-    pub fn write(&self, batch: StateWrite<'_>) -> Result<(), StoreError> {
+    /// Writes a batch atomically, with the key counts it changes.
+    pub fn write(&self, mut batch: StateWrite<'_>) -> Result<(), StoreError> {
+        self.add_count_changes(&mut batch)?;
         self.db
             .write_opt(batch.batch, &self.write_options)
             .map_err(|e| self.rocks(e))?;
@@ -27,6 +29,9 @@ impl StateStore {
             batch: WriteBatch::default(),
             slots: BTreeSet::new(),
             last_slot: None,
+            touched: Vec::new(),
+            aggregations: Vec::new(),
+            cleared: Vec::new(),
         }
     }
 }
@@ -40,6 +45,12 @@ pub struct StateWrite<'s> {
     /// The last slot added to `slots` (writes come in key order, so this
     /// saves a set insert per state).
     last_slot: Option<(String, Slot)>,
+    /// The states written, for the key counts.
+    pub(super) touched: Vec<Touched>,
+    /// Names of the aggregations in `touched` (by index).
+    pub(super) aggregations: Vec<String>,
+    /// Aggregations cleared by this batch: what they held is gone.
+    pub(super) cleared: Vec<String>,
 }
 
 impl StateWrite<'_> {
@@ -51,9 +62,26 @@ impl StateWrite<'_> {
         state: &[u8],
     ) -> Result<(), StoreError> {
         let cf = self.store.aggregation_cf(aggregation)?;
-        self.batch.put_cf(&cf, slot.store_key(key), state);
+        let store_key = slot.store_key(key);
+        self.batch.put_cf(&cf, &store_key, state);
         self.note_slot(aggregation, slot);
+        self.touch(aggregation, store_key, true);
         Ok(())
+    }
+
+    fn touch(&mut self, aggregation: &str, store_key: Vec<u8>, exists: bool) {
+        let index = match self.aggregations.iter().rposition(|a| a == aggregation) {
+            Some(index) => index,
+            None => {
+                self.aggregations.push(aggregation.to_owned());
+                self.aggregations.len() - 1
+            }
+        };
+        self.touched.push(Touched {
+            aggregation: index,
+            store_key,
+            exists,
+        });
     }
 
     fn note_slot(&mut self, aggregation: &str, slot: Slot) {
@@ -79,12 +107,14 @@ impl StateWrite<'_> {
         if let Some((slot, _)) = Slot::decode(store_key) {
             self.note_slot(aggregation, slot);
         }
+        self.touch(aggregation, store_key.to_vec(), true);
         Ok(())
     }
 
     pub fn delete_raw(&mut self, aggregation: &str, store_key: &[u8]) -> Result<(), StoreError> {
         let cf = self.store.aggregation_cf(aggregation)?;
         self.batch.delete_cf(&cf, store_key);
+        self.touch(aggregation, store_key.to_vec(), false);
         Ok(())
     }
 
@@ -95,7 +125,9 @@ impl StateWrite<'_> {
         key: &[u8],
     ) -> Result<(), StoreError> {
         let cf = self.store.aggregation_cf(aggregation)?;
-        self.batch.delete_cf(&cf, slot.store_key(key));
+        let store_key = slot.store_key(key);
+        self.batch.delete_cf(&cf, &store_key);
+        self.touch(aggregation, store_key, false);
         Ok(())
     }
 
@@ -159,7 +191,19 @@ impl StateWrite<'_> {
         self.batch
             .delete_range_cf(&cf, [].as_slice(), vec![0xff; Slot::LEN + 1].as_slice());
         self.set_counters(aggregation, &AggregationCounters::default());
+        // What this batch wrote of it before is gone too.
+        let index = self.aggregations.iter().position(|a| a == aggregation);
+        self.touched.retain(|t| Some(t.aggregation) != index);
+        self.cleared.push(aggregation.to_owned());
+        self.delete_counts(aggregation);
         Ok(())
+    }
+
+    /// Deletes the aggregation's key counts.
+    pub(super) fn delete_counts(&mut self, aggregation: &str) {
+        let start = counts_prefix(aggregation);
+        let end = next_prefix(&start).unwrap_or_else(|| vec![0xff; start.len()]);
+        self.batch.delete_range_cf(&self.store.meta(), &start, &end);
     }
 
     pub fn is_empty(&self) -> bool {

@@ -70,12 +70,34 @@ pub fn build_components(
     }
     let status = child.wait().context("waiting for cargo")?;
     if !status.success() {
+        let hint = match target_installed(manifest_path) {
+            Some(false) => format!(
+                "; the {PLUGIN_TARGET} target is not installed: `rustup target add {PLUGIN_TARGET}`"
+            ),
+            // cargo printed the compiler's errors above.
+            _ => String::new(),
+        };
         bail!(
-            "building {} for {PLUGIN_TARGET} failed ({status}); is the target installed? `rustup target add {PLUGIN_TARGET}`",
+            "building {} for {PLUGIN_TARGET} failed ({status}){hint}",
             manifest_path.display()
         );
     }
     Ok(built)
+}
+
+/// Whether the Rust toolchain that builds `manifest_path` has the plugin
+/// target's standard library (`None`: cannot tell).
+fn target_installed(manifest_path: &Path) -> Option<bool> {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let mut command = Command::new(rustc);
+    command.args(["--print", "target-libdir", "--target", PLUGIN_TARGET]);
+    // A crate's rust-toolchain.toml picks the toolchain.
+    if let Some(dir) = manifest_path.parent().filter(|d| d.is_dir()) {
+        command.current_dir(dir);
+    }
+    let output = command.output().ok().filter(|o| o.status.success())?;
+    let libdir = String::from_utf8_lossy(&output.stdout);
+    Some(Path::new(libdir.trim()).is_dir())
 }
 
 /// The `(package name, .wasm path)` of a cargo `compiler-artifact` message.

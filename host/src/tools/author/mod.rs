@@ -1,6 +1,8 @@
 //! Plugin author tools: `wagg plugin new` ([`scaffold`]), `wagg plugin
-//! build` ([`build`]) and `wagg plugin test` ([`offline`]).
+//! build` ([`build`]) and `wagg plugin test` ([`offline`]); [`vendor`]
+//! holds the guest SDK a new crate gets a copy of.
 
 pub mod build;
 pub mod offline;
 pub mod scaffold;
+pub mod vendor;

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
+use super::vendor::{VENDOR_DIR, vendor_sdk};
+
 const TEMPLATE: &[(&str, &str)] = &[
     (
         "Cargo.toml",
@@ -37,17 +39,17 @@ const TEMPLATE: &[(&str, &str)] = &[
     (".gitignore", "/target\n"),
 ];
 
-/// The guest SDK of the workspace this binary was built from, if it is
-/// still there.
-pub fn default_sdk_path() -> Option<PathBuf> {
-    let sdk = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()?
-        .join("guest-sdk");
-    sdk.join("Cargo.toml").is_file().then_some(sdk)
+/// Where a new plugin crate's guest SDK comes from.
+pub enum Sdk<'a> {
+    /// A copy of the SDK embedded in this binary, written into the crate:
+    /// the crate builds wherever it is copied.
+    Vendored,
+    /// A guest SDK crate on disk (SDK development), by absolute path.
+    Path(&'a Path),
 }
 
 /// Creates `parent/name/` from the template; returns its path.
-pub fn new_plugin(parent: &Path, name: &str, sdk: &Path) -> anyhow::Result<PathBuf> {
+pub fn new_plugin(parent: &Path, name: &str, sdk: Sdk<'_>) -> anyhow::Result<PathBuf> {
     validate_name(name)?;
     let dir = parent.join(name);
     if dir.exists() {
@@ -56,21 +58,10 @@ pub fn new_plugin(parent: &Path, name: &str, sdk: &Path) -> anyhow::Result<PathB
             dir.display()
         );
     }
-    let sdk = sdk
-        .canonicalize()
-        .with_context(|| format!("the guest SDK at {} (see --sdk)", sdk.display()))?;
-    if !sdk.join("Cargo.toml").is_file() {
-        bail!(
-            "{} is not the wagg guest SDK crate (no Cargo.toml; see --sdk)",
-            sdk.display()
-        );
-    }
-    let sdk = sdk
-        .to_str()
-        .context("the guest SDK path is not UTF-8")?
-        // TOML basic strings: escape what would end or break them.
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"");
+    let sdk = match sdk {
+        Sdk::Vendored => format!("{VENDOR_DIR}/guest-sdk"),
+        Sdk::Path(path) => sdk_path(path)?,
+    };
     let lib = name.replace('-', "_");
     for (path, text) in TEMPLATE {
         let text = text
@@ -85,7 +76,29 @@ pub fn new_plugin(parent: &Path, name: &str, sdk: &Path) -> anyhow::Result<PathB
         }
         std::fs::write(&target, text).with_context(|| format!("writing {}", target.display()))?;
     }
+    if sdk.starts_with(VENDOR_DIR) {
+        vendor_sdk(&dir)?;
+    }
     Ok(dir)
+}
+
+/// `path` as a TOML string's content, checked to be a guest SDK crate.
+fn sdk_path(path: &Path) -> anyhow::Result<String> {
+    let sdk = path
+        .canonicalize()
+        .with_context(|| format!("the guest SDK at {} (see --sdk)", path.display()))?;
+    if !sdk.join("Cargo.toml").is_file() {
+        bail!(
+            "{} is not the wagg guest SDK crate (no Cargo.toml; see --sdk)",
+            sdk.display()
+        );
+    }
+    Ok(sdk
+        .to_str()
+        .context("the guest SDK path is not UTF-8")?
+        // TOML basic strings: escape what would end or break them.
+        .replace('\\', "\\\\")
+        .replace('"', "\\\""))
 }
 
 /// Crate names cargo accepts, which also work as aggregation plugin names.
@@ -112,17 +125,23 @@ mod tests {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
         let parent = tempfile::tempdir().expect("tempdir");
-        let sdk = default_sdk_path().expect("built from the workspace");
-        let dir = new_plugin(parent.path(), "spend-total", &sdk).expect("new");
+        let dir = new_plugin(parent.path(), "spend-total", Sdk::Vendored).expect("new");
         let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).expect("manifest");
         assert!(manifest.contains("name = \"spend-total\""));
+        assert!(
+            manifest.contains("path = \"wagg-sdk/guest-sdk\""),
+            "{manifest}"
+        );
+        assert!(dir.join("wagg-sdk/guest-sdk/src/lib.rs").is_file());
+        assert!(dir.join("wagg-sdk/wit/aggregator.wit").is_file());
+        assert!(dir.join("Cargo.lock").is_file());
         assert!(!manifest.contains("{{"), "{manifest}");
         let lib = std::fs::read_to_string(dir.join("src/lib.rs")).expect("lib");
         assert!(lib.contains("const NAME: &'static str = \"spend-total\""));
         let readme = std::fs::read_to_string(dir.join("README.md")).expect("readme");
         assert!(readme.contains("release/spend_total.wasm"), "{readme}");
         assert!(
-            new_plugin(parent.path(), "spend-total", &sdk).is_err(),
+            new_plugin(parent.path(), "spend-total", Sdk::Vendored).is_err(),
             "exists"
         );
     }
