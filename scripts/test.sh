@@ -19,6 +19,6 @@ if [ $# -eq 0 ]; then
   # (tests/newcomer.rs). Its binary is run directly: `cargo install` needs
   # the build lock that `cargo test` holds while tests run.
   newcomer=$(cargo test --release --test newcomer --no-run --message-format=json |
-    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+    grep '"name":"newcomer"' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
   "$newcomer" --ignored --nocapture
 fi

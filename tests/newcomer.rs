@@ -251,20 +251,58 @@ impl Demo {
 
     /// Ctrl-C: SIGINT to the group; the exit status and everything logged.
     fn interrupt(mut self) -> (std::process::ExitStatus, String) {
-        let group = self.child.id();
-        let sent = Command::new("kill")
-            .args(["-INT", &format!("-{group}")])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -INT -{group}");
+        signal_group(self.child.id(), "-INT");
         let deadline = Instant::now() + Duration::from_secs(20);
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("wait for the demo") {
                 break status;
             }
-            assert!(Instant::now() < deadline, "the demo did not stop on Ctrl-C");
+            if Instant::now() > deadline {
+                let threads = threads_of(self.child.id());
+                signal_group(self.child.id(), "-KILL");
+                let _ = self.child.wait();
+                let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
+                panic!(
+                    "the demo did not stop on Ctrl-C; its threads: {threads}\n--- stderr\n{}",
+                    stderr.join().unwrap_or_default()
+                );
+            }
             std::thread::sleep(Duration::from_millis(100));
         };
-        (status, self.stderr.join().expect("stderr reader"))
+        let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
+        (status, stderr.join().expect("stderr reader"))
     }
+}
+
+impl Drop for Demo {
+    /// A failed test leaves no demo holding port 8080.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            signal_group(self.child.id(), "-KILL");
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn signal_group(group: u32, signal: &str) {
+    let sent = Command::new("kill")
+        .args([signal, "--", &format!("-{group}")])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill {signal} -{group}");
+}
+
+/// Each thread's name and what it waits in, for a process that hangs.
+fn threads_of(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "(gone)".into();
+    };
+    tasks
+        .filter_map(|task| {
+            let dir = task.ok()?.path();
+            let read = |file: &str| std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+            Some(format!("{} ({})", read("comm").trim(), read("wchan").trim()))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

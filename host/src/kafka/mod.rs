@@ -290,8 +290,9 @@ impl Repeats {
     }
 
     /// `Some(left out since the last time it was logged)` when `line`
-    /// should be logged now; `None` when it is left out.
-    pub fn admit(&self, line: &str) -> Option<u64> {
+    /// should be logged now (`Some(None)` when none was: a log field of
+    /// `None` is not written); `None` when it is left out.
+    pub fn admit(&self, line: &str) -> Option<Option<u64>> {
         let shape: String = line
             .chars()
             .filter(|c| !c.is_ascii_digit())
@@ -310,11 +311,11 @@ impl Repeats {
             }
             Some((last, left_out)) => {
                 *last = now;
-                Some(std::mem::take(left_out))
+                Some(Some(std::mem::take(left_out)).filter(|&n| n > 0))
             }
             None => {
                 seen.insert(shape, (now, 0));
-                Some(0)
+                Some(None)
             }
         }
     }
@@ -331,7 +332,7 @@ mod tests {
         let repeats = Repeats::new(Duration::from_millis(200));
         let line =
             |ms: u32| format!("Connect to 127.0.0.1:9 failed (after {ms}ms in state CONNECT)");
-        assert_eq!(repeats.admit(&line(1)), Some(0));
+        assert_eq!(repeats.admit(&line(1)), Some(None));
         for ms in 2..12 {
             assert_eq!(
                 repeats.admit(&line(ms)),
@@ -339,9 +340,9 @@ mod tests {
                 "alike: differs in digits only"
             );
         }
-        assert_eq!(repeats.admit("another line"), Some(0));
+        assert_eq!(repeats.admit("another line"), Some(None));
         std::thread::sleep(Duration::from_millis(250));
-        assert_eq!(repeats.admit(&line(99)), Some(10));
+        assert_eq!(repeats.admit(&line(99)), Some(Some(10)));
         assert_eq!(repeats.admit(&line(100)), None);
     }
 
