@@ -301,7 +301,11 @@ fn threads_of(pid: u32) -> String {
         .filter_map(|task| {
             let dir = task.ok()?.path();
             let read = |file: &str| std::fs::read_to_string(dir.join(file)).unwrap_or_default();
-            Some(format!("{} ({})", read("comm").trim(), read("wchan").trim()))
+            Some(format!(
+                "{} ({})",
+                read("comm").trim(),
+                read("wchan").trim()
+            ))
         })
         .collect::<Vec<_>>()
         .join(", ")
