@@ -664,7 +664,7 @@ fn check_config_loads_every_plugin_and_checks_its_params() {
     let stderr = String::from_utf8_lossy(&missing_field.stderr);
     assert!(!missing_field.status.success());
     assert!(
-        stderr.contains("wagg.toml: aggregation \"spend\", params")
+        stderr.contains("wagg.toml: `aggregation[0]`.params (aggregation \"spend\")")
             && stderr.contains("missing field `field`")
             && !stderr.contains("line 1"),
         "{stderr}"
@@ -681,8 +681,9 @@ fn check_config_loads_every_plugin_and_checks_its_params() {
     let stderr = String::from_utf8_lossy(&no_plugin.stderr);
     assert!(!no_plugin.status.success());
     assert!(
-        stderr.contains("wagg.toml: aggregation \"spend\", plugin = \"plugins/nowhere.wasm\"")
-            && stderr.contains("nowhere.wasm"),
+        stderr.contains(
+            "wagg.toml: `aggregation[0]`.plugin \"plugins/nowhere.wasm\" (aggregation \"spend\")"
+        ) && stderr.contains("nowhere.wasm"),
         "{stderr}"
     );
     assert_eq!(

@@ -44,7 +44,7 @@ pub fn load_plugins(config: &Config, runtime: &PluginRuntime) -> anyhow::Result<
             let at = |field: &str| config.locate(&aggregation.name, field);
             let plugin = runtime
                 .load(&path)
-                .with_context(|| at(&format!("plugin = {:?}", aggregation.plugin)))?;
+                .with_context(|| at(&format!("plugin {:?}", aggregation.plugin)))?;
             plugin
                 .instantiate(&aggregation.params_json())
                 .with_context(|| at("params"))?;

@@ -195,7 +195,7 @@ impl Lifecycle {
         self.runtime
             .load(&config.plugin_path(aggregation))
             .map_err(|e| {
-                let field = format!("plugin = {:?}", aggregation.plugin);
+                let field = format!("plugin {:?}", aggregation.plugin);
                 AdminError::Refused(format!(
                     "{}: {e:#}",
                     config.locate(&aggregation.name, &field)

@@ -295,14 +295,20 @@ impl Config {
         Ok(config)
     }
 
-    /// Where a setting of an aggregation is, for messages:
-    /// `wagg.toml: aggregation "spend", params`.
+    /// Where a setting of an aggregation is, for messages, in the shape
+    /// of the validation errors: ``wagg.toml: `aggregation[0]`.params
+    /// (aggregation "spend")``.
     pub fn locate(&self, aggregation: &str, field: &str) -> String {
         let file = self
             .path
             .as_deref()
             .map_or_else(|| "the config".to_owned(), |p| p.display().to_string());
-        format!("{file}: aggregation {aggregation:?}, {field}")
+        match self.aggregations.iter().position(|a| a.name == aggregation) {
+            Some(index) => {
+                format!("{file}: `aggregation[{index}]`.{field} (aggregation {aggregation:?})")
+            }
+            None => format!("{file}: aggregation {aggregation:?}, {field}"),
+        }
     }
 
     pub fn plugin_path(&self, aggregation: &AggregationConfig) -> PathBuf {
