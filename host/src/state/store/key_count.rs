@@ -153,6 +153,7 @@ impl StateStore {
             return Ok(());
         }
         let cf = self.aggregation_cf(aggregation)?;
+        let started = std::time::Instant::now();
         let mut per_slot: BTreeMap<Slot, i64> = BTreeMap::new();
         let mut keys = self.db.raw_iterator_cf(&cf);
         keys.seek_to_first();
@@ -163,6 +164,15 @@ impl StateStore {
             keys.next();
         }
         keys.status().map_err(|e| self.rocks(e))?;
+        let states: i64 = per_slot.values().sum();
+        if states > 0 {
+            tracing::info!(
+                aggregation,
+                states,
+                seconds = started.elapsed().as_secs_f64(),
+                "counted the stored states (once: the store predates key counts)"
+            );
+        }
         let mut batch = WriteBatch::default();
         let start = counts_prefix(aggregation);
         let end = next_prefix(&start).unwrap_or_else(|| vec![0xff; start.len()]);
