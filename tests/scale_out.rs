@@ -294,6 +294,14 @@ standby_replicas = {standby}
             .collect()
     }
 
+    /// A 6 s group session and a 3 s membership timeout instead of the
+    /// defaults (45 s, 10 s): a killed or paused instance is noticed in
+    /// seconds, and the suite does not wait most of a minute per kill.
+    fn notice_deaths_quickly(&mut self) {
+        self.source_kafka = "\"session.timeout.ms\" = 6000\n\"heartbeat.interval.ms\" = 1000";
+        self.cluster_extra = "member_timeout_ms = 3000";
+    }
+
     fn wait_until(&self, what: &str, timeout: Duration, done: impl Fn(&Self) -> bool) {
         let started = Instant::now();
         while !done(self) {
@@ -582,6 +590,7 @@ fn three_instances_answer_every_key_exactly_from_any_instance() {
 #[test]
 fn a_killed_instances_partitions_move_and_every_key_stays_exact() {
     let (_serial, mut rng, mut cluster) = start("kill test", 0);
+    cluster.notice_deaths_quickly();
     for _ in 0..3 {
         cluster.add_instance();
     }
@@ -696,6 +705,8 @@ fn scale_from_two_to_three(cluster: &mut Cluster, rng: &mut Rng) -> DataSet {
 fn standby_copies_answer_while_an_owner_is_dead_and_take_over_without_a_restore() {
     // Two copies besides the owner: every survivor has every partition.
     let (_serial, mut rng, mut cluster) = start("standby test", 2);
+    // Default timeouts: the hanging owner below must stay a member while
+    // its keys are asked for.
     let data = cluster.three_instances_with(20_000, &mut rng);
     cluster.wait_until(
         "every instance has a current copy of the partitions it does not own",
@@ -1001,8 +1012,7 @@ fn a_paused_owner_that_wakes_up_is_fenced_and_every_key_stays_exact() {
     let (_serial, mut rng, mut cluster) = start("zombie", 0);
     // Quick to notice the paused instance; flushing every 3 s, so that the
     // paused instance holds records it has applied and not yet written.
-    cluster.source_kafka = "\"session.timeout.ms\" = 6000\n\"heartbeat.interval.ms\" = 1000";
-    cluster.cluster_extra = "member_timeout_ms = 3000";
+    cluster.notice_deaths_quickly();
     cluster.commit_interval_ms = 3000;
     cluster.add_instance();
     cluster.add_instance();
@@ -1099,6 +1109,7 @@ fn a_paused_owner_that_wakes_up_is_fenced_and_every_key_stays_exact() {
 #[test]
 fn a_dead_instances_partitions_move_with_one_standby_copy_while_records_keep_coming() {
     let (_serial, mut rng, mut cluster) = start("dead instance, one copy", 1);
+    cluster.notice_deaths_quickly();
     let data = cluster.three_instances_with(20_000, &mut rng);
     cluster.wait_until(
         "every partition has a current standby copy",
@@ -1115,8 +1126,8 @@ fn a_dead_instances_partitions_move_with_one_standby_copy_while_records_keep_com
     cluster
         .broker
         .produce(TOPIC, &more.records[data.records.len()..]);
-    // The group's session timeout (45 s), the membership timeout (10 s),
-    // then a minute.
+    // The group's session timeout, the membership timeout, then most of
+    // two minutes.
     let unanswered = cluster.wait_exact(&more, &mut rng, Duration::from_secs(115));
     eprintln!(
         "dead instance, one copy: every key exact through both survivors {:?} after the kill ({unanswered} lookups unanswered on the way, none above the truth)",
