@@ -58,6 +58,7 @@ pub fn new_plugin(parent: &Path, name: &str, sdk: Sdk<'_>) -> anyhow::Result<Pat
             dir.display()
         );
     }
+    let vendored = matches!(sdk, Sdk::Vendored);
     let sdk = match sdk {
         Sdk::Vendored => format!("{VENDOR_DIR}/guest-sdk"),
         Sdk::Path(path) => sdk_path(path)?,
@@ -76,7 +77,7 @@ pub fn new_plugin(parent: &Path, name: &str, sdk: Sdk<'_>) -> anyhow::Result<Pat
         }
         std::fs::write(&target, text).with_context(|| format!("writing {}", target.display()))?;
     }
-    if sdk.starts_with(VENDOR_DIR) {
+    if vendored {
         vendor_sdk(&dir)?;
     }
     Ok(dir)
