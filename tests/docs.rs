@@ -30,13 +30,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::demo::Demo;
-use common::markdown::{Block, code_blocks};
+use common::markdown::{Block, code_blocks, run_shell_block};
 
 const DEMO_ADDRESS: &str = "http://127.0.0.1:8080";
 
 struct Walkthrough<'a> {
     doc: String,
-    scratch: PathBuf,
     cwd: PathBuf,
     demo: &'a Demo,
     metric_names: &'a [String],
@@ -131,38 +130,23 @@ impl Walkthrough<'_> {
 
     fn run_shell(&mut self, at: &str, script: &str, block_allows_http_errors: bool) {
         let script = script.replace(DEMO_ADDRESS, &self.demo.base);
-        let cwd_file = self.scratch.join(".doc-cwd");
-        let full = format!("{script}\npwd > {}\n", shell_quote(&cwd_file));
-        let output = Command::new("bash")
-            .args(["-euo", "pipefail", "-c", &full])
-            .current_dir(&self.cwd)
-            .env(
-                "PATH",
-                if block_allows_http_errors {
-                    &self.path_env_plain_curl
-                } else {
-                    &self.path_env
-                },
-            )
-            // Plugin builds share one warm target directory (never the host
-            // build's: a nested cargo would wait on its lock).
-            .env(
-                "CARGO_TARGET_DIR",
-                common::target_dir().join("wasm-plugins"),
-            )
-            .env_remove("WAGG_URL")
-            .env_remove("WAGG_TOKEN")
-            .output()
-            .expect("run bash");
-        assert!(
-            output.status.success(),
-            "{at} failed ({}):\n{script}\n--- stdout\n{}\n--- stderr\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let cwd = std::fs::read_to_string(&cwd_file).expect("the block's final directory");
-        self.cwd = PathBuf::from(cwd.trim());
+        let path = if block_allows_http_errors {
+            &self.path_env_plain_curl
+        } else {
+            &self.path_env
+        };
+        self.cwd = run_shell_block(at, &script, &self.cwd, |command| {
+            command
+                .env("PATH", path)
+                // Plugin builds share one warm target directory (never the
+                // host build's: a nested cargo would wait on its lock).
+                .env(
+                    "CARGO_TARGET_DIR",
+                    common::target_dir().join("wasm-plugins"),
+                )
+                .env_remove("WAGG_URL")
+                .env_remove("WAGG_TOKEN");
+        });
     }
 
     fn check_shell(&self, at: &str, script: &str) {
@@ -212,10 +196,6 @@ fn shell_words(line: &str) -> Vec<String> {
         .filter(|w| !w.is_empty())
         .map(str::to_owned)
         .collect()
-}
-
-fn shell_quote(path: &Path) -> String {
-    format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
 }
 
 fn documents() -> Vec<PathBuf> {
@@ -307,7 +287,6 @@ fn every_code_block_in_the_docs_runs() {
             .to_string();
         let mut walkthrough = Walkthrough {
             doc: name,
-            scratch: scratch.path().to_owned(),
             cwd: scratch.path().to_owned(),
             demo: &demo,
             metric_names: &metric_names,

@@ -16,11 +16,11 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::markdown::{Block, code_blocks};
+use common::markdown::{Block, code_blocks, run_shell_block};
 
 /// The README's blocks tagged `newcomer=<step>`, in order.
 fn blocks(step: &str) -> Vec<Block> {
@@ -46,34 +46,6 @@ fn path_with(bin: &Path) -> String {
         .chain(rest.map(str::to_owned))
         .collect::<Vec<_>>()
         .join(":")
-}
-
-/// Runs a shell block in `cwd`; returns its output and the directory it
-/// ended in (a `cd` carries over to the next block, as for a person).
-fn run_shell(script: &str, cwd: &Path, path_env: &str) -> (std::process::Output, PathBuf) {
-    let cwd_file = tempfile::NamedTempFile::new().expect("temp file");
-    let full = format!(
-        "{script}\npwd > '{}'\n",
-        cwd_file.path().display().to_string().replace('\'', r"'\''")
-    );
-    let output = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", &full])
-        .current_dir(cwd)
-        .env("PATH", path_env)
-        .output()
-        .expect("run bash");
-    let ended_in = std::fs::read_to_string(cwd_file.path()).unwrap_or_default();
-    (output, PathBuf::from(ended_in.trim()))
-}
-
-fn assert_ran(what: &str, script: &str, output: &std::process::Output) {
-    assert!(
-        output.status.success(),
-        "{what} failed ({}):\n{script}\n--- stdout\n{}\n--- stderr\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 /// Lines of cargo's output saying it compiled something.
@@ -102,7 +74,14 @@ fn a_newcomer_follows_the_readme() {
             .env("CARGO_INSTALL_ROOT", scratch.path().join("cargo"))
             .output()
             .expect("run bash");
-        assert_ran("README install", &block.text, &output);
+        assert!(
+            output.status.success(),
+            "README install failed ({}):\n{}\n--- stdout\n{}\n--- stderr\n{}",
+            output.status,
+            block.text,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(
             compiled(&stderr),
@@ -127,14 +106,13 @@ fn a_newcomer_follows_the_readme() {
             std::fs::write(&path, &block.text).expect("write block file");
             continue;
         }
-        let script = format!(
-            "export CARGO_TARGET_DIR='{}'\n{}",
-            common::target_dir().join("wasm-plugins").display(),
-            block.text
-        );
-        let (output, ended_in) = run_shell(&script, &cwd, &path_env);
-        assert_ran(&format!("README.md:{}", block.line), &block.text, &output);
-        cwd = ended_in;
+        let at = format!("README.md:{}", block.line);
+        cwd = run_shell_block(&at, &block.text, &cwd, |command| {
+            command.env("PATH", &path_env).env(
+                "CARGO_TARGET_DIR",
+                common::target_dir().join("wasm-plugins"),
+            );
+        });
     }
     eprintln!(
         "quickstart, from `plugin new` to `check-config` ok: {:.1} s",

@@ -1,5 +1,9 @@
 //! The fenced code blocks of a Markdown document, with their info strings
-//! (shared by the docs test and the newcomer walkthrough).
+//! (shared by the docs test and the newcomer walkthrough), and how a `sh`
+//! block is run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 #[derive(Debug)]
 pub struct Block {
@@ -50,4 +54,38 @@ pub fn code_blocks(markdown: &str) -> Vec<Block> {
     }
     assert!(open.is_none(), "an unclosed code block");
     blocks
+}
+
+/// Runs a `sh` block as a person does at a terminal: `bash -euo pipefail`
+/// in `cwd`, its environment set by `configure`; fails the test, naming
+/// `at`, unless it succeeds. Returns the directory it ended in (a `cd`
+/// carries over to the next block).
+pub fn run_shell_block(
+    at: &str,
+    script: &str,
+    cwd: &Path,
+    configure: impl FnOnce(&mut Command),
+) -> PathBuf {
+    let cwd_file = tempfile::NamedTempFile::new().expect("temp file");
+    let quoted = cwd_file.path().display().to_string().replace('\'', r"'\''");
+    let mut command = Command::new("bash");
+    command
+        .args([
+            "-euo",
+            "pipefail",
+            "-c",
+            &format!("{script}\npwd > '{quoted}'\n"),
+        ])
+        .current_dir(cwd);
+    configure(&mut command);
+    let output = command.output().expect("run bash");
+    assert!(
+        output.status.success(),
+        "{at} failed ({}):\n{script}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let ended_in = std::fs::read_to_string(cwd_file.path()).expect("the block's final directory");
+    PathBuf::from(ended_in.trim())
 }

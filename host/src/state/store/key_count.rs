@@ -46,6 +46,13 @@ pub(super) fn counts_prefix(aggregation: &str) -> Vec<u8> {
     key
 }
 
+/// The range `[start, end)` of an aggregation's counts.
+pub(super) fn counts_range(aggregation: &str) -> (Vec<u8>, Vec<u8>) {
+    let start = counts_prefix(aggregation);
+    let end = next_prefix(&start).unwrap_or_else(|| vec![0xff; start.len()]);
+    (start, end)
+}
+
 pub(super) fn count_key(aggregation: &str, slot: Slot) -> Vec<u8> {
     let mut key = counts_prefix(aggregation);
     key.extend_from_slice(&slot.store_key(&[]));
@@ -174,8 +181,7 @@ impl StateStore {
             );
         }
         let mut batch = WriteBatch::default();
-        let start = counts_prefix(aggregation);
-        let end = next_prefix(&start).unwrap_or_else(|| vec![0xff; start.len()]);
+        let (start, end) = counts_range(aggregation);
         batch.delete_range_cf(&meta, &start, &end);
         for (slot, count) in per_slot {
             batch.put_cf(&meta, count_key(aggregation, slot), count.to_be_bytes());

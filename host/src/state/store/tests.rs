@@ -560,8 +560,7 @@ fn a_store_without_key_counts_is_counted_at_open() {
         assert_eq!(store.count_keys("a").unwrap(), 3);
         // What an older wagg left: states only.
         let meta = store.meta();
-        let start = key_count::counts_prefix("a");
-        let end = next_prefix(&start).unwrap();
+        let (start, end) = key_count::counts_range("a");
         store.db.delete_range_cf(&meta, &start, &end).unwrap();
         store
             .db

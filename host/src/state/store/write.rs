@@ -1,7 +1,7 @@
 //! Writes: every change to states, offsets, commits and counters goes
 //! through a [`StateWrite`], applied atomically by [`StateStore::write`].
 
-use super::key_count::{Touched, counts_prefix};
+use super::key_count::{Touched, counts_range};
 use super::*;
 
 impl StateStore {
@@ -201,8 +201,7 @@ impl StateWrite<'_> {
 
     /// Deletes the aggregation's key counts.
     pub(super) fn delete_counts(&mut self, aggregation: &str) {
-        let start = counts_prefix(aggregation);
-        let end = next_prefix(&start).unwrap_or_else(|| vec![0xff; start.len()]);
+        let (start, end) = counts_range(aggregation);
         self.batch.delete_range_cf(&self.store.meta(), &start, &end);
     }
 
