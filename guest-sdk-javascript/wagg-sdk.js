@@ -285,8 +285,13 @@ function applyGroup(agg, params, stored, records) {
   }
 }
 
-/** Applies an encoded batch (Uint8Array); returns the encoded result. */
-export function applyBatch(agg, params, batch) {
+/** Applies an encoded batch (Uint8Array) with an aggregation definition
+ * and parsed params; returns the encoded result. */
+export function applyBatch(definition, params, batch) {
+  return applyWith(withDefaults(definition), params, batch);
+}
+
+function applyWith(agg, params, batch) {
   const reader = new Reader(batch);
   const version = reader.u8();
   if (version !== ABI_VERSION) throw new DecodeError(`abi version ${version}, this SDK speaks ${ABI_VERSION}`);
@@ -340,7 +345,7 @@ export function exportAggregation(definition) {
     apply(batch) {
       const p = current();
       try {
-        return applyBatch(agg, p, batch);
+        return applyWith(agg, p, batch);
       } catch (e) {
         if (e instanceof DecodeError) fail("batch could not be decoded", e);
         throw e;

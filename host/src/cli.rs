@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use wagg::config::OnError;
+use wagg::tools::author::componentize::Language;
 
 /// wagg: live, queryable per-key aggregates of Kafka topics, computed by
 /// WebAssembly plugins.
@@ -347,14 +348,18 @@ pub(crate) enum PluginCommand {
         #[arg(long, value_enum, default_value_t = OnError::Fail)]
         on_error: OnError,
     },
-    /// Create a plugin crate from a template (uses the guest SDK, builds to
-    /// wasm32-wasip2 as is, has a golden test).
+    /// Create a plugin project from a template (Rust, Python or
+    /// JavaScript: the same aggregation, a copy of the guest SDK, a golden
+    /// test; it builds as is).
     #[command(
-        after_help = "Example:\n  wagg plugin new spend-total\n  cd spend-total && wagg plugin build . && wagg plugin test target/wasm32-wasip2/release/spend_total.wasm --golden golden"
+        after_help = "Example:\n  wagg plugin new spend-total\n  cd spend-total && wagg plugin build . && wagg plugin test target/wasm32-wasip2/release/spend_total.wasm --golden golden\n  wagg plugin new spend-py --lang python\n  cd spend-py && wagg plugin build . && wagg plugin test target/plugin.wasm --golden golden"
     )]
     New {
-        /// The plugin's name (also the crate's and directory's).
+        /// The plugin's name (also the project's directory's).
         name: String,
+        /// The language to write the plugin in.
+        #[arg(long, value_enum, default_value_t = Language::Rust)]
+        lang: Language,
         /// Where to create it.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
@@ -364,13 +369,16 @@ pub(crate) enum PluginCommand {
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
-    /// Build a plugin crate into a .wasm component and print its path.
+    /// Build a plugin project into a .wasm component and print its path: a
+    /// Rust crate with cargo, a Python project (`plugin.py`) with
+    /// componentize-py, a JavaScript one (`plugin.js`) with componentize-js
+    /// (both installed on first use into wagg's cache).
     Build {
-        /// The plugin crate's directory.
+        /// The plugin project's directory.
         #[arg(default_value = ".")]
         path: PathBuf,
-        /// Cargo target directory (default: `$CARGO_TARGET_DIR`, else the
-        /// crate's `target/`).
+        /// Cargo target directory for a Rust crate (default:
+        /// `$CARGO_TARGET_DIR`, else the crate's `target/`).
         #[arg(long, env = "CARGO_TARGET_DIR")]
         target_dir: Option<PathBuf>,
     },

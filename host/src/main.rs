@@ -9,7 +9,8 @@ use anyhow::Context;
 use clap::Parser;
 use wagg::config::Config;
 use wagg::plugin::{PluginRuntime, RuntimeConfig};
-use wagg::tools::author::{build, offline};
+use wagg::tools::author::componentize::{self, Language};
+use wagg::tools::author::{build, offline, scaffold};
 
 /// glibc's allocator spent a quarter of the engine benchmark's time in
 /// malloc/free (BENCHMARKS.md); mimalloc does not.
@@ -289,20 +290,32 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             writeln!(stdout)?;
             Ok(())
         }
-        PluginCommand::New { name, dir, sdk } => {
-            use wagg::tools::author::scaffold::{Sdk, new_plugin};
-            let sdk = sdk.as_deref().map_or(Sdk::Vendored, Sdk::Path);
-            let created = new_plugin(&dir, &name, sdk)?;
+        PluginCommand::New {
+            name,
+            lang,
+            dir,
+            sdk,
+        } => {
+            let created = scaffold::new_project(&dir, &name, lang, sdk.as_deref())?;
+            let wasm = match lang {
+                Language::Rust => format!(
+                    "target/wasm32-wasip2/release/{}.wasm",
+                    name.replace('-', "_")
+                ),
+                _ => componentize::OUTPUT.to_owned(),
+            };
             println!("created {}", created.display());
             println!(
-                "next: cd {} && wagg plugin build . && wagg plugin test target/wasm32-wasip2/release/{}.wasm --golden golden",
+                "next: cd {} && wagg plugin build . && wagg plugin test {wasm} --golden golden",
                 created.display(),
-                name.replace('-', "_")
             );
             Ok(())
         }
         PluginCommand::Build { path, target_dir } => {
-            let wasm = build::build_plugin_crate(&path, target_dir.as_deref())?;
+            let wasm = match Language::of_project(&path)? {
+                Language::Rust => build::build_plugin_crate(&path, target_dir.as_deref())?,
+                language => componentize::build_project(&path, language)?,
+            };
             println!("{}", wasm.display());
             Ok(())
         }

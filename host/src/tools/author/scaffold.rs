@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
-use super::vendor::{VENDOR_DIR, vendor_sdk};
+use super::componentize::{JAVASCRIPT_SDK, Language, PYTHON_SDK};
+use super::vendor::{VENDOR_DIR, vendor_sdk, write};
 
 const TEMPLATE: &[(&str, &str)] = &[
     (
@@ -21,6 +22,14 @@ const TEMPLATE: &[(&str, &str)] = &[
         include_str!("../../../templates/plugin/README.md.tmpl"),
     ),
     (
+        "rust-toolchain.toml",
+        "[toolchain]\ntargets = [\"wasm32-wasip2\"]\n",
+    ),
+    (".gitignore", "/target\n"),
+];
+
+const GOLDEN: [(&str, &str); 3] = [
+    (
         "golden/basic/input.jsonl",
         include_str!("../../../templates/plugin/golden/basic/input.jsonl"),
     ),
@@ -32,12 +41,70 @@ const TEMPLATE: &[(&str, &str)] = &[
         "golden/basic/expected.json",
         include_str!("../../../templates/plugin/golden/basic/expected.json"),
     ),
+];
+
+const PYTHON_TEMPLATE: &[(&str, &str)] = &[
     (
-        "rust-toolchain.toml",
-        "[toolchain]\ntargets = [\"wasm32-wasip2\"]\n",
+        "plugin.py",
+        include_str!("../../../templates/plugin-python/plugin.py.tmpl"),
+    ),
+    (
+        "README.md",
+        include_str!("../../../templates/plugin-python/README.md.tmpl"),
+    ),
+    ("wagg_sdk/__init__.py", PYTHON_SDK),
+    (".gitignore", "/target\n__pycache__/\n"),
+];
+
+const JAVASCRIPT_TEMPLATE: &[(&str, &str)] = &[
+    (
+        "plugin.js",
+        include_str!("../../../templates/plugin-javascript/plugin.js.tmpl"),
+    ),
+    (
+        "README.md",
+        include_str!("../../../templates/plugin-javascript/README.md.tmpl"),
     ),
     (".gitignore", "/target\n"),
 ];
+
+/// Creates `parent/name/`, a plugin project in `language` (the same
+/// aggregation and golden test in each); returns its path. `sdk` is for
+/// Rust crates only.
+pub fn new_project(
+    parent: &Path,
+    name: &str,
+    language: Language,
+    sdk: Option<&Path>,
+) -> anyhow::Result<PathBuf> {
+    let files = match (language, sdk) {
+        (Language::Rust, sdk) => {
+            return new_plugin(parent, name, sdk.map_or(Sdk::Vendored, Sdk::Path));
+        }
+        (_, Some(_)) => bail!(
+            "--sdk is for Rust plugins; a {language:?} project gets a copy of the SDK embedded in wagg"
+        ),
+        (Language::Python, None) => PYTHON_TEMPLATE,
+        (Language::Javascript, None) => JAVASCRIPT_TEMPLATE,
+    };
+    validate_name(name)?;
+    let dir = parent.join(name);
+    if dir.exists() {
+        bail!(
+            "{} already exists; choose another name or --dir",
+            dir.display()
+        );
+    }
+    let sdk_files = if language == Language::Javascript {
+        JAVASCRIPT_SDK
+    } else {
+        &[]
+    };
+    for (path, text) in files.iter().chain(sdk_files).chain(&GOLDEN) {
+        write(&dir.join(path), &text.replace("{{name}}", name))?;
+    }
+    Ok(dir)
+}
 
 /// Where a new plugin crate's guest SDK comes from.
 pub enum Sdk<'a> {
@@ -64,7 +131,7 @@ pub fn new_plugin(parent: &Path, name: &str, sdk: Sdk<'_>) -> anyhow::Result<Pat
         Sdk::Path(path) => sdk_path(path)?,
     };
     let lib = name.replace('-', "_");
-    for (path, text) in TEMPLATE {
+    for (path, text) in TEMPLATE.iter().chain(&GOLDEN) {
         let text = text
             .replace("{{name}}", name)
             .replace("{{crate}}", name)

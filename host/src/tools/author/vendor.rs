@@ -65,7 +65,7 @@ pub fn vendor_sdk(crate_dir: &Path) -> anyhow::Result<()> {
     write(&crate_dir.join("Cargo.lock"), WORKSPACE_LOCKFILE)
 }
 
-fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+pub(super) fn write(path: &Path, text: &str) -> anyhow::Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
