@@ -321,8 +321,12 @@ pub(crate) enum PluginCommand {
     /// With `--golden DIR`, runs every case `DIR/<case>/` (`input.jsonl`,
     /// `params.json`, `expected.json`) at batch sizes 1, 3 and 1000 and fails
     /// on any difference.
+    ///
+    /// With `--conformance`, runs the ABI conformance vectors against a
+    /// build of the conformance probe (`plugins/testing/conformance`, or its
+    /// port to a new guest SDK) and fails on any difference.
     #[command(
-        after_help = "Example:\n  wagg plugin test count.wasm --input records.jsonl\n  wagg plugin test stats.wasm --input records.jsonl --params '{\"field\": \"/amount\"}'\n  wagg plugin test my_plugin.wasm --golden golden"
+        after_help = "Example:\n  wagg plugin test count.wasm --input records.jsonl\n  wagg plugin test stats.wasm --input records.jsonl --params '{\"field\": \"/amount\"}'\n  wagg plugin test my_plugin.wasm --golden golden\n  wagg plugin test probe.wasm --conformance"
     )]
     Test {
         /// The plugin component (.wasm).
@@ -331,13 +335,17 @@ pub(crate) enum PluginCommand {
         #[arg(
             long,
             short,
-            required_unless_present = "golden",
-            conflicts_with = "golden"
+            required_unless_present_any = ["golden", "conformance"],
+            conflicts_with_all = ["golden", "conformance"]
         )]
         input: Option<PathBuf>,
         /// A directory of golden cases to check instead.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "conformance")]
         golden: Option<PathBuf>,
+        /// Run the ABI conformance vectors instead (the plugin must be a
+        /// build of the conformance probe).
+        #[arg(long)]
+        conformance: bool,
         /// The plugin's params as a JSON object.
         #[arg(long, default_value = "{}")]
         params: String,

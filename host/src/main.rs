@@ -10,7 +10,7 @@ use clap::Parser;
 use wagg::config::Config;
 use wagg::plugin::{PluginRuntime, RuntimeConfig};
 use wagg::tools::author::componentize::{self, Language};
-use wagg::tools::author::{build, offline, scaffold};
+use wagg::tools::author::{build, conformance, offline, scaffold};
 
 /// glibc's allocator spent a quarter of the engine benchmark's time in
 /// malloc/free (BENCHMARKS.md); mimalloc does not.
@@ -252,6 +252,30 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             }
             if failed > 0 {
                 anyhow::bail!("{failed} of {} golden runs differ", results.len());
+            }
+            Ok(())
+        }
+        PluginCommand::Test {
+            plugin,
+            conformance: true,
+            ..
+        } => {
+            let runtime = PluginRuntime::new(RuntimeConfig::default())?;
+            let results = conformance::run_conformance(&runtime.load(&plugin)?)?;
+            let failed = results.iter().filter(|r| !r.problems.is_empty()).count();
+            for result in &results {
+                let verdict = if result.problems.is_empty() {
+                    "ok  "
+                } else {
+                    "FAIL"
+                };
+                println!("{verdict}  {} ({})", result.name, result.about);
+                for problem in &result.problems {
+                    println!("  {problem}");
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} conformance cases fail", results.len());
             }
             Ok(())
         }

@@ -150,7 +150,11 @@ pub fn build_example_plugins(
 ) -> anyhow::Result<BTreeMap<String, PathBuf>> {
     let mut packages = EXAMPLE_PLUGINS.to_vec();
     if include_testing {
-        packages.extend(["wagg-plugin-hostile", "wagg-plugin-stats-v2"]);
+        packages.extend([
+            "wagg-plugin-hostile",
+            "wagg-plugin-stats-v2",
+            "wagg-plugin-conformance",
+        ]);
     }
     let built = build_components(
         &workspace_root.join("Cargo.toml"),
