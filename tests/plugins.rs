@@ -7,10 +7,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::sdk_plugins::{self, LANGUAGES, cached_runtime, cached_runtime_config, sdk_plugin};
 use common::{json_approx_eq, plugin, workspace_root};
 use wagg::config::OnError;
 use wagg::plugin::{CallError, PluginError, PluginRuntime, RuntimeConfig};
 use wagg::record::SourceRecord;
+use wagg::tools::author::conformance;
 use wagg::tools::author::offline::{self, StateMap};
 
 fn runtime() -> PluginRuntime {
@@ -20,6 +22,100 @@ fn runtime() -> PluginRuntime {
 fn read_json(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The conformance probe, built with each guest SDK, answers every ABI
+/// conformance vector exactly (`wagg plugin test --conformance`).
+#[test]
+fn every_guest_sdk_passes_the_abi_conformance_vectors() {
+    let runtime = cached_runtime();
+    let mut probes = vec![("rust", plugin("conformance"))];
+    for language in LANGUAGES {
+        let path = sdk_plugin(language, "testing/conformance");
+        probes.push((sdk_plugins::language_dir(language), path));
+    }
+    let vectors = conformance::VECTORS.lines().count();
+    for (language, path) in probes {
+        let loaded = runtime.load(&path).expect("load");
+        let results =
+            conformance::run_conformance(&loaded).unwrap_or_else(|e| panic!("{language}: {e:#}"));
+        assert_eq!(results.len(), vectors, "{language}");
+        for result in results {
+            assert!(
+                result.problems.is_empty(),
+                "{language} probe, case {}: {:#?}",
+                result.name,
+                result.problems
+            );
+        }
+    }
+}
+
+/// `count`, `stats` and `top-n` written in Python and in JavaScript pass
+/// the Rust plugins' golden cases (the same files) at batch sizes 1, 3 and
+/// 1000, and with the input's halves merged.
+#[test]
+fn python_and_javascript_examples_pass_the_shared_golden_cases() {
+    let runtime = cached_runtime();
+    for language in LANGUAGES {
+        for name in ["count", "stats", "top-n"] {
+            let loaded = runtime.load(&sdk_plugin(language, name)).expect("load");
+            assert_eq!(loaded.metadata().name, name);
+            assert!(loaded.metadata().merges, "{language:?} {name} merges");
+            let golden = workspace_root().join("plugins").join(name).join("golden");
+            let results = offline::run_golden(&loaded, &golden)
+                .unwrap_or_else(|e| panic!("{language:?} {name}: {e:#}"));
+            let sizes: Vec<usize> = results
+                .iter()
+                .filter(|r| !r.merged)
+                .map(|r| r.batch_size)
+                .collect();
+            for size in offline::GOLDEN_BATCH_SIZES {
+                assert!(
+                    sizes.contains(&size),
+                    "{language:?} {name}: no run at batch size {size}"
+                );
+            }
+            for result in &results {
+                assert!(
+                    result.mismatch.is_none(),
+                    "{language:?} {name}: {} at batch size {} (merged: {}): {:?}",
+                    result.case.display(),
+                    result.batch_size,
+                    result.merged,
+                    result.mismatch
+                );
+            }
+        }
+    }
+}
+
+/// A Python or JavaScript plugin that loops, allocates without bound or
+/// raises is contained like a Rust one: the bad record is named, every
+/// other record is applied exactly once and the plugin keeps working.
+#[test]
+fn python_and_javascript_plugins_are_contained() {
+    for language in LANGUAGES {
+        let path = sdk_plugin(language, "testing/hostile");
+        let config = RuntimeConfig {
+            call_timeout: Duration::from_millis(500),
+            ..cached_runtime_config()
+        };
+        assert_isolated_in(&path, "loop", config.clone(), |m| {
+            m.contains("exceeded its time budget of 500ms")
+        });
+        assert_isolated_in(&path, "alloc", config.clone(), |m| {
+            // The refused growth becomes an exception the SDK reports as a
+            // rejected record (CPython's MemoryError, SpiderMonkey's "out of
+            // memory"), or a trap.
+            m.contains("exceeded its memory limit of 64 MiB")
+                || m == "MemoryError"
+                || m == "out of memory"
+        });
+        assert_isolated_in(&path, "raise", config, |m| {
+            m.ends_with("Error: hostile plugin raised on offset 5")
+        });
+    }
 }
 
 /// Every `plugins/<name>/golden/<case>/` holds `input.jsonl`, `params.json`
@@ -266,9 +362,13 @@ fn records(pairs: &[(&str, &str)]) -> Vec<SourceRecord> {
 }
 
 fn hostile(mode: &str, config: RuntimeConfig) -> wagg::plugin::PluginInstance {
+    hostile_at(&plugin("hostile"), mode, config)
+}
+
+fn hostile_at(plugin: &Path, mode: &str, config: RuntimeConfig) -> wagg::plugin::PluginInstance {
     PluginRuntime::new(config)
         .expect("runtime")
-        .load(&plugin("hostile"))
+        .load(plugin)
         .expect("load")
         .instantiate(&serde_json::json!({ "mode": mode }).to_string())
         .expect("instantiate")
@@ -311,7 +411,16 @@ fn counts(instance: &mut wagg::plugin::PluginInstance, states: &StateMap) -> Vec
 /// Whatever the misbehaviour, the bad record is isolated and named, every
 /// other record is applied exactly once, and the instance keeps working.
 fn assert_isolated(mode: &str, config: RuntimeConfig, expect_message: impl Fn(&str) -> bool) {
-    let mut instance = hostile(mode, config);
+    assert_isolated_in(&plugin("hostile"), mode, config, expect_message);
+}
+
+fn assert_isolated_in(
+    plugin: &Path,
+    mode: &str,
+    config: RuntimeConfig,
+    expect_message: impl Fn(&str) -> bool,
+) {
+    let mut instance = hostile_at(plugin, mode, config);
     let records = batch_with_one_bad_record();
     let mut states = StateMap::default();
     let failures =

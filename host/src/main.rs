@@ -229,7 +229,7 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             golden: Some(golden),
             ..
         } => {
-            let runtime = PluginRuntime::new(RuntimeConfig::default())?;
+            let runtime = offline_runtime()?;
             let loaded = runtime.load(&plugin)?;
             let results = offline::run_golden(&loaded, &golden)?;
             let mut failed = 0;
@@ -260,7 +260,7 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             conformance: true,
             ..
         } => {
-            let runtime = PluginRuntime::new(RuntimeConfig::default())?;
+            let runtime = offline_runtime()?;
             let results = conformance::run_conformance(&runtime.load(&plugin)?)?;
             let failed = results.iter().filter(|r| !r.problems.is_empty()).count();
             for result in &results {
@@ -289,7 +289,7 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
         } => {
             let input = input.context("--input or --golden is required")?;
             let params = normalize_params(&params)?;
-            let runtime = PluginRuntime::new(RuntimeConfig::default())?;
+            let runtime = offline_runtime()?;
             let loaded = runtime.load(&plugin)?;
             let mut instance = loaded.instantiate(&params)?;
             let records = if input == Path::new("-") {
@@ -338,13 +338,13 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
         PluginCommand::Build { path, target_dir } => {
             let wasm = match Language::of_project(&path)? {
                 Language::Rust => build::build_plugin_crate(&path, target_dir.as_deref())?,
-                language => componentize::build_project(&path, language)?,
+                language => componentize::build_project(&path, language, &path.join("target"))?,
             };
             println!("{}", wasm.display());
             Ok(())
         }
         PluginCommand::Inspect { plugin } => {
-            let runtime = PluginRuntime::new(RuntimeConfig::default())?;
+            let runtime = offline_runtime()?;
             let loaded = runtime.load(&plugin)?;
             let report = serde_json::json!({
                 "path": plugin,
@@ -362,6 +362,19 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The runtime of the `wagg plugin` commands: default limits, compiled
+/// plugins cached under wagg's cache directory (a Python or JavaScript
+/// plugin takes seconds to compile; the second run starts at once).
+fn offline_runtime() -> anyhow::Result<PluginRuntime> {
+    let cache_dir = componentize::cache_dir()
+        .ok()
+        .map(|dir| dir.join("compiled-plugins"));
+    Ok(PluginRuntime::new(RuntimeConfig {
+        cache_dir,
+        ..RuntimeConfig::default()
+    })?)
 }
 
 /// Checks that `params` is a JSON object, so mistakes show up as a clear

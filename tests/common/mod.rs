@@ -72,6 +72,7 @@ pub mod broker;
 #[allow(dead_code)]
 pub mod demo;
 pub mod markdown;
+pub mod sdk_plugins;
 pub mod wagg_process;
 
 /// The config most single-instance end-to-end tests run: topic `events` on

@@ -44,7 +44,8 @@ impl Language {
 pub const PYTHON_ENTRY: &str = "plugin.py";
 /// The module a JavaScript plugin project defines its aggregation in.
 pub const JAVASCRIPT_ENTRY: &str = "plugin.js";
-/// Where a built Python or JavaScript plugin is written, in its project.
+/// Where `wagg plugin build` writes a Python or JavaScript plugin, in its
+/// project.
 pub const OUTPUT: &str = "target/plugin.wasm";
 
 /// The Python SDK package, written as `wagg_sdk/__init__.py`.
@@ -66,13 +67,14 @@ const TOOL_PINS: &str = include_str!("../../../templates/plugin-tools.txt");
 const COMPONENTIZE_JS_SCRIPT: &str = include_str!("../../../templates/componentize-js.mjs");
 
 /// Builds the Python or JavaScript project at `dir` into
-/// `dir/target/plugin.wasm`, with the project's own copy of the SDK when it
-/// has one and the embedded one otherwise; returns the component's path.
-pub fn build_project(dir: &Path, language: Language) -> anyhow::Result<PathBuf> {
-    let build_dir = dir.join("target/wagg-build");
+/// `target_dir/plugin.wasm` (`wagg plugin build`: `dir/target`), with the
+/// project's own copy of the SDK when it has one and the embedded one
+/// otherwise; returns the component's path.
+pub fn build_project(dir: &Path, language: Language, target_dir: &Path) -> anyhow::Result<PathBuf> {
+    let build_dir = target_dir.join("wagg-build");
     recreate(&build_dir)?;
     write(&build_dir.join("wit/aggregator.wit"), WIT)?;
-    let output = dir.join(OUTPUT);
+    let output = target_dir.join("plugin.wasm");
     let mut command = match language {
         Language::Rust => bail!("Rust plugins are built with cargo"),
         Language::Python => python_command(dir, &build_dir)?,
