@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::broker::{Broker, free_port};
+use common::sdk_plugins::{self, LANGUAGES, sdk_plugin};
 use common::wagg_process::Wagg;
 use common::{json_approx_eq, plugin, stats_json};
 use serde_json::{Value, json};
@@ -304,6 +305,55 @@ fn every_key_is_exact_for_three_aggregations_at_once() {
         .sum();
     assert_eq!(next_offsets, 200_000, "stored offsets cover every record");
     assert_eq!(wagg.get("/readyz").0, 200);
+}
+
+/// `count` and `stats` written in Python and in JavaScript run inside
+/// `wagg run` beside the Rust ones, on one topic: every key of every one
+/// equals the expectation computed here.
+#[test]
+fn python_and_javascript_plugins_run_beside_rust_with_exact_states() {
+    let setup = Setup::new(&["purchases"]);
+    let data = purchases(0, 20_000, 1_000);
+    setup.broker.produce("purchases", &records(&data));
+    let mut aggregations = common::count_and_stats_toml();
+    for language in LANGUAGES {
+        let name = sdk_plugins::language_dir(language);
+        aggregations.push_str(&format!(
+            "\n[[aggregation]]\nname = \"count-{name}\"\nplugin = {:?}\n\n[[aggregation]]\nname = \"stats-{name}\"\nplugin = {:?}\nparams = {{ field = \"/amount\" }}\n",
+            sdk_plugin(language, "count"),
+            sdk_plugin(language, "stats"),
+        ));
+    }
+    let wagg = setup.start(&setup.config(&["purchases"], &aggregations));
+    let names = [
+        "count",
+        "stats",
+        "count-python",
+        "stats-python",
+        "count-javascript",
+        "stats-javascript",
+    ];
+    let applied = names
+        .iter()
+        .map(|n| ((*n).to_owned(), data.len() as u64))
+        .collect();
+    wagg.wait_for(&applied, CATCH_UP);
+    for name in names {
+        let expected = if name.starts_with("count") {
+            expected_counts(&data)
+        } else {
+            expected_stats(&data)
+        };
+        assert_states(&wagg, name, &expected);
+    }
+    let metrics = wagg.metrics();
+    for name in names {
+        assert_eq!(
+            metrics[&format!("wagg_records_failed_total{{aggregation=\"{name}\"}}")],
+            0.0,
+            "{name}"
+        );
+    }
 }
 
 #[test]

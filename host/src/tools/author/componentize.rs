@@ -100,7 +100,9 @@ pub fn build_project(dir: &Path, language: Language, target_dir: &Path) -> anyho
 fn python_command(dir: &Path, build_dir: &Path) -> anyhow::Result<Command> {
     let tool = ensure_tool(Language::Python)?;
     let mut command = Command::new(tool.join("bin/python"));
+    // componentize-py imports the project: keep its bytecode out of it.
     command
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .args([
             "-c",
             "import sys; from componentize_py import script; sys.exit(script())",
