@@ -12,11 +12,13 @@ set -euo pipefail
 
 want_broker=false
 want_fuzzer=false
+want_plugins=false
 for arg in "$@"; do
   case "$arg" in
     --broker) want_broker=true ;;
-    --tests) want_broker=true; want_fuzzer=true ;;
-    *) echo "usage: $0 [--broker | --tests]" >&2; exit 2 ;;
+    --plugins) want_plugins=true ;;
+    --tests) want_broker=true; want_fuzzer=true; want_plugins=true ;;
+    *) echo "usage: $0 [--broker | --plugins | --tests]" >&2; exit 2 ;;
   esac
 done
 
@@ -42,6 +44,12 @@ if $want_fuzzer; then
   # The dashboard test drives the page with playwright-core (Node).
   command -v node >/dev/null 2>&1 || missing+=(nodejs)
   command -v npm >/dev/null 2>&1 || missing+=(npm)
+fi
+if $want_plugins; then
+  command -v node >/dev/null 2>&1 || missing+=(nodejs)
+  command -v npm >/dev/null 2>&1 || missing+=(npm)
+  command -v python3 >/dev/null 2>&1 || missing+=(python3)
+  python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 fi
 if $want_fuzzer && [ ! -x "$cache/schemathesis/bin/schemathesis" ]; then
   command -v python3 >/dev/null 2>&1 || missing+=(python3)
@@ -78,4 +86,30 @@ if $want_fuzzer; then
     mkdir -p "$cache/playwright"
     (cd "$cache/playwright" && npm install --no-audit --no-fund --silent playwright-core@1.65.1)
   fi
+fi
+
+if $want_plugins; then
+  # The same layout `wagg plugin build` installs into (componentize.rs):
+  # <cache>/plugin-tools/<package name>-<version>, complete once .installed
+  # exists.
+  tools="$cache/plugin-tools"
+  pins="$(dirname "$0")/../host/templates/plugin-tools.txt"
+  while read -r language registry package version; do
+    case "$language" in ''|'#'*) continue ;; esac
+    dir="$tools/${package##*/}-$version"
+    [ -f "$dir/.installed" ] && continue
+    echo "setup: installing $package $version into $dir" >&2
+    rm -rf "$dir" && mkdir -p "$dir"
+    case "$registry" in
+      pypi)
+        python3 -m venv "$dir"
+        "$dir/bin/pip" install --quiet --disable-pip-version-check "$package==$version" </dev/null ;;
+      npm)
+        echo '{"private": true}' > "$dir/package.json"
+        cp "$(dirname "$0")/../host/templates/componentize-js.mjs" "$dir/"
+        npm install --no-audit --no-fund --silent --prefix "$dir" "$package@$version" </dev/null ;;
+      *) echo "setup: unknown registry $registry in $pins" >&2; exit 1 ;;
+    esac
+    touch "$dir/.installed"
+  done < "$pins"
 fi

@@ -388,12 +388,16 @@ def apply_batch(agg, params, batch):
 
 def export(aggregation_class):
     """The `WitWorld` class componentize-py exports for `aggregation_class`:
-    assign it to `WitWorld` in your plugin module."""
-    from componentize_py_types import Err  # only inside a component build
-    import wit_world
-
+    assign it to `WitWorld` in your plugin module. The component's modules
+    are imported only when called, so the plugin module also imports in
+    plain Python (for unit tests of the aggregation)."""
     agg = aggregation_class()
     configured = {}
+
+    def Err(message):  # noqa: N802 - stands for componentize-py's Err
+        from componentize_py_types import Err as ComponentErr
+
+        return ComponentErr(message)
 
     def params():
         if "params" not in configured:
@@ -405,6 +409,8 @@ def export(aggregation_class):
 
     class WitWorld:
         def metadata(self):
+            import wit_world
+
             return wit_world.Metadata(agg.name, agg.version, agg.state_format)
 
         def configure(self, params_json):

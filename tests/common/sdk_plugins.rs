@@ -40,17 +40,28 @@ pub fn sdk_plugin(language: Language, plugin: &str) -> PathBuf {
         .join("sdk-plugins")
         .join(language_dir(language))
         .join(plugin);
+    // A fresh output directory: each build differs in its bytes, and its
+    // compiled cache (see `cached_runtime_config`) would grow by ~40 MB a run.
+    if out.exists() {
+        std::fs::remove_dir_all(&out).expect("removing the last build");
+    }
     let path = build_project(&project, language, &out)
         .unwrap_or_else(|e| panic!("building {}: {e:#}", project.display()));
     built.insert(id, path.clone());
     path
 }
 
-/// Runtime settings that cache compiled components across tests and test
-/// binaries: a Python or JavaScript component takes seconds to compile.
+/// Runtime settings that cache compiled components across the tests of a
+/// binary: a Python or JavaScript component takes seconds to compile. The
+/// cache is emptied when the first test of a binary asks for it.
 pub fn cached_runtime_config() -> RuntimeConfig {
+    static CLEARED: std::sync::Once = std::sync::Once::new();
+    let dir = target_dir().join("sdk-plugins/compiled");
+    CLEARED.call_once(|| {
+        let _ = std::fs::remove_dir_all(&dir);
+    });
     RuntimeConfig {
-        cache_dir: Some(target_dir().join("sdk-plugins/compiled")),
+        cache_dir: Some(dir),
         ..RuntimeConfig::default()
     }
 }

@@ -40,6 +40,14 @@ impl PluginInstance {
         &self.plugin
     }
 
+    /// Bytes of linear memory the live instance has grown to (0 when none
+    /// is live, e.g. after a trap).
+    pub fn memory_bytes(&self) -> usize {
+        self.live
+            .as_ref()
+            .map_or(0, |(store, ..)| store.data().limiter.total)
+    }
+
     fn ensure_live(&mut self) -> Result<(), CallError> {
         if self.live.is_some() {
             return Ok(());

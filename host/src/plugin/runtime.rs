@@ -234,7 +234,10 @@ impl PluginRuntime {
                 // so a truncated or corrupted entry never reaches here;
                 // wasmtime still validates the header and version.
                 match unsafe { Component::deserialize(&self.inner.engine, &bytes) } {
-                    Ok(component) => return Ok(component),
+                    Ok(component) => {
+                        mark_used(&cached);
+                        return Ok(component);
+                    }
                     Err(e) => {
                         tracing::warn!(path = %cached.display(), error = %format!("{e:#}"), "ignoring unusable compiled plugin cache entry")
                     }
@@ -249,7 +252,52 @@ impl PluginRuntime {
         if let Err(e) = write_cache_entry(cache_dir, &cached, &component) {
             tracing::warn!(path = %cached.display(), error = %e, "could not cache compiled plugin");
         }
+        prune_cache(cache_dir, &cached, CACHE_BUDGET_BYTES);
         Ok(component)
+    }
+}
+
+/// Bytes of compiled plugins a cache directory keeps: every plugin version
+/// built adds an entry (a Rust plugin's is a few MB, a Python or
+/// JavaScript one's about 40 MB), so the least recently used go first.
+const CACHE_BUDGET_BYTES: u64 = 1 << 30;
+
+/// Records a cache hit in the entry's modification time (the eviction
+/// order); best effort.
+fn mark_used(entry: &Path) {
+    if let Ok(file) = fs::File::options().append(true).open(entry) {
+        let _ = file.set_modified(std::time::SystemTime::now());
+    }
+}
+
+/// Removes the least recently used entries of `dir` (never `keep`, the
+/// entry just written) until the rest fit in `budget` bytes; best effort.
+fn prune_cache(dir: &Path, keep: &Path, budget: u64) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            Some((meta.modified().ok()?, meta.len(), e.path()))
+        })
+        .collect();
+    let mut total: u64 = entries.iter().map(|(_, size, _)| size).sum();
+    entries.sort();
+    for (_, size, path) in entries {
+        if total <= budget {
+            break;
+        }
+        if path == keep {
+            continue;
+        }
+        if fs::remove_file(&path).is_ok() {
+            let _ = fs::remove_file(digest_path(&path));
+            total -= size;
+            tracing::debug!(path = %path.display(), "evicted a compiled plugin from the cache");
+        }
     }
 }
 
@@ -490,7 +538,7 @@ pub(super) fn deadline_ticks(timeout: Duration) -> u64 {
 pub struct MemoryLimiter {
     limit: usize,
     /// Bytes of every memory of the store, as last grown.
-    total: usize,
+    pub(super) total: usize,
     pub(super) hit: bool,
 }
 
@@ -586,6 +634,37 @@ mod tests {
         store.set_epoch_deadline(u64::MAX / 2);
         Linker::<PluginCtx>::new(&engine).instantiate(&mut store, &component)?;
         Ok(())
+    }
+
+    #[test]
+    fn the_compiled_cache_evicts_the_least_recently_used_past_its_budget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let at = |name: &str| dir.path().join(format!("{name}.cwasm"));
+        let base = std::time::SystemTime::now() - Duration::from_secs(100);
+        for (age, name) in [(0, "old"), (10, "used"), (20, "newer"), (30, "new")] {
+            fs::write(at(name), [0u8; 100]).expect("entry");
+            fs::write(digest_path(&at(name)), "digest").expect("digest");
+            let file = fs::File::options()
+                .append(true)
+                .open(at(name))
+                .expect("open");
+            file.set_modified(base + Duration::from_secs(age))
+                .expect("mtime");
+        }
+        mark_used(&at("used")); // a hit makes it the most recently used
+        prune_cache(dir.path(), &at("new"), 250);
+        let left = |name: &str| at(name).exists();
+        assert!(
+            !left("old") && !left("newer"),
+            "the two least recently used go"
+        );
+        assert!(left("used") && left("new"));
+        assert!(!digest_path(&at("old")).exists(), "with their digests");
+        prune_cache(dir.path(), &at("new"), 50);
+        assert!(
+            left("new"),
+            "the entry just written stays, even over budget"
+        );
     }
 
     #[test]

@@ -20,7 +20,9 @@ use crate::tools::author::build::{example_plugin, example_plugins_dir};
 /// `wagg bench engine`'s options (also its command-line arguments).
 #[derive(Debug, Clone, clap::Args)]
 pub struct EngineOptions {
-    /// Example plugins to run, one at a time, comma-separated.
+    /// Example plugins to run, one at a time, comma-separated; `NAME=PATH`
+    /// runs the component at PATH with example NAME's params (e.g.
+    /// `stats=plugins/stats/python/target/plugin.wasm`).
     #[arg(long, value_delimiter = ',', default_value = "count,stats,top-n")]
     pub plugins: Vec<String>,
     /// Key-space sizes, comma-separated; one run per plugin and size.
@@ -77,21 +79,52 @@ pub struct EngineRow {
     pub generate_seconds: f64,
     pub peak_rss_mib: f64,
     pub rocksdb_mib: f64,
+    #[serde(flatten)]
+    pub costs: PluginCosts,
+}
+
+/// What a plugin costs before and beside its records.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginCosts {
+    /// Size of the component file.
+    pub component_mib: f64,
+    /// Compiling the component to machine code (no compiled cache).
+    pub compile_seconds: f64,
+    /// Loading it again from the compiled cache (a restart).
+    pub cached_load_seconds: f64,
+    /// A new configured instance (after a trap, a rebalance, a start).
+    pub instantiate_ms: f64,
+    /// Linear memory of one instance after a batch of the run's records.
+    pub instance_memory_mib: f64,
 }
 
 const PARTITIONS: u64 = 8;
 const VALUE_POOL: usize = 4096;
 
 pub fn run(options: &EngineOptions) -> anyhow::Result<Vec<EngineRow>> {
-    let plugins_dir = example_plugins_dir(options.plugins_dir.as_deref())?;
+    let needs_examples = options.plugins.iter().any(|p| !p.contains('='));
+    let plugins_dir = match needs_examples {
+        true => Some(example_plugins_dir(options.plugins_dir.as_deref())?),
+        false => None,
+    };
     let mut rows = Vec::new();
-    for plugin in &options.plugins {
+    for spec in &options.plugins {
+        let (plugin, path) = match spec.split_once('=') {
+            Some((name, path)) => (name, PathBuf::from(path)),
+            None => {
+                let dir = plugins_dir.as_deref().context("no example plugins")?;
+                (spec.as_str(), example_plugin(dir, spec))
+            }
+        };
+        let costs = plugin_costs(&path, plugin, options.batch_size)
+            .with_context(|| format!("measuring {}", path.display()))?;
         for window in &options.windows {
             let window_toml = window_toml(window)?;
             for &keys in &options.keys {
                 let run = Run {
-                    plugin: &example_plugin(&plugins_dir, plugin),
+                    plugin: &path,
                     name: plugin,
+                    costs: &costs,
                     keys,
                     window,
                     window_toml: &window_toml,
@@ -118,6 +151,7 @@ pub fn run(options: &EngineOptions) -> anyhow::Result<Vec<EngineRow>> {
 struct Run<'a> {
     plugin: &'a Path,
     name: &'a str,
+    costs: &'a PluginCosts,
     keys: u64,
     window: &'a str,
     /// The `window = ...` line (empty for `none`).
@@ -144,6 +178,56 @@ fn window_toml(spec: &str) -> anyhow::Result<String> {
             format!("window = {{ kind = \"session\", gap = {gap:?} }}\n")
         }
         _ => return Err(bad()),
+    })
+}
+
+/// Compiles `path` cold and from the cache, instantiates it a few times
+/// and runs one batch of `batch_size` generated records through a fresh
+/// instance.
+fn plugin_costs(path: &Path, name: &str, batch_size: usize) -> anyhow::Result<PluginCosts> {
+    const INSTANCES: u32 = 5;
+    let cache = tempfile::tempdir().context("creating a compiled-plugin cache")?;
+    let config = RuntimeConfig {
+        cache_dir: Some(cache.path().to_owned()),
+        ..RuntimeConfig::default()
+    };
+    let started = Instant::now();
+    PluginRuntime::new(config.clone())?.load(path)?;
+    let compile_seconds = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let loaded = PluginRuntime::new(config)?.load(path)?;
+    let cached_load_seconds = started.elapsed().as_secs_f64();
+    let params = super::params_json(name)?;
+    let started = Instant::now();
+    for _ in 0..INSTANCES {
+        loaded.instantiate(&params)?;
+    }
+    let instantiate_ms = started.elapsed().as_secs_f64() * 1000.0 / f64::from(INSTANCES);
+    let mut instance = loaded.instantiate(&params)?;
+    let mut rng = Rng(0x5EED);
+    let topic: Arc<str> = Arc::from("bench");
+    let batch: Vec<SourceRecord> = (0..batch_size as u64)
+        .map(|i| SourceRecord {
+            topic: topic.clone(),
+            offset: i as i64,
+            key: Some(key_bytes(rng.next_u64() % 10_000)),
+            value: Some(value(&mut rng).into_bytes()),
+            ..SourceRecord::default()
+        })
+        .collect();
+    let mut states = crate::tools::author::offline::StateMap::default();
+    crate::tools::author::offline::apply_chunk(
+        &mut instance,
+        &mut states,
+        &batch,
+        crate::config::OnError::Skip,
+    )?;
+    Ok(PluginCosts {
+        component_mib: std::fs::metadata(path)?.len() as f64 / (1 << 20) as f64,
+        compile_seconds,
+        cached_load_seconds,
+        instantiate_ms,
+        instance_memory_mib: instance.memory_bytes() as f64 / (1 << 20) as f64,
     })
 }
 
@@ -233,6 +317,7 @@ fn run_one(options: &EngineOptions, run: &Run<'_>) -> anyhow::Result<EngineRow> 
     let (_, peak_rss) = rss_bytes();
     drop(applier);
     Ok(EngineRow {
+        costs: run.costs.clone(),
         plugin: name.to_owned(),
         window: run.window.to_owned(),
         event_rate: options.event_rate,

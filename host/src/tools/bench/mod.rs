@@ -67,6 +67,19 @@ pub fn aggregation_toml(name: &str, plugin: &Path) -> String {
     format!("[[aggregation]]\nname = \"{name}\"\nplugin = {plugin:?}\n{params}\n")
 }
 
+/// The params [`aggregation_toml`] gives plugin `name`, as JSON.
+pub fn params_json(name: &str) -> anyhow::Result<String> {
+    let config: toml::Table = aggregation_toml(name, Path::new("unused.wasm")).parse()?;
+    let params = config
+        .get("aggregation")
+        .and_then(|a| a.as_array())
+        .and_then(|a| a.first())
+        .and_then(|a| a.get("params"))
+        .cloned()
+        .unwrap_or_else(|| toml::Value::Table(toml::Table::new()));
+    Ok(serde_json::to_string(&params)?)
+}
+
 /// Resident set size now and at its peak, from `/proc/self/status`.
 pub fn rss_bytes() -> (u64, u64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
