@@ -157,8 +157,15 @@ class Reader {
   u8() { this.need(1); return this.bytes[this.pos++]; }
   u32() { this.need(4); const v = this.view.getUint32(this.pos, true); this.pos += 4; return v; }
   i32() { this.need(4); const v = this.view.getInt32(this.pos, true); this.pos += 4; return v; }
-  // i64 as a Number: exact within ±2^53 (offsets and millisecond timestamps).
-  i64() { this.need(8); const v = this.view.getBigInt64(this.pos, true); this.pos += 8; return Number(v); }
+  // i64 as a Number: exact within ±2^53 (offsets and millisecond
+  // timestamps); two 32-bit reads, as a BigInt per field is slow here.
+  i64() {
+    this.need(8);
+    const low = this.view.getUint32(this.pos, true);
+    const high = this.view.getInt32(this.pos + 4, true);
+    this.pos += 8;
+    return high * 4294967296 + low;
+  }
   take(n) { this.need(n); const chunk = this.bytes.subarray(this.pos, this.pos + n); this.pos += n; return chunk; }
   bytesField() { return this.take(this.u32()); }
   flag(what) {
@@ -207,21 +214,22 @@ function describe(error) {
 }
 
 class Writer {
-  constructor() { this.bytes = new Uint8Array(256); this.length = 0; }
+  constructor() {
+    this.bytes = new Uint8Array(4096);
+    this.view = new DataView(this.bytes.buffer);
+    this.length = 0;
+  }
   reserve(n) {
     if (this.length + n <= this.bytes.length) return;
     const grown = new Uint8Array(Math.max(this.bytes.length * 2, this.length + n));
     grown.set(this.bytes.subarray(0, this.length));
     this.bytes = grown;
+    this.view = new DataView(grown.buffer);
   }
   u8(v) { this.reserve(1); this.bytes[this.length++] = v; }
-  u32(v) {
-    this.reserve(4);
-    new DataView(this.bytes.buffer).setUint32(this.length, v, true);
-    this.length += 4;
-  }
+  u32(v) { this.reserve(4); this.view.setUint32(this.length, v, true); this.length += 4; }
   bytesField(b) { this.u32(b.length); this.reserve(b.length); this.bytes.set(b, this.length); this.length += b.length; }
-  finish() { return this.bytes.slice(0, this.length); }
+  finish() { return this.bytes.subarray(0, this.length); }
 }
 
 /** The full definition with defaults filled in. */

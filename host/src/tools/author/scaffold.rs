@@ -65,6 +65,10 @@ const JAVASCRIPT_TEMPLATE: &[(&str, &str)] = &[
         "README.md",
         include_str!("../../../templates/plugin-javascript/README.md.tmpl"),
     ),
+    (
+        "package.json",
+        include_str!("../../../templates/plugin-javascript/package.json"),
+    ),
     (".gitignore", "/target\n"),
 ];
 

@@ -110,7 +110,10 @@ pub fn run(options: &EngineOptions) -> anyhow::Result<Vec<EngineRow>> {
     let mut rows = Vec::new();
     for spec in &options.plugins {
         let (plugin, path) = match spec.split_once('=') {
-            Some((name, path)) => (name, PathBuf::from(path)),
+            Some((name, path)) => (
+                name,
+                std::path::absolute(path).with_context(|| format!("--plugins {spec}"))?,
+            ),
             None => {
                 let dir = plugins_dir.as_deref().context("no example plugins")?;
                 (spec.as_str(), example_plugin(dir, spec))
