@@ -211,13 +211,12 @@ fn check_step(
                 expect.change
             ));
         }
-        match (state, &expect.render) {
-            (Some(state), Some(want)) => match render(instance, state) {
+        if let (Some(state), Some(want)) = (state, &expect.render) {
+            match render(instance, state) {
                 Ok(got) if got == *want => {}
                 Ok(got) => problems.push(format!("{group_label}: renders {got}, expected {want}")),
                 Err(e) => problems.push(format!("{group_label}: {e:#}")),
-            },
-            (Some(_), None) | (None, _) => {}
+            }
         }
         match state {
             Some(state) => {
