@@ -155,6 +155,40 @@ fn golden_outputs_match_through_the_runtime() {
     assert!(cases >= 8, "only {cases} golden cases ran");
 }
 
+/// `wagg plugin test --conformance`: every case `ok` for the probe; a
+/// plugin that is not the probe (count) fails with the differences named.
+#[test]
+fn cli_plugin_test_runs_the_conformance_vectors() {
+    let run = |plugin: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_wagg"))
+            .args(["plugin", "test"])
+            .arg(plugin)
+            .arg("--conformance")
+            .output()
+            .expect("run wagg")
+    };
+    let output = run(&plugin("conformance"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("ok ")).count(),
+        conformance::VECTORS.lines().count(),
+        "{stdout}"
+    );
+    let output = run(&plugin("count"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success());
+    assert!(
+        stdout.contains("FAIL  every-field") && stdout.contains("renders {\"count\":1}"),
+        "{stdout}"
+    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("conformance cases fail"));
+}
+
 #[test]
 fn cli_plugin_test_prints_the_golden_states() {
     for (name, case) in [("count", "basic"), ("stats", "basic"), ("top-n", "by-item")] {

@@ -91,14 +91,7 @@ pub fn new_project(
         (Language::Python, None) => PYTHON_TEMPLATE,
         (Language::Javascript, None) => JAVASCRIPT_TEMPLATE,
     };
-    validate_name(name)?;
-    let dir = parent.join(name);
-    if dir.exists() {
-        bail!(
-            "{} already exists; choose another name or --dir",
-            dir.display()
-        );
-    }
+    let dir = new_dir(parent, name)?;
     let sdk_files = if language == Language::Javascript {
         JAVASCRIPT_SDK
     } else {
@@ -121,14 +114,7 @@ pub enum Sdk<'a> {
 
 /// Creates `parent/name/` from the template; returns its path.
 pub fn new_plugin(parent: &Path, name: &str, sdk: Sdk<'_>) -> anyhow::Result<PathBuf> {
-    validate_name(name)?;
-    let dir = parent.join(name);
-    if dir.exists() {
-        bail!(
-            "{} already exists; choose another name or --dir",
-            dir.display()
-        );
-    }
+    let dir = new_dir(parent, name)?;
     let vendored = matches!(sdk, Sdk::Vendored);
     let sdk = match sdk {
         Sdk::Vendored => format!("{VENDOR_DIR}/guest-sdk"),
@@ -150,6 +136,19 @@ pub fn new_plugin(parent: &Path, name: &str, sdk: Sdk<'_>) -> anyhow::Result<Pat
     }
     if vendored {
         vendor_sdk(&dir)?;
+    }
+    Ok(dir)
+}
+
+/// `parent/name`, for a new project: the name checked, the path free.
+fn new_dir(parent: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    validate_name(name)?;
+    let dir = parent.join(name);
+    if dir.exists() {
+        bail!(
+            "{} already exists; choose another name or --dir",
+            dir.display()
+        );
     }
     Ok(dir)
 }
@@ -190,6 +189,48 @@ fn validate_name(name: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn python_and_javascript_projects_carry_their_sdk_and_the_golden_case() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let py = new_project(parent.path(), "spend-py", Language::Python, None).expect("python");
+        let plugin = std::fs::read_to_string(py.join("plugin.py")).expect("plugin.py");
+        assert!(plugin.contains("name = \"spend-py\""), "{plugin}");
+        assert_eq!(
+            std::fs::read_to_string(py.join("wagg_sdk/__init__.py")).expect("sdk"),
+            PYTHON_SDK
+        );
+        let js = new_project(parent.path(), "spend-js", Language::Javascript, None).expect("js");
+        for file in ["plugin.js", "wagg-sdk.js", "wagg-sdk.d.ts", "package.json"] {
+            assert!(js.join(file).is_file(), "{file}");
+        }
+        for dir in [&py, &js] {
+            assert!(dir.join("golden/basic/expected.json").is_file());
+            assert_eq!(
+                Language::of_project(dir).ok(),
+                Some(if dir == &py {
+                    Language::Python
+                } else {
+                    Language::Javascript
+                })
+            );
+        }
+        let error = new_project(
+            parent.path(),
+            "other",
+            Language::Python,
+            Some(parent.path()),
+        )
+        .expect_err("--sdk is for Rust");
+        assert!(
+            error.to_string().contains("--sdk is for Rust plugins"),
+            "{error}"
+        );
+        assert!(
+            new_project(parent.path(), "spend-py", Language::Python, None).is_err(),
+            "exists"
+        );
+    }
 
     #[test]
     fn names_are_checked_and_files_filled_in() {
