@@ -8,14 +8,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context;
 use clap::Parser;
 use wagg::config::Config;
+use wagg::ops::alloc_count::CountingAllocator;
 use wagg::plugin::{PluginRuntime, RuntimeConfig};
 use wagg::tools::author::componentize::{self, Language};
 use wagg::tools::author::{build, conformance, offline, scaffold};
 
 /// glibc's allocator spent a quarter of the engine benchmark's time in
-/// malloc/free (BENCHMARKS.md); mimalloc does not.
+/// malloc/free (BENCHMARKS.md); mimalloc does not. Counted only while the
+/// engine benchmark measures allocations per record.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: CountingAllocator<mimalloc::MiMalloc> = CountingAllocator(mimalloc::MiMalloc);
 
 mod cli;
 

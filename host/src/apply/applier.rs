@@ -14,7 +14,7 @@ use super::PipelineError;
 use super::aggregation::{Aggregation, Feed, Instruments};
 use super::dead_letter::{DeadLetter, DeadLetterError, DeadLetterSink};
 use super::flusher::Flusher;
-use super::group::{GroupKey, group_by_key, group_key};
+use super::group::{GroupItems, GroupKey, group_by_key, group_key};
 use super::partition_map::PartitionMap;
 use super::session::{self, Arrival, StoredSession};
 use super::window::{Partition, WindowedBatch, Windowing};
@@ -545,35 +545,37 @@ fn apply_aggregation<'b>(
     // Sessions left without a state (every record rejected, or deleted by
     // the plugin) are not stored: the session index must not have them.
     let mut stateless = HashSet::new();
+    let sessions_windowed = aggregation
+        .windowing
+        .as_ref()
+        .is_some_and(|w| w.spec.is_session());
     for (store_key, change) in store_keys.into_iter().zip(outcome.changes) {
         let merged = sessions.merged.remove(&store_key);
-        let has_state = match change {
+        // The key moves into the staged write; only a session left without
+        // a state keeps a copy (rare), so no allocation per group.
+        match change {
             // A session made of others is a new key: its state is written
             // even if the records left it as merged.
             Change::Unchanged => match merged {
-                Some(Some(state)) => {
-                    stage((store_key.clone(), Some(state)));
-                    true
+                Some(Some(state)) => stage((store_key, Some(state))),
+                Some(None) if sessions_windowed => {
+                    stateless.insert(store_key);
                 }
-                Some(None) => false,
-                None => matches!(aggregation.states.peek(&store_key), Some(Some(_))),
+                Some(None) => {}
+                None => {
+                    let has_state = matches!(aggregation.states.peek(&store_key), Some(Some(_)));
+                    if sessions_windowed && !has_state {
+                        stateless.insert(store_key);
+                    }
+                }
             },
-            Change::Set(state) => {
-                stage((store_key.clone(), Some(state)));
-                true
-            }
+            Change::Set(state) => stage((store_key, Some(state))),
             Change::Delete => {
-                stage((store_key.clone(), None));
-                false
+                if sessions_windowed {
+                    stateless.insert(store_key.clone());
+                }
+                stage((store_key, None));
             }
-        };
-        if !has_state
-            && aggregation
-                .windowing
-                .as_ref()
-                .is_some_and(|w| w.spec.is_session())
-        {
-            stateless.insert(store_key);
         }
     }
     if !stateless.is_empty() {
@@ -614,7 +616,7 @@ struct Keyed<'b> {
     considered: usize,
     /// Session windows: the records of each key, placed by
     /// [`plan_sessions`].
-    arrivals: Vec<(GroupKey<'b>, Vec<Arrival<&'b SourceRecord>>)>,
+    arrivals: Vec<(GroupKey<'b>, GroupItems<Arrival<&'b SourceRecord>>)>,
 }
 
 /// The group key of each record the aggregation consumes, and the records
@@ -706,7 +708,7 @@ const MAX_SESSIONS_PER_KEY: usize = 1_000_000;
 fn plan_sessions<'b>(
     aggregation: &mut Aggregation,
     store: &StateStore,
-    arrivals: Vec<(GroupKey<'b>, Vec<Arrival<&'b SourceRecord>>)>,
+    arrivals: Vec<(GroupKey<'b>, GroupItems<Arrival<&'b SourceRecord>>)>,
     windowed: &mut WindowedBatch,
 ) -> Result<SessionBatch<'b>, PipelineError> {
     let mut out = SessionBatch::default();
@@ -958,7 +960,7 @@ fn unemitted_last_state(
 /// groups' store keys.
 fn load_states(
     aggregation: &mut Aggregation,
-    groups: &[(GroupKey<'_>, Vec<&SourceRecord>)],
+    groups: &[(GroupKey<'_>, GroupItems<&SourceRecord>)],
     starting: &HashMap<Vec<u8>, State>,
     store: &StateStore,
 ) -> Result<Vec<Vec<u8>>, StoreError> {

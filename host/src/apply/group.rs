@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 
 use foldhash::fast::RandomState;
+use smallvec::{SmallVec, smallvec};
 
 use crate::config::AggregationConfig;
 use crate::record::SourceRecord;
@@ -45,22 +46,26 @@ pub fn group_key<'r>(
     Ok((Slot::REKEYED, Cow::Owned(key)))
 }
 
+/// A group's items: the first few inline, since most groups of a batch
+/// over many keys hold one or two records (no allocation per group then).
+pub type GroupItems<T> = SmallVec<[T; 4]>;
+
 /// Groups `(key, item)` pairs by key, keeping each group's items in input
 /// order and the groups in order of first appearance (so results are
 /// deterministic).
 pub fn group_by_key<K: Hash + Eq + Clone, T>(
     pairs: impl IntoIterator<Item = (K, T)>,
-) -> Vec<(K, Vec<T>)> {
+) -> Vec<(K, GroupItems<T>)> {
     // foldhash: several times faster than SipHash on short keys, and still
     // seeded per process against crafted collisions.
     let mut index: HashMap<K, usize, RandomState> = HashMap::default();
-    let mut groups: Vec<(K, Vec<T>)> = Vec::new();
+    let mut groups: Vec<(K, GroupItems<T>)> = Vec::new();
     for (key, item) in pairs {
         match index.get(&key) {
             Some(&i) => groups[i].1.push(item),
             None => {
                 index.insert(key.clone(), groups.len());
-                groups.push((key, vec![item]));
+                groups.push((key, smallvec![item]));
             }
         }
     }

@@ -1,7 +1,9 @@
 //! What an operator sees: the shared [`status::Status`] (counters,
 //! progress, readiness), the Prometheus [`metrics`], and `wagg run`'s
-//! [`progress`] reporting.
+//! [`progress`] reporting; [`alloc_count`] counts heap allocations for
+//! the engine benchmark.
 
+pub mod alloc_count;
 pub mod metrics;
 pub mod panics;
 pub mod progress;

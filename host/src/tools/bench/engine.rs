@@ -79,6 +79,9 @@ pub struct EngineRow {
     pub generate_seconds: f64,
     pub peak_rss_mib: f64,
     pub rocksdb_mib: f64,
+    /// Heap allocations per record in the steady state (after the run,
+    /// see `steady_allocations`); absent when not counted.
+    pub allocations_per_record: Option<f64>,
     #[serde(flatten)]
     pub costs: PluginCosts,
 }
@@ -267,18 +270,9 @@ fn run_one(options: &EngineOptions, run: &Run<'_>) -> anyhow::Result<EngineRow> 
 
     // Reset the peak-RSS counter so each run reports its own peak.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-    let topic: Arc<str> = Arc::from("bench");
     let records = options.records;
     let batch_size = options.batch_size.max(1) as u64;
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ keys);
-    // Values are drawn from a pool so that generating them stays a small
-    // share of the run (the per-record copy into a `SourceRecord` remains,
-    // as a Kafka source makes it too).
-    let pool: Vec<Vec<u8>> = (0..VALUE_POOL)
-        .map(|_| value(&mut rng).into_bytes())
-        .collect();
-    let mut offsets = [0i64; PARTITIONS as usize];
-    let mut bytes = 0u64;
+    let mut source = Generator::new(keys, options.event_rate);
     let mut generating = Duration::ZERO;
     let never = AtomicBool::new(false);
     let started = Instant::now();
@@ -286,28 +280,7 @@ fn run_one(options: &EngineOptions, run: &Run<'_>) -> anyhow::Result<EngineRow> 
     while done < records {
         let generated = Instant::now();
         let n = batch_size.min(records - done);
-        let batch: Vec<SourceRecord> = (0..n)
-            .map(|i| {
-                let k = rng.next_u64() % keys;
-                let partition = (k % PARTITIONS) as usize;
-                let offset = offsets[partition];
-                offsets[partition] += 1;
-                let key = key_bytes(k);
-                let value = pool[(rng.next_u64() % VALUE_POOL as u64) as usize].clone();
-                bytes += (key.len() + value.len()) as u64;
-                SourceRecord {
-                    topic: topic.clone(),
-                    partition: partition as i32,
-                    offset,
-                    key: Some(key),
-                    value: Some(value),
-                    timestamp: Some(
-                        EVENT_TIME_START + ((done + i) * 1000 / options.event_rate) as i64,
-                    ),
-                    headers: Vec::new(),
-                }
-            })
-            .collect();
+        let batch = source.batch(n);
         generating += generated.elapsed();
         applier.apply(&batch, &never)?;
         if applier.flush_due() {
@@ -318,6 +291,8 @@ fn run_one(options: &EngineOptions, run: &Run<'_>) -> anyhow::Result<EngineRow> 
     applier.flush()?;
     let seconds = started.elapsed().as_secs_f64();
     let (_, peak_rss) = rss_bytes();
+    let bytes = source.bytes;
+    let allocations_per_record = steady_allocations(&mut applier, &mut source, batch_size)?;
     drop(applier);
     Ok(EngineRow {
         costs: run.costs.clone(),
@@ -332,5 +307,98 @@ fn run_one(options: &EngineOptions, run: &Run<'_>) -> anyhow::Result<EngineRow> 
         generate_seconds: generating.as_secs_f64(),
         peak_rss_mib: peak_rss as f64 / (1 << 20) as f64,
         rocksdb_mib: dir_size(&work.path().join("state")) as f64 / (1 << 20) as f64,
+        allocations_per_record,
     })
+}
+
+/// Records of the steady-state allocation count.
+const STEADY_RECORDS: u64 = 100_000;
+
+/// Heap allocations per record on every thread while the applier takes
+/// [`STEADY_RECORDS`] more records (generated beforehand, so generating
+/// them is not counted) and writes them (one flush); `None` when the
+/// allocator does not count (a test binary).
+fn steady_allocations(
+    applier: &mut BatchApplier,
+    source: &mut Generator,
+    batch_size: u64,
+) -> anyhow::Result<Option<f64>> {
+    if !crate::ops::alloc_count::available() {
+        return Ok(None);
+    }
+    let batches: Vec<Vec<SourceRecord>> = (0..STEADY_RECORDS.div_ceil(batch_size))
+        .map(|_| source.batch(batch_size))
+        .collect();
+    let records: usize = batches.iter().map(Vec::len).sum();
+    let never = AtomicBool::new(false);
+    let (applied, allocations) = crate::ops::alloc_count::measure(|| {
+        for batch in &batches {
+            applier.apply(batch, &never)?;
+        }
+        applier.flush()
+    });
+    applied?;
+    Ok(Some(allocations as f64 / records as f64))
+}
+
+/// Generated records: uniform keys over the key space, values from a pool
+/// (so that generating them stays a small share of the run; the
+/// per-record copy into a `SourceRecord` remains, as a Kafka source makes
+/// it too), timestamps advancing at the event rate.
+struct Generator {
+    rng: Rng,
+    pool: Vec<Vec<u8>>,
+    offsets: [i64; PARTITIONS as usize],
+    topic: Arc<str>,
+    keys: u64,
+    event_rate: u64,
+    done: u64,
+    /// Key and value bytes generated so far.
+    bytes: u64,
+}
+
+impl Generator {
+    fn new(keys: u64, event_rate: u64) -> Self {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ keys);
+        let pool = (0..VALUE_POOL)
+            .map(|_| value(&mut rng).into_bytes())
+            .collect();
+        Self {
+            rng,
+            pool,
+            offsets: [0; PARTITIONS as usize],
+            topic: Arc::from("bench"),
+            keys,
+            event_rate,
+            done: 0,
+            bytes: 0,
+        }
+    }
+
+    fn batch(&mut self, n: u64) -> Vec<SourceRecord> {
+        let batch = (0..n)
+            .map(|i| {
+                let k = self.rng.next_u64() % self.keys;
+                let partition = (k % PARTITIONS) as usize;
+                let offset = self.offsets[partition];
+                self.offsets[partition] += 1;
+                let key = key_bytes(k);
+                let value = self.pool[(self.rng.next_u64() % VALUE_POOL as u64) as usize].clone();
+                self.bytes += (key.len() + value.len()) as u64;
+                SourceRecord {
+                    topic: self.topic.clone(),
+                    partition: partition as i32,
+                    offset,
+                    key: Some(key),
+                    value: Some(value),
+                    timestamp: Some(
+                        EVENT_TIME_START + ((self.done + i) * 1000 / self.event_rate) as i64,
+                    ),
+                    headers: Vec::new(),
+                }
+            })
+            .collect();
+        self.done += n;
+        batch
+    }
 }
