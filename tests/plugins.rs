@@ -51,6 +51,34 @@ fn every_guest_sdk_passes_the_abi_conformance_vectors() {
     }
 }
 
+/// The Python and JavaScript SDKs pass the same vectors natively (CPython,
+/// Node.js, no wasm): the quick check an SDK change can run on its own.
+#[test]
+fn the_python_and_javascript_sdks_pass_the_vectors_natively() {
+    let root = workspace_root();
+    let ok = format!(
+        "{} conformance cases ok",
+        conformance::VECTORS.lines().count()
+    );
+    for (program, script) in [
+        ("python3", "guest-sdk-python/tests/check_vectors.py"),
+        ("node", "guest-sdk-javascript/tests/check-vectors.mjs"),
+    ] {
+        let output = Command::new(program)
+            .arg(root.join(script))
+            .arg(&root)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .output()
+            .unwrap_or_else(|e| panic!("running {program}: {e}"));
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains(&ok),
+            "{script}: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
 /// `count`, `stats` and `top-n` written in Python and in JavaScript pass
 /// the Rust plugins' golden cases (the same files) at batch sizes 1, 3 and
 /// 1000, and with the input's halves merged.

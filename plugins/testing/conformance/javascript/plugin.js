@@ -13,8 +13,8 @@ function describe(record) {
   return `p${record.partition}@${record.offset} k=${hex(record.key)} v=${hex(record.value)} t=${timestamp} h=[${headers}]`;
 }
 
-export const { metadata, configure, apply, render, merges, merge, migratesFrom, migrate } =
-  exportAggregation({
+// Exported too, for the SDK's native check (guest-sdk-javascript/tests).
+export const conformance = {
     name: "conformance",
     initial: () => [],
     aggregate(lines, record) {
@@ -29,4 +29,7 @@ export const { metadata, configure, apply, render, merges, merge, migratesFrom, 
     },
     keep: (lines) => lines.length > 0,
     render: (lines) => ({ records: lines }),
-  });
+};
+
+export const { metadata, configure, apply, render, merges, merge, migratesFrom, migrate } =
+  exportAggregation(conformance);
