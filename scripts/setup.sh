@@ -106,7 +106,6 @@ if $want_plugins; then
         "$dir/bin/pip" install --quiet --disable-pip-version-check "$package==$version" </dev/null ;;
       npm)
         echo '{"private": true}' > "$dir/package.json"
-        cp "$(dirname "$0")/../host/templates/componentize-js.mjs" "$dir/"
         npm install --no-audit --no-fund --silent --prefix "$dir" "$package@$version" </dev/null ;;
       *) echo "setup: unknown registry $registry in $pins" >&2; exit 1 ;;
     esac

@@ -1,5 +1,6 @@
-// Builds one JavaScript plugin module into a component (run by `wagg plugin
-// build` from the componentize-js install it manages).
+// Builds one JavaScript plugin module into a component (`wagg plugin build`
+// writes it into the componentize-js install, named by its digest, and runs
+// it from there so that the package import resolves).
 // Usage: node componentize-js.mjs <plugin.js> <wit dir> <world> <out.wasm>
 import { componentize } from "@bytecodealliance/componentize-js";
 import { writeFile } from "node:fs/promises";

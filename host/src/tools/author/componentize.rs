@@ -139,11 +139,31 @@ fn javascript_command(dir: &Path, build_dir: &Path) -> anyhow::Result<Command> {
     }
     let mut command = Command::new("node");
     command
-        .arg(tool.join("componentize-js.mjs"))
+        .arg(build_script(&tool)?)
         .arg(sources.join(JAVASCRIPT_ENTRY))
         .arg(build_dir.join("wit"))
         .arg(WORLD);
     Ok(command)
+}
+
+/// This wagg's build script in the componentize-js install (it imports the
+/// package from there): named by its digest, so an install made by another
+/// wagg (or by setup.sh) gets this one's script beside its own, and a
+/// concurrent build never reads half a file.
+fn build_script(tool: &Path) -> anyhow::Result<PathBuf> {
+    use sha2::{Digest, Sha256};
+    let digest = hex::encode(&Sha256::digest(COMPONENTIZE_JS_SCRIPT)[..8]);
+    let script = tool.join(format!("componentize-js-{digest}.mjs"));
+    if !script.is_file() {
+        let partial = tool.join(format!(
+            "componentize-js-{digest}.{}.tmp",
+            std::process::id()
+        ));
+        write(&partial, COMPONENTIZE_JS_SCRIPT)?;
+        std::fs::rename(&partial, &script)
+            .with_context(|| format!("writing {}", script.display()))?;
+    }
+    Ok(script)
 }
 
 /// One pinned tool from `templates/plugin-tools.txt`.
@@ -234,7 +254,6 @@ fn install_python_tool(dir: &Path, tool: &Tool) -> anyhow::Result<()> {
 
 fn install_javascript_tool(dir: &Path, tool: &Tool) -> anyhow::Result<()> {
     write(&dir.join("package.json"), "{\"private\": true}\n")?;
-    write(&dir.join("componentize-js.mjs"), COMPONENTIZE_JS_SCRIPT)?;
     run(
         Command::new("npm")
             .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
