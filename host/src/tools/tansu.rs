@@ -35,10 +35,7 @@ pub fn tansu_binary(explicit: Option<&Path>) -> PathBuf {
     if let Some(path) = std::env::var_os("WAGG_TANSU") {
         return path.into();
     }
-    let cache = std::env::var_os("WAGG_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/wagg")));
-    match cache.map(|c| c.join("tansu/bin/tansu")) {
+    match super::cache_dir().map(|c| c.join("tansu/bin/tansu")) {
         Some(cached) if cached.exists() => cached,
         _ => PathBuf::from("tansu"),
     }

@@ -198,9 +198,7 @@ pub fn pinned_tool(language: Language) -> anyhow::Result<Tool> {
 
 /// `$WAGG_CACHE`, else `~/.cache/wagg` (where setup.sh caches tools too).
 pub fn cache_dir() -> anyhow::Result<PathBuf> {
-    std::env::var_os("WAGG_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/wagg")))
+    crate::tools::cache_dir()
         .context("neither WAGG_CACHE nor HOME is set: no cache directory for plugin build tools")
 }
 

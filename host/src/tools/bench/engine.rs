@@ -210,17 +210,7 @@ fn plugin_costs(path: &Path, name: &str, batch_size: usize) -> anyhow::Result<Pl
     }
     let instantiate_ms = started.elapsed().as_secs_f64() * 1000.0 / f64::from(INSTANCES);
     let mut instance = loaded.instantiate(&params)?;
-    let mut rng = Rng(0x5EED);
-    let topic: Arc<str> = Arc::from("bench");
-    let batch: Vec<SourceRecord> = (0..batch_size as u64)
-        .map(|i| SourceRecord {
-            topic: topic.clone(),
-            offset: i as i64,
-            key: Some(key_bytes(rng.next_u64() % 10_000)),
-            value: Some(value(&mut rng).into_bytes()),
-            ..SourceRecord::default()
-        })
-        .collect();
+    let batch = Generator::new(10_000, 10_000).batch(batch_size as u64);
     let mut states = crate::tools::author::offline::StateMap::default();
     crate::tools::author::offline::apply_chunk(
         &mut instance,
