@@ -115,7 +115,8 @@ pub fn open_aggregations(
             instance,
             cache_entries,
             counters,
-        );
+        )
+        .split_across(config.apply.threads())?;
         consumer_side.restore_stream_times(&store)?;
         if let Some(stored) = store.aggregation_meta(&aggregation.name)?
             && stored.migration.is_some()

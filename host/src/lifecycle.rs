@@ -137,13 +137,16 @@ impl Lifecycle {
                     AdminError::Refused(format!("{}: {e:#}", new.locate(name, "params")))
                 })?;
             let meta = meta_of(&plugin);
-            let prepared = Box::new(Aggregation::new(
+            let prepared = Aggregation::new(
                 aggregation.clone(),
                 plugin.clone(),
                 instance,
                 cache_entries,
                 Default::default(),
-            ));
+            )
+            .split_across(new.apply.threads())
+            .map_err(|e| AdminError::Refused(format!("{}: {e}", new.locate(name, "params"))))?;
+            let prepared = Box::new(prepared);
             match (current, served) {
                 (Some(current), Some(served)) => {
                     let migrating = self

@@ -9,7 +9,7 @@ use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use crate::config::AggregationConfig;
 use crate::ops::metrics::{AggregationLabel, CacheLabel, Metrics};
 use crate::ops::status::{AggregationCounters, Status};
-use crate::plugin::{LoadedPlugin, PluginInstance};
+use crate::plugin::{CallError, LoadedPlugin, PluginInstance};
 use crate::record::SourceRecord;
 use crate::state::cache::StateCache;
 use crate::state::store::{AggregationMeta, StateStore, StoreError};
@@ -20,9 +20,14 @@ use super::window::Windowing;
 pub struct Aggregation {
     pub config: AggregationConfig,
     pub plugin: LoadedPlugin,
+    /// The plugin instance of the first apply worker, which also merges,
+    /// migrates and renders.
     pub(super) instance: PluginInstance,
+    /// Aggregations applied by several workers: the plugin instances of
+    /// workers 1.. (see [`Aggregation::split_across`]).
+    pub(super) siblings: Vec<PluginInstance>,
     /// Encoded store key → newest state: the applied but unwritten ones and
-    /// a bounded number of written ones.
+    /// a bounded number of written ones. One shard per apply worker.
     pub(super) states: StateCache,
     /// Including what is applied but not yet written (the written ones are
     /// what the last flush reported to `Status`).
@@ -98,6 +103,7 @@ impl Aggregation {
         Self {
             plugin,
             instance,
+            siblings: Vec::new(),
             states: match &config.window {
                 // Placing a record in a session looks up the key's
                 // unwritten sessions by prefix.
@@ -115,6 +121,37 @@ impl Aggregation {
                 .clone()
                 .map(|spec| Windowing::new(spec, config.time.clone(), cache_entries)),
             config,
+        }
+    }
+
+    /// Has `workers` workers apply the aggregation in parallel, worker `i`
+    /// the partitions `p` with `p % workers == i`, each with its own plugin
+    /// instance and cache shard. Only aggregations keyed by the Kafka key
+    /// and without windows are split: a re-keyed state gathers records of
+    /// every partition, and windows share stream times and sweeps; those
+    /// stay on one worker. Call before applying anything.
+    pub fn split_across(mut self, workers: usize) -> Result<Self, CallError> {
+        if workers <= 1 || !self.splittable() {
+            return Ok(self);
+        }
+        self.siblings = (1..workers)
+            .map(|_| self.instance.sibling())
+            .collect::<Result<_, _>>()?;
+        self.states = self.states.resharded(workers);
+        Ok(self)
+    }
+
+    fn splittable(&self) -> bool {
+        self.config.key.is_none() && self.config.window.is_none()
+    }
+
+    /// What keying a record reads of the aggregation.
+    pub(super) fn keying(&self) -> Keying<'_> {
+        Keying {
+            config: &self.config,
+            catch_up: &self.catch_up,
+            migrating: self.migrating.is_some(),
+            windowing: self.windowing.as_ref(),
         }
     }
 
@@ -150,7 +187,11 @@ impl Aggregation {
     /// build or settings) has applied: its states (same state format), its
     /// counters, its metrics and where it is catching up.
     pub(super) fn take_over(&mut self, old: &mut Aggregation) {
-        std::mem::swap(&mut self.states, &mut old.states);
+        // Split the same way (the same key and windows), else the new one
+        // starts with an empty cache: nothing is unwritten.
+        if self.states.shard_count() == old.states.shard_count() {
+            std::mem::swap(&mut self.states, &mut old.states);
+        }
         self.applied = old.applied;
         self.instruments = old.instruments.clone();
         self.catch_up = std::mem::take(&mut old.catch_up);
@@ -164,11 +205,23 @@ impl Aggregation {
         }
     }
 
+}
+
+/// What keying a record reads of an aggregation: shared by the workers
+/// applying it in parallel while each changes its own cache shard.
+pub(super) struct Keying<'a> {
+    pub(super) config: &'a AggregationConfig,
+    pub(super) catch_up: &'a HashMap<(Arc<str>, i32), i64>,
+    pub(super) migrating: bool,
+    pub(super) windowing: Option<&'a Windowing>,
+}
+
+impl Keying<'_> {
     /// Whether a record of `feed` is this aggregation's to apply: a live
     /// record where it is current, a re-read one where it is catching up
     /// and has not applied it yet.
     pub(super) fn takes(&self, feed: Feed, record: &SourceRecord) -> bool {
-        if self.migrating.is_some() || !self.config.applies_to(&record.topic) {
+        if self.migrating || !self.config.applies_to(&record.topic) {
             return false;
         }
         if self.catch_up.is_empty() {

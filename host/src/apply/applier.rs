@@ -11,18 +11,18 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use super::PipelineError;
-use super::aggregation::{Aggregation, Feed, Instruments};
+use super::aggregation::{Aggregation, Feed, Instruments, Keying};
 use super::dead_letter::{DeadLetter, DeadLetterError, DeadLetterSink};
 use super::flusher::Flusher;
 use super::group::{GroupItems, GroupKey, group_by_key, group_key};
 use super::partition_map::PartitionMap;
 use super::session::{self, Arrival, StoredSession};
 use super::window::{Partition, WindowedBatch, Windowing};
-use crate::config::{BatchConfig, EmitMode, OnError};
+use crate::config::{AggregationConfig, BatchConfig, EmitMode, OnError};
 use crate::ops::status::{AggregationCounters, Status};
-use crate::plugin::{Change, GroupInput};
+use crate::plugin::{BatchOutcome, Change, GroupInput, PluginInstance};
 use crate::record::SourceRecord;
-use crate::state::cache::{State, StateCache};
+use crate::state::cache::{CacheShard, State, StateCache, shard_of};
 use crate::state::flush::{CatchUpOffsets, FlushOffsets, FlushPublisher};
 use crate::state::store::{
     AggregationMeta, Slot, StateStore, StoreError, session_key, split_window_key, window_prefix,
@@ -46,6 +46,9 @@ pub struct BatchApplier {
     dead_letters: Option<DeadLetterSink>,
     topic_ids: HashMap<Arc<str>, u16>,
     flusher: Flusher,
+    /// The apply workers besides the consumer thread (started with the
+    /// first aggregation split across workers).
+    workers: Option<rayon::ThreadPool>,
 }
 
 /// A state change waiting for its batch to succeed.
@@ -92,6 +95,7 @@ impl BatchApplier {
             dead_letters,
             topic_ids: HashMap::new(),
             flusher: Flusher::new(writer, batch),
+            workers: None,
         })
     }
 
@@ -348,6 +352,7 @@ impl BatchApplier {
         shutdown: &AtomicBool,
     ) -> Result<FlushOffsets, PipelineError> {
         let started = Instant::now();
+        self.start_workers()?;
         let partitions = next_offsets(batch);
         let mut slots = self.slots(&partitions)?;
         let mut cache_updates = Vec::new();
@@ -360,7 +365,7 @@ impl BatchApplier {
                 feed,
                 batch,
                 &mut slots,
-                &self.store,
+                (&self.store, self.workers.as_ref()),
                 |update| {
                     cache_updates.push(CacheUpdate {
                         aggregation: index,
@@ -407,6 +412,27 @@ impl BatchApplier {
             .batch_seconds
             .observe(started.elapsed().as_secs_f64());
         Ok(partitions)
+    }
+
+    /// Starts the worker threads the split aggregations need (the
+    /// consumer thread is one of them), once.
+    fn start_workers(&mut self) -> Result<(), PipelineError> {
+        let wanted = self
+            .aggregations
+            .iter()
+            .map(|a| a.siblings.len())
+            .max()
+            .unwrap_or(0);
+        if wanted == 0 || self.workers.is_some() {
+            return Ok(());
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(wanted)
+            .thread_name(|i| format!("wagg-apply-{}", i + 1))
+            .build()
+            .map_err(|e| PipelineError::Workers(e.to_string()))?;
+        self.workers = Some(pool);
+        Ok(())
     }
 
     /// The store slot of every partition in the batch.
@@ -472,9 +498,12 @@ fn apply_aggregation<'b>(
     feed: Feed,
     batch: &'b [SourceRecord],
     slots: &mut PartitionMap<Slot>,
-    store: &StateStore,
+    (store, workers): (&StateStore, Option<&rayon::ThreadPool>),
     mut stage: impl FnMut((Vec<u8>, State)),
 ) -> Result<Staged<'b>, PipelineError> {
+    if aggregation.windowing.is_none() {
+        return apply_plain(aggregation, feed, batch, slots, (store, workers), stage);
+    }
     let mut counters = aggregation.applied;
     let Keyed {
         mut keyed,
@@ -484,7 +513,7 @@ fn apply_aggregation<'b>(
         mut windowed,
         considered,
         arrivals,
-    } = key_records(aggregation, feed, batch, slots);
+    } = key_records(&aggregation.keying(), feed, batch.iter(), slots);
     counters.records_dropped += null_keys as u64;
     let considered = considered - null_keys;
     let mut sessions = plan_sessions(aggregation, store, arrivals, &mut windowed)?;
@@ -502,7 +531,13 @@ fn apply_aggregation<'b>(
         });
     }
     let groups = group_by_key(keyed);
-    let store_keys = load_states(aggregation, &groups, &sessions.merged, store)?;
+    let store_keys = load_states(
+        aggregation.states.shard_mut(0),
+        (&aggregation.config.name, &aggregation.instruments),
+        &groups,
+        &sessions.merged,
+        store,
+    )?;
     let plugin_keys: Vec<Cow<'_, [u8]>> = groups
         .iter()
         .map(|((_, key), _)| plugin_key(aggregation, key))
@@ -521,18 +556,12 @@ fn apply_aggregation<'b>(
             records,
         })
         .collect();
-    let call_started = Instant::now();
-    let outcome = aggregation
-        .instance
-        .apply_batch(&inputs, aggregation.config.on_error)
-        .map_err(|error| PipelineError::Plugin {
-            aggregation: aggregation.config.name.clone(),
-            error,
-        })?;
-    aggregation
-        .instruments
-        .plugin_call_seconds
-        .observe(call_started.elapsed().as_secs_f64());
+    let outcome = call_plugin(
+        &mut aggregation.instance,
+        &aggregation.config,
+        &aggregation.instruments,
+        &inputs,
+    )?;
     for (group, failure) in &outcome.failures {
         rejected.push((groups[*group].1[failure.index], failure.message.clone()));
     }
@@ -597,6 +626,181 @@ fn apply_aggregation<'b>(
     })
 }
 
+/// What one worker's records did to a plain aggregation.
+struct ShardOutcome<'b> {
+    changes: Vec<(Vec<u8>, State)>,
+    rejected: Rejected<'b>,
+    considered: usize,
+    null_keys: usize,
+}
+
+/// [`apply_aggregation`] for an aggregation without windows: each worker
+/// applies the records of its partitions with its own plugin instance and
+/// cache shard (in parallel when the aggregation is split across
+/// workers); their outcomes are then joined in worker order, as one batch.
+fn apply_plain<'b>(
+    aggregation: &mut Aggregation,
+    feed: Feed,
+    batch: &'b [SourceRecord],
+    slots: &mut PartitionMap<Slot>,
+    (store, workers): (&StateStore, Option<&rayon::ThreadPool>),
+    mut stage: impl FnMut((Vec<u8>, State)),
+) -> Result<Staged<'b>, PipelineError> {
+    let Aggregation {
+        config,
+        instance,
+        siblings,
+        states,
+        catch_up,
+        migrating,
+        instruments,
+        ..
+    } = aggregation;
+    let keying = Keying {
+        config,
+        catch_up,
+        migrating: migrating.is_some(),
+        windowing: None,
+    };
+    let shards = states.shard_count();
+    let mut jobs = std::iter::once(instance)
+        .chain(siblings.iter_mut())
+        .zip(states.shards_mut())
+        .enumerate();
+    let mut outcomes: Vec<Option<Result<ShardOutcome<'b>, PipelineError>>> =
+        (0..shards).map(|_| None).collect();
+    let shared = (&keying, &*instruments, store);
+    match workers {
+        Some(workers) if shards > 1 => workers.in_place_scope(|scope| {
+            let mut jobs = jobs.by_ref().zip(outcomes.iter_mut());
+            let first = jobs.next();
+            for ((index, (instance, cache)), outcome) in jobs {
+                let mut slots = slots.clone();
+                scope.spawn(move |_| {
+                    let records = batch.iter().filter(move |r| in_shard(r, index, shards));
+                    *outcome = Some(apply_shard(shared, instance, cache, records, feed, &mut slots));
+                });
+            }
+            // The consumer thread is the first worker.
+            if let Some(((_, (instance, cache)), outcome)) = first {
+                let records = batch.iter().filter(|r| in_shard(r, 0, shards));
+                *outcome = Some(apply_shard(shared, instance, cache, records, feed, slots));
+            }
+        }),
+        _ => {
+            for ((_, (instance, cache)), outcome) in jobs.by_ref().zip(outcomes.iter_mut()) {
+                *outcome = Some(apply_shard(shared, instance, cache, batch.iter(), feed, slots));
+            }
+        }
+    }
+    let mut counters = aggregation.applied;
+    let mut rejected = Vec::new();
+    let mut considered = 0;
+    for outcome in outcomes.into_iter().flatten() {
+        let mut outcome = outcome?;
+        rejected.append(&mut outcome.rejected);
+        considered += outcome.considered - outcome.null_keys;
+        counters.records_dropped += outcome.null_keys as u64;
+        outcome.changes.into_iter().for_each(&mut stage);
+    }
+    let letters = route_rejected(aggregation, &rejected)?;
+    counters.records_dead_lettered += letters.len() as u64;
+    counters.records_failed += rejected.len() as u64;
+    counters.records_applied += (considered - rejected.len()) as u64;
+    Ok(Staged {
+        counters,
+        letters,
+        windowed: WindowedBatch::default(),
+    })
+}
+
+/// Whether a record is the `index`th of `shards` workers' to apply.
+fn in_shard(record: &SourceRecord, index: usize, shards: usize) -> bool {
+    shards == 1 || shard_of(record.partition as u32, shards) == index
+}
+
+/// One worker's part of [`apply_plain`]: its records grouped by key, their
+/// states from its cache shard (misses from RocksDB), one plugin call.
+fn apply_shard<'b>(
+    (keying, instruments, store): (&Keying<'_>, &Instruments, &StateStore),
+    instance: &mut PluginInstance,
+    cache: &mut CacheShard,
+    records: impl Iterator<Item = &'b SourceRecord>,
+    feed: Feed,
+    slots: &mut PartitionMap<Slot>,
+) -> Result<ShardOutcome<'b>, PipelineError> {
+    let Keyed {
+        keyed,
+        mut rejected,
+        null_keys,
+        considered,
+        ..
+    } = key_records(keying, feed, records, slots);
+    let mut outcome = ShardOutcome {
+        changes: Vec::new(),
+        rejected: Vec::new(),
+        considered,
+        null_keys,
+    };
+    if keyed.is_empty() {
+        outcome.rejected = rejected;
+        return Ok(outcome);
+    }
+    let config = keying.config;
+    let groups = group_by_key(keyed);
+    let store_keys = load_states(
+        cache,
+        (&config.name, instruments),
+        &groups,
+        &HashMap::new(),
+        store,
+    )?;
+    let inputs: Vec<GroupInput<'_>> = groups
+        .iter()
+        .zip(&store_keys)
+        .map(|(((_, key), records), store_key)| GroupInput {
+            key,
+            state: cache.peek(store_key).and_then(|state| state.as_deref()),
+            records,
+        })
+        .collect();
+    let result = call_plugin(instance, config, instruments, &inputs)?;
+    drop(inputs);
+    for (group, failure) in result.failures {
+        rejected.push((groups[group].1[failure.index], failure.message));
+    }
+    outcome.rejected = rejected;
+    outcome.changes.reserve(store_keys.len());
+    for (store_key, change) in store_keys.into_iter().zip(result.changes) {
+        match change {
+            Change::Unchanged => {}
+            Change::Set(state) => outcome.changes.push((store_key, Some(state))),
+            Change::Delete => outcome.changes.push((store_key, None)),
+        }
+    }
+    Ok(outcome)
+}
+
+/// One plugin call for `inputs`, timed.
+fn call_plugin(
+    instance: &mut PluginInstance,
+    config: &AggregationConfig,
+    instruments: &Instruments,
+    inputs: &[GroupInput<'_>],
+) -> Result<BatchOutcome, PipelineError> {
+    let started = Instant::now();
+    let outcome = instance
+        .apply_batch(inputs, config.on_error)
+        .map_err(|error| PipelineError::Plugin {
+            aggregation: config.name.clone(),
+            error,
+        })?;
+    instruments
+        .plugin_call_seconds
+        .observe(started.elapsed().as_secs_f64());
+    Ok(outcome)
+}
+
 type Rejected<'b> = Vec<(&'b SourceRecord, String)>;
 
 /// The records of a batch an aggregation consumes, sorted out.
@@ -622,9 +826,9 @@ struct Keyed<'b> {
 /// The group key of each record the aggregation consumes, and the records
 /// that have none.
 fn key_records<'b>(
-    aggregation: &Aggregation,
+    aggregation: &Keying<'_>,
     feed: Feed,
-    batch: &'b [SourceRecord],
+    records: impl Iterator<Item = &'b SourceRecord>,
     slots: &mut PartitionMap<Slot>,
 ) -> Keyed<'b> {
     let mut out = Keyed {
@@ -637,7 +841,7 @@ fn key_records<'b>(
         arrivals: Vec::new(),
     };
     let mut arrivals = Vec::new();
-    for record in batch.iter().filter(|r| aggregation.takes(feed, r)) {
+    for record in records.filter(|r| aggregation.takes(feed, r)) {
         out.considered += 1;
         let Some(slot) = slots.get(&record.topic, record.partition) else {
             // Every record's partition has a slot (`BatchApplier::slots`).
@@ -654,7 +858,7 @@ fn key_records<'b>(
                 continue;
             }
         };
-        let Some(windowing) = &aggregation.windowing else {
+        let Some(windowing) = aggregation.windowing else {
             out.keyed.push((key, record));
             continue;
         };
@@ -959,7 +1163,8 @@ fn unemitted_last_state(
 /// the groups whose state is `starting` (new sessions). Returns the
 /// groups' store keys.
 fn load_states(
-    aggregation: &mut Aggregation,
+    cache: &mut CacheShard,
+    (name, instruments): (&str, &Instruments),
     groups: &[(GroupKey<'_>, GroupItems<&SourceRecord>)],
     starting: &HashMap<Vec<u8>, State>,
     store: &StateStore,
@@ -970,8 +1175,7 @@ fn load_states(
         .collect();
     let misses: Vec<usize> = (0..groups.len())
         .filter(|&i| {
-            !starting.contains_key(&store_keys[i])
-                && aggregation.states.get(&store_keys[i]).is_none()
+            !starting.contains_key(&store_keys[i]) && cache.get(&store_keys[i]).is_none()
         })
         .collect();
     if !misses.is_empty() {
@@ -979,18 +1183,13 @@ fn load_states(
             .iter()
             .map(|&i| (groups[i].0.0, groups[i].0.1.as_ref()))
             .collect();
-        for (&i, state) in misses
-            .iter()
-            .zip(store.multi_get(&aggregation.config.name, &lookups)?)
-        {
-            aggregation
-                .states
-                .insert_loaded(store_keys[i].clone(), state);
+        for (&i, state) in misses.iter().zip(store.multi_get(name, &lookups)?) {
+            cache.insert_loaded(store_keys[i].clone(), state);
         }
     }
     let hits = groups.len() - misses.len();
-    aggregation.instruments.hits.inc_by(hits as u64);
-    aggregation.instruments.misses.inc_by(misses.len() as u64);
+    instruments.hits.inc_by(hits as u64);
+    instruments.misses.inc_by(misses.len() as u64);
     Ok(store_keys)
 }
 

@@ -80,6 +80,8 @@ pub enum PipelineError {
     DeadLetter(#[from] DeadLetterError),
     #[error("{0}")]
     Migration(#[from] Box<migrate::MigrationError>),
+    #[error("starting the apply workers: {0}")]
+    Workers(String),
     #[error("the Kafka source thread stopped unexpectedly")]
     SourceGone,
     #[error("{0}")]

@@ -40,6 +40,8 @@ pub struct Config {
     #[serde(default)]
     pub batch: BatchConfig,
     #[serde(default)]
+    pub apply: ApplyConfig,
+    #[serde(default)]
     pub plugins: PluginLimits,
     /// Where records that a plugin rejects go, for aggregations whose
     /// `on_error` is `dead-letter` (the default when this is set).
@@ -188,6 +190,25 @@ impl Default for BatchConfig {
             commit_interval_ms: default_commit_interval_ms(),
             max_unwritten_states: default_max_unwritten_states(),
         }
+    }
+}
+
+/// How batches are applied.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyConfig {
+    /// Workers applying a batch in parallel, each to the partitions it
+    /// owns with its own plugin instances and cache shard (absent: one per
+    /// core).
+    pub threads: Option<usize>,
+}
+
+impl ApplyConfig {
+    /// The number of apply workers: as configured, else one per core.
+    pub fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
     }
 }
 

@@ -7,6 +7,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::aggregation::EmitMode;
 use super::{AggregationConfig, ClusterConfig, Config, OnError, kafka_value};
 
+/// More apply workers than this would each get too few partitions'
+/// records per batch to pay for their plugin instances.
+const MAX_APPLY_THREADS: usize = 256;
+
 impl Config {
     // One check per rule, in the order the file reads; each is two or three
     // lines with its own message, so splitting would only scatter them.
@@ -57,6 +61,13 @@ impl Config {
         }
         if self.batch.max_records == 0 {
             return Err("`batch.max_records` must be at least 1".into());
+        }
+        if let Some(threads) = self.apply.threads
+            && !(1..=MAX_APPLY_THREADS).contains(&threads)
+        {
+            return Err(format!(
+                "`apply.threads` must be between 1 and {MAX_APPLY_THREADS} (leave it out for one per core)"
+            ));
         }
         if self.plugins.memory_limit_mib == 0
             || self.plugins.call_timeout_ms == 0

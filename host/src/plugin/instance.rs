@@ -36,6 +36,12 @@ impl PluginInstance {
         Ok(instance)
     }
 
+    /// Another instance of the same plugin with the same params (for
+    /// another worker applying the same aggregation).
+    pub fn sibling(&self) -> Result<PluginInstance, CallError> {
+        Self::new(self.plugin.clone(), self.params_json.clone())
+    }
+
     pub fn plugin(&self) -> &LoadedPlugin {
         &self.plugin
     }

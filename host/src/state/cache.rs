@@ -13,10 +13,16 @@
 //! used since the previous sweep (a full LRU list cost a pointer chase per
 //! lookup and showed up in profiles), and only if that is not enough, any
 //! clean ones.
+//!
+//! With several apply workers (`apply.threads`), the cache is split into
+//! shards by the partition in each store key, one per worker: a worker
+//! changes only its own shard, so workers never share a map or a lock.
 
 use std::collections::{BTreeSet, HashMap};
 
 use foldhash::fast::RandomState;
+
+use crate::state::store::Slot;
 
 /// A state as the store holds it (`None`: the key has none / was deleted).
 pub type State = Option<Vec<u8>>;
@@ -31,20 +37,22 @@ struct Entry {
     flags: u8,
 }
 
+/// One shard of a [`StateCache`]: the states of the partitions one apply
+/// worker owns (the whole cache when there is one worker).
 #[derive(Debug)]
-pub struct StateCache {
+pub struct CacheShard {
     entries: HashMap<Vec<u8>, Entry, RandomState>,
     /// Clean entries to keep; the map may exceed it by the dirty and
     /// in-flight ones, and by up to a quarter between sweeps.
     capacity: usize,
     dirty: usize,
     in_flight: usize,
-    /// With [`StateCache::ordered`]: the dirty and in-flight keys, in
+    /// With [`CacheShard::ordered`]: the dirty and in-flight keys, in
     /// order, so that those under a prefix are found without a scan.
     unwritten: Option<BTreeSet<Vec<u8>>>,
 }
 
-impl StateCache {
+impl CacheShard {
     pub fn new(capacity: usize) -> Self {
         Self {
             entries: HashMap::default(),
@@ -55,7 +63,7 @@ impl StateCache {
         }
     }
 
-    /// Keeps the unwritten keys in order too: [`StateCache::unwritten_keys`]
+    /// Keeps the unwritten keys in order too: [`CacheShard::unwritten_keys`]
     /// then costs a range lookup instead of a scan of the map, for one
     /// more ordered insert per changed key.
     pub fn ordered(mut self) -> Self {
@@ -87,7 +95,7 @@ impl StateCache {
         Some(&entry.state)
     }
 
-    /// Like [`StateCache::get`], without marking (for reads that follow
+    /// Like [`CacheShard::get`], without marking (for reads that follow
     /// a `get` or `insert_loaded` of the same key).
     pub fn peek(&self, key: &[u8]) -> Option<&State> {
         self.entries.get(key).map(|e| &e.state)
@@ -150,7 +158,7 @@ impl StateCache {
     }
 
     /// Copies of the dirty states for the writer; they are in flight until
-    /// [`StateCache::write_completed`] or [`StateCache::write_failed`].
+    /// [`CacheShard::write_completed`] or [`CacheShard::write_failed`].
     /// A write must complete or fail before the next hand-over.
     pub fn take_dirty(&mut self) -> Vec<(Vec<u8>, State)> {
         debug_assert_eq!(self.in_flight, 0, "one write in flight at a time");
@@ -277,6 +285,163 @@ impl StateCache {
     }
 }
 
+/// Which of `shards` shards (and apply workers) holds `partition`.
+pub fn shard_of(partition: u32, shards: usize) -> usize {
+    partition as usize % shards.max(1)
+}
+
+/// The states of one aggregation kept in memory, split into shards by
+/// partition (one shard unless the aggregation is applied by several
+/// workers). Every operation on a key goes to the key's shard; the rest
+/// goes to all.
+#[derive(Debug)]
+pub struct StateCache {
+    shards: Vec<CacheShard>,
+}
+
+impl StateCache {
+    /// One shard holding `capacity` clean states.
+    pub fn new(capacity: usize) -> Self {
+        Self::sharded(capacity, 1)
+    }
+
+    /// `shards` shards (at least one) sharing `capacity` clean states.
+    pub fn sharded(capacity: usize, shards: usize) -> Self {
+        let shards = shards.max(1);
+        Self {
+            shards: (0..shards)
+                .map(|_| CacheShard::new(capacity.div_ceil(shards)))
+                .collect(),
+        }
+    }
+
+    /// See [`CacheShard::ordered`].
+    pub fn ordered(self) -> Self {
+        Self {
+            shards: self.shards.into_iter().map(CacheShard::ordered).collect(),
+        }
+    }
+
+    /// The same capacity in `shards` shards. Call while empty.
+    pub fn resharded(self, shards: usize) -> Self {
+        debug_assert!(self.is_empty());
+        Self::sharded(self.shards.iter().map(|s| s.capacity).sum(), shards)
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The shard holding the states of `partition`.
+    pub fn shard_of_partition(&self, partition: u32) -> usize {
+        shard_of(partition, self.shards.len())
+    }
+
+    /// The shard holding `key` (a store key: its slot names the
+    /// partition).
+    fn shard_of(&self, key: &[u8]) -> usize {
+        match (self.shards.len(), Slot::decode(key)) {
+            (1, _) | (_, None) => 0,
+            (_, Some((slot, _))) => self.shard_of_partition(slot.partition),
+        }
+    }
+
+    pub fn shard_mut(&mut self, index: usize) -> &mut CacheShard {
+        &mut self.shards[index]
+    }
+
+    /// Each shard on its own, for workers applying in parallel.
+    pub fn shards_mut(&mut self) -> &mut [CacheShard] {
+        &mut self.shards
+    }
+
+    pub fn clear(&mut self) {
+        self.shards.iter_mut().for_each(CacheShard::clear);
+    }
+
+    /// See [`CacheShard::get`].
+    pub fn get(&mut self, key: &[u8]) -> Option<&State> {
+        let shard = self.shard_of(key);
+        self.shards[shard].get(key)
+    }
+
+    /// See [`CacheShard::peek`].
+    pub fn peek(&self, key: &[u8]) -> Option<&State> {
+        self.shards[self.shard_of(key)].peek(key)
+    }
+
+    /// See [`CacheShard::insert_loaded`].
+    pub fn insert_loaded(&mut self, key: Vec<u8>, state: State) {
+        let shard = self.shard_of(&key);
+        self.shards[shard].insert_loaded(key, state);
+    }
+
+    /// See [`CacheShard::set`].
+    pub fn set(&mut self, key: Vec<u8>, state: State) {
+        let shard = self.shard_of(&key);
+        self.shards[shard].set(key, state);
+    }
+
+    /// See [`CacheShard::is_dirty`].
+    pub fn is_dirty(&self, key: &[u8]) -> bool {
+        self.shards[self.shard_of(key)].is_dirty(key)
+    }
+
+    pub fn dirty_len(&self) -> usize {
+        self.shards.iter().map(CacheShard::dirty_len).sum()
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(CacheShard::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shards.iter().all(CacheShard::is_empty)
+    }
+
+    /// See [`CacheShard::take_dirty`]: every shard's.
+    pub fn take_dirty(&mut self) -> Vec<(Vec<u8>, State)> {
+        let mut taken = Vec::with_capacity(self.dirty_len());
+        for shard in &mut self.shards {
+            taken.append(&mut shard.take_dirty());
+        }
+        taken
+    }
+
+    pub fn write_completed(&mut self) {
+        self.shards.iter_mut().for_each(CacheShard::write_completed);
+    }
+
+    pub fn write_failed(&mut self) {
+        self.shards.iter_mut().for_each(CacheShard::write_failed);
+    }
+
+    /// See [`CacheShard::unwritten_keys`] (in order).
+    pub fn unwritten_keys(&self, prefix: &[u8]) -> Vec<Vec<u8>> {
+        if let [shard] = self.shards.as_slice() {
+            return shard.unwritten_keys(prefix);
+        }
+        let mut keys: Vec<Vec<u8>> = self
+            .shards
+            .iter()
+            .flat_map(|shard| shard.unwritten_keys(prefix))
+            .collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// See [`CacheShard::forget_clean`].
+    pub fn forget_clean(&mut self, prefix: &[u8]) {
+        for shard in &mut self.shards {
+            shard.forget_clean(prefix);
+        }
+    }
+
+    pub fn evict_if_over(&mut self) {
+        self.shards.iter_mut().for_each(CacheShard::evict_if_over);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,8 +479,9 @@ mod tests {
             capacity in 1usize..8,
             ops in proptest::collection::vec(op(), 0..300),
             ordered in any::<bool>(),
+            shards in 1usize..4,
         ) {
-            let mut cache = StateCache::new(capacity);
+            let mut cache = StateCache::sharded(capacity, shards);
             if ordered {
                 cache = cache.ordered();
             }
@@ -333,7 +499,7 @@ mod tests {
             for op in ops {
                 match op {
                     Op::Read(k) => {
-                        let key = vec![k];
+                        let key = store_key(k);
                         let seen = match cache.get(&key) {
                             Some(state) => state.clone(),
                             None => {
@@ -349,8 +515,8 @@ mod tests {
                     }
                     Op::Set(k, v) => {
                         let state = v.map(|v| vec![v]);
-                        cache.set(vec![k], state.clone());
-                        newest.insert(vec![k], state);
+                        cache.set(store_key(k), state.clone());
+                        newest.insert(store_key(k), state);
                         cache.evict_if_over();
                     }
                     Op::Flush => {
@@ -370,11 +536,14 @@ mod tests {
                         }
                     }
                 }
-                prop_assert!(cache.len() <= capacity + capacity / 4 + cache.dirty + cache.in_flight);
+                let mut scanned = Vec::new();
+                for shard in cache.shards_mut() {
+                    prop_assert!(shard.len() <= shard.capacity + shard.capacity / 4 + shard.dirty + shard.in_flight);
+                    scanned.append(&mut shard.unwritten_by_scan(&[]));
+                }
                 // The ordered index finds what a scan finds.
                 let mut found = cache.unwritten_keys(&[]);
                 found.sort();
-                let mut scanned = cache.unwritten_by_scan(&[]);
                 scanned.sort();
                 prop_assert_eq!(found, scanned);
             }
@@ -391,9 +560,32 @@ mod tests {
         }
     }
 
+    /// A key in partition `k % 5`, so that shards split the keys.
+    fn store_key(k: u8) -> Vec<u8> {
+        Slot {
+            topic_id: 0,
+            partition: u32::from(k % 5),
+        }
+        .store_key(&[k])
+    }
+
+    #[test]
+    fn each_partition_stays_in_one_shard() {
+        let mut cache = StateCache::sharded(100, 3);
+        for k in 0..50u8 {
+            cache.set(store_key(k), Some(vec![k]));
+        }
+        let slot_of = |key: &[u8]| Slot::decode(key).map(|(slot, _)| slot.partition);
+        for (index, shard) in cache.shards_mut().iter_mut().enumerate() {
+            for (key, _) in shard.take_dirty() {
+                assert_eq!(slot_of(&key).map(|p| p as usize % 3), Some(index));
+            }
+        }
+    }
+
     #[test]
     fn eviction_prefers_entries_not_used_since_the_last_sweep() {
-        let mut cache = StateCache::new(4);
+        let mut cache = CacheShard::new(4);
         for k in 0..5u8 {
             cache.insert_loaded(vec![k], Some(vec![k]));
         }

@@ -42,6 +42,9 @@ pub struct EngineOptions {
     /// evenly): with `--keys`, how many records a key has per window.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub event_rate: u64,
+    /// `apply.threads` for the runs, comma-separated; one run per value.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub apply_threads: Vec<usize>,
     /// `state.cache_entries` for the runs.
     #[arg(long, default_value_t = 200_000)]
     pub cache_entries: usize,
@@ -65,6 +68,7 @@ pub struct EngineOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct EngineRow {
     pub plugin: String,
+    pub apply_threads: usize,
     /// `none`, or the window as given (`tumbling:1m`).
     pub window: String,
     /// Records per second of event time.
@@ -126,19 +130,25 @@ pub fn run(options: &EngineOptions) -> anyhow::Result<Vec<EngineRow>> {
             .with_context(|| format!("measuring {}", path.display()))?;
         for window in &options.windows {
             let window_toml = window_toml(window)?;
-            for &keys in &options.keys {
+            for (&keys, &threads) in options
+                .keys
+                .iter()
+                .flat_map(|k| options.apply_threads.iter().map(move |t| (k, t)))
+            {
                 let run = Run {
                     plugin: &path,
                     name: plugin,
                     costs: &costs,
                     keys,
+                    threads,
                     window,
                     window_toml: &window_toml,
                 };
-                let row = run_one(options, &run)
-                    .with_context(|| format!("engine run: {plugin} ({window}) at {keys} keys"))?;
+                let row = run_one(options, &run).with_context(|| {
+                    format!("engine run: {plugin} ({window}) at {keys} keys, {threads} threads")
+                })?;
                 eprintln!(
-                    "engine: {plugin} ({window}) at {keys} keys: {:.0} records/s",
+                    "engine: {plugin} ({window}) at {keys} keys, {threads} apply threads: {:.0} records/s",
                     row.records_per_sec
                 );
                 rows.push(row);
@@ -159,6 +169,8 @@ struct Run<'a> {
     name: &'a str,
     costs: &'a PluginCosts,
     keys: u64,
+    /// `apply.threads`.
+    threads: usize,
     window: &'a str,
     /// The `window = ...` line (empty for `none`).
     window_toml: &'a str,
@@ -239,11 +251,12 @@ fn run_one(options: &EngineOptions, run: &Run<'_>) -> anyhow::Result<EngineRow> 
     }
     .context("creating the benchmark's state directory")?;
     let text = format!(
-        "[source]\nbrokers = \"unused:9092\"\ntopics = [\"bench\"]\n\n[state]\ndir = {:?}\ncache_entries = {}\nblock_cache_mib = {}\n\n[batch]\ncommit_interval_ms = {}\n\n{}",
+        "[source]\nbrokers = \"unused:9092\"\ntopics = [\"bench\"]\n\n[state]\ndir = {:?}\ncache_entries = {}\nblock_cache_mib = {}\n\n[batch]\ncommit_interval_ms = {}\n\n[apply]\nthreads = {}\n\n{}",
         work.path().join("state"),
         options.cache_entries,
         options.block_cache_mib,
         options.commit_interval_ms,
+        run.threads,
         aggregation_toml(name, plugin) + run.window_toml
     );
     let config = Config::parse(&text, "<bench config>", Path::new("/"))?;
@@ -287,6 +300,7 @@ fn run_one(options: &EngineOptions, run: &Run<'_>) -> anyhow::Result<EngineRow> 
     Ok(EngineRow {
         costs: run.costs.clone(),
         plugin: name.to_owned(),
+        apply_threads: run.threads,
         window: run.window.to_owned(),
         event_rate: options.event_rate,
         keys,
