@@ -71,8 +71,13 @@ struct Life {
 }
 
 fn config(state_dir: &Path) -> Config {
+    config_with_threads(state_dir, 2)
+}
+
+/// The test's config with `apply.threads = threads`.
+fn config_with_threads(state_dir: &Path, threads: usize) -> Config {
     let text = format!(
-        "[source]\nbrokers = \"unused:9092\"\ntopics = [\"events\"]\n\n[state]\ndir = {:?}\n\n[batch]\n# Flushes happen only when the test asks.\ncommit_interval_ms = 3600000\nmax_unwritten_states = 1000000\n{}",
+        "[source]\nbrokers = \"unused:9092\"\ntopics = [\"events\"]\n\n[state]\ndir = {:?}\n\n[batch]\n# Flushes happen only when the test asks.\ncommit_interval_ms = 3600000\nmax_unwritten_states = 1000000\n\n[apply]\nthreads = {threads}\n{}",
         state_dir,
         count_and_stats_toml()
     );
@@ -237,8 +242,15 @@ impl Renderer {
 
 #[test]
 fn applier_and_writer_are_exactly_once_across_crashes_between_flushes() {
+    // One apply worker, and more workers than partitions of some shards.
+    for threads in [1, 3] {
+        exactly_once_across_crashes(threads);
+    }
+}
+
+fn exactly_once_across_crashes(threads: usize) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = config(&dir.path().join("state"));
+    let config = config_with_threads(&dir.path().join("state"), threads);
     let input = input(0x5eed_0001);
     let mut rng = Rng(0xC0FFEE);
     for _ in 0..6 {
@@ -272,6 +284,48 @@ fn applier_and_writer_are_exactly_once_across_crashes_between_flushes() {
             json_approx_eq(&stats, &stats_json(amounts)),
             "stats of {name}: {stats} != {}",
             stats_json(amounts)
+        );
+    }
+}
+
+/// However many workers apply the batches, and however the batches are cut
+/// and flushed, the store ends up byte for byte the same: every state of
+/// both aggregations, the counters and the offsets.
+#[test]
+fn any_number_of_apply_threads_writes_the_same_store() {
+    let input = input(0x5eed_0002);
+    let keys: Vec<Vec<u8>> = expected(&input).into_keys().collect();
+    let mut runs = Vec::new();
+    for (threads, seed) in [(1, 7), (2, 11), (4, 13), (5, 17)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config_with_threads(&dir.path().join("state"), threads);
+        live(&config, &input, &mut Rng(seed), 0, true);
+        let Life { applier, store } = start(&config);
+        drop(applier);
+        let mut image = Vec::new();
+        for aggregation in ["count", "stats"] {
+            for key in &keys {
+                image.push(store.find(aggregation, key).expect("read"));
+            }
+            image.push(Some(
+                format!("{:?}", store.counters(aggregation).expect("counters")).into_bytes(),
+            ));
+        }
+        image.push(Some(
+            format!("{:?}", store.offsets().expect("offsets")).into_bytes(),
+        ));
+        runs.push((threads, image));
+    }
+    let (_, one_thread) = &runs[0];
+    assert!(
+        one_thread.iter().all(Option::is_some),
+        "every key has a state"
+    );
+    for (threads, image) in &runs[1..] {
+        let differ = one_thread.iter().zip(image).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            differ, 0,
+            "{threads} apply threads: {differ} states, counters or offsets differ from 1 thread's"
         );
     }
 }

@@ -204,7 +204,6 @@ impl Aggregation {
             self.windowing = old.windowing.take();
         }
     }
-
 }
 
 /// What keying a record reads of an aggregation: shared by the workers

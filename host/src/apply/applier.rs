@@ -678,7 +678,9 @@ fn apply_plain<'b>(
                 let mut slots = slots.clone();
                 scope.spawn(move |_| {
                     let records = batch.iter().filter(move |r| in_shard(r, index, shards));
-                    *outcome = Some(apply_shard(shared, instance, cache, records, feed, &mut slots));
+                    *outcome = Some(apply_shard(
+                        shared, instance, cache, records, feed, &mut slots,
+                    ));
                 });
             }
             // The consumer thread is the first worker.
@@ -689,7 +691,14 @@ fn apply_plain<'b>(
         }),
         _ => {
             for ((_, (instance, cache)), outcome) in jobs.by_ref().zip(outcomes.iter_mut()) {
-                *outcome = Some(apply_shard(shared, instance, cache, batch.iter(), feed, slots));
+                *outcome = Some(apply_shard(
+                    shared,
+                    instance,
+                    cache,
+                    batch.iter(),
+                    feed,
+                    slots,
+                ));
             }
         }
     }
@@ -1174,9 +1183,7 @@ fn load_states(
         .map(|((slot, key), _)| slot.store_key(key))
         .collect();
     let misses: Vec<usize> = (0..groups.len())
-        .filter(|&i| {
-            !starting.contains_key(&store_keys[i]) && cache.get(&store_keys[i]).is_none()
-        })
+        .filter(|&i| !starting.contains_key(&store_keys[i]) && cache.get(&store_keys[i]).is_none())
         .collect();
     if !misses.is_empty() {
         let lookups: Vec<(Slot, &[u8])> = misses
