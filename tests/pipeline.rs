@@ -156,6 +156,10 @@ dir = "state"
 [http]
 listen = "127.0.0.1:{}"
 
+# Two apply workers, whatever the machine (see `apply.threads`).
+[apply]
+threads = 2
+
 [batch]
 max_records = 1000
 max_delay_ms = 50

@@ -142,6 +142,10 @@ dir = "state"
 [http]
 listen = "127.0.0.1:{port}"
 
+# Two apply workers, whatever the machine (see `apply.threads`).
+[apply]
+threads = 2
+
 [batch]
 max_records = 500
 max_delay_ms = 20

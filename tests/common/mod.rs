@@ -100,6 +100,10 @@ dir = "state"
 [http]
 listen = "127.0.0.1:{http_port}"
 
+# Two apply workers, whatever the machine (see `apply.threads`).
+[apply]
+threads = 2
+
 [batch]
 max_records = {max_records}
 max_delay_ms = 20
