@@ -51,16 +51,14 @@ pub struct BatchApplier {
     workers: Option<rayon::ThreadPool>,
 }
 
-/// A state change waiting for its batch to succeed.
-struct CacheUpdate {
-    aggregation: usize,
-    store_key: Vec<u8>,
-    state: State,
-}
+/// State changes waiting for their batch to succeed: (store key, state).
+type Changes = Vec<(Vec<u8>, State)>;
 
 /// What one batch did to one aggregation, kept until the whole batch has
 /// succeeded.
 struct Staged<'b> {
+    /// The state changes of each cache shard.
+    changes: Vec<Changes>,
     counters: AggregationCounters,
     letters: Vec<DeadLetter<'b>>,
     windowed: WindowedBatch,
@@ -355,25 +353,19 @@ impl BatchApplier {
         self.start_workers()?;
         let partitions = next_offsets(batch);
         let mut slots = self.slots(&partitions)?;
-        let mut cache_updates = Vec::new();
+        let mut changes = Vec::with_capacity(self.aggregations.len());
         let mut counters = Vec::with_capacity(self.aggregations.len());
         let mut windowed = Vec::with_capacity(self.aggregations.len());
         let mut letters = Vec::new();
-        for (index, aggregation) in self.aggregations.iter_mut().enumerate() {
+        for aggregation in &mut self.aggregations {
             let mut staged = apply_aggregation(
                 aggregation,
                 feed,
                 batch,
                 &mut slots,
                 (&self.store, self.workers.as_ref()),
-                |update| {
-                    cache_updates.push(CacheUpdate {
-                        aggregation: index,
-                        store_key: update.0,
-                        state: update.1,
-                    })
-                },
             )?;
+            changes.push(staged.changes);
             counters.push(staged.counters);
             windowed.push(staged.windowed);
             letters.append(&mut staged.letters);
@@ -387,11 +379,7 @@ impl BatchApplier {
             sink.deliver(&letters, shutdown)?;
         }
         // The whole batch succeeded: its effects join the unwritten ones.
-        for update in cache_updates {
-            self.aggregations[update.aggregation]
-                .states
-                .set(update.store_key, update.state);
-        }
+        set_states(&mut self.aggregations, changes, self.workers.as_ref());
         for ((aggregation, counters), windowed) in
             self.aggregations.iter_mut().zip(counters).zip(windowed)
         {
@@ -490,20 +478,21 @@ fn cached_topic_id(
 }
 
 /// Runs the records of `batch` that `aggregation` consumes through its
-/// plugin, passes each resulting state change to `stage`, and returns the
-/// aggregation's counters as they will be once the batch is written (and
-/// its dead letters, under `on_error = "dead-letter"`).
+/// plugin and returns the resulting state changes and the aggregation's
+/// counters as they will be once the batch is written (and its dead
+/// letters, under `on_error = "dead-letter"`).
 fn apply_aggregation<'b>(
     aggregation: &mut Aggregation,
     feed: Feed,
     batch: &'b [SourceRecord],
     slots: &mut PartitionMap<Slot>,
     (store, workers): (&StateStore, Option<&rayon::ThreadPool>),
-    mut stage: impl FnMut((Vec<u8>, State)),
 ) -> Result<Staged<'b>, PipelineError> {
     if aggregation.windowing.is_none() {
-        return apply_plain(aggregation, feed, batch, slots, (store, workers), stage);
+        return apply_plain(aggregation, feed, batch, slots, (store, workers));
     }
+    let mut changes = Vec::new();
+    let mut stage = |change| changes.push(change);
     let mut counters = aggregation.applied;
     let Keyed {
         mut keyed,
@@ -525,6 +514,7 @@ fn apply_aggregation<'b>(
         counters.records_dead_lettered += letters.len() as u64;
         counters.records_applied += (considered - late.len()) as u64;
         return Ok(Staged {
+            changes: vec![changes],
             counters,
             letters,
             windowed,
@@ -620,6 +610,7 @@ fn apply_aggregation<'b>(
     counters.records_failed += rejected.len() as u64;
     counters.records_applied += (considered - rejected.len() - late.len()) as u64;
     Ok(Staged {
+        changes: vec![changes],
         counters,
         letters,
         windowed,
@@ -644,7 +635,6 @@ fn apply_plain<'b>(
     batch: &'b [SourceRecord],
     slots: &mut PartitionMap<Slot>,
     (store, workers): (&StateStore, Option<&rayon::ThreadPool>),
-    mut stage: impl FnMut((Vec<u8>, State)),
 ) -> Result<Staged<'b>, PipelineError> {
     let Aggregation {
         config,
@@ -705,22 +695,66 @@ fn apply_plain<'b>(
     let mut counters = aggregation.applied;
     let mut rejected = Vec::new();
     let mut considered = 0;
+    let mut changes = Vec::with_capacity(shards);
     for outcome in outcomes.into_iter().flatten() {
         let mut outcome = outcome?;
         rejected.append(&mut outcome.rejected);
         considered += outcome.considered - outcome.null_keys;
         counters.records_dropped += outcome.null_keys as u64;
-        outcome.changes.into_iter().for_each(&mut stage);
+        changes.push(outcome.changes);
     }
     let letters = route_rejected(aggregation, &rejected)?;
     counters.records_dead_lettered += letters.len() as u64;
     counters.records_failed += rejected.len() as u64;
     counters.records_applied += (considered - rejected.len()) as u64;
     Ok(Staged {
+        changes,
         counters,
         letters,
         windowed: WindowedBatch::default(),
     })
+}
+
+/// Puts a successful batch's state changes into the aggregations' caches:
+/// each worker sets those of its own shard of every aggregation.
+fn set_states(
+    aggregations: &mut [Aggregation],
+    changes: Vec<Vec<Changes>>,
+    workers: Option<&rayon::ThreadPool>,
+) {
+    let mut by_shard: Vec<Vec<(&mut CacheShard, Changes)>> = Vec::new();
+    for (aggregation, changes) in aggregations.iter_mut().zip(changes) {
+        for (index, (shard, changes)) in aggregation
+            .states
+            .shards_mut()
+            .iter_mut()
+            .zip(changes)
+            .enumerate()
+        {
+            if by_shard.len() <= index {
+                by_shard.push(Vec::new());
+            }
+            by_shard[index].push((shard, changes));
+        }
+    }
+    let set = |jobs: Vec<(&mut CacheShard, Changes)>| {
+        for (shard, changes) in jobs {
+            for (key, state) in changes {
+                shard.set(key, state);
+            }
+        }
+    };
+    match workers {
+        Some(workers) if by_shard.len() > 1 => workers.in_place_scope(|scope| {
+            let mut jobs = by_shard.into_iter();
+            let first = jobs.next();
+            for job in jobs {
+                scope.spawn(move |_| set(job));
+            }
+            first.into_iter().for_each(set);
+        }),
+        _ => by_shard.into_iter().for_each(set),
+    }
 }
 
 /// Whether a record is the `index`th of `shards` workers' to apply.
