@@ -294,10 +294,17 @@ pub fn run(
         .map(|secret| Arc::new(ClusterSecret::new(&secret)));
     let mut http_policy = HttpPolicy::new(&config.http, token);
     http_policy.cluster_secret = cluster_secret.clone();
+    // Queries first: the threads that serve (HTTP, and the plugin time
+    // budget's epoch ticker) start before this thread's priority drops;
+    // every thread started after it ingests at the lower one.
+    let http = http_runtime()?;
     let runtime = PluginRuntime::new(RuntimeConfig::new(
         &config.plugins,
         config.plugin_cache_dir(),
     ))?;
+    if let Err(e) = crate::ops::priority::lower_this_thread(config.apply.ingest_nice) {
+        tracing::warn!(error = %e, "cannot lower the ingesting threads' priority (`apply.ingest_nice`): queries compete with ingestion for the cores");
+    }
     let plugins = load_plugins(&config, &runtime)?;
     let migrators = migrators(&config, &plugins);
 
@@ -361,7 +368,7 @@ pub fn run(
         admin: Some(admin.clone()),
         feed,
     });
-    let (http, server, address) = serve_http(&config.http, api, &http_policy, &shutdown)?;
+    let (server, address) = serve_http(&http, &config.http, api, &http_policy, &shutdown)?;
     http.spawn(reload_on_sighup(admin));
     tracing::info!(%address, "serving queries");
     on_listening(address);
@@ -611,20 +618,25 @@ async fn reload_on_sighup(admin: Arc<dyn Admin>) {
 
 type ServerTask = tokio::task::JoinHandle<()>;
 
-/// Binds `http.listen` and serves the API on its own runtime until
-/// `shutdown` is set.
-fn serve_http(
-    http_config: &HttpConfig,
-    api: Arc<ApiState>,
-    policy: &HttpPolicy,
-    shutdown: &Arc<AtomicBool>,
-) -> anyhow::Result<(tokio::runtime::Runtime, ServerTask, SocketAddr)> {
-    let http = tokio::runtime::Builder::new_multi_thread()
+/// The runtime serving the API: its own threads, apart from ingestion's.
+fn http_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("wagg-http")
         .enable_all()
         .build()
-        .context("starting the HTTP runtime")?;
+        .context("starting the HTTP runtime")
+}
+
+/// Binds `http.listen` and serves the API on `http` until `shutdown` is
+/// set.
+fn serve_http(
+    http: &tokio::runtime::Runtime,
+    http_config: &HttpConfig,
+    api: Arc<ApiState>,
+    policy: &HttpPolicy,
+    shutdown: &Arc<AtomicBool>,
+) -> anyhow::Result<(ServerTask, SocketAddr)> {
     let listener = http
         .block_on(tokio::net::TcpListener::bind(http_config.listen))
         .with_context(|| format!("cannot listen on {} (`http.listen`)", http_config.listen))?;
@@ -654,5 +666,5 @@ fn serve_http(
         status,
         shutdown.clone(),
     ));
-    Ok((http, server, address))
+    Ok((server, address))
 }

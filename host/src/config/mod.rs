@@ -194,13 +194,30 @@ impl Default for BatchConfig {
 }
 
 /// How batches are applied.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApplyConfig {
     /// Workers applying a batch in parallel, each to the partitions it
     /// owns with its own plugin instances and cache shard (absent: one per
     /// core).
     pub threads: Option<usize>,
+    /// How much lower (in nice steps, 0-19) the threads that ingest run
+    /// than the ones that answer queries (see `ops::priority`).
+    #[serde(default = "default_ingest_nice")]
+    pub ingest_nice: u8,
+}
+
+fn default_ingest_nice() -> u8 {
+    10
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        Self {
+            threads: None,
+            ingest_nice: default_ingest_nice(),
+        }
+    }
 }
 
 impl ApplyConfig {

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::aggregation::EmitMode;
 use super::{AggregationConfig, ClusterConfig, Config, OnError, kafka_value};
 
-/// More apply workers than this would each get too few partitions'
-/// records per batch to pay for their plugin instances.
+/// A bound that catches a typo; more workers than the source has
+/// partitions only leave some idle.
 const MAX_APPLY_THREADS: usize = 256;
 
 impl Config {
@@ -68,6 +68,9 @@ impl Config {
             return Err(format!(
                 "`apply.threads` must be between 1 and {MAX_APPLY_THREADS} (leave it out for one per core)"
             ));
+        }
+        if self.apply.ingest_nice > 19 {
+            return Err("`apply.ingest_nice` must be between 0 and 19".into());
         }
         if self.plugins.memory_limit_mib == 0
             || self.plugins.call_timeout_ms == 0
