@@ -302,7 +302,7 @@ pub fn run(
         &config.plugins,
         config.plugin_cache_dir(),
     ))?;
-    if let Err(e) = crate::ops::priority::lower_this_thread(config.apply.ingest_nice) {
+    if let Err(e) = crate::ops::scheduling::lower_this_thread(config.apply.ingest_nice) {
         tracing::warn!(error = %e, "cannot lower the ingesting threads' priority (`apply.ingest_nice`): queries compete with ingestion for the cores");
     }
     let plugins = load_plugins(&config, &runtime)?;

@@ -224,6 +224,11 @@ pub(crate) enum BenchCommand {
         /// Seconds of closed-loop lookups after ingestion.
         #[arg(long, default_value_t = 5)]
         max_rate_seconds: u64,
+        /// Run a second time with `fetch.wait.max.ms=10` (ingestion as fast
+        /// as the broker serves, not paced by its fetch wait) and report
+        /// both.
+        #[arg(long)]
+        unpaced: bool,
     },
 }
 

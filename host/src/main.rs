@@ -37,6 +37,10 @@ fn main() -> ExitCode {
         LogFormat::Human => logs.init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
+    // Before any thread or large allocation: see `ops::scheduling`.
+    if let Err(e) = wagg::ops::scheduling::disable_transparent_huge_pages() {
+        tracing::debug!(error = %e, "transparent huge pages stay on");
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -173,8 +177,10 @@ fn bench_command(command: BenchCommand) -> anyhow::Result<()> {
             common,
             rate,
             max_rate_seconds,
+            unpaced,
         } => {
-            wagg::tools::bench::e2e::run(&common.options(Some(rate), max_rate_seconds))?;
+            let options = common.options(Some(rate), max_rate_seconds);
+            wagg::tools::bench::e2e::run_query(&options, unpaced)?;
         }
     }
     Ok(())

@@ -182,6 +182,34 @@ fn applied(client: &reqwest::blocking::Client, base: &str) -> Option<u64> {
 }
 
 // Long on purpose: the benchmark's steps in the order BENCHMARKS.md
+/// `wagg bench query`: [`run`] as configured and, with `unpaced`, again
+/// with librdkafka's fetch wait at 10 ms — tansu then answers fetches as
+/// soon as it has records instead of holding them, so wagg ingests as fast
+/// as the broker serves — and both sets of lookups side by side.
+pub fn run_query(options: &E2eOptions, unpaced: bool) -> anyhow::Result<Vec<LoadResult>> {
+    let (_, mut lookups) = run(options)?;
+    if !unpaced {
+        return Ok(lookups);
+    }
+    let mut fast = options.clone();
+    fast.consumer_properties
+        .retain(|(name, _)| name != "fetch.wait.max.ms");
+    fast.consumer_properties
+        .push(("fetch.wait.max.ms".into(), "10".into()));
+    fast.out = options.out.as_ref().map(|o| o.with_extension("unpaced.json"));
+    let (_, unpaced_lookups) = run(&fast)?;
+    lookups.extend(unpaced_lookups.into_iter().map(|mut result| {
+        result.phase = format!("unpaced: {}", result.phase);
+        result
+    }));
+    report(
+        "wagg bench query: paced and unpaced ingestion",
+        &lookups,
+        None,
+    )?;
+    Ok(lookups)
+}
+
 // describes them (broker, produce, raw consumer, wagg, lookups), each a
 // few lines with its own progress message.
 pub fn run(options: &E2eOptions) -> anyhow::Result<(E2eRow, Vec<LoadResult>)> {
