@@ -25,7 +25,8 @@ use crate::record::SourceRecord;
 use crate::state::cache::{CacheShard, State, StateCache, shard_of};
 use crate::state::flush::{CatchUpOffsets, FlushOffsets, FlushPublisher};
 use crate::state::store::{
-    AggregationMeta, Slot, StateStore, StoreError, session_key, split_window_key, window_prefix,
+    AggregationMeta, InlineKey, Slot, StateStore, StoreError, session_key, split_window_key,
+    window_prefix,
 };
 use crate::state::writer::{StateWriter, WriteInstruments};
 
@@ -52,7 +53,7 @@ pub struct BatchApplier {
 }
 
 /// State changes waiting for their batch to succeed: (store key, state).
-type Changes = Vec<(Vec<u8>, State)>;
+type Changes = Vec<(InlineKey, State)>;
 
 /// What one batch did to one aggregation, kept until the whole batch has
 /// succeeded.
@@ -539,7 +540,7 @@ fn apply_aggregation<'b>(
         .zip(&plugin_keys)
         .map(|(((_, records), store_key), key)| GroupInput {
             key,
-            state: match sessions.merged.get(store_key) {
+            state: match sessions.merged.get(store_key.as_slice()) {
                 Some(merged) => merged.as_deref(),
                 None => cached.peek(store_key).and_then(|state| state.as_deref()),
             },
@@ -569,7 +570,7 @@ fn apply_aggregation<'b>(
         .as_ref()
         .is_some_and(|w| w.spec.is_session());
     for (store_key, change) in store_keys.into_iter().zip(outcome.changes) {
-        let merged = sessions.merged.remove(&store_key);
+        let merged = sessions.merged.remove(store_key.as_slice());
         // The key moves into the staged write; only a session left without
         // a state keeps a copy (rare), so no allocation per group.
         match change {
@@ -600,11 +601,11 @@ fn apply_aggregation<'b>(
     if !stateless.is_empty() {
         for (slot_key, sessions) in &mut windowed.sessions {
             let slot = &slot_key[..Slot::LEN];
-            sessions.retain(|s| !stateless.contains(&[slot, &s.key].concat()));
+            sessions.retain(|s| !stateless.contains([slot, &s.key].concat().as_slice()));
         }
     }
     for store_key in sessions.absorbed {
-        stage((store_key, None));
+        stage((InlineKey::from_vec(store_key), None));
     }
     counters.records_dead_lettered += letters.len() as u64;
     counters.records_failed += rejected.len() as u64;
@@ -619,7 +620,7 @@ fn apply_aggregation<'b>(
 
 /// What one worker's records did to a plain aggregation.
 struct ShardOutcome<'b> {
-    changes: Vec<(Vec<u8>, State)>,
+    changes: Changes,
     rejected: Rejected<'b>,
     considered: usize,
     null_keys: usize,
@@ -740,7 +741,7 @@ fn set_states(
     let set = |jobs: Vec<(&mut CacheShard, Changes)>| {
         for (shard, changes) in jobs {
             for (key, state) in changes {
-                shard.set(key, state);
+                shard.set(&key, state);
             }
         }
     };
@@ -1158,7 +1159,7 @@ fn delete_expired_windows(
                 )? {
                     aggregation.emit_expired.push((store_key.clone(), last));
                 }
-                aggregation.states.set(store_key, None);
+                aggregation.states.set(&store_key, None);
             }
         }
     }
@@ -1211,13 +1212,15 @@ fn load_states(
     groups: &[(GroupKey<'_>, GroupItems<&SourceRecord>)],
     starting: &HashMap<Vec<u8>, State>,
     store: &StateStore,
-) -> Result<Vec<Vec<u8>>, StoreError> {
-    let store_keys: Vec<Vec<u8>> = groups
+) -> Result<Vec<InlineKey>, StoreError> {
+    let store_keys: Vec<InlineKey> = groups
         .iter()
-        .map(|((slot, key), _)| slot.store_key(key))
+        .map(|((slot, key), _)| slot.inline_key(key))
         .collect();
     let misses: Vec<usize> = (0..groups.len())
-        .filter(|&i| !starting.contains_key(&store_keys[i]) && cache.get(&store_keys[i]).is_none())
+        .filter(|&i| {
+            !starting.contains_key(store_keys[i].as_slice()) && cache.get(&store_keys[i]).is_none()
+        })
         .collect();
     if !misses.is_empty() {
         let lookups: Vec<(Slot, &[u8])> = misses
@@ -1225,7 +1228,7 @@ fn load_states(
             .map(|&i| (groups[i].0.0, groups[i].0.1.as_ref()))
             .collect();
         for (&i, state) in misses.iter().zip(store.multi_get(name, &lookups)?) {
-            cache.insert_loaded(store_keys[i].clone(), state);
+            cache.insert_loaded(&store_keys[i], state);
         }
     }
     let hits = groups.len() - misses.len();

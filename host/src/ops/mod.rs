@@ -6,7 +6,7 @@
 pub mod alloc_count;
 pub mod metrics;
 pub mod panics;
-pub mod scheduling;
 pub mod progress;
+pub mod scheduling;
 pub mod snapshot;
 pub mod status;

@@ -21,16 +21,13 @@
 use std::collections::{BTreeSet, HashMap};
 
 use foldhash::fast::RandomState;
-use smallvec::SmallVec;
 
-use crate::state::store::Slot;
+use crate::state::store::{InlineKey, Slot};
 
-/// A store key as the map holds it: inline up to 48 bytes (a slot and a
-/// 42-byte key, a UUID's text included), so comparing a probed entry's key
-/// reads the bucket itself rather than following a pointer to another
-/// allocation (a cache miss per lookup at 100,000 keys: `memcmp` was the
-/// top item of the engine benchmark's profile).
-type CachedKey = SmallVec<[u8; 48]>;
+/// A store key as the map holds it: inline up to 48 bytes, so an entry
+/// costs no allocation of its own and comparing a probed entry's key reads
+/// the bucket rather than another allocation.
+type CachedKey = InlineKey;
 
 /// A state as the store holds it (`None`: the key has none / was deleted).
 pub type State = Option<Vec<u8>>;
@@ -110,20 +107,20 @@ impl CacheShard {
     }
 
     /// A state read from RocksDB for a key the map did not have.
-    pub fn insert_loaded(&mut self, key: Vec<u8>, state: State) {
+    pub fn insert_loaded(&mut self, key: &[u8], state: State) {
         self.entries
-            .entry(CachedKey::from_vec(key))
+            .entry(CachedKey::from_slice(key))
             .or_insert(Entry { state, flags: USED });
     }
 
     /// An applied change: newer than anything written.
-    pub fn set(&mut self, key: Vec<u8>, state: State) {
-        match self.entries.get_mut(key.as_slice()) {
+    pub fn set(&mut self, key: &[u8], state: State) {
+        match self.entries.get_mut(key) {
             Some(entry) => {
                 if let Some(unwritten) = &mut self.unwritten
                     && entry.flags & (DIRTY | IN_FLIGHT) == 0
                 {
-                    unwritten.insert(key);
+                    unwritten.insert(key.to_vec());
                 }
                 if entry.flags & DIRTY == 0 {
                     self.dirty += 1;
@@ -134,10 +131,10 @@ impl CacheShard {
             None => {
                 self.dirty += 1;
                 if let Some(unwritten) = &mut self.unwritten {
-                    unwritten.insert(key.clone());
+                    unwritten.insert(key.to_vec());
                 }
                 self.entries.insert(
-                    CachedKey::from_vec(key),
+                    CachedKey::from_slice(key),
                     Entry {
                         state,
                         flags: DIRTY | USED,
@@ -387,14 +384,14 @@ impl StateCache {
     }
 
     /// See [`CacheShard::insert_loaded`].
-    pub fn insert_loaded(&mut self, key: Vec<u8>, state: State) {
-        let shard = self.shard_of(&key);
+    pub fn insert_loaded(&mut self, key: &[u8], state: State) {
+        let shard = self.shard_of(key);
         self.shards[shard].insert_loaded(key, state);
     }
 
     /// See [`CacheShard::set`].
-    pub fn set(&mut self, key: Vec<u8>, state: State) {
-        let shard = self.shard_of(&key);
+    pub fn set(&mut self, key: &[u8], state: State) {
+        let shard = self.shard_of(key);
         self.shards[shard].set(key, state);
     }
 
@@ -520,7 +517,7 @@ mod tests {
                             Some(state) => state.clone(),
                             None => {
                                 let loaded = rocksdb.get(&key).cloned();
-                                cache.insert_loaded(key.clone(), loaded.clone());
+                                cache.insert_loaded(&key, loaded.clone());
                                 loaded
                             }
                         };
@@ -531,7 +528,7 @@ mod tests {
                     }
                     Op::Set(k, v) => {
                         let state = v.map(|v| vec![v]);
-                        cache.set(store_key(k), state.clone());
+                        cache.set(&store_key(k), state.clone());
                         newest.insert(store_key(k), state);
                         cache.evict_if_over();
                     }
@@ -589,7 +586,7 @@ mod tests {
     fn each_partition_stays_in_one_shard() {
         let mut cache = StateCache::sharded(100, 3);
         for k in 0..50u8 {
-            cache.set(store_key(k), Some(vec![k]));
+            cache.set(&store_key(k), Some(vec![k]));
         }
         let slot_of = |key: &[u8]| Slot::decode(key).map(|(slot, _)| slot.partition);
         for (index, shard) in cache.shards_mut().iter_mut().enumerate() {
@@ -603,14 +600,14 @@ mod tests {
     fn eviction_prefers_entries_not_used_since_the_last_sweep() {
         let mut cache = CacheShard::new(4);
         for k in 0..5u8 {
-            cache.insert_loaded(vec![k], Some(vec![k]));
+            cache.insert_loaded(&[k], Some(vec![k]));
         }
         // A sweep clears the used marks (nothing over a quarter yet).
         cache.entries.values_mut().for_each(|e| e.flags &= !USED);
         cache.get(&[0]);
         cache.get(&[1]);
-        cache.insert_loaded(vec![5], Some(vec![5]));
-        cache.insert_loaded(vec![6], Some(vec![6]));
+        cache.insert_loaded(&[5], Some(vec![5]));
+        cache.insert_loaded(&[6], Some(vec![6]));
         cache.evict_if_over();
         assert_eq!(cache.len(), 4);
         for k in [0u8, 1, 5, 6] {

@@ -30,6 +30,11 @@ pub type KeyStates = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Keys and states with the slot each is in (a key may be in several).
 pub type SlottedStates = Vec<(Slot, Vec<u8>, Vec<u8>)>;
+/// A store key held without a heap allocation up to 48 bytes (a slot and
+/// a 42-byte key: a UUID's text fits): the state cache keeps its keys so,
+/// and the applier builds them so for each group of a batch.
+pub type InlineKey = smallvec::SmallVec<[u8; 48]>;
+
 /// Which source partition a state belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Slot {
@@ -48,6 +53,15 @@ impl Slot {
     /// The RocksDB key of `key` in this slot.
     pub fn store_key(self, key: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(Self::LEN + key.len());
+        out.extend_from_slice(&self.topic_id.to_be_bytes());
+        out.extend_from_slice(&self.partition.to_be_bytes());
+        out.extend_from_slice(key);
+        out
+    }
+
+    /// [`Slot::store_key`] as an [`InlineKey`].
+    pub fn inline_key(self, key: &[u8]) -> InlineKey {
+        let mut out = InlineKey::new();
         out.extend_from_slice(&self.topic_id.to_be_bytes());
         out.extend_from_slice(&self.partition.to_be_bytes());
         out.extend_from_slice(key);

@@ -37,7 +37,7 @@ mod write;
 
 pub use catch_up::CatchUps;
 use layout::*;
-pub use layout::{KeyStates, Slot};
+pub use layout::{InlineKey, KeyStates, Slot};
 pub use migration::{Behind, Migration, MigrationChunk, StateMigrator};
 pub use windowed::{
     WindowedKey, after_windows_of, session_key, split_window_key, window_key, window_prefix,

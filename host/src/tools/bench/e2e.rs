@@ -196,7 +196,10 @@ pub fn run_query(options: &E2eOptions, unpaced: bool) -> anyhow::Result<Vec<Load
         .retain(|(name, _)| name != "fetch.wait.max.ms");
     fast.consumer_properties
         .push(("fetch.wait.max.ms".into(), "10".into()));
-    fast.out = options.out.as_ref().map(|o| o.with_extension("unpaced.json"));
+    fast.out = options
+        .out
+        .as_ref()
+        .map(|o| o.with_extension("unpaced.json"));
     let (_, unpaced_lookups) = run(&fast)?;
     lookups.extend(unpaced_lookups.into_iter().map(|mut result| {
         result.phase = format!("unpaced: {}", result.phase);
