@@ -895,7 +895,7 @@ fn key_records<'b>(
             out.null_keys += 1;
             continue;
         }
-        let key = match group_key(&aggregation.config, record, slot) {
+        let key = match group_key(aggregation.config, record, slot) {
             Ok(key) => key,
             Err(message) => {
                 out.rejected.push((record, message));
