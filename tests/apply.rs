@@ -126,8 +126,11 @@ fn next_batch(
     rng: &mut Rng,
 ) -> Vec<SourceRecord> {
     let mut batch = Vec::new();
+    // Mostly small batches, sometimes a backlog's worth (past the size
+    // from which the apply workers run in parallel).
+    let longest = if rng.next() % 4 == 0 { 1500 } else { 40 };
     for (partition, records) in input.iter().enumerate() {
-        let run = (rng.next() % 40) as usize;
+        let run = (rng.next() % longest) as usize;
         let from = cursors[partition];
         let to = (from + run).min(records.len());
         batch.extend_from_slice(&records[from..to]);
