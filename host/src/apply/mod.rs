@@ -116,7 +116,7 @@ const IDLE_AFTER: Duration = Duration::from_millis(100);
 /// Batches already queued behind the one taken are applied with it, up to
 /// this many records: when the consumer is behind, each plugin call and
 /// each hand-over to the apply workers covers more records (see
-/// `applier::PARALLEL_FROM`).
+/// `applier::PARALLEL_FROM_NS`).
 const GATHER_UP_TO: usize = 8192;
 
 impl Pipeline {
