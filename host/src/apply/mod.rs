@@ -146,7 +146,11 @@ impl Pipeline {
         // Whatever stopped the loop, effects of whole batches are written
         // (a failing batch left none behind)...
         let flushed = self.flush();
-        // ...before the source lets go of its partitions.
+        // ...before the source lets go of its partitions. An event taken
+        // while gathering goes first, as the queued ones go with the feed:
+        // a revocation's hand-shake among them is answered (now that
+        // everything is written) instead of holding the source thread.
+        self.next_event = None;
         self.source.close();
         let result = match (result, flushed) {
             (Err(e), Err(flush)) => {
