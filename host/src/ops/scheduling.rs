@@ -1,14 +1,15 @@
-//! Queries first. Two things keep a lookup fast while ingestion saturates
-//! the cores:
+//! Queries first: two settings for a lookup arriving while ingestion
+//! saturates the cores.
 //!
-//! - the threads that ingest run at a lower CPU priority than the ones
-//!   that answer queries, so a lookup gets a core at once instead of after
-//!   a time slice;
-//! - no transparent huge pages: with them, a thread touching fresh memory
-//!   could stall for tens of milliseconds while the kernel found and
-//!   zeroed a 2 MiB page (the allocator asks for them); measured, lookups
-//!   during unpaced ingestion went from p99.9 27-40 ms to 5-8 ms without
-//!   them (BENCHMARKS.md, "Queries first").
+//! - No transparent huge pages. With them, whole threads stalled for tens
+//!   of milliseconds at a time (most likely faulting in 2 MiB pages the
+//!   allocator had asked for); lookups during unpaced ingestion went from
+//!   p99.9 27-40 ms to 5-8 ms without them (BENCHMARKS.md, "Queries
+//!   first"). This is the one that measurably helped.
+//! - The threads that ingest run at a lower CPU priority than the ones
+//!   that answer queries, so that when both want a core the scheduler
+//!   favours the lookup. On two cores shared with the broker this alone
+//!   stayed within the noise; it costs nothing measurable.
 //!
 //! Linux keeps a nice value per thread and a new thread inherits its
 //! creator's. `app::run` starts the HTTP runtime's threads first, then
