@@ -128,7 +128,11 @@ fn next_batch(
     let mut batch = Vec::new();
     // Mostly small batches, sometimes a backlog's worth (past the size
     // from which the apply workers run in parallel).
-    let longest = if rng.next().is_multiple_of(4) { 1500 } else { 40 };
+    let longest = if rng.next().is_multiple_of(4) {
+        1500
+    } else {
+        40
+    };
     for (partition, records) in input.iter().enumerate() {
         let run = (rng.next() % longest) as usize;
         let from = cursors[partition];
