@@ -202,7 +202,7 @@ pub struct ApplyConfig {
     /// core).
     pub threads: Option<usize>,
     /// How much lower (in nice steps, 0-19) the threads that ingest run
-    /// than the ones that answer queries (see `ops::priority`).
+    /// than the ones that answer queries (see `ops::scheduling`).
     #[serde(default = "default_ingest_nice")]
     pub ingest_nice: u8,
 }
