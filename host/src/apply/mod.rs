@@ -104,20 +104,11 @@ pub struct Pipeline {
     /// When this process started migrating keys, and how many were
     /// migrated then (for the rate it logs at the end).
     migration_clock: Option<(std::time::Instant, u64)>,
-    /// An event taken from the source while gathering queued batches, to
-    /// be handled next (events keep their order).
-    next_event: Option<SourceEvent>,
 }
 
 /// How long the consumer waits for a batch before treating the source as
 /// idle (and writing what it applied).
 const IDLE_AFTER: Duration = Duration::from_millis(100);
-
-/// Batches already queued behind the one taken are applied with it, up to
-/// this many records: when the consumer is behind, each plugin call and
-/// each hand-over to the apply workers covers more records (see
-/// `applier::PARALLEL_FROM_NS`).
-const GATHER_UP_TO: usize = 8192;
 
 impl Pipeline {
     pub fn new(source: Box<dyn EventFeed>, applier: BatchApplier, status: Arc<Status>) -> Self {
@@ -128,7 +119,6 @@ impl Pipeline {
             owned: PartitionMap::default(),
             controls: None,
             migration_clock: None,
-            next_event: None,
         }
     }
 
@@ -146,11 +136,7 @@ impl Pipeline {
         // Whatever stopped the loop, effects of whole batches are written
         // (a failing batch left none behind)...
         let flushed = self.flush();
-        // ...before the source lets go of its partitions. An event taken
-        // while gathering goes first, as the queued ones go with the feed:
-        // a revocation's hand-shake among them is answered (now that
-        // everything is written) instead of holding the source thread.
-        self.next_event = None;
+        // ...before the source lets go of its partitions.
         self.source.close();
         let result = match (result, flushed) {
             (Err(e), Err(flush)) => {
@@ -185,13 +171,8 @@ impl Pipeline {
             } else {
                 IDLE_AFTER
             };
-            let event = match self.next_event.take() {
-                Some(event) => Ok(event),
-                None => self.source.recv_timeout(wait),
-            };
-            match event {
+            match self.source.recv_timeout(wait) {
                 Ok(SourceEvent::Records(mut batch)) => {
-                    self.gather_queued(&mut batch);
                     self.drop_redelivered(&mut batch);
                     if !batch.is_empty() {
                         self.process(&batch, shutdown)?;
@@ -263,22 +244,6 @@ impl Pipeline {
                 .map(|((topic, partition), next)| (&**topic, *partition, *next))
                 .collect();
             self.source.commit(&commits);
-        }
-    }
-
-    /// Appends the record batches queued behind `batch` (up to
-    /// [`GATHER_UP_TO`] records), stopping at the first other event, which
-    /// is kept for the loop.
-    fn gather_queued(&mut self, batch: &mut Vec<SourceRecord>) {
-        while batch.len() < GATHER_UP_TO {
-            match self.source.recv_timeout(Duration::ZERO) {
-                Ok(SourceEvent::Records(more)) => batch.extend(more),
-                Ok(other) => {
-                    self.next_event = Some(other);
-                    return;
-                }
-                Err(_) => return,
-            }
         }
     }
 
